@@ -1,0 +1,23 @@
+"""pytest-benchmark: the C++ CPU paths vs the eager reference (`pytest bench/ --benchmark-only`).
+
+CPU figures only: they say how the CPU kernels compare on this machine, nothing about a GPU.
+"""
+import pytest
+import torch
+
+import umae
+from umae import bench
+
+CASES = ["mae_loss", "masked_mse_loss", "patchify", "unpatchify"]
+
+
+@pytest.mark.parametrize("provider", ["fused", "eager"])
+@pytest.mark.parametrize("op", CASES)
+def test_cpu_fwd_bwd(benchmark, op, provider):
+    torch.manual_seed(0)
+    case = bench.CASES[op](bench.SHAPES["cpu_small"], torch.float32, "cpu")
+    fn = bench._mode_fn(bench._provider_forward(case.forward, provider), case.grad_inputs, "fwd+bwd")
+    benchmark.group = f"{op} fwd+bwd N=16 224x224 p=16 fp32"
+    benchmark.pedantic(fn, rounds=15, warmup_rounds=2)
+    if provider == "fused":
+        assert umae.backend_info(["cpu"])[op]["cpu"].startswith("cpp-cpu")

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv at the repo root (once), installs the pinned stack and builds umae with its
+# C++/CUDA extension in place. Safe to re-run: it only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, torchvision, timm, pytest, pytest_benchmark, matplotlib, tqdm" 2>/dev/null; then
+  # torch 2.14.1 is the newest these machines allow, and timm needs a torchvision that imports beside it.
+  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+  .venv/bin/pip install -q timm numpy ninja pytest pytest-benchmark matplotlib tqdm
+fi
+# nvcc on the PATH may be a wrapper script; setup.py resolves the real toolkit for CUDA_HOME.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-2}
+# --no-build-isolation: an isolated build would fetch its own (unpinned) torch.
+.venv/bin/pip install -q -e . --no-build-isolation

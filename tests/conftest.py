@@ -1,0 +1,23 @@
+import os
+
+# The Triton kernels run under the interpreter on CPU-only machines; this must be set
+# before any @triton.jit module is imported. On a GPU machine they run natively.
+if os.environ.get("UMAE_TEST_NO_INTERPRET") != "1":
+    import torch  # noqa: E402
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_backend():
+    import umae
+
+    torch.manual_seed(0)
+    prev = umae.get_backend()
+    umae.set_backend("fused")
+    yield
+    umae.set_backend(prev)

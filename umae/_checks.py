@@ -1,0 +1,35 @@
+"""Argument checks shared by the public ops: clear errors that name the argument."""
+from __future__ import annotations
+
+import torch
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(x, name: str, dims: int | tuple[int, ...] | None = None, floating: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dims is not None:
+        dims_t = (dims,) if isinstance(dims, int) else dims
+        if x.dim() not in dims_t:
+            raise ValueError(f"{name} must have {' or '.join(map(str, dims_t))} dims, got shape {tuple(x.shape)}")
+    if floating and x.dtype not in FLOATS:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+
+
+def same_device(**tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    k0, v0 = items[0]
+    for k, v in items[1:]:
+        if v.device != v0.device:
+            raise ValueError(f"{k} is on {v.device} but {k0} is on {v0.device}")
+
+
+def shape(x, name: str, expected: tuple, what: str = "") -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}{' ' + what if what else ''}, got {tuple(x.shape)}")
+
+
+def nonempty_batch(x, name: str) -> None:
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch (size 0 on dim 0)")

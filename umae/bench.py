@@ -1,0 +1,284 @@
+"""Benchmarks: each fused op vs its eager reference vs torch.compile(reference), in one run.
+
+A case builds inputs for a named shape set and returns the three providers' callables
+plus the bytes the op must move and the FLOPs it must do. Timing: on CUDA
+`triton.testing.do_bench` (median, 20/80 quantiles, device events); on CPU a
+perf_counter loop (median, 20/80 quantiles) -- CPU figures are not GPU figures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+import umae
+from umae import _backend
+
+PROVIDERS = ("fused", "eager", "compile")
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclasses.dataclass
+class Case:
+    """What one op at one shape needs: `run(backend)` -> output tensor(s) of the forward,
+    the tensors that receive gradients, bytes moved and FLOPs of the forward and backward."""
+    op: str
+    shape: str
+    dtype: torch.dtype
+    forward: Callable[[], object]
+    grad_inputs: list
+    bytes_fwd: float
+    bytes_bwd: float
+    flops_fwd: float = 0.0
+    flops_bwd: float = 0.0
+
+
+def _elt(dtype):
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ---- shape sets ----------------------------------------------------------------------
+# name -> (N, image size, patch, channels, encoder dim, decoder dim)
+SHAPES = {
+    "vit_b16": dict(N=256, img=224, p=16, C=3, D=768, Dd=512),
+    "vit_l16": dict(N=128, img=224, p=16, C=3, D=1024, Dd=512),
+    "vit_tiny32": dict(N=512, img=32, p=4, C=3, D=192, Dd=128),
+    "cpu_small": dict(N=16, img=224, p=16, C=3, D=768, Dd=512),  # the CPU report and pytest-benchmark
+}
+
+
+def _rand(*shape, dtype, device, grad=False):
+    return torch.randn(*shape, device=device).to(dtype).requires_grad_(grad)
+
+
+def case_patchify(s, dtype, device):
+    imgs = _rand(s["N"], s["C"], s["img"], s["img"], dtype=dtype, device=device, grad=True)
+    nbytes = 2 * imgs.numel() * _elt(dtype)
+    return Case("patchify", "", dtype, lambda: umae.patchify(imgs, s["p"]), [imgs], nbytes, nbytes)
+
+
+def case_unpatchify(s, dtype, device):
+    L, K = (s["img"] // s["p"]) ** 2, s["p"] ** 2 * s["C"]
+    x = _rand(s["N"], L, K, dtype=dtype, device=device, grad=True)
+    nbytes = 2 * x.numel() * _elt(dtype)
+    return Case("unpatchify", "", dtype, lambda: umae.unpatchify(x, s["p"], s["img"], s["C"]), [x], nbytes, nbytes)
+
+
+def _loss_inputs(s, dtype, device):
+    L, K = (s["img"] // s["p"]) ** 2, s["p"] ** 2 * s["C"]
+    imgs = _rand(s["N"], s["C"], s["img"], s["img"], dtype=torch.float32, device=device)
+    pred = _rand(s["N"], L, K, dtype=dtype, device=device, grad=True)
+    mask = (torch.rand(s["N"], L, device=device) < 0.75).float()
+    return imgs, pred, mask
+
+
+def case_mae_loss(s, dtype, device):
+    imgs, pred, mask = _loss_inputs(s, dtype, device)
+    # forward reads pred and imgs; backward reads them again and writes grad pred
+    fwd = pred.numel() * _elt(dtype) + imgs.numel() * 4
+    return Case("mae_loss", "", dtype, lambda: umae.mae_loss(pred, imgs, mask, s["p"]), [pred], fwd,
+                fwd + pred.numel() * _elt(dtype))
+
+
+def case_masked_mse_loss(s, dtype, device):
+    imgs, pred, mask = _loss_inputs(s, dtype, device)
+    target = umae.patchify(imgs, s["p"])
+    fwd = pred.numel() * _elt(dtype) + target.numel() * 4
+    return Case("masked_mse_loss", "", dtype, lambda: umae.masked_mse_loss(pred, target, mask), [pred], fwd,
+                fwd + pred.numel() * _elt(dtype))
+
+
+CASES = {
+    "patchify": case_patchify,
+    "unpatchify": case_unpatchify,
+    "masked_mse_loss": case_masked_mse_loss,
+    "mae_loss": case_mae_loss,
+}
+
+
+# ---- timing --------------------------------------------------------------------------
+
+def _time_cpu(fn, warmup=2, min_reps=5, min_time=0.5):
+    for _ in range(warmup):
+        fn()
+    times, t_end = [], time.perf_counter() + min_time
+    while len(times) < min_reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 200:
+            break
+    q = statistics.quantiles(times, n=10)
+    return statistics.median(times), q[1], q[7]
+
+
+def _time_cuda(fn):
+    import triton.testing
+
+    ms, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+    return ms, lo, hi
+
+
+def time_ms(fn, device):
+    return _time_cuda(fn) if device == "cuda" else _time_cpu(fn)
+
+
+def _outputs(out):
+    return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)
+            and t.is_floating_point()]
+
+
+def _mode_fn(forward, grad_inputs, mode):
+    if mode == "fwd":
+        return lambda: forward()
+    outs = _outputs(forward())
+    grads = [torch.randn_like(o) for o in outs]
+    if mode == "bwd":
+        def bwd():
+            torch.autograd.grad(outs, grad_inputs, grads, retain_graph=True)
+        return bwd
+
+    def full():
+        o = _outputs(forward())
+        torch.autograd.grad(o, grad_inputs, grads)
+    return full
+
+
+def _provider_forward(case_fn, provider):
+    """The forward callable for a provider; the backend is fixed inside the call."""
+    backend = "fused" if provider == "fused" else "reference"
+
+    def fwd():
+        with umae.use_backend(backend):
+            return case_fn()
+    if provider == "compile":
+        return torch.compile(fwd)
+    return fwd
+
+
+def parity_error(case: Case) -> float:
+    """Max abs difference of the forward outputs, fused vs reference, in fp32."""
+    with umae.use_backend("fused"):
+        a = _outputs(case.forward())
+    with umae.use_backend("reference"):
+        b = _outputs(case.forward())
+    return max(float((x.detach().float() - y.detach().float()).abs().max()) if x.numel() else 0.0
+               for x, y in zip(a, b))
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} threads visible, torch uses {torch.get_num_threads()})"
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment(device):
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    return dict(device=device_name(device), device_type=device, torch=torch.__version__, triton=tv,
+                commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                triton_interpret=_backend.triton_interpreted())
+
+
+def run(ops=None, shapes=None, modes=MODES, providers=PROVIDERS, dtypes=None, device=None, progress=True):
+    """Yields one dict per (op, shape, dtype, mode, provider) with time and throughput."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ops = list(ops or CASES)
+    shapes = list(shapes or (["vit_b16", "vit_tiny32"] if device == "cuda" else ["cpu_small"]))
+    dtypes = list(dtypes or ([torch.bfloat16, torch.float32] if device == "cuda" else [torch.float32]))
+    jobs = [(o, s, d) for o in ops for s in shapes for d in dtypes]
+    try:
+        from tqdm import tqdm
+        it = tqdm(jobs, desc="umae bench", disable=not progress)
+    except ImportError:
+        it = jobs
+    for op, shape, dtype in it:
+        impl, why = _backend.choose(op, device)
+        if device == "cpu" and impl.startswith("triton"):
+            impl, why = "skipped", "interpreter timings are not performance"
+        torch.manual_seed(0)
+        case = CASES[op](SHAPES[shape], dtype, device)
+        case.shape = shape
+        err = parity_error(case) if impl != "skipped" else float("nan")
+        for mode in modes:
+            row_base = None
+            for provider in providers:
+                if provider == "fused" and impl == "skipped":
+                    continue
+                fwd = _provider_forward(case.forward, provider)
+                try:
+                    ms, lo, hi = time_ms(_mode_fn(fwd, case.grad_inputs, mode), device)
+                except Exception as e:  # a provider that fails is reported, not fatal
+                    yield dict(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), mode=mode,
+                               provider=provider, error=f"{type(e).__name__}: {e}"[:200])
+                    continue
+                nbytes = {"fwd": case.bytes_fwd, "bwd": case.bytes_bwd, "fwd+bwd": case.bytes_fwd + case.bytes_bwd}[mode]
+                flops = {"fwd": case.flops_fwd, "bwd": case.flops_bwd, "fwd+bwd": case.flops_fwd + case.flops_bwd}[mode]
+                row = dict(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), mode=mode, provider=provider,
+                           impl=impl if provider == "fused" else "reference", ms=ms, ms_p20=lo, ms_p80=hi,
+                           gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9 if flops else None, parity_max_abs=err)
+                if provider == "eager":
+                    row_base = ms
+                yield row
+            del row_base
+
+
+def speedups(rows):
+    """Adds `speedup_vs_eager` / `speedup_vs_compile` to fused rows."""
+    key = lambda r: (r["op"], r["shape"], r["dtype"], r["mode"])  # noqa: E731
+    base = {(key(r), r["provider"]): r["ms"] for r in rows if "ms" in r}
+    for r in rows:
+        if r.get("provider") == "fused" and "ms" in r:
+            for p in ("eager", "compile"):
+                if (key(r), p) in base:
+                    r[f"speedup_vs_{p}"] = base[(key(r), p)] / r["ms"]
+    return rows
+
+
+def format_table(rows) -> str:
+    head = f"{'op':<16} {'shape':<10} {'dtype':<8} {'mode':<7} {'provider':<8} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'x eager':>8} {'x compile':>9} {'parity':>9}"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<8} ERROR {r['error']}")
+            continue
+        tf = f"{r['tflops']:.2f}" if r.get("tflops") else "-"
+        se = f"{r['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in r else ""
+        sc = f"{r['speedup_vs_compile']:.2f}" if "speedup_vs_compile" in r else ""
+        par = f"{r['parity_max_abs']:.1e}" if r["provider"] == "fused" else ""
+        out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<8} "
+                   f"{r['ms']:>9.3f} {r['gbps']:>8.1f} {tf:>8} {se:>8} {sc:>9} {par:>9}")
+    return "\n".join(out)
+
+
+def write(rows, env, out_dir):
+    import csv
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(dict(environment=env, rows=rows), f, indent=1)
+    fields = sorted({k for r in rows for k in r})
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(env) + fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**env, **r})

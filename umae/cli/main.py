@@ -1,0 +1,72 @@
+"""The `umae` command: `umae bench`, `umae info`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# On small CPU machines a pool of Inductor compile workers competes with the timed code.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+
+def _bench(args) -> int:
+    import torch
+
+    from umae import bench, format_backend_info
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
+    for name, values in (("ops", args.ops), ("shapes", args.shapes)):
+        known = bench.CASES if name == "ops" else bench.SHAPES
+        bad = [v for v in values or [] if v not in known]
+        if bad:
+            print(f"umae bench: unknown {name} {bad}; choose from {sorted(known)}", file=sys.stderr)
+            return 2
+    env = bench.environment(device)
+    print(format_backend_info())
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    if device == "cpu":
+        print("NOTE: CPU figures, from the C++ CPU kernels at small shapes -- they are not GPU figures.")
+    rows = bench.speedups(list(bench.run(args.ops, args.shapes, args.modes, args.providers, dtypes, device,
+                                         progress=not args.no_progress)))
+    print(bench.format_table(rows))
+    if args.out:
+        bench.write(rows, env, args.out)
+        print(f"wrote {args.out}/results.json and results.csv")
+    return 0
+
+
+def _info(args) -> int:
+    from umae import format_backend_info
+
+    print(format_backend_info())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from umae import bench
+
+    ap = argparse.ArgumentParser(prog="umae", description="Fused kernels for MAE / U-MAE training.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="fused vs eager reference vs torch.compile(reference), per op")
+    b.add_argument("--ops", nargs="+", help=f"default: all ({', '.join(bench.CASES)})")
+    b.add_argument("--shapes", nargs="+", help=f"shape sets ({', '.join(bench.SHAPES)})")
+    b.add_argument("--modes", nargs="+", default=list(bench.MODES), choices=bench.MODES)
+    b.add_argument("--providers", nargs="+", default=list(bench.PROVIDERS), choices=bench.PROVIDERS)
+    b.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--device", choices=["cpu", "cuda"])
+    b.add_argument("--out", help="folder for results.json / results.csv")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(fn=_bench)
+    i = sub.add_parser("info", help="which implementation each op runs on each device, and why")
+    i.set_defaults(fn=_info)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The public ops: the one place that chooses fused kernel or reference.
+
+Each op checks its arguments (errors name the argument), asks `_backend.choose` which
+implementation runs for the input's device, and calls it. The references live next
+to their names: umae/patchify.py, umae/masked_mse.py, umae/random_masking.py,
+umae/restore_tokens.py, umae/uniformity.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _checks
+from .masked_mse import mae_loss_reference, masked_mean, patch_mse_reference
+from .patchify import patchify_reference, unpatchify_reference
+
+
+def _impl(op: str, x: torch.Tensor) -> str:
+    return _backend.choose(op, x.device.type)[0]
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return int(v[0]), int(v[1])
+    raise TypeError(f"{name} must be an int or a pair (H, W) of ints, got {v!r}")
+
+
+def _check_patch_size(p) -> None:
+    if not isinstance(p, int) or isinstance(p, bool) or p <= 0:
+        raise ValueError(f"patch_size must be a positive int, got {p!r}")
+
+
+def _check_images(imgs: torch.Tensor, p: int, name: str = "imgs") -> None:
+    _checks.tensor(imgs, name, dims=4)
+    _check_patch_size(p)
+    H, W = imgs.shape[2:]
+    if H % p or W % p:
+        raise ValueError(f"{name} height and width ({H}, {W}) must be divisible by patch_size {p}")
+
+
+# ---- patchify / unpatchify -----------------------------------------------------------
+
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L, p*p*C), ordered as facebookresearch/mae's `patchify`.
+
+    Any strides are accepted (no copy); the output is contiguous.
+    """
+    _check_images(imgs, patch_size)
+    if _impl("patchify", imgs) == "reference":
+        return patchify_reference(imgs, patch_size)
+    return torch.ops.umae.patchify(imgs, patch_size)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, image_size, channels: int = 3) -> torch.Tensor:
+    """(N, L, p*p*C) -> (N, C, H, W), the exact inverse of `patchify`; image_size is H or (H, W)."""
+    _checks.tensor(x, "x", dims=3)
+    _check_patch_size(patch_size)
+    H, W = _pair(image_size, "image_size")
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"image_size ({H}, {W}) must be divisible by patch_size {p}")
+    if not isinstance(channels, int) or channels <= 0:
+        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    h, w = H // p, W // p
+    if x.shape[1] != h * w or x.shape[2] != p * p * channels:
+        raise ValueError(f"x must have shape (N, {h * w}, {p * p * channels}) for image_size ({H}, {W}), "
+                         f"patch_size {p}, channels {channels}; got {tuple(x.shape)}")
+    if _impl("unpatchify", x) == "reference":
+        return unpatchify_reference(x, p, h, w, channels)
+    return torch.ops.umae.unpatchify(x, p, h, w, channels)
+
+
+# ---- reconstruction loss -------------------------------------------------------------
+
+def _check_loss_args(pred, target, mask, target_name: str, expected_target_shape=None):
+    _checks.tensor(pred, "pred", dims=3)
+    _checks.tensor(mask, "mask", dims=2, floating=False)
+    if not (mask.dtype.is_floating_point or mask.dtype == torch.bool):
+        raise TypeError(f"mask must be a floating or bool tensor (1 = removed), got {mask.dtype}")
+    _checks.same_device(pred=pred, **{target_name: target}, mask=mask)
+    _checks.nonempty_batch(pred, "pred")
+    if expected_target_shape is not None:
+        _checks.shape(target, target_name, expected_target_shape, "(the shape of pred)")
+    _checks.shape(mask, "mask", pred.shape[:2], "(N, L of pred)")
+    if (pred.dtype == torch.float64) != (target.dtype == torch.float64):
+        raise TypeError(f"pred ({pred.dtype}) and {target_name} ({target.dtype}): float64 goes with float64 only")
+
+
+def _check_norm_pix(norm_pix: bool, K: int) -> None:
+    if norm_pix and K < 2:
+        raise ValueError(f"norm_pix needs at least 2 values per patch (unbiased variance), pred has K={K}")
+
+
+def _refuse_target_grad(target: torch.Tensor, name: str) -> None:
+    # MAE's target is data; the fused kernels give no gradient to it, so say so instead of returning None.
+    if target.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but the fused loss differentiates pred only; "
+                         f"detach {name} or use umae.use_backend('reference')")
+
+
+def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                    norm_pix: bool = True) -> torch.Tensor:
+    """MAE's `forward_loss` on a patchified target (N, L, K); fp32 scalar.
+
+    With norm_pix, each target patch is normalized by its mean and unbiased variance
+    (eps 1e-6). The squared error is averaged over K, then over the removed patches
+    (mask == 1). A mask with no removed patch gives 0 (and zero gradient), not NaN.
+    NaN in pred or target propagates to the loss, as in the reference.
+    """
+    _check_loss_args(pred, target, mask, "target", pred.shape)
+    _check_norm_pix(norm_pix, pred.shape[2])
+    if _impl("masked_mse_loss", pred) == "reference":
+        return masked_mean(patch_mse_reference(pred, target, norm_pix), mask)
+    _refuse_target_grad(target, "target")
+    return masked_mean(torch.ops.umae.patch_mse(pred, target, 0, norm_pix), mask)
+
+
+def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
+             norm_pix: bool = True) -> torch.Tensor:
+    """`masked_mse_loss(pred, patchify(imgs, patch_size), mask, norm_pix)` with patchify fused in:
+    the (normalized) target is never written to memory."""
+    _check_images(imgs, patch_size)
+    N, C, H, W = imgs.shape
+    p = patch_size
+    _check_loss_args(pred, imgs, mask, "imgs")
+    if pred.shape != (N, (H // p) * (W // p), p * p * C):
+        raise ValueError(f"pred must have shape (N, L, p*p*C) = {(N, (H // p) * (W // p), p * p * C)} "
+                         f"for imgs {tuple(imgs.shape)} and patch_size {p}, got {tuple(pred.shape)}")
+    _check_norm_pix(norm_pix, pred.shape[2])
+    if _impl("mae_loss", pred) == "reference":
+        return mae_loss_reference(pred, imgs, mask, p, norm_pix)
+    _refuse_target_grad(imgs, "imgs")
+    return masked_mean(torch.ops.umae.patch_mse(pred, imgs, p, norm_pix), mask)

@@ -6,8 +6,8 @@ import torch
 from utils import DEVICES, DTYPES, LOSS_TOL, TOL, assert_close, cuda_only, randn, random_mask
 
 import umae
-from umae.masked_mse import mae_loss_reference, masked_mse_loss_reference
-from umae.patchify import patchify_reference
+from umae.masked_mse_op import mae_loss_reference, masked_mse_loss_reference
+from umae.patchify_op import patchify_reference
 
 SHAPES = [(3, 3, 32, 48, 4), (1, 1, 28, 28, 14), (5, 3, 16, 16, 2), (2, 3, 64, 48, 16), (9, 3, 20, 12, 4)]
 

@@ -96,11 +96,38 @@ def case_masked_mse_loss(s, dtype, device):
                 fwd + pred.numel() * _elt(dtype))
 
 
+def case_random_masking(s, dtype, device):
+    N, L, D = s["N"], (s["img"] // s["p"]) ** 2, s["D"]
+    x = _rand(N, L, D, dtype=dtype, device=device, grad=True)
+    pos = _rand(1, L, D, dtype=dtype, device=device)
+    cls = _rand(1, 1, D, dtype=dtype, device=device, grad=True)
+    noise = torch.rand(N, L, device=device)
+    keep, e = int(L * 0.25), _elt(dtype)
+    # must move: noise, kept rows of x, pos once, outputs (tokens, mask, ids_restore)
+    fwd = N * L * 4 + N * keep * D * e + L * D * e + N * (keep + 1) * D * e + N * L * (4 + 8)
+    bwd = N * (keep + 1) * D * e + N * L * 8 + N * L * D * e  # grad in, ids, grad x out
+    return Case("random_masking", "", dtype, lambda: umae.random_masking(x, 0.75, noise, pos, cls), [x, cls], fwd, bwd)
+
+
+def case_restore_tokens(s, dtype, device):
+    N, L, D = s["N"], (s["img"] // s["p"]) ** 2, s["Dd"]
+    keep, e = int(L * 0.25), _elt(dtype)
+    ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
+    x = _rand(N, keep + 1, D, dtype=dtype, device=device, grad=True)
+    tok = _rand(1, 1, D, dtype=dtype, device=device, grad=True)
+    pos = _rand(1, L + 1, D, dtype=dtype, device=device)
+    fwd = N * (keep + 1) * D * e + N * L * 8 + (L + 1) * D * e + N * (L + 1) * D * e
+    bwd = N * (L + 1) * D * e + N * L * 8 + N * (keep + 1) * D * e
+    return Case("restore_tokens", "", dtype, lambda: umae.restore_tokens(x, ids, tok, pos), [x, tok], fwd, bwd)
+
+
 CASES = {
     "patchify": case_patchify,
     "unpatchify": case_unpatchify,
     "masked_mse_loss": case_masked_mse_loss,
     "mae_loss": case_mae_loss,
+    "random_masking": case_random_masking,
+    "restore_tokens": case_restore_tokens,
 }
 
 
@@ -213,16 +240,19 @@ def run(ops=None, shapes=None, modes=MODES, providers=PROVIDERS, dtypes=None, de
         it = jobs
     for op, shape, dtype in it:
         impl, why = _backend.choose(op, device)
-        if device == "cpu" and impl.startswith("triton"):
-            impl, why = "skipped", "interpreter timings are not performance"
+        if impl == "triton-interpreter":
+            impl, why = "skipped", "Triton interpreter: its timings are not performance"
+        elif impl == "reference":
+            impl, why = "skipped", f"no fused implementation runs here ({why})"
         torch.manual_seed(0)
         case = CASES[op](SHAPES[shape], dtype, device)
         case.shape = shape
         err = parity_error(case) if impl != "skipped" else float("nan")
         for mode in modes:
-            row_base = None
             for provider in providers:
                 if provider == "fused" and impl == "skipped":
+                    yield dict(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), mode=mode,
+                               provider=provider, skipped=why)
                     continue
                 fwd = _provider_forward(case.forward, provider)
                 try:
@@ -236,10 +266,7 @@ def run(ops=None, shapes=None, modes=MODES, providers=PROVIDERS, dtypes=None, de
                 row = dict(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), mode=mode, provider=provider,
                            impl=impl if provider == "fused" else "reference", ms=ms, ms_p20=lo, ms_p80=hi,
                            gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9 if flops else None, parity_max_abs=err)
-                if provider == "eager":
-                    row_base = ms
                 yield row
-            del row_base
 
 
 def speedups(rows):
@@ -258,6 +285,9 @@ def format_table(rows) -> str:
     head = f"{'op':<16} {'shape':<10} {'dtype':<8} {'mode':<7} {'provider':<8} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'x eager':>8} {'x compile':>9} {'parity':>9}"
     out = [head, "-" * len(head)]
     for r in rows:
+        if "skipped" in r:
+            out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<8} skipped: {r['skipped']}")
+            continue
         if "error" in r:
             out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<8} ERROR {r['error']}")
             continue

@@ -2,16 +2,18 @@
 
 Each op checks its arguments (errors name the argument), asks `_backend.choose` which
 implementation runs for the input's device, and calls it. The references live next
-to their names: umae/patchify.py, umae/masked_mse.py, umae/random_masking.py,
-umae/restore_tokens.py, umae/uniformity.py.
+to their names: umae/patchify_op.py, umae/masked_mse_op.py, umae/random_masking_op.py,
+umae/restore_tokens_op.py, umae/uniformity_op.py.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks
-from .masked_mse import mae_loss_reference, masked_mean, patch_mse_reference
-from .patchify import patchify_reference, unpatchify_reference
+from . import _backend, _checks, random_masking_op, restore_tokens_op
+from .masked_mse_op import mae_loss_reference, masked_mean, patch_mse_reference
+from .patchify_op import patchify_reference, unpatchify_reference
+from .random_masking_op import len_keep_for, random_masking_reference
+from .restore_tokens_op import restore_tokens_reference
 
 
 def _impl(op: str, x: torch.Tensor) -> str:
@@ -132,3 +134,71 @@ def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_s
         return mae_loss_reference(pred, imgs, mask, p, norm_pix)
     _refuse_target_grad(imgs, "imgs")
     return masked_mean(torch.ops.umae.patch_mse(pred, imgs, p, norm_pix), mask)
+
+
+# ---- masking and restore -------------------------------------------------------------
+
+def _check_param(t, name: str, shape: tuple, ref: torch.Tensor) -> None:
+    if t is None:
+        return
+    _checks.tensor(t, name)
+    _checks.shape(t, name, shape)
+    _checks.same_device(x=ref, **{name: t})
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None,
+                   pos_embed: torch.Tensor | None = None, cls_token: torch.Tensor | None = None):
+    """MAE's per-sample random masking -> (x_masked, mask, ids_restore).
+
+    len_keep = int(L * (1 - mask_ratio)) tokens with the smallest noise are kept, in ascending
+    noise order (ties by index: a stable argsort). mask (N, L) fp32 is 1 for removed patches, in
+    the original order; ids_restore (N, L) int64 is the inverse permutation. pos_embed (1, L, D)
+    is added to the kept tokens (the fused kernel never forms x + pos_embed for removed ones);
+    cls_token (1, 1, D), its own positional embedding already added, is prepended. Output dtype
+    follows type promotion of x, pos_embed and cls_token, as in the reference. Without noise,
+    noise = torch.rand(N, L) from torch's default generator (same seed, same mask; no host sync).
+    len_keep may round to 0 (x_masked then holds only the cls token, or no token).
+    """
+    _checks.tensor(x, "x", dims=3)
+    if not isinstance(mask_ratio, (int, float)) or isinstance(mask_ratio, bool) or not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+    N, L, D = x.shape
+    if noise is not None:
+        _checks.tensor(noise, "noise", dims=2)
+        _checks.shape(noise, "noise", (N, L), "(N, L of x)")
+        _checks.same_device(x=x, noise=noise)
+    _check_param(pos_embed, "pos_embed", (1, L, D), x)
+    _check_param(cls_token, "cls_token", (1, 1, D), x)
+    if _impl("random_masking", x) == "reference":
+        return random_masking_reference(x, mask_ratio, noise, pos_embed, cls_token)
+    if noise is None:
+        noise = torch.rand(N, L, device=x.device)
+    return random_masking_op.random_masking_fused(x, noise, pos_embed, cls_token, len_keep_for(L, mask_ratio))
+
+
+def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                   pos_embed: torch.Tensor | None = None, has_cls: bool = True) -> torch.Tensor:
+    """MAE's decoder input: x (N, [1 +] len_keep, D) -> (N, [1 +] L, D).
+
+    Kept tokens go back to their original positions (ids_restore (N, L) int64 from
+    `random_masking`), mask_token (1, 1, D) fills the removed ones, the cls token (x[:, 0] when
+    has_cls) stays in front, and pos_embed (1, [1 +] L, D) is added, in one pass.
+    """
+    _checks.tensor(x, "x", dims=3)
+    _checks.tensor(ids_restore, "ids_restore", dims=2, floating=False)
+    if ids_restore.dtype != torch.int64:
+        raise TypeError(f"ids_restore must be int64, got {ids_restore.dtype}")
+    N, L = ids_restore.shape
+    c = int(bool(has_cls))
+    D = x.shape[2]
+    if x.shape[0] != N:
+        raise ValueError(f"x has batch {x.shape[0]} but ids_restore has batch {N}")
+    if not c <= x.shape[1] <= L + c:
+        raise ValueError(f"x must have between {c} and {L + c} tokens for ids_restore with L={L}"
+                         f"{' and a cls token' if c else ''}, got {x.shape[1]}")
+    _checks.same_device(x=x, ids_restore=ids_restore)
+    _check_param(mask_token, "mask_token", (1, 1, D), x)
+    _check_param(pos_embed, "pos_embed", (1, L + c, D), x)
+    if _impl("restore_tokens", x) == "reference":
+        return restore_tokens_reference(x, ids_restore, mask_token, pos_embed, bool(has_cls))
+    return restore_tokens_op.restore_tokens_fused(x, ids_restore, mask_token, pos_embed, bool(has_cls))

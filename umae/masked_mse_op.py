@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from .patchify import patchify_reference
+from .patchify_op import patchify_reference
 
 NORM_PIX_EPS = 1e-6
 

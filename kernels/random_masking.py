@@ -1,0 +1,144 @@
+"""MAE's random masking fused with the gather of kept tokens (+ positional embedding, + cls).
+
+One program per (sample, block of BLOCK_I patches): it ranks its patches' noise against
+the whole row (no global argsort: rank = #smaller, ties broken by index, i.e. a stable
+argsort), writes ids_restore and mask, and copies its kept rows (x + pos) to their slot
+rank + has_cls. Removed rows are never read, and x + pos is never written for them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import TRITON_DTYPE, pow2_clamp
+
+
+@triton.jit
+def _rank_gather_kernel(noise_ptr, x_ptr, pos_ptr, cls_ptr, out_ptr, mask_ptr, ids_ptr,
+                        L, D, len_keep,
+                        sxn, sxl, sxd, spl, spd, scd, son, sol,
+                        HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr,
+                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    ib = tl.program_id(1)
+    i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = i < L
+    # NaN noise ranks last (as +inf, ties by index): ranks stay a permutation.
+    ni = tl.load(noise_ptr + n * L + i, mask=i_ok, other=0.0)
+    ni = tl.where(ni != ni, float("inf"), ni)
+    rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    for j0 in range(0, L, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        nj = tl.load(noise_ptr + n * L + j, mask=j < L, other=0.0)
+        nj = tl.where(nj != nj, float("inf"), nj)
+        before = (nj[None, :] < ni[:, None]) | ((nj[None, :] == ni[:, None]) & (j[None, :] < i[:, None]))
+        before = before & (j[None, :] < L)
+        rank += tl.sum(before.to(tl.int32), axis=1)
+    tl.store(ids_ptr + n * L + i, rank.to(tl.int64), mask=i_ok)
+    keep = rank < len_keep
+    tl.store(mask_ptr + n * L + i, tl.where(keep, 0.0, 1.0), mask=i_ok)
+    row_ok = i_ok & keep
+    dst = (rank + HAS_CLS).to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = row_ok[:, None] & (d < D)[None, :]
+        v = tl.load(x_ptr + n * sxn + i[:, None].to(tl.int64) * sxl + d[None, :] * sxd, mask=m, other=0.0)
+        v = v.to(tl.float32)
+        if HAS_POS:
+            v += tl.load(pos_ptr + i[:, None] * spl + d[None, :] * spd, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * son + dst[:, None] * sol + d[None, :], v.to(out_ptr.dtype.element_ty), mask=m)
+    if HAS_CLS:
+        if ib == 0:
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                c = tl.load(cls_ptr + d * scd, mask=d < D, other=0.0)
+                tl.store(out_ptr + n * son + d, c.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
+def _scatter_grad_kernel(grad_ptr, ids_ptr, gx_ptr, L, D, len_keep, sgn, sgl, sgd,
+                         HAS_CLS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grad_x[n, i] = grad_out[n, has_cls + rank_i] for kept rows, 0 for removed rows.
+    n = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = i < L
+    rank = tl.load(ids_ptr + n * L + i, mask=i_ok, other=0)
+    keep = i_ok & (rank < len_keep)
+    src = rank + HAS_CLS
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = (d < D)[None, :]
+        g = tl.load(grad_ptr + n * sgn + src[:, None] * sgl + d[None, :] * sgd, mask=keep[:, None] & dm, other=0.0)
+        tl.store(gx_ptr + (n * L + i[:, None]) * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
+                 mask=i_ok[:, None] & dm)
+
+
+def _config(L: int, D: int):
+    block_i = 16 if L <= 256 else 32
+    return dict(BLOCK_I=block_i, BLOCK_J=pow2_clamp(L, 16, 128), BLOCK_D=pow2_clamp(D, 16, 256)), 4
+
+
+def forward(x, noise, pos_embed, cls_token, len_keep: int):
+    """x (N, L, D) any strides; noise (N, L); pos_embed (1, L, D) or None; cls_token (1, 1, D) or None."""
+    N, L, D = x.shape
+    dtype = out_dtype(x, pos_embed, cls_token)
+    has_cls = cls_token is not None
+    out = torch.empty((N, len_keep + int(has_cls), D), device=x.device, dtype=dtype)
+    mask = torch.empty((N, L), device=x.device, dtype=torch.float32)
+    ids_restore = torch.empty((N, L), device=x.device, dtype=torch.int64)
+    if N == 0:
+        return out, mask, ids_restore
+    noise = noise.to(torch.float32).contiguous()
+    pos = pos_embed if pos_embed is not None else x
+    cls = cls_token if has_cls else x
+    cfg, warps = _config(L, D)
+    grid = (N, triton.cdiv(L, cfg["BLOCK_I"]))
+    _rank_gather_kernel[grid](noise, x, pos, cls, out, mask, ids_restore, L, D, len_keep,
+                              x.stride(0), x.stride(1), x.stride(2), pos.stride(-2), pos.stride(-1),
+                              cls.stride(-1), out.stride(0), out.stride(1),
+                              HAS_POS=pos_embed is not None, HAS_CLS=has_cls, num_warps=warps, **cfg)
+    return out, mask, ids_restore
+
+
+def backward(grad_out, ids_restore, has_cls: bool):
+    """Gradient of x + pos (N, L, D), in grad_out's dtype, from the gradient of x_masked."""
+    N, L = ids_restore.shape
+    D = grad_out.shape[2]
+    gx = torch.empty((N, L, D), device=grad_out.device, dtype=grad_out.dtype)
+    if gx.numel() == 0:
+        return gx
+    cfg, warps = _config(L, D)
+    cfg.pop("BLOCK_J")
+    len_keep = grad_out.shape[1] - int(has_cls)
+    grid = (N, triton.cdiv(L, cfg["BLOCK_I"]))
+    _scatter_grad_kernel[grid](grad_out, ids_restore, gx, L, D, len_keep, grad_out.stride(0), grad_out.stride(1),
+                               grad_out.stride(2), HAS_CLS=has_cls, num_warps=warps, **cfg)
+    return gx
+
+
+def out_dtype(x, pos_embed, cls_token):
+    dt = x.dtype
+    for t in (pos_embed, cls_token):
+        if t is not None:
+            dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def aot_specs(shapes, dtypes):
+    """Every (kernel, signature, constexprs, num_warps) the launchers use for (L, D) in shapes."""
+    for L, D in shapes:
+        cfg, warps = _config(L, D)
+        for dt in dtypes:
+            t = TRITON_DTYPE[dt]
+            for has_pos in (False, True):
+                for has_cls in (False, True):
+                    sig = dict(noise_ptr="*fp32", x_ptr=f"*{t}", pos_ptr=f"*{t}", cls_ptr=f"*{t}", out_ptr=f"*{t}",
+                               mask_ptr="*fp32", ids_ptr="*i64", L="i32", D="i32", len_keep="i32",
+                               **{k: "i32" for k in ("sxn", "sxl", "sxd", "spl", "spd", "scd", "son", "sol")})
+                    yield _rank_gather_kernel, sig, dict(HAS_POS=has_pos, HAS_CLS=has_cls, **cfg), warps
+            c2 = {k: v for k, v in cfg.items() if k != "BLOCK_J"}
+            for has_cls in (False, True):
+                sig = dict(grad_ptr=f"*{t}", ids_ptr="*i64", gx_ptr=f"*{t}", L="i32", D="i32", len_keep="i32",
+                           sgn="i32", sgl="i32", sgd="i32")
+                yield _scatter_grad_kernel, sig, dict(HAS_CLS=has_cls, **c2), warps

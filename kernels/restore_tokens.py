@@ -1,0 +1,123 @@
+"""MAE decoder input in one pass: kept tokens back to their original positions, the mask
+token elsewhere, the cls token in front, the positional embedding added.
+
+Forward: one program per (sample, block of output rows) gathers each row from x or the
+mask token. Backward: the same programs scatter the kept rows' gradient to x and sum
+the removed rows' gradient into one fp32 partial per program for the mask token (a
+deterministic two-level sum, no atomics).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import TRITON_DTYPE, pow2_clamp
+
+
+@triton.jit
+def _restore_kernel(x_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr, L, D, len_keep,
+                    sxn, sxl, sxd, std_, spl, spd,
+                    HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    o = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # output row, cls included
+    R = L + HAS_CLS
+    o_ok = o < R
+    i = o - HAS_CLS
+    is_patch = o_ok & (i >= 0)
+    r = tl.load(ids_ptr + n * L + i, mask=is_patch, other=0)
+    from_x = (is_patch & (r < len_keep)) | (o_ok & (i < 0))
+    src = tl.where(i < 0, 0, r + HAS_CLS)
+    is_tok = is_patch & (r >= len_keep)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = (d < D)[None, :]
+        v = tl.load(x_ptr + n * sxn + src[:, None] * sxl + d[None, :] * sxd, mask=from_x[:, None] & dm, other=0.0)
+        t = tl.load(tok_ptr + d * std_, mask=d < D, other=0.0)
+        v = tl.where(is_tok[:, None], t[None, :].to(tl.float32), v.to(tl.float32))
+        if HAS_POS:
+            v += tl.load(pos_ptr + o[:, None] * spl + d[None, :] * spd, mask=o_ok[:, None] & dm, other=0.0).to(tl.float32)
+        tl.store(out_ptr + (n * R + o[:, None]) * D + d[None, :], v.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & dm)
+
+
+@triton.jit
+def _restore_bwd_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, L, D, len_keep, sgn, sgl, sgd,
+                        HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    rb = tl.program_id(1)
+    o = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    R = L + HAS_CLS
+    o_ok = o < R
+    i = o - HAS_CLS
+    is_patch = o_ok & (i >= 0)
+    r = tl.load(ids_ptr + n * L + i, mask=is_patch, other=0)
+    to_x = (is_patch & (r < len_keep)) | (o_ok & (i < 0))
+    dst = tl.where(i < 0, 0, r + HAS_CLS)
+    is_tok = is_patch & (r >= len_keep)
+    Kx = len_keep + HAS_CLS
+    part_row = (n * tl.num_programs(1) + rb) * D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = (d < D)[None, :]
+        g = tl.load(g_ptr + n * sgn + o[:, None] * sgl + d[None, :] * sgd, mask=o_ok[:, None] & dm, other=0.0)
+        tl.store(gx_ptr + (n * Kx + dst[:, None]) * D + d[None, :], g.to(gx_ptr.dtype.element_ty), mask=to_x[:, None] & dm)
+        gt = tl.sum(tl.where(is_tok[:, None], g.to(tl.float32), 0.0), axis=0)
+        tl.store(part_ptr + part_row + d, gt, mask=d < D)
+
+
+def _config(L: int, D: int):
+    return dict(BLOCK_R=16 if L <= 256 else 32, BLOCK_D=pow2_clamp(D, 16, 256)), 4
+
+
+def out_dtype(x, mask_token, pos_embed):
+    dt = torch.promote_types(x.dtype, mask_token.dtype)
+    return torch.promote_types(dt, pos_embed.dtype) if pos_embed is not None else dt
+
+
+def forward(x, ids_restore, mask_token, pos_embed, has_cls: bool):
+    N, L = ids_restore.shape
+    D = x.shape[2]
+    R = L + int(has_cls)
+    out = torch.empty((N, R, D), device=x.device, dtype=out_dtype(x, mask_token, pos_embed))
+    if out.numel() == 0:
+        return out
+    ids = ids_restore.contiguous()
+    pos = pos_embed if pos_embed is not None else x
+    cfg, warps = _config(L, D)
+    grid = (N, triton.cdiv(R, cfg["BLOCK_R"]))
+    _restore_kernel[grid](x, ids, mask_token, pos, out, L, D, x.shape[1] - int(has_cls),
+                          x.stride(0), x.stride(1), x.stride(2), mask_token.stride(-1), pos.stride(-2), pos.stride(-1),
+                          HAS_POS=pos_embed is not None, HAS_CLS=has_cls, num_warps=warps, **cfg)
+    return out
+
+
+def backward(grad_out, ids_restore, x_shape, x_dtype, has_cls: bool):
+    """(grad_x in x's dtype, grad_mask_token as fp32 (D,))."""
+    N, L = ids_restore.shape
+    D = grad_out.shape[2]
+    gx = torch.empty(x_shape, device=grad_out.device, dtype=x_dtype)
+    cfg, warps = _config(L, D)
+    nrb = triton.cdiv(L + int(has_cls), cfg["BLOCK_R"])
+    part = torch.empty((N * nrb, D), device=grad_out.device, dtype=torch.float32)
+    if grad_out.numel() == 0:
+        return gx, part.sum(0)
+    _restore_bwd_kernel[(N, nrb)](grad_out, ids_restore.contiguous(), gx, part, L, D, x_shape[1] - int(has_cls),
+                                  grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+                                  HAS_CLS=has_cls, num_warps=warps, **cfg)
+    return gx, part.sum(0)
+
+
+def aot_specs(shapes, dtypes):
+    for L, D in shapes:
+        cfg, warps = _config(L, D)
+        for dt in dtypes:
+            t = TRITON_DTYPE[dt]
+            for has_cls in (False, True):
+                for has_pos in (False, True):
+                    sig = dict(x_ptr=f"*{t}", ids_ptr="*i64", tok_ptr=f"*{t}", pos_ptr=f"*{t}", out_ptr=f"*{t}",
+                               L="i32", D="i32", len_keep="i32",
+                               **{k: "i32" for k in ("sxn", "sxl", "sxd", "std_", "spl", "spd")})
+                    yield _restore_kernel, sig, dict(HAS_POS=has_pos, HAS_CLS=has_cls, **cfg), warps
+                sig = dict(g_ptr=f"*{t}", ids_ptr="*i64", gx_ptr=f"*{t}", part_ptr="*fp32", L="i32", D="i32",
+                           len_keep="i32", sgn="i32", sgl="i32", sgd="i32")
+                yield _restore_bwd_kernel, sig, dict(HAS_CLS=has_cls, **cfg), warps

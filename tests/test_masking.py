@@ -1,0 +1,213 @@
+"""random_masking and restore_tokens: the Triton kernels (interpreted on CPU, native on CUDA)
+vs the references."""
+import pytest
+import torch
+from utils import DEVICES, DTYPES, TOL, assert_close, cuda_only, randn
+
+import umae
+from umae.random_masking_op import len_keep_for, random_masking_reference
+from umae.restore_tokens_op import restore_tokens_reference
+
+# (N, L, D): L = 49, 196, 197, 256, 1024 and D = 64, 192, 384, 768, 1000 (kept small in N: the
+# interpreter costs ~1 ms per program).
+SHAPES = [(3, 49, 64), (2, 196, 768), (2, 197, 384), (1, 256, 192), (1, 1024, 1000)]
+RATIOS = [0.0, 0.5, 0.75, 0.9]
+
+
+def _params(N, L, D, dtype, device, pos, cls):
+    x = randn(N, L, D, dtype=dtype, device=device, requires_grad=True)
+    p = randn(1, L, D, dtype=dtype, device=device, requires_grad=True) if pos else None
+    c = randn(1, 1, D, dtype=dtype, device=device, requires_grad=True) if cls else None
+    return x, p, c
+
+
+def _grads(outs, inputs, g):
+    inputs = [t for t in inputs if t is not None]
+    return torch.autograd.grad(outs, inputs, g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,L,D", SHAPES)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_random_masking_parity(device, dtype, N, L, D, ratio):
+    pos, cls = (L + D) % 2 == 0, ratio != 0.5  # vary the optional inputs across cases
+    x, p, c = _params(N, L, D, dtype, device, pos=True, cls=True)
+    p = p if pos else None
+    c = c if cls else None
+    noise = torch.rand(N, L, device=device)
+    xm, mask, ids = umae.random_masking(x, ratio, noise, p, c)
+    rxm, rmask, rids = random_masking_reference(x, ratio, noise, p, c)
+    assert torch.equal(ids, rids) and torch.equal(mask, rmask)
+    assert xm.dtype == rxm.dtype and xm.shape == (N, len_keep_for(L, ratio) + int(cls), D)
+    if p is None or dtype != torch.bfloat16 or device == "cuda":
+        assert torch.equal(xm, rxm)  # gathered values bitwise (one fp32 add, one rounding)
+    else:  # the interpreter truncates fp32 -> bf16 where torch rounds
+        assert_close(xm, rxm, **TOL[dtype])
+    g = randn(*xm.shape, dtype=xm.dtype, device=device)
+    for a, b, name in zip(_grads(xm, (x, p, c), g), _grads(rxm, (x, p, c), g), ("x", "pos", "cls")):
+        assert_close(a, b, name=f"grad {name}", **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,L,D", SHAPES)
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_restore_tokens_parity(device, dtype, N, L, D, has_cls):
+    keep = len_keep_for(L, 0.75)
+    ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
+    x = randn(N, keep + int(has_cls), D, dtype=dtype, device=device, requires_grad=True)
+    tok = randn(1, 1, D, dtype=dtype, device=device, requires_grad=True)
+    pos = randn(1, L + int(has_cls), D, dtype=dtype, device=device, requires_grad=True)
+    out = umae.restore_tokens(x, ids, tok, pos, has_cls)
+    ref = restore_tokens_reference(x, ids, tok, pos, has_cls)
+    assert out.dtype == ref.dtype
+    assert_close(out, ref, name="out", **TOL[dtype])
+    g = randn(*ref.shape, dtype=dtype, device=device)
+    for a, b, name in zip(_grads(out, (x, tok, pos), g), _grads(ref, (x, tok, pos), g), ("x", "mask_token", "pos")):
+        assert_close(a, b, name=f"grad {name}", **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_roundtrip_mixed_dtypes_autocast_style(device):
+    # bf16 tokens with fp32 parameters: outputs promote to fp32 exactly like the reference.
+    N, L, D = 2, 196, 192
+    x = randn(N, L, D, dtype=torch.bfloat16, device=device, requires_grad=True)
+    pos = randn(1, L, D, device=device)
+    cls = randn(1, 1, D, device=device, requires_grad=True)
+    noise = torch.rand(N, L, device=device)
+    xm, mask, ids = umae.random_masking(x, 0.75, noise, pos, cls)
+    rxm = random_masking_reference(x, 0.75, noise, pos, cls)[0]
+    assert xm.dtype == torch.float32 and torch.equal(xm, rxm)
+    tok = randn(1, 1, D, device=device, requires_grad=True)
+    dpos = randn(1, L + 1, D, device=device)
+    xd = xm.detach().to(torch.bfloat16).requires_grad_()
+    out = umae.restore_tokens(xd, ids, tok, dpos)
+    ref = restore_tokens_reference(xd, ids, tok, dpos)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    g = randn(*out.shape, device=device)
+    for a, b in zip(torch.autograd.grad(out, (xd, tok), g), torch.autograd.grad(ref, (xd, tok), g)):
+        assert_close(a, b, **TOL[torch.float32])
+    g = randn(*xm.shape, device=device)
+    for a, b in zip(torch.autograd.grad(xm, (x, cls), g), torch.autograd.grad(rxm, (x, cls), g)):
+        assert_close(a, b, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_masking_without_noise(device):
+    N, L, D = 4, 197, 32
+    x = randn(N, L, D, device=device)
+    torch.manual_seed(7)
+    xm, mask, ids = umae.random_masking(x, 0.75)
+    keep = len_keep_for(L, 0.75)
+    assert (mask.sum(1) == L - keep).all()  # exactly len_keep kept per row
+    assert torch.equal(ids.sort(1).values, torch.arange(L, device=device).expand(N, L))  # a permutation
+    assert torch.equal(torch.gather(x, 1, ids.argsort(1)[:, :keep, None].expand(-1, -1, D)), xm)
+    torch.manual_seed(7)
+    assert torch.equal(umae.random_masking(x, 0.75)[1], mask)  # same seed, same mask
+    torch.manual_seed(7)
+    with umae.use_backend("reference"):
+        assert torch.equal(umae.random_masking(x, 0.75)[1], mask)  # and the same as the reference
+
+
+def test_edges_len_keep_zero_and_all():
+    x = randn(2, 49, 16)
+    cls = randn(1, 1, 16)
+    xm, mask, ids = umae.random_masking(x, 0.99, cls_token=cls)  # int(49 * 0.01) == 0
+    assert xm.shape == (2, 1, 16) and mask.eq(1).all()
+    assert torch.equal(umae.restore_tokens(xm, ids, randn(1, 1, 16), has_cls=True)[:, 0], xm[:, 0])
+    xm, mask, ids = umae.random_masking(x, 0.0, noise=torch.rand(2, 49))
+    assert xm.shape == (2, 49, 16) and mask.eq(0).all()
+
+
+def test_ties_and_nan_noise_like_a_stable_sort():
+    x = randn(2, 49, 16)
+    noise = torch.rand(2, 49)
+    noise[:, ::3] = 0.5  # many ties
+    noise[1, 5] = float("nan")
+    a = umae.random_masking(x, 0.5, noise)
+    b = random_masking_reference(x, 0.5, noise)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous(device):
+    x = randn(3, 64, 2 * 48, device=device)[:, :, ::2]
+    pos = randn(1, 48, 64, device=device).transpose(1, 2)
+    noise = torch.rand(3, 64, device=device)
+    assert not (x.is_contiguous() or pos.is_contiguous())
+    for u, v in zip(umae.random_masking(x, 0.75, noise, pos), random_masking_reference(x, 0.75, noise, pos)):
+        assert torch.equal(u, v)
+    xm, _, ids = umae.random_masking(x, 0.75, noise)
+    xm_nc = torch.cat([xm, xm], -1)[:, :, ::2]
+    tok = randn(1, 1, 48, device=device)
+    assert torch.equal(umae.restore_tokens(xm_nc, ids, tok, has_cls=False),
+                       restore_tokens_reference(xm_nc, ids, tok, has_cls=False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = randn(2, 49, 24, device=device, requires_grad=True)
+    pos = randn(1, 49, 24, device=device, requires_grad=True)
+    cls = randn(1, 1, 24, device=device, requires_grad=True)
+    noise = torch.rand(2, 49, device=device)
+    torch.library.opcheck(torch.ops.umae.random_masking.default, (x, noise, pos, cls, 12))
+    ids = torch.argsort(torch.rand(2, 49, device=device), 1)
+    xk = randn(2, 13, 24, device=device, requires_grad=True)
+    tok = randn(1, 1, 24, device=device, requires_grad=True)
+    dpos = randn(1, 50, 24, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.umae.restore_tokens.default, (xk, ids, tok, dpos, True))
+
+
+def test_compile_fullgraph():
+    x = randn(2, 49, 32, requires_grad=True)
+    pos, cls, tok = randn(1, 49, 32), randn(1, 1, 32, requires_grad=True), randn(1, 1, 32, requires_grad=True)
+    noise = torch.rand(2, 49)
+
+    def f(x, noise):
+        xm, mask, ids = umae.random_masking(x, 0.75, noise, pos, cls)
+        return umae.restore_tokens(xm, ids, tok).sum() + mask.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, noise)
+    assert_close(out, f(x, noise), **TOL[torch.float32])
+    out.backward()
+
+
+P = lambda *s: randn(*s)  # noqa: E731
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: umae.random_masking(P(2, 49, 8), 1.0), r"mask_ratio must be a number in \[0, 1\)"),
+    (lambda: umae.random_masking(P(2, 49, 8), -0.1), "mask_ratio"),
+    (lambda: umae.random_masking(P(2, 49, 8), 0.75, noise=P(2, 48)), r"noise must have shape \(2, 49\)"),
+    (lambda: umae.random_masking(P(2, 49, 8), 0.75, pos_embed=P(1, 50, 8)), r"pos_embed must have shape \(1, 49, 8\)"),
+    (lambda: umae.random_masking(P(2, 49, 8), 0.75, pos_embed=P(1, 49, 7)), "pos_embed must have shape"),
+    (lambda: umae.random_masking(P(2, 49, 8), 0.75, cls_token=P(1, 8)), r"cls_token must have shape \(1, 1, 8\)"),
+    (lambda: umae.random_masking(P(2, 49, 8), 0.75, noise=P(2, 49).to("meta")), "noise is on meta"),
+    (lambda: umae.random_masking(P(49, 8), 0.75), "x must have 3 dims"),
+    (lambda: umae.restore_tokens(P(2, 13, 8), torch.zeros(2, 49, dtype=torch.int32), P(1, 1, 8)), "ids_restore must be int64"),
+    (lambda: umae.restore_tokens(P(2, 60, 8), torch.zeros(2, 49, dtype=torch.int64), P(1, 1, 8)), "x must have between"),
+    (lambda: umae.restore_tokens(P(2, 13, 8), torch.zeros(2, 49, dtype=torch.int64), P(1, 1, 8), P(1, 49, 8)),
+     r"pos_embed must have shape \(1, 50, 8\)"),
+    (lambda: umae.restore_tokens(P(2, 13, 8), torch.zeros(2, 49, dtype=torch.int64), P(1, 8)), "mask_token must have shape"),
+])
+def test_bad_input(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+@cuda_only
+def test_cuda_graph_capture_no_sync():
+    N, L, D = 8, 196, 192
+    x = randn(N, L, D, device="cuda")
+    pos, tok = randn(1, L, D, device="cuda"), randn(1, 1, D, device="cuda")
+    umae.random_masking(x, 0.75, pos_embed=pos)  # warm up (compiles the kernels)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        xm, mask, ids = umae.random_masking(x, 0.75, pos_embed=pos)
+        out = umae.restore_tokens(xm, ids, tok, has_cls=False)
+    g.replay()
+    torch.cuda.synchronize()
+    assert (mask.sum(1) == L - len_keep_for(L, 0.75)).all() and out.shape == (N, L, D)

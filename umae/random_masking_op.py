@@ -1,0 +1,77 @@
+"""Random masking: the reference (facebookresearch/mae `random_masking`, with the positional
+embedding add and cls prepend that surround it in `forward_encoder`) and the torch.library
+custom op around the fused Triton kernel (kernels/random_masking.py)."""
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+
+
+def len_keep_for(L: int, mask_ratio: float) -> int:
+    return int(L * (1 - mask_ratio))
+
+
+def random_masking_reference(x, mask_ratio, noise=None, pos_embed=None, cls_token=None):
+    N, L, D = x.shape
+    len_keep = len_keep_for(L, mask_ratio)
+    if noise is None:
+        noise = torch.rand(N, L, device=x.device)
+    if pos_embed is not None:
+        x = x + pos_embed
+    # stable: ties (equal noise) keep index order, which defines the result for every input
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    mask = torch.ones([N, L], device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    if cls_token is not None:
+        x_masked = torch.cat([cls_token.expand(N, -1, -1), x_masked], dim=1)  # cat promotes dtypes
+    return x_masked, mask, ids_restore
+
+
+if _backend.TRITON_OK:
+    from .kernels import random_masking as _k
+
+    @torch.library.custom_op("umae::random_masking", mutates_args=())
+    def random_masking_fused(x: torch.Tensor, noise: torch.Tensor, pos_embed: torch.Tensor | None,
+                             cls_token: torch.Tensor | None, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _k.forward(x, noise, pos_embed, cls_token, len_keep)
+
+    @random_masking_fused.register_fake
+    def _(x, noise, pos_embed, cls_token, len_keep):
+        N, L, D = x.shape
+        out = x.new_empty((N, len_keep + int(cls_token is not None), D), dtype=_k.out_dtype(x, pos_embed, cls_token))
+        return out, x.new_empty((N, L), dtype=torch.float32), x.new_empty((N, L), dtype=torch.int64)
+
+    @torch.library.custom_op("umae::random_masking_backward", mutates_args=())
+    def random_masking_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, has_cls: bool) -> torch.Tensor:
+        """Gradient of x + pos_embed (N, L, D), in grad_out's dtype."""
+        return _k.backward(grad_out, ids_restore, has_cls)
+
+    @random_masking_backward.register_fake
+    def _(grad_out, ids_restore, has_cls):
+        N, L = ids_restore.shape
+        return grad_out.new_empty((N, L, grad_out.shape[2]))
+
+    def _setup(ctx, inputs, output):
+        x, noise, pos_embed, cls_token, len_keep = inputs
+        ctx.save_for_backward(output[2])
+        ctx.x_dtype = x.dtype
+        ctx.has_cls = cls_token is not None
+        ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+        ctx.cls_dtype = cls_token.dtype if cls_token is not None else None
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def _backward(ctx, grad_out, _grad_mask, _grad_ids):
+        (ids_restore,) = ctx.saved_tensors
+        need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
+        g = random_masking_backward(grad_out, ids_restore, ctx.has_cls) if (need_x or need_pos) else None
+        # sums in fp32 from the unrounded gradient, as autograd of the reference does
+        gpos = g.float().sum(0, keepdim=True).to(ctx.pos_dtype) if need_pos else None
+        gcls = grad_out[:, :1].float().sum(0, keepdim=True).to(ctx.cls_dtype) if need_cls else None
+        return (g.to(ctx.x_dtype) if need_x else None), None, gpos, gcls, None
+
+    random_masking_fused.register_autograd(_backward, setup_context=_setup)

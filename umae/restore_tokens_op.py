@@ -1,0 +1,68 @@
+"""The decoder's restore: the reference (facebookresearch/mae `forward_decoder`, from the
+mask-token cat to the positional embedding add) and the torch.library custom op around
+the fused Triton kernel (kernels/restore_tokens.py)."""
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+
+
+def restore_tokens_reference(x, ids_restore, mask_token, pos_embed=None, has_cls=True):
+    N, L = ids_restore.shape
+    c = int(has_cls)
+    mask_tokens = mask_token.repeat(N, L + c - x.shape[1], 1)
+    x_ = torch.cat([x[:, c:, :], mask_tokens], dim=1)  # no cls token
+    x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))  # unshuffle
+    if has_cls:
+        x_ = torch.cat([x[:, :1, :], x_], dim=1)  # append cls token
+    if pos_embed is not None:
+        x_ = x_ + pos_embed
+    return x_
+
+
+if _backend.TRITON_OK:
+    from .kernels import restore_tokens as _k
+
+    @torch.library.custom_op("umae::restore_tokens", mutates_args=())
+    def restore_tokens_fused(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                             pos_embed: torch.Tensor | None, has_cls: bool) -> torch.Tensor:
+        return _k.forward(x, ids_restore, mask_token, pos_embed, has_cls)
+
+    @restore_tokens_fused.register_fake
+    def _(x, ids_restore, mask_token, pos_embed, has_cls):
+        N, L = ids_restore.shape
+        return x.new_empty((N, L + int(has_cls), x.shape[2]), dtype=_k.out_dtype(x, mask_token, pos_embed))
+
+    @torch.library.custom_op("umae::restore_tokens_backward", mutates_args=())
+    def restore_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, len_x: int,
+                                has_cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gradient of x in grad_out's dtype, gradient of the mask token as fp32 (D,))."""
+        N = ids_restore.shape[0]
+        return _k.backward(grad_out, ids_restore, (N, len_x, grad_out.shape[2]), grad_out.dtype, has_cls)
+
+    @restore_tokens_backward.register_fake
+    def _(grad_out, ids_restore, len_x, has_cls):
+        D = grad_out.shape[2]
+        return grad_out.new_empty((ids_restore.shape[0], len_x, D)), grad_out.new_empty((D,), dtype=torch.float32)
+
+    def _setup(ctx, inputs, output):
+        x, ids_restore, mask_token, pos_embed, has_cls = inputs
+        ctx.save_for_backward(ids_restore)
+        ctx.len_x, ctx.x_dtype, ctx.has_cls = x.shape[1], x.dtype, has_cls
+        ctx.tok_dtype = mask_token.dtype
+        ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+
+    def _backward(ctx, grad_out):
+        (ids_restore,) = ctx.saved_tensors
+        need_x, _, need_tok, need_pos, _ = ctx.needs_input_grad
+        gx = gtok = gpos = None
+        if need_x or need_tok:
+            gx, gt = restore_tokens_backward(grad_out, ids_restore, ctx.len_x, ctx.has_cls)
+            gx = gx.to(ctx.x_dtype) if need_x else None
+            gtok = gt.to(ctx.tok_dtype).view(1, 1, -1) if need_tok else None
+        if need_pos:
+            gpos = grad_out.float().sum(0, keepdim=True).to(ctx.pos_dtype)
+        return gx, None, gtok, gpos, None
+
+    restore_tokens_fused.register_autograd(_backward, setup_context=_setup)

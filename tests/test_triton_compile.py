@@ -12,7 +12,7 @@ import pytest
 
 SCRIPT = r"""
 import torch
-from umae.kernels import _util, random_masking, restore_tokens
+from umae.kernels import _util, random_masking, restore_tokens, uniformity
 {extra_imports}
 DT = [torch.float32, torch.bfloat16, torch.float16]
 n, seen = 0, set()
@@ -43,4 +43,9 @@ def _run(targets, extra_imports=""):
 
 def test_masking_and_restore_kernels_compile_for_sm90():
     out = _run(f"[(random_masking, {MASKING_SHAPES}), (restore_tokens, {MASKING_SHAPES})]")
+    assert "compiled" in out
+
+
+def test_uniformity_kernels_compile_for_sm90_with_tensor_cores():
+    out = _run("[(uniformity, [])]")
     assert "compiled" in out

@@ -4,11 +4,11 @@ Every op has a fused implementation (C++/CUDA or Triton) and a pure-PyTorch refe
 that defines its semantics; `set_backend` / `use_backend` / UMAE_BACKEND choose.
 """
 from ._backend import backend_info, format_backend_info, get_backend, set_backend, use_backend
-from .ops import mae_loss, masked_mse_loss, patchify, random_masking, restore_tokens, unpatchify
+from .ops import mae_loss, masked_mse_loss, patchify, random_masking, restore_tokens, uniformity_loss, unpatchify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backend_info", "format_backend_info", "get_backend", "set_backend", "use_backend",
-    "patchify", "unpatchify", "masked_mse_loss", "mae_loss", "random_masking", "restore_tokens",
+    "patchify", "unpatchify", "masked_mse_loss", "mae_loss", "random_masking", "restore_tokens", "uniformity_loss",
 ]

@@ -46,6 +46,8 @@ def use_backend(name: str):
 # ---- what can run where -------------------------------------------------------------
 
 def _load_ext():
+    import torch  # noqa: F401  (the extension links against torch's libraries: load them first)
+
     try:
         from . import _C  # noqa: F401  (registers torch.ops.umae.* kernels)
         return True, "C++ extension umae._C loaded"

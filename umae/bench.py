@@ -52,7 +52,20 @@ SHAPES = {
     "vit_l16": dict(N=128, img=224, p=16, C=3, D=1024, Dd=512),
     "vit_tiny32": dict(N=512, img=32, p=4, C=3, D=192, Dd=128),
     "cpu_small": dict(N=16, img=224, p=16, C=3, D=768, Dd=512),  # the CPU report and pytest-benchmark
+    # uniformity loss only: global batch B of D-dim features
+    "unif_b256": dict(B=256, D=768), "unif_b1024": dict(B=1024, D=768),
+    "unif_b4096": dict(B=4096, D=768), "unif_b16384": dict(B=16384, D=768),
 }
+
+
+class NotApplicable(Exception):
+    """A shape set that does not describe this op's inputs."""
+
+
+def _vit(s):
+    if "img" not in s:
+        raise NotApplicable
+    return s
 
 
 def _rand(*shape, dtype, device, grad=False):
@@ -60,12 +73,14 @@ def _rand(*shape, dtype, device, grad=False):
 
 
 def case_patchify(s, dtype, device):
+    s = _vit(s)
     imgs = _rand(s["N"], s["C"], s["img"], s["img"], dtype=dtype, device=device, grad=True)
     nbytes = 2 * imgs.numel() * _elt(dtype)
     return Case("patchify", "", dtype, lambda: umae.patchify(imgs, s["p"]), [imgs], nbytes, nbytes)
 
 
 def case_unpatchify(s, dtype, device):
+    s = _vit(s)
     L, K = (s["img"] // s["p"]) ** 2, s["p"] ** 2 * s["C"]
     x = _rand(s["N"], L, K, dtype=dtype, device=device, grad=True)
     nbytes = 2 * x.numel() * _elt(dtype)
@@ -73,6 +88,7 @@ def case_unpatchify(s, dtype, device):
 
 
 def _loss_inputs(s, dtype, device):
+    s = _vit(s)
     L, K = (s["img"] // s["p"]) ** 2, s["p"] ** 2 * s["C"]
     imgs = _rand(s["N"], s["C"], s["img"], s["img"], dtype=torch.float32, device=device)
     pred = _rand(s["N"], L, K, dtype=dtype, device=device, grad=True)
@@ -97,6 +113,7 @@ def case_masked_mse_loss(s, dtype, device):
 
 
 def case_random_masking(s, dtype, device):
+    s = _vit(s)
     N, L, D = s["N"], (s["img"] // s["p"]) ** 2, s["D"]
     x = _rand(N, L, D, dtype=dtype, device=device, grad=True)
     pos = _rand(1, L, D, dtype=dtype, device=device)
@@ -110,6 +127,7 @@ def case_random_masking(s, dtype, device):
 
 
 def case_restore_tokens(s, dtype, device):
+    s = _vit(s)
     N, L, D = s["N"], (s["img"] // s["p"]) ** 2, s["Dd"]
     keep, e = int(L * 0.25), _elt(dtype)
     ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
@@ -121,6 +139,16 @@ def case_restore_tokens(s, dtype, device):
     return Case("restore_tokens", "", dtype, lambda: umae.restore_tokens(x, ids, tok, pos), [x, tok], fwd, bwd)
 
 
+def case_uniformity_loss(s, dtype, device):
+    B, D = s.get("B", s.get("N")), s["D"]
+    f = _rand(B, D, dtype=dtype, device=device, grad=True)
+    e = _elt(dtype)
+    # must move: F once (norms may re-read it); backward reads F, writes dF (+ B x D fp32 temporaries)
+    # FLOPs of the fused algorithm: upper-triangle Gram B*D^2 forward; Gram + Z @ G = 3 B D^2 backward
+    return Case("uniformity_loss", "", dtype, lambda: umae.uniformity_loss(f), [f], B * D * e, 2 * B * D * e,
+                flops_fwd=B * D * D, flops_bwd=3 * B * D * D)
+
+
 CASES = {
     "patchify": case_patchify,
     "unpatchify": case_unpatchify,
@@ -128,6 +156,7 @@ CASES = {
     "mae_loss": case_mae_loss,
     "random_masking": case_random_masking,
     "restore_tokens": case_restore_tokens,
+    "uniformity_loss": case_uniformity_loss,
 }
 
 
@@ -152,6 +181,18 @@ def _time_cuda(fn):
 
     ms, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
     return ms, lo, hi
+
+
+def _peak_mb(fn, device):
+    """Peak memory of one call above what was allocated before it (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def time_ms(fn, device):
@@ -230,7 +271,8 @@ def run(ops=None, shapes=None, modes=MODES, providers=PROVIDERS, dtypes=None, de
     """Yields one dict per (op, shape, dtype, mode, provider) with time and throughput."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ops = list(ops or CASES)
-    shapes = list(shapes or (["vit_b16", "vit_tiny32"] if device == "cuda" else ["cpu_small"]))
+    shapes = list(shapes or (["vit_b16", "vit_tiny32", "unif_b1024", "unif_b4096", "unif_b16384"]
+                             if device == "cuda" else ["cpu_small"]))
     dtypes = list(dtypes or ([torch.bfloat16, torch.float32] if device == "cuda" else [torch.float32]))
     jobs = [(o, s, d) for o in ops for s in shapes for d in dtypes]
     try:
@@ -245,7 +287,10 @@ def run(ops=None, shapes=None, modes=MODES, providers=PROVIDERS, dtypes=None, de
         elif impl == "reference":
             impl, why = "skipped", f"no fused implementation runs here ({why})"
         torch.manual_seed(0)
-        case = CASES[op](SHAPES[shape], dtype, device)
+        try:
+            case = CASES[op](SHAPES[shape], dtype, device)
+        except NotApplicable:
+            continue
         case.shape = shape
         err = parity_error(case) if impl != "skipped" else float("nan")
         for mode in modes:
@@ -256,7 +301,9 @@ def run(ops=None, shapes=None, modes=MODES, providers=PROVIDERS, dtypes=None, de
                     continue
                 fwd = _provider_forward(case.forward, provider)
                 try:
-                    ms, lo, hi = time_ms(_mode_fn(fwd, case.grad_inputs, mode), device)
+                    fn = _mode_fn(fwd, case.grad_inputs, mode)
+                    peak = _peak_mb(fn, device)
+                    ms, lo, hi = time_ms(fn, device)
                 except Exception as e:  # a provider that fails is reported, not fatal
                     yield dict(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), mode=mode,
                                provider=provider, error=f"{type(e).__name__}: {e}"[:200])
@@ -265,7 +312,8 @@ def run(ops=None, shapes=None, modes=MODES, providers=PROVIDERS, dtypes=None, de
                 flops = {"fwd": case.flops_fwd, "bwd": case.flops_bwd, "fwd+bwd": case.flops_fwd + case.flops_bwd}[mode]
                 row = dict(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), mode=mode, provider=provider,
                            impl=impl if provider == "fused" else "reference", ms=ms, ms_p20=lo, ms_p80=hi,
-                           gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9 if flops else None, parity_max_abs=err)
+                           gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9 if flops else None, parity_max_abs=err,
+                           peak_mb=peak)
                 yield row
 
 

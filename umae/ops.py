@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, random_masking_op, restore_tokens_op
+from . import _backend, _checks, random_masking_op, restore_tokens_op, uniformity_op
 from .masked_mse_op import mae_loss_reference, masked_mean, patch_mse_reference
 from .patchify_op import patchify_reference, unpatchify_reference
 from .random_masking_op import len_keep_for, random_masking_reference
@@ -202,3 +202,42 @@ def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch
     if _impl("restore_tokens", x) == "reference":
         return restore_tokens_reference(x, ids_restore, mask_token, pos_embed, bool(has_cls))
     return restore_tokens_op.restore_tokens_fused(x, ids_restore, mask_token, pos_embed, bool(has_cls))
+
+
+# ---- uniformity ----------------------------------------------------------------------
+
+def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diagonal: bool = False,
+                    process_group=None, exact_ddp_grad: bool = True) -> torch.Tensor:
+    """U-MAE's uniformity loss: mean over pairs (i, j) of (z_i . z_j)^2, z_i = features_i / |features_i|.
+
+    Default semantics equal the official code (zhangq327/U-MAE): normalize, diagonal included,
+    mean over B^2 entries. exclude_diagonal=True averages the B(B-1) off-diagonal pairs (the
+    paper's E_{x, x-} form). Returns an fp32 scalar (fp64 for fp64 features on the reference
+    path); the gradient flows to `features`. A NaN in a row makes the loss NaN (as the
+    reference); an all-zero row normalizes to zero (F.normalize's eps) and adds nothing.
+
+    process_group (a torch.distributed group, or torch.distributed.group.WORLD): the loss over
+    the global batch (every rank's rows; equal batch sizes per rank), the same scalar on every
+    rank. Gradients: with exact_ddp_grad=True (default) each rank receives world_size x the
+    gradient of the global loss for its own rows, so that after DDP averages gradients over
+    ranks the parameters get exactly the gradient of the global loss. exact_ddp_grad=False
+    reproduces the official GatherLayer, which returns only the local slice of the gradient
+    without an all-reduce, so DDP's averaging scales the uniformity gradient by 1/world_size.
+    """
+    _checks.tensor(features, "features", dims=2)
+    _checks.nonempty_batch(features, "features")
+    if exclude_diagonal and features.shape[0] < 2 and process_group is None:
+        raise ValueError("exclude_diagonal needs at least 2 rows in features")
+    impl = _impl("uniformity_loss", features)
+    if process_group is not None:
+        import torch.distributed as dist
+
+        scale = float(dist.get_world_size(process_group)) if exact_ddp_grad else 1.0
+        uniformity_op.check_equal_batches(features, process_group)
+        if impl == "reference" or features.dtype == torch.float64:
+            gathered = uniformity_op.GatherRows.apply(features, process_group, scale)
+            return uniformity_op.uniformity_loss_reference(gathered, normalize, exclude_diagonal)
+        return uniformity_op.DistributedFused.apply(features, normalize, exclude_diagonal, process_group, scale)
+    if impl == "reference" or features.dtype == torch.float64:  # fp64: the reference is the fp64 path
+        return uniformity_op.uniformity_loss_reference(features, normalize, exclude_diagonal)
+    return uniformity_op.uniformity_loss_fused(features, normalize, exclude_diagonal)

@@ -1,0 +1,149 @@
+"""U-MAE's uniformity loss, sum_ij (z_i . z_j)^2 over L2-normalized rows z_i of F (B, D).
+
+The B x B similarity matrix S = Z Z^T is never formed: sum_ij S_ij^2 = ||S||_F^2 =
+||Z^T Z||_F^2, the squared Frobenius norm of the D x D Gram G = Z^T Z. So
+- forward: one program per upper-triangular (D-tile, D-tile) pair of G accumulates the tile
+  over the batch (tl.dot, fp32 accumulation), squares it and reduces it in registers, writing
+  one fp32 partial (off-diagonal tiles count twice: G is symmetric). The partials are summed
+  in a fixed order: deterministic, no atomics. Normalization is folded in (row norms once).
+- backward: dL/dZ = 4 c Z G (c = 1/B^2), so G is formed once (D x D, the same tile kernel
+  storing instead of squaring) and a second kernel computes Z G tile by tile.
+Cost is 2 B D^2 FLOPs instead of 2 B^2 D: B/D times fewer at the batch sizes U-MAE uses, and
+memory is O(B D + D^2), never O(B^2).
+
+Precision: fp32 features use fp32 (IEEE) products; bf16 / fp16 features are normalized in
+fp32, rounded once to their dtype and multiplied on the tensor cores with fp32 accumulation.
+Under the interpreter (no bf16 arithmetic there) half inputs use fp32 products.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import TRITON_DTYPE, interpreted
+
+DOT_FP32, DOT_BF16, DOT_FP16 = 0, 1, 2
+
+
+@triton.jit
+def _load_z(f_ptr, rinv_ptr, rows, cols, B, D, sfb, sfd, DOT: tl.constexpr):
+    m = (rows < B)[:, None] & (cols < D)[None, :]
+    z = tl.load(f_ptr + rows[:, None].to(tl.int64) * sfb + cols[None, :] * sfd, mask=m, other=0.0).to(tl.float32)
+    z = z * tl.load(rinv_ptr + rows, mask=rows < B, other=0.0)[:, None]
+    if DOT == 1:
+        z = z.to(tl.bfloat16)
+    elif DOT == 2:
+        z = z.to(tl.float16)
+    return z
+
+
+@triton.jit
+def _gram_kernel(f_ptr, rinv_ptr, out_ptr, B, D, sfb, sfd,
+                 STORE: tl.constexpr, DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
+    pi = tl.program_id(0)
+    pj = tl.program_id(1)
+    nt = tl.num_programs(0)
+    if pi <= pj:
+        di = pi * BLOCK_D + tl.arange(0, BLOCK_D)
+        dj = pj * BLOCK_D + tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+        for b0 in range(0, B, BLOCK_B):
+            b = b0 + tl.arange(0, BLOCK_B)
+            a = _load_z(f_ptr, rinv_ptr, b, di, B, D, sfb, sfd, DOT)
+            c = _load_z(f_ptr, rinv_ptr, b, dj, B, D, sfb, sfd, DOT)
+            if DOT == 0:
+                acc += tl.dot(tl.trans(a), c, input_precision="ieee")
+            else:
+                acc += tl.dot(tl.trans(a), c)
+        if STORE:  # G[I, J] and its mirror G[J, I]
+            m = (di < D)[:, None] & (dj < D)[None, :]
+            tl.store(out_ptr + di[:, None] * D + dj[None, :], acc, mask=m)
+            if pi != pj:
+                tl.store(out_ptr + di[:, None] + dj[None, :] * D, acc, mask=m)
+        else:
+            w = tl.where(pi == pj, 1.0, 2.0)
+            tl.store(out_ptr + pi * nt + pj, tl.sum(tl.sum(acc * acc, axis=1), axis=0) * w)
+    else:
+        if not STORE:
+            tl.store(out_ptr + pi * nt + pj, 0.0)
+
+
+@triton.jit
+def _z_times_gram_kernel(f_ptr, rinv_ptr, g_ptr, out_ptr, B, D, sfb, sfd,
+                         DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out[b, J] = sum_k z[b, k] G[k, J], fp32
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        z = _load_z(f_ptr, rinv_ptr, rows, k, B, D, sfb, sfd, DOT)
+        g = tl.load(g_ptr + k[:, None] * D + cols[None, :], mask=(k < D)[:, None] & (cols < D)[None, :], other=0.0)
+        if DOT == 0:
+            acc += tl.dot(z, g, input_precision="ieee")
+        elif DOT == 1:
+            acc += tl.dot(z, g.to(tl.bfloat16))
+        else:
+            acc += tl.dot(z, g.to(tl.float16))
+    m = (rows < B)[:, None] & (cols < D)[None, :]
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], acc, mask=m)
+
+
+GRAM_CFG = dict(BLOCK_D=64, BLOCK_B=64)
+ZG_CFG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+NUM_WARPS = 4
+
+
+def dot_kind(dtype) -> int:
+    if interpreted() or dtype == torch.float32:
+        return DOT_FP32
+    return DOT_BF16 if dtype == torch.bfloat16 else DOT_FP16
+
+
+def rounding_dtype(dtype):
+    """The dtype z is rounded to before the products (for consistent diagonal terms)."""
+    return torch.float32 if dot_kind(dtype) == DOT_FP32 else dtype
+
+
+def gram_square_sum(f, rinv):
+    """sum_ij (z_i . z_j)^2 = ||Z^T Z||_F^2 as an fp32 scalar; z = f * rinv[:, None]."""
+    B, D = f.shape
+    nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
+    part = torch.empty((nt * nt,), device=f.device, dtype=torch.float32)
+    _gram_kernel[(nt, nt)](f, rinv, part, B, D, f.stride(0), f.stride(1), STORE=False, DOT=dot_kind(f.dtype),
+                           num_warps=NUM_WARPS, **GRAM_CFG)
+    return part.sum()
+
+
+def gram(f, rinv):
+    """G = Z^T Z (D, D) fp32."""
+    B, D = f.shape
+    nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
+    g = torch.empty((D, D), device=f.device, dtype=torch.float32)
+    _gram_kernel[(nt, nt)](f, rinv, g, B, D, f.stride(0), f.stride(1), STORE=True, DOT=dot_kind(f.dtype),
+                           num_warps=NUM_WARPS, **GRAM_CFG)
+    return g
+
+
+def z_times_gram(f, rinv, g):
+    """Z @ G (B, D) fp32."""
+    B, D = f.shape
+    out = torch.empty((B, D), device=f.device, dtype=torch.float32)
+    grid = (triton.cdiv(B, ZG_CFG["BLOCK_M"]), triton.cdiv(D, ZG_CFG["BLOCK_N"]))
+    _z_times_gram_kernel[grid](f, rinv, g, out, B, D, f.stride(0), f.stride(1), DOT=dot_kind(f.dtype),
+                               num_warps=NUM_WARPS, **ZG_CFG)
+    return out
+
+
+def aot_specs(shapes, dtypes):
+    """Configurations are fixed; signatures vary with dtype and the DOT path (GPU: no upcast)."""
+    del shapes
+    for dt in dtypes:
+        t = TRITON_DTYPE[dt]
+        dot = DOT_FP32 if dt == torch.float32 else (DOT_BF16 if dt == torch.bfloat16 else DOT_FP16)
+        for store in (False, True):
+            sig = dict(f_ptr=f"*{t}", rinv_ptr="*fp32", out_ptr="*fp32", B="i32", D="i32", sfb="i32", sfd="i32")
+            yield _gram_kernel, sig, dict(STORE=store, DOT=dot, **GRAM_CFG), NUM_WARPS
+        sig = dict(f_ptr=f"*{t}", rinv_ptr="*fp32", g_ptr="*fp32", out_ptr="*fp32", B="i32", D="i32", sfb="i32", sfd="i32")
+        yield _z_times_gram_kernel, sig, dict(DOT=dot, **ZG_CFG), NUM_WARPS

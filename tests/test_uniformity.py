@@ -1,0 +1,199 @@
+"""uniformity_loss: the Triton Gram-square kernels (interpreted on CPU) vs the reference,
+the allocation pattern, and the global-batch loss across 2 gloo processes."""
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+from utils import DEVICES, DTYPES, MATMUL_TOL, assert_close, cuda_only, randn
+
+import umae
+from umae.uniformity_op import uniformity_loss_reference
+
+BS = [1, 2, 7, 64, 255, 1024]
+DS = [16, 192, 384, 768, 1000]
+# every B and every D, without the full cross product (the interpreter is slow)
+SHAPES = [(1, 16), (2, 192), (7, 1000), (64, 384), (255, 16), (1024, 192), (64, 768), (2, 1000)]
+
+
+def _grad_tol(dtype):
+    return MATMUL_TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,D", SHAPES)
+@pytest.mark.parametrize("exclude_diagonal", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_parity(device, dtype, B, D, exclude_diagonal, normalize):
+    if exclude_diagonal and B < 2:
+        pytest.skip("exclude_diagonal needs B >= 2 (tested in test_bad_input)")
+    f = (randn(B, D, device=device) * 0.3 + 0.1).to(dtype).requires_grad_()
+    loss = umae.uniformity_loss(f, normalize, exclude_diagonal)
+    ref = uniformity_loss_reference(f, normalize, exclude_diagonal)
+    assert loss.dtype == torch.float32
+    assert_close(loss, ref, name="loss", **MATMUL_TOL[dtype])
+    (g,) = torch.autograd.grad(loss, f)
+    (gr,) = torch.autograd.grad(ref, f)
+    # relative to the gradient's size; B=1 normalized has a constant loss (gradient ~ rounding noise)
+    scale = gr.float().abs().max().item()
+    scale = scale if scale > 1e-4 else 1.0
+    assert g.dtype == dtype
+    assert_close(g.float() / scale, gr.float() / scale, name="grad", **_grad_tol(dtype))
+
+
+def test_default_equals_official_semantics():
+    f = randn(33, 48)
+    z = torch.nn.functional.normalize(f, dim=1)
+    official = (z @ z.T).pow(2).mean()
+    assert_close(umae.uniformity_loss(f), official, **MATMUL_TOL[torch.float32])
+    off = ((z @ z.T).pow(2).sum() - 33) / (33 * 32)
+    assert_close(umae.uniformity_loss(f, exclude_diagonal=True), off, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_float64_reference_path():
+    f = randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: umae.uniformity_loss(t, exclude_diagonal=True), (f,))
+
+
+def test_zero_row_adds_nothing_and_nan_row_is_nan():
+    f = randn(6, 32)
+    f[2] = 0
+    assert_close(umae.uniformity_loss(f), uniformity_loss_reference(f), **MATMUL_TOL[torch.float32])
+    f[3, 1] = float("nan")
+    assert math.isnan(umae.uniformity_loss(f).item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous(device):
+    f = randn(96, 2 * 40, device=device)[:, ::2].requires_grad_()
+    ft = randn(40, 96, device=device).T.requires_grad_()
+    for x in (f, ft):
+        assert not x.is_contiguous()
+        a, b = umae.uniformity_loss(x), uniformity_loss_reference(x)
+        assert_close(a, b, **MATMUL_TOL[torch.float32])
+        assert_close(torch.autograd.grad(a, x)[0], torch.autograd.grad(b, x)[0], **MATMUL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    f = randn(20, 24, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.umae.uniformity_loss.default, (f, True, False))
+    torch.library.opcheck(torch.ops.umae.uniformity_loss.default, (f, False, True))
+
+
+def test_deterministic():
+    f = randn(300, 80, requires_grad=True)
+    a = umae.uniformity_loss(f)
+    b = umae.uniformity_loss(f)
+    assert torch.equal(a, b)
+    assert torch.equal(torch.autograd.grad(a, f)[0], torch.autograd.grad(b, f)[0])
+
+
+class _MaxAlloc(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def test_fused_allocates_O_BD_not_O_B2():
+    # Every tensor the fused launchers allocate (through torch; the kernels allocate nothing)
+    # is recorded: at B=2048, D=16 the largest must be ~B*D, where the reference makes B*B.
+    from umae import uniformity_op as u
+
+    B, D = 2048, 16
+    f = randn(B, D)
+    with _MaxAlloc() as m:
+        loss = u.uniformity_loss_fused(f, True, False)
+        u.uniformity_loss_backward(torch.ones(()), f, True, False)
+    assert m.max_numel <= 2 * B * D + D * D, m.max_numel
+    with _MaxAlloc() as r:
+        uniformity_loss_reference(f)
+    assert r.max_numel >= B * B  # the check can fail: the reference does allocate B^2
+    assert_close(loss, uniformity_loss_reference(f), **MATMUL_TOL[torch.float32])
+
+
+@cuda_only
+def test_cuda_peak_memory_O_BD():
+    B, D = 16384, 768
+    f = randn(B, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    umae.uniformity_loss(f).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 8 * B * D * 4, peak  # a B x B fp32 matrix alone would be 1 GiB
+
+
+P = lambda *s: randn(*s)  # noqa: E731
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: umae.uniformity_loss(P(16)), "features must have 2 dims"),
+    (lambda: umae.uniformity_loss(P(2, 3, 4)), "features must have 2 dims"),
+    (lambda: umae.uniformity_loss(P(0, 8)), "empty batch"),
+    (lambda: umae.uniformity_loss(P(1, 8), exclude_diagonal=True), "at least 2 rows"),
+    (lambda: umae.uniformity_loss(torch.ones(4, 8, dtype=torch.int64)), "features must be float32"),
+])
+def test_bad_input(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+# ---- across ranks ----------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, backend, exact, out_path):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    umae.set_backend(backend)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(12, 40)
+    x = torch.randn(2 * 9, 12)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    feats = ddp(x[rank * 9:(rank + 1) * 9])
+    feats.retain_grad()
+    loss = umae.uniformity_loss(feats, exclude_diagonal=True, process_group=dist.group.WORLD, exact_ddp_grad=exact)
+    loss.backward()
+    if rank == 0:
+        torch.save(dict(loss=loss.detach(), wgrad=model.weight.grad, fgrad=feats.grad), out_path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_distributed_matches_single_process(tmp_path, backend, exact):
+    out = str(tmp_path / "r0.pt")
+    mp.start_processes(_worker, args=(2, _free_port(), backend, exact, out), nprocs=2, join=True, start_method="spawn")
+    got = torch.load(out)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(12, 40)
+    x = torch.randn(18, 12)
+    feats = model(x)
+    feats.retain_grad()
+    with umae.use_backend("reference"):
+        loss = umae.uniformity_loss(feats, exclude_diagonal=True)
+    loss.backward()
+    assert_close(got["loss"], loss, **MATMUL_TOL[torch.float32])
+    scale = 1.0 if exact else 0.5  # official GatherLayer: 1/world_size after DDP averaging
+    assert_close(got["wgrad"], model.weight.grad * scale, name="DDP weight grad", **MATMUL_TOL[torch.float32])
+    assert_close(got["fgrad"], feats.grad[:9] * (2.0 if exact else 1.0), name="rank 0 feature grad",
+                 **MATMUL_TOL[torch.float32])

@@ -1,0 +1,158 @@
+"""U-MAE's uniformity loss: the reference (zhangq327/U-MAE `loss_func.py`: L2-normalize the
+rows, sim = F F^T, mean of sim^2, diagonal included; math in fp32), the torch.library custom
+op around the fused Triton kernels (kernels/uniformity.py), and the global-batch version
+across ranks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+
+NORM_EPS = 1e-12  # F.normalize's
+
+
+def _acc(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def uniformity_loss_reference(features, normalize=True, exclude_diagonal=False):
+    f = features.to(_acc(features.dtype))
+    z = F.normalize(f, dim=1, eps=NORM_EPS) if normalize else f
+    sim = z @ z.T
+    B = sim.shape[0]
+    if exclude_diagonal:
+        sim = sim - torch.diag_embed(torch.diagonal(sim))
+        return sim.pow(2).sum() / (B * (B - 1))
+    return sim.pow(2).mean()
+
+
+def _denominator(B: int, exclude_diagonal: bool) -> int:
+    return B * (B - 1) if exclude_diagonal else B * B
+
+
+if _backend.TRITON_OK:
+    from .kernels import uniformity as _k
+
+    def _prep(features, normalize):
+        """(norms, rinv) in fp32: the row norms are computed once, by one read of F."""
+        norms = torch.linalg.vector_norm(features, dim=1, dtype=torch.float32)
+        rinv = 1.0 / norms.clamp_min(NORM_EPS) if normalize else torch.ones_like(norms)
+        return norms, rinv
+
+    def _rounded_z(features, rinv):
+        # z as the kernels multiply it (rounded to the dtype of the products), so that the
+        # diagonal terms subtracted below cancel the kernel's own diagonal exactly.
+        return (features.float() * rinv[:, None]).to(_k.rounding_dtype(features.dtype)).float()
+
+    def _diag_sum(features, rinv):
+        sq = _rounded_z(features, rinv).pow(2).sum(1)
+        return (sq * sq).sum()
+
+    def _grad_from_gram(grad, features, norms, rinv, g, exclude_diagonal, denom, normalize):
+        """dL/dF for L = c (||G||^2 - [excl] sum_i ||z_i||^4), G = Z^T Z, c = grad / denom."""
+        c = grad.float() * 4.0 / denom
+        dz = _k.z_times_gram(features, rinv, g) * c
+        if exclude_diagonal:
+            zr = _rounded_z(features, rinv)
+            dz = dz - c * zr.pow(2).sum(1, keepdim=True) * zr
+        if not normalize:
+            return dz
+        z = features.float() * rinv[:, None]
+        # Jacobian of z = f / max(|f|, eps): (I - z z^T) / |f| above eps, I / eps below.
+        radial = (z * dz).sum(1, keepdim=True) * (norms > NORM_EPS)[:, None]
+        return rinv[:, None] * (dz - z * radial)
+
+    @torch.library.custom_op("umae::uniformity_loss", mutates_args=())
+    def uniformity_loss_fused(features: torch.Tensor, normalize: bool, exclude_diagonal: bool) -> torch.Tensor:
+        _, rinv = _prep(features, normalize)
+        total = _k.gram_square_sum(features, rinv)
+        if exclude_diagonal:
+            total = total - _diag_sum(features, rinv)
+        return total / _denominator(features.shape[0], exclude_diagonal)
+
+    @uniformity_loss_fused.register_fake
+    def _(features, normalize, exclude_diagonal):
+        return features.new_empty((), dtype=torch.float32)
+
+    @torch.library.custom_op("umae::uniformity_loss_backward", mutates_args=())
+    def uniformity_loss_backward(grad: torch.Tensor, features: torch.Tensor, normalize: bool,
+                                 exclude_diagonal: bool) -> torch.Tensor:
+        norms, rinv = _prep(features, normalize)
+        g = _k.gram(features, rinv)
+        denom = _denominator(features.shape[0], exclude_diagonal)
+        return _grad_from_gram(grad, features, norms, rinv, g, exclude_diagonal, denom, normalize).to(features.dtype)
+
+    @uniformity_loss_backward.register_fake
+    def _(grad, features, normalize, exclude_diagonal):
+        return torch.empty_like(features, memory_format=torch.contiguous_format)
+
+    def _setup(ctx, inputs, output):
+        features, ctx.normalize, ctx.exclude_diagonal = inputs
+        ctx.save_for_backward(features)
+
+    def _backward(ctx, grad):
+        (features,) = ctx.saved_tensors
+        return uniformity_loss_backward(grad, features, ctx.normalize, ctx.exclude_diagonal), None, None
+
+    uniformity_loss_fused.register_autograd(_backward, setup_context=_setup)
+
+    class DistributedFused(torch.autograd.Function):
+        """Global-batch loss across ranks: each rank forms its Gram Z_r^T Z_r (D x D), one
+        all-reduce sums them (with the diagonal terms and batch sizes), and the backward needs
+        no communication: dL/dZ_r = 4 c Z_r G_global, exact for the rank's own rows."""
+
+        @staticmethod
+        def forward(ctx, features, normalize, exclude_diagonal, group, grad_scale):
+            import torch.distributed as dist
+
+            norms, rinv = _prep(features, normalize)
+            g = _k.gram(features, rinv)
+            extra = torch.stack([_diag_sum(features, rinv) if exclude_diagonal else g.new_zeros(()),
+                                 g.new_tensor(float(features.shape[0]))])
+            buf = torch.cat([g.flatten(), extra])
+            dist.all_reduce(buf, group=group)
+            D = g.shape[0]
+            g = buf[: D * D].view(D, D)
+            diag, B = buf[D * D], int(buf[D * D + 1].item())
+            denom = _denominator(B, exclude_diagonal)
+            if denom == 0:
+                raise ValueError("exclude_diagonal needs a global batch of at least 2 rows")
+            loss = (g.pow(2).sum() - diag) / denom
+            ctx.save_for_backward(features, norms, rinv, g)
+            ctx.args = (exclude_diagonal, denom, normalize, grad_scale)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad):
+            features, norms, rinv, g = ctx.saved_tensors
+            exclude_diagonal, denom, normalize, grad_scale = ctx.args
+            df = _grad_from_gram(grad, features, norms, rinv, g, exclude_diagonal, denom, normalize)
+            return (df * grad_scale).to(features.dtype), None, None, None, None
+
+
+class GatherRows(torch.autograd.Function):
+    """all_gather of the rows of equal-sized per-rank batches. Backward returns the rank's own
+    slice of the gradient times `grad_scale` (1 reproduces the official GatherLayer)."""
+
+    @staticmethod
+    def forward(ctx, x, group, grad_scale):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.rank, ctx.B, ctx.grad_scale = dist.get_rank(group), x.shape[0], grad_scale
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[ctx.rank * ctx.B:(ctx.rank + 1) * ctx.B] * ctx.grad_scale, None, None
+
+
+def check_equal_batches(features, group):
+    import torch.distributed as dist
+
+    sizes = [torch.zeros(1, dtype=torch.int64, device=features.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([features.shape[0]], device=features.device), group=group)
+    if len({int(s) for s in sizes}) != 1:
+        raise ValueError(f"features must have the same batch size on every rank, got {[int(s) for s in sizes]}")

@@ -43,6 +43,27 @@ def _info(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from umae.train import train
+
+    recs = train(args)
+    if recs:
+        print(f"done: {recs[-1]['step']} steps, loss {recs[-1]['loss']:.4f}, {recs[-1]['img_per_s']:.0f} img/s; "
+              f"checkpoints and log.jsonl in {args.out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from umae.evaluate import evaluate
+
+    res = evaluate(args)
+    for r in res["results"]:
+        print(f"{r['ckpt']} [{r['pool']}]  linear probe {r['linear_probe_acc']:.3f}  kNN {r['knn_acc']:.3f}  "
+              f"effective rank {r['effective_rank']:.1f} / {r['feature_dim']}")
+    print(f"wrote {args.out}/eval.json and {args.out}/spectrum.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from umae import bench
 
@@ -58,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="folder for results.json / results.csv")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=_bench)
+    from umae import evaluate, train
+
+    t = sub.add_parser("train", help="MAE / U-MAE pretraining (torchrun for DDP)")
+    train.add_args(t)
+    t.set_defaults(fn=_train)
+    e = sub.add_parser("eval", help="linear probe, kNN and the feature spectrum of checkpoints")
+    evaluate.add_args(e)
+    e.set_defaults(fn=_eval)
     i = sub.add_parser("info", help="which implementation each op runs on each device, and why")
     i.set_defaults(fn=_info)
     return ap
@@ -65,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:  # bad paths and values: a message, not a traceback
+        print(f"umae {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

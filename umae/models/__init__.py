@@ -1,0 +1,46 @@
+"""MAE / U-MAE ViT models, registered with timm: `timm.create_model("umae_vit_tiny_patch4_32",
+fused=True, lamb=0.01, norm_pix_loss=True)`."""
+from functools import partial
+
+from timm.models import register_model
+
+from .mae import MAEOutput, MaskedAutoencoderViT, get_2d_sincos_pos_embed
+
+# name -> (img, patch, dim, depth, heads, decoder dim, decoder depth, decoder heads)
+CONFIGS = {
+    # MAE's ImageNet configs (decoder 512-d, 8 blocks, 16 heads)
+    "umae_vit_tiny_patch16_224": (224, 16, 192, 12, 3, 512, 8, 16),
+    "umae_vit_small_patch16_224": (224, 16, 384, 12, 6, 512, 8, 16),
+    "umae_vit_base_patch16_224": (224, 16, 768, 12, 12, 512, 8, 16),
+    "umae_vit_large_patch16_224": (224, 16, 1024, 24, 16, 512, 8, 16),
+    "umae_vit_huge_patch14_224": (224, 14, 1280, 32, 16, 512, 8, 16),
+    # 32x32 inputs (CIFAR), U-MAE's small-image setting; a lighter decoder (192-d, 4 blocks)
+    "umae_vit_tiny_patch4_32": (32, 4, 192, 12, 3, 192, 4, 3),
+    "umae_vit_tiny_patch2_32": (32, 2, 192, 12, 3, 192, 4, 3),
+    "umae_vit_small_patch4_32": (32, 4, 384, 12, 6, 192, 4, 3),
+    "umae_vit_small_patch2_32": (32, 2, 384, 12, 6, 192, 4, 3),
+    # for tests and smoke runs: the tiny 32x32 model, 2 + 1 blocks
+    "umae_vit_micro_patch4_32": (32, 4, 64, 2, 2, 64, 1, 2),
+}
+
+_TIMM_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def build(name: str, **kwargs) -> MaskedAutoencoderViT:
+    for k in _TIMM_KWARGS:
+        if kwargs.pop(k, None) and k == "pretrained":
+            raise ValueError("umae models have no pretrained weights")
+    img, p, d, depth, heads, dd, ddepth, dheads = CONFIGS[name]
+    kwargs.setdefault("img_size", img)
+    return MaskedAutoencoderViT(patch_size=p, embed_dim=d, depth=depth, num_heads=heads, decoder_embed_dim=dd,
+                                decoder_depth=ddepth, decoder_num_heads=dheads, **kwargs)
+
+
+for _name in CONFIGS:
+    _fn = partial(build, _name)
+    _fn.__name__ = _name
+    _fn.__module__ = __name__
+    _fn.__doc__ = f"{_name}: {CONFIGS[_name]} (img, patch, dim, depth, heads, dec dim, dec depth, dec heads)"
+    globals()[_name] = register_model(_fn)
+
+__all__ = ["MAEOutput", "MaskedAutoencoderViT", "get_2d_sincos_pos_embed", "CONFIGS", "build", *CONFIGS]

@@ -1,0 +1,118 @@
+"""MAE / U-MAE model: fused vs reference with the same weights and noise, autocast, compile."""
+import pytest
+import timm
+import torch
+from utils import DEVICES, assert_close, cuda_only
+
+import umae
+import umae.models  # noqa: F401  (registers with timm)
+
+
+def _pair(device, lamb=0.01, **kw):
+    torch.manual_seed(0)
+    fused = timm.create_model("umae_vit_micro_patch4_32", fused=True, lamb=lamb, **kw).to(device)
+    ref = timm.create_model("umae_vit_micro_patch4_32", fused=False, lamb=lamb, **kw).to(device)
+    ref.load_state_dict(fused.state_dict())
+    return fused, ref
+
+
+def _grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_fused_matches_reference_fp32(device, norm_pix_loss):
+    fused, ref = _pair(device, norm_pix_loss=norm_pix_loss)
+    imgs = torch.randn(6, 3, 32, 32, device=device)
+    noise = torch.rand(6, 64, device=device)
+    a, b = fused(imgs, noise=noise), ref(imgs, noise=noise)
+    for f in ("loss", "loss_mae", "loss_unif", "pred", "mask", "latent"):
+        assert_close(getattr(a, f), getattr(b, f), name=f, atol=1e-5, rtol=1e-5)
+    a.loss.backward()
+    b.loss.backward()
+    ga, gb = _grads(fused), _grads(ref)
+    assert ga.keys() == gb.keys() and len(ga) > 20
+    for n in ga:
+        assert_close(ga[n], gb[n], name=f"grad {n}", atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_matches_reference_bf16_autocast(device):
+    fused, ref = _pair(device)
+    imgs = torch.randn(6, 3, 32, 32, device=device)
+    noise = torch.rand(6, 64, device=device)
+    outs = []
+    for m in (fused, ref):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = m(imgs, noise=noise)
+        out.loss.backward()
+        outs.append(out)
+    assert outs[0].loss.dtype == torch.float32
+    assert_close(outs[0].loss, outs[1].loss, atol=2e-2, rtol=2e-2)
+    for n, g in _grads(fused).items():
+        gr = _grads(ref)[n]
+        scale = gr.abs().max().clamp_min(1e-3)
+        assert_close(g / scale, gr / scale, name=f"grad {n}", atol=5e-2, rtol=5e-2)
+
+
+def test_global_backend_switch_routes_a_fused_model_to_the_reference(monkeypatch):
+    import umae.ops as ops
+
+    calls = []
+    real = ops.uniformity_op.uniformity_loss_reference
+    monkeypatch.setattr(ops.uniformity_op, "uniformity_loss_reference", lambda *a: calls.append(1) or real(*a))
+    fused, _ = _pair("cpu")
+    imgs = torch.randn(2, 3, 32, 32)
+    fused(imgs)
+    n = len(calls)
+    with umae.use_backend("reference"):
+        fused(imgs)
+    assert len(calls) == n + 1
+
+
+def test_lamb_zero_is_plain_mae_and_timm_kwargs():
+    m = timm.create_model("umae_vit_micro_patch4_32", lamb=0.0, norm_pix_loss=False, fused=True)
+    assert m.lamb == 0 and not m.norm_pix_loss
+    out = m(torch.randn(2, 3, 32, 32))
+    assert torch.equal(out.loss, out.loss_mae) and out.loss_unif > 0
+    out.loss.backward()
+    assert out.mask.shape == (2, 64) and out.pred.shape == (2, 64, 48) and out.latent.shape == (2, 17, 64)
+    for name in ("umae_vit_tiny_patch4_32", "umae_vit_base_patch16_224"):
+        assert timm.is_model(name)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("umae_vit_tiny_patch4_32", pretrained=True)
+
+
+def test_masking_is_deterministic_with_noise():
+    fused, _ = _pair("cpu")
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    assert torch.equal(fused(imgs, noise=noise).loss, fused(imgs, noise=noise).loss)
+
+
+def test_compile_fullgraph():
+    fused, ref = _pair("cpu")
+    imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 64)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    out = compiled(imgs, 0.75, noise)
+    out.loss.backward()
+    assert_close(out.loss, ref(imgs, noise=noise).loss, atol=1e-5, rtol=1e-5)
+
+
+@cuda_only
+def test_cuda_compile_inductor_and_fp16_grad_scaler():
+    fused, ref = _pair("cuda")
+    imgs, noise = torch.randn(8, 3, 32, 32, device="cuda"), torch.rand(8, 64, device="cuda")
+    compiled = torch.compile(fused, fullgraph=True)
+    out = compiled(imgs, 0.75, noise)
+    assert_close(out.loss, ref(imgs, noise=noise).loss, atol=1e-4, rtol=1e-4)
+    opt = torch.optim.AdamW(fused.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda")
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = fused(imgs, noise=noise).loss
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert torch.isfinite(loss)

@@ -1,0 +1,190 @@
+"""Datasets and a deterministic input pipeline for training and evaluation.
+
+Every augmented sample is a pure function of (seed, epoch, index), and the sampler's order
+a function of (seed, epoch): a run resumes exactly at any step, with any number of workers,
+and a DDP run sees the same global batches as a single process.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+MEAN = torch.tensor([0.485, 0.456, 0.406])  # MAE normalizes with ImageNet statistics
+STD = torch.tensor([0.229, 0.224, 0.225])
+
+
+# ---- the embedded default: procedurally generated, labelled, no download ------------
+
+SHAPE_CLASSES = ("disc", "square", "ring", "cross", "h-stripes", "v-stripes", "checker", "triangle", "diamond",
+                 "blob-pair")
+
+
+def make_shapes(n: int, size: int = 32, seed: int = 0):
+    """`shapes10`: n RGB images (n, 3, size, size) uint8 and labels (n,) in 10 classes.
+
+    Each class is a shape or texture drawn at a random position and scale, in a random colour,
+    on a random smooth background with noise: procedurally generated (documented as such), so
+    the first run works offline; labels make linear probing meaningful.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    labels = labels[torch.randperm(n, generator=g)]
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    cx, cy = (u(n) - 0.5) * 0.8, (u(n) - 0.5) * 0.8
+    r = 0.3 + 0.35 * u(n)
+    X, Y = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]
+    R = r[:, None, None]
+    freq = (4 + 4 * u(n))[:, None, None]
+    masks = {
+        0: (X ** 2 + Y ** 2) < R ** 2,
+        1: (X.abs() < R) & (Y.abs() < R),
+        2: ((X ** 2 + Y ** 2).sqrt() - R * 0.75).abs() < R * 0.25,
+        3: ((X.abs() < R * 0.25) | (Y.abs() < R * 0.25)) & (X.abs() < R) & (Y.abs() < R),
+        4: torch.sin(Y * freq * math.pi) > 0,
+        5: torch.sin(X * freq * math.pi) > 0,
+        6: (torch.sin(X * freq * 2) * torch.sin(Y * freq * 2)) > 0,
+        7: (Y < R) & (Y > -R) & (X.abs() < (R - Y) / 2),
+        8: (X.abs() + Y.abs()) < R,
+        9: ((X - R / 2) ** 2 + Y ** 2 < (R / 2) ** 2) | ((X + R / 2) ** 2 + Y ** 2 < (R / 2) ** 2),
+    }
+    m = torch.zeros(n, size, size, dtype=torch.bool)
+    for c, mk in masks.items():
+        m[labels == c] = mk[labels == c]
+    fg = u(n, 3, 1, 1)
+    bg = u(n, 3, 1, 1) * 0.6 + 0.2 * (xx + 1)[None, None] * u(n, 1, 1, 1)
+    img = torch.where(m[:, None], fg, bg) + 0.05 * torch.randn(n, 3, size, size, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+class TensorImages(Dataset):
+    """Images held as a uint8 tensor (N, 3, H, W) with labels."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+class FolderImages(Dataset):
+    """torchvision ImageFolder / CIFAR-10/100 (torchvision's on-disk format), as uint8 CHW tensors."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def load(self, i):
+        import numpy as np
+
+        img, label = self.ds[i]
+        a = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+        return a.permute(2, 0, 1), int(label)
+
+
+def open_dataset(path: str | None, train: bool = True, seed: int = 0, builtin_size: int = 2048):
+    """'builtin' / None: shapes10 (train: builtin_size images, test: a quarter as many, other seed).
+    A folder with cifar-10-batches-py or cifar-100-python: that CIFAR split. Any other folder:
+    an ImageFolder (class sub-folders of images); `train` is ignored, split it with `split`."""
+    if path in (None, "builtin"):
+        n = builtin_size if train else builtin_size // 4
+        return TensorImages(*make_shapes(n, seed=seed if train else seed + 10_000))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--data {path!r} is not a directory (use 'builtin' for the embedded data set)")
+    import torchvision
+
+    if os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
+        return FolderImages(torchvision.datasets.CIFAR10(path, train=train, download=False))
+    if os.path.isdir(os.path.join(path, "cifar-100-python")):
+        return FolderImages(torchvision.datasets.CIFAR100(path, train=train, download=False))
+    try:
+        ds = torchvision.datasets.ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise FileNotFoundError(f"--data {path!r}: not an image folder with class sub-folders ({e})") from None
+    if len(ds) == 0:
+        raise FileNotFoundError(f"--data {path!r} holds no images")
+    return FolderImages(ds)
+
+
+def split(ds, holdout: float, seed: int = 0):
+    """(train, held-out) index subsets, for data sets without a test split."""
+    n = len(ds)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = max(1, int(n * holdout))
+    return torch.utils.data.Subset(ds, perm[k:]), torch.utils.data.Subset(ds, perm[:k])
+
+
+def _load(ds, i):
+    if isinstance(ds, torch.utils.data.Subset):
+        return _load(ds.dataset, ds.indices[i])
+    return ds.load(i)
+
+
+def random_resized_crop_params(h, w, g, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, drawing from generator g."""
+    area = h * w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        vals = torch.rand(2, generator=g)
+        target = area * (scale[0] + (scale[1] - scale[0]) * float(vals[0]))
+        ar = math.exp(log_r[0] + (log_r[1] - log_r[0]) * float(vals[1]))
+        cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            i = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+            j = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+            return i, j, ch, cw
+    s = min(h, w)
+    return (h - s) // 2, (w - s) // 2, s, s
+
+
+class Augmented(Dataset):
+    """MAE's pretraining augmentation (random resized crop 0.2-1, bicubic; horizontal flip;
+    normalize), seeded per (seed, epoch, index)."""
+
+    def __init__(self, ds, size: int, seed: int, train: bool = True):
+        self.ds, self.size, self.seed, self.train, self.epoch = ds, size, seed, train, 0
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        img, label = _load(self.ds, i)
+        x = img.float().div_(255)
+        if self.train:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            t, l, h, w = random_resized_crop_params(x.shape[1], x.shape[2], g)
+            x = x[:, t:t + h, l:l + w]
+            if bool(torch.rand((), generator=g) < 0.5):
+                x = x.flip(-1)
+        x = F.interpolate(x[None], size=(self.size, self.size), mode="bicubic", align_corners=False)[0]
+        return (x - MEAN[:, None, None]) / STD[:, None, None], label
+
+
+class ResumableSampler(Sampler):
+    """Epoch-seeded permutation, sliced into global batches; rank r takes its part of each.
+    `start_batch` skips batches already done in the epoch (exact resume)."""
+
+    def __init__(self, n, global_batch, seed, rank=0, world=1):
+        self.n, self.gb, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
+        self.epoch, self.start_batch = 0, 0
+
+    def batches_per_epoch(self):
+        return self.n // self.gb
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).tolist()
+        b = self.gb // self.world
+        for k in range(self.start_batch, self.batches_per_epoch()):
+            yield from perm[k * self.gb + self.rank * b:k * self.gb + (self.rank + 1) * b]
+
+    def __len__(self):
+        return (self.batches_per_epoch() - self.start_batch) * (self.gb // self.world)

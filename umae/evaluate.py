@@ -1,0 +1,144 @@
+"""`umae eval`: linear probe and kNN accuracy on frozen encoder features, and the
+dimensional-collapse view of U-MAE (singular value spectrum of the feature covariance and its
+effective rank), as numbers and as a PNG comparing runs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import data as D
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", nargs="+", required=True, help="one or more checkpoints (compare runs)")
+    p.add_argument("--data", default=None, help="default: the data set the checkpoint was trained on")
+    p.add_argument("--pool", choices=["cls", "mean", "both"], default="both")
+    p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction for ImageFolder data")
+    p.add_argument("--knn-k", type=int, default=20)
+    p.add_argument("--max-images", type=int, default=10000, help="cap per split, for speed")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--device", default=None)
+
+
+@torch.no_grad()
+def extract(model, ds, pool, batch_size, device, max_images):
+    n = min(len(ds), max_images)
+    aug = D.Augmented(torch.utils.data.Subset(ds, list(range(n))), model.img_size, seed=0, train=False)
+    feats, labels = [], []
+    for x, y in torch.utils.data.DataLoader(aug, batch_size=batch_size):
+        feats.append(model.features(x.to(device), pool).float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def linear_probe(xtr, ytr, xte, yte, epochs=100, wd=1e-4):
+    """Full-batch L-BFGS logistic regression on standardized features; test accuracy."""
+    mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    head = torch.nn.Linear(xtr.shape[1], int(max(ytr.max(), yte.max())) + 1)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=epochs, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(xtr), ytr) + wd * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float((head(xte).argmax(1) == yte).float().mean())
+
+
+def knn_accuracy(xtr, ytr, xte, yte, k=20, t=0.07):
+    """Weighted cosine kNN (as in DINO's evaluation), chunked: no test x train matrix in full."""
+    xtr, xte = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)
+    k = min(k, len(xtr))
+    ncls = int(max(ytr.max(), yte.max())) + 1
+    correct = 0
+    for i in range(0, len(xte), 1024):
+        sim, idx = (xte[i:i + 1024] @ xtr.T).topk(k, dim=1)
+        votes = torch.zeros(len(idx), ncls).scatter_add_(1, ytr[idx], (sim / t).exp())
+        correct += int((votes.argmax(1) == yte[i:i + 1024]).sum())
+    return correct / len(xte)
+
+
+def spectrum(x):
+    """Singular values of the feature covariance (descending) and the effective rank
+    exp(H(p)), p = s / sum(s): the paper's measure of dimensional collapse."""
+    x = x.double() - x.double().mean(0)
+    cov = x.T @ x / max(1, len(x) - 1)
+    s = torch.linalg.svdvals(cov).clamp_min(0)
+    p = s / s.sum().clamp_min(1e-30)
+    h = -(p * p.clamp_min(1e-30).log()).sum()
+    return s.float(), float(h.exp())
+
+
+def load_model(path, device):
+    import timm
+
+    from . import models  # noqa: F401
+
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    run = ck["run"]
+    model = timm.create_model(run["model"], fused=False, lamb=run["lamb"])
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval(), run, ck["step"]
+
+
+def evaluate(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pools = ["cls", "mean"] if args.pool == "both" else [args.pool]
+    results, spectra = [], {}
+    for path in args.ckpt:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--ckpt {path!r}: no such checkpoint")
+        model, run, step = load_model(path, device)
+        data = args.data or run["data"]
+        if data in (None, "builtin"):
+            tr = D.open_dataset("builtin", True, run["seed"], run.get("builtin_size", 4096))
+            te = D.open_dataset("builtin", False, run["seed"], run.get("builtin_size", 4096))
+        else:
+            tr = D.open_dataset(data, True)
+            te = D.open_dataset(data, False)
+            if te is tr or type(tr.ds).__name__ == "ImageFolder":
+                tr, te = D.split(tr, args.holdout)
+        for pool in pools:
+            xtr, ytr = extract(model, tr, pool, args.batch_size, device, args.max_images)
+            xte, yte = extract(model, te, pool, args.batch_size, device, args.max_images)
+            s, erank = spectrum(xtr)
+            name = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)} ({pool})"
+            spectra[name] = s
+            results.append(dict(ckpt=path, step=step, model=run["model"], lamb=run["lamb"], fused=run["fused"],
+                                pool=pool, linear_probe_acc=linear_probe(xtr, ytr, xte, yte),
+                                knn_acc=knn_accuracy(xtr, ytr, xte, yte, args.knn_k), effective_rank=erank,
+                                feature_dim=xtr.shape[1], n_train=len(xtr), n_test=len(xte)))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(dict(results=results, spectra={k: v.tolist() for k, v in spectra.items()}), f, indent=1)
+    plot_spectra(spectra, {f"{os.path.basename(os.path.dirname(os.path.abspath(r['ckpt'])))}/"
+                           f"{os.path.basename(r['ckpt'])} ({r['pool']})": r["effective_rank"] for r in results},
+                 os.path.join(args.out, "spectrum.png"))
+    return dict(results=results)
+
+
+def plot_spectra(spectra, eranks, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in spectra.items():
+        ax.semilogy((s / s.sum()).clamp_min(1e-12).numpy(), label=f"{name}: eff. rank {eranks[name]:.1f}")
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("normalized singular value (log)")
+    ax.set_title("Feature covariance spectrum (dimensional collapse)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

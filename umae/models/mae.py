@@ -1,0 +1,173 @@
+"""MAE / U-MAE ViT with facebookresearch/mae's structure and numerics, on timm's Block and
+PatchEmbed, with every glue op routed through umae (fused) or its reference.
+
+Reads top to bottom like MAE's models_mae.py: forward_encoder (patch embed, masking with the
+positional embedding and cls token), forward_decoder (restore with mask tokens), forward_loss
+(norm_pix MSE on removed patches), plus U-MAE's uniformity term on the encoder's cls feature.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from .. import ops
+from ..masked_mse_op import mae_loss_reference
+from ..random_masking_op import random_masking_reference
+from ..restore_tokens_op import restore_tokens_reference
+from ..uniformity_op import GatherRows, uniformity_loss_reference
+
+
+class MAEOutput(NamedTuple):
+    loss: torch.Tensor  # loss_mae + lamb * loss_unif
+    loss_mae: torch.Tensor
+    loss_unif: torch.Tensor
+    pred: torch.Tensor  # (N, L, p*p*C)
+    mask: torch.Tensor  # (N, L), 1 = removed
+    latent: torch.Tensor  # (N, 1 + len_keep, D), after the encoder norm
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, cls_token: bool = False) -> np.ndarray:
+    """MAE's fixed 2-D sin-cos positional embedding (float64 numpy, (1 + )h*w x D)."""
+    gh, gw = np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64)
+    grid = np.stack(np.meshgrid(gw, gh), axis=0).reshape(2, 1, grid_h, grid_w)
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+    return emb
+
+
+class _Reference:
+    """The glue ops as the pure-PyTorch references (fused=False)."""
+    random_masking = staticmethod(random_masking_reference)
+    restore_tokens = staticmethod(restore_tokens_reference)
+    mae_loss = staticmethod(mae_loss_reference)
+
+    @staticmethod
+    def uniformity_loss(features, normalize=True, exclude_diagonal=False, process_group=None, exact_ddp_grad=True):
+        if process_group is not None:
+            import torch.distributed as dist
+
+            scale = float(dist.get_world_size(process_group)) if exact_ddp_grad else 1.0
+            features = GatherRows.apply(features, process_group, scale)
+        return uniformity_loss_reference(features, normalize, exclude_diagonal)
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE with a ViT backbone; U-MAE when lamb > 0.
+
+    fused: True routes the glue ops through umae's public ops (fused kernels, which also obey
+    umae.set_backend / use_backend); False calls the references directly.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True, lamb=0.01, fused=True,
+                 exclude_diagonal=False, exact_ddp_grad=True):
+        super().__init__()
+        self.patch_size, self.in_chans, self.img_size = patch_size, in_chans, img_size
+        self.norm_pix_loss, self.lamb = norm_pix_loss, float(lamb)
+        self.fused = bool(fused)
+        self.exclude_diagonal, self.exact_ddp_grad = exclude_diagonal, exact_ddp_grad
+        self.unif_process_group = None  # set by the trainer under DDP: uniformity over the global batch
+
+        # encoder
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grid = self.patch_embed.grid_size
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                                     for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        # decoder
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
+                                                   norm_layer=norm_layer) for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+        self.initialize_weights()
+
+    @property
+    def ops(self):
+        return ops if self.fused else _Reference
+
+    def initialize_weights(self):
+        gh, gw = self.grid
+        self.pos_embed.data.copy_(torch.from_numpy(
+            get_2d_sincos_pos_embed(self.pos_embed.shape[-1], gh, gw, cls_token=True)).float().unsqueeze(0))
+        self.decoder_pos_embed.data.copy_(torch.from_numpy(
+            get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], gh, gw, cls_token=True)).float().unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        torch.nn.init.normal_(self.cls_token, std=0.02)
+        torch.nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        x = self.patch_embed(imgs)
+        cls = self.cls_token + self.pos_embed[:, :1, :]
+        # + pos_embed, random masking, gather of kept tokens and cls prepend: one fused op
+        x, mask, ids_restore = self.ops.random_masking(x, mask_ratio, noise, self.pos_embed[:, 1:, :], cls)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, x, ids_restore):
+        x = self.decoder_embed(x)
+        # mask tokens, unshuffle, cls and + decoder_pos_embed: one fused op
+        x = self.ops.restore_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed, True)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:, :]
+
+    def forward_loss(self, imgs, pred, mask):
+        return self.ops.mae_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss)
+
+    def forward_uniformity(self, latent):
+        cls = latent[:, 0]
+        if self.lamb == 0:  # plain MAE: still reported, not differentiated
+            cls = cls.detach()
+        return self.ops.uniformity_loss(cls, True, self.exclude_diagonal, self.unif_process_group, self.exact_ddp_grad)
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None) -> MAEOutput:
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss_mae = self.forward_loss(imgs, pred, mask)
+        loss_unif = self.forward_uniformity(latent)
+        return MAEOutput(loss_mae + self.lamb * loss_unif, loss_mae, loss_unif, pred, mask, latent)
+
+    @torch.no_grad()
+    def features(self, imgs, pool="cls"):
+        """Encoder features of unmasked images, for probing: 'cls' token or 'mean' of patch tokens."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x[:, 0] if pool == "cls" else x[:, 1:].mean(1)

@@ -2,13 +2,12 @@
 the allocation pattern, and the global-batch loss across 2 gloo processes."""
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
-from utils import DEVICES, DTYPES, MATMUL_TOL, assert_close, cuda_only, randn
+from utils import TRITON_DEVICES, triton_cpu, DTYPES, MATMUL_TOL, assert_close, cuda_only, randn
 
 import umae
 from umae.uniformity_op import uniformity_loss_reference
@@ -23,7 +22,7 @@ def _grad_tol(dtype):
     return MATMUL_TOL[dtype]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,D", SHAPES)
 @pytest.mark.parametrize("exclude_diagonal", [False, True])
@@ -45,6 +44,7 @@ def test_parity(device, dtype, B, D, exclude_diagonal, normalize):
     assert_close(g.float() / scale, gr.float() / scale, name="grad", **_grad_tol(dtype))
 
 
+@triton_cpu
 def test_default_equals_official_semantics():
     f = randn(33, 48)
     z = torch.nn.functional.normalize(f, dim=1)
@@ -59,6 +59,7 @@ def test_gradcheck_float64_reference_path():
     assert torch.autograd.gradcheck(lambda t: umae.uniformity_loss(t, exclude_diagonal=True), (f,))
 
 
+@triton_cpu
 def test_zero_row_adds_nothing_and_nan_row_is_nan():
     f = randn(6, 32)
     f[2] = 0
@@ -67,7 +68,7 @@ def test_zero_row_adds_nothing_and_nan_row_is_nan():
     assert math.isnan(umae.uniformity_loss(f).item())
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_non_contiguous(device):
     f = randn(96, 2 * 40, device=device)[:, ::2].requires_grad_()
     ft = randn(40, 96, device=device).T.requires_grad_()
@@ -78,13 +79,14 @@ def test_non_contiguous(device):
         assert_close(torch.autograd.grad(a, x)[0], torch.autograd.grad(b, x)[0], **MATMUL_TOL[torch.float32])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_opcheck(device):
     f = randn(20, 24, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.umae.uniformity_loss.default, (f, True, False))
     torch.library.opcheck(torch.ops.umae.uniformity_loss.default, (f, False, True))
 
 
+@triton_cpu
 def test_deterministic():
     f = randn(300, 80, requires_grad=True)
     a = umae.uniformity_loss(f)
@@ -106,6 +108,7 @@ class _MaxAlloc(TorchDispatchMode):
         return out
 
 
+@triton_cpu
 def test_fused_allocates_O_BD_not_O_B2():
     # Every tensor the fused launchers allocate (through torch; the kernels allocate nothing)
     # is recorded: at B=2048, D=16 the largest must be ~B*D, where the reference makes B*B.
@@ -153,17 +156,11 @@ def test_bad_input(call, match):
 
 # ---- across ranks ----------------------------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, backend, exact, out_path):
+def _worker(rank, world, store, backend, exact, out_path):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store: no TCP port to race for
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     umae.set_backend(backend)
     torch.manual_seed(0)
     model = torch.nn.Linear(12, 40)
@@ -175,14 +172,17 @@ def _worker(rank, world, port, backend, exact, out_path):
     loss.backward()
     if rank == 0:
         torch.save(dict(loss=loss.detach(), wgrad=model.weight.grad, fgrad=feats.grad), out_path)
+    dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("exact", [True, False])
+@triton_cpu
 def test_distributed_matches_single_process(tmp_path, backend, exact):
     out = str(tmp_path / "r0.pt")
-    mp.start_processes(_worker, args=(2, _free_port(), backend, exact, out), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), backend, exact, out), nprocs=2, join=True,
+                       start_method="spawn")
     got = torch.load(out)
     torch.manual_seed(0)
     model = torch.nn.Linear(12, 40)

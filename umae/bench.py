@@ -7,6 +7,7 @@ perf_counter loop (median, 20/80 quantiles) -- CPU figures are not GPU figures.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -56,6 +57,9 @@ SHAPES = {
     "unif_b256": dict(B=256, D=768), "unif_b1024": dict(B=1024, D=768),
     "unif_b4096": dict(B=4096, D=768), "unif_b16384": dict(B=16384, D=768),
 }
+# the batch sweep: how cost grows with N at ViT-B/16 shapes
+for _n in (32, 64, 128, 256, 512):
+    SHAPES[f"vit_b16_n{_n}"] = dict(SHAPES["vit_b16"], N=_n)
 
 
 class NotApplicable(Exception):
@@ -232,6 +236,105 @@ def _provider_forward(case_fn, provider):
     return fwd
 
 
+# ---- ceilings: measured in the same run ----------------------------------------------
+
+def ceilings(device) -> dict:
+    """Copy bandwidth (GB/s, read + write) and matrix peak (TFLOP/s: bf16 on CUDA, fp32 on CPU)."""
+    if device == "cuda":
+        x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+        y = torch.empty_like(x)
+        ms = time_ms(lambda: y.copy_(x), device)[0]
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        mm_ms = time_ms(lambda: a @ a, device)[0]
+        out = dict(copy_gbps=2 * x.numel() / ms / 1e6, matmul_tflops=2 * 8192**3 / mm_ms / 1e9, matmul_dtype="bf16")
+        del x, y, a
+        return out
+    x = torch.empty(2**26, dtype=torch.uint8)
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x), device)[0]
+    a = torch.randn(1024, 1024)
+    mm_ms = time_ms(lambda: a @ a, device)[0]
+    return dict(copy_gbps=2 * x.numel() / ms / 1e6, matmul_tflops=2 * 1024**3 / mm_ms / 1e9, matmul_dtype="fp32")
+
+
+def add_fractions(rows, ceil):
+    for r in rows:  # fused rows only: the other providers' work differs from the counted bytes / FLOPs
+        if "ms" in r and r["provider"] == "fused" and r["op"] != "train_step":
+            r["frac_copy_bw"] = r["gbps"] / ceil["copy_gbps"]
+            if r.get("tflops"):
+                r["frac_matmul_peak"] = r["tflops"] / ceil["matmul_tflops"]
+    return rows
+
+
+# ---- end to end: one U-MAE training step ---------------------------------------------
+
+E2E = {  # shape set -> (model, batch)
+    "vit_tiny32": ("umae_vit_tiny_patch4_32", 512),
+    "vit_b16": ("umae_vit_base_patch16_224", 64),
+    "cpu_small": ("umae_vit_micro_patch4_32", 64),
+}
+
+
+def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16):
+    """One training step (forward, backward, AdamW) fused vs reference vs torch.compile(reference
+    model), under autocast; images/s."""
+    import timm
+
+    from . import models  # noqa: F401
+
+    for shape in shapes:
+        if shape not in E2E:
+            continue
+        name, batch = E2E[shape]
+        for provider in providers:
+            torch.manual_seed(0)
+            model = timm.create_model(name, fused=provider == "fused", lamb=0.01).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+            net = torch.compile(model) if provider == "compile" else model
+            imgs = torch.randn(batch, 3, model.img_size, model.img_size, device=device)
+
+            def step():
+                with torch.autocast(device, dtype=amp):
+                    loss = net(imgs).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            try:
+                peak = _peak_mb(step, device)
+                ms, lo, hi = time_ms(step, device)
+            except Exception as e:
+                yield dict(op="train_step", shape=shape, dtype=str(amp).replace("torch.", "") + "-autocast",
+                           mode="step", provider=provider, error=f"{type(e).__name__}: {e}"[:200])
+                continue
+            yield dict(op="train_step", shape=shape, dtype=str(amp).replace("torch.", "") + "-autocast", mode="step",
+                       provider=provider, impl=name, ms=ms, ms_p20=lo, ms_p80=hi, gbps=0.0, tflops=None,
+                       img_per_s=batch / ms * 1e3, parity_max_abs=float("nan"), peak_mb=peak)
+
+
+def profile(ops, shapes, dtypes, device, path):
+    """A torch.profiler Chrome trace of one fwd+bwd per op and provider, each inside an NVTX
+    range / record_function named after it."""
+    from torch.profiler import ProfilerActivity, record_function
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for op in ops:
+            for shape in shapes:
+                for dtype in dtypes:
+                    try:
+                        case = CASES[op](SHAPES[shape], dtype, device)
+                    except NotApplicable:
+                        continue
+                    for provider in ("fused", "eager"):
+                        fn = _mode_fn(_provider_forward(case.forward, provider), case.grad_inputs, "fwd+bwd")
+                        label = f"{op}/{shape}/{str(dtype).replace('torch.', '')}/{provider}"
+                        nvtx = torch.cuda.nvtx.range(label) if device == "cuda" else contextlib.nullcontext()
+                        with nvtx, record_function(label):
+                            fn()
+    prof.export_chrome_trace(path)
+    return path
+
+
 def parity_error(case: Case) -> float:
     """Max abs difference of the forward outputs, fused vs reference, in fp32."""
     with umae.use_backend("fused"):
@@ -330,7 +433,8 @@ def speedups(rows):
 
 
 def format_table(rows) -> str:
-    head = f"{'op':<16} {'shape':<10} {'dtype':<8} {'mode':<7} {'provider':<8} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'x eager':>8} {'x compile':>9} {'parity':>9}"
+    head = (f"{'op':<16} {'shape':<10} {'dtype':<8} {'mode':<7} {'provider':<8} {'ms':>9} {'GB/s':>8} "
+            f"{'TFLOP/s':>8} {'x eager':>8} {'x compile':>9} {'%copyBW':>8} {'%mmPeak':>8} {'parity':>9}")
     out = [head, "-" * len(head)]
     for r in rows:
         if "skipped" in r:
@@ -339,24 +443,64 @@ def format_table(rows) -> str:
         if "error" in r:
             out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<8} ERROR {r['error']}")
             continue
-        tf = f"{r['tflops']:.2f}" if r.get("tflops") else "-"
+        tf = f"{r['tflops']:.2f}" if r.get("tflops") else ("%.0f img/s" % r["img_per_s"] if "img_per_s" in r else "-")
         se = f"{r['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in r else ""
         sc = f"{r['speedup_vs_compile']:.2f}" if "speedup_vs_compile" in r else ""
-        par = f"{r['parity_max_abs']:.1e}" if r["provider"] == "fused" else ""
+        par = f"{r['parity_max_abs']:.1e}" if r["provider"] == "fused" and r["op"] != "train_step" else ""
+        fb = f"{100 * r['frac_copy_bw']:.0f}%" if r.get("gbps") and "frac_copy_bw" in r else ""
+        fm = f"{100 * r['frac_matmul_peak']:.0f}%" if "frac_matmul_peak" in r else ""
         out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<8} "
-                   f"{r['ms']:>9.3f} {r['gbps']:>8.1f} {tf:>8} {se:>8} {sc:>9} {par:>9}")
+                   f"{r['ms']:>9.3f} {r['gbps']:>8.1f} {tf:>8} {se:>8} {sc:>9} {fb:>8} {fm:>8} {par:>9}")
     return "\n".join(out)
 
 
-def write(rows, env, out_dir):
+def write(rows, env, out_dir, ceil=None):
     import csv
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(dict(environment=env, rows=rows), f, indent=1)
+        json.dump(dict(environment=env, ceilings=ceil, rows=rows), f, indent=1)
     fields = sorted({k for r in rows for k in r})
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(env) + fields)
         w.writeheader()
         for r in rows:
             w.writerow({**env, **r})
+
+
+def plot(rows, ceil, out_dir):
+    """speedup.png (fused vs eager and vs compile, fwd+bwd) and roofline.png (fraction of the
+    measured copy bandwidth / matrix peak, fused, fwd+bwd)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fused = [r for r in rows if r.get("provider") == "fused" and "ms" in r and r["mode"] in ("fwd+bwd", "step")]
+    if not fused:
+        return []
+    labels = [f"{r['op']}\n{r['shape']} {r['dtype']}" for r in fused]
+    paths = []
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(fused)), 4))
+    x = range(len(fused))
+    ax.bar([i - 0.2 for i in x], [r.get("speedup_vs_eager", 0) for r in fused], 0.4, label="vs eager reference")
+    ax.bar([i + 0.2 for i in x], [r.get("speedup_vs_compile", 0) for r in fused], 0.4, label="vs torch.compile(reference)")
+    ax.axhline(1, color="k", lw=0.8)
+    ax.set_xticks(list(x), labels, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("speedup (fwd+bwd)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "speedup.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(fused)), 4))
+    ax.bar(list(x), [100 * r.get("frac_matmul_peak", r.get("frac_copy_bw", 0)) for r in fused])
+    ax.set_xticks(list(x), labels, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("% of measured ceiling")
+    ax.set_title(f"copy {ceil['copy_gbps']:.0f} GB/s, matmul {ceil['matmul_tflops']:.1f} TFLOP/s "
+                 f"({ceil['matmul_dtype']}); uniformity vs matmul, others vs copy", fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "roofline.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

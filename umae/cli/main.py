@@ -16,23 +16,49 @@ def _bench(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
-    for name, values in (("ops", args.ops), ("shapes", args.shapes)):
-        known = bench.CASES if name == "ops" else bench.SHAPES
+    shapes = args.shapes
+    if args.sweep:
+        shapes = (shapes or []) + [s for s in bench.SHAPES if s.startswith("vit_b16_n")]
+    for name, values in (("ops", args.ops), ("shapes", shapes)):
+        known = list(bench.CASES) + ["train_step"] if name == "ops" else bench.SHAPES
         bad = [v for v in values or [] if v not in known]
         if bad:
             print(f"umae bench: unknown {name} {bad}; choose from {sorted(known)}", file=sys.stderr)
             return 2
     env = bench.environment(device)
     print(format_backend_info())
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  {env['date']}")
     if device == "cpu":
-        print("NOTE: CPU figures, from the C++ CPU kernels at small shapes -- they are not GPU figures.")
-    rows = bench.speedups(list(bench.run(args.ops, args.shapes, args.modes, args.providers, dtypes, device,
-                                         progress=not args.no_progress)))
+        print("NOTE: CPU figures, from the C++ CPU kernels at small shapes -- they are not GPU figures. "
+              "Triton ops have no CPU kernel (their interpreter timings are not performance).")
+    ceil = bench.ceilings(device)
+    print(f"measured ceilings: copy {ceil['copy_gbps']:.1f} GB/s, matmul {ceil['matmul_tflops']:.2f} TFLOP/s "
+          f"({ceil['matmul_dtype']})")
+    ops = [o for o in (args.ops or list(bench.CASES) + ["train_step"])]
+    op_rows = list(bench.run([o for o in ops if o != "train_step"], shapes, args.modes, args.providers, dtypes,
+                             device, progress=not args.no_progress)) if any(o != "train_step" for o in ops) else []
+    e2e_shapes = shapes or (["vit_tiny32", "vit_b16"] if device == "cuda" else ["cpu_small"])
+    e2e_rows = list(bench.run_e2e(e2e_shapes, device, args.providers)) if "train_step" in ops else []
+    rows = bench.add_fractions(bench.speedups(op_rows + e2e_rows), ceil)
     print(bench.format_table(rows))
     if args.out:
-        bench.write(rows, env, args.out)
-        print(f"wrote {args.out}/results.json and results.csv")
+        bench.write(rows, env, args.out, ceil)
+        charts = bench.plot(rows, ceil, args.out)
+        print(f"wrote {args.out}/results.json, results.csv" + "".join(f", {os.path.basename(c)}" for c in charts))
+    if args.profile:
+        out = args.out or "."
+        os.makedirs(out, exist_ok=True)
+        path = bench.profile([o for o in ops if o != "train_step"], (shapes or ["cpu_small"])[:1],
+                             dtypes or [torch.float32], device, os.path.join(out, "trace.json"))
+        print(f"wrote {path} (open in chrome://tracing or Perfetto)")
+    return 0
+
+
+def _report(args) -> int:
+    from umae import report
+
+    table = report.update_readme(args.results, args.readme)
+    print(table)
     return 0
 
 
@@ -70,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="umae", description="Fused kernels for MAE / U-MAE training.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="fused vs eager reference vs torch.compile(reference), per op")
-    b.add_argument("--ops", nargs="+", help=f"default: all ({', '.join(bench.CASES)})")
+    b.add_argument("--ops", nargs="+", help=f"default: all ({', '.join(bench.CASES)}, train_step)")
     b.add_argument("--shapes", nargs="+", help=f"shape sets ({', '.join(bench.SHAPES)})")
     b.add_argument("--modes", nargs="+", default=list(bench.MODES), choices=bench.MODES)
     b.add_argument("--providers", nargs="+", default=list(bench.PROVIDERS), choices=bench.PROVIDERS)
@@ -78,7 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=["cpu", "cuda"])
     b.add_argument("--out", help="folder for results.json / results.csv")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--sweep", action="store_true", help="add the batch-size sweep at ViT-B/16 shapes")
+    b.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace (NVTX ranges per op)")
     b.set_defaults(fn=_bench)
+    r = sub.add_parser("report", help="regenerate README's performance table from bench/results")
+    r.add_argument("--results", default="bench/results")
+    r.add_argument("--readme", default="README.md")
+    r.set_defaults(fn=_report)
     from umae import evaluate, train
 
     t = sub.add_parser("train", help="MAE / U-MAE pretraining (torchrun for DDP)")

@@ -1,0 +1,42 @@
+"""The benchmark report and the README table generator (the numbers are not checked here:
+speed is claimed from benchmarks only)."""
+import json
+import os
+
+import torch
+
+from umae import bench, report
+
+
+def test_bench_rows_and_outputs(tmp_path):
+    rows = list(bench.run(["mae_loss", "uniformity_loss"], ["cpu_small"], ["fwd"], ["fused", "eager"],
+                          [torch.float32], "cpu", progress=False))
+    ceil = dict(copy_gbps=10.0, matmul_tflops=1.0, matmul_dtype="fp32")
+    rows = bench.add_fractions(bench.speedups(rows), ceil)
+    fused = [r for r in rows if r["op"] == "mae_loss" and r["provider"] == "fused"][0]
+    assert fused["impl"] == "cpp-cpu" and fused["ms"] > 0 and "speedup_vs_eager" in fused
+    assert fused["parity_max_abs"] < 1e-4
+    assert "frac_copy_bw" in fused
+    env = bench.environment("cpu")
+    bench.write(rows, env, str(tmp_path), ceil)
+    assert json.load(open(tmp_path / "results.json"))["environment"]["device_type"] == "cpu"
+    assert bench.format_table(rows).count("\n") >= 3
+
+
+def test_report_regenerates_readme_table(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- perf-table:start -->\nold\n<!-- perf-table:end -->\nrest\n")
+    res = tmp_path / "results"
+    assert "No GPU results" in report.update_readme(str(res), str(readme))
+    run = res / "NVIDIA_H100" / "2026-11-23"
+    os.makedirs(run)
+    env = dict(device="NVIDIA H100", device_type="cuda", torch="2.11", triton="3.6", commit="abc", date="2026-11-23")
+    rows = [dict(op="mae_loss", shape="vit_b16", dtype="bfloat16", mode="fwd+bwd", provider=p, ms=ms, gbps=1.0,
+                 tflops=None) for p, ms in (("fused", 1.0), ("eager", 4.0), ("compile", 2.0))]
+    rows = bench.add_fractions(bench.speedups(rows), dict(copy_gbps=3000.0, matmul_tflops=800.0, matmul_dtype="bf16"))
+    json.dump(dict(environment=env, ceilings=dict(copy_gbps=3000.0, matmul_tflops=800.0), rows=rows),
+              open(run / "results.json", "w"))
+    table = report.update_readme(str(res), str(readme))
+    text = readme.read_text()
+    assert "| mae_loss | vit_b16 | bfloat16 | fwd+bwd | 1.000 | 4.000 | 2.000 | 4.00 | 2.00 |" in table
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text

@@ -16,19 +16,24 @@ from ._util import TRITON_DTYPE, pow2_clamp
 
 
 @triton.jit
+def _rows(ids_ptr, n, rb, L, len_keep, HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """For output rows o of block rb: (o, valid, comes from x, its row in x, is a mask token)."""
+    o = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # output row, cls included
+    o_ok = o < L + HAS_CLS
+    i = o - HAS_CLS
+    is_patch = o_ok & (i >= 0)
+    r = tl.load(ids_ptr + n * L + i, mask=is_patch, other=0)
+    in_x = (is_patch & (r < len_keep)) | (o_ok & (i < 0))
+    return o, o_ok, in_x, tl.where(i < 0, 0, r + HAS_CLS), is_patch & (r >= len_keep)
+
+
+@triton.jit
 def _restore_kernel(x_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr, L, D, len_keep,
                     sxn, sxl, sxd, std_, spl, spd,
                     HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
-    o = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # output row, cls included
+    o, o_ok, from_x, src, is_tok = _rows(ids_ptr, n, tl.program_id(1), L, len_keep, HAS_CLS, BLOCK_R)
     R = L + HAS_CLS
-    o_ok = o < R
-    i = o - HAS_CLS
-    is_patch = o_ok & (i >= 0)
-    r = tl.load(ids_ptr + n * L + i, mask=is_patch, other=0)
-    from_x = (is_patch & (r < len_keep)) | (o_ok & (i < 0))
-    src = tl.where(i < 0, 0, r + HAS_CLS)
-    is_tok = is_patch & (r >= len_keep)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = (d < D)[None, :]
@@ -45,15 +50,7 @@ def _restore_bwd_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, L, D, len_keep, sgn, s
                         HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     rb = tl.program_id(1)
-    o = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    R = L + HAS_CLS
-    o_ok = o < R
-    i = o - HAS_CLS
-    is_patch = o_ok & (i >= 0)
-    r = tl.load(ids_ptr + n * L + i, mask=is_patch, other=0)
-    to_x = (is_patch & (r < len_keep)) | (o_ok & (i < 0))
-    dst = tl.where(i < 0, 0, r + HAS_CLS)
-    is_tok = is_patch & (r >= len_keep)
+    o, o_ok, to_x, dst, is_tok = _rows(ids_ptr, n, rb, L, len_keep, HAS_CLS, BLOCK_R)
     Kx = len_keep + HAS_CLS
     part_row = (n * tl.num_programs(1) + rb) * D
     for d0 in range(0, D, BLOCK_D):

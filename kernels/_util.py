@@ -27,6 +27,7 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
     sig = dict(signature)
     for k in constexprs:
         sig[k] = "constexpr"
-    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
+    # constexprs keyed by (argument index,): the form both triton 3.6 and 3.8 accept
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})

@@ -24,6 +24,12 @@ import umae
 from umae import _backend
 
 PROVIDERS = ("fused", "eager", "compile")
+
+# "bwd" mode replays one backward (retain_graph): compiled graphs must not donate their buffers.
+import torch._functorch.config as _functorch_config  # noqa: E402
+
+if hasattr(_functorch_config, "donated_buffer"):
+    _functorch_config.donated_buffer = False
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -203,15 +209,16 @@ def time_ms(fn, device):
     return _time_cuda(fn) if device == "cuda" else _time_cpu(fn)
 
 
-def _outputs(out):
+def _outputs(out, differentiable=False):
+    """Floating tensor outputs (for parity), or those autograd can differentiate (for backward)."""
     return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)
-            and t.is_floating_point()]
+            and t.is_floating_point() and (t.requires_grad or not differentiable)]
 
 
 def _mode_fn(forward, grad_inputs, mode):
     if mode == "fwd":
         return lambda: forward()
-    outs = _outputs(forward())
+    outs = _outputs(forward(), differentiable=True)
     grads = [torch.randn_like(o) for o in outs]
     if mode == "bwd":
         def bwd():
@@ -219,7 +226,7 @@ def _mode_fn(forward, grad_inputs, mode):
         return bwd
 
     def full():
-        o = _outputs(forward())
+        o = _outputs(forward(), differentiable=True)
         torch.autograd.grad(o, grad_inputs, grads)
     return full
 

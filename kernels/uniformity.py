@@ -3,7 +3,7 @@
 The B x B similarity matrix S = Z Z^T is never formed: sum_ij S_ij^2 = ||S||_F^2 =
 ||Z^T Z||_F^2, the squared Frobenius norm of the D x D Gram G = Z^T Z. So
 - forward: one program per upper-triangular (D-tile, D-tile) pair of G accumulates the tile
-  over the batch (tl.dot, fp32 accumulation), squares it and reduces it in registers, writing
+  over the batch (large batches: over a slice of it, see `splits`) (tl.dot, fp32 accumulation), squares it and reduces it in registers, writing
   one fp32 partial (off-diagonal tiles count twice: G is symmetric). The partials are summed
   in a fixed order: deterministic, no atomics. Normalization is folded in (row norms once).
 - backward: dL/dZ = 4 c Z G (c = 1/B^2), so G is formed once (D x D, the same tile kernel
@@ -39,28 +39,34 @@ def _load_z(f_ptr, rinv_ptr, rows, cols, B, D, sfb, sfd, DOT: tl.constexpr):
 
 
 @triton.jit
-def _gram_kernel(f_ptr, rinv_ptr, out_ptr, B, D, sfb, sfd,
+def _gram_kernel(f_ptr, rinv_ptr, out_ptr, B, D, sfb, sfd, rows_per_split,
                  STORE: tl.constexpr, DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
+    # program (pi, pj, ps): Gram tile (I, J) over batch rows [ps * rows_per_split, ...)
     pi = tl.program_id(0)
     pj = tl.program_id(1)
+    ps = tl.program_id(2)
     nt = tl.num_programs(0)
     if pi <= pj:
         di = pi * BLOCK_D + tl.arange(0, BLOCK_D)
         dj = pj * BLOCK_D + tl.arange(0, BLOCK_D)
         acc = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-        for b0 in range(0, B, BLOCK_B):
+        b_lo = ps * rows_per_split
+        b_hi = tl.minimum(b_lo + rows_per_split, B)
+        for b0 in range(b_lo, b_hi, BLOCK_B):
             b = b0 + tl.arange(0, BLOCK_B)
+            b = tl.where(b < b_hi, b, B)  # rows of the next split read as padding
             a = _load_z(f_ptr, rinv_ptr, b, di, B, D, sfb, sfd, DOT)
             c = _load_z(f_ptr, rinv_ptr, b, dj, B, D, sfb, sfd, DOT)
             if DOT == 0:
                 acc += tl.dot(tl.trans(a), c, input_precision="ieee")
             else:
                 acc += tl.dot(tl.trans(a), c)
-        if STORE:  # G[I, J] and its mirror G[J, I]
+        if STORE:  # G[I, J] and its mirror G[J, I], in this split's slice of out
             m = (di < D)[:, None] & (dj < D)[None, :]
-            tl.store(out_ptr + di[:, None] * D + dj[None, :], acc, mask=m)
+            g_ptr = out_ptr + ps.to(tl.int64) * D * D
+            tl.store(g_ptr + di[:, None] * D + dj[None, :], acc, mask=m)
             if pi != pj:
-                tl.store(out_ptr + di[:, None] + dj[None, :] * D, acc, mask=m)
+                tl.store(g_ptr + di[:, None] + dj[None, :] * D, acc, mask=m)
         else:
             w = tl.where(pi == pj, 1.0, 2.0)
             tl.store(out_ptr + pi * nt + pj, tl.sum(tl.sum(acc * acc, axis=1), axis=0) * w)
@@ -106,24 +112,45 @@ def rounding_dtype(dtype):
     return torch.float32 if dot_kind(dtype) == DOT_FP32 else dtype
 
 
-def gram_square_sum(f, rinv):
-    """sum_ij (z_i . z_j)^2 = ||Z^T Z||_F^2 as an fp32 scalar; z = f * rinv[:, None]."""
+def splits(B: int, D: int) -> int:
+    """Batch splits for the Gram: enough programs to fill ~2 waves of an H100's 132 SMs, each
+    split at least 512 rows. A rule of (B, D) only, so the interpreter runs what the GPU runs."""
+    nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
+    tiles = nt * (nt + 1) // 2
+    return max(1, min(triton.cdiv(264, tiles), B // 512))
+
+
+def _gram_launch(f, rinv, out, store, n_split):
     B, D = f.shape
     nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
+    rows = triton.cdiv(triton.cdiv(B, n_split), GRAM_CFG["BLOCK_B"]) * GRAM_CFG["BLOCK_B"]
+    _gram_kernel[(nt, nt, n_split)](f, rinv, out, B, D, f.stride(0), f.stride(1), rows, STORE=store,
+                                    DOT=dot_kind(f.dtype), num_warps=NUM_WARPS, **GRAM_CFG)
+
+
+def gram_square_sum(f, rinv):
+    """sum_ij (z_i . z_j)^2 = ||Z^T Z||_F^2 as an fp32 scalar; z = f * rinv[:, None].
+
+    Small batches: squared and reduced in registers, the Gram never stored. Large batches are
+    split across programs; their partial Grams (n_split x D x D fp32) are summed in a fixed
+    order before squaring (squares of partial sums would be wrong)."""
+    B, D = f.shape
+    n_split = splits(B, D)
+    if n_split > 1:
+        return gram(f, rinv).pow(2).sum()
+    nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
     part = torch.empty((nt * nt,), device=f.device, dtype=torch.float32)
-    _gram_kernel[(nt, nt)](f, rinv, part, B, D, f.stride(0), f.stride(1), STORE=False, DOT=dot_kind(f.dtype),
-                           num_warps=NUM_WARPS, **GRAM_CFG)
+    _gram_launch(f, rinv, part, False, 1)
     return part.sum()
 
 
 def gram(f, rinv):
     """G = Z^T Z (D, D) fp32."""
     B, D = f.shape
-    nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
-    g = torch.empty((D, D), device=f.device, dtype=torch.float32)
-    _gram_kernel[(nt, nt)](f, rinv, g, B, D, f.stride(0), f.stride(1), STORE=True, DOT=dot_kind(f.dtype),
-                           num_warps=NUM_WARPS, **GRAM_CFG)
-    return g
+    n_split = splits(B, D)
+    out = torch.empty((n_split, D, D), device=f.device, dtype=torch.float32)
+    _gram_launch(f, rinv, out, True, n_split)
+    return out[0] if n_split == 1 else out.sum(0)
 
 
 def z_times_gram(f, rinv, g):
@@ -143,7 +170,8 @@ def aot_specs(shapes, dtypes):
         t = TRITON_DTYPE[dt]
         dot = DOT_FP32 if dt == torch.float32 else (DOT_BF16 if dt == torch.bfloat16 else DOT_FP16)
         for store in (False, True):
-            sig = dict(f_ptr=f"*{t}", rinv_ptr="*fp32", out_ptr="*fp32", B="i32", D="i32", sfb="i32", sfd="i32")
+            sig = dict(f_ptr=f"*{t}", rinv_ptr="*fp32", out_ptr="*fp32", B="i32", D="i32", sfb="i32", sfd="i32",
+                       rows_per_split="i32")
             yield _gram_kernel, sig, dict(STORE=store, DOT=dot, **GRAM_CFG), NUM_WARPS
         sig = dict(f_ptr=f"*{t}", rinv_ptr="*fp32", g_ptr="*fp32", out_ptr="*fp32", B="i32", D="i32", sfb="i32", sfd="i32")
         yield _z_times_gram_kernel, sig, dict(DOT=dot, **ZG_CFG), NUM_WARPS

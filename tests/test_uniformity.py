@@ -197,3 +197,14 @@ def test_distributed_matches_single_process(tmp_path, backend, exact):
     assert_close(got["wgrad"], model.weight.grad * scale, name="DDP weight grad", **MATMUL_TOL[torch.float32])
     assert_close(got["fgrad"], feats.grad[:9] * (2.0 if exact else 1.0), name="rank 0 feature grad",
                  **MATMUL_TOL[torch.float32])
+
+
+@triton_cpu
+def test_batch_split_gram_is_exercised_and_exact():
+    # (1024, 192) and (2048, 16) split the batch across programs (partial Grams summed in order)
+    from umae.kernels import uniformity as k
+
+    assert k.splits(1024, 192) > 1 and k.splits(2048, 16) > 1 and k.splits(64, 768) == 1
+    f = randn(2048, 16)
+    rinv = torch.ones(2048)
+    assert_close(k.gram(f, rinv), f.T @ f, **MATMUL_TOL[torch.float32])

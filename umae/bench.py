@@ -381,7 +381,7 @@ def run(ops=None, shapes=None, modes=MODES, providers=PROVIDERS, dtypes=None, de
     """Yields one dict per (op, shape, dtype, mode, provider) with time and throughput."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ops = list(ops or CASES)
-    shapes = list(shapes or (["vit_b16", "vit_tiny32", "unif_b1024", "unif_b4096", "unif_b16384"]
+    shapes = list(shapes or (["vit_b16", "vit_l16", "vit_tiny32", "unif_b1024", "unif_b4096", "unif_b16384"]
                              if device == "cuda" else ["cpu_small"]))
     dtypes = list(dtypes or ([torch.bfloat16, torch.float32] if device == "cuda" else [torch.float32]))
     jobs = [(o, s, d) for o in ops for s in shapes for d in dtypes]

@@ -40,3 +40,16 @@ def test_report_regenerates_readme_table(tmp_path):
     text = readme.read_text()
     assert "| mae_loss | vit_b16 | bfloat16 | fwd+bwd | 1.000 | 4.000 | 2.000 | 4.00 | 2.00 |" in table
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
+
+
+def test_cli_bench_and_info(tmp_path, capsys):
+    from umae.cli.main import main
+
+    assert main(["bench", "--ops", "mae_loss", "--modes", "fwd", "--providers", "fused", "eager", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "CPU figures" in out and "measured ceilings" in out and "mae_loss" in out
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "speedup.png").exists()
+    assert main(["bench", "--ops", "nope"]) == 2
+    assert main(["info"]) == 0
+    assert "uniformity_loss" in capsys.readouterr().out

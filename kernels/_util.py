@@ -18,6 +18,20 @@ def pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def signature(fn, **ptr_types) -> dict:
+    """The AOT signature of a kernel: each `*_ptr` argument typed as given (e.g. x_ptr="*bf16"),
+    every other runtime argument (sizes, strides) "i32", as the launcher's small ints specialize."""
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            continue
+        if p.name.endswith("_ptr"):
+            sig[p.name] = ptr_types[p.name]
+        else:
+            sig[p.name] = "i32"
+    return sig
+
+
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
     """Compile one kernel configuration for an H100 (sm_90) without a GPU. Needs a process where
     TRITON_INTERPRET is unset (the interpreter patches triton.language)."""

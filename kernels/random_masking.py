@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import TRITON_DTYPE, pow2_clamp
+from ._util import TRITON_DTYPE, pow2_clamp, signature
 
 
 @triton.jit
@@ -133,12 +133,10 @@ def aot_specs(shapes, dtypes):
             t = TRITON_DTYPE[dt]
             for has_pos in (False, True):
                 for has_cls in (False, True):
-                    sig = dict(noise_ptr="*fp32", x_ptr=f"*{t}", pos_ptr=f"*{t}", cls_ptr=f"*{t}", out_ptr=f"*{t}",
-                               mask_ptr="*fp32", ids_ptr="*i64", L="i32", D="i32", len_keep="i32",
-                               **{k: "i32" for k in ("sxn", "sxl", "sxd", "spl", "spd", "scd", "son", "sol")})
+                    sig = signature(_rank_gather_kernel, noise_ptr="*fp32", x_ptr=f"*{t}", pos_ptr=f"*{t}",
+                                    cls_ptr=f"*{t}", out_ptr=f"*{t}", mask_ptr="*fp32", ids_ptr="*i64")
                     yield _rank_gather_kernel, sig, dict(HAS_POS=has_pos, HAS_CLS=has_cls, **cfg), warps
             c2 = {k: v for k, v in cfg.items() if k != "BLOCK_J"}
             for has_cls in (False, True):
-                sig = dict(grad_ptr=f"*{t}", ids_ptr="*i64", gx_ptr=f"*{t}", L="i32", D="i32", len_keep="i32",
-                           sgn="i32", sgl="i32", sgd="i32")
+                sig = signature(_scatter_grad_kernel, grad_ptr=f"*{t}", ids_ptr="*i64", gx_ptr=f"*{t}")
                 yield _scatter_grad_kernel, sig, dict(HAS_CLS=has_cls, **c2), warps

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import TRITON_DTYPE, pow2_clamp
+from ._util import TRITON_DTYPE, pow2_clamp, signature
 
 
 @triton.jit
@@ -111,10 +111,8 @@ def aot_specs(shapes, dtypes):
             t = TRITON_DTYPE[dt]
             for has_cls in (False, True):
                 for has_pos in (False, True):
-                    sig = dict(x_ptr=f"*{t}", ids_ptr="*i64", tok_ptr=f"*{t}", pos_ptr=f"*{t}", out_ptr=f"*{t}",
-                               L="i32", D="i32", len_keep="i32",
-                               **{k: "i32" for k in ("sxn", "sxl", "sxd", "std_", "spl", "spd")})
+                    sig = signature(_restore_kernel, x_ptr=f"*{t}", ids_ptr="*i64", tok_ptr=f"*{t}",
+                                    pos_ptr=f"*{t}", out_ptr=f"*{t}")
                     yield _restore_kernel, sig, dict(HAS_POS=has_pos, HAS_CLS=has_cls, **cfg), warps
-                sig = dict(g_ptr=f"*{t}", ids_ptr="*i64", gx_ptr=f"*{t}", part_ptr="*fp32", L="i32", D="i32",
-                           len_keep="i32", sgn="i32", sgl="i32", sgd="i32")
+                sig = signature(_restore_bwd_kernel, g_ptr=f"*{t}", ids_ptr="*i64", gx_ptr=f"*{t}", part_ptr="*fp32")
                 yield _restore_bwd_kernel, sig, dict(HAS_CLS=has_cls, **cfg), warps

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import TRITON_DTYPE, interpreted
+from ._util import TRITON_DTYPE, interpreted, signature
 
 DOT_FP32, DOT_BF16, DOT_FP16 = 0, 1, 2
 
@@ -170,8 +170,7 @@ def aot_specs(shapes, dtypes):
         t = TRITON_DTYPE[dt]
         dot = DOT_FP32 if dt == torch.float32 else (DOT_BF16 if dt == torch.bfloat16 else DOT_FP16)
         for store in (False, True):
-            sig = dict(f_ptr=f"*{t}", rinv_ptr="*fp32", out_ptr="*fp32", B="i32", D="i32", sfb="i32", sfd="i32",
-                       rows_per_split="i32")
+            sig = signature(_gram_kernel, f_ptr=f"*{t}", rinv_ptr="*fp32", out_ptr="*fp32")
             yield _gram_kernel, sig, dict(STORE=store, DOT=dot, **GRAM_CFG), NUM_WARPS
-        sig = dict(f_ptr=f"*{t}", rinv_ptr="*fp32", g_ptr="*fp32", out_ptr="*fp32", B="i32", D="i32", sfb="i32", sfd="i32")
+        sig = signature(_z_times_gram_kernel, f_ptr=f"*{t}", rinv_ptr="*fp32", g_ptr="*fp32", out_ptr="*fp32")
         yield _z_times_gram_kernel, sig, dict(DOT=dot, **ZG_CFG), NUM_WARPS

@@ -120,3 +120,10 @@ def test_cli_bad_flag_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--no-such-flag"])
     assert e.value.code == 2
+
+
+def test_fp16_grad_scaler_and_accumulation(tmp_path):
+    recs = train.train(_args(tmp_path / "h", steps=2, amp="fp16", accum_iter=2, batch_size=8))
+    assert [r["step"] for r in recs] == [1, 2] and all(r["loss"] == r["loss"] for r in recs)  # finite, not NaN
+    ck = torch.load(tmp_path / "h" / "checkpoint-last.pt", weights_only=False)
+    assert ck["step"] == 2 and ck["scaler"]  # the scaler state is checkpointed for resume

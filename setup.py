@@ -61,7 +61,7 @@ def _extension():
             pass
         return cpp_extension.CUDAExtension(
             "umae._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
         ), cpp_extension
     return cpp_extension.CppExtension("umae._C", sources, include_dirs=include_dirs,
                                       extra_compile_args={"cxx": cxx}), cpp_extension

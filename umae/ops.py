@@ -230,13 +230,11 @@ def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diag
         raise ValueError("exclude_diagonal needs at least 2 rows in features")
     impl = _impl("uniformity_loss", features)
     if process_group is not None:
-        import torch.distributed as dist
-
-        scale = float(dist.get_world_size(process_group)) if exact_ddp_grad else 1.0
         uniformity_op.check_equal_batches(features, process_group)
         if impl == "reference" or features.dtype == torch.float64:
-            gathered = uniformity_op.GatherRows.apply(features, process_group, scale)
-            return uniformity_op.uniformity_loss_reference(gathered, normalize, exclude_diagonal)
+            return uniformity_op.uniformity_loss_reference_global(features, normalize, exclude_diagonal,
+                                                                  process_group, exact_ddp_grad)
+        scale = uniformity_op.ddp_grad_scale(process_group, exact_ddp_grad)
         return uniformity_op.DistributedFused.apply(features, normalize, exclude_diagonal, process_group, scale)
     if impl == "reference" or features.dtype == torch.float64:  # fp64: the reference is the fp64 path
         return uniformity_op.uniformity_loss_reference(features, normalize, exclude_diagonal)

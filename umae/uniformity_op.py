@@ -149,6 +149,19 @@ class GatherRows(torch.autograd.Function):
         return g[ctx.rank * ctx.B:(ctx.rank + 1) * ctx.B] * ctx.grad_scale, None, None
 
 
+def ddp_grad_scale(group, exact_ddp_grad: bool) -> float:
+    """world_size for the exact global gradient under DDP's averaging; 1 for the official GatherLayer."""
+    import torch.distributed as dist
+
+    return float(dist.get_world_size(group)) if exact_ddp_grad else 1.0
+
+
+def uniformity_loss_reference_global(features, normalize, exclude_diagonal, group, exact_ddp_grad=True):
+    """The reference over the global batch: all-gather the rows, then the single-process reference."""
+    gathered = GatherRows.apply(features, group, ddp_grad_scale(group, exact_ddp_grad))
+    return uniformity_loss_reference(gathered, normalize, exclude_diagonal)
+
+
 def check_equal_batches(features, group):
     import torch.distributed as dist
 

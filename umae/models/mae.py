@@ -20,7 +20,7 @@ from .. import ops
 from ..masked_mse_op import mae_loss_reference
 from ..random_masking_op import random_masking_reference
 from ..restore_tokens_op import restore_tokens_reference
-from ..uniformity_op import GatherRows, uniformity_loss_reference
+from ..uniformity_op import uniformity_loss_reference, uniformity_loss_reference_global
 
 
 class MAEOutput(NamedTuple):
@@ -57,10 +57,8 @@ class _Reference:
     @staticmethod
     def uniformity_loss(features, normalize=True, exclude_diagonal=False, process_group=None, exact_ddp_grad=True):
         if process_group is not None:
-            import torch.distributed as dist
-
-            scale = float(dist.get_world_size(process_group)) if exact_ddp_grad else 1.0
-            features = GatherRows.apply(features, process_group, scale)
+            return uniformity_loss_reference_global(features, normalize, exclude_diagonal, process_group,
+                                                    exact_ddp_grad)
         return uniformity_loss_reference(features, normalize, exclude_diagonal)
 
 

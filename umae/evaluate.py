@@ -104,25 +104,25 @@ def evaluate(args) -> dict:
             te = D.open_dataset("builtin", False, run["seed"], run.get("builtin_size", 4096))
         else:
             tr = D.open_dataset(data, True)
-            te = D.open_dataset(data, False)
-            if te is tr or type(tr.ds).__name__ == "ImageFolder":
+            if type(tr.ds).__name__ == "ImageFolder":  # no test split of its own: hold part out
                 tr, te = D.split(tr, args.holdout)
+            else:
+                te = D.open_dataset(data, False)
+        run_name = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)}"
         for pool in pools:
             xtr, ytr = extract(model, tr, pool, args.batch_size, device, args.max_images)
             xte, yte = extract(model, te, pool, args.batch_size, device, args.max_images)
             s, erank = spectrum(xtr)
-            name = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)} ({pool})"
+            name = f"{run_name} ({pool})"
             spectra[name] = s
-            results.append(dict(ckpt=path, step=step, model=run["model"], lamb=run["lamb"], fused=run["fused"],
+            results.append(dict(name=name, ckpt=path, step=step, model=run["model"], lamb=run["lamb"], fused=run["fused"],
                                 pool=pool, linear_probe_acc=linear_probe(xtr, ytr, xte, yte),
                                 knn_acc=knn_accuracy(xtr, ytr, xte, yte, args.knn_k), effective_rank=erank,
                                 feature_dim=xtr.shape[1], n_train=len(xtr), n_test=len(xte)))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(dict(results=results, spectra={k: v.tolist() for k, v in spectra.items()}), f, indent=1)
-    plot_spectra(spectra, {f"{os.path.basename(os.path.dirname(os.path.abspath(r['ckpt'])))}/"
-                           f"{os.path.basename(r['ckpt'])} ({r['pool']})": r["effective_rank"] for r in results},
-                 os.path.join(args.out, "spectrum.png"))
+    plot_spectra(spectra, {r["name"]: r["effective_rank"] for r in results}, os.path.join(args.out, "spectrum.png"))
     return dict(results=results)
 
 

@@ -11,9 +11,11 @@ TORCH_LIBRARY(umae, m) {
   // Per-patch squared error (N, L) in fp32 between pred (N, L, K) and the (optionally
   // per-patch normalized) target. patch_size == 0: target is patchified (N, L, K);
   // patch_size > 0: target is the image batch (N, C, H, W), patchified on the fly.
-  m.def("patch_mse(Tensor pred, Tensor target, int patch_size, bool norm_pix) -> Tensor");
+  // norm_pix divides by sqrt(unbiased var + eps); eps is given by the caller (umae/masked_mse_op.py).
+  m.def("patch_mse(Tensor pred, Tensor target, int patch_size, bool norm_pix, float eps) -> Tensor");
   // d(sum(grad_rows * patch_mse)) / d(pred), in pred's dtype.
-  m.def("patch_mse_backward(Tensor grad_rows, Tensor pred, Tensor target, int patch_size, bool norm_pix) -> Tensor");
+  m.def("patch_mse_backward(Tensor grad_rows, Tensor pred, Tensor target, int patch_size, bool norm_pix, "
+        "float eps) -> Tensor");
 }
 
 // The module is loaded for its op registrations; Python needs an init symbol.

@@ -6,9 +6,11 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from utils import DEVICES
 
 import umae
-from umae import _backend
+from umae import _backend, bench, registry
 
 
 def test_set_and_use_backend():
@@ -40,7 +42,7 @@ def test_env_var_read_once_at_import():
 
 def test_backend_info_reports_every_op_and_reason():
     info = umae.backend_info(["cpu", "cuda"])
-    assert set(info) == set(_backend.OPS)
+    assert list(info) == list(registry.OPS)
     assert info["patchify"]["cpu"].startswith("cpp-cpu")
     with umae.use_backend("reference"):
         assert all(v["cpu"].startswith("reference: backend is 'reference'") for v in umae.backend_info(["cpu"]).values())
@@ -70,3 +72,97 @@ def test_cuda_sources_compiled_for_sm90():
     (so,) = glob.glob(os.path.join(os.path.dirname(umae.__file__), "_C*.so"))
     blob = open(so, "rb").read()
     assert b".nv_fatbin" in blob and b"SM_900" in blob, "extension has no sm_90 device code"
+
+
+# ---- the registry is the one list of ops, and backend_info says what runs -------------
+
+class _UmaeOps(TorchDispatchMode):
+    """Records the umae:: custom ops that execute (the fused kernels); references run aten only."""
+
+    def __init__(self):
+        super().__init__()
+        self.ran = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "umae":
+            self.ran.append((func.name(), {a.device.type for a in args if isinstance(a, torch.Tensor)}))
+        return func(*args, **(kwargs or {}))
+
+
+# every op's benchmark case at a size the interpreter runs in milliseconds
+TINY = dict(N=2, img=8, p=4, C=3, D=24, Dd=16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("op", list(registry.OPS))
+def test_backend_info_is_what_runs(op, dtype, device):
+    for backend in ("fused", "reference"):
+        with umae.use_backend(backend):
+            said = umae.backend_info([device], dtype)[op][device].split(":")[0]
+            case = bench.case(op, TINY, dtype, device)
+            with _UmaeOps() as rec:
+                out = case.forward()
+                outs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.requires_grad]
+                torch.autograd.grad(outs, case.grad_inputs, [torch.ones_like(t) for t in outs])
+        if said == "reference":
+            assert rec.ran == [], f"{op} {dtype} {device}: backend_info says reference, but {rec.ran} ran"
+        else:
+            assert rec.ran, f"{op} {dtype} {device}: backend_info says {said}, but only the reference ran"
+            assert all(devs == {device} for _, devs in rec.ran), rec.ran
+            assert said == {"cpu": "cpp-cpu", "cuda": "cuda"}[device] if registry.get(op).impls[0].schema else \
+                said in ("triton", "triton-interpreter")
+
+
+def test_fp64_runs_the_reference_where_a_kernel_does_not_take_it():
+    # the Triton kernels compute in fp32 at most; the C++ CPU kernels take fp64 (gradcheck)
+    for op in ("random_masking", "restore_tokens", "uniformity_loss"):
+        assert _backend.choose(op, "cpu", (torch.float64,))[0] == "reference"
+        assert _backend.choose(op, "cuda", (torch.float64,))[0] == "reference"
+    assert _backend.choose("mae_loss", "cuda", (torch.float32, torch.float64))[0] in ("reference",)
+    assert _backend.choose("patchify", "cpu", (torch.float64,))[0] == "cpp-cpu"
+
+
+def test_model_fused_false_runs_only_references():
+    import timm
+
+    import umae.models  # noqa: F401
+
+    m = timm.create_model("umae_vit_micro_patch4_32", fused=False)
+    with _UmaeOps() as rec:
+        m(torch.randn(2, 3, 32, 32)).loss.backward()
+    assert rec.ran == []
+    m.fused = True
+    with _UmaeOps() as rec:
+        m(torch.randn(2, 3, 32, 32)).loss.backward()
+    assert {name for name, _ in rec.ran} >= {"umae::patch_mse", "umae::patch_mse_backward"}
+
+
+def test_registry_entries_are_complete():
+    assert umae.__all__[5:] == list(registry.OPS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, op in registry.OPS.items():
+        assert callable(getattr(umae, name)) and callable(op.reference_fn) and callable(op.fused_fn)
+        assert callable(op.bench_case), name
+        assert os.path.isfile(os.path.join(root, op.tests)), op.tests
+        assert {i.device for i in op.impls} == {"cpu", "cuda"}, name
+        if op.kernels:
+            assert hasattr(op.kernel_module(), "aot_specs"), name
+    with pytest.raises(KeyError, match="unknown op 'nope'"):
+        _backend.choose("nope", "cpu")
+
+
+def test_importing_umae_changes_no_global_state():
+    code = """
+import os, torch
+import torch._functorch.config as fc, torch._inductor.config as ic
+env, f0, i0 = dict(os.environ), fc.get_config_copy(), ic.get_config_copy()
+import umae, umae.models, umae.cli.main
+umae.cli.main.build_parser()
+assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items())
+assert fc.get_config_copy() == f0, "torch._functorch.config changed"
+assert ic.get_config_copy() == i0, "torch._inductor.config changed"
+print("unchanged")
+"""
+    r = _run(code)
+    assert r.returncode == 0 and "unchanged" in r.stdout, r.stderr[-3000:]

@@ -6,7 +6,7 @@ import torch
 from utils import DEVICES, DTYPES, LOSS_TOL, TOL, assert_close, cuda_only, randn, random_mask
 
 import umae
-from umae.masked_mse_op import mae_loss_reference, masked_mse_loss_reference
+from umae.masked_mse_op import NORM_PIX_EPS, mae_loss_reference, masked_mse_loss_reference
 from umae.patchify_op import patchify_reference
 
 SHAPES = [(3, 3, 32, 48, 4), (1, 1, 28, 28, 14), (5, 3, 16, 16, 2), (2, 3, 64, 48, 16), (9, 3, 20, 12, 4)]
@@ -90,8 +90,8 @@ def test_gradcheck_float64(norm_pix):
 def test_opcheck(device):
     pred = randn(3, 6, 48, device=device, requires_grad=True)
     imgs = randn(3, 3, 12, 8, device=device)
-    torch.library.opcheck(torch.ops.umae.patch_mse.default, (pred, imgs, 4, True))
-    torch.library.opcheck(torch.ops.umae.patch_mse.default, (pred, patchify_reference(imgs, 4), 0, False))
+    torch.library.opcheck(torch.ops.umae.patch_mse.default, (pred, imgs, 4, True, NORM_PIX_EPS))
+    torch.library.opcheck(torch.ops.umae.patch_mse.default, (pred, patchify_reference(imgs, 4), 0, False, NORM_PIX_EPS))
 
 
 def test_no_removed_patch_gives_zero_and_zero_grad():

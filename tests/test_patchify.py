@@ -74,10 +74,10 @@ def test_empty_batch_is_empty():
 
 
 def test_reference_backend_uses_reference(monkeypatch):
-    import umae.ops as ops
+    import umae.patchify_op as mod
 
     calls = []
-    monkeypatch.setattr(ops, "patchify_reference", lambda *a: calls.append(a) or patchify_reference(*a))
+    monkeypatch.setattr(mod, "patchify_reference", lambda *a: calls.append(a) or patchify_reference(*a))
     imgs = randn(1, 3, 8, 8)
     umae.patchify(imgs, 4)
     assert not calls

@@ -1,14 +1,15 @@
 """umae: fused kernels for Masked Autoencoder and U-MAE training.
 
 Every op has a fused implementation (C++/CUDA or Triton) and a pure-PyTorch reference
-that defines its semantics; `set_backend` / `use_backend` / UMAE_BACKEND choose.
+that defines its semantics; `set_backend` / `use_backend` / UMAE_BACKEND choose. The ops
+are listed once, in umae/registry.py.
 """
+from . import ops as _ops
 from ._backend import backend_info, format_backend_info, get_backend, set_backend, use_backend
-from .ops import mae_loss, masked_mse_loss, patchify, random_masking, restore_tokens, uniformity_loss, unpatchify
+from .registry import OPS as _OPS
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "backend_info", "format_backend_info", "get_backend", "set_backend", "use_backend",
-    "patchify", "unpatchify", "masked_mse_loss", "mae_loss", "random_masking", "restore_tokens", "uniformity_loss",
-]
+globals().update({name: getattr(_ops, name) for name in _OPS})
+
+__all__ = ["backend_info", "format_backend_info", "get_backend", "set_backend", "use_backend", *_OPS]

@@ -1,13 +1,19 @@
 """The one switch between fused kernels and their pure-PyTorch references.
 
-`UMAE_BACKEND` is read once, at import; `set_backend` / `use_backend` change it later.
-Every public op asks `choose(op, device)` which implementation runs, and
-`backend_info()` reports the same decisions with their reasons.
+`UMAE_BACKEND` is read once, at import; `set_backend` / `use_backend` change it later, and a
+per-call `backend=` argument of the public ops overrides it for that call (a `fused=False`
+model passes "reference"). Every public op asks `choose(op, device, dtypes)` which
+implementation runs, from the registry's declarations (umae/registry.py), and
+`backend_info()` reports those same decisions with their reasons.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+
+import torch
+
+from . import registry
 
 BACKENDS = ("fused", "reference")
 
@@ -43,23 +49,22 @@ def use_backend(name: str):
         set_backend(prev)
 
 
-# ---- what can run where -------------------------------------------------------------
+# ---- what this process can run --------------------------------------------------------
+
+def triton_interpreted() -> bool:
+    """The one place that decides whether Triton kernels run under the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 def _load_ext():
-    import torch  # noqa: F401  (the extension links against torch's libraries: load them first)
-
     try:
-        from . import _C  # noqa: F401  (registers torch.ops.umae.* kernels)
+        from . import _C  # noqa: F401  (registers torch.ops.umae.* kernels; torch is loaded first)
         return True, "C++ extension umae._C loaded"
     except ImportError as e:  # not built: references only, said plainly
         return False, f"C++ extension not built ({e}); run `pip install -e . --no-build-isolation`"
 
 
 EXT_LOADED, EXT_REASON = _load_ext()
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _triton_available():
@@ -72,74 +77,103 @@ def _triton_available():
 
 TRITON_OK, TRITON_REASON = _triton_available()
 
-# Which fused implementation each op has.
-CPP_OPS = ("patchify", "unpatchify", "masked_mse_loss", "mae_loss")
-TRITON_OPS = ("random_masking", "restore_tokens", "uniformity_loss")
-OPS = CPP_OPS + TRITON_OPS
-
-_CPP_SCHEMA = {"patchify": "umae::patchify", "unpatchify": "umae::unpatchify",
-               "masked_mse_loss": "umae::patch_mse", "mae_loss": "umae::patch_mse"}
+_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def _cpp_kernels() -> dict:
     # Asked once: torch.compile cannot trace the dispatcher query itself.
     if not EXT_LOADED:
         return {}
-    import torch
-
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return {(op, dev): has(schema, key) for op, schema in _CPP_SCHEMA.items()
-            for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+    return {(impl.schema, impl.device): has(impl.schema, _DISPATCH_KEY[impl.device])
+            for op in registry.OPS.values() for impl in op.impls if impl.schema}
 
 
 _CPP_KERNELS = _cpp_kernels()
 
 
-def choose(op: str, device_type: str) -> tuple[str, str]:
-    """(implementation, reason) for `op` on a tensor of `device_type` ('cpu', 'cuda', ...).
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _runnable(impl: registry.Impl) -> tuple[bool, str]:
+    """Whether this process can run `impl` at all (any dtype), and why not."""
+    if impl.schema:
+        if not EXT_LOADED:
+            return False, EXT_REASON
+        if not _CPP_KERNELS.get((impl.schema, impl.device), False):
+            return False, f"umae._C has no {impl.device} kernel (built without it)"
+        return True, "C++ CPU kernel" if impl.device == "cpu" else "CUDA kernel"
+    if not TRITON_OK:
+        return False, TRITON_REASON
+    if impl.name == "triton-interpreter":
+        if not triton_interpreted():
+            return False, "Triton needs a GPU; set TRITON_INTERPRET=1 to run the kernel on CPU"
+        return True, "Triton kernel under TRITON_INTERPRET=1 (slow; for tests)"
+    if triton_interpreted():  # a CUDA tensor with the interpreter on: the interpreter runs it
+        return True, "TRITON_INTERPRET=1 (slow; for tests)"
+    return True, "Triton kernel"
+
+
+def choose(op: str, device_type: str, dtypes=(torch.float32,), backend: str | None = None) -> tuple[str, str]:
+    """(implementation, reason) for `op` on tensors of `device_type` ('cpu', 'cuda', ...) with
+    floating `dtypes` (every floating input of the call); `backend` overrides the global switch.
 
     implementation is one of: "cpp-cpu", "cuda", "triton", "triton-interpreter", "reference".
     """
-    if get_backend() == "reference":
+    spec = registry.get(op)
+    if (_check(backend) if backend is not None else _backend) == "reference":
         return "reference", "backend is 'reference'"
-    if op in CPP_OPS:
-        if not EXT_LOADED:
-            return "reference", EXT_REASON
-        if not _CPP_KERNELS.get((op, device_type), False):
-            return "reference", f"umae._C has no {device_type} kernel (built without it)"
-        return ("cpp-cpu", "C++ CPU kernel") if device_type == "cpu" else ("cuda", "CUDA kernel")
-    if op in TRITON_OPS:
-        if not TRITON_OK:
-            return "reference", TRITON_REASON
-        if device_type == "cuda":
-            if triton_interpreted():
-                return "triton-interpreter", "TRITON_INTERPRET=1 (slow; for tests)"
-            return "triton", "Triton kernel"
-        if device_type == "cpu":
-            if triton_interpreted():
-                return "triton-interpreter", "Triton kernel under TRITON_INTERPRET=1 (slow; for tests)"
-            return "reference", "Triton needs a GPU; set TRITON_INTERPRET=1 to run the kernel on CPU"
+    impl = spec.impl_for(device_type)
+    if impl is None:
         return "reference", f"no fused kernel for device {device_type!r}"
-    raise KeyError(f"unknown op {op!r}")
+    ok, why = _runnable(impl)
+    if not ok:
+        return "reference", why
+    if impl.name == "triton" and triton_interpreted():
+        impl_name = "triton-interpreter"
+    else:
+        impl_name = impl.name
+    bad = [dt for dt in dtypes if dt not in impl.dtypes]
+    if bad:
+        return "reference", (f"the {impl_name} kernel takes {', '.join(sorted(map(_dtype_name, impl.dtypes)))}, "
+                             f"not {_dtype_name(bad[0])} (the reference is that dtype's path)")
+    return impl_name, why
 
 
-def backend_info(devices=None) -> dict:
-    """{op: {device: "implementation: reason"}} for the current backend.
+def implementation(op: str, *tensors, backend: str | None = None) -> str:
+    """`choose` for a call: the device of the first tensor, the dtypes of all floating ones."""
+    first = next(t for t in tensors if t is not None)
+    dtypes = tuple({t.dtype for t in tensors if t is not None and t.is_floating_point()})
+    return choose(op, first.device.type, dtypes, backend)[0]
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def default_devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_info(devices=None, dtype=torch.float32) -> dict:
+    """{op: {device: "implementation: reason"}} for the current backend and inputs of `dtype`.
 
     devices defaults to cpu, plus cuda when a GPU is visible.
     """
-    import torch
-
-    if devices is None:
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return {op: {d: "{}: {}".format(*choose(op, d)) for d in devices} for op in OPS}
+    devices = devices or default_devices()
+    return {op: {d: "{}: {}".format(*choose(op, d, (dtype,))) for d in devices} for op in registry.OPS}
 
 
-def format_backend_info(info: dict | None = None) -> str:
-    info = info or backend_info()
-    devices = list(next(iter(info.values())).keys())
+def format_backend_info(devices=None) -> str:
+    """Per op and device, which implementation runs for which input dtypes, and why."""
+    devices = devices or default_devices()
     lines = [f"backend = {get_backend()!r}"]
-    w = max(len(op) for op in info)
-    for op, per_dev in info.items():
-        lines.append(f"  {op:<{w}}  " + " | ".join(f"{d}: {per_dev[d]}" for d in devices))
+    w = max(len(op) for op in registry.OPS)
+    for op in registry.OPS:
+        for d in devices:
+            groups: dict = {}
+            for dt in DTYPES:
+                groups.setdefault(choose(op, d, (dt,)), []).append(_dtype_name(dt))
+            parts = [f"{impl} [{' '.join(dts)}]: {why}" for (impl, why), dts in groups.items()]
+            lines.append(f"  {op:<{w}}  {d:<4}  " + "; ".join(parts))
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """MAE's reconstruction loss: the reference (facebookresearch/mae `forward_loss`, math in
-fp32) and the torch.library glue of the C++/CUDA per-patch kernels.
+fp32), the fused entries and the torch.library glue of the C++/CUDA per-patch kernels
+(csrc/cpu/masked_mse.cpp, csrc/cuda/masked_mse.cu), and their benchmark cases.
 
 The kernels compute the per-patch error (N, L); the masked mean over removed patches
 is a few (N, L)-sized torch ops shared by both paths, so both define the edge cases
@@ -12,7 +13,7 @@ import torch
 from . import _backend
 from .patchify_op import patchify_reference
 
-NORM_PIX_EPS = 1e-6
+NORM_PIX_EPS = 1e-6  # MAE's; the kernels take it as an argument
 
 
 def patch_mse_reference(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool) -> torch.Tensor:
@@ -42,24 +43,75 @@ def mae_loss_reference(pred, imgs, mask, patch_size, norm_pix=True):
     return masked_mean(patch_mse_reference(pred, patchify_reference(imgs, patch_size), norm_pix), mask)
 
 
+def _refuse_target_grad(target: torch.Tensor, name: str) -> None:
+    # MAE's target is data; the fused kernels give no gradient to it, so say so instead of returning None.
+    if target.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but the fused loss differentiates pred only; "
+                         f"detach {name} or use umae.use_backend('reference')")
+
+
+def masked_mse_loss_fused(pred, target, mask, norm_pix=True):
+    _refuse_target_grad(target, "target")
+    return masked_mean(torch.ops.umae.patch_mse(pred, target, 0, norm_pix, NORM_PIX_EPS), mask)
+
+
+def mae_loss_fused(pred, imgs, mask, patch_size, norm_pix=True):
+    _refuse_target_grad(imgs, "imgs")
+    return masked_mean(torch.ops.umae.patch_mse(pred, imgs, patch_size, norm_pix, NORM_PIX_EPS), mask)
+
+
+def _loss_inputs(s, dtype, device):
+    from .bench.cases import rand, vit_shape
+
+    s = vit_shape(s)
+    L, K = (s["img"] // s["p"]) ** 2, s["p"] ** 2 * s["C"]
+    img_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp64 goes with fp64 only
+    imgs = rand(s["N"], s["C"], s["img"], s["img"], dtype=img_dtype, device=device)
+    pred = rand(s["N"], L, K, dtype=dtype, device=device, grad=True)
+    mask = (torch.rand(s["N"], L, device=device) < 0.75).float()
+    return s, imgs, pred, mask
+
+
+def bench_mae_loss(s, dtype, device):
+    from .bench.cases import Case, elt
+    from .ops import mae_loss
+
+    s, imgs, pred, mask = _loss_inputs(s, dtype, device)
+    # forward reads pred and imgs; backward reads them again and writes grad pred
+    fwd = pred.numel() * elt(dtype) + imgs.numel() * imgs.element_size()
+    return Case("mae_loss", dtype, lambda: mae_loss(pred, imgs, mask, s["p"]), [pred], fwd,
+                fwd + pred.numel() * elt(dtype))
+
+
+def bench_masked_mse_loss(s, dtype, device):
+    from .bench.cases import Case, elt
+    from .ops import masked_mse_loss
+
+    s, imgs, pred, mask = _loss_inputs(s, dtype, device)
+    target = patchify_reference(imgs, s["p"]).contiguous()
+    fwd = pred.numel() * elt(dtype) + target.numel() * target.element_size()
+    return Case("masked_mse_loss", dtype, lambda: masked_mse_loss(pred, target, mask), [pred], fwd,
+                fwd + pred.numel() * elt(dtype))
+
+
 if _backend.EXT_LOADED:
 
     @torch.library.register_fake("umae::patch_mse")
-    def _patch_mse_fake(pred, target, patch_size, norm_pix):
+    def _patch_mse_fake(pred, target, patch_size, norm_pix, eps):
         dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
         return pred.new_empty(pred.shape[:2], dtype=dtype)
 
     @torch.library.register_fake("umae::patch_mse_backward")
-    def _patch_mse_backward_fake(grad_rows, pred, target, patch_size, norm_pix):
+    def _patch_mse_backward_fake(grad_rows, pred, target, patch_size, norm_pix, eps):
         return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
 
     def _setup(ctx, inputs, output):
-        pred, target, ctx.patch_size, ctx.norm_pix = inputs
+        pred, target, ctx.patch_size, ctx.norm_pix, ctx.eps = inputs
         ctx.save_for_backward(pred, target)
 
     def _backward(ctx, grad_rows):
         pred, target = ctx.saved_tensors
-        grad = torch.ops.umae.patch_mse_backward(grad_rows, pred, target, ctx.patch_size, ctx.norm_pix)
-        return grad, None, None, None
+        grad = torch.ops.umae.patch_mse_backward(grad_rows, pred, target, ctx.patch_size, ctx.norm_pix, ctx.eps)
+        return grad, None, None, None, None
 
     torch.library.register_autograd("umae::patch_mse", _backward, setup_context=_setup)

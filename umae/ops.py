@@ -1,23 +1,24 @@
 """The public ops: the one place that chooses fused kernel or reference.
 
-Each op checks its arguments (errors name the argument), asks `_backend.choose` which
-implementation runs for the input's device, and calls it. The references live next
-to their names: umae/patchify_op.py, umae/masked_mse_op.py, umae/random_masking_op.py,
-umae/restore_tokens_op.py, umae/uniformity_op.py.
+Each op checks its arguments (errors name the argument), asks `_backend.implementation`
+which implementation runs for its inputs' device and dtypes, and calls the registry's
+reference or fused entry (umae/registry.py; they live in umae/<op>_op.py). `backend=`
+("fused" / "reference") overrides the global switch for one call.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, random_masking_op, restore_tokens_op, uniformity_op
-from .masked_mse_op import mae_loss_reference, masked_mean, patch_mse_reference
-from .patchify_op import patchify_reference, unpatchify_reference
-from .random_masking_op import len_keep_for, random_masking_reference
-from .restore_tokens_op import restore_tokens_reference
+from . import _backend, _checks, registry, uniformity_op
+from .random_masking_op import len_keep_for
+
+registry.load_all()
 
 
-def _impl(op: str, x: torch.Tensor) -> str:
-    return _backend.choose(op, x.device.type)[0]
+def _run(op: str, tensors: tuple, backend: str | None, *args):
+    spec = registry.OPS[op]
+    impl = _backend.implementation(op, *tensors, backend=backend)
+    return (spec.reference_fn if impl == "reference" else spec.fused_fn)(*args)
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -43,18 +44,17 @@ def _check_images(imgs: torch.Tensor, p: int, name: str = "imgs") -> None:
 
 # ---- patchify / unpatchify -----------------------------------------------------------
 
-def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+def patchify(imgs: torch.Tensor, patch_size: int, *, backend: str | None = None) -> torch.Tensor:
     """(N, C, H, W) -> (N, L, p*p*C), ordered as facebookresearch/mae's `patchify`.
 
     Any strides are accepted (no copy); the output is contiguous.
     """
     _check_images(imgs, patch_size)
-    if _impl("patchify", imgs) == "reference":
-        return patchify_reference(imgs, patch_size)
-    return torch.ops.umae.patchify(imgs, patch_size)
+    return _run("patchify", (imgs,), backend, imgs, patch_size)
 
 
-def unpatchify(x: torch.Tensor, patch_size: int, image_size, channels: int = 3) -> torch.Tensor:
+def unpatchify(x: torch.Tensor, patch_size: int, image_size, channels: int = 3, *,
+               backend: str | None = None) -> torch.Tensor:
     """(N, L, p*p*C) -> (N, C, H, W), the exact inverse of `patchify`; image_size is H or (H, W)."""
     _checks.tensor(x, "x", dims=3)
     _check_patch_size(patch_size)
@@ -68,9 +68,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, image_size, channels: int = 3) 
     if x.shape[1] != h * w or x.shape[2] != p * p * channels:
         raise ValueError(f"x must have shape (N, {h * w}, {p * p * channels}) for image_size ({H}, {W}), "
                          f"patch_size {p}, channels {channels}; got {tuple(x.shape)}")
-    if _impl("unpatchify", x) == "reference":
-        return unpatchify_reference(x, p, h, w, channels)
-    return torch.ops.umae.unpatchify(x, p, h, w, channels)
+    return _run("unpatchify", (x,), backend, x, p, h, w, channels)
 
 
 # ---- reconstruction loss -------------------------------------------------------------
@@ -94,32 +92,22 @@ def _check_norm_pix(norm_pix: bool, K: int) -> None:
         raise ValueError(f"norm_pix needs at least 2 values per patch (unbiased variance), pred has K={K}")
 
 
-def _refuse_target_grad(target: torch.Tensor, name: str) -> None:
-    # MAE's target is data; the fused kernels give no gradient to it, so say so instead of returning None.
-    if target.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{name} requires grad, but the fused loss differentiates pred only; "
-                         f"detach {name} or use umae.use_backend('reference')")
-
-
 def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                    norm_pix: bool = True) -> torch.Tensor:
+                    norm_pix: bool = True, *, backend: str | None = None) -> torch.Tensor:
     """MAE's `forward_loss` on a patchified target (N, L, K); fp32 scalar.
 
     With norm_pix, each target patch is normalized by its mean and unbiased variance
-    (eps 1e-6). The squared error is averaged over K, then over the removed patches
+    (eps NORM_PIX_EPS = 1e-6). The squared error is averaged over K, then over the removed patches
     (mask == 1). A mask with no removed patch gives 0 (and zero gradient), not NaN.
     NaN in pred or target propagates to the loss, as in the reference.
     """
     _check_loss_args(pred, target, mask, "target", pred.shape)
     _check_norm_pix(norm_pix, pred.shape[2])
-    if _impl("masked_mse_loss", pred) == "reference":
-        return masked_mean(patch_mse_reference(pred, target, norm_pix), mask)
-    _refuse_target_grad(target, "target")
-    return masked_mean(torch.ops.umae.patch_mse(pred, target, 0, norm_pix), mask)
+    return _run("masked_mse_loss", (pred, target), backend, pred, target, mask, norm_pix)
 
 
 def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
-             norm_pix: bool = True) -> torch.Tensor:
+             norm_pix: bool = True, *, backend: str | None = None) -> torch.Tensor:
     """`masked_mse_loss(pred, patchify(imgs, patch_size), mask, norm_pix)` with patchify fused in:
     the (normalized) target is never written to memory."""
     _check_images(imgs, patch_size)
@@ -130,10 +118,7 @@ def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_s
         raise ValueError(f"pred must have shape (N, L, p*p*C) = {(N, (H // p) * (W // p), p * p * C)} "
                          f"for imgs {tuple(imgs.shape)} and patch_size {p}, got {tuple(pred.shape)}")
     _check_norm_pix(norm_pix, pred.shape[2])
-    if _impl("mae_loss", pred) == "reference":
-        return mae_loss_reference(pred, imgs, mask, p, norm_pix)
-    _refuse_target_grad(imgs, "imgs")
-    return masked_mean(torch.ops.umae.patch_mse(pred, imgs, p, norm_pix), mask)
+    return _run("mae_loss", (pred, imgs), backend, pred, imgs, mask, p, norm_pix)
 
 
 # ---- masking and restore -------------------------------------------------------------
@@ -147,7 +132,8 @@ def _check_param(t, name: str, shape: tuple, ref: torch.Tensor) -> None:
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None,
-                   pos_embed: torch.Tensor | None = None, cls_token: torch.Tensor | None = None):
+                   pos_embed: torch.Tensor | None = None, cls_token: torch.Tensor | None = None, *,
+                   backend: str | None = None):
     """MAE's per-sample random masking -> (x_masked, mask, ids_restore).
 
     len_keep = int(L * (1 - mask_ratio)) tokens with the smallest noise are kept, in ascending
@@ -169,15 +155,12 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
         _checks.same_device(x=x, noise=noise)
     _check_param(pos_embed, "pos_embed", (1, L, D), x)
     _check_param(cls_token, "cls_token", (1, 1, D), x)
-    if _impl("random_masking", x) == "reference":
-        return random_masking_reference(x, mask_ratio, noise, pos_embed, cls_token)
-    if noise is None:
-        noise = torch.rand(N, L, device=x.device)
-    return random_masking_op.random_masking_fused(x, noise, pos_embed, cls_token, len_keep_for(L, mask_ratio))
+    return _run("random_masking", (x, pos_embed, cls_token), backend, x, mask_ratio, noise, pos_embed, cls_token)
 
 
 def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                   pos_embed: torch.Tensor | None = None, has_cls: bool = True) -> torch.Tensor:
+                   pos_embed: torch.Tensor | None = None, has_cls: bool = True, *,
+                   backend: str | None = None) -> torch.Tensor:
     """MAE's decoder input: x (N, [1 +] len_keep, D) -> (N, [1 +] L, D).
 
     Kept tokens go back to their original positions (ids_restore (N, L) int64 from
@@ -199,15 +182,14 @@ def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch
     _checks.same_device(x=x, ids_restore=ids_restore)
     _check_param(mask_token, "mask_token", (1, 1, D), x)
     _check_param(pos_embed, "pos_embed", (1, L + c, D), x)
-    if _impl("restore_tokens", x) == "reference":
-        return restore_tokens_reference(x, ids_restore, mask_token, pos_embed, bool(has_cls))
-    return restore_tokens_op.restore_tokens_fused(x, ids_restore, mask_token, pos_embed, bool(has_cls))
+    return _run("restore_tokens", (x, mask_token, pos_embed), backend, x, ids_restore, mask_token, pos_embed,
+                bool(has_cls))
 
 
 # ---- uniformity ----------------------------------------------------------------------
 
 def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diagonal: bool = False,
-                    process_group=None, exact_ddp_grad: bool = True) -> torch.Tensor:
+                    process_group=None, exact_ddp_grad: bool = True, *, backend: str | None = None) -> torch.Tensor:
     """U-MAE's uniformity loss: mean over pairs (i, j) of (z_i . z_j)^2, z_i = features_i / |features_i|.
 
     Default semantics equal the official code (zhangq327/U-MAE): normalize, diagonal included,
@@ -228,14 +210,7 @@ def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diag
     _checks.nonempty_batch(features, "features")
     if exclude_diagonal and features.shape[0] < 2 and process_group is None:
         raise ValueError("exclude_diagonal needs at least 2 rows in features")
-    impl = _impl("uniformity_loss", features)
     if process_group is not None:
-        uniformity_op.check_equal_batches(features, process_group)
-        if impl == "reference" or features.dtype == torch.float64:
-            return uniformity_op.uniformity_loss_reference_global(features, normalize, exclude_diagonal,
-                                                                  process_group, exact_ddp_grad)
-        scale = uniformity_op.ddp_grad_scale(process_group, exact_ddp_grad)
-        return uniformity_op.DistributedFused.apply(features, normalize, exclude_diagonal, process_group, scale)
-    if impl == "reference" or features.dtype == torch.float64:  # fp64: the reference is the fp64 path
-        return uniformity_op.uniformity_loss_reference(features, normalize, exclude_diagonal)
-    return uniformity_op.uniformity_loss_fused(features, normalize, exclude_diagonal)
+        uniformity_op.check_equal_batches_once(features, process_group)
+    return _run("uniformity_loss", (features,), backend, features, bool(normalize), bool(exclude_diagonal),
+                process_group, bool(exact_ddp_grad))

@@ -1,6 +1,7 @@
 """Random masking: the reference (facebookresearch/mae `random_masking`, with the positional
-embedding add and cls prepend that surround it in `forward_encoder`) and the torch.library
-custom op around the fused Triton kernel (kernels/random_masking.py)."""
+embedding add and cls prepend that surround it in `forward_encoder`), the fused entry and the
+torch.library custom op around the Triton kernel (kernels/random_masking.py), and its
+benchmark case."""
 from __future__ import annotations
 
 import torch
@@ -32,15 +33,38 @@ def random_masking_reference(x, mask_ratio, noise=None, pos_embed=None, cls_toke
     return x_masked, mask, ids_restore
 
 
+def random_masking_fused(x, mask_ratio, noise=None, pos_embed=None, cls_token=None):
+    if noise is None:  # torch's generator, as the reference: same seed, same mask
+        noise = torch.rand(x.shape[0], x.shape[1], device=x.device)
+    return random_masking_kernel(x, noise, pos_embed, cls_token, len_keep_for(x.shape[1], mask_ratio))
+
+
+def bench_random_masking(s, dtype, device):
+    from .bench.cases import Case, elt, rand, vit_shape
+    from .ops import random_masking
+
+    s = vit_shape(s)
+    N, L, D = s["N"], (s["img"] // s["p"]) ** 2, s["D"]
+    x = rand(N, L, D, dtype=dtype, device=device, grad=True)
+    pos = rand(1, L, D, dtype=dtype, device=device)
+    cls = rand(1, 1, D, dtype=dtype, device=device, grad=True)
+    noise = torch.rand(N, L, device=device)
+    keep, e = len_keep_for(L, 0.75), elt(dtype)
+    # must move: noise, kept rows of x, pos once, outputs (tokens, mask, ids_restore)
+    fwd = N * L * 4 + N * keep * D * e + L * D * e + N * (keep + 1) * D * e + N * L * (4 + 8)
+    bwd = N * (keep + 1) * D * e + N * L * 8 + N * L * D * e  # grad in, ids, grad x out
+    return Case("random_masking", dtype, lambda: random_masking(x, 0.75, noise, pos, cls), [x, cls], fwd, bwd)
+
+
 if _backend.TRITON_OK:
     from .kernels import random_masking as _k
 
     @torch.library.custom_op("umae::random_masking", mutates_args=())
-    def random_masking_fused(x: torch.Tensor, noise: torch.Tensor, pos_embed: torch.Tensor | None,
+    def random_masking_kernel(x: torch.Tensor, noise: torch.Tensor, pos_embed: torch.Tensor | None,
                              cls_token: torch.Tensor | None, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _k.forward(x, noise, pos_embed, cls_token, len_keep)
 
-    @random_masking_fused.register_fake
+    @random_masking_kernel.register_fake
     def _(x, noise, pos_embed, cls_token, len_keep):
         N, L, D = x.shape
         out = x.new_empty((N, len_keep + int(cls_token is not None), D), dtype=_k.out_dtype(x, pos_embed, cls_token))
@@ -49,7 +73,7 @@ if _backend.TRITON_OK:
     @torch.library.custom_op("umae::random_masking_backward", mutates_args=())
     def random_masking_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, has_cls: bool) -> torch.Tensor:
         """Gradient of x + pos_embed (N, L, D), in grad_out's dtype."""
-        return _k.backward(grad_out, ids_restore, has_cls)
+        return _k.backward(grad_out, ids_restore, has_cls=has_cls)
 
     @random_masking_backward.register_fake
     def _(grad_out, ids_restore, has_cls):
@@ -74,4 +98,4 @@ if _backend.TRITON_OK:
         gcls = grad_out[:, :1].float().sum(0, keepdim=True).to(ctx.cls_dtype) if need_cls else None
         return (g.to(ctx.x_dtype) if need_x else None), None, gpos, gcls, None
 
-    random_masking_fused.register_autograd(_backward, setup_context=_setup)
+    random_masking_kernel.register_autograd(_backward, setup_context=_setup)

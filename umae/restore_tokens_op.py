@@ -1,6 +1,6 @@
 """The decoder's restore: the reference (facebookresearch/mae `forward_decoder`, from the
-mask-token cat to the positional embedding add) and the torch.library custom op around
-the fused Triton kernel (kernels/restore_tokens.py)."""
+mask-token cat to the positional embedding add), the fused entry (a torch.library custom op
+around the Triton kernel, kernels/restore_tokens.py) and its benchmark case."""
 from __future__ import annotations
 
 import torch
@@ -21,13 +21,30 @@ def restore_tokens_reference(x, ids_restore, mask_token, pos_embed=None, has_cls
     return x_
 
 
+def bench_restore_tokens(s, dtype, device):
+    from .bench.cases import Case, elt, rand, vit_shape
+    from .ops import restore_tokens
+    from .random_masking_op import len_keep_for
+
+    s = vit_shape(s)
+    N, L, D = s["N"], (s["img"] // s["p"]) ** 2, s["Dd"]
+    keep, e = len_keep_for(L, 0.75), elt(dtype)
+    ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
+    x = rand(N, keep + 1, D, dtype=dtype, device=device, grad=True)
+    tok = rand(1, 1, D, dtype=dtype, device=device, grad=True)
+    pos = rand(1, L + 1, D, dtype=dtype, device=device)
+    fwd = N * (keep + 1) * D * e + N * L * 8 + (L + 1) * D * e + N * (L + 1) * D * e
+    bwd = N * (L + 1) * D * e + N * L * 8 + N * (keep + 1) * D * e
+    return Case("restore_tokens", dtype, lambda: restore_tokens(x, ids, tok, pos), [x, tok], fwd, bwd)
+
+
 if _backend.TRITON_OK:
     from .kernels import restore_tokens as _k
 
     @torch.library.custom_op("umae::restore_tokens", mutates_args=())
     def restore_tokens_fused(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                              pos_embed: torch.Tensor | None, has_cls: bool) -> torch.Tensor:
-        return _k.forward(x, ids_restore, mask_token, pos_embed, has_cls)
+        return _k.forward(x, ids_restore, mask_token, pos_embed, has_cls=has_cls)
 
     @restore_tokens_fused.register_fake
     def _(x, ids_restore, mask_token, pos_embed, has_cls):
@@ -39,7 +56,7 @@ if _backend.TRITON_OK:
                                 has_cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(gradient of x in grad_out's dtype, gradient of the mask token as fp32 (D,))."""
         N = ids_restore.shape[0]
-        return _k.backward(grad_out, ids_restore, (N, len_x, grad_out.shape[2]), grad_out.dtype, has_cls)
+        return _k.backward(grad_out, ids_restore, (N, len_x, grad_out.shape[2]), grad_out.dtype, has_cls=has_cls)
 
     @restore_tokens_backward.register_fake
     def _(grad_out, ids_restore, len_x, has_cls):

@@ -1,7 +1,7 @@
 """U-MAE's uniformity loss: the reference (zhangq327/U-MAE `loss_func.py`: L2-normalize the
-rows, sim = F F^T, mean of sim^2, diagonal included; math in fp32), the torch.library custom
-op around the fused Triton kernels (kernels/uniformity.py), and the global-batch version
-across ranks."""
+rows, sim = F F^T, mean of sim^2, diagonal included; math in fp32), the fused entry (a
+torch.library custom op around the Triton kernels, kernels/uniformity.py, and its
+global-batch version across ranks) and the benchmark case."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +16,10 @@ def _acc(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def uniformity_loss_reference(features, normalize=True, exclude_diagonal=False):
+def uniformity_loss_reference(features, normalize=True, exclude_diagonal=False, process_group=None,
+                              exact_ddp_grad=True):
+    if process_group is not None:  # the global batch: all-gather the rows, then the same math
+        features = GatherRows.apply(features, process_group, ddp_grad_scale(process_group, exact_ddp_grad))
     f = features.to(_acc(features.dtype))
     z = F.normalize(f, dim=1, eps=NORM_EPS) if normalize else f
     sim = z @ z.T
@@ -29,6 +32,27 @@ def uniformity_loss_reference(features, normalize=True, exclude_diagonal=False):
 
 def _denominator(B: int, exclude_diagonal: bool) -> int:
     return B * (B - 1) if exclude_diagonal else B * B
+
+
+def uniformity_loss_fused(features, normalize=True, exclude_diagonal=False, process_group=None,
+                          exact_ddp_grad=True):
+    if process_group is None:
+        return uniformity_loss_kernel(features, normalize, exclude_diagonal)
+    return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
+                                  ddp_grad_scale(process_group, exact_ddp_grad))
+
+
+def bench_uniformity_loss(s, dtype, device):
+    from .bench.cases import Case, elt, rand
+    from .ops import uniformity_loss
+
+    B, D = s.get("B", s.get("N")), s["D"]
+    f = rand(B, D, dtype=dtype, device=device, grad=True)
+    e = elt(dtype)
+    # must move: F once (norms may re-read it); backward reads F, writes dF (+ B x D fp32 temporaries)
+    # FLOPs of the fused algorithm: upper-triangle Gram B*D^2 forward; Gram + Z @ G = 3 B D^2 backward
+    return Case("uniformity_loss", dtype, lambda: uniformity_loss(f), [f], B * D * e, 2 * B * D * e,
+                flops_fwd=B * D * D, flops_bwd=3 * B * D * D)
 
 
 if _backend.TRITON_OK:
@@ -64,14 +88,14 @@ if _backend.TRITON_OK:
         return rinv[:, None] * (dz - z * radial)
 
     @torch.library.custom_op("umae::uniformity_loss", mutates_args=())
-    def uniformity_loss_fused(features: torch.Tensor, normalize: bool, exclude_diagonal: bool) -> torch.Tensor:
+    def uniformity_loss_kernel(features: torch.Tensor, normalize: bool, exclude_diagonal: bool) -> torch.Tensor:
         _, rinv = _prep(features, normalize)
         total = _k.gram_square_sum(features, rinv)
         if exclude_diagonal:
             total = total - _diag_sum(features, rinv)
         return total / _denominator(features.shape[0], exclude_diagonal)
 
-    @uniformity_loss_fused.register_fake
+    @uniformity_loss_kernel.register_fake
     def _(features, normalize, exclude_diagonal):
         return features.new_empty((), dtype=torch.float32)
 
@@ -95,7 +119,7 @@ if _backend.TRITON_OK:
         (features,) = ctx.saved_tensors
         return uniformity_loss_backward(grad, features, ctx.normalize, ctx.exclude_diagonal), None, None
 
-    uniformity_loss_fused.register_autograd(_backward, setup_context=_setup)
+    uniformity_loss_kernel.register_autograd(_backward, setup_context=_setup)
 
     class DistributedFused(torch.autograd.Function):
         """Global-batch loss across ranks: each rank forms its Gram Z_r^T Z_r (D x D), one
@@ -108,14 +132,13 @@ if _backend.TRITON_OK:
 
             norms, rinv = _prep(features, normalize)
             g = _k.gram(features, rinv)
-            extra = torch.stack([_diag_sum(features, rinv) if exclude_diagonal else g.new_zeros(()),
-                                 g.new_tensor(float(features.shape[0]))])
-            buf = torch.cat([g.flatten(), extra])
+            extra = _diag_sum(features, rinv) if exclude_diagonal else g.new_zeros(())
+            buf = torch.cat([g.flatten(), extra.view(1)])
             dist.all_reduce(buf, group=group)
             D = g.shape[0]
-            g = buf[: D * D].view(D, D)
-            diag, B = buf[D * D], int(buf[D * D + 1].item())
-            denom = _denominator(B, exclude_diagonal)
+            g, diag = buf[: D * D].view(D, D), buf[D * D]
+            # equal batches per rank (checked once by umae.uniformity_loss): B is known, no host sync
+            denom = _denominator(features.shape[0] * dist.get_world_size(group), exclude_diagonal)
             if denom == 0:
                 raise ValueError("exclude_diagonal needs a global batch of at least 2 rows")
             loss = (g.pow(2).sum() - diag) / denom
@@ -156,16 +179,20 @@ def ddp_grad_scale(group, exact_ddp_grad: bool) -> float:
     return float(dist.get_world_size(group)) if exact_ddp_grad else 1.0
 
 
-def uniformity_loss_reference_global(features, normalize, exclude_diagonal, group, exact_ddp_grad=True):
-    """The reference over the global batch: all-gather the rows, then the single-process reference."""
-    gathered = GatherRows.apply(features, group, ddp_grad_scale(group, exact_ddp_grad))
-    return uniformity_loss_reference(gathered, normalize, exclude_diagonal)
+_checked_groups: set = set()
 
 
-def check_equal_batches(features, group):
+def check_equal_batches_once(features, group):
+    """The global-batch loss needs equal batch sizes on every rank. Checked (one all_gather and a
+    host sync) at a group's first call only: a training loop keeps its batch size."""
     import torch.distributed as dist
+
+    key = (id(group), dist.get_world_size(group))
+    if key in _checked_groups:
+        return
 
     sizes = [torch.zeros(1, dtype=torch.int64, device=features.device) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, torch.tensor([features.shape[0]], device=features.device), group=group)
     if len({int(s) for s in sizes}) != 1:
         raise ValueError(f"features must have the same batch size on every rank, got {[int(s) for s in sizes]}")
+    _checked_groups.add(key)

@@ -67,7 +67,7 @@ void for_each_target_row(const tgt_t* tgt, const ImageIndex* img, int64_t R, int
 
 // (mean, 1/std) of a target row, two-pass; (0, 1) without norm_pix.
 template <typename acc_t>
-std::pair<acc_t, acc_t> row_stats(const acc_t* t, int64_t K, bool norm_pix) {
+std::pair<acc_t, acc_t> row_stats(const acc_t* t, int64_t K, bool norm_pix, acc_t eps) {
   if (!norm_pix) return {acc_t(0), acc_t(1)};
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -77,7 +77,7 @@ std::pair<acc_t, acc_t> row_stats(const acc_t* t, int64_t K, bool norm_pix) {
 #pragma omp simd reduction(+ : ss)
   for (int64_t k = 0; k < K; ++k) ss += (t[k] - mean) * (t[k] - mean);
   const acc_t var = ss / (K - 1);  // unbiased, as MAE's target.var(dim=-1)
-  return {mean, acc_t(1) / std::sqrt(var + acc_t(1e-6))};
+  return {mean, acc_t(1) / std::sqrt(var + eps)};
 }
 
 // Operands made contiguous (patchified target/pred) or addressed by strides (images).
@@ -101,7 +101,7 @@ Args prepare(const at::Tensor& pred, const at::Tensor& target, int64_t patch_siz
 }
 
 at::Tensor patch_mse_cpu(const at::Tensor& pred, const at::Tensor& target, int64_t patch_size,
-                         bool norm_pix) {
+                         bool norm_pix, double eps) {
   Args a = prepare(pred, target, patch_size, norm_pix);
   // float64 callers (gradcheck) get float64 back; everyone else fp32.
   const bool dbl = pred.scalar_type() == at::kDouble;
@@ -115,7 +115,7 @@ at::Tensor patch_mse_cpu(const at::Tensor& pred, const at::Tensor& target, int64
     out_t* O = out.mutable_data_ptr<out_t>();
     const int64_t K = a.K;
     for_each_target_row<tgt_t, acc_t>(T, a.from_images ? &a.img : nullptr, a.R, K, [&](int64_t r, const acc_t* t) {
-      auto [mean, rstd] = row_stats(t, K, norm_pix);
+      auto [mean, rstd] = row_stats(t, K, norm_pix, static_cast<acc_t>(eps));
       const pred_t* prow = P + r * K;
       acc_t s = 0;
       _Pragma("omp simd reduction(+ : s)")  // inside a dispatch macro: no #pragma
@@ -130,7 +130,7 @@ at::Tensor patch_mse_cpu(const at::Tensor& pred, const at::Tensor& target, int64
 }
 
 at::Tensor patch_mse_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& pred,
-                                  const at::Tensor& target, int64_t patch_size, bool norm_pix) {
+                                  const at::Tensor& target, int64_t patch_size, bool norm_pix, double eps) {
   Args a = prepare(pred, target, patch_size, norm_pix);
   TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == pred.size(0) && grad_rows.size(1) == pred.size(1),
               "patch_mse_backward: grad_rows must be (N, L), got ", grad_rows.sizes());
@@ -146,7 +146,7 @@ at::Tensor patch_mse_backward_cpu(const at::Tensor& grad_rows, const at::Tensor&
     pred_t* D = grad.mutable_data_ptr<pred_t>();
     const int64_t K = a.K;
     for_each_target_row<tgt_t, acc_t>(T, a.from_images ? &a.img : nullptr, a.R, K, [&](int64_t r, const acc_t* t) {
-      auto [mean, rstd] = row_stats(t, K, norm_pix);
+      auto [mean, rstd] = row_stats(t, K, norm_pix, static_cast<acc_t>(eps));
       const acc_t scale = G[r] * acc_t(2) / K;
       const pred_t* prow = P + r * K;
       pred_t* drow = D + r * K;

@@ -36,8 +36,8 @@ struct Target {
 
 // (mean, rstd) of row r, two-pass for accuracy; (0, 1) without norm_pix.
 template <typename tgt_t, typename acc_t>
-__device__ __forceinline__ void row_stats(const Target<tgt_t>& t, int64_t r, bool norm_pix, int lane, acc_t& mean,
-                                          acc_t& rstd) {
+__device__ __forceinline__ void row_stats(const Target<tgt_t>& t, int64_t r, bool norm_pix, acc_t eps, int lane,
+                                          acc_t& mean, acc_t& rstd) {
   mean = 0;
   rstd = 1;
   if (!norm_pix) return;
@@ -50,19 +50,19 @@ __device__ __forceinline__ void row_stats(const Target<tgt_t>& t, int64_t r, boo
     const acc_t d = static_cast<acc_t>(t.load(r, k)) - mean;
     ss += d * d;
   }
-  rstd = acc_t(1) / sqrt(warp_sum(ss) / (K - 1) + acc_t(1e-6));
+  rstd = acc_t(1) / sqrt(warp_sum(ss) / (K - 1) + eps);
 }
 
 template <typename pred_t, typename tgt_t>
 __global__ void patch_mse_fwd_kernel(const pred_t* __restrict__ pred, Target<tgt_t> t, float* __restrict__ out,
-                                     int64_t R, bool norm_pix) {
+                                     int64_t R, bool norm_pix, float eps) {
   using acc_t = float;
   const int lane = threadIdx.x & 31;
   const int64_t K = t.K;
   for (int64_t r = blockIdx.x * (int64_t)kWarpsPerBlock + threadIdx.x / 32; r < R;
        r += (int64_t)gridDim.x * kWarpsPerBlock) {
     acc_t mean, rstd;
-    row_stats<tgt_t, acc_t>(t, r, norm_pix, lane, mean, rstd);
+    row_stats<tgt_t, acc_t>(t, r, norm_pix, eps, lane, mean, rstd);
     acc_t s = 0;
     for (int64_t k = lane; k < K; k += 32) {
       const acc_t d = static_cast<acc_t>(pred[r * K + k]) - (t.load(r, k) - mean) * rstd;
@@ -75,14 +75,15 @@ __global__ void patch_mse_fwd_kernel(const pred_t* __restrict__ pred, Target<tgt
 
 template <typename pred_t, typename tgt_t>
 __global__ void patch_mse_bwd_kernel(const float* __restrict__ grad_rows, const pred_t* __restrict__ pred,
-                                     Target<tgt_t> t, pred_t* __restrict__ grad, int64_t R, bool norm_pix) {
+                                     Target<tgt_t> t, pred_t* __restrict__ grad, int64_t R, bool norm_pix,
+                                     float eps) {
   using acc_t = float;
   const int lane = threadIdx.x & 31;
   const int64_t K = t.K;
   for (int64_t r = blockIdx.x * (int64_t)kWarpsPerBlock + threadIdx.x / 32; r < R;
        r += (int64_t)gridDim.x * kWarpsPerBlock) {
     acc_t mean, rstd;
-    row_stats<tgt_t, acc_t>(t, r, norm_pix, lane, mean, rstd);
+    row_stats<tgt_t, acc_t>(t, r, norm_pix, eps, lane, mean, rstd);
     const acc_t scale = grad_rows[r] * acc_t(2) / K;
     for (int64_t k = lane; k < K; k += 32) {
       const acc_t d = static_cast<acc_t>(pred[r * K + k]) - (t.load(r, k) - mean) * rstd;
@@ -113,7 +114,8 @@ Launch prepare(const at::Tensor& pred, const at::Tensor& target, int64_t patch_s
   return a;
 }
 
-at::Tensor patch_mse_cuda(const at::Tensor& pred, const at::Tensor& target, int64_t patch_size, bool norm_pix) {
+at::Tensor patch_mse_cuda(const at::Tensor& pred, const at::Tensor& target, int64_t patch_size, bool norm_pix,
+                          double eps) {
   c10::cuda::CUDAGuard guard(pred.device());
   Launch a = prepare(pred, target, patch_size, norm_pix);
   at::Tensor out = at::empty({pred.size(0), pred.size(1)}, pred.options().dtype(at::kFloat));
@@ -123,7 +125,7 @@ at::Tensor patch_mse_cuda(const at::Tensor& pred, const at::Tensor& target, int6
     if constexpr (!std::is_same_v<pred_t, double>) {
       Target<tgt_t> t{a.target.const_data_ptr<tgt_t>(), a.img, a.from_images, a.K};
       patch_mse_fwd_kernel<pred_t, tgt_t><<<a.blocks, kWarpsPerBlock * 32, 0, stream>>>(
-          a.pred.const_data_ptr<pred_t>(), t, out.mutable_data_ptr<float>(), a.R, norm_pix);
+          a.pred.const_data_ptr<pred_t>(), t, out.mutable_data_ptr<float>(), a.R, norm_pix, static_cast<float>(eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -131,7 +133,7 @@ at::Tensor patch_mse_cuda(const at::Tensor& pred, const at::Tensor& target, int6
 }
 
 at::Tensor patch_mse_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& pred, const at::Tensor& target,
-                                   int64_t patch_size, bool norm_pix) {
+                                   int64_t patch_size, bool norm_pix, double eps) {
   c10::cuda::CUDAGuard guard(pred.device());
   Launch a = prepare(pred, target, patch_size, norm_pix);
   TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == pred.size(0) && grad_rows.size(1) == pred.size(1),
@@ -145,7 +147,7 @@ at::Tensor patch_mse_backward_cuda(const at::Tensor& grad_rows, const at::Tensor
       Target<tgt_t> t{a.target.const_data_ptr<tgt_t>(), a.img, a.from_images, a.K};
       patch_mse_bwd_kernel<pred_t, tgt_t><<<a.blocks, kWarpsPerBlock * 32, 0, stream>>>(
           g.const_data_ptr<float>(), a.pred.const_data_ptr<pred_t>(), t, grad.mutable_data_ptr<pred_t>(), a.R,
-          norm_pix);
+          norm_pix, static_cast<float>(eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

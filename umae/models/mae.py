@@ -17,10 +17,6 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from .. import ops
-from ..masked_mse_op import mae_loss_reference
-from ..random_masking_op import random_masking_reference
-from ..restore_tokens_op import restore_tokens_reference
-from ..uniformity_op import uniformity_loss_reference, uniformity_loss_reference_global
 
 
 class MAEOutput(NamedTuple):
@@ -48,25 +44,11 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, cls_token:
     return emb
 
 
-class _Reference:
-    """The glue ops as the pure-PyTorch references (fused=False)."""
-    random_masking = staticmethod(random_masking_reference)
-    restore_tokens = staticmethod(restore_tokens_reference)
-    mae_loss = staticmethod(mae_loss_reference)
-
-    @staticmethod
-    def uniformity_loss(features, normalize=True, exclude_diagonal=False, process_group=None, exact_ddp_grad=True):
-        if process_group is not None:
-            return uniformity_loss_reference_global(features, normalize, exclude_diagonal, process_group,
-                                                    exact_ddp_grad)
-        return uniformity_loss_reference(features, normalize, exclude_diagonal)
-
-
 class MaskedAutoencoderViT(nn.Module):
     """MAE with a ViT backbone; U-MAE when lamb > 0.
 
-    fused: True routes the glue ops through umae's public ops (fused kernels, which also obey
-    umae.set_backend / use_backend); False calls the references directly.
+    Every glue op goes through umae's public ops. fused=True: the fused kernels, obeying
+    umae.set_backend / use_backend; fused=False: this model's ops run the references.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
@@ -100,8 +82,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.initialize_weights()
 
     @property
-    def ops(self):
-        return ops if self.fused else _Reference
+    def backend(self) -> str | None:
+        """The per-call backend of this model's ops: None follows umae's global switch."""
+        return None if self.fused else "reference"
 
     def initialize_weights(self):
         gh, gw = self.grid
@@ -129,7 +112,8 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.patch_embed(imgs)
         cls = self.cls_token + self.pos_embed[:, :1, :]
         # + pos_embed, random masking, gather of kept tokens and cls prepend: one fused op
-        x, mask, ids_restore = self.ops.random_masking(x, mask_ratio, noise, self.pos_embed[:, 1:, :], cls)
+        x, mask, ids_restore = ops.random_masking(x, mask_ratio, noise, pos_embed=self.pos_embed[:, 1:, :],
+                                                  cls_token=cls, backend=self.backend)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x), mask, ids_restore
@@ -137,20 +121,23 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_decoder(self, x, ids_restore):
         x = self.decoder_embed(x)
         # mask tokens, unshuffle, cls and + decoder_pos_embed: one fused op
-        x = self.ops.restore_tokens(x, ids_restore, self.mask_token, self.decoder_pos_embed, True)
+        x = ops.restore_tokens(x, ids_restore, self.mask_token, pos_embed=self.decoder_pos_embed, has_cls=True,
+                               backend=self.backend)
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:, :]
 
     def forward_loss(self, imgs, pred, mask):
-        return self.ops.mae_loss(pred, imgs, mask, self.patch_size, self.norm_pix_loss)
+        return ops.mae_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss, backend=self.backend)
 
     def forward_uniformity(self, latent):
         cls = latent[:, 0]
         if self.lamb == 0:  # plain MAE: still reported, not differentiated
             cls = cls.detach()
-        return self.ops.uniformity_loss(cls, True, self.exclude_diagonal, self.unif_process_group, self.exact_ddp_grad)
+        return ops.uniformity_loss(cls, normalize=True, exclude_diagonal=self.exclude_diagonal,
+                                   process_group=self.unif_process_group, exact_ddp_grad=self.exact_ddp_grad,
+                                   backend=self.backend)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None) -> MAEOutput:
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)

@@ -1,0 +1,75 @@
+"""What a benchmark case is, the named shape sets, and the helpers the per-op cases share.
+
+Each op's case lives beside its reference (`bench_<op>` in umae/<op>_op.py) and is found
+through the registry: `case(op, shape, dtype, device)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from .. import registry
+
+
+@dataclasses.dataclass
+class Case:
+    """One op at one shape: `forward()` calls the public op (the backend is set around it), the
+    tensors that receive gradients, bytes the op must move and FLOPs of forward and backward."""
+    op: str
+    dtype: torch.dtype
+    forward: Callable[[], object]
+    grad_inputs: list
+    bytes_fwd: float
+    bytes_bwd: float
+    flops_fwd: float = 0.0
+    flops_bwd: float = 0.0
+    shape: str = ""
+
+
+class NotApplicable(Exception):
+    """A shape set that does not describe this op's inputs."""
+
+
+# name -> (N, image size, patch, channels, encoder dim, decoder dim); unif_*: B rows of D features
+SHAPES = {
+    "vit_b16": dict(N=256, img=224, p=16, C=3, D=768, Dd=512),
+    "vit_l16": dict(N=128, img=224, p=16, C=3, D=1024, Dd=512),
+    "vit_tiny32": dict(N=512, img=32, p=4, C=3, D=192, Dd=128),
+    "cpu_small": dict(N=16, img=224, p=16, C=3, D=768, Dd=512),  # the CPU report and pytest-benchmark
+    "unif_b256": dict(B=256, D=768), "unif_b1024": dict(B=1024, D=768),
+    "unif_b4096": dict(B=4096, D=768), "unif_b16384": dict(B=16384, D=768),
+}
+# the batch sweep: how cost grows with N at ViT-B/16 shapes
+SWEEP = tuple(f"vit_b16_n{n}" for n in (32, 64, 128, 256, 512))
+for _name in SWEEP:
+    SHAPES[_name] = dict(SHAPES["vit_b16"], N=int(_name.rsplit("_n", 1)[1]))
+
+DEFAULT_SHAPES = {"cuda": ["vit_b16", "vit_l16", "vit_tiny32", "unif_b1024", "unif_b4096", "unif_b16384"],
+                  "cpu": ["cpu_small"]}
+DEFAULT_DTYPES = {"cuda": [torch.bfloat16, torch.float32], "cpu": [torch.float32]}
+
+
+def vit_shape(s: dict) -> dict:
+    if "img" not in s:
+        raise NotApplicable
+    return s
+
+
+def elt(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def rand(*shape, dtype, device, grad=False):
+    """Fresh random values made in fp32 and rounded once to dtype (never zeros)."""
+    return torch.randn(*shape, device=device).to(dtype).requires_grad_(grad)
+
+
+def case(op: str, shape: str | dict, dtype, device) -> Case:
+    """The registry's case for `op` at a named shape set (or a shape dict); NotApplicable if
+    the shape set does not describe the op's inputs."""
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    c = registry.get(op).bench_case(s, dtype, device)
+    c.shape = shape if isinstance(shape, str) else "custom"
+    return c

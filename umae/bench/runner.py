@@ -1,0 +1,195 @@
+"""One benchmark run: every registered op vs its eager reference vs torch.compile(reference),
+per shape set, dtype and mode, plus one U-MAE training step end to end."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import subprocess
+
+import torch
+
+import umae
+
+from .. import _backend, registry
+from .cases import DEFAULT_DTYPES, DEFAULT_SHAPES, SHAPES, NotApplicable, case
+from .timing import MODES, PROVIDERS, mode_fn, outputs, peak_mb, provider_forward, time_ms
+
+
+@contextlib.contextmanager
+def bench_settings():
+    """Settings for the benchmark only, restored after it (importing umae changes nothing):
+    "bwd" mode replays one backward (retain_graph), so compiled graphs must not donate their
+    buffers; on small CPU machines a pool of Inductor compile workers competes with the timed code."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with contextlib.ExitStack() as stack:
+        if hasattr(functorch_config, "donated_buffer"):
+            stack.enter_context(functorch_config.patch(donated_buffer=False))
+        stack.enter_context(inductor_config.patch(compile_threads=1))
+        yield
+
+
+def _dt(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def parity_error(c) -> float:
+    """Max abs difference of the forward outputs, fused vs reference, in fp32."""
+    with umae.use_backend("fused"):
+        a = outputs(c.forward())
+    with umae.use_backend("reference"):
+        b = outputs(c.forward())
+    return max(float((x.detach().float() - y.detach().float()).abs().max()) if x.numel() else 0.0
+               for x, y in zip(a, b))
+
+
+def run(ops=None, shapes=None, modes=MODES, providers=PROVIDERS, dtypes=None, device=None, progress=True):
+    """Yields one dict per (op, shape, dtype, mode, provider) with time and throughput."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ops = list(ops or registry.OPS)
+    shapes = list(shapes or DEFAULT_SHAPES[device])
+    dtypes = list(dtypes or DEFAULT_DTYPES[device])
+    jobs = [(o, s, d) for o in ops for s in shapes for d in dtypes]
+    try:
+        from tqdm import tqdm
+        it = tqdm(jobs, desc="umae bench", disable=not progress)
+    except ImportError:
+        it = jobs
+    with bench_settings():
+        for op, shape, dtype in it:
+            yield from _run_one(op, shape, dtype, modes, providers, device)
+
+
+def _run_one(op, shape, dtype, modes, providers, device):
+    impl, why = _backend.choose(op, device, (dtype,))
+    if impl == "triton-interpreter":
+        impl, why = "skipped", "Triton interpreter: its timings are not performance"
+    elif impl == "reference":
+        impl, why = "skipped", f"no fused implementation runs here ({why})"
+    torch.manual_seed(0)
+    try:
+        c = case(op, shape, dtype, device)
+    except NotApplicable:
+        return
+    err = parity_error(c) if impl != "skipped" else float("nan")
+    key = dict(op=op, shape=shape, dtype=_dt(dtype))
+    for mode in modes:
+        for provider in providers:
+            if provider == "fused" and impl == "skipped":
+                yield dict(key, mode=mode, provider=provider, skipped=why)
+                continue
+            try:
+                fn = mode_fn(provider_forward(c.forward, provider), c.grad_inputs, mode)
+                peak = peak_mb(fn, device)
+                ms, lo, hi = time_ms(fn, device)
+            except Exception as e:  # a provider that fails is reported, not fatal
+                yield dict(key, mode=mode, provider=provider, error=f"{type(e).__name__}: {e}"[:200])
+                continue
+            nbytes = {"fwd": c.bytes_fwd, "bwd": c.bytes_bwd, "fwd+bwd": c.bytes_fwd + c.bytes_bwd}[mode]
+            flops = {"fwd": c.flops_fwd, "bwd": c.flops_bwd, "fwd+bwd": c.flops_fwd + c.flops_bwd}[mode]
+            yield dict(key, mode=mode, provider=provider, impl=impl if provider == "fused" else "reference", ms=ms,
+                       ms_p20=lo, ms_p80=hi, gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9 if flops else None,
+                       parity_max_abs=err, peak_mb=peak)
+
+
+E2E = {  # shape set -> (model, batch)
+    "vit_tiny32": ("umae_vit_tiny_patch4_32", 512),
+    "vit_b16": ("umae_vit_base_patch16_224", 64),
+    "cpu_small": ("umae_vit_micro_patch4_32", 64),
+}
+E2E_DEFAULT = {"cuda": ["vit_tiny32", "vit_b16"], "cpu": ["cpu_small"]}
+
+
+def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16):
+    """One training step (forward, backward, AdamW) fused vs reference vs torch.compile(reference
+    model), under autocast; images/s."""
+    import timm
+
+    from .. import models  # noqa: F401
+
+    with bench_settings():
+        for shape in shapes:
+            if shape not in E2E:
+                continue
+            name, batch = E2E[shape]
+            for provider in providers:
+                yield _train_step_row(timm, name, batch, shape, provider, device, amp)
+
+
+def _train_step_row(timm, name, batch, shape, provider, device, amp):
+    torch.manual_seed(0)
+    model = timm.create_model(name, fused=provider == "fused", lamb=0.01).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    net = torch.compile(model) if provider == "compile" else model
+    imgs = torch.randn(batch, 3, model.img_size, model.img_size, device=device)
+
+    def step():
+        with torch.autocast(device, dtype=amp):
+            loss = net(imgs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    row = dict(op="train_step", shape=shape, dtype=_dt(amp) + "-autocast", mode="step", provider=provider)
+    try:
+        peak = peak_mb(step, device)
+        ms, lo, hi = time_ms(step, device)
+    except Exception as e:
+        return dict(row, error=f"{type(e).__name__}: {e}"[:200])
+    return dict(row, impl=name, ms=ms, ms_p20=lo, ms_p80=hi, gbps=0.0, tflops=None, img_per_s=batch / ms * 1e3,
+                parity_max_abs=float("nan"), peak_mb=peak)
+
+
+def profile(ops, shapes, dtypes, device, path):
+    """A torch.profiler Chrome trace of one fwd+bwd per op and provider, each inside an NVTX
+    range / record_function named after it."""
+    from torch.profiler import ProfilerActivity, record_function
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with bench_settings(), torch.profiler.profile(activities=acts) as prof:
+        for op in ops:
+            for shape in shapes:
+                for dtype in dtypes:
+                    try:
+                        c = case(op, shape, dtype, device)
+                    except NotApplicable:
+                        continue
+                    for provider in ("fused", "eager"):
+                        fn = mode_fn(provider_forward(c.forward, provider), c.grad_inputs, "fwd+bwd")
+                        label = f"{op}/{shape}/{_dt(dtype)}/{provider}"
+                        nvtx = torch.cuda.nvtx.range(label) if device == "cuda" else contextlib.nullcontext()
+                        with nvtx, record_function(label):
+                            fn()
+    prof.export_chrome_trace(path)
+    return path
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} threads visible, torch uses {torch.get_num_threads()})"
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment(device):
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    return dict(device=device_name(device), device_type=device, torch=torch.__version__, triton=tv,
+                commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                triton_interpret=_backend.triton_interpreted())
+
+
+__all__ = ["SHAPES", "run", "run_e2e", "profile", "environment", "parity_error", "bench_settings", "E2E",
+           "E2E_DEFAULT"]

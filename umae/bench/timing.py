@@ -1,0 +1,107 @@
+"""Timing and the measured ceilings. On CUDA `triton.testing.do_bench` (median, 20/80
+quantiles, device events); on CPU a perf_counter loop (median, 20/80 quantiles)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import umae
+
+PROVIDERS = ("fused", "eager", "compile")
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+CPU_MAX_REPS = 200
+
+
+def _time_cpu(fn, warmup=2, min_reps=5, min_time=0.5):
+    for _ in range(warmup):
+        fn()
+    times, t_end = [], time.perf_counter() + min_time
+    while len(times) < min_reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= CPU_MAX_REPS:
+            break
+    q = statistics.quantiles(times, n=10)
+    return statistics.median(times), q[1], q[7]
+
+
+def _time_cuda(fn):
+    import triton.testing
+
+    ms, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+    return ms, lo, hi
+
+
+def time_ms(fn, device):
+    """(median, p20, p80) in ms."""
+    return _time_cuda(fn) if device == "cuda" else _time_cpu(fn)
+
+
+def peak_mb(fn, device):
+    """Peak memory of one call above what was allocated before it (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def outputs(out, differentiable=False):
+    """Floating tensor outputs (for parity), or those autograd can differentiate (for backward)."""
+    return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)
+            and t.is_floating_point() and (t.requires_grad or not differentiable)]
+
+
+def mode_fn(forward, grad_inputs, mode):
+    """The callable timed in `mode`: the forward, one backward replayed, or both."""
+    if mode == "fwd":
+        return lambda: forward()
+    outs = outputs(forward(), differentiable=True)
+    grads = [torch.randn_like(o) for o in outs]
+    if mode == "bwd":
+        def bwd():
+            torch.autograd.grad(outs, grad_inputs, grads, retain_graph=True)
+        return bwd
+
+    def full():
+        o = outputs(forward(), differentiable=True)
+        torch.autograd.grad(o, grad_inputs, grads)
+    return full
+
+
+def provider_forward(case_fn, provider):
+    """The forward callable for a provider; the backend is fixed inside the call."""
+    backend = "fused" if provider == "fused" else "reference"
+
+    def fwd():
+        with umae.use_backend(backend):
+            return case_fn()
+    if provider == "compile":
+        return torch.compile(fwd)
+    return fwd
+
+
+def ceilings(device) -> dict:
+    """Copy bandwidth (GB/s, read + write) and matrix peak (TFLOP/s: bf16 on CUDA, fp32 on CPU)."""
+    if device == "cuda":
+        x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+        y = torch.empty_like(x)
+        ms = time_ms(lambda: y.copy_(x), device)[0]
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        mm_ms = time_ms(lambda: a @ a, device)[0]
+        out = dict(copy_gbps=2 * x.numel() / ms / 1e6, matmul_tflops=2 * 8192**3 / mm_ms / 1e9, matmul_dtype="bf16")
+        del x, y, a
+        return out
+    x = torch.empty(2**26, dtype=torch.uint8)
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x), device)[0]
+    a = torch.randn(1024, 1024)
+    mm_ms = time_ms(lambda: a @ a, device)[0]
+    return dict(copy_gbps=2 * x.numel() / ms / 1e6, matmul_tflops=2 * 1024**3 / mm_ms / 1e9, matmul_dtype="fp32")

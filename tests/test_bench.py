@@ -5,7 +5,8 @@ import os
 
 import torch
 
-from umae import bench, report
+from umae import bench
+from umae.bench import report
 
 
 def test_bench_rows_and_outputs(tmp_path):

@@ -127,3 +127,24 @@ def test_fp16_grad_scaler_and_accumulation(tmp_path):
     assert [r["step"] for r in recs] == [1, 2] and all(r["loss"] == r["loss"] for r in recs)  # finite, not NaN
     ck = torch.load(tmp_path / "h" / "checkpoint-last.pt", weights_only=False)
     assert ck["step"] == 2 and ck["scaler"]  # the scaler state is checkpointed for resume
+
+
+def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
+    """umae's training code reads a tensor on the host only at log steps (one read each). The
+    input pipeline (umae/data.py) is excluded: it works on CPU tensors by construction."""
+    import sys
+
+    import umae
+
+    umae_dir = os.path.dirname(umae.__file__)
+    calls = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        def wrapper(self, *a, _orig=getattr(torch.Tensor, name), _name=name, **k):
+            f = sys._getframe(1).f_code.co_filename
+            if f.startswith(umae_dir) and not f.endswith("data.py"):
+                calls.append((_name, os.path.relpath(f, umae_dir)))
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    recs = train.train(_args(tmp_path, steps=6, log_every=3, ckpt_every=0))
+    assert [r["step"] for r in recs] == [3, 6]
+    assert calls == [("tolist", os.path.join("train", "log.py"))] * 2, calls

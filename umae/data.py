@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+BUILTIN_SIZE = 4096  # images in the builtin training set (its test set: a quarter as many)
 MEAN = torch.tensor([0.485, 0.456, 0.406])  # MAE normalizes with ImageNet statistics
 STD = torch.tensor([0.229, 0.224, 0.225])
 
@@ -91,7 +92,7 @@ class FolderImages(Dataset):
         return a.permute(2, 0, 1), int(label)
 
 
-def open_dataset(path: str | None, train: bool = True, seed: int = 0, builtin_size: int = 2048):
+def open_dataset(path: str | None, train: bool = True, seed: int = 0, builtin_size: int = BUILTIN_SIZE):
     """'builtin' / None: shapes10 (train: builtin_size images, test: a quarter as many, other seed).
     A folder with cifar-10-batches-py or cifar-100-python: that CIFAR split. Any other folder:
     an ImageFolder (class sub-folders of images); `train` is ignored, split it with `split`."""

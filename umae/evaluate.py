@@ -100,8 +100,8 @@ def evaluate(args) -> dict:
         model, run, step = load_model(path, device)
         data = args.data or run["data"]
         if data in (None, "builtin"):
-            tr = D.open_dataset("builtin", True, run["seed"], run.get("builtin_size", 4096))
-            te = D.open_dataset("builtin", False, run["seed"], run.get("builtin_size", 4096))
+            tr = D.open_dataset("builtin", True, run["seed"], run.get("builtin_size", D.BUILTIN_SIZE))
+            te = D.open_dataset("builtin", False, run["seed"], run.get("builtin_size", D.BUILTIN_SIZE))
         else:
             tr = D.open_dataset(data, True)
             if type(tr.ds).__name__ == "ImageFolder":  # no test split of its own: hold part out

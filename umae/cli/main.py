@@ -5,22 +5,19 @@ import argparse
 import os
 import sys
 
-# On small CPU machines a pool of Inductor compile workers competes with the timed code.
-os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-
 
 def _bench(args) -> int:
     import torch
 
-    from umae import bench, format_backend_info
+    from umae import bench, format_backend_info, registry
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
     shapes = args.shapes
     if args.sweep:
-        shapes = (shapes or []) + [s for s in bench.SHAPES if s.startswith("vit_b16_n")]
+        shapes = (shapes or []) + list(bench.SWEEP)
     for name, values in (("ops", args.ops), ("shapes", shapes)):
-        known = list(bench.CASES) + ["train_step"] if name == "ops" else bench.SHAPES
+        known = list(registry.OPS) + ["train_step"] if name == "ops" else bench.SHAPES
         bad = [v for v in values or [] if v not in known]
         if bad:
             print(f"umae bench: unknown {name} {bad}; choose from {sorted(known)}", file=sys.stderr)
@@ -34,10 +31,10 @@ def _bench(args) -> int:
     ceil = bench.ceilings(device)
     print(f"measured ceilings: copy {ceil['copy_gbps']:.1f} GB/s, matmul {ceil['matmul_tflops']:.2f} TFLOP/s "
           f"({ceil['matmul_dtype']})")
-    ops = [o for o in (args.ops or list(bench.CASES) + ["train_step"])]
+    ops = args.ops or list(registry.OPS) + ["train_step"]
     op_rows = list(bench.run([o for o in ops if o != "train_step"], shapes, args.modes, args.providers, dtypes,
                              device, progress=not args.no_progress)) if any(o != "train_step" for o in ops) else []
-    e2e_shapes = shapes or (["vit_tiny32", "vit_b16"] if device == "cuda" else ["cpu_small"])
+    e2e_shapes = shapes or bench.E2E_DEFAULT[device]
     e2e_rows = list(bench.run_e2e(e2e_shapes, device, args.providers)) if "train_step" in ops else []
     rows = bench.add_fractions(bench.speedups(op_rows + e2e_rows), ceil)
     print(bench.format_table(rows))
@@ -55,7 +52,7 @@ def _bench(args) -> int:
 
 
 def _report(args) -> int:
-    from umae import report
+    from umae.bench import report
 
     table = report.update_readme(args.results, args.readme)
     print(table)
@@ -91,12 +88,12 @@ def _eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from umae import bench
+    from umae import bench, registry
 
     ap = argparse.ArgumentParser(prog="umae", description="Fused kernels for MAE / U-MAE training.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="fused vs eager reference vs torch.compile(reference), per op")
-    b.add_argument("--ops", nargs="+", help=f"default: all ({', '.join(bench.CASES)}, train_step)")
+    b.add_argument("--ops", nargs="+", help=f"default: all ({', '.join(registry.OPS)}, train_step)")
     b.add_argument("--shapes", nargs="+", help=f"shape sets ({', '.join(bench.SHAPES)})")
     b.add_argument("--modes", nargs="+", default=list(bench.MODES), choices=bench.MODES)
     b.add_argument("--providers", nargs="+", default=list(bench.PROVIDERS), choices=bench.PROVIDERS)

@@ -1,17 +1,30 @@
 """Helpers shared by the Triton launchers."""
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
+
+from .._backend import triton_interpreted as interpreted  # noqa: F401  (decided in one place)
+
+H100_SM_COUNT = 132  # the target GPU's, where no GPU is visible (the interpreter, compile checks)
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
                 torch.int64: "i64", torch.int32: "i32"}
 
 
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of `device`'s GPU; the H100's where none is visible."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return H100_SM_COUNT
 
 
 def pow2_clamp(n: int, lo: int, hi: int) -> int:

@@ -17,7 +17,7 @@ from ._util import TRITON_DTYPE, pow2_clamp, signature
 @triton.jit
 def _rank_gather_kernel(noise_ptr, x_ptr, pos_ptr, cls_ptr, out_ptr, mask_ptr, ids_ptr,
                         L, D, len_keep,
-                        sxn, sxl, sxd, spl, spd, scd, son, sol,
+                        stride_x_n, stride_x_l, stride_x_d, stride_pos_l, stride_pos_d, stride_cls_d, stride_out_n, stride_out_l,
                         HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr,
                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
@@ -43,21 +43,21 @@ def _rank_gather_kernel(noise_ptr, x_ptr, pos_ptr, cls_ptr, out_ptr, mask_ptr, i
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         m = row_ok[:, None] & (d < D)[None, :]
-        v = tl.load(x_ptr + n * sxn + i[:, None].to(tl.int64) * sxl + d[None, :] * sxd, mask=m, other=0.0)
+        v = tl.load(x_ptr + n * stride_x_n + i[:, None].to(tl.int64) * stride_x_l + d[None, :] * stride_x_d, mask=m, other=0.0)
         v = v.to(tl.float32)
         if HAS_POS:
-            v += tl.load(pos_ptr + i[:, None] * spl + d[None, :] * spd, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + n * son + dst[:, None] * sol + d[None, :], v.to(out_ptr.dtype.element_ty), mask=m)
+            v += tl.load(pos_ptr + i[:, None] * stride_pos_l + d[None, :] * stride_pos_d, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * stride_out_n + dst[:, None] * stride_out_l + d[None, :], v.to(out_ptr.dtype.element_ty), mask=m)
     if HAS_CLS:
         if ib == 0:
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + tl.arange(0, BLOCK_D)
-                c = tl.load(cls_ptr + d * scd, mask=d < D, other=0.0)
-                tl.store(out_ptr + n * son + d, c.to(out_ptr.dtype.element_ty), mask=d < D)
+                c = tl.load(cls_ptr + d * stride_cls_d, mask=d < D, other=0.0)
+                tl.store(out_ptr + n * stride_out_n + d, c.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
-def _scatter_grad_kernel(grad_ptr, ids_ptr, gx_ptr, L, D, len_keep, sgn, sgl, sgd,
+def _scatter_grad_kernel(grad_ptr, ids_ptr, gx_ptr, L, D, len_keep, stride_grad_n, stride_grad_l, stride_grad_d,
                          HAS_CLS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
     # grad_x[n, i] = grad_out[n, has_cls + rank_i] for kept rows, 0 for removed rows.
     n = tl.program_id(0).to(tl.int64)
@@ -69,7 +69,7 @@ def _scatter_grad_kernel(grad_ptr, ids_ptr, gx_ptr, L, D, len_keep, sgn, sgl, sg
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = (d < D)[None, :]
-        g = tl.load(grad_ptr + n * sgn + src[:, None] * sgl + d[None, :] * sgd, mask=keep[:, None] & dm, other=0.0)
+        g = tl.load(grad_ptr + n * stride_grad_n + src[:, None] * stride_grad_l + d[None, :] * stride_grad_d, mask=keep[:, None] & dm, other=0.0)
         tl.store(gx_ptr + (n * L + i[:, None]) * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
                  mask=i_ok[:, None] & dm)
 
@@ -101,7 +101,7 @@ def forward(x, noise, pos_embed, cls_token, len_keep: int):
     return out, mask, ids_restore
 
 
-def backward(grad_out, ids_restore, has_cls: bool):
+def backward(grad_out, ids_restore, *, has_cls: bool):
     """Gradient of x + pos (N, L, D), in grad_out's dtype, from the gradient of x_masked."""
     N, L = ids_restore.shape
     D = grad_out.shape[2]

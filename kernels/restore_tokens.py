@@ -29,7 +29,7 @@ def _rows(ids_ptr, n, rb, L, len_keep, HAS_CLS: tl.constexpr, BLOCK_R: tl.conste
 
 @triton.jit
 def _restore_kernel(x_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr, L, D, len_keep,
-                    sxn, sxl, sxd, std_, spl, spd,
+                    stride_x_n, stride_x_l, stride_x_d, stride_tok_d, stride_pos_l, stride_pos_d,
                     HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     o, o_ok, from_x, src, is_tok = _rows(ids_ptr, n, tl.program_id(1), L, len_keep, HAS_CLS, BLOCK_R)
@@ -37,16 +37,16 @@ def _restore_kernel(x_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr, L, D, len_keep,
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = (d < D)[None, :]
-        v = tl.load(x_ptr + n * sxn + src[:, None] * sxl + d[None, :] * sxd, mask=from_x[:, None] & dm, other=0.0)
-        t = tl.load(tok_ptr + d * std_, mask=d < D, other=0.0)
+        v = tl.load(x_ptr + n * stride_x_n + src[:, None] * stride_x_l + d[None, :] * stride_x_d, mask=from_x[:, None] & dm, other=0.0)
+        t = tl.load(tok_ptr + d * stride_tok_d, mask=d < D, other=0.0)
         v = tl.where(is_tok[:, None], t[None, :].to(tl.float32), v.to(tl.float32))
         if HAS_POS:
-            v += tl.load(pos_ptr + o[:, None] * spl + d[None, :] * spd, mask=o_ok[:, None] & dm, other=0.0).to(tl.float32)
+            v += tl.load(pos_ptr + o[:, None] * stride_pos_l + d[None, :] * stride_pos_d, mask=o_ok[:, None] & dm, other=0.0).to(tl.float32)
         tl.store(out_ptr + (n * R + o[:, None]) * D + d[None, :], v.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & dm)
 
 
 @triton.jit
-def _restore_bwd_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, L, D, len_keep, sgn, sgl, sgd,
+def _restore_bwd_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, L, D, len_keep, stride_grad_n, stride_grad_l, stride_grad_d,
                         HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     rb = tl.program_id(1)
@@ -56,7 +56,7 @@ def _restore_bwd_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, L, D, len_keep, sgn, s
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = (d < D)[None, :]
-        g = tl.load(g_ptr + n * sgn + o[:, None] * sgl + d[None, :] * sgd, mask=o_ok[:, None] & dm, other=0.0)
+        g = tl.load(g_ptr + n * stride_grad_n + o[:, None] * stride_grad_l + d[None, :] * stride_grad_d, mask=o_ok[:, None] & dm, other=0.0)
         tl.store(gx_ptr + (n * Kx + dst[:, None]) * D + d[None, :], g.to(gx_ptr.dtype.element_ty), mask=to_x[:, None] & dm)
         gt = tl.sum(tl.where(is_tok[:, None], g.to(tl.float32), 0.0), axis=0)
         tl.store(part_ptr + part_row + d, gt, mask=d < D)
@@ -71,7 +71,7 @@ def out_dtype(x, mask_token, pos_embed):
     return torch.promote_types(dt, pos_embed.dtype) if pos_embed is not None else dt
 
 
-def forward(x, ids_restore, mask_token, pos_embed, has_cls: bool):
+def forward(x, ids_restore, mask_token, pos_embed, *, has_cls: bool):
     N, L = ids_restore.shape
     D = x.shape[2]
     R = L + int(has_cls)
@@ -88,7 +88,7 @@ def forward(x, ids_restore, mask_token, pos_embed, has_cls: bool):
     return out
 
 
-def backward(grad_out, ids_restore, x_shape, x_dtype, has_cls: bool):
+def backward(grad_out, ids_restore, x_shape, x_dtype, *, has_cls: bool):
     """(grad_x in x's dtype, grad_mask_token as fp32 (D,))."""
     N, L = ids_restore.shape
     D = grad_out.shape[2]

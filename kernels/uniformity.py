@@ -3,7 +3,8 @@
 The B x B similarity matrix S = Z Z^T is never formed: sum_ij S_ij^2 = ||S||_F^2 =
 ||Z^T Z||_F^2, the squared Frobenius norm of the D x D Gram G = Z^T Z. So
 - forward: one program per upper-triangular (D-tile, D-tile) pair of G accumulates the tile
-  over the batch (large batches: over a slice of it, see `splits`) (tl.dot, fp32 accumulation), squares it and reduces it in registers, writing
+  over the batch (large batches: over a slice of it, see `splits`) (tl.dot, fp32
+  accumulation), squares it and reduces it in registers, writing
   one fp32 partial (off-diagonal tiles count twice: G is symmetric). The partials are summed
   in a fixed order: deterministic, no atomics. Normalization is folded in (row norms once).
 - backward: dL/dZ = 4 c Z G (c = 1/B^2), so G is formed once (D x D, the same tile kernel
@@ -21,26 +22,32 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import TRITON_DTYPE, interpreted, signature
+from ._util import TRITON_DTYPE, interpreted, signature, sm_count
 
-DOT_FP32, DOT_BF16, DOT_FP16 = 0, 1, 2
+# DOT_DTYPE: the dtype z is rounded to before the products. FP32: IEEE fp32 products (fp32
+# features, and every input under the interpreter, whose bf16 arithmetic is unreliable);
+# BF16 / FP16: the tensor cores with fp32 accumulation.
+DOT_IN_FP32 = tl.constexpr(0)
+DOT_IN_BF16 = tl.constexpr(1)
+DOT_IN_FP16 = tl.constexpr(2)
+_GPU_DOT = {torch.float32: DOT_IN_FP32.value, torch.bfloat16: DOT_IN_BF16.value, torch.float16: DOT_IN_FP16.value}
 
 
 @triton.jit
-def _load_z(f_ptr, rinv_ptr, rows, cols, B, D, sfb, sfd, DOT: tl.constexpr):
+def _load_z(f_ptr, rinv_ptr, rows, cols, B, D, stride_f_b, stride_f_d, DOT_DTYPE: tl.constexpr):
     m = (rows < B)[:, None] & (cols < D)[None, :]
-    z = tl.load(f_ptr + rows[:, None].to(tl.int64) * sfb + cols[None, :] * sfd, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(f_ptr + rows[:, None].to(tl.int64) * stride_f_b + cols[None, :] * stride_f_d, mask=m, other=0.0).to(tl.float32)
     z = z * tl.load(rinv_ptr + rows, mask=rows < B, other=0.0)[:, None]
-    if DOT == 1:
+    if DOT_DTYPE == DOT_IN_BF16:
         z = z.to(tl.bfloat16)
-    elif DOT == 2:
+    elif DOT_DTYPE == DOT_IN_FP16:
         z = z.to(tl.float16)
     return z
 
 
 @triton.jit
-def _gram_kernel(f_ptr, rinv_ptr, out_ptr, B, D, sfb, sfd, rows_per_split,
-                 STORE: tl.constexpr, DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
+def _gram_kernel(f_ptr, rinv_ptr, out_ptr, B, D, stride_f_b, stride_f_d, rows_per_split,
+                 STORE_GRAM: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
     # program (pi, pj, ps): Gram tile (I, J) over batch rows [ps * rows_per_split, ...)
     pi = tl.program_id(0)
     pj = tl.program_id(1)
@@ -55,13 +62,13 @@ def _gram_kernel(f_ptr, rinv_ptr, out_ptr, B, D, sfb, sfd, rows_per_split,
         for b0 in range(b_lo, b_hi, BLOCK_B):
             b = b0 + tl.arange(0, BLOCK_B)
             b = tl.where(b < b_hi, b, B)  # rows of the next split read as padding
-            a = _load_z(f_ptr, rinv_ptr, b, di, B, D, sfb, sfd, DOT)
-            c = _load_z(f_ptr, rinv_ptr, b, dj, B, D, sfb, sfd, DOT)
-            if DOT == 0:
+            a = _load_z(f_ptr, rinv_ptr, b, di, B, D, stride_f_b, stride_f_d, DOT_DTYPE)
+            c = _load_z(f_ptr, rinv_ptr, b, dj, B, D, stride_f_b, stride_f_d, DOT_DTYPE)
+            if DOT_DTYPE == DOT_IN_FP32:
                 acc += tl.dot(tl.trans(a), c, input_precision="ieee")
             else:
                 acc += tl.dot(tl.trans(a), c)
-        if STORE:  # G[I, J] and its mirror G[J, I], in this split's slice of out
+        if STORE_GRAM:  # G[I, J] and its mirror G[J, I], in this split's slice of out
             m = (di < D)[:, None] & (dj < D)[None, :]
             g_ptr = out_ptr + ps.to(tl.int64) * D * D
             tl.store(g_ptr + di[:, None] * D + dj[None, :], acc, mask=m)
@@ -71,24 +78,24 @@ def _gram_kernel(f_ptr, rinv_ptr, out_ptr, B, D, sfb, sfd, rows_per_split,
             w = tl.where(pi == pj, 1.0, 2.0)
             tl.store(out_ptr + pi * nt + pj, tl.sum(tl.sum(acc * acc, axis=1), axis=0) * w)
     else:
-        if not STORE:
+        if not STORE_GRAM:
             tl.store(out_ptr + pi * nt + pj, 0.0)
 
 
 @triton.jit
-def _z_times_gram_kernel(f_ptr, rinv_ptr, g_ptr, out_ptr, B, D, sfb, sfd,
-                         DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _z_times_gram_kernel(f_ptr, rinv_ptr, g_ptr, out_ptr, B, D, stride_f_b, stride_f_d,
+                         DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # out[b, J] = sum_k z[b, k] G[k, J], fp32
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        z = _load_z(f_ptr, rinv_ptr, rows, k, B, D, sfb, sfd, DOT)
+        z = _load_z(f_ptr, rinv_ptr, rows, k, B, D, stride_f_b, stride_f_d, DOT_DTYPE)
         g = tl.load(g_ptr + k[:, None] * D + cols[None, :], mask=(k < D)[:, None] & (cols < D)[None, :], other=0.0)
-        if DOT == 0:
+        if DOT_DTYPE == DOT_IN_FP32:
             acc += tl.dot(z, g, input_precision="ieee")
-        elif DOT == 1:
+        elif DOT_DTYPE == DOT_IN_BF16:
             acc += tl.dot(z, g.to(tl.bfloat16))
         else:
             acc += tl.dot(z, g.to(tl.float16))
@@ -101,31 +108,34 @@ ZG_CFG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 NUM_WARPS = 4
 
 
+WAVES = 2  # Gram programs per SM the batch split aims for
+MIN_ROWS_PER_SPLIT = 512
+
+
 def dot_kind(dtype) -> int:
-    if interpreted() or dtype == torch.float32:
-        return DOT_FP32
-    return DOT_BF16 if dtype == torch.bfloat16 else DOT_FP16
+    return DOT_IN_FP32.value if interpreted() else _GPU_DOT[dtype]
 
 
 def rounding_dtype(dtype):
     """The dtype z is rounded to before the products (for consistent diagonal terms)."""
-    return torch.float32 if dot_kind(dtype) == DOT_FP32 else dtype
+    return torch.float32 if dot_kind(dtype) == DOT_IN_FP32.value else dtype
 
 
-def splits(B: int, D: int) -> int:
-    """Batch splits for the Gram: enough programs to fill ~2 waves of an H100's 132 SMs, each
-    split at least 512 rows. A rule of (B, D) only, so the interpreter runs what the GPU runs."""
+def splits(B: int, D: int, device) -> int:
+    """Batch splits for the Gram: enough programs for WAVES waves over the device's SMs (an
+    H100's where no GPU is visible, so the interpreter runs what that GPU would), each split
+    at least MIN_ROWS_PER_SPLIT rows."""
     nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
     tiles = nt * (nt + 1) // 2
-    return max(1, min(triton.cdiv(264, tiles), B // 512))
+    return max(1, min(triton.cdiv(WAVES * sm_count(device), tiles), B // MIN_ROWS_PER_SPLIT))
 
 
-def _gram_launch(f, rinv, out, store, n_split):
+def _gram_launch(f, rinv, out, *, store_gram: bool, n_split: int):
     B, D = f.shape
     nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
     rows = triton.cdiv(triton.cdiv(B, n_split), GRAM_CFG["BLOCK_B"]) * GRAM_CFG["BLOCK_B"]
-    _gram_kernel[(nt, nt, n_split)](f, rinv, out, B, D, f.stride(0), f.stride(1), rows, STORE=store,
-                                    DOT=dot_kind(f.dtype), num_warps=NUM_WARPS, **GRAM_CFG)
+    _gram_kernel[(nt, nt, n_split)](f, rinv, out, B, D, f.stride(0), f.stride(1), rows, STORE_GRAM=store_gram,
+                                    DOT_DTYPE=dot_kind(f.dtype), num_warps=NUM_WARPS, **GRAM_CFG)
 
 
 def gram_square_sum(f, rinv):
@@ -135,21 +145,21 @@ def gram_square_sum(f, rinv):
     split across programs; their partial Grams (n_split x D x D fp32) are summed in a fixed
     order before squaring (squares of partial sums would be wrong)."""
     B, D = f.shape
-    n_split = splits(B, D)
+    n_split = splits(B, D, f.device)
     if n_split > 1:
         return gram(f, rinv).pow(2).sum()
     nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
     part = torch.empty((nt * nt,), device=f.device, dtype=torch.float32)
-    _gram_launch(f, rinv, part, False, 1)
+    _gram_launch(f, rinv, part, store_gram=False, n_split=1)
     return part.sum()
 
 
 def gram(f, rinv):
     """G = Z^T Z (D, D) fp32."""
     B, D = f.shape
-    n_split = splits(B, D)
+    n_split = splits(B, D, f.device)
     out = torch.empty((n_split, D, D), device=f.device, dtype=torch.float32)
-    _gram_launch(f, rinv, out, True, n_split)
+    _gram_launch(f, rinv, out, store_gram=True, n_split=n_split)
     return out[0] if n_split == 1 else out.sum(0)
 
 
@@ -158,19 +168,19 @@ def z_times_gram(f, rinv, g):
     B, D = f.shape
     out = torch.empty((B, D), device=f.device, dtype=torch.float32)
     grid = (triton.cdiv(B, ZG_CFG["BLOCK_M"]), triton.cdiv(D, ZG_CFG["BLOCK_N"]))
-    _z_times_gram_kernel[grid](f, rinv, g, out, B, D, f.stride(0), f.stride(1), DOT=dot_kind(f.dtype),
+    _z_times_gram_kernel[grid](f, rinv, g, out, B, D, f.stride(0), f.stride(1), DOT_DTYPE=dot_kind(f.dtype),
                                num_warps=NUM_WARPS, **ZG_CFG)
     return out
 
 
 def aot_specs(shapes, dtypes):
-    """Configurations are fixed; signatures vary with dtype and the DOT path (GPU: no upcast)."""
+    """Configurations are fixed; signatures vary with dtype and the DOT_DTYPE path (GPU: no upcast)."""
     del shapes
     for dt in dtypes:
         t = TRITON_DTYPE[dt]
-        dot = DOT_FP32 if dt == torch.float32 else (DOT_BF16 if dt == torch.bfloat16 else DOT_FP16)
-        for store in (False, True):
+        dot = _GPU_DOT[dt]
+        for store_gram in (False, True):
             sig = signature(_gram_kernel, f_ptr=f"*{t}", rinv_ptr="*fp32", out_ptr="*fp32")
-            yield _gram_kernel, sig, dict(STORE=store, DOT=dot, **GRAM_CFG), NUM_WARPS
+            yield _gram_kernel, sig, dict(STORE_GRAM=store_gram, DOT_DTYPE=dot, **GRAM_CFG), NUM_WARPS
         sig = signature(_z_times_gram_kernel, f_ptr=f"*{t}", rinv_ptr="*fp32", g_ptr="*fp32", out_ptr="*fp32")
-        yield _z_times_gram_kernel, sig, dict(DOT=dot, **ZG_CFG), NUM_WARPS
+        yield _z_times_gram_kernel, sig, dict(DOT_DTYPE=dot, **ZG_CFG), NUM_WARPS

@@ -204,7 +204,7 @@ def test_batch_split_gram_is_exercised_and_exact():
     # (1024, 192) and (2048, 16) split the batch across programs (partial Grams summed in order)
     from umae.kernels import uniformity as k
 
-    assert k.splits(1024, 192) > 1 and k.splits(2048, 16) > 1 and k.splits(64, 768) == 1
+    assert k.splits(1024, 192, "cpu") > 1 and k.splits(2048, 16, "cpu") > 1 and k.splits(64, 768, "cpu") == 1
     f = randn(2048, 16)
     rinv = torch.ones(2048)
     assert_close(k.gram(f, rinv), f.T @ f, **MATMUL_TOL[torch.float32])

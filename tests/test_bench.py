@@ -39,7 +39,7 @@ def test_report_regenerates_readme_table(tmp_path):
               open(run / "results.json", "w"))
     table = report.update_readme(str(res), str(readme))
     text = readme.read_text()
-    assert "| mae_loss | vit_b16 | bfloat16 | fwd+bwd | 1.000 | 4.000 | 2.000 | 4.00 | 2.00 |" in table
+    assert "| mae_loss | vit_b16 | bfloat16 | fwd+bwd | 1.000 | 4.000 | 2.000 | - | 4.00 | 2.00 |" in table
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
 
 

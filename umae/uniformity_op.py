@@ -73,7 +73,7 @@ if _backend.TRITON_OK:
         sq = _rounded_z(features, rinv).pow(2).sum(1)
         return (sq * sq).sum()
 
-    def _grad_from_gram(grad, features, norms, rinv, g, exclude_diagonal, denom, normalize):
+    def _grad_from_gram(grad, features, norms, rinv, g, denom, *, exclude_diagonal: bool, normalize: bool):
         """dL/dF for L = c (||G||^2 - [excl] sum_i ||z_i||^4), G = Z^T Z, c = grad / denom."""
         c = grad.float() * 4.0 / denom
         dz = _k.z_times_gram(features, rinv, g) * c
@@ -105,7 +105,8 @@ if _backend.TRITON_OK:
         norms, rinv = _prep(features, normalize)
         g = _k.gram(features, rinv)
         denom = _denominator(features.shape[0], exclude_diagonal)
-        return _grad_from_gram(grad, features, norms, rinv, g, exclude_diagonal, denom, normalize).to(features.dtype)
+        return _grad_from_gram(grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
+                               normalize=normalize).to(features.dtype)
 
     @uniformity_loss_backward.register_fake
     def _(grad, features, normalize, exclude_diagonal):
@@ -150,7 +151,8 @@ if _backend.TRITON_OK:
         def backward(ctx, grad):
             features, norms, rinv, g = ctx.saved_tensors
             exclude_diagonal, denom, normalize, grad_scale = ctx.args
-            df = _grad_from_gram(grad, features, norms, rinv, g, exclude_diagonal, denom, normalize)
+            df = _grad_from_gram(grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
+                                 normalize=normalize)
             return (df * grad_scale).to(features.dtype), None, None, None, None
 
 

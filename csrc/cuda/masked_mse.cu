@@ -14,6 +14,8 @@ namespace umae {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
+// Grid cap: the rows loop grid-strided, so more blocks than a few waves only add scheduling.
+constexpr int64_t kMaxBlocks = 65535 * 4;
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
@@ -110,7 +112,7 @@ Launch prepare(const at::Tensor& pred, const at::Tensor& target, int64_t patch_s
   if (a.from_images) a.img = image_index(target, patch_size);
   a.R = pred.size(0) * pred.size(1);
   a.K = pred.size(2);
-  a.blocks = (int)std::min<int64_t>((a.R + kWarpsPerBlock - 1) / kWarpsPerBlock, 65535 * 4);
+  a.blocks = (int)std::min<int64_t>((a.R + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxBlocks);
   return a;
 }
 

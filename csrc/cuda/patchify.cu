@@ -13,7 +13,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-inline int64_t blocks_for(int64_t n) { return std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8); }
+// Grid cap: the elements loop grid-strided, so more blocks than a few waves only add scheduling.
+constexpr int64_t kMaxBlocks = 65535 * 8;
+inline int64_t blocks_for(int64_t n) { return std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks); }
 
 template <typename scalar_t>
 __global__ void patchify_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, ImageIndex idx,

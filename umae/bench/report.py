@@ -8,11 +8,13 @@ import glob
 import json
 import os
 
+from .timing import FUSED_PROVIDERS
+
 
 def add_fractions(rows, ceil):
     """Adds the fraction of the measured copy bandwidth / matrix peak to fused rows."""
     for r in rows:  # fused rows only: the other providers' work differs from the counted bytes / FLOPs
-        if "ms" in r and r["provider"] == "fused" and r["op"] != "train_step":
+        if "ms" in r and r["provider"] in FUSED_PROVIDERS and r["op"] != "train_step":
             r["frac_copy_bw"] = r["gbps"] / ceil["copy_gbps"]
             if r.get("tflops"):
                 r["frac_matmul_peak"] = r["tflops"] / ceil["matmul_tflops"]
@@ -20,11 +22,11 @@ def add_fractions(rows, ceil):
 
 
 def speedups(rows):
-    """Adds `speedup_vs_eager` / `speedup_vs_compile` to fused rows."""
+    """Adds `speedup_vs_eager` / `speedup_vs_compile` to the fused and fused+compile rows."""
     key = lambda r: (r["op"], r["shape"], r["dtype"], r["mode"])  # noqa: E731
     base = {(key(r), r["provider"]): r["ms"] for r in rows if "ms" in r}
     for r in rows:
-        if r.get("provider") == "fused" and "ms" in r:
+        if r.get("provider") in FUSED_PROVIDERS and "ms" in r:
             for p in ("eager", "compile"):
                 if (key(r), p) in base:
                     r[f"speedup_vs_{p}"] = base[(key(r), p)] / r["ms"]
@@ -32,15 +34,15 @@ def speedups(rows):
 
 
 def format_table(rows) -> str:
-    head = (f"{'op':<16} {'shape':<10} {'dtype':<8} {'mode':<7} {'provider':<8} {'ms':>9} {'GB/s':>8} "
+    head = (f"{'op':<16} {'shape':<10} {'dtype':<8} {'mode':<7} {'provider':<13} {'ms':>9} {'GB/s':>8} "
             f"{'TFLOP/s':>8} {'x eager':>8} {'x compile':>9} {'%copyBW':>8} {'%mmPeak':>8} {'parity':>9}")
     out = [head, "-" * len(head)]
     for r in rows:
         if "skipped" in r:
-            out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<8} skipped: {r['skipped']}")
+            out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<13} skipped: {r['skipped']}")
             continue
         if "error" in r:
-            out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<8} ERROR {r['error']}")
+            out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<13} ERROR {r['error']}")
             continue
         tf = f"{r['tflops']:.2f}" if r.get("tflops") else ("%.0f img/s" % r["img_per_s"] if "img_per_s" in r else "-")
         se = f"{r['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in r else ""
@@ -48,7 +50,7 @@ def format_table(rows) -> str:
         par = f"{r['parity_max_abs']:.1e}" if r["provider"] == "fused" and r["op"] != "train_step" else ""
         fb = f"{100 * r['frac_copy_bw']:.0f}%" if r.get("gbps") and "frac_copy_bw" in r else ""
         fm = f"{100 * r['frac_matmul_peak']:.0f}%" if "frac_matmul_peak" in r else ""
-        out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<8} "
+        out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<13} "
                    f"{r['ms']:>9.3f} {r['gbps']:>8.1f} {tf:>8} {se:>8} {sc:>9} {fb:>8} {fm:>8} {par:>9}")
     return "\n".join(out)
 
@@ -90,8 +92,9 @@ def table(results_dir) -> str:
     lines = [f"From `{os.path.relpath(path)}`: {env['device']}, {env['date']}, torch {env['torch']}, "
              f"triton {env['triton']}, commit {env['commit']}. Measured ceilings: copy "
              f"{ceil.get('copy_gbps', float('nan')):.0f} GB/s, bf16 matmul {ceil.get('matmul_tflops', float('nan')):.0f} TFLOP/s.",
-             "", "| op | shape | dtype | mode | fused ms | eager ms | compile ms | x eager | x compile | GB/s | TFLOP/s | % of ceiling |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| op | shape | dtype | mode | fused ms | eager ms | compile ms | fused+compile ms | x eager | x compile "
+             "| GB/s | TFLOP/s | % of ceiling |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in d["rows"]:
         if "ms" in r:
@@ -100,13 +103,11 @@ def table(results_dir) -> str:
         if mode not in ("fwd+bwd", "step") or "fused" not in p:
             continue
         f = p["fused"]
-        ms = lambda k: f"{p[k]['ms']:.3f}" if k in p else "-"  # noqa: E731
+        times = " | ".join(f"{p[k]['ms']:.3f}" if k in p else "-" for k in ("fused", "eager", "compile", "fused+compile"))
         frac = f.get("frac_matmul_peak", f.get("frac_copy_bw"))
-        lines.append(f"| {op} | {shape} | {dtype} | {mode} | {ms('fused')} | {ms('eager')} | {ms('compile')} | "
-                     f"{f.get('speedup_vs_eager', float('nan')):.2f} | {f.get('speedup_vs_compile', float('nan')):.2f} | "
-                     f"{f['gbps']:.0f} | {(f.get('tflops') or 0):.1f} | {100 * frac:.0f}% |" if frac is not None else
-                     f"| {op} | {shape} | {dtype} | {mode} | {ms('fused')} | {ms('eager')} | {ms('compile')} | "
-                     f"{f.get('speedup_vs_eager', float('nan')):.2f} | {f.get('speedup_vs_compile', float('nan')):.2f} | - | - | - |")
+        roof = f"{f['gbps']:.0f} | {(f.get('tflops') or 0):.1f} | {100 * frac:.0f}%" if frac is not None else "- | - | -"
+        lines.append(f"| {op} | {shape} | {dtype} | {mode} | {times} | {f.get('speedup_vs_eager', float('nan')):.2f} | "
+                     f"{f.get('speedup_vs_compile', float('nan')):.2f} | {roof} |")
     return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ import umae
 
 from .. import _backend, registry
 from .cases import DEFAULT_DTYPES, DEFAULT_SHAPES, SHAPES, NotApplicable, case
-from .timing import MODES, PROVIDERS, mode_fn, outputs, peak_mb, provider_forward, time_ms
+from .timing import (COMPILED_PROVIDERS, FUSED_PROVIDERS, MODES, PROVIDERS, mode_fn, outputs, peak_mb,
+                     provider_forward, time_ms)
 
 
 @contextlib.contextmanager
@@ -78,7 +79,7 @@ def _run_one(op, shape, dtype, modes, providers, device):
     key = dict(op=op, shape=shape, dtype=_dt(dtype))
     for mode in modes:
         for provider in providers:
-            if provider == "fused" and impl == "skipped":
+            if provider in FUSED_PROVIDERS and impl == "skipped":
                 yield dict(key, mode=mode, provider=provider, skipped=why)
                 continue
             try:
@@ -90,7 +91,8 @@ def _run_one(op, shape, dtype, modes, providers, device):
                 continue
             nbytes = {"fwd": c.bytes_fwd, "bwd": c.bytes_bwd, "fwd+bwd": c.bytes_fwd + c.bytes_bwd}[mode]
             flops = {"fwd": c.flops_fwd, "bwd": c.flops_bwd, "fwd+bwd": c.flops_fwd + c.flops_bwd}[mode]
-            yield dict(key, mode=mode, provider=provider, impl=impl if provider == "fused" else "reference", ms=ms,
+            yield dict(key, mode=mode, provider=provider, impl=impl if provider in FUSED_PROVIDERS else "reference",
+                       ms=ms,
                        ms_p20=lo, ms_p80=hi, gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9 if flops else None,
                        parity_max_abs=err, peak_mb=peak)
 
@@ -121,9 +123,9 @@ def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16):
 
 def _train_step_row(timm, name, batch, shape, provider, device, amp):
     torch.manual_seed(0)
-    model = timm.create_model(name, fused=provider == "fused", lamb=0.01).to(device)
+    model = timm.create_model(name, fused=provider in FUSED_PROVIDERS, lamb=0.01).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    net = torch.compile(model) if provider == "compile" else model
+    net = torch.compile(model) if provider in COMPILED_PROVIDERS else model
     imgs = torch.randn(batch, 3, model.img_size, model.img_size, device=device)
 
     def step():

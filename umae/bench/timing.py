@@ -9,7 +9,11 @@ import torch
 
 import umae
 
-PROVIDERS = ("fused", "eager", "compile")
+# fused: umae's ops eagerly; eager: the reference; compile: torch.compile(reference);
+# fused+compile: torch.compile of the fused op or model (umae's custom ops trace as single calls)
+PROVIDERS = ("fused", "eager", "compile", "fused+compile")
+FUSED_PROVIDERS = ("fused", "fused+compile")
+COMPILED_PROVIDERS = ("compile", "fused+compile")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 CPU_MAX_REPS = 200
@@ -78,12 +82,12 @@ def mode_fn(forward, grad_inputs, mode):
 
 def provider_forward(case_fn, provider):
     """The forward callable for a provider; the backend is fixed inside the call."""
-    backend = "fused" if provider == "fused" else "reference"
+    backend = "fused" if provider in FUSED_PROVIDERS else "reference"
 
     def fwd():
         with umae.use_backend(backend):
             return case_fn()
-    if provider == "compile":
+    if provider in COMPILED_PROVIDERS:
         return torch.compile(fwd)
     return fwd
 

@@ -1,15 +1,15 @@
 """Shared test helpers. Tolerances are written once here, per dtype."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+
+from umae._backend import triton_interpreted
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Triton kernels run on CPU tensors only under the interpreter (tests/conftest.py sets it where there
 # is no GPU); elsewhere a CPU "fused" call is the reference and a parity test on it could not fail.
-TRITON_DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
+TRITON_DEVICES = (["cpu"] if triton_interpreted() else []) + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # Outputs stored in the input dtype (gradients, tokens): one rounding of that dtype, plus the
@@ -64,5 +64,5 @@ def random_mask(N, L, device="cpu", ratio=0.75):
     return (torch.rand(N, L, device=device) < ratio).float()
 
 # CPU tests of Triton kernels: only under the interpreter (on a GPU machine they run on CUDA instead).
-triton_cpu = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+triton_cpu = pytest.mark.skipif(not triton_interpreted(),
                                 reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (the CUDA variants cover it)")

@@ -148,9 +148,6 @@ def implementation(op: str, *tensors, backend: str | None = None) -> str:
     return choose(op, first.device.type, dtypes, backend)[0]
 
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
 def default_devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -166,13 +163,15 @@ def backend_info(devices=None, dtype=torch.float32) -> dict:
 
 def format_backend_info(devices=None) -> str:
     """Per op and device, which implementation runs for which input dtypes, and why."""
+    if isinstance(devices, dict):
+        raise TypeError("format_backend_info takes a list of devices (it asks choose() per dtype), not a dict")
     devices = devices or default_devices()
     lines = [f"backend = {get_backend()!r}"]
     w = max(len(op) for op in registry.OPS)
     for op in registry.OPS:
         for d in devices:
             groups: dict = {}
-            for dt in DTYPES:
+            for dt in registry.FLOAT_DTYPES:
                 groups.setdefault(choose(op, d, (dt,)), []).append(_dtype_name(dt))
             parts = [f"{impl} [{' '.join(dts)}]: {why}" for (impl, why), dts in groups.items()]
             lines.append(f"  {op:<{w}}  {d:<4}  " + "; ".join(parts))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .registry import FLOAT_DTYPES as FLOATS
 
 
 def tensor(x, name: str, dims: int | tuple[int, ...] | None = None, floating: bool = True) -> None:

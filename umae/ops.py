@@ -15,10 +15,10 @@ from .random_masking_op import len_keep_for
 registry.load_all()
 
 
-def _run(op: str, tensors: tuple, backend: str | None, *args):
+def _run(op: str, tensors: tuple, backend: str | None, *args, **kwargs):
     spec = registry.OPS[op]
     impl = _backend.implementation(op, *tensors, backend=backend)
-    return (spec.reference_fn if impl == "reference" else spec.fused_fn)(*args)
+    return (spec.reference_fn if impl == "reference" else spec.fused_fn)(*args, **kwargs)
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -103,7 +103,7 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     """
     _check_loss_args(pred, target, mask, "target", pred.shape)
     _check_norm_pix(norm_pix, pred.shape[2])
-    return _run("masked_mse_loss", (pred, target), backend, pred, target, mask, norm_pix)
+    return _run("masked_mse_loss", (pred, target), backend, pred, target, mask, norm_pix=norm_pix)
 
 
 def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
@@ -118,7 +118,7 @@ def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_s
         raise ValueError(f"pred must have shape (N, L, p*p*C) = {(N, (H // p) * (W // p), p * p * C)} "
                          f"for imgs {tuple(imgs.shape)} and patch_size {p}, got {tuple(pred.shape)}")
     _check_norm_pix(norm_pix, pred.shape[2])
-    return _run("mae_loss", (pred, imgs), backend, pred, imgs, mask, p, norm_pix)
+    return _run("mae_loss", (pred, imgs), backend, pred, imgs, mask, p, norm_pix=norm_pix)
 
 
 # ---- masking and restore -------------------------------------------------------------
@@ -183,10 +183,18 @@ def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch
     _check_param(mask_token, "mask_token", (1, 1, D), x)
     _check_param(pos_embed, "pos_embed", (1, L + c, D), x)
     return _run("restore_tokens", (x, mask_token, pos_embed), backend, x, ids_restore, mask_token, pos_embed,
-                bool(has_cls))
+                has_cls=bool(has_cls))
 
 
 # ---- uniformity ----------------------------------------------------------------------
+
+def _world_size(group) -> int:
+    if group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
 
 def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diagonal: bool = False,
                     process_group=None, exact_ddp_grad: bool = True, *, backend: str | None = None) -> torch.Tensor:
@@ -199,8 +207,8 @@ def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diag
     reference); an all-zero row normalizes to zero (F.normalize's eps) and adds nothing.
 
     process_group (a torch.distributed group, or torch.distributed.group.WORLD): the loss over
-    the global batch (every rank's rows; equal batch sizes per rank), the same scalar on every
-    rank. Gradients: with exact_ddp_grad=True (default) each rank receives world_size x the
+    the global batch (every rank's rows; equal batch sizes per rank, checked at a group's first
+    call only), the same scalar on every rank. Gradients: with exact_ddp_grad=True (default) each rank receives world_size x the
     gradient of the global loss for its own rows, so that after DDP averages gradients over
     ranks the parameters get exactly the gradient of the global loss. exact_ddp_grad=False
     reproduces the official GatherLayer, which returns only the local slice of the gradient
@@ -208,9 +216,11 @@ def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diag
     """
     _checks.tensor(features, "features", dims=2)
     _checks.nonempty_batch(features, "features")
-    if exclude_diagonal and features.shape[0] < 2 and process_group is None:
-        raise ValueError("exclude_diagonal needs at least 2 rows in features")
+    if exclude_diagonal and features.shape[0] * _world_size(process_group) < 2:
+        raise ValueError("exclude_diagonal needs at least 2 rows in features"
+                         + (" (over the global batch)" if process_group is not None else ""))
     if process_group is not None:
         uniformity_op.check_equal_batches_once(features, process_group)
-    return _run("uniformity_loss", (features,), backend, features, bool(normalize), bool(exclude_diagonal),
-                process_group, bool(exact_ddp_grad))
+    return _run("uniformity_loss", (features,), backend, features, normalize=bool(normalize),
+                exclude_diagonal=bool(exclude_diagonal), process_group=process_group,
+                exact_ddp_grad=bool(exact_ddp_grad))

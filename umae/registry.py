@@ -19,6 +19,7 @@ import importlib
 import torch
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+FLOAT_DTYPES = (F32, BF16, F16, F64)  # the floating dtypes umae's ops take (references: all)
 HALF_AND_FP32 = frozenset({F32, BF16, F16})
 ALL_FLOATS = HALF_AND_FP32 | {F64}
 
@@ -32,10 +33,6 @@ class Impl:
     device: str
     dtypes: frozenset
     schema: str | None = None  # C++ ops: the torch.ops name whose kernel must be registered
-
-    @property
-    def needs_triton(self) -> bool:
-        return self.name.startswith("triton")
 
 
 def cpp(schema: str, cuda_dtypes=ALL_FLOATS) -> tuple[Impl, ...]:

@@ -58,7 +58,7 @@ def bench_uniformity_loss(s, dtype, device):
 if _backend.TRITON_OK:
     from .kernels import uniformity as _k
 
-    def _prep(features, normalize):
+    def _prep(features, *, normalize: bool):
         """(norms, rinv) in fp32: the row norms are computed once, by one read of F."""
         norms = torch.linalg.vector_norm(features, dim=1, dtype=torch.float32)
         rinv = 1.0 / norms.clamp_min(NORM_EPS) if normalize else torch.ones_like(norms)
@@ -89,7 +89,7 @@ if _backend.TRITON_OK:
 
     @torch.library.custom_op("umae::uniformity_loss", mutates_args=())
     def uniformity_loss_kernel(features: torch.Tensor, normalize: bool, exclude_diagonal: bool) -> torch.Tensor:
-        _, rinv = _prep(features, normalize)
+        _, rinv = _prep(features, normalize=normalize)
         total = _k.gram_square_sum(features, rinv)
         if exclude_diagonal:
             total = total - _diag_sum(features, rinv)
@@ -102,7 +102,7 @@ if _backend.TRITON_OK:
     @torch.library.custom_op("umae::uniformity_loss_backward", mutates_args=())
     def uniformity_loss_backward(grad: torch.Tensor, features: torch.Tensor, normalize: bool,
                                  exclude_diagonal: bool) -> torch.Tensor:
-        norms, rinv = _prep(features, normalize)
+        norms, rinv = _prep(features, normalize=normalize)
         g = _k.gram(features, rinv)
         denom = _denominator(features.shape[0], exclude_diagonal)
         return _grad_from_gram(grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
@@ -124,33 +124,33 @@ if _backend.TRITON_OK:
 
     class DistributedFused(torch.autograd.Function):
         """Global-batch loss across ranks: each rank forms its Gram Z_r^T Z_r (D x D), one
-        all-reduce sums them (with the diagonal terms and batch sizes), and the backward needs
+        all-reduce sums them (with the diagonal terms and row counts), and the backward needs
         no communication: dL/dZ_r = 4 c Z_r G_global, exact for the rank's own rows."""
 
         @staticmethod
         def forward(ctx, features, normalize, exclude_diagonal, group, grad_scale):
             import torch.distributed as dist
 
-            norms, rinv = _prep(features, normalize)
+            norms, rinv = _prep(features, normalize=normalize)
             g = _k.gram(features, rinv)
-            extra = _diag_sum(features, rinv) if exclude_diagonal else g.new_zeros(())
-            buf = torch.cat([g.flatten(), extra.view(1)])
+            extra = torch.stack([_diag_sum(features, rinv) if exclude_diagonal else g.new_zeros(()),
+                                 g.new_tensor(float(features.shape[0]))])
+            buf = torch.cat([g.flatten(), extra])
             dist.all_reduce(buf, group=group)
             D = g.shape[0]
             g, diag = buf[: D * D].view(D, D), buf[D * D]
-            # equal batches per rank (checked once by umae.uniformity_loss): B is known, no host sync
-            denom = _denominator(features.shape[0] * dist.get_world_size(group), exclude_diagonal)
-            if denom == 0:
-                raise ValueError("exclude_diagonal needs a global batch of at least 2 rows")
+            # the global row count stays on the device (exact in fp32 up to 2^24 rows): no host sync
+            B = buf[D * D + 1].double()
+            denom = (B * (B - 1) if exclude_diagonal else B * B).float()
             loss = (g.pow(2).sum() - diag) / denom
-            ctx.save_for_backward(features, norms, rinv, g)
-            ctx.args = (exclude_diagonal, denom, normalize, grad_scale)
+            ctx.save_for_backward(features, norms, rinv, g, denom)
+            ctx.args = (exclude_diagonal, normalize, grad_scale)
             return loss
 
         @staticmethod
         def backward(ctx, grad):
-            features, norms, rinv, g = ctx.saved_tensors
-            exclude_diagonal, denom, normalize, grad_scale = ctx.args
+            features, norms, rinv, g, denom = ctx.saved_tensors
+            exclude_diagonal, normalize, grad_scale = ctx.args
             df = _grad_from_gram(grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
                                  normalize=normalize)
             return (df * grad_scale).to(features.dtype), None, None, None, None
@@ -184,12 +184,14 @@ def ddp_grad_scale(group, exact_ddp_grad: bool) -> float:
 _checked_groups: set = set()
 
 
+@torch.compiler.disable  # host-side bookkeeping and a collective: never traced
 def check_equal_batches_once(features, group):
-    """The global-batch loss needs equal batch sizes on every rank. Checked (one all_gather and a
-    host sync) at a group's first call only: a training loop keeps its batch size."""
+    """The reference's all_gather needs equal batch sizes on every rank (the fused path sums the
+    row counts in its all-reduce and needs none). Checked, with one all_gather and a host sync,
+    at a group's first call only: a training loop keeps its batch size (drop_last)."""
     import torch.distributed as dist
 
-    key = (id(group), dist.get_world_size(group))
+    key = (id(group), dist.get_world_size(group))  # a group's identity for this process's life
     if key in _checked_groups:
         return
 

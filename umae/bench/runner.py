@@ -29,7 +29,8 @@ def bench_settings():
     with contextlib.ExitStack() as stack:
         if hasattr(functorch_config, "donated_buffer"):
             stack.enter_context(functorch_config.patch(donated_buffer=False))
-        stack.enter_context(inductor_config.patch(compile_threads=1))
+        if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # the user's choice stands
+            stack.enter_context(inductor_config.patch(compile_threads=1))
         yield
 
 
@@ -123,8 +124,10 @@ def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16):
 
 def _train_step_row(timm, name, batch, shape, provider, device, amp):
     torch.manual_seed(0)
+    from ..train.main import adamw_impl
+
     model = timm.create_model(name, fused=provider in FUSED_PROVIDERS, lamb=0.01).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **adamw_impl(torch.device(device)))
     net = torch.compile(model) if provider in COMPILED_PROVIDERS else model
     imgs = torch.randn(batch, 3, model.img_size, model.img_size, device=device)
 

@@ -94,10 +94,13 @@ def pick_device(args) -> torch.device:
     return torch.device("cpu")
 
 
+def adamw_impl(device) -> dict:
+    """One multi-tensor kernel per step: fused on CUDA, foreach elsewhere."""
+    return dict(fused=True, foreach=None) if device.type == "cuda" else dict(fused=None, foreach=True)
+
+
 def make_optimizer(model, args, lr, device):
-    # one multi-tensor kernel per step: fused on CUDA, foreach elsewhere
-    impl = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
-    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95), **impl)
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95), **adamw_impl(device))
 
 
 def train(args) -> list[dict]:
@@ -123,11 +126,16 @@ def train(args) -> list[dict]:
     batches_per_epoch = sampler.batches_per_epoch()
     total = args.steps if args.steps > 0 else args.epochs * batches_per_epoch // args.accum_iter
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total // 20)
-    lr = args.lr if args.lr is not None else args.blr * gb * args.accum_iter / 256
+    eff_batch = gb * args.accum_iter
+    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
 
     opt = make_optimizer(model, args, lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    step = checkpoint.load(args.resume, model, opt, scaler) if args.resume else 0
+    step = 0
+    if args.resume:
+        step = checkpoint.load(args.resume, model, opt, scaler)
+        for group in opt.param_groups:  # the saved groups carry the saving machine's choice
+            group.update(adamw_impl(device))
     if world > 1:
         model.unif_process_group = dist.group.WORLD
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

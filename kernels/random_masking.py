@@ -17,7 +17,8 @@ from ._util import TRITON_DTYPE, pow2_clamp, signature
 @triton.jit
 def _rank_gather_kernel(noise_ptr, x_ptr, pos_ptr, cls_ptr, out_ptr, mask_ptr, ids_ptr,
                         L, D, len_keep,
-                        stride_x_n, stride_x_l, stride_x_d, stride_pos_l, stride_pos_d, stride_cls_d, stride_out_n, stride_out_l,
+                        stride_x_n, stride_x_l, stride_x_d, stride_pos_l, stride_pos_d, stride_cls_d,
+                        stride_out_n, stride_out_l,
                         HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr,
                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
@@ -43,11 +44,14 @@ def _rank_gather_kernel(noise_ptr, x_ptr, pos_ptr, cls_ptr, out_ptr, mask_ptr, i
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         m = row_ok[:, None] & (d < D)[None, :]
-        v = tl.load(x_ptr + n * stride_x_n + i[:, None].to(tl.int64) * stride_x_l + d[None, :] * stride_x_d, mask=m, other=0.0)
+        x_off = n * stride_x_n + i[:, None].to(tl.int64) * stride_x_l + d[None, :] * stride_x_d
+        v = tl.load(x_ptr + x_off, mask=m, other=0.0)
         v = v.to(tl.float32)
         if HAS_POS:
-            v += tl.load(pos_ptr + i[:, None] * stride_pos_l + d[None, :] * stride_pos_d, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + n * stride_out_n + dst[:, None] * stride_out_l + d[None, :], v.to(out_ptr.dtype.element_ty), mask=m)
+            pos_off = i[:, None] * stride_pos_l + d[None, :] * stride_pos_d
+            v += tl.load(pos_ptr + pos_off, mask=m, other=0.0).to(tl.float32)
+        out_off = n * stride_out_n + dst[:, None] * stride_out_l + d[None, :]
+        tl.store(out_ptr + out_off, v.to(out_ptr.dtype.element_ty), mask=m)
     if HAS_CLS:
         if ib == 0:
             for d0 in range(0, D, BLOCK_D):
@@ -69,7 +73,8 @@ def _scatter_grad_kernel(grad_ptr, ids_ptr, gx_ptr, L, D, len_keep, stride_grad_
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = (d < D)[None, :]
-        g = tl.load(grad_ptr + n * stride_grad_n + src[:, None] * stride_grad_l + d[None, :] * stride_grad_d, mask=keep[:, None] & dm, other=0.0)
+        grad_off = n * stride_grad_n + src[:, None] * stride_grad_l + d[None, :] * stride_grad_d
+        g = tl.load(grad_ptr + grad_off, mask=keep[:, None] & dm, other=0.0)
         tl.store(gx_ptr + (n * L + i[:, None]) * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
                  mask=i_ok[:, None] & dm)
 

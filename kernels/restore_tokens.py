@@ -37,16 +37,19 @@ def _restore_kernel(x_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr, L, D, len_keep,
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = (d < D)[None, :]
-        v = tl.load(x_ptr + n * stride_x_n + src[:, None] * stride_x_l + d[None, :] * stride_x_d, mask=from_x[:, None] & dm, other=0.0)
+        x_off = n * stride_x_n + src[:, None] * stride_x_l + d[None, :] * stride_x_d
+        v = tl.load(x_ptr + x_off, mask=from_x[:, None] & dm, other=0.0)
         t = tl.load(tok_ptr + d * stride_tok_d, mask=d < D, other=0.0)
         v = tl.where(is_tok[:, None], t[None, :].to(tl.float32), v.to(tl.float32))
         if HAS_POS:
-            v += tl.load(pos_ptr + o[:, None] * stride_pos_l + d[None, :] * stride_pos_d, mask=o_ok[:, None] & dm, other=0.0).to(tl.float32)
+            pos_off = o[:, None] * stride_pos_l + d[None, :] * stride_pos_d
+            v += tl.load(pos_ptr + pos_off, mask=o_ok[:, None] & dm, other=0.0).to(tl.float32)
         tl.store(out_ptr + (n * R + o[:, None]) * D + d[None, :], v.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & dm)
 
 
 @triton.jit
-def _restore_bwd_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, L, D, len_keep, stride_grad_n, stride_grad_l, stride_grad_d,
+def _restore_bwd_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, L, D, len_keep,
+                        stride_grad_n, stride_grad_l, stride_grad_d,
                         HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     rb = tl.program_id(1)
@@ -56,7 +59,8 @@ def _restore_bwd_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, L, D, len_keep, stride
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = (d < D)[None, :]
-        g = tl.load(g_ptr + n * stride_grad_n + o[:, None] * stride_grad_l + d[None, :] * stride_grad_d, mask=o_ok[:, None] & dm, other=0.0)
+        grad_off = n * stride_grad_n + o[:, None] * stride_grad_l + d[None, :] * stride_grad_d
+        g = tl.load(g_ptr + grad_off, mask=o_ok[:, None] & dm, other=0.0)
         tl.store(gx_ptr + (n * Kx + dst[:, None]) * D + d[None, :], g.to(gx_ptr.dtype.element_ty), mask=to_x[:, None] & dm)
         gt = tl.sum(tl.where(is_tok[:, None], g.to(tl.float32), 0.0), axis=0)
         tl.store(part_ptr + part_row + d, gt, mask=d < D)

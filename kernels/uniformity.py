@@ -36,7 +36,8 @@ _GPU_DOT = {torch.float32: DOT_IN_FP32.value, torch.bfloat16: DOT_IN_BF16.value,
 @triton.jit
 def _load_z(f_ptr, rinv_ptr, rows, cols, B, D, stride_f_b, stride_f_d, DOT_DTYPE: tl.constexpr):
     m = (rows < B)[:, None] & (cols < D)[None, :]
-    z = tl.load(f_ptr + rows[:, None].to(tl.int64) * stride_f_b + cols[None, :] * stride_f_d, mask=m, other=0.0).to(tl.float32)
+    f_off = rows[:, None].to(tl.int64) * stride_f_b + cols[None, :] * stride_f_d
+    z = tl.load(f_ptr + f_off, mask=m, other=0.0).to(tl.float32)
     z = z * tl.load(rinv_ptr + rows, mask=rows < B, other=0.0)[:, None]
     if DOT_DTYPE == DOT_IN_BF16:
         z = z.to(tl.bfloat16)

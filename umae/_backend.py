@@ -92,10 +92,6 @@ def _cpp_kernels() -> dict:
 _CPP_KERNELS = _cpp_kernels()
 
 
-def _dtype_name(dt) -> str:
-    return str(dt).replace("torch.", "")
-
-
 def _runnable(impl: registry.Impl) -> tuple[bool, str]:
     """Whether this process can run `impl` at all (any dtype), and why not."""
     if impl.schema:
@@ -136,8 +132,8 @@ def choose(op: str, device_type: str, dtypes=(torch.float32,), backend: str | No
         impl_name = impl.name
     bad = [dt for dt in dtypes if dt not in impl.dtypes]
     if bad:
-        return "reference", (f"the {impl_name} kernel takes {', '.join(sorted(map(_dtype_name, impl.dtypes)))}, "
-                             f"not {_dtype_name(bad[0])} (the reference is that dtype's path)")
+        return "reference", (f"the {impl_name} kernel takes {', '.join(sorted(map(registry.dtype_name, impl.dtypes)))}, "
+                             f"not {registry.dtype_name(bad[0])} (the reference is that dtype's path)")
     return impl_name, why
 
 
@@ -172,7 +168,7 @@ def format_backend_info(devices=None) -> str:
         for d in devices:
             groups: dict = {}
             for dt in registry.FLOAT_DTYPES:
-                groups.setdefault(choose(op, d, (dt,)), []).append(_dtype_name(dt))
+                groups.setdefault(choose(op, d, (dt,)), []).append(registry.dtype_name(dt))
             parts = [f"{impl} [{' '.join(dts)}]: {why}" for (impl, why), dts in groups.items()]
             lines.append(f"  {op:<{w}}  {d:<4}  " + "; ".join(parts))
     return "\n".join(lines)

@@ -64,11 +64,10 @@ def _loss_inputs(s, dtype, device):
     from .bench.cases import rand, vit_shape
 
     s = vit_shape(s)
-    L, K = (s["img"] // s["p"]) ** 2, s["p"] ** 2 * s["C"]
     img_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp64 goes with fp64 only
     imgs = rand(s["N"], s["C"], s["img"], s["img"], dtype=img_dtype, device=device)
-    pred = rand(s["N"], L, K, dtype=dtype, device=device, grad=True)
-    mask = (torch.rand(s["N"], L, device=device) < 0.75).float()
+    pred = rand(s["N"], s["L"], s["K"], dtype=dtype, device=device, grad=True)
+    mask = (torch.rand(s["N"], s["L"], device=device) < 0.75).float()
     return s, imgs, pred, mask
 
 

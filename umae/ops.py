@@ -97,8 +97,8 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     """MAE's `forward_loss` on a patchified target (N, L, K); fp32 scalar.
 
     With norm_pix, each target patch is normalized by its mean and unbiased variance
-    (eps NORM_PIX_EPS = 1e-6). The squared error is averaged over K, then over the removed patches
-    (mask == 1). A mask with no removed patch gives 0 (and zero gradient), not NaN.
+    (eps NORM_PIX_EPS = 1e-6). The squared error is averaged over K, then over the removed
+    patches (mask == 1). A mask with no removed patch gives 0 (and zero gradient), not NaN.
     NaN in pred or target propagates to the loss, as in the reference.
     """
     _check_loss_args(pred, target, mask, "target", pred.shape)
@@ -208,8 +208,8 @@ def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diag
 
     process_group (a torch.distributed group, or torch.distributed.group.WORLD): the loss over
     the global batch (every rank's rows; equal batch sizes per rank, checked at a group's first
-    call only), the same scalar on every rank. Gradients: with exact_ddp_grad=True (default) each rank receives world_size x the
-    gradient of the global loss for its own rows, so that after DDP averages gradients over
+    call only), the same scalar on every rank. Gradients: with exact_ddp_grad=True (default)
+    each rank receives world_size x the gradient of the global loss for its own rows, so that after DDP averages gradients over
     ranks the parameters get exactly the gradient of the global loss. exact_ddp_grad=False
     reproduces the official GatherLayer, which returns only the local slice of the gradient
     without an all-reduce, so DDP's averaging scales the uniformity gradient by 1/world_size.

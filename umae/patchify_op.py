@@ -48,8 +48,7 @@ def bench_unpatchify(s, dtype, device):
     from .ops import unpatchify
 
     s = vit_shape(s)
-    L, K = (s["img"] // s["p"]) ** 2, s["p"] ** 2 * s["C"]
-    x = rand(s["N"], L, K, dtype=dtype, device=device, grad=True)
+    x = rand(s["N"], s["L"], s["K"], dtype=dtype, device=device, grad=True)
     nbytes = 2 * x.numel() * elt(dtype)
     return Case("unpatchify", dtype, lambda: unpatchify(x, s["p"], s["img"], s["C"]), [x], nbytes, nbytes)
 

@@ -44,7 +44,7 @@ def bench_random_masking(s, dtype, device):
     from .ops import random_masking
 
     s = vit_shape(s)
-    N, L, D = s["N"], (s["img"] // s["p"]) ** 2, s["D"]
+    N, L, D = s["N"], s["L"], s["D"]
     x = rand(N, L, D, dtype=dtype, device=device, grad=True)
     pos = rand(1, L, D, dtype=dtype, device=device)
     cls = rand(1, 1, D, dtype=dtype, device=device, grad=True)

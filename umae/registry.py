@@ -1,7 +1,7 @@
 """The one list of umae's ops. Every face of an op is found from its entry here:
 
 - `module` (umae/<op>_op.py): the reference, the fused entry (same signature), the
-  torch.library glue of the fused kernels and the op's benchmark case (`bench_case`);
+  torch.library glue of the fused kernels and the op's benchmark case (`bench_<op>`);
 - `impls`: the fused implementations, per device, with the dtypes each one runs;
 - `kernels` (umae.kernels.<name>, kernels/ in the repo) and `aot_shapes`: the Triton
   kernels and the (L, D) shapes their sm_90 compile check covers;
@@ -20,6 +20,10 @@ import torch
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 FLOAT_DTYPES = (F32, BF16, F16, F64)  # the floating dtypes umae's ops take (references: all)
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 HALF_AND_FP32 = frozenset({F32, BF16, F16})
 ALL_FLOATS = HALF_AND_FP32 | {F64}
 

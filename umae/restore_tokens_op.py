@@ -27,7 +27,7 @@ def bench_restore_tokens(s, dtype, device):
     from .random_masking_op import len_keep_for
 
     s = vit_shape(s)
-    N, L, D = s["N"], (s["img"] // s["p"]) ** 2, s["Dd"]
+    N, L, D = s["N"], s["L"], s["Dd"]
     keep, e = len_keep_for(L, 0.75), elt(dtype)
     ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
     x = rand(N, keep + 1, D, dtype=dtype, device=device, grad=True)

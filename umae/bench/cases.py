@@ -42,9 +42,10 @@ SHAPES = {
     "unif_b4096": dict(B=4096, D=768), "unif_b16384": dict(B=16384, D=768),
 }
 # the batch sweep: how cost grows with N at ViT-B/16 shapes
-SWEEP = tuple(f"vit_b16_n{n}" for n in (32, 64, 128, 256, 512))
-for _name in SWEEP:
-    SHAPES[_name] = dict(SHAPES["vit_b16"], N=int(_name.rsplit("_n", 1)[1]))
+SWEEP = ()
+for _n in (32, 64, 128, 256, 512):
+    SWEEP += (f"vit_b16_n{_n}",)
+    SHAPES[SWEEP[-1]] = dict(SHAPES["vit_b16"], N=_n)
 
 DEFAULT_SHAPES = {"cuda": ["vit_b16", "vit_l16", "vit_tiny32", "unif_b1024", "unif_b4096", "unif_b16384"],
                   "cpu": ["cpu_small"]}
@@ -52,9 +53,10 @@ DEFAULT_DTYPES = {"cuda": [torch.bfloat16, torch.float32], "cpu": [torch.float32
 
 
 def vit_shape(s: dict) -> dict:
+    """A ViT shape set with its patch count L and patch length K = p*p*C; NotApplicable otherwise."""
     if "img" not in s:
         raise NotApplicable
-    return s
+    return dict(s, L=(s["img"] // s["p"]) ** 2, K=s["p"] ** 2 * s["C"])
 
 
 def elt(dtype) -> int:

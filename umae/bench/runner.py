@@ -13,6 +13,7 @@ import torch
 import umae
 
 from .. import _backend, registry
+from ..registry import dtype_name
 from .cases import DEFAULT_DTYPES, DEFAULT_SHAPES, SHAPES, NotApplicable, case
 from .timing import (COMPILED_PROVIDERS, FUSED_PROVIDERS, MODES, PROVIDERS, mode_fn, outputs, peak_mb,
                      provider_forward, time_ms)
@@ -32,10 +33,6 @@ def bench_settings():
         if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # the user's choice stands
             stack.enter_context(inductor_config.patch(compile_threads=1))
         yield
-
-
-def _dt(dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def parity_error(c) -> float:
@@ -77,7 +74,7 @@ def _run_one(op, shape, dtype, modes, providers, device):
     except NotApplicable:
         return
     err = parity_error(c) if impl != "skipped" else float("nan")
-    key = dict(op=op, shape=shape, dtype=_dt(dtype))
+    key = dict(op=op, shape=shape, dtype=dtype_name(dtype))
     for mode in modes:
         for provider in providers:
             if provider in FUSED_PROVIDERS and impl == "skipped":
@@ -93,8 +90,7 @@ def _run_one(op, shape, dtype, modes, providers, device):
             nbytes = {"fwd": c.bytes_fwd, "bwd": c.bytes_bwd, "fwd+bwd": c.bytes_fwd + c.bytes_bwd}[mode]
             flops = {"fwd": c.flops_fwd, "bwd": c.flops_bwd, "fwd+bwd": c.flops_fwd + c.flops_bwd}[mode]
             yield dict(key, mode=mode, provider=provider, impl=impl if provider in FUSED_PROVIDERS else "reference",
-                       ms=ms,
-                       ms_p20=lo, ms_p80=hi, gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9 if flops else None,
+                       ms=ms, ms_p20=lo, ms_p80=hi, gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9 if flops else None,
                        parity_max_abs=err, peak_mb=peak)
 
 
@@ -107,8 +103,8 @@ E2E_DEFAULT = {"cuda": ["vit_tiny32", "vit_b16"], "cpu": ["cpu_small"]}
 
 
 def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16):
-    """One training step (forward, backward, AdamW) fused vs reference vs torch.compile(reference
-    model), under autocast; images/s."""
+    """One training step (forward, backward, AdamW) per provider (fused model, reference model, and
+    torch.compile of either), under autocast; images/s."""
     import timm
 
     from .. import models  # noqa: F401
@@ -137,7 +133,7 @@ def _train_step_row(timm, name, batch, shape, provider, device, amp):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    row = dict(op="train_step", shape=shape, dtype=_dt(amp) + "-autocast", mode="step", provider=provider)
+    row = dict(op="train_step", shape=shape, dtype=dtype_name(amp) + "-autocast", mode="step", provider=provider)
     try:
         peak = peak_mb(step, device)
         ms, lo, hi = time_ms(step, device)
@@ -163,7 +159,7 @@ def profile(ops, shapes, dtypes, device, path):
                         continue
                     for provider in ("fused", "eager"):
                         fn = mode_fn(provider_forward(c.forward, provider), c.grad_inputs, "fwd+bwd")
-                        label = f"{op}/{shape}/{_dt(dtype)}/{provider}"
+                        label = f"{op}/{shape}/{dtype_name(dtype)}/{provider}"
                         nvtx = torch.cuda.nvtx.range(label) if device == "cuda" else contextlib.nullcontext()
                         with nvtx, record_function(label):
                             fn()

@@ -31,6 +31,13 @@ def _real_cuda_home():
     return os.path.dirname(os.path.dirname(real))
 
 
+def _cpu_arch():
+    """The CPU kernels are built for the machine that builds them (as torch.compile's are):
+    `-march=native`, unless UMAE_CPU_ARCH names another target (e.g. x86-64-v2 for a build that
+    must run on older CPUs than the build machine's)."""
+    return f"-march={os.environ.get('UMAE_CPU_ARCH', 'native')}"
+
+
 def _extension():
     import torch
 
@@ -47,8 +54,10 @@ def _extension():
         cpp_extension.CUDA_HOME = cuda_home  # read at import time from the old env
     sources = ["csrc/umae_ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(HERE, "csrc")]
-    # torch picks the C++ standard its headers need; omp simd vectorizes the fp reductions
-    cxx = ["-O3", "-fopenmp-simd"]
+    # torch picks the C++ standard its headers need. -fopenmp: at::parallel_for is inline OpenMP in
+    # torch's headers (without it every kernel runs on one thread); libgomp.so.1 resolves to the copy
+    # torch already loaded. The ISA: see _cpu_arch.
+    cxx = ["-O3", "-fopenmp", _cpu_arch()]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         try:  # the toolkit may lack headers torch's CUDA headers want; the pip CUDA package has them
@@ -61,10 +70,10 @@ def _extension():
             pass
         return cpp_extension.CUDAExtension(
             "umae._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=["-fopenmp"],
         ), cpp_extension
     return cpp_extension.CppExtension("umae._C", sources, include_dirs=include_dirs,
-                                      extra_compile_args={"cxx": cxx}), cpp_extension
+                                      extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]), cpp_extension
 
 
 ext, cpp_extension = _extension()

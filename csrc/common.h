@@ -34,6 +34,11 @@ inline bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the first input is on ",
+              ref.device());
+}
+
 inline void check_patchify_args(const at::Tensor& imgs, int64_t p) {
   TORCH_CHECK(imgs.dim() == 4, "patchify: imgs must be (N, C, H, W), got ", imgs.dim(), " dims");
   TORCH_CHECK(is_float_type(imgs.scalar_type()), "patchify: imgs must be a floating tensor, got ",

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import result_dtype
 from ._util import TRITON_DTYPE, pow2_clamp, signature
 
 
@@ -87,7 +88,7 @@ def _config(L: int, D: int):
 def forward(x, noise, pos_embed, cls_token, len_keep: int):
     """x (N, L, D) any strides; noise (N, L); pos_embed (1, L, D) or None; cls_token (1, 1, D) or None."""
     N, L, D = x.shape
-    dtype = out_dtype(x, pos_embed, cls_token)
+    dtype = result_dtype(x, pos_embed, cls_token)
     has_cls = cls_token is not None
     out = torch.empty((N, len_keep + int(has_cls), D), device=x.device, dtype=dtype)
     mask = torch.empty((N, L), device=x.device, dtype=torch.float32)
@@ -120,14 +121,6 @@ def backward(grad_out, ids_restore, *, has_cls: bool):
     _scatter_grad_kernel[grid](grad_out, ids_restore, gx, L, D, len_keep, grad_out.stride(0), grad_out.stride(1),
                                grad_out.stride(2), HAS_CLS=has_cls, num_warps=warps, **cfg)
     return gx
-
-
-def out_dtype(x, pos_embed, cls_token):
-    dt = x.dtype
-    for t in (pos_embed, cls_token):
-        if t is not None:
-            dt = torch.promote_types(dt, t.dtype)
-    return dt
 
 
 def aot_specs(shapes, dtypes):

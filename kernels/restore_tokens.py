@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import result_dtype
 from ._util import TRITON_DTYPE, pow2_clamp, signature
 
 
@@ -70,16 +71,11 @@ def _config(L: int, D: int):
     return dict(BLOCK_R=16 if L <= 256 else 32, BLOCK_D=pow2_clamp(D, 16, 256)), 4
 
 
-def out_dtype(x, mask_token, pos_embed):
-    dt = torch.promote_types(x.dtype, mask_token.dtype)
-    return torch.promote_types(dt, pos_embed.dtype) if pos_embed is not None else dt
-
-
 def forward(x, ids_restore, mask_token, pos_embed, *, has_cls: bool):
     N, L = ids_restore.shape
     D = x.shape[2]
     R = L + int(has_cls)
-    out = torch.empty((N, R, D), device=x.device, dtype=out_dtype(x, mask_token, pos_embed))
+    out = torch.empty((N, R, D), device=x.device, dtype=result_dtype(x, mask_token, pos_embed))
     if out.numel() == 0:
         return out
     ids = ids_restore.contiguous()

@@ -1,4 +1,5 @@
 """The backend switch, backend_info, and the C++/CUDA build."""
+import contextlib
 import glob
 import os
 import subprocess
@@ -50,11 +51,17 @@ def test_backend_info_reports_every_op_and_reason():
 
 
 def test_triton_on_cpu_without_interpreter_falls_back_and_says_so(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    impl, why = _backend.choose("uniformity_loss", "cpu")
-    assert impl == "reference" and "Triton needs a GPU" in why
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _backend.choose("uniformity_loss", "cpu")[0] == "triton-interpreter"
+    assert _backend.choose("uniformity_loss", "cpu")[0] == "cpp-cpu"  # the C++ kernel comes first on CPU
+    with _backend.use_impl("triton-interpreter"):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        impl, why = _backend.choose("uniformity_loss", "cpu")
+        assert impl == "reference" and "Triton needs a GPU" in why
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert _backend.choose("uniformity_loss", "cpu")[0] == "triton-interpreter"
+        assert _backend.choose("patchify", "cpu")[0] == "cpp-cpu"  # an op without that impl keeps its own
+    with pytest.raises(ValueError, match="use_impl takes one of"):
+        with _backend.use_impl("tpu"):
+            pass
 
 
 def test_extension_loaded():
@@ -93,32 +100,48 @@ class _UmaeOps(TorchDispatchMode):
 TINY = dict(N=2, img=8, p=4, C=3, D=24, Dd=16)
 
 
+def _preferences(device):
+    """None (the registry's order) and every implementation name the device has."""
+    return [None] + sorted({i.name for op in registry.OPS.values() for i in op.impls_for(device)})
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("op", list(registry.OPS))
 def test_backend_info_is_what_runs(op, dtype, device):
-    for backend in ("fused", "reference"):
-        with umae.use_backend(backend):
-            said = umae.backend_info([device], dtype)[op][device].split(":")[0]
-            case = bench.case(op, TINY, dtype, device)
-            with _UmaeOps() as rec:
-                out = case.forward()
-                outs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.requires_grad]
-                torch.autograd.grad(outs, case.grad_inputs, [torch.ones_like(t) for t in outs])
-        if said == "reference":
-            assert rec.ran == [], f"{op} {dtype} {device}: backend_info says reference, but {rec.ran} ran"
-        else:
-            assert rec.ran, f"{op} {dtype} {device}: backend_info says {said}, but only the reference ran"
+    cpp_schemas = {i.schema for o in registry.OPS.values() for i in o.impls if i.schema}
+    for prefer in _preferences(device):
+        for backend in ("fused", "reference"):
+            with umae.use_backend(backend), (_backend.use_impl(prefer) if prefer else contextlib.nullcontext()):
+                said = umae.backend_info([device], dtype)[op][device].split(":")[0]
+                case = bench.case(op, TINY, dtype, device)
+                with _UmaeOps() as rec:
+                    out = case.forward()
+                    outs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.requires_grad]
+                    torch.autograd.grad(outs, case.grad_inputs, [torch.ones_like(t) for t in outs])
+            where = f"{op} {dtype} {device} prefer={prefer} backend={backend}"
+            if said == "reference":
+                assert rec.ran == [], f"{where}: backend_info says reference, but {rec.ran} ran"
+                continue
+            assert rec.ran, f"{where}: backend_info says {said}, but only the reference ran"
             assert all(devs == {device} for _, devs in rec.ran), rec.ran
-            assert said == {"cpu": "cpp-cpu", "cuda": "cuda"}[device] if registry.get(op).impls[0].schema else \
-                said in ("triton", "triton-interpreter")
+            impl = next(i for i in registry.get(op).impls if i.name == said or (said, i.name) ==
+                        ("triton-interpreter", "triton"))
+            ran = {name.split(".")[0] for name, _ in rec.ran}
+            cpp_ops = {s for c in cpp_schemas for s in (c, c + "_backward")}
+            if impl.schema:  # its C++ op (and C++ ops only: patchify's backward is unpatchify)
+                assert impl.schema in ran and ran <= cpp_ops, f"{where}: {said} said, {ran} ran"
+            else:  # the Triton custom ops, no C++ one
+                assert not ran & cpp_ops, f"{where}: {said} said, {ran} ran"
 
 
 def test_fp64_runs_the_reference_where_a_kernel_does_not_take_it():
     # the Triton kernels compute in fp32 at most; the C++ CPU kernels take fp64 (gradcheck)
     for op in ("random_masking", "restore_tokens", "uniformity_loss"):
-        assert _backend.choose(op, "cpu", (torch.float64,))[0] == "reference"
+        assert _backend.choose(op, "cpu", (torch.float64,))[0] == "cpp-cpu"
         assert _backend.choose(op, "cuda", (torch.float64,))[0] == "reference"
+        with _backend.use_impl("triton-interpreter"):
+            assert _backend.choose(op, "cpu", (torch.float64,))[0] == "reference"
     assert _backend.choose("mae_loss", "cuda", (torch.float32, torch.float64))[0] in ("reference",)
     assert _backend.choose("patchify", "cpu", (torch.float64,))[0] == "cpp-cpu"
 
@@ -146,6 +169,8 @@ def test_registry_entries_are_complete():
         assert callable(op.bench_case), name
         assert os.path.isfile(os.path.join(root, op.tests)), op.tests
         assert {i.device for i in op.impls} == {"cpu", "cuda"}, name
+        for impl in op.impls:
+            assert callable(op.entry_fn(impl.name)), (name, impl.name)
         if op.kernels:
             assert hasattr(op.kernel_module(), "aot_specs"), name
     with pytest.raises(KeyError, match="unknown op 'nope'"):

@@ -1,8 +1,10 @@
-"""random_masking and restore_tokens: the Triton kernels (interpreted on CPU, native on CUDA)
-vs the references."""
+"""random_masking and restore_tokens: every fused implementation (the C++ CPU kernels; the Triton
+kernels, interpreted on CPU, native on CUDA) vs the references."""
 import pytest
 import torch
-from utils import TRITON_DEVICES, triton_cpu, DTYPES, TOL, assert_close, cuda_only, randn
+from utils import DTYPES, TOL, assert_close, assert_runs, cpu_impls, cuda_only, fused_impls, randn
+
+from umae import _backend, registry
 
 import umae
 from umae.random_masking_op import len_keep_for, random_masking_reference
@@ -10,8 +12,17 @@ from umae.restore_tokens_op import restore_tokens_reference
 
 # (N, L, D): L = 49, 196, 197, 256, 1024 and D = 64, 192, 384, 768, 1000 (kept small in N: the
 # interpreter costs ~1 ms per program).
-SHAPES = [(3, 49, 64), (2, 196, 768), (2, 197, 384), (1, 256, 192), (1, 1024, 1000)]
+SHAPES = [(3, 49, 64), (2, 196, 768), (2, 197, 384), (1, 256, 192), (1, 1024, 1000), (2, 37, 33)]
 RATIOS = [0.0, 0.5, 0.75, 0.9]
+IMPLS = fused_impls("random_masking")  # restore_tokens has the same implementations
+assert [p.values for p in IMPLS] == [p.values for p in fused_impls("restore_tokens")]
+CPU_IMPLS = cpu_impls("random_masking")
+
+
+def _custom_op(op, impl):
+    """The torch.library op an implementation registers (C++: its schema; Triton: umae::<op>)."""
+    spec = next(i for i in registry.get(op).impls if i.name == impl)
+    return getattr(torch.ops.umae, (spec.schema or f"umae::{op}").split("::")[1]).default
 
 
 def _params(N, L, D, dtype, device, pos, cls):
@@ -26,21 +37,22 @@ def _grads(outs, inputs, g):
     return torch.autograd.grad(outs, inputs, g)
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("device,impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,L,D", SHAPES)
 @pytest.mark.parametrize("ratio", RATIOS)
-def test_random_masking_parity(device, dtype, N, L, D, ratio):
+def test_random_masking_parity(device, impl, dtype, N, L, D, ratio):
     pos, cls = (L + D) % 2 == 0, ratio != 0.5  # vary the optional inputs across cases
     x, p, c = _params(N, L, D, dtype, device, pos=True, cls=True)
     p = p if pos else None
     c = c if cls else None
     noise = torch.rand(N, L, device=device)
+    assert_runs("random_masking", impl, x, p, c)
     xm, mask, ids = umae.random_masking(x, ratio, noise, p, c)
     rxm, rmask, rids = random_masking_reference(x, ratio, noise, p, c)
     assert torch.equal(ids, rids) and torch.equal(mask, rmask)
     assert xm.dtype == rxm.dtype and xm.shape == (N, len_keep_for(L, ratio) + int(cls), D)
-    if p is None or dtype != torch.bfloat16 or device == "cuda":
+    if p is None or dtype != torch.bfloat16 or impl != "triton-interpreter":
         assert torch.equal(xm, rxm)  # gathered values bitwise (one fp32 add, one rounding)
     else:  # the interpreter truncates fp32 -> bf16 where torch rounds
         assert_close(xm, rxm, **TOL[dtype])
@@ -49,16 +61,17 @@ def test_random_masking_parity(device, dtype, N, L, D, ratio):
         assert_close(a, b, name=f"grad {name}", **TOL[dtype])
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("device,impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,L,D", SHAPES)
 @pytest.mark.parametrize("has_cls", [True, False])
-def test_restore_tokens_parity(device, dtype, N, L, D, has_cls):
+def test_restore_tokens_parity(device, impl, dtype, N, L, D, has_cls):
     keep = len_keep_for(L, 0.75)
     ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
     x = randn(N, keep + int(has_cls), D, dtype=dtype, device=device, requires_grad=True)
     tok = randn(1, 1, D, dtype=dtype, device=device, requires_grad=True)
     pos = randn(1, L + int(has_cls), D, dtype=dtype, device=device, requires_grad=True)
+    assert_runs("restore_tokens", impl, x, tok, pos)
     out = umae.restore_tokens(x, ids, tok, pos, has_cls)
     ref = restore_tokens_reference(x, ids, tok, pos, has_cls)
     assert out.dtype == ref.dtype
@@ -68,8 +81,8 @@ def test_restore_tokens_parity(device, dtype, N, L, D, has_cls):
         assert_close(a, b, name=f"grad {name}", **TOL[dtype])
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_roundtrip_mixed_dtypes_autocast_style(device):
+@pytest.mark.parametrize("device,impl", IMPLS)
+def test_roundtrip_mixed_dtypes_autocast_style(device, impl):
     # bf16 tokens with fp32 parameters: outputs promote to fp32 exactly like the reference.
     N, L, D = 2, 196, 192
     x = randn(N, L, D, dtype=torch.bfloat16, device=device, requires_grad=True)
@@ -93,8 +106,8 @@ def test_roundtrip_mixed_dtypes_autocast_style(device):
         assert_close(a, b, **TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_random_masking_without_noise(device):
+@pytest.mark.parametrize("device,impl", IMPLS)
+def test_random_masking_without_noise(device, impl):
     N, L, D = 4, 197, 32
     x = randn(N, L, D, device=device)
     torch.manual_seed(7)
@@ -110,8 +123,8 @@ def test_random_masking_without_noise(device):
         assert torch.equal(umae.random_masking(x, 0.75)[1], mask)  # and the same as the reference
 
 
-@triton_cpu
-def test_edges_len_keep_zero_and_all():
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_edges_len_keep_zero_and_all(impl):
     x = randn(2, 49, 16)
     cls = randn(1, 1, 16)
     xm, mask, ids = umae.random_masking(x, 0.99, cls_token=cls)  # int(49 * 0.01) == 0
@@ -121,8 +134,8 @@ def test_edges_len_keep_zero_and_all():
     assert xm.shape == (2, 49, 16) and mask.eq(0).all()
 
 
-@triton_cpu
-def test_ties_and_nan_noise_like_a_stable_sort():
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_ties_and_nan_noise_like_a_stable_sort(impl):
     x = randn(2, 49, 16)
     noise = torch.rand(2, 49)
     noise[:, ::3] = 0.5  # many ties
@@ -133,8 +146,8 @@ def test_ties_and_nan_noise_like_a_stable_sort():
         assert torch.equal(u, v)
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_non_contiguous(device):
+@pytest.mark.parametrize("device,impl", IMPLS)
+def test_non_contiguous(device, impl):
     x = randn(3, 64, 2 * 48, device=device)[:, :, ::2]
     pos = randn(1, 48, 64, device=device).transpose(1, 2)
     noise = torch.rand(3, 64, device=device)
@@ -148,22 +161,22 @@ def test_non_contiguous(device):
                        restore_tokens_reference(xm_nc, ids, tok, has_cls=False))
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_opcheck(device):
+@pytest.mark.parametrize("device,impl", IMPLS)
+def test_opcheck(device, impl):
     x = randn(2, 49, 24, device=device, requires_grad=True)
     pos = randn(1, 49, 24, device=device, requires_grad=True)
     cls = randn(1, 1, 24, device=device, requires_grad=True)
     noise = torch.rand(2, 49, device=device)
-    torch.library.opcheck(torch.ops.umae.random_masking.default, (x, noise, pos, cls, 12))
+    torch.library.opcheck(_custom_op("random_masking", impl), (x, noise, pos, cls, 12))
     ids = torch.argsort(torch.rand(2, 49, device=device), 1)
     xk = randn(2, 13, 24, device=device, requires_grad=True)
     tok = randn(1, 1, 24, device=device, requires_grad=True)
     dpos = randn(1, 50, 24, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.umae.restore_tokens.default, (xk, ids, tok, dpos, True))
+    torch.library.opcheck(_custom_op("restore_tokens", impl), (xk, ids, tok, dpos, True))
 
 
-@triton_cpu
-def test_compile_fullgraph():
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_compile_fullgraph(impl):
     x = randn(2, 49, 32, requires_grad=True)
     pos, cls, tok = randn(1, 49, 32), randn(1, 1, 32, requires_grad=True), randn(1, 1, 32, requires_grad=True)
     noise = torch.rand(2, 49)
@@ -176,6 +189,38 @@ def test_compile_fullgraph():
     out = compiled(x, noise)
     assert_close(out, f(x, noise), **TOL[torch.float32])
     out.backward()
+
+
+@pytest.mark.parametrize("impl", [p for p in CPU_IMPLS if p.values[0] == "cpp-cpu"])
+def test_gradcheck_float64_cpp(impl):
+    # the C++ kernels take fp64: their backward against finite differences
+    N, L, D = 2, 11, 5
+    x, pos, cls = (randn(*s, dtype=torch.float64, requires_grad=True) for s in ((N, L, D), (1, L, D), (1, 1, D)))
+    noise = torch.rand(N, L)
+    assert_runs("random_masking", impl, x, pos, cls)
+    assert torch.autograd.gradcheck(lambda a, b, c: umae.random_masking(a, 0.6, noise, b, c)[0], (x, pos, cls))
+    ids = torch.argsort(torch.rand(N, L), 1)
+    xk = randn(N, 5, D, dtype=torch.float64, requires_grad=True)
+    tok, dpos = randn(1, 1, D, dtype=torch.float64, requires_grad=True), randn(1, L + 1, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: umae.restore_tokens(a, ids, b, c), (xk, tok, dpos))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: torch.ops.umae.random_masking_cpp(randn(2, 9, 4), torch.rand(2, 8), None, None, 3), "noise must be"),
+    (lambda: torch.ops.umae.random_masking_cpp(randn(2, 9, 4), torch.rand(2, 9), randn(1, 9, 5), None, 3), "pos_embed must be"),
+    (lambda: torch.ops.umae.random_masking_cpp(randn(2, 9, 4), torch.rand(2, 9), None, randn(1, 4), 3), "cls_token must be"),
+    (lambda: torch.ops.umae.random_masking_cpp(randn(2, 9, 4), torch.rand(2, 9), None, None, 10), "len_keep must be"),
+    (lambda: torch.ops.umae.restore_tokens_cpp(randn(2, 4, 4), torch.zeros(2, 9, dtype=torch.int64), randn(1, 1, 4), None, True),
+     r"ids_restore\[0\] must be a permutation"),
+    (lambda: torch.ops.umae.restore_tokens_cpp(randn(2, 4, 4), torch.arange(9).expand(2, 9), randn(1, 1, 5), None, True),
+     "mask_token must be"),
+])
+def test_cpp_kernels_refuse_bad_input(call, match):
+    # the C++ ops are reachable directly (torch.ops.umae.*): they check their arguments themselves
+    if not _backend.EXT_LOADED:
+        pytest.skip(_backend.EXT_REASON)
+    with pytest.raises(RuntimeError, match=match):
+        call()
 
 
 P = lambda *s: randn(*s)  # noqa: E731

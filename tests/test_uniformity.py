@@ -1,5 +1,6 @@
-"""uniformity_loss: the Triton Gram-square kernels (interpreted on CPU) vs the reference,
-the allocation pattern, and the global-batch loss across 2 gloo processes."""
+"""uniformity_loss: every fused implementation (the C++ CPU kernel; the Triton Gram-square kernels,
+interpreted on CPU, native on CUDA) vs the reference, the allocation pattern, and the global-batch
+loss across 2 gloo processes."""
 import math
 import os
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
-from utils import TRITON_DEVICES, triton_cpu, DTYPES, MATMUL_TOL, assert_close, cuda_only, randn
+from utils import DTYPES, MATMUL_TOL, assert_close, assert_runs, cpu_impls, cuda_only, fused_impls, randn, triton_cpu
 
 import umae
 from umae.uniformity_op import uniformity_loss_reference
@@ -15,22 +16,26 @@ from umae.uniformity_op import uniformity_loss_reference
 BS = [1, 2, 7, 64, 255, 1024]
 DS = [16, 192, 384, 768, 1000]
 # every B and every D, without the full cross product (the interpreter is slow)
-SHAPES = [(1, 16), (2, 192), (7, 1000), (64, 384), (255, 16), (1024, 192), (64, 768), (2, 1000)]
+SHAPES = [(1, 16), (2, 192), (7, 1000), (64, 384), (255, 16), (1024, 192), (64, 768), (2, 1000), (300, 257),
+          (257, 300)]
+IMPLS = fused_impls("uniformity_loss")
+CPU_IMPLS = cpu_impls("uniformity_loss")
 
 
 def _grad_tol(dtype):
     return MATMUL_TOL[dtype]
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("device,impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,D", SHAPES)
 @pytest.mark.parametrize("exclude_diagonal", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_parity(device, dtype, B, D, exclude_diagonal, normalize):
+def test_parity(device, impl, dtype, B, D, exclude_diagonal, normalize):
     if exclude_diagonal and B < 2:
         pytest.skip("exclude_diagonal needs B >= 2 (tested in test_bad_input)")
     f = (randn(B, D, device=device) * 0.3 + 0.1).to(dtype).requires_grad_()
+    assert_runs("uniformity_loss", impl, f)
     loss = umae.uniformity_loss(f, normalize, exclude_diagonal)
     ref = uniformity_loss_reference(f, normalize, exclude_diagonal)
     assert loss.dtype == torch.float32
@@ -44,8 +49,8 @@ def test_parity(device, dtype, B, D, exclude_diagonal, normalize):
     assert_close(g.float() / scale, gr.float() / scale, name="grad", **_grad_tol(dtype))
 
 
-@triton_cpu
-def test_default_equals_official_semantics():
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_default_equals_official_semantics(impl):
     f = randn(33, 48)
     z = torch.nn.functional.normalize(f, dim=1)
     official = (z @ z.T).pow(2).mean()
@@ -54,13 +59,17 @@ def test_default_equals_official_semantics():
     assert_close(umae.uniformity_loss(f, exclude_diagonal=True), off, atol=1e-5, rtol=1e-4)
 
 
-def test_gradcheck_float64_reference_path():
-    f = randn(5, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: umae.uniformity_loss(t, exclude_diagonal=True), (f,))
+@pytest.mark.parametrize("B,D", [(5, 7), (9, 4)])  # both contractions of the C++ kernel (B <= D, B > D)
+@pytest.mark.parametrize("exclude_diagonal", [False, True])
+def test_gradcheck_float64(B, D, exclude_diagonal):
+    # fp64: the C++ CPU kernel (the Triton kernels compute in fp32 and leave it to the reference)
+    f = randn(B, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: umae.uniformity_loss(t, exclude_diagonal=exclude_diagonal), (f,))
+    assert_close(umae.uniformity_loss(f), uniformity_loss_reference(f), **MATMUL_TOL[torch.float64])
 
 
-@triton_cpu
-def test_zero_row_adds_nothing_and_nan_row_is_nan():
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_zero_row_adds_nothing_and_nan_row_is_nan(impl):
     f = randn(6, 32)
     f[2] = 0
     assert_close(umae.uniformity_loss(f), uniformity_loss_reference(f), **MATMUL_TOL[torch.float32])
@@ -68,8 +77,8 @@ def test_zero_row_adds_nothing_and_nan_row_is_nan():
     assert math.isnan(umae.uniformity_loss(f).item())
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_non_contiguous(device):
+@pytest.mark.parametrize("device,impl", IMPLS)
+def test_non_contiguous(device, impl):
     f = randn(96, 2 * 40, device=device)[:, ::2].requires_grad_()
     ft = randn(40, 96, device=device).T.requires_grad_()
     for x in (f, ft):
@@ -79,15 +88,16 @@ def test_non_contiguous(device):
         assert_close(torch.autograd.grad(a, x)[0], torch.autograd.grad(b, x)[0], **MATMUL_TOL[torch.float32])
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_opcheck(device):
+@pytest.mark.parametrize("device,impl", IMPLS)
+def test_opcheck(device, impl):
     f = randn(20, 24, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.umae.uniformity_loss.default, (f, True, False))
-    torch.library.opcheck(torch.ops.umae.uniformity_loss.default, (f, False, True))
+    op = torch.ops.umae.uniformity_loss_cpp if impl == "cpp-cpu" else torch.ops.umae.uniformity_loss
+    torch.library.opcheck(op.default, (f, True, False))
+    torch.library.opcheck(op.default, (f, False, True))
 
 
-@triton_cpu
-def test_deterministic():
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_deterministic(impl):
     f = randn(300, 80, requires_grad=True)
     a = umae.uniformity_loss(f)
     b = umae.uniformity_loss(f)
@@ -156,8 +166,12 @@ def test_bad_input(call, match):
 
 # ---- across ranks ----------------------------------------------------------------------
 
-def _worker(rank, world, store, backend, exact, out_path):
+def _worker(rank, world, store, backend, exact, out_path, impl):
+    import contextlib
+
     import torch.distributed as dist
+
+    from umae import _backend
 
     # a file store: no TCP port to race for
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -168,7 +182,9 @@ def _worker(rank, world, store, backend, exact, out_path):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     feats = ddp(x[rank * 9:(rank + 1) * 9])
     feats.retain_grad()
-    loss = umae.uniformity_loss(feats, exclude_diagonal=True, process_group=dist.group.WORLD, exact_ddp_grad=exact)
+    with _backend.use_impl(impl) if impl else contextlib.nullcontext():
+        assert impl is None or _backend.implementation("uniformity_loss", feats) == impl
+        loss = umae.uniformity_loss(feats, exclude_diagonal=True, process_group=dist.group.WORLD, exact_ddp_grad=exact)
     loss.backward()
     if rank == 0:
         torch.save(dict(loss=loss.detach(), wgrad=model.weight.grad, fgrad=feats.grad), out_path)
@@ -176,12 +192,11 @@ def _worker(rank, world, store, backend, exact, out_path):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["fused", "reference"])
-@pytest.mark.parametrize("exact", [True, False])
-@triton_cpu
-def test_distributed_matches_single_process(tmp_path, backend, exact):
+@pytest.mark.parametrize("backend,exact,impl", [("reference", True, None), ("reference", False, None)] +
+                         [("fused", e, i.values[0]) for e in (True, False) for i in CPU_IMPLS])
+def test_distributed_matches_single_process(tmp_path, backend, exact, impl):
     out = str(tmp_path / "r0.pt")
-    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), backend, exact, out), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), backend, exact, out, impl), nprocs=2, join=True,
                        start_method="spawn")
     got = torch.load(out)
     torch.manual_seed(0)

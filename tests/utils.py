@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from umae import _backend, registry
 from umae._backend import triton_interpreted
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -66,3 +67,26 @@ def random_mask(N, L, device="cpu", ratio=0.75):
 # CPU tests of Triton kernels: only under the interpreter (on a GPU machine they run on CUDA instead).
 triton_cpu = pytest.mark.skipif(not triton_interpreted(),
                                 reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (the CUDA variants cover it)")
+
+
+def fused_impls(op: str, device: str | None = None):
+    """pytest params (device, impl) for every fused implementation of `op` this machine runs (on CPU:
+    the C++ kernel and, under TRITON_INTERPRET=1, the Triton kernel). tests/conftest.py puts the
+    test's `impl` first (`_backend.use_impl`); `assert_runs` checks that it is what runs."""
+    out = []
+    for impl in registry.get(op).impls:
+        if device not in (None, impl.device) or impl.device not in DEVICES or not _backend._runnable(impl)[0]:
+            continue
+        out.append(pytest.param(impl.device, impl.name, id=f"{impl.device}-{impl.name}"))
+    return out
+
+
+def cpu_impls(op: str):
+    """fused_impls on CPU, as pytest params of `impl` alone."""
+    return [pytest.param(p.values[1], id=p.id) for p in fused_impls(op, "cpu")]
+
+
+def assert_runs(op: str, impl: str, *tensors):
+    """The parity test runs the implementation it names (else it would compare the reference with itself)."""
+    got = _backend.implementation(op, *tensors)
+    assert got == impl or (impl == "triton" and got == "triton-interpreter"), f"{op}: {got} runs, not {impl}"

@@ -111,30 +111,55 @@ def _runnable(impl: registry.Impl) -> tuple[bool, str]:
     return True, "Triton kernel"
 
 
+_preferred: str | None = None  # use_impl: an implementation name to pick where a device has several
+
+
+@contextlib.contextmanager
+def use_impl(name: str):
+    """Prefer implementation `name` (e.g. "triton-interpreter") on devices that have it, over the
+    registry's default order. For the parity tests of the Triton kernels on CPU, where the C++
+    kernel comes first; `backend_info` reports it while it holds."""
+    names = {i.name for op in registry.OPS.values() for i in op.impls}
+    if name not in names:
+        raise ValueError(f"use_impl takes one of {sorted(names)}, got {name!r}")
+    global _preferred
+    prev, _preferred = _preferred, name
+    try:
+        yield
+    finally:
+        _preferred = prev
+
+
 def choose(op: str, device_type: str, dtypes=(torch.float32,), backend: str | None = None) -> tuple[str, str]:
     """(implementation, reason) for `op` on tensors of `device_type` ('cpu', 'cuda', ...) with
     floating `dtypes` (every floating input of the call); `backend` overrides the global switch.
 
     implementation is one of: "cpp-cpu", "cuda", "triton", "triton-interpreter", "reference".
+    The first of the device's implementations (registry order; `use_impl` puts one first) that
+    this process can run and that takes the dtypes wins.
     """
     spec = registry.get(op)
     if (_check(backend) if backend is not None else _backend) == "reference":
         return "reference", "backend is 'reference'"
-    impl = spec.impl_for(device_type)
-    if impl is None:
+    impls = spec.impls_for(device_type)
+    if not impls:
         return "reference", f"no fused kernel for device {device_type!r}"
-    ok, why = _runnable(impl)
-    if not ok:
-        return "reference", why
-    if impl.name == "triton" and triton_interpreted():
-        impl_name = "triton-interpreter"
-    else:
-        impl_name = impl.name
-    bad = [dt for dt in dtypes if dt not in impl.dtypes]
-    if bad:
-        return "reference", (f"the {impl_name} kernel takes {', '.join(sorted(map(registry.dtype_name, impl.dtypes)))}, "
-                             f"not {registry.dtype_name(bad[0])} (the reference is that dtype's path)")
-    return impl_name, why
+    if _preferred is not None and any(i.name == _preferred for i in impls):
+        impls = tuple(i for i in impls if i.name == _preferred)
+    refusal = None
+    for impl in impls:
+        ok, why = _runnable(impl)
+        if not ok:
+            refusal = refusal or why
+            continue
+        impl_name = "triton-interpreter" if impl.name == "triton" and triton_interpreted() else impl.name
+        bad = [dt for dt in dtypes if dt not in impl.dtypes]
+        if bad:
+            refusal = refusal or (f"the {impl_name} kernel takes {', '.join(sorted(map(registry.dtype_name, impl.dtypes)))}, "
+                                  f"not {registry.dtype_name(bad[0])} (the reference is that dtype's path)")
+            continue
+        return impl_name, why
+    return "reference", refusal
 
 
 def implementation(op: str, *tensors, backend: str | None = None) -> str:

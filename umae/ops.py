@@ -18,7 +18,7 @@ registry.load_all()
 def _run(op: str, tensors: tuple, backend: str | None, *args, **kwargs):
     spec = registry.OPS[op]
     impl = _backend.implementation(op, *tensors, backend=backend)
-    return (spec.reference_fn if impl == "reference" else spec.fused_fn)(*args, **kwargs)
+    return (spec.reference_fn if impl == "reference" else spec.entry_fn(impl))(*args, **kwargs)
 
 
 def _pair(v, name: str) -> tuple[int, int]:

@@ -1,12 +1,13 @@
 """Random masking: the reference (facebookresearch/mae `random_masking`, with the positional
-embedding add and cls prepend that surround it in `forward_encoder`), the fused entry and the
-torch.library custom op around the Triton kernel (kernels/random_masking.py), and its
-benchmark case."""
+embedding add and cls prepend that surround it in `forward_encoder`), the fused entries (torch.library
+custom ops around the Triton kernel, kernels/random_masking.py, and the C++ CPU kernel,
+csrc/cpu/random_masking.cpp), and its benchmark case."""
 from __future__ import annotations
 
 import torch
 
 from . import _backend
+from ._checks import result_dtype
 
 
 def len_keep_for(L: int, mask_ratio: float) -> int:
@@ -33,10 +34,41 @@ def random_masking_reference(x, mask_ratio, noise=None, pos_embed=None, cls_toke
     return x_masked, mask, ids_restore
 
 
+def _noise(x, noise):
+    # torch's generator, as the reference: same seed, same mask
+    return torch.rand(x.shape[0], x.shape[1], device=x.device) if noise is None else noise
+
+
 def random_masking_fused(x, mask_ratio, noise=None, pos_embed=None, cls_token=None):
-    if noise is None:  # torch's generator, as the reference: same seed, same mask
-        noise = torch.rand(x.shape[0], x.shape[1], device=x.device)
-    return random_masking_kernel(x, noise, pos_embed, cls_token, len_keep_for(x.shape[1], mask_ratio))
+    """The Triton kernel (CUDA; CPU under the interpreter)."""
+    return random_masking_kernel(x, _noise(x, noise), pos_embed, cls_token, len_keep_for(x.shape[1], mask_ratio))
+
+
+def random_masking_cpp(x, mask_ratio, noise=None, pos_embed=None, cls_token=None):
+    """The C++ CPU kernel (csrc/cpu/random_masking.cpp)."""
+    return torch.ops.umae.random_masking_cpp(x, _noise(x, noise), pos_embed, cls_token,
+                                             len_keep_for(x.shape[1], mask_ratio))
+
+
+def _masking_fake(x, noise, pos_embed, cls_token, len_keep):
+    N, L, D = x.shape
+    out = x.new_empty((N, len_keep + int(cls_token is not None), D), dtype=result_dtype(x, pos_embed, cls_token))
+    return out, x.new_empty((N, L), dtype=torch.float32), x.new_empty((N, L), dtype=torch.int64)
+
+
+def _masking_setup(ctx, inputs, output):
+    x, noise, pos_embed, cls_token, len_keep = inputs
+    ctx.save_for_backward(output[2])
+    ctx.x_dtype = x.dtype
+    ctx.has_cls = cls_token is not None
+    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+    ctx.cls_dtype = cls_token.dtype if cls_token is not None else None
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _cls_grad(ctx, grad_out):
+    # sums in fp32 from the unrounded gradient, as autograd of the reference does
+    return grad_out[:, :1].to(torch.promote_types(grad_out.dtype, torch.float32)).sum(0, keepdim=True).to(ctx.cls_dtype)
 
 
 def bench_random_masking(s, dtype, device):
@@ -64,11 +96,7 @@ if _backend.TRITON_OK:
                              cls_token: torch.Tensor | None, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _k.forward(x, noise, pos_embed, cls_token, len_keep)
 
-    @random_masking_kernel.register_fake
-    def _(x, noise, pos_embed, cls_token, len_keep):
-        N, L, D = x.shape
-        out = x.new_empty((N, len_keep + int(cls_token is not None), D), dtype=_k.out_dtype(x, pos_embed, cls_token))
-        return out, x.new_empty((N, L), dtype=torch.float32), x.new_empty((N, L), dtype=torch.int64)
+    random_masking_kernel.register_fake(_masking_fake)
 
     @torch.library.custom_op("umae::random_masking_backward", mutates_args=())
     def random_masking_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, has_cls: bool) -> torch.Tensor:
@@ -80,22 +108,36 @@ if _backend.TRITON_OK:
         N, L = ids_restore.shape
         return grad_out.new_empty((N, L, grad_out.shape[2]))
 
-    def _setup(ctx, inputs, output):
-        x, noise, pos_embed, cls_token, len_keep = inputs
-        ctx.save_for_backward(output[2])
-        ctx.x_dtype = x.dtype
-        ctx.has_cls = cls_token is not None
-        ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
-        ctx.cls_dtype = cls_token.dtype if cls_token is not None else None
-        ctx.mark_non_differentiable(output[1], output[2])
-
     def _backward(ctx, grad_out, _grad_mask, _grad_ids):
         (ids_restore,) = ctx.saved_tensors
         need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
         g = random_masking_backward(grad_out, ids_restore, ctx.has_cls) if (need_x or need_pos) else None
-        # sums in fp32 from the unrounded gradient, as autograd of the reference does
         gpos = g.float().sum(0, keepdim=True).to(ctx.pos_dtype) if need_pos else None
-        gcls = grad_out[:, :1].float().sum(0, keepdim=True).to(ctx.cls_dtype) if need_cls else None
+        gcls = _cls_grad(ctx, grad_out) if need_cls else None
         return (g.to(ctx.x_dtype) if need_x else None), None, gpos, gcls, None
 
-    random_masking_kernel.register_autograd(_backward, setup_context=_setup)
+    random_masking_kernel.register_autograd(_backward, setup_context=_masking_setup)
+
+
+if _backend.EXT_LOADED:
+    torch.library.register_fake("umae::random_masking_cpp")(_masking_fake)
+
+    @torch.library.register_fake("umae::random_masking_cpp_backward")
+    def _(grad_out, ids_restore, has_cls, need_pos):
+        N, L = ids_restore.shape
+        D = grad_out.shape[2]
+        acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+        return grad_out.new_empty((N, L, D)), grad_out.new_empty((L if need_pos else 0, D), dtype=acc)
+
+    def _cpp_backward(ctx, grad_out, _grad_mask, _grad_ids):
+        (ids_restore,) = ctx.saved_tensors
+        need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
+        gx = gpos = None
+        if need_x or need_pos:  # the pos sum rides along the scatter of grad x
+            gx, gpos = torch.ops.umae.random_masking_cpp_backward(grad_out, ids_restore, ctx.has_cls, need_pos)
+            gx = gx.to(ctx.x_dtype) if need_x else None
+            gpos = gpos.unsqueeze(0).to(ctx.pos_dtype) if need_pos else None
+        gcls = _cls_grad(ctx, grad_out) if need_cls else None
+        return gx, None, gpos, gcls, None
+
+    torch.library.register_autograd("umae::random_masking_cpp", _cpp_backward, setup_context=_masking_setup)

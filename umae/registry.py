@@ -32,11 +32,13 @@ ALL_FLOATS = HALF_AND_FP32 | {F64}
 class Impl:
     """A fused implementation: `name` as `backend_info` reports it, the device type it runs on,
     the dtypes it takes, and what it needs: the C++ extension's kernel for `schema` at the
-    dispatch key of `device`, or Triton (natively on CUDA, interpreted on CPU)."""
+    dispatch key of `device`, or Triton (natively on CUDA, interpreted on CPU). `entry` names
+    the function of the op's module that runs it (default: the op's `fused`)."""
     name: str  # "cpp-cpu" | "cuda" | "triton" | "triton-interpreter"
     device: str
     dtypes: frozenset
     schema: str | None = None  # C++ ops: the torch.ops name whose kernel must be registered
+    entry: str | None = None
 
 
 def cpp(schema: str, cuda_dtypes=ALL_FLOATS) -> tuple[Impl, ...]:
@@ -45,6 +47,13 @@ def cpp(schema: str, cuda_dtypes=ALL_FLOATS) -> tuple[Impl, ...]:
 
 # Triton kernels compute in fp32 at most: float64 runs the reference, which is its fp64 path.
 TRITON = (Impl("triton", "cuda", HALF_AND_FP32), Impl("triton-interpreter", "cpu", HALF_AND_FP32))
+
+
+def cpp_cpu_then_triton(schema: str, entry: str) -> tuple[Impl, ...]:
+    """A C++ CPU kernel (`entry` in the op's module calls `schema`), Triton on CUDA. On CPU the
+    C++ kernel comes first; the interpreted Triton kernel runs under `_backend.use_impl`
+    (the parity tests of the Triton kernels on CPU)."""
+    return (Impl("cpp-cpu", "cpu", ALL_FLOATS, schema, entry),) + TRITON
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +88,14 @@ class Op:
     def kernel_module(self):
         return importlib.import_module(f"umae.kernels.{self.kernels}") if self.kernels else None
 
-    def impl_for(self, device: str) -> Impl | None:
-        return next((i for i in self.impls if i.device == device), None)
+    def impls_for(self, device: str) -> tuple[Impl, ...]:
+        """The implementations for `device`, in the order `choose` prefers them."""
+        return tuple(i for i in self.impls if i.device == device)
+
+    def entry_fn(self, impl_name: str):
+        """The function of the op's module that runs implementation `impl_name`."""
+        impl = next((i for i in self.impls if i.name == impl_name), None)
+        return self._attr(impl.entry if impl is not None and impl.entry else self.fused)
 
 
 # (L, D) the masking / restore kernels see: test shapes, the ViT configs' patch tokens with
@@ -97,11 +112,14 @@ _ENTRIES = (
        cpp("umae::patch_mse", cuda_dtypes=HALF_AND_FP32), tests="tests/test_masked_mse.py"),
     Op("mae_loss", "masked_mse_op", "mae_loss_reference", "mae_loss_fused",
        cpp("umae::patch_mse", cuda_dtypes=HALF_AND_FP32), tests="tests/test_masked_mse.py"),
-    Op("random_masking", "random_masking_op", "random_masking_reference", "random_masking_fused", TRITON,
+    Op("random_masking", "random_masking_op", "random_masking_reference", "random_masking_fused",
+       cpp_cpu_then_triton("umae::random_masking_cpp", "random_masking_cpp"),
        kernels="random_masking", aot_shapes=TOKEN_SHAPES, tests="tests/test_masking.py"),
-    Op("restore_tokens", "restore_tokens_op", "restore_tokens_reference", "restore_tokens_fused", TRITON,
+    Op("restore_tokens", "restore_tokens_op", "restore_tokens_reference", "restore_tokens_fused",
+       cpp_cpu_then_triton("umae::restore_tokens_cpp", "restore_tokens_cpp"),
        kernels="restore_tokens", aot_shapes=TOKEN_SHAPES, tests="tests/test_masking.py"),
-    Op("uniformity_loss", "uniformity_op", "uniformity_loss_reference", "uniformity_loss_fused", TRITON,
+    Op("uniformity_loss", "uniformity_op", "uniformity_loss_reference", "uniformity_loss_fused",
+       cpp_cpu_then_triton("umae::uniformity_loss_cpp", "uniformity_loss_cpp"),
        kernels="uniformity", tests="tests/test_uniformity.py"),
 )
 

@@ -1,11 +1,13 @@
 """The decoder's restore: the reference (facebookresearch/mae `forward_decoder`, from the
-mask-token cat to the positional embedding add), the fused entry (a torch.library custom op
-around the Triton kernel, kernels/restore_tokens.py) and its benchmark case."""
+mask-token cat to the positional embedding add), the fused entries (torch.library custom ops
+around the Triton kernel, kernels/restore_tokens.py, and the C++ CPU kernel,
+csrc/cpu/restore_tokens.cpp) and its benchmark case."""
 from __future__ import annotations
 
 import torch
 
 from . import _backend
+from ._checks import result_dtype
 
 
 def restore_tokens_reference(x, ids_restore, mask_token, pos_embed=None, has_cls=True):
@@ -19,6 +21,24 @@ def restore_tokens_reference(x, ids_restore, mask_token, pos_embed=None, has_cls
     if pos_embed is not None:
         x_ = x_ + pos_embed
     return x_
+
+
+def restore_tokens_cpp(x, ids_restore, mask_token, pos_embed=None, has_cls=True):
+    """The C++ CPU kernel (csrc/cpu/restore_tokens.cpp)."""
+    return torch.ops.umae.restore_tokens_cpp(x, ids_restore, mask_token, pos_embed, has_cls)
+
+
+def _restore_fake(x, ids_restore, mask_token, pos_embed, has_cls):
+    N, L = ids_restore.shape
+    return x.new_empty((N, L + int(has_cls), x.shape[2]), dtype=result_dtype(x, mask_token, pos_embed))
+
+
+def _restore_setup(ctx, inputs, output):
+    x, ids_restore, mask_token, pos_embed, has_cls = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.len_x, ctx.x_dtype, ctx.has_cls = x.shape[1], x.dtype, has_cls
+    ctx.tok_dtype = mask_token.dtype
+    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
 
 
 def bench_restore_tokens(s, dtype, device):
@@ -46,10 +66,7 @@ if _backend.TRITON_OK:
                              pos_embed: torch.Tensor | None, has_cls: bool) -> torch.Tensor:
         return _k.forward(x, ids_restore, mask_token, pos_embed, has_cls=has_cls)
 
-    @restore_tokens_fused.register_fake
-    def _(x, ids_restore, mask_token, pos_embed, has_cls):
-        N, L = ids_restore.shape
-        return x.new_empty((N, L + int(has_cls), x.shape[2]), dtype=_k.out_dtype(x, mask_token, pos_embed))
+    restore_tokens_fused.register_fake(_restore_fake)
 
     @torch.library.custom_op("umae::restore_tokens_backward", mutates_args=())
     def restore_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, len_x: int,
@@ -63,13 +80,6 @@ if _backend.TRITON_OK:
         D = grad_out.shape[2]
         return grad_out.new_empty((ids_restore.shape[0], len_x, D)), grad_out.new_empty((D,), dtype=torch.float32)
 
-    def _setup(ctx, inputs, output):
-        x, ids_restore, mask_token, pos_embed, has_cls = inputs
-        ctx.save_for_backward(ids_restore)
-        ctx.len_x, ctx.x_dtype, ctx.has_cls = x.shape[1], x.dtype, has_cls
-        ctx.tok_dtype = mask_token.dtype
-        ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
-
     def _backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
         need_x, _, need_tok, need_pos, _ = ctx.needs_input_grad
@@ -82,4 +92,29 @@ if _backend.TRITON_OK:
             gpos = grad_out.float().sum(0, keepdim=True).to(ctx.pos_dtype)
         return gx, None, gtok, gpos, None
 
-    restore_tokens_fused.register_autograd(_backward, setup_context=_setup)
+    restore_tokens_fused.register_autograd(_backward, setup_context=_restore_setup)
+
+
+if _backend.EXT_LOADED:
+    torch.library.register_fake("umae::restore_tokens_cpp")(_restore_fake)
+
+    @torch.library.register_fake("umae::restore_tokens_cpp_backward")
+    def _(grad_out, ids_restore, len_x, has_cls, need_pos):
+        N, L = ids_restore.shape
+        D = grad_out.shape[2]
+        acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+        return (grad_out.new_empty((N, len_x, D)), grad_out.new_empty((D,), dtype=acc),
+                grad_out.new_empty((L + int(has_cls) if need_pos else 0, D), dtype=acc))
+
+    def _cpp_backward(ctx, grad_out):
+        (ids_restore,) = ctx.saved_tensors
+        need_x, _, need_tok, need_pos, _ = ctx.needs_input_grad
+        if not (need_x or need_tok or need_pos):
+            return None, None, None, None, None
+        gx, gtok, gpos = torch.ops.umae.restore_tokens_cpp_backward(grad_out, ids_restore, ctx.len_x, ctx.has_cls,
+                                                                     need_pos)
+        return (gx.to(ctx.x_dtype) if need_x else None, None,
+                gtok.to(ctx.tok_dtype).view(1, 1, -1) if need_tok else None,
+                gpos.unsqueeze(0).to(ctx.pos_dtype) if need_pos else None, None)
+
+    torch.library.register_autograd("umae::restore_tokens_cpp", _cpp_backward, setup_context=_restore_setup)

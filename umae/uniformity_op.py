@@ -1,7 +1,7 @@
 """U-MAE's uniformity loss: the reference (zhangq327/U-MAE `loss_func.py`: L2-normalize the
-rows, sim = F F^T, mean of sim^2, diagonal included; math in fp32), the fused entry (a
-torch.library custom op around the Triton kernels, kernels/uniformity.py, and its
-global-batch version across ranks) and the benchmark case."""
+rows, sim = F F^T, mean of sim^2, diagonal included; math in fp32), the fused entries (a
+torch.library custom op around the Triton kernels, kernels/uniformity.py, one around the C++ CPU
+kernel, csrc/cpu/uniformity.cpp, and their global-batch version across ranks) and the benchmark case."""
 from __future__ import annotations
 
 import torch
@@ -36,10 +36,21 @@ def _denominator(B: int, exclude_diagonal: bool) -> int:
 
 def uniformity_loss_fused(features, normalize=True, exclude_diagonal=False, process_group=None,
                           exact_ddp_grad=True):
+    """The Triton kernels (CUDA; CPU under the interpreter)."""
     if process_group is None:
         return uniformity_loss_kernel(features, normalize, exclude_diagonal)
     return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
-                                  ddp_grad_scale(process_group, exact_ddp_grad))
+                                  ddp_grad_scale(process_group, exact_ddp_grad), _k)
+
+
+def uniformity_loss_cpp(features, normalize=True, exclude_diagonal=False, process_group=None,
+                        exact_ddp_grad=True):
+    """The C++ CPU kernel (csrc/cpu/uniformity.cpp); across ranks, the same Gram all-reduce as
+    the Triton path, its D x D products by BLAS."""
+    if process_group is None:
+        return torch.ops.umae.uniformity_loss_cpp(features, normalize, exclude_diagonal)
+    return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
+                                  ddp_grad_scale(process_group, exact_ddp_grad), TorchGram)
 
 
 def bench_uniformity_loss(s, dtype, device):
@@ -50,49 +61,122 @@ def bench_uniformity_loss(s, dtype, device):
     f = rand(B, D, dtype=dtype, device=device, grad=True)
     e = elt(dtype)
     # must move: F once (norms may re-read it); backward reads F, writes dF (+ B x D fp32 temporaries)
-    # FLOPs of the fused algorithm: upper-triangle Gram B*D^2 forward; Gram + Z @ G = 3 B D^2 backward
+    # FLOPs of the fused algorithm over its contraction dim m (Triton: the D x D Gram; C++ CPU: the
+    # smaller of S = Z Z^T and G = Z^T Z): the symmetric product B*D*m forward, 3 B D m backward
+    m = min(B, D) if device == "cpu" else D
     return Case("uniformity_loss", dtype, lambda: uniformity_loss(f), [f], B * D * e, 2 * B * D * e,
-                flops_fwd=B * D * D, flops_bwd=3 * B * D * D)
+                flops_fwd=B * D * m, flops_bwd=3 * B * D * m)
+
+
+class TorchGram:
+    """The Gram products of the global-batch path by torch (BLAS on CPU), in the reference's
+    accumulation dtype: what the C++ CPU path uses across ranks. Same interface as the Triton
+    module's gram / z_times_gram / rounding_dtype."""
+
+    @staticmethod
+    def rounding_dtype(dtype):
+        return _acc(dtype)
+
+    @staticmethod
+    def gram(f, rinv):
+        z = f.to(rinv.dtype) * rinv[:, None]
+        return z.T @ z
+
+    @staticmethod
+    def z_times_gram(f, rinv, g):
+        return (f.to(rinv.dtype) * rinv[:, None]) @ g
+
+
+def _prep(features, *, normalize: bool):
+    """(norms, rinv) in fp32 (fp64 for fp64): the row norms are computed once, by one read of F."""
+    norms = torch.linalg.vector_norm(features, dim=1, dtype=_acc(features.dtype))
+    rinv = 1.0 / norms.clamp_min(NORM_EPS) if normalize else torch.ones_like(norms)
+    return norms, rinv
+
+
+def _rounded_z(gram_ops, features, rinv):
+    # z as the kernels multiply it (rounded to the dtype of the products), so that the
+    # diagonal terms subtracted below cancel the kernel's own diagonal exactly.
+    return (features.to(rinv.dtype) * rinv[:, None]).to(gram_ops.rounding_dtype(features.dtype)).to(rinv.dtype)
+
+
+def _diag_sum(gram_ops, features, rinv):
+    sq = _rounded_z(gram_ops, features, rinv).pow(2).sum(1)
+    return (sq * sq).sum()
+
+
+def _grad_from_gram(gram_ops, grad, features, norms, rinv, g, denom, *, exclude_diagonal: bool, normalize: bool):
+    """dL/dF for L = c (||G||^2 - [excl] sum_i ||z_i||^4), G = Z^T Z, c = grad / denom."""
+    c = grad.to(rinv.dtype) * 4.0 / denom
+    dz = gram_ops.z_times_gram(features, rinv, g) * c
+    if exclude_diagonal:
+        zr = _rounded_z(gram_ops, features, rinv)
+        dz = dz - c * zr.pow(2).sum(1, keepdim=True) * zr
+    if not normalize:
+        return dz
+    z = features.to(rinv.dtype) * rinv[:, None]
+    # Jacobian of z = f / max(|f|, eps): (I - z z^T) / |f| above eps, I / eps below.
+    radial = (z * dz).sum(1, keepdim=True) * (norms > NORM_EPS)[:, None]
+    return rinv[:, None] * (dz - z * radial)
+
+
+class DistributedFused(torch.autograd.Function):
+    """Global-batch loss across ranks: each rank forms its Gram Z_r^T Z_r (D x D), one
+    all-reduce sums them (with the diagonal terms and row counts), and the backward needs
+    no communication: dL/dZ_r = 4 c Z_r G_global, exact for the rank's own rows.
+    `gram_ops` forms the products: the Triton kernels or TorchGram."""
+
+    @staticmethod
+    def forward(ctx, features, normalize, exclude_diagonal, group, grad_scale, gram_ops):
+        import torch.distributed as dist
+
+        norms, rinv = _prep(features, normalize=normalize)
+        g = gram_ops.gram(features, rinv)
+        extra = torch.stack([_diag_sum(gram_ops, features, rinv) if exclude_diagonal else g.new_zeros(()),
+                             g.new_tensor(float(features.shape[0]))])
+        buf = torch.cat([g.flatten(), extra])
+        dist.all_reduce(buf, group=group)
+        D = g.shape[0]
+        g, diag = buf[: D * D].view(D, D), buf[D * D]
+        # the global row count stays on the device (exact in fp32 up to 2^24 rows): no host sync
+        B = buf[D * D + 1].double()
+        denom = (B * (B - 1) if exclude_diagonal else B * B).to(g.dtype)
+        loss = (g.pow(2).sum() - diag) / denom
+        ctx.save_for_backward(features, norms, rinv, g, denom)
+        ctx.args = (exclude_diagonal, normalize, grad_scale, gram_ops)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        features, norms, rinv, g, denom = ctx.saved_tensors
+        exclude_diagonal, normalize, grad_scale, gram_ops = ctx.args
+        df = _grad_from_gram(gram_ops, grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
+                             normalize=normalize)
+        return (df * grad_scale).to(features.dtype), None, None, None, None, None
+
+
+if _backend.EXT_LOADED:
+
+    @torch.library.register_fake("umae::uniformity_loss_cpp")
+    def _(features, normalize, exclude_diagonal):
+        return features.new_empty((), dtype=_acc(features.dtype))
+
+    @torch.library.register_fake("umae::uniformity_loss_cpp_backward")
+    def _(grad, features, normalize, exclude_diagonal):
+        return torch.empty_like(features, memory_format=torch.contiguous_format)
+
+    # its autograd is registered in C++ (csrc/cpu/uniformity.cpp): a Python wrapper would cost as much as the op
 
 
 if _backend.TRITON_OK:
     from .kernels import uniformity as _k
-
-    def _prep(features, *, normalize: bool):
-        """(norms, rinv) in fp32: the row norms are computed once, by one read of F."""
-        norms = torch.linalg.vector_norm(features, dim=1, dtype=torch.float32)
-        rinv = 1.0 / norms.clamp_min(NORM_EPS) if normalize else torch.ones_like(norms)
-        return norms, rinv
-
-    def _rounded_z(features, rinv):
-        # z as the kernels multiply it (rounded to the dtype of the products), so that the
-        # diagonal terms subtracted below cancel the kernel's own diagonal exactly.
-        return (features.float() * rinv[:, None]).to(_k.rounding_dtype(features.dtype)).float()
-
-    def _diag_sum(features, rinv):
-        sq = _rounded_z(features, rinv).pow(2).sum(1)
-        return (sq * sq).sum()
-
-    def _grad_from_gram(grad, features, norms, rinv, g, denom, *, exclude_diagonal: bool, normalize: bool):
-        """dL/dF for L = c (||G||^2 - [excl] sum_i ||z_i||^4), G = Z^T Z, c = grad / denom."""
-        c = grad.float() * 4.0 / denom
-        dz = _k.z_times_gram(features, rinv, g) * c
-        if exclude_diagonal:
-            zr = _rounded_z(features, rinv)
-            dz = dz - c * zr.pow(2).sum(1, keepdim=True) * zr
-        if not normalize:
-            return dz
-        z = features.float() * rinv[:, None]
-        # Jacobian of z = f / max(|f|, eps): (I - z z^T) / |f| above eps, I / eps below.
-        radial = (z * dz).sum(1, keepdim=True) * (norms > NORM_EPS)[:, None]
-        return rinv[:, None] * (dz - z * radial)
 
     @torch.library.custom_op("umae::uniformity_loss", mutates_args=())
     def uniformity_loss_kernel(features: torch.Tensor, normalize: bool, exclude_diagonal: bool) -> torch.Tensor:
         _, rinv = _prep(features, normalize=normalize)
         total = _k.gram_square_sum(features, rinv)
         if exclude_diagonal:
-            total = total - _diag_sum(features, rinv)
+            total = total - _diag_sum(_k, features, rinv)
         return total / _denominator(features.shape[0], exclude_diagonal)
 
     @uniformity_loss_kernel.register_fake
@@ -105,7 +189,7 @@ if _backend.TRITON_OK:
         norms, rinv = _prep(features, normalize=normalize)
         g = _k.gram(features, rinv)
         denom = _denominator(features.shape[0], exclude_diagonal)
-        return _grad_from_gram(grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
+        return _grad_from_gram(_k, grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
                                normalize=normalize).to(features.dtype)
 
     @uniformity_loss_backward.register_fake
@@ -121,39 +205,6 @@ if _backend.TRITON_OK:
         return uniformity_loss_backward(grad, features, ctx.normalize, ctx.exclude_diagonal), None, None
 
     uniformity_loss_kernel.register_autograd(_backward, setup_context=_setup)
-
-    class DistributedFused(torch.autograd.Function):
-        """Global-batch loss across ranks: each rank forms its Gram Z_r^T Z_r (D x D), one
-        all-reduce sums them (with the diagonal terms and row counts), and the backward needs
-        no communication: dL/dZ_r = 4 c Z_r G_global, exact for the rank's own rows."""
-
-        @staticmethod
-        def forward(ctx, features, normalize, exclude_diagonal, group, grad_scale):
-            import torch.distributed as dist
-
-            norms, rinv = _prep(features, normalize=normalize)
-            g = _k.gram(features, rinv)
-            extra = torch.stack([_diag_sum(features, rinv) if exclude_diagonal else g.new_zeros(()),
-                                 g.new_tensor(float(features.shape[0]))])
-            buf = torch.cat([g.flatten(), extra])
-            dist.all_reduce(buf, group=group)
-            D = g.shape[0]
-            g, diag = buf[: D * D].view(D, D), buf[D * D]
-            # the global row count stays on the device (exact in fp32 up to 2^24 rows): no host sync
-            B = buf[D * D + 1].double()
-            denom = (B * (B - 1) if exclude_diagonal else B * B).float()
-            loss = (g.pow(2).sum() - diag) / denom
-            ctx.save_for_backward(features, norms, rinv, g, denom)
-            ctx.args = (exclude_diagonal, normalize, grad_scale)
-            return loss
-
-        @staticmethod
-        def backward(ctx, grad):
-            features, norms, rinv, g, denom = ctx.saved_tensors
-            exclude_diagonal, normalize, grad_scale = ctx.args
-            df = _grad_from_gram(grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
-                                 normalize=normalize)
-            return (df * grad_scale).to(features.dtype), None, None, None, None
 
 
 class GatherRows(torch.autograd.Function):

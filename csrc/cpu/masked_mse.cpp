@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "patch_strip.h"
 
 namespace umae {
 namespace {
@@ -30,36 +31,12 @@ void for_each_target_row(const tgt_t* tgt, const ImageIndex* img, int64_t R, int
     });
     return;
   }
-  const int64_t p = img->p, C = img->C, w = img->w, h = img->L / w;
-  const int64_t sN = img->sN, sC = img->sC, sH = img->sH, sW = img->sW;
+  const int64_t w = img->w, h = img->L / w;
   at::parallel_for(0, R / img->L * h, 1, [&](int64_t q0, int64_t q1) {
     std::vector<acc_t> strip(w * K);
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t n = q / h, hi = q - n * h;
-      if (C == 3 && sW == 1) {  // RGB, unit stride: a 3-way interleave the compiler vectorizes
-        for (int64_t pi = 0; pi < p; ++pi) {
-          const tgt_t* s0 = tgt + n * sN + (hi * p + pi) * sH;
-          const tgt_t *s1 = s0 + sC, *s2 = s1 + sC;
-          for (int64_t wi = 0; wi < w; ++wi) {
-            acc_t* dst = strip.data() + wi * K + pi * p * 3;
-            const int64_t o = wi * p;
-            for (int64_t pj = 0; pj < p; ++pj) {
-              dst[3 * pj] = static_cast<acc_t>(s0[o + pj]);
-              dst[3 * pj + 1] = static_cast<acc_t>(s1[o + pj]);
-              dst[3 * pj + 2] = static_cast<acc_t>(s2[o + pj]);
-            }
-          }
-        }
-      } else {
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t pi = 0; pi < p; ++pi) {
-          const tgt_t* src = tgt + n * sN + c * sC + (hi * p + pi) * sH;
-          acc_t* dst = strip.data() + pi * p * C + c;
-          for (int64_t wi = 0; wi < w; ++wi)
-            for (int64_t pj = 0; pj < p; ++pj)
-              dst[wi * K + pj * C] = static_cast<acc_t>(src[(wi * p + pj) * sW]);
-        }
-      }
+      gather_strip(tgt + n * img->sN, *img, hi, strip.data());
       for (int64_t wi = 0; wi < w; ++wi) fn(n * img->L + hi * w + wi, strip.data() + wi * K);
     }
   });

@@ -38,6 +38,7 @@ SHAPES = {
     "vit_l16": dict(N=128, img=224, p=16, C=3, D=1024, Dd=512),
     "vit_tiny32": dict(N=512, img=32, p=4, C=3, D=192, Dd=128),
     "cpu_small": dict(N=16, img=224, p=16, C=3, D=768, Dd=512),  # the CPU report and pytest-benchmark
+    "cpu_large": dict(N=64, img=224, p=16, C=3, D=768, Dd=512),  # images 38.5 MB: beyond a 32 MB L3
     "unif_b256": dict(B=256, D=768), "unif_b1024": dict(B=1024, D=768),
     "unif_b4096": dict(B=4096, D=768), "unif_b16384": dict(B=16384, D=768),
 }
@@ -48,7 +49,7 @@ for _n in (32, 64, 128, 256, 512):
     SHAPES[SWEEP[-1]] = dict(SHAPES["vit_b16"], N=_n)
 
 DEFAULT_SHAPES = {"cuda": ["vit_b16", "vit_l16", "vit_tiny32", "unif_b1024", "unif_b4096", "unif_b16384"],
-                  "cpu": ["cpu_small"]}
+                  "cpu": ["cpu_small", "cpu_large"]}
 DEFAULT_DTYPES = {"cuda": [torch.bfloat16, torch.float32], "cpu": [torch.float32]}
 
 

@@ -98,8 +98,9 @@ E2E = {  # shape set -> (model, batch)
     "vit_tiny32": ("umae_vit_tiny_patch4_32", 512),
     "vit_b16": ("umae_vit_base_patch16_224", 64),
     "cpu_small": ("umae_vit_micro_patch4_32", 64),
+    "cpu_tiny32": ("umae_vit_tiny_patch4_32", 64),
 }
-E2E_DEFAULT = {"cuda": ["vit_tiny32", "vit_b16"], "cpu": ["cpu_small"]}
+E2E_DEFAULT = {"cuda": ["vit_tiny32", "vit_b16"], "cpu": ["cpu_small", "cpu_tiny32"]}
 
 
 def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16):

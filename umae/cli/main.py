@@ -26,10 +26,11 @@ def _bench(args) -> int:
     print(format_backend_info())
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  {env['date']}")
     if device == "cpu":
-        print("NOTE: CPU figures, from the C++ CPU kernels at small shapes -- they are not GPU figures. "
-              "Triton ops have no CPU kernel (their interpreter timings are not performance).")
+        print("NOTE: CPU figures, from the C++ CPU kernels -- they are not GPU figures (the Triton and CUDA "
+              "kernels are not timed here).")
     ceil = bench.ceilings(device)
-    print(f"measured ceilings: copy {ceil['copy_gbps']:.1f} GB/s, matmul {ceil['matmul_tflops']:.2f} TFLOP/s "
+    fresh = f", into a fresh tensor {ceil['clone_gbps']:.1f} GB/s" if "clone_gbps" in ceil else ""
+    print(f"measured ceilings: copy {ceil['copy_gbps']:.1f} GB/s{fresh}, matmul {ceil['matmul_tflops']:.2f} TFLOP/s "
           f"({ceil['matmul_dtype']})")
     ops = args.ops or list(registry.OPS) + ["train_step"]
     op_rows = list(bench.run([o for o in ops if o != "train_step"], shapes, args.modes, args.providers, dtypes,

@@ -1,0 +1,171 @@
+// The MAE decoder's restore on CPU in one pass: every output row is the cls row, a kept token
+// (from x, at its rank) or the mask token, plus pos_embed. Backward scatters the kept rows'
+// gradient to x and sums the pos and mask-token gradients in the same pass.
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common.h"
+
+namespace umae {
+namespace {
+
+constexpr int64_t kPositionsPerTask = 8;  // backward: token positions per task (a block's tok partial)
+
+// ids_restore must be a permutation per row: the backward writes each kept row of grad x exactly once.
+void check_permutation(const int64_t* ids, int64_t N, int64_t L) {
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<char> seen(L);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(seen.begin(), seen.end(), 0);
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t r = ids[n * L + l];
+        TORCH_CHECK(r >= 0 && r < L && !seen[r], "restore_tokens: ids_restore[", n,
+                    "] must be a permutation of 0..", L - 1, " (as random_masking returns), but has ", r, " at ", l);
+        seen[r] = 1;
+      }
+    }
+  });
+}
+
+at::Tensor restore_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_restore, const at::Tensor& mask_token,
+                              const std::optional<at::Tensor>& pos_embed, bool has_cls) {
+  TORCH_CHECK(x.dim() == 3 && is_float_type(x.scalar_type()), "restore_tokens: x must be a floating (N, c + len_keep, D) tensor, got ",
+              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(ids_restore.dim() == 2 && ids_restore.scalar_type() == at::kLong && ids_restore.size(0) == x.size(0),
+              "restore_tokens: ids_restore must be int64 (N, L) with N = ", x.size(0), ", got ", ids_restore.sizes(), " ",
+              ids_restore.scalar_type());
+  const int64_t N = x.size(0), L = ids_restore.size(1), D = x.size(2), c0 = has_cls, R = L + c0;
+  const int64_t keep = x.size(1) - c0;
+  TORCH_CHECK(keep >= 0 && keep <= L, "restore_tokens: x must have between ", c0, " and ", R, " rows, got ", x.size(1));
+  TORCH_CHECK(mask_token.numel() == D && is_float_type(mask_token.scalar_type()),
+              "restore_tokens: mask_token must be a floating (1, 1, D) = (1, 1, ", D, ") tensor, got ", mask_token.sizes());
+  check_same_device(x, ids_restore, "restore_tokens", "ids_restore");
+  check_same_device(x, mask_token, "restore_tokens", "mask_token");
+  // Each row's value is exact in promote(x, mask_token); the pos add rounds once to the output dtype.
+  at::ScalarType out_type = at::promote_types(x.scalar_type(), mask_token.scalar_type());
+  at::Tensor pos;
+  if (pos_embed.has_value()) {
+    TORCH_CHECK(pos_embed->numel() == R * D && pos_embed->size(-1) == D && is_float_type(pos_embed->scalar_type()),
+                "restore_tokens: pos_embed must be a floating (1, ", R, ", ", D, ") tensor, got ", pos_embed->sizes());
+    check_same_device(x, *pos_embed, "restore_tokens", "pos_embed");
+    out_type = at::promote_types(out_type, pos_embed->scalar_type());
+    pos = pos_embed->reshape({R, D}).to(out_type).contiguous();  // exact: out_type holds pos's values
+  }
+  const at::Tensor tok = mask_token.reshape({D}).to(out_type).contiguous();
+  const at::Tensor ids = ids_restore.contiguous();
+  at::Tensor out = at::empty({N, R, D}, x.options().dtype(out_type));
+  if (out.numel() == 0) return out;
+  const int64_t* I = ids.const_data_ptr<int64_t>();
+  check_permutation(I, N, L);
+  const int64_t sxn = x.stride(0), sxl = x.stride(1), sxd = x.stride(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "restore_tokens_cpu", [&] {
+    using x_t = scalar_t;
+    const x_t* X = x.const_data_ptr<x_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_type, "restore_tokens_cpu", [&] {
+      using o_t = scalar_t;
+      using acc_t = at::opmath_type<o_t>;
+      const o_t* T = tok.const_data_ptr<o_t>();
+      const o_t* P = pos.defined() ? pos.const_data_ptr<o_t>() : nullptr;
+      o_t* O = out.mutable_data_ptr<o_t>();
+      at::parallel_for(0, N * R, 16, [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t n = q / R, o = q - n * R, l = o - c0;
+          const int64_t r = l < 0 ? -1 : I[n * L + l];  // -1: the cls row
+          o_t* dst = O + q * D;
+          const o_t* pr = P ? P + o * D : nullptr;
+          if (l >= 0 && r >= keep) {  // a mask token
+            if (pr) {
+              _Pragma("omp simd")  // inside a dispatch macro: no #pragma
+              for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<o_t>(static_cast<acc_t>(T[d]) + static_cast<acc_t>(pr[d]));
+            } else {
+              std::copy(T, T + D, dst);
+            }
+            continue;
+          }
+          const x_t* src = X + n * sxn + (l < 0 ? 0 : c0 + r) * sxl;
+          if (pr && sxd == 1) {
+            _Pragma("omp simd")
+            for (int64_t d = 0; d < D; ++d)
+              dst[d] = static_cast<o_t>(static_cast<acc_t>(src[d]) + static_cast<acc_t>(pr[d]));
+          } else {
+            for (int64_t d = 0; d < D; ++d)
+              dst[d] = pr ? static_cast<o_t>(static_cast<acc_t>(src[d * sxd]) + static_cast<acc_t>(pr[d]))
+                          : static_cast<o_t>(src[d * sxd]);
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// grad_out (N, L + c, D) -> (grad x (N, len_x, D) in grad_out's dtype, grad mask token (D,),
+// grad pos (L + c, D) when need_pos; both sums fp32). Parallel over blocks of token positions:
+// each block sums its mask-token rows into its own partial, and the partials are added in block
+// order, so the result does not depend on the thread count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> restore_tokens_backward_cpu(const at::Tensor& grad_out,
+                                                                           const at::Tensor& ids_restore, int64_t len_x,
+                                                                           bool has_cls, bool need_pos) {
+  TORCH_CHECK(grad_out.dim() == 3 && is_float_type(grad_out.scalar_type()),
+              "restore_tokens_backward: grad_out must be a floating (N, L + c, D) tensor, got ", grad_out.sizes());
+  const int64_t N = ids_restore.size(0), L = ids_restore.size(1), D = grad_out.size(2), c0 = has_cls, R = L + c0;
+  TORCH_CHECK(ids_restore.scalar_type() == at::kLong && grad_out.size(0) == N && grad_out.size(1) == R,
+              "restore_tokens_backward: grad_out ", grad_out.sizes(), " does not match ids_restore ", ids_restore.sizes());
+  const int64_t keep = len_x - c0;
+  TORCH_CHECK(keep >= 0 && keep <= L, "restore_tokens_backward: len_x must be in [", c0, ", ", R, "], got ", len_x);
+  const at::Tensor g = grad_out.contiguous();
+  const at::Tensor ids = ids_restore.contiguous();
+  const bool dbl = g.scalar_type() == at::kDouble;
+  const auto acc_opts = g.options().dtype(dbl ? at::kDouble : at::kFloat);
+  at::Tensor gx = at::empty({N, len_x, D}, g.options());
+  at::Tensor gpos = at::empty({need_pos ? R : 0, D}, acc_opts);
+  const int64_t blocks = (R + kPositionsPerTask - 1) / kPositionsPerTask;
+  at::Tensor parts = at::zeros({blocks, D}, acc_opts);
+  if (N == 0 || D == 0) return {gx, parts.sum(0), gpos.zero_()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "restore_tokens_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* G = g.const_data_ptr<scalar_t>();
+    const int64_t* I = ids.const_data_ptr<int64_t>();
+    scalar_t* GX = gx.mutable_data_ptr<scalar_t>();
+    acc_t* GP = need_pos ? gpos.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* PT = parts.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        acc_t* part = PT + b * D;
+        for (int64_t o = b * kPositionsPerTask; o < std::min(R, (b + 1) * kPositionsPerTask); ++o) {
+          const int64_t l = o - c0;
+          acc_t* gp = GP ? GP + o * D : nullptr;
+          if (gp) std::fill(gp, gp + D, acc_t(0));
+          for (int64_t n = 0; n < N; ++n) {
+            const scalar_t* src = G + (n * R + o) * D;
+            const int64_t r = l < 0 ? -1 : I[n * L + l];
+            if (gp) {
+              _Pragma("omp simd")
+              for (int64_t d = 0; d < D; ++d) gp[d] += static_cast<acc_t>(src[d]);
+            }
+            if (l >= 0 && r >= keep) {
+              _Pragma("omp simd")
+              for (int64_t d = 0; d < D; ++d) part[d] += static_cast<acc_t>(src[d]);
+            } else {
+              std::copy(src, src + D, GX + (n * len_x + (l < 0 ? 0 : c0 + r)) * D);
+            }
+          }
+        }
+      }
+    });
+  });
+  return {gx, parts.sum(0), gpos};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(umae, CPU, m) {
+  m.impl("restore_tokens_cpp", &restore_tokens_cpu);
+  m.impl("restore_tokens_cpp_backward", &restore_tokens_backward_cpu);
+}
+
+}  // namespace umae

@@ -33,7 +33,9 @@ TORCH_LIBRARY(umae, m) {
         "-> (Tensor, Tensor, Tensor)");
   // features (B, D) -> the uniformity loss, a 0-dim fp32 (fp64 for fp64 features) tensor.
   m.def("uniformity_loss_cpp(Tensor features, bool normalize, bool exclude_diagonal) -> Tensor");
-  m.def("uniformity_loss_cpp_backward(Tensor grad, Tensor features, bool normalize, bool exclude_diagonal) -> Tensor");
+  // -> (the loss, its gradient dL/dfeatures for an upstream gradient of 1, fp32 (fp64) (B, D)): what
+  // the op's autograd (registered in C++) runs when features need a gradient.
+  m.def("uniformity_loss_cpp_with_grad(Tensor features, bool normalize, bool exclude_diagonal) -> (Tensor, Tensor)");
 }
 
 // The module is loaded for its op registrations; Python needs an init symbol.

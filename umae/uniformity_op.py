@@ -161,9 +161,10 @@ if _backend.EXT_LOADED:
     def _(features, normalize, exclude_diagonal):
         return features.new_empty((), dtype=_acc(features.dtype))
 
-    @torch.library.register_fake("umae::uniformity_loss_cpp_backward")
-    def _(grad, features, normalize, exclude_diagonal):
-        return torch.empty_like(features, memory_format=torch.contiguous_format)
+    @torch.library.register_fake("umae::uniformity_loss_cpp_with_grad")
+    def _(features, normalize, exclude_diagonal):
+        acc = _acc(features.dtype)
+        return features.new_empty((), dtype=acc), features.new_empty(features.shape, dtype=acc)
 
     # its autograd is registered in C++ (csrc/cpu/uniformity.cpp): a Python wrapper would cost as much as the op
 

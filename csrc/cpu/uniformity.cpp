@@ -86,9 +86,10 @@ at::Tensor similarity_block(const at::Tensor& z, int64_t b0, int64_t rows, bool 
 
 bool uses_gram(int64_t B, int64_t D) { return B > D; }
 
-// Tiny batches: S from its upper triangle by direct dot products, with no BLAS call or ATen
+// Small batches: S from its upper triangle by direct dot products, with no BLAS call or ATen
 // temporaries (at B = 16 those cost more than the arithmetic).
-constexpr int64_t kSmallBatch = 32;
+constexpr int64_t kSmallBatch = 64;
+constexpr int64_t kSmallGrain = 8;  // rows of S per task
 
 // 16 independent partial sums: a single accumulator would wait on each add's latency.
 template <typename acc_t>
@@ -106,92 +107,87 @@ acc_t dot(const acc_t* a, const acc_t* b, int64_t D) {
 template <typename acc_t>
 std::vector<acc_t> small_similarity(const acc_t* Z, int64_t B, int64_t D, bool exclude_diagonal) {
   std::vector<acc_t> S(B * B);
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t j = i; j < B; ++j)
-      S[i * B + j] = S[j * B + i] = (exclude_diagonal && i == j) ? acc_t(0) : dot(Z + i * D, Z + j * D, D);
+  at::parallel_for(0, B, kSmallGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = i; j < B; ++j)
+        S[i * B + j] = S[j * B + i] = (exclude_diagonal && i == j) ? acc_t(0) : dot(Z + i * D, Z + j * D, D);
+  });
   return S;
 }
 
-at::Tensor uniformity_cpu(const at::Tensor& features, bool normalize, bool exclude_diagonal) {
-  check_features(features, "uniformity_loss");
+bool uses_small_path(int64_t B, int64_t D) { return B <= kSmallBatch && B <= D; }
+
+// The loss and, when asked, its gradient dL/dF (acc dtype, for an upstream gradient of 1), from one
+// normalization and one contraction: S (or G) is formed once for both.
+std::tuple<at::Tensor, at::Tensor> loss_and_grad(const at::Tensor& features, bool normalize, bool exclude_diagonal,
+                                                 bool want_grad) {
   const int64_t B = features.size(0), D = features.size(1);
   const Normalized nz = normalize_rows(features, normalize);
   const at::Tensor& z = nz.z;
-  at::Tensor out = at::empty({}, z.options());
+  at::Tensor loss = at::empty({}, z.options());
+  at::Tensor dz = want_grad ? at::empty_like(z) : at::Tensor();  // sum_j S_ij z_j = (z G)_i
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "uniformity_cpu", [&] {
+    const scalar_t* Z = z.const_data_ptr<scalar_t>();
     double total = 0;  // block partials added in a fixed order
-    if (B <= kSmallBatch) {
-      const std::vector<scalar_t> S = small_similarity(z.const_data_ptr<scalar_t>(), B, D, exclude_diagonal);
+    if (uses_small_path(B, D)) {
+      const std::vector<scalar_t> S = small_similarity(Z, B, D, exclude_diagonal);
       scalar_t ss = 0;
       for (const scalar_t v : S) ss += v * v;
       total = ss;
+      if (want_grad) {
+        scalar_t* DZ = dz.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, B, kSmallGrain, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) {
+            scalar_t* out = DZ + i * D;
+            std::fill(out, out + D, scalar_t(0));
+            for (int64_t j = 0; j < B; ++j) {
+              const scalar_t sij = S[i * B + j];
+              const scalar_t* zj = Z + j * D;
+              _Pragma("omp simd")  // inside a dispatch macro: no #pragma
+              for (int64_t d = 0; d < D; ++d) out[d] += sij * zj[d];
+            }
+          }
+        });
+      }
     } else if (uses_gram(B, D)) {
-      total = sum_squares<scalar_t>(at::mm(z.t(), z));
-      if (exclude_diagonal) {
-        const at::Tensor sq = z.mul(z).sum(1);
-        total -= sum_squares<scalar_t>(sq);
+      const at::Tensor G = at::mm(z.t(), z);
+      total = sum_squares<scalar_t>(G);
+      at::Tensor sq = exclude_diagonal ? z.mul(z).sum(1, true) : at::Tensor();
+      if (exclude_diagonal) total -= sum_squares<scalar_t>(sq);
+      if (want_grad) {
+        at::mm_out(dz, z, G);
+        if (exclude_diagonal) dz.sub_(sq.mul(z));
       }
     } else {
       at::Tensor buf = at::empty({std::min(B, kRowBlock), B}, z.options());
-      for (int64_t b0 = 0; b0 < B; b0 += kRowBlock)
-        total += sum_squares<scalar_t>(similarity_block(z, b0, std::min(kRowBlock, B - b0), exclude_diagonal, buf));
-    }
-    out.fill_(static_cast<scalar_t>(total / denominator(B, exclude_diagonal)));
-  });
-  return out;
-}
-
-at::Tensor uniformity_backward_cpu(const at::Tensor& grad, const at::Tensor& features, bool normalize,
-                                   bool exclude_diagonal) {
-  check_features(features, "uniformity_loss_backward");
-  TORCH_CHECK(grad.numel() == 1, "uniformity_loss_backward: grad must be a scalar, got ", grad.sizes());
-  const int64_t B = features.size(0), D = features.size(1);
-  const Normalized nz = normalize_rows(features, normalize);
-  const at::Tensor& z = nz.z;
-  const double c = grad.item<double>() * 4.0 / denominator(B, exclude_diagonal);
-  at::Tensor dz;  // dL/dz = 4c S z = 4c z G
-  if (B <= kSmallBatch) {
-    dz = at::empty_like(z);
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "uniformity_backward_small", [&] {
-      const scalar_t* Z = z.const_data_ptr<scalar_t>();
-      const std::vector<scalar_t> S = small_similarity(Z, B, D, exclude_diagonal);
-      scalar_t* DZ = dz.mutable_data_ptr<scalar_t>();
-      for (int64_t i = 0; i < B; ++i) {
-        scalar_t* out = DZ + i * D;
-        std::fill(out, out + D, scalar_t(0));
-        for (int64_t j = 0; j < B; ++j) {
-          const scalar_t sij = S[i * B + j];
-          const scalar_t* zj = Z + j * D;
-          _Pragma("omp simd")  // inside a dispatch macro: no #pragma
-          for (int64_t d = 0; d < D; ++d) out[d] += sij * zj[d];
+      for (int64_t b0 = 0; b0 < B; b0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, B - b0);
+        const at::Tensor S = similarity_block(z, b0, rows, exclude_diagonal, buf);
+        total += sum_squares<scalar_t>(S);
+        if (want_grad) {
+          at::Tensor out = dz.narrow(0, b0, rows);
+          at::mm_out(out, S, z);
         }
       }
-    });
-  } else if (uses_gram(B, D)) {
-    dz = at::mm(z, at::mm(z.t(), z));
-    if (exclude_diagonal) dz.sub_(z.mul(z).sum(1, true).mul(z));
-  } else {
-    dz = at::empty_like(z);
-    at::Tensor buf = at::empty({std::min(B, kRowBlock), B}, z.options());
-    for (int64_t b0 = 0; b0 < B; b0 += kRowBlock) {
-      const int64_t rows = std::min(kRowBlock, B - b0);
-      at::Tensor out = dz.narrow(0, b0, rows);
-      at::mm_out(out, similarity_block(z, b0, rows, exclude_diagonal, buf), z);
     }
-  }
-  at::Tensor df = at::empty_like(features, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "uniformity_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    loss.fill_(static_cast<scalar_t>(total / denominator(B, exclude_diagonal)));
+  });
+  if (!want_grad) return {loss, at::Tensor()};
+  // dL/dz = 4c dz, c = 1 / denominator; then through z = f / max(|f|, eps)
+  const double c = 4.0 / denominator(B, exclude_diagonal);
+  at::Tensor df = at::empty_like(z);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "uniformity_grad_cpu", [&] {
+    using acc_t = scalar_t;
     const acc_t* Z = z.const_data_ptr<acc_t>();
     const acc_t* DZ = dz.const_data_ptr<acc_t>();
     const acc_t* NR = nz.norms.const_data_ptr<acc_t>();
-    scalar_t* DF = df.mutable_data_ptr<scalar_t>();
+    acc_t* DF = df.mutable_data_ptr<acc_t>();
     const acc_t cc = static_cast<acc_t>(c);
     at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const acc_t* zr = Z + b * D;
         const acc_t* g = DZ + b * D;
-        scalar_t* out = DF + b * D;
+        acc_t* out = DF + b * D;
         // Jacobian of z = f / max(|f|, eps): (I - z z^T) / |f| above eps, I / eps below
         acc_t radial = 0, scale = cc;
         if (normalize) {
@@ -202,38 +198,45 @@ at::Tensor uniformity_backward_cpu(const at::Tensor& grad, const at::Tensor& fea
           scale = cc / std::max(NR[b], static_cast<acc_t>(kNormEps));
         }
         _Pragma("omp simd")
-        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(scale * (g[d] - zr[d] * radial));
+        for (int64_t d = 0; d < D; ++d) out[d] = scale * (g[d] - zr[d] * radial);
       }
     });
   });
-  return df;
+  return {loss, df};
+}
+
+at::Tensor uniformity_cpu(const at::Tensor& features, bool normalize, bool exclude_diagonal) {
+  check_features(features, "uniformity_loss");
+  return std::get<0>(loss_and_grad(features, normalize, exclude_diagonal, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> uniformity_with_grad_cpu(const at::Tensor& features, bool normalize,
+                                                            bool exclude_diagonal) {
+  check_features(features, "uniformity_loss");
+  return loss_and_grad(features, normalize, exclude_diagonal, true);
 }
 
 // Autograd in C++: at the small batches U-MAE sees per rank the op costs tens of microseconds,
-// as much as a Python autograd wrapper would add.
+// as much as a Python autograd wrapper would add. A scalar loss's gradient is a B x D tensor, so the
+// forward computes it with the loss (one contraction instead of two) and the backward scales it.
 class UniformityFunction : public torch::autograd::Function<UniformityFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& features, bool normalize,
                             bool exclude_diagonal) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("umae::uniformity_loss_cpp", "")
-                         .typed<at::Tensor(const at::Tensor&, bool, bool)>();
-    ctx->save_for_backward({features});
-    ctx->saved_data["normalize"] = normalize;
-    ctx->saved_data["exclude_diagonal"] = exclude_diagonal;
-    return op.call(features, normalize, exclude_diagonal);
+                         .findSchemaOrThrow("umae::uniformity_loss_cpp_with_grad", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool, bool)>();
+    auto [loss, grad] = op.call(features, normalize, exclude_diagonal);
+    ctx->save_for_backward({grad});
+    ctx->saved_data["dtype"] = features.scalar_type();
+    return loss;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("umae::uniformity_loss_cpp_backward", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, bool, bool)>();
-    const at::Tensor features = ctx->get_saved_variables()[0];
-    return {op.call(grads[0], features, ctx->saved_data["normalize"].toBool(),
-                    ctx->saved_data["exclude_diagonal"].toBool()),
-            at::Tensor(), at::Tensor()};
+    const at::Tensor grad = ctx->get_saved_variables()[0];
+    return {grads[0].mul(grad).to(ctx->saved_data["dtype"].toScalarType()), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -247,7 +250,7 @@ TORCH_LIBRARY_IMPL(umae, Autograd, m) { m.impl("uniformity_loss_cpp", &uniformit
 
 TORCH_LIBRARY_IMPL(umae, CPU, m) {
   m.impl("uniformity_loss_cpp", &uniformity_cpu);
-  m.impl("uniformity_loss_cpp_backward", &uniformity_backward_cpu);
+  m.impl("uniformity_loss_cpp_with_grad", &uniformity_with_grad_cpu);
 }
 
 }  // namespace umae

@@ -125,6 +125,8 @@ def _train_step_row(timm, name, batch, shape, provider, device, amp):
 
     model = timm.create_model(name, fused=provider in FUSED_PROVIDERS, lamb=0.01).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **adamw_impl(torch.device(device)))
+    if provider in COMPILED_PROVIDERS:
+        torch._dynamo.reset()  # as provider_forward: no model runs past the recompile limit
     net = torch.compile(model) if provider in COMPILED_PROVIDERS else model
     imgs = torch.randn(batch, 3, model.img_size, model.img_size, device=device)
 
@@ -190,7 +192,10 @@ def environment(device):
         tv = "none"
     return dict(device=device_name(device), device_type=device, torch=torch.__version__, triton=tv,
                 commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                triton_interpret=_backend.triton_interpreted())
+                triton_interpret=_backend.triton_interpreted(),
+                # PyTorch's CPU allocator backs large tensors with huge pages when this is 1: at shapes
+                # beyond the cache, first-touch page faults otherwise bound every op that returns a tensor
+                thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"))
 
 
 __all__ = ["SHAPES", "run", "run_e2e", "profile", "environment", "parity_error", "bench_settings", "E2E",

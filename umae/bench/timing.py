@@ -88,6 +88,9 @@ def provider_forward(case_fn, provider):
         with umae.use_backend(backend):
             return case_fn()
     if provider in COMPILED_PROVIDERS:
+        # every case compiles this same `fwd`: past dynamo's recompile limit (8) later cases would
+        # silently run eagerly, so each compiled provider starts from empty caches
+        torch._dynamo.reset()
         return torch.compile(fwd)
     return fwd
 

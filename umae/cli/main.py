@@ -24,7 +24,8 @@ def _bench(args) -> int:
             return 2
     env = bench.environment(device)
     print(format_backend_info())
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  {env['date']}")
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  {env['date']}  "
+          f"THP_MEM_ALLOC_ENABLE={env['thp_mem_alloc']}")
     if device == "cpu":
         print("NOTE: CPU figures, from the C++ CPU kernels -- they are not GPU figures (the Triton and CUDA "
               "kernels are not timed here).")

@@ -56,18 +56,18 @@ def test_cli_bench_and_info(tmp_path, capsys):
     assert "uniformity_loss" in capsys.readouterr().out
 
 
-def test_every_compiled_case_is_compiled(monkeypatch):
+def test_every_compiled_case_is_compiled():
     # all cases compile the same function: past dynamo's recompile limit the later ones would run
     # eagerly under a "compile" label. With a limit of 1, each of 3 cases must still add a graph.
     import torch._dynamo.config
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     tiny = dict(N=2, img=8, p=4, C=3, D=24, Dd=16)
     graphs = []
-    for op in ("patchify", "mae_loss", "uniformity_loss"):
-        before = counters["stats"]["unique_graphs"]
-        rows = list(bench.run([op], [tiny], ["fwd"], ["compile"], [torch.float32], "cpu", progress=False))
-        assert rows and "ms" in rows[0], rows
-        graphs.append(counters["stats"]["unique_graphs"] - before)
+    with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch.setattr would delete it on undo)
+        for op in ("patchify", "mae_loss", "uniformity_loss"):
+            before = counters["stats"]["unique_graphs"]
+            rows = list(bench.run([op], [tiny], ["fwd"], ["compile"], [torch.float32], "cpu", progress=False))
+            assert rows and "ms" in rows[0], rows
+            graphs.append(counters["stats"]["unique_graphs"] - before)
     assert all(g >= 1 for g in graphs), graphs

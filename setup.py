@@ -38,6 +38,15 @@ def _cpu_arch():
     return f"-march={os.environ.get('UMAE_CPU_ARCH', 'native')}"
 
 
+def _cuda_archs(torch) -> str:
+    """The visible GPUs' architectures; with none visible (a CPU build machine: the sm_90 compile
+    check), Hopper. TORCH_CUDA_ARCH_LIST, when set, wins (e.g. "8.0;9.0;10.0+PTX")."""
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return ";".join(f"{a}.{b}" for a, b in sorted(caps))
+    return "9.0"
+
+
 def _extension():
     import torch
 
@@ -46,8 +55,11 @@ def _extension():
                  and os.environ.get("UMAE_NO_CUDA", "0") != "1")
     if with_cuda:
         os.environ["CUDA_HOME"] = cuda_home
-        # Without a GPU torch cannot guess the arch (and crashes): Hopper is the target.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_archs(torch))
+    # what umae._backend reads to pick a CUDA kernel only for a GPU the extension holds code for
+    with open(os.path.join(HERE, "umae", "_build.py"), "w") as f:
+        f.write('"""Written by setup.py at build time."""\n'
+                f"CUDA_ARCHS = {os.environ['TORCH_CUDA_ARCH_LIST'].replace(';', ' ').split() if with_cuda else []!r}\n")
     from torch.utils import cpp_extension
 
     if with_cuda:

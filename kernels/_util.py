@@ -1,6 +1,7 @@
 """Helpers shared by the Triton launchers."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -25,6 +26,12 @@ def sm_count(device) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return H100_SM_COUNT
+
+
+def on_device(t: torch.Tensor):
+    """The device guard every launch needs: Triton launches on the current CUDA device, so a tensor
+    on cuda:1 needs cuda:1 current (`umae train --device cuda:1` does not make it so)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def pow2_clamp(n: int, lo: int, hi: int) -> int:

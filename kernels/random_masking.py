@@ -7,12 +7,14 @@ rank + has_cls. Removed rows are never read, and x + pos is never written for th
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from .._checks import result_dtype
-from ._util import TRITON_DTYPE, pow2_clamp, signature
+from ._util import TRITON_DTYPE, on_device, pow2_clamp, signature
 
 
 @triton.jit
@@ -26,16 +28,20 @@ def _rank_gather_kernel(noise_ptr, x_ptr, pos_ptr, cls_ptr, out_ptr, mask_ptr, i
     ib = tl.program_id(1)
     i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     i_ok = i < L
-    # NaN noise ranks last (as +inf, ties by index): ranks stay a permutation.
+    # torch.argsort(stable=True)'s order: numbers ascending, NaN after every number (+inf too),
+    # ties by index; the noise is compared in its own dtype (fp32, or fp64: no ties added).
     ni = tl.load(noise_ptr + n * L + i, mask=i_ok, other=0.0)
-    ni = tl.where(ni != ni, float("inf"), ni)
+    ni_nan = ni != ni
+    ni = tl.where(ni_nan, float("inf"), ni)
     rank = tl.zeros([BLOCK_I], dtype=tl.int32)
     for j0 in range(0, L, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         nj = tl.load(noise_ptr + n * L + j, mask=j < L, other=0.0)
-        nj = tl.where(nj != nj, float("inf"), nj)
-        before = (nj[None, :] < ni[:, None]) | ((nj[None, :] == ni[:, None]) & (j[None, :] < i[:, None]))
-        before = before & (j[None, :] < L)
+        nj_nan = nj != nj
+        nj = tl.where(nj_nan, float("inf"), nj)
+        tie = (nj[None, :] == ni[:, None]) & (nj_nan[None, :] == ni_nan[:, None])
+        before = (nj[None, :] < ni[:, None]) | ((nj[None, :] == ni[:, None]) & ~nj_nan[None, :] & ni_nan[:, None])
+        before = (before | (tie & (j[None, :] < i[:, None]))) & (j[None, :] < L)
         rank += tl.sum(before.to(tl.int32), axis=1)
     tl.store(ids_ptr + n * L + i, rank.to(tl.int64), mask=i_ok)
     keep = rank < len_keep
@@ -85,6 +91,11 @@ def _config(L: int, D: int):
     return dict(BLOCK_I=block_i, BLOCK_J=pow2_clamp(L, 16, 128), BLOCK_D=pow2_clamp(D, 16, 256)), 4
 
 
+def noise_dtype(noise):
+    """fp64 noise stays fp64 (fp32 would create ties the reference does not have); others are exact in fp32."""
+    return torch.float64 if noise.dtype == torch.float64 else torch.float32
+
+
 def forward(x, noise, pos_embed, cls_token, len_keep: int):
     """x (N, L, D) any strides; noise (N, L); pos_embed (1, L, D) or None; cls_token (1, 1, D) or None."""
     N, L, D = x.shape
@@ -95,15 +106,16 @@ def forward(x, noise, pos_embed, cls_token, len_keep: int):
     ids_restore = torch.empty((N, L), device=x.device, dtype=torch.int64)
     if N == 0:
         return out, mask, ids_restore
-    noise = noise.to(torch.float32).contiguous()
+    noise = noise.to(noise_dtype(noise)).contiguous()
     pos = pos_embed if pos_embed is not None else x
     cls = cls_token if has_cls else x
     cfg, warps = _config(L, D)
     grid = (N, triton.cdiv(L, cfg["BLOCK_I"]))
-    _rank_gather_kernel[grid](noise, x, pos, cls, out, mask, ids_restore, L, D, len_keep,
-                              x.stride(0), x.stride(1), x.stride(2), pos.stride(-2), pos.stride(-1),
-                              cls.stride(-1), out.stride(0), out.stride(1),
-                              HAS_POS=pos_embed is not None, HAS_CLS=has_cls, num_warps=warps, **cfg)
+    with on_device(x):
+        _rank_gather_kernel[grid](noise, x, pos, cls, out, mask, ids_restore, L, D, len_keep,
+                                  x.stride(0), x.stride(1), x.stride(2), pos.stride(-2), pos.stride(-1),
+                                  cls.stride(-1), out.stride(0), out.stride(1),
+                                  HAS_POS=pos_embed is not None, HAS_CLS=has_cls, num_warps=warps, **cfg)
     return out, mask, ids_restore
 
 
@@ -118,8 +130,9 @@ def backward(grad_out, ids_restore, *, has_cls: bool):
     cfg.pop("BLOCK_J")
     len_keep = grad_out.shape[1] - int(has_cls)
     grid = (N, triton.cdiv(L, cfg["BLOCK_I"]))
-    _scatter_grad_kernel[grid](grad_out, ids_restore, gx, L, D, len_keep, grad_out.stride(0), grad_out.stride(1),
-                               grad_out.stride(2), HAS_CLS=has_cls, num_warps=warps, **cfg)
+    with on_device(grad_out):
+        _scatter_grad_kernel[grid](grad_out, ids_restore, gx, L, D, len_keep, grad_out.stride(0), grad_out.stride(1),
+                                   grad_out.stride(2), HAS_CLS=has_cls, num_warps=warps, **cfg)
     return gx
 
 
@@ -129,11 +142,12 @@ def aot_specs(shapes, dtypes):
         cfg, warps = _config(L, D)
         for dt in dtypes:
             t = TRITON_DTYPE[dt]
-            for has_pos in (False, True):
-                for has_cls in (False, True):
-                    sig = signature(_rank_gather_kernel, noise_ptr="*fp32", x_ptr=f"*{t}", pos_ptr=f"*{t}",
-                                    cls_ptr=f"*{t}", out_ptr=f"*{t}", mask_ptr="*fp32", ids_ptr="*i64")
-                    yield _rank_gather_kernel, sig, dict(HAS_POS=has_pos, HAS_CLS=has_cls, **cfg), warps
+            # fp64 noise (rare: the caller's own) at one configuration per dtype
+            noises = ("fp32", "fp64") if (L, D) == shapes[0] else ("fp32",)
+            for nt, has_pos, has_cls in itertools.product(noises, (False, True), (False, True)):
+                sig = signature(_rank_gather_kernel, noise_ptr=f"*{nt}", x_ptr=f"*{t}", pos_ptr=f"*{t}",
+                                cls_ptr=f"*{t}", out_ptr=f"*{t}", mask_ptr="*fp32", ids_ptr="*i64")
+                yield _rank_gather_kernel, sig, dict(HAS_POS=has_pos, HAS_CLS=has_cls, **cfg), warps
             c2 = {k: v for k, v in cfg.items() if k != "BLOCK_J"}
             for has_cls in (False, True):
                 sig = signature(_scatter_grad_kernel, grad_ptr=f"*{t}", ids_ptr="*i64", gx_ptr=f"*{t}")

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .._checks import result_dtype
-from ._util import TRITON_DTYPE, pow2_clamp, signature
+from ._util import TRITON_DTYPE, on_device, pow2_clamp, signature
 
 
 @triton.jit
@@ -82,9 +82,10 @@ def forward(x, ids_restore, mask_token, pos_embed, *, has_cls: bool):
     pos = pos_embed if pos_embed is not None else x
     cfg, warps = _config(L, D)
     grid = (N, triton.cdiv(R, cfg["BLOCK_R"]))
-    _restore_kernel[grid](x, ids, mask_token, pos, out, L, D, x.shape[1] - int(has_cls),
-                          x.stride(0), x.stride(1), x.stride(2), mask_token.stride(-1), pos.stride(-2), pos.stride(-1),
-                          HAS_POS=pos_embed is not None, HAS_CLS=has_cls, num_warps=warps, **cfg)
+    with on_device(x):
+        _restore_kernel[grid](x, ids, mask_token, pos, out, L, D, x.shape[1] - int(has_cls),
+                              x.stride(0), x.stride(1), x.stride(2), mask_token.stride(-1), pos.stride(-2),
+                              pos.stride(-1), HAS_POS=pos_embed is not None, HAS_CLS=has_cls, num_warps=warps, **cfg)
     return out
 
 
@@ -98,9 +99,10 @@ def backward(grad_out, ids_restore, x_shape, x_dtype, *, has_cls: bool):
     part = torch.empty((N * nrb, D), device=grad_out.device, dtype=torch.float32)
     if grad_out.numel() == 0:
         return gx, part.sum(0)
-    _restore_bwd_kernel[(N, nrb)](grad_out, ids_restore.contiguous(), gx, part, L, D, x_shape[1] - int(has_cls),
-                                  grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-                                  HAS_CLS=has_cls, num_warps=warps, **cfg)
+    with on_device(grad_out):
+        _restore_bwd_kernel[(N, nrb)](grad_out, ids_restore.contiguous(), gx, part, L, D, x_shape[1] - int(has_cls),
+                                      grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+                                      HAS_CLS=has_cls, num_warps=warps, **cfg)
     return gx, part.sum(0)
 
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import TRITON_DTYPE, interpreted, signature, sm_count
+from ._util import TRITON_DTYPE, interpreted, on_device, signature, sm_count
 
 # DOT_DTYPE: the dtype z is rounded to before the products. FP32: IEEE fp32 products (fp32
 # features, and every input under the interpreter, whose bf16 arithmetic is unreliable);
@@ -135,8 +135,9 @@ def _gram_launch(f, rinv, out, *, store_gram: bool, n_split: int):
     B, D = f.shape
     nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
     rows = triton.cdiv(triton.cdiv(B, n_split), GRAM_CFG["BLOCK_B"]) * GRAM_CFG["BLOCK_B"]
-    _gram_kernel[(nt, nt, n_split)](f, rinv, out, B, D, f.stride(0), f.stride(1), rows, STORE_GRAM=store_gram,
-                                    DOT_DTYPE=dot_kind(f.dtype), num_warps=NUM_WARPS, **GRAM_CFG)
+    with on_device(f):
+        _gram_kernel[(nt, nt, n_split)](f, rinv, out, B, D, f.stride(0), f.stride(1), rows, STORE_GRAM=store_gram,
+                                        DOT_DTYPE=dot_kind(f.dtype), num_warps=NUM_WARPS, **GRAM_CFG)
 
 
 def gram_square_sum(f, rinv):
@@ -169,8 +170,9 @@ def z_times_gram(f, rinv, g):
     B, D = f.shape
     out = torch.empty((B, D), device=f.device, dtype=torch.float32)
     grid = (triton.cdiv(B, ZG_CFG["BLOCK_M"]), triton.cdiv(D, ZG_CFG["BLOCK_N"]))
-    _z_times_gram_kernel[grid](f, rinv, g, out, B, D, f.stride(0), f.stride(1), DOT_DTYPE=dot_kind(f.dtype),
-                               num_warps=NUM_WARPS, **ZG_CFG)
+    with on_device(f):
+        _z_times_gram_kernel[grid](f, rinv, g, out, B, D, f.stride(0), f.stride(1), DOT_DTYPE=dot_kind(f.dtype),
+                                   num_warps=NUM_WARPS, **ZG_CFG)
     return out
 
 

@@ -64,6 +64,16 @@ def test_triton_on_cpu_without_interpreter_falls_back_and_says_so(monkeypatch):
             pass
 
 
+def test_cuda_kernels_chosen_only_for_an_arch_the_extension_holds():
+    ok = _backend.cuda_arch_ok
+    assert ok((9, 0), ["9.0"]) and not ok((8, 0), ["9.0"]) and not ok((10, 0), ["9.0"]) and not ok((12, 0), ["9.0"])
+    assert ok((8, 6), ["8.0"]) and not ok((8, 0), ["8.6"])  # SASS runs on later minors of its major
+    assert ok((10, 0), ["9.0+PTX"]) and ok((9, 0), ["8.0", "9.0a"])  # PTX runs on later archs
+    from umae import _build
+
+    assert isinstance(_build.CUDA_ARCHS, list)  # setup.py records what it built
+
+
 def test_extension_loaded():
     assert _backend.EXT_LOADED, _backend.EXT_REASON
 

@@ -146,6 +146,23 @@ def test_ties_and_nan_noise_like_a_stable_sort(impl):
         assert torch.equal(u, v)
 
 
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_nan_after_inf_and_fp64_noise_order_like_the_reference(impl):
+    # NaN sorts after +inf (not tied with it); fp64 noise keeps differences fp32 cannot hold
+    x = randn(2, 12, 8)
+    noise = torch.rand(2, 12, dtype=torch.float64)
+    noise[0, :4] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0], dtype=torch.float64)
+    noise[0, 4] = 0.0
+    noise[1, :6] = 0.5
+    noise[1, 3] = 0.5 + 1e-12  # == 0.5 in fp32
+    noise[1, 1] = 0.5 - 1e-12
+    assert (noise.float()[1, :6] == 0.5).all()
+    a = umae.random_masking(x, 0.5, noise)
+    b = random_masking_reference(x, 0.5, noise)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
 @pytest.mark.parametrize("device,impl", IMPLS)
 def test_non_contiguous(device, impl):
     x = randn(3, 64, 2 * 48, device=device)[:, :, ::2]

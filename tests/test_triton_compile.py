@@ -41,3 +41,38 @@ def test_kernels_compile_for_sm90(op):
                        timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert int(r.stdout.split("compiled")[1]) > 0
+
+
+def test_every_launch_is_device_guarded():
+    # Triton launches on the current CUDA device: each launch must sit in `with on_device(t)`,
+    # or a tensor on cuda:1 is launched on GPU 0 with GPU 1 pointers
+    import ast
+    import pathlib
+
+    import torch
+
+    from umae.kernels._util import on_device
+
+    launches = 0
+    for path in sorted(pathlib.Path(__file__).parent.parent.joinpath("kernels").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        guarded = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.With) and any(isinstance(i.context_expr, ast.Call) and
+                                                  getattr(i.context_expr.func, "id", "") == "on_device"
+                                                  for i in node.items):
+                guarded |= {id(n) for n in ast.walk(node)}
+        for node in ast.walk(tree):  # kernel[grid](...)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and \
+                    getattr(node.func.value, "id", "").endswith("_kernel"):
+                launches += 1
+                assert id(node) in guarded, f"{path.name}:{node.lineno}: launch without `with on_device(...)`"
+    assert launches >= 6
+    guard = on_device(torch.empty(0, device="meta").new_empty(0).to("meta"))  # not CUDA: no guard
+    assert not isinstance(guard, torch.cuda.device)
+
+    class _T:  # a cuda:1 tensor's device, without a GPU
+        device = torch.device("cuda", 1)
+
+    guard = on_device(_T())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import torch
 
@@ -67,6 +68,35 @@ def _load_ext():
 EXT_LOADED, EXT_REASON = _load_ext()
 
 
+def cuda_arch_ok(capability: tuple[int, int], archs: list[str]) -> bool:
+    """Whether code built for `archs` (TORCH_CUDA_ARCH_LIST entries, "9.0", "8.6+PTX") runs on a GPU
+    of `capability`: SASS of the same major at a minor <= the GPU's, or PTX of an arch <= it."""
+    for a in archs:
+        ptx = a.endswith("+PTX")
+        m = re.match(r"(\d+)\.(\d+)", a)
+        if not m:
+            continue
+        major, minor = int(m.group(1)), int(m.group(2))
+        if (major == capability[0] and minor <= capability[1]) or (ptx and (major, minor) <= tuple(capability)):
+            return True
+    return False
+
+
+@torch.compiler.assume_constant_result  # asked while tracing: a constant of the process
+def _cuda_arch_reason() -> str:
+    """'' if the extension holds CUDA code for the current GPU, else why not (asked on first CUDA use:
+    reading the capability initializes CUDA, which importing umae must not do)."""
+    try:
+        from ._build import CUDA_ARCHS
+    except ImportError:
+        return ""  # a build without the record: nothing to check against
+    cap = torch.cuda.get_device_capability()
+    if cuda_arch_ok(cap, CUDA_ARCHS):
+        return ""
+    return (f"umae._C holds CUDA code for {', '.join(CUDA_ARCHS) or 'no arch'}, not this GPU's sm_{cap[0]}{cap[1]}; "
+            f"rebuild with TORCH_CUDA_ARCH_LIST={cap[0]}.{cap[1]}")
+
+
 def _triton_available():
     try:
         import triton  # noqa: F401
@@ -99,6 +129,8 @@ def _runnable(impl: registry.Impl) -> tuple[bool, str]:
             return False, EXT_REASON
         if not _CPP_KERNELS.get((impl.schema, impl.device), False):
             return False, f"umae._C has no {impl.device} kernel (built without it)"
+        if impl.device == "cuda" and torch.cuda.is_available() and (why := _cuda_arch_reason()):
+            return False, why
         return True, "C++ CPU kernel" if impl.device == "cpu" else "CUDA kernel"
     if not TRITON_OK:
         return False, TRITON_REASON

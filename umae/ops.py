@@ -166,6 +166,8 @@ def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch
     Kept tokens go back to their original positions (ids_restore (N, L) int64 from
     `random_masking`), mask_token (1, 1, D) fills the removed ones, the cls token (x[:, 0] when
     has_cls) stays in front, and pos_embed (1, [1 +] L, D) is added, in one pass.
+    ids_restore must be a permutation per row: the C++ CPU kernel checks it, the Triton kernel
+    (no host sync) trusts it.
     """
     _checks.tensor(x, "x", dims=3)
     _checks.tensor(ids_restore, "ids_restore", dims=2, floating=False)

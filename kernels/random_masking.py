@@ -7,14 +7,12 @@ rank + has_cls. Removed rows are never read, and x + pos is never written for th
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
 
 from .._checks import result_dtype
-from ._util import TRITON_DTYPE, on_device, pow2_clamp, signature
+from ._util import on_device, pow2_clamp
 
 
 @triton.jit
@@ -134,21 +132,3 @@ def backward(grad_out, ids_restore, *, has_cls: bool):
         _scatter_grad_kernel[grid](grad_out, ids_restore, gx, L, D, len_keep, grad_out.stride(0), grad_out.stride(1),
                                    grad_out.stride(2), HAS_CLS=has_cls, num_warps=warps, **cfg)
     return gx
-
-
-def aot_specs(shapes, dtypes):
-    """Every (kernel, signature, constexprs, num_warps) the launchers use for (L, D) in shapes."""
-    for L, D in shapes:
-        cfg, warps = _config(L, D)
-        for dt in dtypes:
-            t = TRITON_DTYPE[dt]
-            # fp64 noise (rare: the caller's own) at one configuration per dtype
-            noises = ("fp32", "fp64") if (L, D) == shapes[0] else ("fp32",)
-            for nt, has_pos, has_cls in itertools.product(noises, (False, True), (False, True)):
-                sig = signature(_rank_gather_kernel, noise_ptr=f"*{nt}", x_ptr=f"*{t}", pos_ptr=f"*{t}",
-                                cls_ptr=f"*{t}", out_ptr=f"*{t}", mask_ptr="*fp32", ids_ptr="*i64")
-                yield _rank_gather_kernel, sig, dict(HAS_POS=has_pos, HAS_CLS=has_cls, **cfg), warps
-            c2 = {k: v for k, v in cfg.items() if k != "BLOCK_J"}
-            for has_cls in (False, True):
-                sig = signature(_scatter_grad_kernel, grad_ptr=f"*{t}", ids_ptr="*i64", gx_ptr=f"*{t}")
-                yield _scatter_grad_kernel, sig, dict(HAS_CLS=has_cls, **c2), warps

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .._checks import result_dtype
-from ._util import TRITON_DTYPE, on_device, pow2_clamp, signature
+from ._util import on_device, pow2_clamp
 
 
 @triton.jit
@@ -104,17 +104,3 @@ def backward(grad_out, ids_restore, x_shape, x_dtype, *, has_cls: bool):
                                       grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
                                       HAS_CLS=has_cls, num_warps=warps, **cfg)
     return gx, part.sum(0)
-
-
-def aot_specs(shapes, dtypes):
-    for L, D in shapes:
-        cfg, warps = _config(L, D)
-        for dt in dtypes:
-            t = TRITON_DTYPE[dt]
-            for has_cls in (False, True):
-                for has_pos in (False, True):
-                    sig = signature(_restore_kernel, x_ptr=f"*{t}", ids_ptr="*i64", tok_ptr=f"*{t}",
-                                    pos_ptr=f"*{t}", out_ptr=f"*{t}")
-                    yield _restore_kernel, sig, dict(HAS_POS=has_pos, HAS_CLS=has_cls, **cfg), warps
-                sig = signature(_restore_bwd_kernel, g_ptr=f"*{t}", ids_ptr="*i64", gx_ptr=f"*{t}", part_ptr="*fp32")
-                yield _restore_bwd_kernel, sig, dict(HAS_CLS=has_cls, **cfg), warps

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import TRITON_DTYPE, interpreted, on_device, signature, sm_count
+from ._util import interpreted, on_device, sm_count
 
 # DOT_DTYPE: the dtype z is rounded to before the products. FP32: IEEE fp32 products (fp32
 # features, and every input under the interpreter, whose bf16 arithmetic is unreliable);
@@ -174,16 +174,3 @@ def z_times_gram(f, rinv, g):
         _z_times_gram_kernel[grid](f, rinv, g, out, B, D, f.stride(0), f.stride(1), DOT_DTYPE=dot_kind(f.dtype),
                                    num_warps=NUM_WARPS, **ZG_CFG)
     return out
-
-
-def aot_specs(shapes, dtypes):
-    """Configurations are fixed; signatures vary with dtype and the DOT_DTYPE path (GPU: no upcast)."""
-    del shapes
-    for dt in dtypes:
-        t = TRITON_DTYPE[dt]
-        dot = _GPU_DOT[dt]
-        for store_gram in (False, True):
-            sig = signature(_gram_kernel, f_ptr=f"*{t}", rinv_ptr="*fp32", out_ptr="*fp32")
-            yield _gram_kernel, sig, dict(STORE_GRAM=store_gram, DOT_DTYPE=dot, **GRAM_CFG), NUM_WARPS
-        sig = signature(_z_times_gram_kernel, f_ptr=f"*{t}", rinv_ptr="*fp32", g_ptr="*fp32", out_ptr="*fp32")
-        yield _z_times_gram_kernel, sig, dict(DOT_DTYPE=dot, **ZG_CFG), NUM_WARPS

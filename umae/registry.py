@@ -3,8 +3,9 @@
 - `module` (umae/<op>_op.py): the reference, the fused entry (same signature), the
   torch.library glue of the fused kernels and the op's benchmark case (`bench_<op>`);
 - `impls`: the fused implementations, per device, with the dtypes each one runs;
-- `kernels` (umae.kernels.<name>, kernels/ in the repo) and `aot_shapes`: the Triton
-  kernels and the (L, D) shapes their sm_90 compile check covers;
+- `kernels` (umae.kernels.<name>, kernels/ in the repo) and `token_shapes`: the Triton
+  kernels and the (L, D) test shapes their sm_90 compile check launches at, besides every
+  benchmark shape set and every model's training step (umae.kernels._jit);
 - `tests`: the op's parity test file.
 
 `umae._backend.choose` / `backend_info`, the public ops in `umae.ops`, `umae.__all__`,
@@ -63,8 +64,8 @@ class Op:
     reference: str
     fused: str
     impls: tuple[Impl, ...]
-    kernels: str | None = None  # umae.kernels.<kernels>, with aot_specs(shapes, dtypes)
-    aot_shapes: tuple = ()
+    kernels: str | None = None  # umae.kernels.<kernels>: the @triton.jit kernels and their launchers
+    token_shapes: tuple = ()
     tests: str = ""
 
     def _attr(self, name):
@@ -98,8 +99,8 @@ class Op:
         return self._attr(impl.entry if impl is not None and impl.entry else self.fused)
 
 
-# (L, D) the masking / restore kernels see: test shapes, the ViT configs' patch tokens with
-# encoder and decoder widths, and the benchmark shapes.
+# (L, D) of the masking / restore tests (tests/test_masking.py), as the compile check launches them
+# (the models' and benchmarks' shapes it takes from their own launches).
 TOKEN_SHAPES = ((49, 64), (196, 768), (197, 384), (256, 192), (1024, 1000), (64, 192), (196, 512), (64, 128),
                 (256, 1024))
 
@@ -114,10 +115,10 @@ _ENTRIES = (
        cpp("umae::patch_mse", cuda_dtypes=HALF_AND_FP32), tests="tests/test_masked_mse.py"),
     Op("random_masking", "random_masking_op", "random_masking_reference", "random_masking_fused",
        cpp_cpu_then_triton("umae::random_masking_cpp", "random_masking_cpp"),
-       kernels="random_masking", aot_shapes=TOKEN_SHAPES, tests="tests/test_masking.py"),
+       kernels="random_masking", token_shapes=TOKEN_SHAPES, tests="tests/test_masking.py"),
     Op("restore_tokens", "restore_tokens_op", "restore_tokens_reference", "restore_tokens_fused",
        cpp_cpu_then_triton("umae::restore_tokens_cpp", "restore_tokens_cpp"),
-       kernels="restore_tokens", aot_shapes=TOKEN_SHAPES, tests="tests/test_masking.py"),
+       kernels="restore_tokens", token_shapes=TOKEN_SHAPES, tests="tests/test_masking.py"),
     Op("uniformity_loss", "uniformity_op", "uniformity_loss_reference", "uniformity_loss_fused",
        cpp_cpu_then_triton("umae::uniformity_loss_cpp", "uniformity_loss_cpp"),
        kernels="uniformity", tests="tests/test_uniformity.py"),

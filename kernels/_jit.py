@@ -1,0 +1,151 @@
+"""Compile what Triton's JIT will compile, without a GPU.
+
+The launchers are run (on CPU tensors) with each kernel's `run` replaced by a recorder, so no
+kernel executes; each recorded launch is then specialized by Triton's own binder for an H100
+target -- arguments equal to 1 become constants, pointers and integers divisible by 16 are marked,
+exactly as a launch on the GPU would specialize them -- and compiled for sm_90. A hand-written
+signature (every int an i32, no alignment) compiles a kernel the JIT never runs.
+
+Needs a process where TRITON_INTERPRET is unset at import (real JITFunctions).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+
+
+@contextlib.contextmanager
+def recording(fns):
+    """Launches of the JITFunctions `fns` are recorded as (fn, args, kwargs), not run."""
+    launches = []
+    for fn in fns:
+        fn.run = (lambda f: lambda *args, grid, warmup, **kwargs: launches.append((f, args, kwargs)))(fn)
+    try:
+        yield launches
+    finally:
+        for fn in fns:
+            del fn.run
+
+
+def h100():
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", 90, 32)
+
+
+def specialize(fn, args, kwargs, target):
+    """(key, ASTSource, options) of the launch as the JIT binds it for `target`."""
+    from triton import knobs
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    kwargs = dict(kwargs, debug=fn.debug or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    key = (fn.__name__, repr(spec), repr(sorted(options.__dict__.items())))
+    return key, ASTSource(fn, signature, constexprs, attrs), options
+
+
+def compile_launch(src, options, target):
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+@contextlib.contextmanager
+def triton_on_cpu():
+    """The fused ops pick their Triton kernels for CPU tensors (as under the interpreter), while
+    the kernels themselves stay compiled JITFunctions whose launches `recording` intercepts."""
+    from umae import _backend
+
+    prev = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with _backend.use_impl("triton-interpreter"):
+            yield
+    finally:
+        if prev is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = prev
+
+
+def kernels_of(module):
+    return [v for v in vars(module).values() if isinstance(v, triton.runtime.jit.JITFunction)]
+
+
+def _fwd_bwd(out, inputs):
+    outs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.requires_grad]
+    torch.autograd.grad(outs, inputs, [torch.ones_like(t) for t in outs], allow_unused=True)
+
+
+def collect_launches(op_name: str, shapes=None, models=None):
+    """Every launch of op `op_name`'s Triton kernels at: its benchmark cases (the registry's bench
+    shape sets, fp32/bf16/fp16, forward and backward), its test token shapes (contiguous and
+    strided x), and one training step of each umae model (their real strides, under bf16 autocast)."""
+    import timm
+
+    from umae import models as _models  # noqa: F401  (registers the models with timm)
+    from umae import registry
+    from umae.bench import cases
+
+    op = registry.get(op_name)
+    mine = kernels_of(op.kernel_module())
+    # the model runs every op: all Triton kernels are intercepted, this op's are kept
+    fns = [f for o in registry.OPS.values() if o.kernels for f in kernels_of(o.kernel_module())]
+    shapes = cases.SHAPES if shapes is None else shapes
+    # every model but large and huge (their widths are the vit_l16 bench shapes'; CPU time)
+    models = [m for m in timm.list_models("umae_*") if "large" not in m and "huge" not in m] if models is None else models
+    with recording(fns) as launches, triton_on_cpu():
+        for name, s in shapes.items():
+            for dt in (torch.float32, torch.bfloat16, torch.float16):
+                try:
+                    c = cases.case(op_name, s, dt, "cpu")
+                except cases.NotApplicable:
+                    continue
+                _fwd_bwd(c.forward(), c.grad_inputs)
+        for L, D in op.token_shapes:
+            _token_launches(op_name, L, D)
+        for m in models:
+            model = timm.create_model(m, fused=True)
+            x = torch.randn(2, 3, model.img_size, model.img_size)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(x).loss
+            loss.backward()
+    return [launch for launch in launches if launch[0] in mine]
+
+
+def _token_launches(op_name, L, D):
+    import umae
+    from umae.random_masking_op import len_keep_for
+
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for strided in (False, True):
+            x = torch.randn(2, L, 2 * D if strided else D).to(dt)[..., ::2 if strided else 1].requires_grad_()
+            if op_name == "random_masking":
+                pos, cls = torch.randn(1, L, D).to(dt), torch.randn(1, 1, D).to(dt).requires_grad_()
+                _fwd_bwd(umae.random_masking(x, 0.75, torch.rand(2, L), pos, cls), [x, cls])
+                _fwd_bwd(umae.random_masking(x, 0.75, torch.rand(2, L)), [x])
+            elif op_name == "restore_tokens":
+                keep = len_keep_for(L, 0.75)
+                xk = x[:, : keep + 1].detach().requires_grad_()
+                ids = torch.argsort(torch.rand(2, L), 1)
+                tok = torch.randn(1, 1, D).to(dt).requires_grad_()
+                _fwd_bwd(umae.restore_tokens(xk, ids, tok, torch.randn(1, L + 1, D).to(dt)), [xk, tok])
+                _fwd_bwd(umae.restore_tokens(xk[:, 1:], ids, tok, has_cls=False), [xk, tok])
+
+
+def compile_all(launches, target=None):
+    """Compile each distinct JIT specialization once; yields (key, compiled kernel)."""
+    target = target or h100()
+    seen = set()
+    for fn, args, kwargs in launches:
+        key, src, options = specialize(fn, args, kwargs, target)
+        if key in seen:
+            continue
+        seen.add(key)
+        yield key, compile_launch(src, options, target)

@@ -75,7 +75,8 @@ def triton_on_cpu():
 
 
 def kernels_of(module):
-    return [v for v in vars(module).values() if isinstance(v, triton.runtime.jit.JITFunction)]
+    """The module's @triton.jit kernels (JITFunctions; InterpretedFunctions under the interpreter)."""
+    return [v for v in vars(module).values() if isinstance(v, triton.runtime.jit.KernelInterface)]
 
 
 def _fwd_bwd(out, inputs):
@@ -139,8 +140,18 @@ def _token_launches(op_name, L, D):
                 _fwd_bwd(umae.restore_tokens(xk[:, 1:], ids, tok, has_cls=False), [xk, tok])
 
 
+def label(src) -> str:
+    """A short name for a specialization: pointer dtypes and the upper-case constexprs."""
+    fn = src.fn
+    ptrs = sorted({t[1:] for t in src.signature.values() if isinstance(t, str) and t.startswith("*")})
+    consts = {fn.arg_names[k[0]]: v for k, v in src.constants.items() if len(k) == 1}
+    named = " ".join(f"{k}={v}" for k, v in consts.items() if k.isupper())
+    ones = sum(1 for k, v in consts.items() if not k.isupper() and v == 1)
+    return f"{'/'.join(ptrs)} {named} ({ones} args == 1)"
+
+
 def compile_all(launches, target=None):
-    """Compile each distinct JIT specialization once; yields (key, compiled kernel)."""
+    """Compile each distinct JIT specialization once; yields (key, compiled kernel, label)."""
     target = target or h100()
     seen = set()
     for fn, args, kwargs in launches:
@@ -148,4 +159,4 @@ def compile_all(launches, target=None):
         if key in seen:
             continue
         seen.add(key)
-        yield key, compile_launch(src, options, target)
+        yield key, compile_launch(src, options, target), label(src)

@@ -15,13 +15,18 @@ import pytest
 from umae import registry
 
 SCRIPT = r"""
-from umae.kernels import _jit
-n, specs = 0, []
-for key, k in _jit.compile_all(_jit.collect_launches({op!r})):
-    assert "cubin" in k.asm and k.metadata.shared <= 227 * 1024, (key, k.metadata.shared)
+import json
+from umae.kernels import _audit, _jit
+n, specs, rows = 0, [], []
+for key, k, label in _jit.compile_all(_jit.collect_launches({op!r})):
+    assert "cubin" in k.asm and k.metadata.shared <= _audit.H100["max_smem_block"], (key, k.metadata.shared)
     n, specs = n + 1, specs + [key[1]]
+    rows.append(dict(_audit.audit(k), spec=label))
 # what a hand-written signature never compiled: unit strides as constants, 16-divisible pointers
 assert any("('constexpr', 1)" in s for s in specs) and all("'D')" in s for s in specs), specs[:3]
+print("audit", json.dumps(dict(spills=sum(r["spill_stores"] > 0 for r in rows),
+                              below_25pct=sum(r["occupancy"] < 0.25 for r in rows),
+                              no_vector_loads=sum(r["ld_vec"] == 0 for r in rows))))
 print("compiled", n)
 """
 
@@ -35,6 +40,19 @@ def test_kernels_compile_for_sm90(op):
                        timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert int(r.stdout.split("compiled")[1]) > 0
+    # the audit's counts (issue 12: no spills, >= 25% occupancy, 128-bit accesses) are printed, not
+    # yet asserted: the block sizes are still to tune (bench/NOTES.md, "Static audit")
+    print(op, r.stdout.split("audit")[1].split("\n")[0])
+
+
+def test_audit_arithmetic():
+    from umae.kernels import _audit
+
+    assert _audit.occupancy(regs=32, warps=4, smem=0) == (16, 1.0)  # warp slots bound
+    assert _audit.occupancy(regs=255, warps=4, smem=0) == (2, 0.125)  # 256 regs/thread: 2 blocks
+    assert _audit.occupancy(regs=64, warps=4, smem=100 * 1024)[0] == 2  # shared memory bound
+    ptx = "ld.global.v4.b32 {a,b,c,d}, [x];\nld.global.b32 a, [y];\nst.global.v2.b16 [z], {a,b};"
+    assert _audit.memory_ops(ptx) == dict(ld_vec=1, ld_scalar=1, st_vec=1, st_scalar=0)
 
 
 def test_every_launch_is_device_guarded():

@@ -65,6 +65,32 @@ def _info(args) -> int:
     from umae import format_backend_info
 
     print(format_backend_info())
+    if args.kernels:
+        return _kernel_audit()
+    return 0
+
+
+def _kernel_audit() -> int:
+    """Every Triton kernel specialization the launches make, compiled for sm_90 as the JIT would,
+    with its static audit (umae/kernels/_audit.py). Counted from compiled code, not measured."""
+    from umae import _backend, registry
+
+    if _backend.triton_interpreted():
+        print("umae info --kernels: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)",
+              file=sys.stderr)
+        return 2
+    from umae.kernels import _audit, _jit
+
+    print("\nTriton kernels for an H100 (sm_90), as the JIT specializes the launches at the benchmark shapes, "
+          "the test token shapes and each model's training step. Static counts, not measurements.")
+    for name, op in registry.OPS.items():
+        if not op.kernels:
+            continue
+        rows = []
+        for _, k, lab in _jit.compile_all(_jit.collect_launches(name)):
+            rows.append(dict(_audit.audit(k), spec=lab))
+        print(f"\n{name}: {len(rows)} specializations")
+        print(_audit.format_rows(rows))
     return 0
 
 
@@ -119,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_args(e)
     e.set_defaults(fn=_eval)
     i = sub.add_parser("info", help="which implementation each op runs on each device, and why")
+    i.add_argument("--kernels", action="store_true",
+                   help="also compile every Triton kernel specialization for sm_90 and audit it (registers, spills, "
+                        "shared memory, occupancy, vectorized accesses); takes minutes")
     i.set_defaults(fn=_info)
     return ap
 

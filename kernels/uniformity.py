@@ -14,7 +14,8 @@ memory is O(B D + D^2), never O(B^2).
 
 Precision: fp32 features use fp32 (IEEE) products; bf16 / fp16 features are normalized in
 fp32, rounded once to their dtype and multiplied on the tensor cores with fp32 accumulation.
-Under the interpreter (no bf16 arithmetic there) half inputs use fp32 products.
+Under the interpreter (whose bf16 arithmetic is unreliable) the same rounding is done by torch
+before the launch and the rounded values are multiplied in fp32: the GPU path's numerics.
 """
 from __future__ import annotations
 
@@ -118,8 +119,20 @@ def dot_kind(dtype) -> int:
 
 
 def rounding_dtype(dtype):
-    """The dtype z is rounded to before the products (for consistent diagonal terms)."""
-    return torch.float32 if dot_kind(dtype) == DOT_IN_FP32.value else dtype
+    """The dtype z is rounded to before the products: the input's for bf16 / fp16, on the GPU (the
+    tensor cores) and under the interpreter alike (there by torch, before the launch: _as_on_gpu)."""
+    return dtype if _GPU_DOT[dtype] != DOT_IN_FP32.value else torch.float32
+
+
+def _as_on_gpu(f, rinv, g=None):
+    """Under the interpreter, half inputs are rounded as the GPU kernel rounds them -- z = f * rinv
+    to f's dtype (round to nearest even), and G too for Z @ G -- by torch before the launch, and
+    the kernel multiplies those values in fp32: exact products with fp32 accumulation, as the
+    tensor cores do (the interpreter's own bf16 conversion truncates). On the GPU: unchanged."""
+    if not interpreted() or _GPU_DOT[f.dtype] == DOT_IN_FP32.value:
+        return f, rinv, g
+    z = (f.float() * rinv[:, None]).to(f.dtype)
+    return z, torch.ones_like(rinv), (g.to(f.dtype).float() if g is not None else None)
 
 
 def splits(B: int, D: int, device) -> int:
@@ -132,6 +145,7 @@ def splits(B: int, D: int, device) -> int:
 
 
 def _gram_launch(f, rinv, out, *, store_gram: bool, n_split: int):
+    f, rinv, _ = _as_on_gpu(f, rinv)
     B, D = f.shape
     nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
     rows = triton.cdiv(triton.cdiv(B, n_split), GRAM_CFG["BLOCK_B"]) * GRAM_CFG["BLOCK_B"]
@@ -167,6 +181,7 @@ def gram(f, rinv):
 
 def z_times_gram(f, rinv, g):
     """Z @ G (B, D) fp32."""
+    f, rinv, g = _as_on_gpu(f, rinv, g)
     B, D = f.shape
     out = torch.empty((B, D), device=f.device, dtype=torch.float32)
     grid = (triton.cdiv(B, ZG_CFG["BLOCK_M"]), triton.cdiv(D, ZG_CFG["BLOCK_N"]))

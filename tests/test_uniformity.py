@@ -214,6 +214,29 @@ def test_distributed_matches_single_process(tmp_path, backend, exact, impl):
                  **MATMUL_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@triton_cpu
+def test_interpreter_rounds_half_inputs_as_the_gpu_does(dtype):
+    # the GPU kernel rounds z = f / |f| to the half dtype and multiplies with fp32 accumulation; the
+    # interpreter path must reproduce that (not fp32 products of unrounded z, ~1e-3 away in bf16)
+    from umae import _backend
+    from umae.kernels import uniformity as k
+
+    f = randn(300, 80).to(dtype)
+    rinv = 1.0 / torch.linalg.vector_norm(f.float(), dim=1)
+    z = (f.float() * rinv[:, None]).to(dtype).float()  # the GPU's rounding of z
+    g = k.gram(f, rinv)
+    assert_close(g, z.T @ z, atol=1e-5, rtol=1e-5, name="gram")
+    z32 = f.float() * rinv[:, None]
+    assert (g - z32.T @ z32).abs().max() > 1e-4  # the check can tell fp32 products apart
+    assert_close(k.z_times_gram(f, rinv, g), z @ g.to(dtype).float(), atol=1e-5, rtol=1e-5, name="Z @ G")
+    assert k.rounding_dtype(dtype) == dtype
+    with _backend.use_impl("triton-interpreter"):
+        assert _backend.implementation("uniformity_loss", f) == "triton-interpreter"
+        loss = umae.uniformity_loss(f)
+    assert_close(loss, (z.T @ z).pow(2).sum() / 300**2, atol=1e-6, rtol=1e-5)
+
+
 @triton_cpu
 def test_batch_split_gram_is_exercised_and_exact():
     # (1024, 192) and (2048, 16) split the batch across programs (partial Grams summed in order)

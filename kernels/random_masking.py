@@ -117,11 +117,11 @@ def forward(x, noise, pos_embed, cls_token, len_keep: int):
     return out, mask, ids_restore
 
 
-def backward(grad_out, ids_restore, *, has_cls: bool):
-    """Gradient of x + pos (N, L, D), in grad_out's dtype, from the gradient of x_masked."""
+def backward(grad_out, ids_restore, *, has_cls: bool, dtype=None):
+    """Gradient of x + pos (N, L, D), in `dtype` (default grad_out's), from the gradient of x_masked."""
     N, L = ids_restore.shape
     D = grad_out.shape[2]
-    gx = torch.empty((N, L, D), device=grad_out.device, dtype=grad_out.dtype)
+    gx = torch.empty((N, L, D), device=grad_out.device, dtype=dtype or grad_out.dtype)
     if gx.numel() == 0:
         return gx
     cfg, warps = _config(L, D)

@@ -99,20 +99,25 @@ if _backend.TRITON_OK:
     random_masking_kernel.register_fake(_masking_fake)
 
     @torch.library.custom_op("umae::random_masking_backward", mutates_args=())
-    def random_masking_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, has_cls: bool) -> torch.Tensor:
-        """Gradient of x + pos_embed (N, L, D), in grad_out's dtype."""
-        return _k.backward(grad_out, ids_restore, has_cls=has_cls)
+    def random_masking_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, has_cls: bool,
+                                dtype: torch.dtype) -> torch.Tensor:
+        """Gradient of x + pos_embed (N, L, D), stored in `dtype` by the kernel."""
+        return _k.backward(grad_out, ids_restore, has_cls=has_cls, dtype=dtype)
 
     @random_masking_backward.register_fake
-    def _(grad_out, ids_restore, has_cls):
+    def _(grad_out, ids_restore, has_cls, dtype):
         N, L = ids_restore.shape
-        return grad_out.new_empty((N, L, grad_out.shape[2]))
+        return grad_out.new_empty((N, L, grad_out.shape[2]), dtype=dtype)
 
     def _backward(ctx, grad_out, _grad_mask, _grad_ids):
         (ids_restore,) = ctx.saved_tensors
         need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
-        g = random_masking_backward(grad_out, ids_restore, ctx.has_cls) if (need_x or need_pos) else None
-        gpos = g.float().sum(0, keepdim=True).to(ctx.pos_dtype) if need_pos else None
+        g = gpos = None
+        if need_x or need_pos:
+            # pos's gradient sums the unrounded gradient; without it (MAE's fixed pos_embed) the kernel
+            # stores x's dtype directly (no fp32 copy to convert under autocast)
+            g = random_masking_backward(grad_out, ids_restore, ctx.has_cls, grad_out.dtype if need_pos else ctx.x_dtype)
+            gpos = g.float().sum(0, keepdim=True).to(ctx.pos_dtype) if need_pos else None
         gcls = _cls_grad(ctx, grad_out) if need_cls else None
         return (g.to(ctx.x_dtype) if need_x else None), None, gpos, gcls, None
 

@@ -70,22 +70,24 @@ if _backend.TRITON_OK:
 
     @torch.library.custom_op("umae::restore_tokens_backward", mutates_args=())
     def restore_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, len_x: int,
-                                has_cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gradient of x in grad_out's dtype, gradient of the mask token as fp32 (D,))."""
+                                has_cls: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gradient of x stored in `dtype` by the kernel (x's: no fp32 copy to convert under autocast),
+        gradient of the mask token as fp32 (D,))."""
         N = ids_restore.shape[0]
-        return _k.backward(grad_out, ids_restore, (N, len_x, grad_out.shape[2]), grad_out.dtype, has_cls=has_cls)
+        return _k.backward(grad_out, ids_restore, (N, len_x, grad_out.shape[2]), dtype, has_cls=has_cls)
 
     @restore_tokens_backward.register_fake
-    def _(grad_out, ids_restore, len_x, has_cls):
+    def _(grad_out, ids_restore, len_x, has_cls, dtype):
         D = grad_out.shape[2]
-        return grad_out.new_empty((ids_restore.shape[0], len_x, D)), grad_out.new_empty((D,), dtype=torch.float32)
+        return (grad_out.new_empty((ids_restore.shape[0], len_x, D), dtype=dtype),
+                grad_out.new_empty((D,), dtype=torch.float32))
 
     def _backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
         need_x, _, need_tok, need_pos, _ = ctx.needs_input_grad
         gx = gtok = gpos = None
         if need_x or need_tok:
-            gx, gt = restore_tokens_backward(grad_out, ids_restore, ctx.len_x, ctx.has_cls)
+            gx, gt = restore_tokens_backward(grad_out, ids_restore, ctx.len_x, ctx.has_cls, ctx.x_dtype)
             gx = gx.to(ctx.x_dtype) if need_x else None
             gtok = gt.to(ctx.tok_dtype).view(1, 1, -1) if need_tok else None
         if need_pos:

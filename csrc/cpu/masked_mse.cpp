@@ -81,8 +81,7 @@ at::Tensor patch_mse_cpu(const at::Tensor& pred, const at::Tensor& target, int64
                          bool norm_pix, double eps) {
   Args a = prepare(pred, target, patch_size, norm_pix);
   // float64 callers (gradcheck) get float64 back; everyone else fp32.
-  const bool dbl = pred.scalar_type() == at::kDouble;
-  at::Tensor out = at::empty({pred.size(0), pred.size(1)}, pred.options().dtype(dbl ? at::kDouble : at::kFloat));
+  at::Tensor out = at::empty({pred.size(0), pred.size(1)}, pred.options().dtype(at::toOpMathType(pred.scalar_type())));
   if (a.R == 0) return out;
   UMAE_DISPATCH_PRED_TARGET(a.pred.scalar_type(), a.target.scalar_type(), "patch_mse_cpu", [&] {
     using acc_t = at::opmath_type<pred_t>;
@@ -111,8 +110,7 @@ at::Tensor patch_mse_backward_cpu(const at::Tensor& grad_rows, const at::Tensor&
   Args a = prepare(pred, target, patch_size, norm_pix);
   TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == pred.size(0) && grad_rows.size(1) == pred.size(1),
               "patch_mse_backward: grad_rows must be (N, L), got ", grad_rows.sizes());
-  const bool dbl = pred.scalar_type() == at::kDouble;
-  at::Tensor g = grad_rows.to(dbl ? at::kDouble : at::kFloat).contiguous();
+  at::Tensor g = grad_rows.to(at::toOpMathType(pred.scalar_type())).contiguous();
   at::Tensor grad = at::empty_like(a.pred);
   if (a.R == 0) return grad;
   UMAE_DISPATCH_PRED_TARGET(a.pred.scalar_type(), a.target.scalar_type(), "patch_mse_backward_cpu", [&] {

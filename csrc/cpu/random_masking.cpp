@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "token_rows.h"
 
 namespace umae {
 namespace {
@@ -25,22 +26,6 @@ inline uint64_t order_key(double v) {
   uint64_t bits;
   std::memcpy(&bits, &v, sizeof bits);
   return (bits >> 63) ? ~bits : bits | (uint64_t(1) << 63);
-}
-
-// out = out_t(xp_t(x + pos)): the reference adds in promote(x, pos) (one rounding there), then
-// cat with cls promotes. Without pos, xp_t is x's type and the add is skipped.
-template <typename x_t, typename xp_t, bool kPos>
-inline void add_row(xp_t* dst, const x_t* x, int64_t sxd, const xp_t* pos, int64_t D) {
-  using acc_t = at::opmath_type<xp_t>;
-  if (sxd == 1) {
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d)
-      dst[d] = kPos ? static_cast<xp_t>(static_cast<acc_t>(x[d]) + static_cast<acc_t>(pos[d])) : static_cast<xp_t>(x[d]);
-  } else {
-    for (int64_t d = 0; d < D; ++d)
-      dst[d] = kPos ? static_cast<xp_t>(static_cast<acc_t>(x[d * sxd]) + static_cast<acc_t>(pos[d]))
-                    : static_cast<xp_t>(x[d * sxd]);
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tensor& x, const at::Tensor& noise,
@@ -115,10 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tens
           const int64_t n = q / len_keep, j = q - n * len_keep, l = SH[n * L + j];
           xp_t* dst = O + (n * (len_keep + c0) + c0 + j) * D;
           const x_t* src = X + n * sxn + l * sxl;
-          if (P)
-            add_row<x_t, xp_t, true>(dst, src, sxd, P + l * D, D);
-          else
-            add_row<x_t, xp_t, false>(dst, src, sxd, nullptr, D);
+          add_row(dst, src, sxd, P ? P + l * D : nullptr, D);
         }
       });
     });
@@ -145,11 +127,10 @@ std::tuple<at::Tensor, at::Tensor> random_masking_backward_cpu(const at::Tensor&
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor ids = ids_restore.contiguous();
   at::Tensor gx = at::empty({N, L, D}, g.options());
-  const bool dbl = g.scalar_type() == at::kDouble;
-  at::Tensor gpos = at::empty({need_pos ? L : 0, D}, g.options().dtype(dbl ? at::kDouble : at::kFloat));
+  at::Tensor gpos = at::empty({need_pos ? L : 0, D}, g.options().dtype(at::toOpMathType(g.scalar_type())));
   if (N * L * D == 0) return {gx, gpos.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "random_masking_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* G = g.const_data_ptr<scalar_t>();
     const int64_t* I = ids.const_data_ptr<int64_t>();
     scalar_t* GX = gx.mutable_data_ptr<scalar_t>();

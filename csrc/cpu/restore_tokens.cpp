@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "token_rows.h"
 
 namespace umae {
 namespace {
@@ -67,7 +68,6 @@ at::Tensor restore_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_restore
     const x_t* X = x.const_data_ptr<x_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_type, "restore_tokens_cpu", [&] {
       using o_t = scalar_t;
-      using acc_t = at::opmath_type<o_t>;
       const o_t* T = tok.const_data_ptr<o_t>();
       const o_t* P = pos.defined() ? pos.const_data_ptr<o_t>() : nullptr;
       o_t* O = out.mutable_data_ptr<o_t>();
@@ -77,25 +77,10 @@ at::Tensor restore_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_restore
           const int64_t r = l < 0 ? -1 : I[n * L + l];  // -1: the cls row
           o_t* dst = O + q * D;
           const o_t* pr = P ? P + o * D : nullptr;
-          if (l >= 0 && r >= keep) {  // a mask token
-            if (pr) {
-              _Pragma("omp simd")  // inside a dispatch macro: no #pragma
-              for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<o_t>(static_cast<acc_t>(T[d]) + static_cast<acc_t>(pr[d]));
-            } else {
-              std::copy(T, T + D, dst);
-            }
-            continue;
-          }
-          const x_t* src = X + n * sxn + (l < 0 ? 0 : c0 + r) * sxl;
-          if (pr && sxd == 1) {
-            _Pragma("omp simd")
-            for (int64_t d = 0; d < D; ++d)
-              dst[d] = static_cast<o_t>(static_cast<acc_t>(src[d]) + static_cast<acc_t>(pr[d]));
-          } else {
-            for (int64_t d = 0; d < D; ++d)
-              dst[d] = pr ? static_cast<o_t>(static_cast<acc_t>(src[d * sxd]) + static_cast<acc_t>(pr[d]))
-                          : static_cast<o_t>(src[d * sxd]);
-          }
+          if (l >= 0 && r >= keep)  // a mask token
+            add_row(dst, T, 1, pr, D);
+          else
+            add_row(dst, X + n * sxn + (l < 0 ? 0 : c0 + r) * sxl, sxd, pr, D);
         }
       });
     });
@@ -119,15 +104,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> restore_tokens_backward_cpu(const
   TORCH_CHECK(keep >= 0 && keep <= L, "restore_tokens_backward: len_x must be in [", c0, ", ", R, "], got ", len_x);
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor ids = ids_restore.contiguous();
-  const bool dbl = g.scalar_type() == at::kDouble;
-  const auto acc_opts = g.options().dtype(dbl ? at::kDouble : at::kFloat);
+  const auto acc_opts = g.options().dtype(at::toOpMathType(g.scalar_type()));
   at::Tensor gx = at::empty({N, len_x, D}, g.options());
   at::Tensor gpos = at::empty({need_pos ? R : 0, D}, acc_opts);
   const int64_t blocks = (R + kPositionsPerTask - 1) / kPositionsPerTask;
   at::Tensor parts = at::zeros({blocks, D}, acc_opts);
   if (N == 0 || D == 0) return {gx, parts.sum(0), gpos.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "restore_tokens_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* G = g.const_data_ptr<scalar_t>();
     const int64_t* I = ids.const_data_ptr<int64_t>();
     scalar_t* GX = gx.mutable_data_ptr<scalar_t>();

@@ -6,6 +6,7 @@
 //   (B <= kSmallBatch: by direct dot products).
 // Math in fp32 (fp64 for fp64 features), as the reference's.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -29,11 +30,11 @@ struct Normalized {
 
 // One pass over F: the row norms and z = f / max(|f|, eps), as F.normalize divides.
 Normalized normalize_rows(const at::Tensor& features, bool normalize) {
-  const at::ScalarType acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = at::toOpMathType(features.scalar_type());
   const int64_t B = features.size(0), D = features.size(1);
   Normalized r{at::empty({B, D}, features.options().dtype(acc)), at::empty({B}, features.options().dtype(acc))};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "uniformity_normalize", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* F = features.const_data_ptr<scalar_t>();
     const int64_t sb = features.stride(0), sd = features.stride(1);
     acc_t* Z = r.z.mutable_data_ptr<acc_t>();

@@ -1,0 +1,28 @@
+// A token row of D values written by the token ops' CPU kernels (random_masking's kept rows,
+// restore_tokens' rows): dst = out_t(src + pos), the add in out_t's opmath type and one rounding
+// to out_t, as the references' `x + pos_embed` in the promoted dtype; without pos, a cast.
+#pragma once
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+
+namespace umae {
+
+// src strided by `s` (any layout of x), pos contiguous or nullptr.
+template <typename src_t, typename out_t>
+inline void add_row(out_t* dst, const src_t* src, int64_t s, const out_t* pos, int64_t D) {
+  using acc_t = at::opmath_type<out_t>;
+  if (pos && s == 1) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<out_t>(static_cast<acc_t>(src[d]) + static_cast<acc_t>(pos[d]));
+  } else if (pos) {
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<out_t>(static_cast<acc_t>(src[d * s]) + static_cast<acc_t>(pos[d]));
+  } else if (s == 1) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<out_t>(src[d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<out_t>(src[d * s]);
+  }
+}
+
+}  // namespace umae

@@ -32,10 +32,12 @@ TORCH_LIBRARY(umae, m) {
   m.def("restore_tokens_cpp_backward(Tensor grad_out, Tensor ids_restore, int len_x, bool has_cls, bool need_pos) "
         "-> (Tensor, Tensor, Tensor)");
   // features (B, D) -> the uniformity loss, a 0-dim fp32 (fp64 for fp64 features) tensor.
-  m.def("uniformity_loss_cpp(Tensor features, bool normalize, bool exclude_diagonal) -> Tensor");
+  // eps: the normalization's (F.normalize's), given by the caller (umae/uniformity_op.py).
+  m.def("uniformity_loss_cpp(Tensor features, bool normalize, bool exclude_diagonal, float eps) -> Tensor");
   // -> (the loss, its gradient dL/dfeatures for an upstream gradient of 1, fp32 (fp64) (B, D)): what
   // the op's autograd (registered in C++) runs when features need a gradient.
-  m.def("uniformity_loss_cpp_with_grad(Tensor features, bool normalize, bool exclude_diagonal) -> (Tensor, Tensor)");
+  m.def("uniformity_loss_cpp_with_grad(Tensor features, bool normalize, bool exclude_diagonal, float eps) "
+        "-> (Tensor, Tensor)");
 }
 
 // The module is loaded for its op registrations; Python needs an init symbol.

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import result_dtype
+from .._checks import acc_dtype, result_dtype
 from ._util import on_device, pow2_clamp
 
 
@@ -89,11 +89,6 @@ def _config(L: int, D: int):
     return dict(BLOCK_I=block_i, BLOCK_J=pow2_clamp(L, 16, 128), BLOCK_D=pow2_clamp(D, 16, 256)), 4
 
 
-def noise_dtype(noise):
-    """fp64 noise stays fp64 (fp32 would create ties the reference does not have); others are exact in fp32."""
-    return torch.float64 if noise.dtype == torch.float64 else torch.float32
-
-
 def forward(x, noise, pos_embed, cls_token, len_keep: int):
     """x (N, L, D) any strides; noise (N, L); pos_embed (1, L, D) or None; cls_token (1, 1, D) or None."""
     N, L, D = x.shape
@@ -104,7 +99,8 @@ def forward(x, noise, pos_embed, cls_token, len_keep: int):
     ids_restore = torch.empty((N, L), device=x.device, dtype=torch.int64)
     if N == 0:
         return out, mask, ids_restore
-    noise = noise.to(noise_dtype(noise)).contiguous()
+    # fp64 noise stays fp64 (fp32 would create ties the reference does not have); others are exact in fp32
+    noise = noise.to(acc_dtype(noise.dtype)).contiguous()
     pos = pos_embed if pos_embed is not None else x
     cls = cls_token if has_cls else x
     cfg, warps = _config(L, D)

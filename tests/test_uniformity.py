@@ -91,9 +91,11 @@ def test_non_contiguous(device, impl):
 @pytest.mark.parametrize("device,impl", IMPLS)
 def test_opcheck(device, impl):
     f = randn(20, 24, device=device, requires_grad=True)
-    op = torch.ops.umae.uniformity_loss_cpp if impl == "cpp-cpu" else torch.ops.umae.uniformity_loss
-    torch.library.opcheck(op.default, (f, True, False))
-    torch.library.opcheck(op.default, (f, False, True))
+    from umae.uniformity_op import NORM_EPS
+
+    op, eps = (torch.ops.umae.uniformity_loss_cpp, (NORM_EPS,)) if impl == "cpp-cpu" else (torch.ops.umae.uniformity_loss, ())
+    torch.library.opcheck(op.default, (f, True, False, *eps))
+    torch.library.opcheck(op.default, (f, False, True, *eps))
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)

@@ -9,6 +9,7 @@ implementation runs, from the registry's declarations (umae/registry.py), and
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 
@@ -83,6 +84,7 @@ def cuda_arch_ok(capability: tuple[int, int], archs: list[str]) -> bool:
 
 
 @torch.compiler.assume_constant_result  # asked while tracing: a constant of the process
+@functools.lru_cache(maxsize=None)  # and asked by every CUDA op call: read once
 def _cuda_arch_reason() -> str:
     """'' if the extension holds CUDA code for the current GPU, else why not (asked on first CUDA use:
     reading the capability initializes CUDA, which importing umae must not do)."""

@@ -43,3 +43,8 @@ def result_dtype(*tensors):
     for dt in dts[1:]:
         out = torch.promote_types(out, dt)
     return out
+
+
+def acc_dtype(dtype):
+    """The dtype the references and kernels accumulate in: fp32, or fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)

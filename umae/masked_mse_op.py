@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
+from ._checks import acc_dtype
 from .patchify_op import patchify_reference
 
 NORM_PIX_EPS = 1e-6  # MAE's; the kernels take it as an argument
@@ -18,7 +19,7 @@ NORM_PIX_EPS = 1e-6  # MAE's; the kernels take it as an argument
 
 def patch_mse_reference(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool) -> torch.Tensor:
     """Per-patch mean squared error (N, L) in fp32; target (N, L, K) already patchified."""
-    acc = torch.promote_types(target.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    acc = acc_dtype(target.dtype)
     target = target.to(acc)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
@@ -64,7 +65,7 @@ def _loss_inputs(s, dtype, device):
     from .bench.cases import rand, vit_shape
 
     s = vit_shape(s)
-    img_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp64 goes with fp64 only
+    img_dtype = acc_dtype(dtype)  # fp64 goes with fp64 only
     imgs = rand(s["N"], s["C"], s["img"], s["img"], dtype=img_dtype, device=device)
     pred = rand(s["N"], s["L"], s["K"], dtype=dtype, device=device, grad=True)
     mask = (torch.rand(s["N"], s["L"], device=device) < 0.75).float()
@@ -97,8 +98,7 @@ if _backend.EXT_LOADED:
 
     @torch.library.register_fake("umae::patch_mse")
     def _patch_mse_fake(pred, target, patch_size, norm_pix, eps):
-        dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
-        return pred.new_empty(pred.shape[:2], dtype=dtype)
+        return pred.new_empty(pred.shape[:2], dtype=acc_dtype(pred.dtype))
 
     @torch.library.register_fake("umae::patch_mse_backward")
     def _patch_mse_backward_fake(grad_rows, pred, target, patch_size, norm_pix, eps):

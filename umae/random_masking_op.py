@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._checks import result_dtype
+from ._checks import acc_dtype, result_dtype
 
 
 def len_keep_for(L: int, mask_ratio: float) -> int:
@@ -68,7 +68,7 @@ def _masking_setup(ctx, inputs, output):
 
 def _cls_grad(ctx, grad_out):
     # sums in fp32 from the unrounded gradient, as autograd of the reference does
-    return grad_out[:, :1].to(torch.promote_types(grad_out.dtype, torch.float32)).sum(0, keepdim=True).to(ctx.cls_dtype)
+    return grad_out[:, :1].to(acc_dtype(grad_out.dtype)).sum(0, keepdim=True).to(ctx.cls_dtype)
 
 
 def bench_random_masking(s, dtype, device):
@@ -131,8 +131,7 @@ if _backend.EXT_LOADED:
     def _(grad_out, ids_restore, has_cls, need_pos):
         N, L = ids_restore.shape
         D = grad_out.shape[2]
-        acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-        return grad_out.new_empty((N, L, D)), grad_out.new_empty((L if need_pos else 0, D), dtype=acc)
+        return grad_out.new_empty((N, L, D)), grad_out.new_empty((L if need_pos else 0, D), dtype=acc_dtype(grad_out.dtype))
 
     def _cpp_backward(ctx, grad_out, _grad_mask, _grad_ids):
         (ids_restore,) = ctx.saved_tensors

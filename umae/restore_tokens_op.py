@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._checks import result_dtype
+from ._checks import acc_dtype, result_dtype
 
 
 def restore_tokens_reference(x, ids_restore, mask_token, pos_embed=None, has_cls=True):
@@ -104,7 +104,7 @@ if _backend.EXT_LOADED:
     def _(grad_out, ids_restore, len_x, has_cls, need_pos):
         N, L = ids_restore.shape
         D = grad_out.shape[2]
-        acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(grad_out.dtype)
         return (grad_out.new_empty((N, len_x, D)), grad_out.new_empty((D,), dtype=acc),
                 grad_out.new_empty((L + int(has_cls) if need_pos else 0, D), dtype=acc))
 

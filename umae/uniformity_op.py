@@ -8,19 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from ._checks import acc_dtype
 
-NORM_EPS = 1e-12  # F.normalize's
-
-
-def _acc(dtype):
-    return torch.promote_types(dtype, torch.float32)
+NORM_EPS = 1e-12  # F.normalize's; the kernels take it as an argument
 
 
 def uniformity_loss_reference(features, normalize=True, exclude_diagonal=False, process_group=None,
                               exact_ddp_grad=True):
     if process_group is not None:  # the global batch: all-gather the rows, then the same math
         features = GatherRows.apply(features, process_group, ddp_grad_scale(process_group, exact_ddp_grad))
-    f = features.to(_acc(features.dtype))
+    f = features.to(acc_dtype(features.dtype))
     z = F.normalize(f, dim=1, eps=NORM_EPS) if normalize else f
     sim = z @ z.T
     B = sim.shape[0]
@@ -48,7 +45,7 @@ def uniformity_loss_cpp(features, normalize=True, exclude_diagonal=False, proces
     """The C++ CPU kernel (csrc/cpu/uniformity.cpp); across ranks, the same Gram all-reduce as
     the Triton path, its D x D products by BLAS."""
     if process_group is None:
-        return torch.ops.umae.uniformity_loss_cpp(features, normalize, exclude_diagonal)
+        return torch.ops.umae.uniformity_loss_cpp(features, normalize, exclude_diagonal, NORM_EPS)
     return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
                                   ddp_grad_scale(process_group, exact_ddp_grad), TorchGram)
 
@@ -75,7 +72,7 @@ class TorchGram:
 
     @staticmethod
     def rounding_dtype(dtype):
-        return _acc(dtype)
+        return acc_dtype(dtype)
 
     @staticmethod
     def gram(f, rinv):
@@ -89,7 +86,7 @@ class TorchGram:
 
 def _prep(features, *, normalize: bool):
     """(norms, rinv) in fp32 (fp64 for fp64): the row norms are computed once, by one read of F."""
-    norms = torch.linalg.vector_norm(features, dim=1, dtype=_acc(features.dtype))
+    norms = torch.linalg.vector_norm(features, dim=1, dtype=acc_dtype(features.dtype))
     rinv = 1.0 / norms.clamp_min(NORM_EPS) if normalize else torch.ones_like(norms)
     return norms, rinv
 
@@ -158,12 +155,12 @@ class DistributedFused(torch.autograd.Function):
 if _backend.EXT_LOADED:
 
     @torch.library.register_fake("umae::uniformity_loss_cpp")
-    def _(features, normalize, exclude_diagonal):
-        return features.new_empty((), dtype=_acc(features.dtype))
+    def _(features, normalize, exclude_diagonal, eps):
+        return features.new_empty((), dtype=acc_dtype(features.dtype))
 
     @torch.library.register_fake("umae::uniformity_loss_cpp_with_grad")
-    def _(features, normalize, exclude_diagonal):
-        acc = _acc(features.dtype)
+    def _(features, normalize, exclude_diagonal, eps):
+        acc = acc_dtype(features.dtype)
         return features.new_empty((), dtype=acc), features.new_empty(features.shape, dtype=acc)
 
     # its autograd is registered in C++ (csrc/cpu/uniformity.cpp): a Python wrapper would cost as much as the op

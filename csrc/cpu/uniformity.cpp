@@ -20,7 +20,6 @@
 namespace umae {
 namespace {
 
-constexpr double kNormEps = 1e-12;  // F.normalize's eps, as umae/uniformity_op.py's NORM_EPS
 constexpr int64_t kRowBlock = 256;  // rows of S per BLAS call: S is never more than 256 x B
 
 struct Normalized {
@@ -29,7 +28,7 @@ struct Normalized {
 };
 
 // One pass over F: the row norms and z = f / max(|f|, eps), as F.normalize divides.
-Normalized normalize_rows(const at::Tensor& features, bool normalize) {
+Normalized normalize_rows(const at::Tensor& features, bool normalize, double eps) {
   const at::ScalarType acc = at::toOpMathType(features.scalar_type());
   const int64_t B = features.size(0), D = features.size(1);
   Normalized r{at::empty({B, D}, features.options().dtype(acc)), at::empty({B}, features.options().dtype(acc))};
@@ -49,7 +48,7 @@ Normalized normalize_rows(const at::Tensor& features, bool normalize) {
         for (int64_t d = 0; d < D; ++d) ss += z[d] * z[d];
         NR[b] = std::sqrt(ss);
         if (normalize) {
-          const acc_t den = std::max(NR[b], static_cast<acc_t>(kNormEps));
+          const acc_t den = std::max(NR[b], static_cast<acc_t>(eps));
           _Pragma("omp simd")
           for (int64_t d = 0; d < D; ++d) z[d] /= den;
         }
@@ -121,9 +120,9 @@ bool uses_small_path(int64_t B, int64_t D) { return B <= kSmallBatch && B <= D; 
 // The loss and, when asked, its gradient dL/dF (acc dtype, for an upstream gradient of 1), from one
 // normalization and one contraction: S (or G) is formed once for both.
 std::tuple<at::Tensor, at::Tensor> loss_and_grad(const at::Tensor& features, bool normalize, bool exclude_diagonal,
-                                                 bool want_grad) {
+                                                 double eps, bool want_grad) {
   const int64_t B = features.size(0), D = features.size(1);
-  const Normalized nz = normalize_rows(features, normalize);
+  const Normalized nz = normalize_rows(features, normalize, eps);
   const at::Tensor& z = nz.z;
   at::Tensor loss = at::empty({}, z.options());
   at::Tensor dz = want_grad ? at::empty_like(z) : at::Tensor();  // sum_j S_ij z_j = (z G)_i
@@ -192,11 +191,11 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(const at::Tensor& features, boo
         // Jacobian of z = f / max(|f|, eps): (I - z z^T) / |f| above eps, I / eps below
         acc_t radial = 0, scale = cc;
         if (normalize) {
-          if (NR[b] > static_cast<acc_t>(kNormEps)) {
+          if (NR[b] > static_cast<acc_t>(eps)) {
             _Pragma("omp simd reduction(+ : radial)")
             for (int64_t d = 0; d < D; ++d) radial += zr[d] * g[d];
           }
-          scale = cc / std::max(NR[b], static_cast<acc_t>(kNormEps));
+          scale = cc / std::max(NR[b], static_cast<acc_t>(eps));
         }
         _Pragma("omp simd")
         for (int64_t d = 0; d < D; ++d) out[d] = scale * (g[d] - zr[d] * radial);
@@ -206,15 +205,15 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(const at::Tensor& features, boo
   return {loss, df};
 }
 
-at::Tensor uniformity_cpu(const at::Tensor& features, bool normalize, bool exclude_diagonal) {
+at::Tensor uniformity_cpu(const at::Tensor& features, bool normalize, bool exclude_diagonal, double eps) {
   check_features(features, "uniformity_loss");
-  return std::get<0>(loss_and_grad(features, normalize, exclude_diagonal, false));
+  return std::get<0>(loss_and_grad(features, normalize, exclude_diagonal, eps, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> uniformity_with_grad_cpu(const at::Tensor& features, bool normalize,
-                                                            bool exclude_diagonal) {
+                                                            bool exclude_diagonal, double eps) {
   check_features(features, "uniformity_loss");
-  return loss_and_grad(features, normalize, exclude_diagonal, true);
+  return loss_and_grad(features, normalize, exclude_diagonal, eps, true);
 }
 
 // Autograd in C++: at the small batches U-MAE sees per rank the op costs tens of microseconds,
@@ -223,12 +222,12 @@ std::tuple<at::Tensor, at::Tensor> uniformity_with_grad_cpu(const at::Tensor& fe
 class UniformityFunction : public torch::autograd::Function<UniformityFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& features, bool normalize,
-                            bool exclude_diagonal) {
+                            bool exclude_diagonal, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("umae::uniformity_loss_cpp_with_grad", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool, bool)>();
-    auto [loss, grad] = op.call(features, normalize, exclude_diagonal);
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool, bool, double)>();
+    auto [loss, grad] = op.call(features, normalize, exclude_diagonal, eps);
     ctx->save_for_backward({grad});
     ctx->saved_data["dtype"] = features.scalar_type();
     return loss;
@@ -237,12 +236,12 @@ class UniformityFunction : public torch::autograd::Function<UniformityFunction> 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const at::Tensor grad = ctx->get_saved_variables()[0];
-    return {grads[0].mul(grad).to(ctx->saved_data["dtype"].toScalarType()), at::Tensor(), at::Tensor()};
+    return {grads[0].mul(grad).to(ctx->saved_data["dtype"].toScalarType()), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor uniformity_autograd(const at::Tensor& features, bool normalize, bool exclude_diagonal) {
-  return UniformityFunction::apply(features, normalize, exclude_diagonal);
+at::Tensor uniformity_autograd(const at::Tensor& features, bool normalize, bool exclude_diagonal, double eps) {
+  return UniformityFunction::apply(features, normalize, exclude_diagonal, eps);
 }
 
 }  // namespace

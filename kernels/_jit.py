@@ -52,10 +52,6 @@ def specialize(fn, args, kwargs, target):
     return key, ASTSource(fn, signature, constexprs, attrs), options
 
 
-def compile_launch(src, options, target):
-    return triton.compile(src, target=target, options=options.__dict__)
-
-
 @contextlib.contextmanager
 def triton_on_cpu():
     """The fused ops pick their Triton kernels for CPU tensors (as under the interpreter), while
@@ -159,4 +155,4 @@ def compile_all(launches, target=None):
         if key in seen:
             continue
         seen.add(key)
-        yield key, compile_launch(src, options, target), label(src)
+        yield key, triton.compile(src, target=target, options=options.__dict__), label(src)

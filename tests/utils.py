@@ -8,9 +8,6 @@ from umae import _backend, registry
 from umae._backend import triton_interpreted
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# Triton kernels run on CPU tensors only under the interpreter (tests/conftest.py sets it where there
-# is no GPU); elsewhere a CPU "fused" call is the reference and a parity test on it could not fail.
-TRITON_DEVICES = (["cpu"] if triton_interpreted() else []) + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # Outputs stored in the input dtype (gradients, tokens): one rounding of that dtype, plus the

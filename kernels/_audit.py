@@ -14,6 +14,9 @@ H100 = dict(max_warps=64, max_blocks=32, regs=65536, reg_unit=256, smem=228 * 10
             max_smem_block=227 * 1024)
 
 
+MEMORY_BOUND = {"random_masking", "restore_tokens"}  # held to 128-bit row accesses
+
+
 def _ptxas() -> str:
     from triton.backends.nvidia.compiler import get_ptxas
 
@@ -21,13 +24,15 @@ def _ptxas() -> str:
 
 
 def resources(ptx: str) -> dict:
-    """registers, spill stores/loads (bytes) of the kernel in `ptx`, from `ptxas -v` for its own .target."""
+    """registers, spill stores/loads (bytes) of the kernel in `ptx`, from `ptxas -v` for its own .target
+    with the options Triton's make_cubin passes (its register allocation differs without them)."""
     arch = re.search(r"\.target\s+(\w+)", ptx).group(1)
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        r = subprocess.run([_ptxas(), f"-arch={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+        r = subprocess.run([_ptxas(), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src, "-o",
+                            os.path.join(d, "k.cubin")],
                            capture_output=True, text=True, check=True)
     log = r.stderr + r.stdout
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
@@ -44,30 +49,106 @@ def occupancy(regs: int, warps: int, smem: int, gpu=H100) -> tuple[int, float]:
     return blocks, blocks * warps / gpu["max_warps"]
 
 
-def memory_ops(ptx: str) -> dict:
-    """Global loads / stores in the PTX, by vector width."""
-    out = {}
-    for kind in ("ld", "st"):
-        ops = re.findall(rf"\b{kind}\.global(?:\.[a-z]+)*?(\.v[248])?\.[bfsu]\d+", ptx)
-        out[f"{kind}_vec"] = sum(1 for v in ops if v)
-        out[f"{kind}_scalar"] = sum(1 for v in ops if not v)
+_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[A-Za-z0-9:_]+)*?(\.v[248])?\.[bfsu](\d+)\b")
+_LOC = re.compile(r"\.loc\s+\d+\s+(\d+)\s+\d+\s*//\s*([\w.]+):")
+
+
+_LOC_DEF = re.compile(r"^(#loc\d*) = loc\((.*)\)\s*$", re.M)
+_TILE_ACCESS = re.compile(r"\btt\.(?:load|store)\b.*: tensor<\d+x\d+x!tt\.ptr<.*loc\((#loc\d*)\)\s*$", re.M)
+
+
+def tile_lines(ttgir: str) -> set:
+    """(file, line) of the source's 2-D tile loads and stores ([rows, BLOCK_D] of a feature row),
+    read from the TTGIR's types and locations; 1-D vectors (indices, noise, one token) are not tiles."""
+    defs = dict(_LOC_DEF.findall(ttgir))
+
+    def where(ref, depth=0):
+        body = defs.get(ref, "")
+        m = re.match(r'"([^"]*)":(\d+):\d+', body)
+        if m:
+            return os.path.basename(m.group(1)), int(m.group(2))
+        inner = re.search(r"#loc\d*", body)
+        return where(inner.group(0), depth + 1) if inner and depth < 50 else None
+
+    return {w for w in map(where, _TILE_ACCESS.findall(ttgir)) if w}
+
+
+def memory_ops(ptx: str, tiles=frozenset()) -> dict:
+    """Global loads / stores in the PTX: vectorized (v2/v4) and scalar instructions; and, of the
+    accesses made for the tile loads / stores at (file, line) in `tiles` (the PTX's .loc), how
+    many are not 128-bit."""
+    out = dict(ld_vec=0, ld_scalar=0, st_vec=0, st_scalar=0, tile_accesses=0, tile_narrow=0)
+    where = None
+    for line in ptx.splitlines():
+        loc = _LOC.search(line)
+        if loc:
+            where = (loc.group(2), int(loc.group(1)))
+            continue
+        m = _ACCESS.search(line)
+        if not m:
+            continue
+        kind, vec, bits = m.group(1), m.group(2), int(m.group(3))
+        n = int(vec[2:]) if vec else 1
+        out[f"{kind}_{'vec' if n > 1 else 'scalar'}"] += 1
+        if where in tiles:
+            out["tile_accesses"] += 1
+            out["tile_narrow"] += n * bits != 128
     return out
 
 
-def audit(kernel) -> dict:
-    """One compiled kernel's audit row."""
+def vector_eligible(src) -> bool:
+    """Whether the JIT can prove 16-byte accesses along the feature dimension for this
+    specialization: `D` divisible by 16 and every feature-dimension stride (`stride_*_d`) the
+    constant 1 (a strided or unaligned input is served by scalar accesses, correctly)."""
+    names = src.fn.arg_names
+    d = names.index("D")
+    strides = [i for i, n in enumerate(names) if re.fullmatch(r"stride_\w+_d", n)]
+    return ["tt.divisibility", 16] in src.attrs.get((d,), []) and all(src.constants.get((i,)) == 1 for i in strides)
+
+
+def audit(kernel, src=None) -> dict:
+    """One compiled kernel's audit row (`vec_ok`: whether `src`, its specialization, allows 128-bit accesses)."""
     ptx = kernel.asm["ptx"]
     warps, smem = kernel.metadata.num_warps, kernel.metadata.shared
-    row = dict(name=kernel.metadata.name, warps=warps, smem=smem, **resources(ptx), **memory_ops(ptx))
+    row = dict(name=kernel.metadata.name, warps=warps, smem=smem, **resources(ptx),
+               **memory_ops(ptx, tile_lines(kernel.asm["ttgir"])),
+               vec_ok=src is not None and vector_eligible(src))
     row["blocks_per_sm"], row["occupancy"] = occupancy(row["regs"], warps, smem)
     return row
 
 
 def format_rows(rows) -> str:
-    head = f"{'kernel':<28} {'warps':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'blk/SM':>6} {'occup':>6}  {'ld v/s':>8} {'st v/s':>8}  specialization"
+    head = (f"{'kernel':<28} {'warps':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'blk/SM':>6} {'occup':>6}  "
+            f"{'ld v/s':>8} {'st v/s':>8} {'tile !128b':>10}  specialization")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['name']:<28} {r['warps']:>5} {r['regs']:>5} {r['spill_stores'] + r['spill_loads']:>6} "
                      f"{r['smem']:>7} {r['blocks_per_sm']:>6} {r['occupancy']:>6.0%}  "
-                     f"{r['ld_vec']:>3}/{r['ld_scalar']:<4} {r['st_vec']:>3}/{r['st_scalar']:<4}  {r.get('spec', '')}")
+                     f"{r['ld_vec']:>3}/{r['ld_scalar']:<4} {r['st_vec']:>3}/{r['st_scalar']:<4} "
+                     f"{r['tile_narrow']:>4}/{r['tile_accesses']:<4}{'*' if r['vec_ok'] else ' '} {r.get('spec', '')}")
     return "\n".join(lines)
+
+
+def audit_op(op_name: str, **collect) -> list[dict]:
+    """Audit rows of every specialization op `op_name`'s launches compile to (umae.kernels._jit)."""
+    from . import _jit
+
+    return [dict(audit(k, src), spec=_jit.label(src))
+            for _, k, src in _jit.compile_all(_jit.collect_launches(op_name, **collect))]
+
+
+MIN_OCCUPANCY = 0.25
+
+
+def problems(row, op_name: str) -> list[str]:
+    """What the audit requires of a compiled kernel and this row does not hold (issue 12)."""
+    out = []
+    if row["spill_stores"] or row["spill_loads"]:
+        out.append(f"spills {row['spill_stores']}+{row['spill_loads']} bytes")
+    if row["smem"] > H100["max_smem_block"]:
+        out.append(f"shared memory {row['smem']} > {H100['max_smem_block']}")
+    if row["occupancy"] < MIN_OCCUPANCY:
+        out.append(f"occupancy {row['occupancy']:.0%} < {MIN_OCCUPANCY:.0%}")
+    if op_name in MEMORY_BOUND and row["vec_ok"] and row["tile_narrow"]:
+        out.append(f"{row['tile_narrow']} of {row['tile_accesses']} tile accesses not 128-bit")
+    return out

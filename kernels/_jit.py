@@ -147,7 +147,7 @@ def label(src) -> str:
 
 
 def compile_all(launches, target=None):
-    """Compile each distinct JIT specialization once; yields (key, compiled kernel, label)."""
+    """Compile each distinct JIT specialization once; yields (key, compiled kernel, its ASTSource)."""
     target = target or h100()
     seen = set()
     for fn, args, kwargs in launches:
@@ -155,4 +155,4 @@ def compile_all(launches, target=None):
         if key in seen:
             continue
         seen.add(key)
-        yield key, triton.compile(src, target=target, options=options.__dict__), label(src)
+        yield key, triton.compile(src, target=target, options=options.__dict__), src

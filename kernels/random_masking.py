@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._checks import acc_dtype, result_dtype
-from ._util import on_device, pow2_clamp
+from ._util import on_device, pow2_clamp, tile_warps
 
 
 @triton.jit
@@ -85,8 +85,8 @@ def _scatter_grad_kernel(grad_ptr, ids_ptr, gx_ptr, L, D, len_keep, stride_grad_
 
 
 def _config(L: int, D: int):
-    block_i = 16 if L <= 256 else 32
-    return dict(BLOCK_I=block_i, BLOCK_J=pow2_clamp(L, 16, 128), BLOCK_D=pow2_clamp(D, 16, 256)), 4
+    block_d = pow2_clamp(D, 16, 128)
+    return dict(BLOCK_I=16, BLOCK_J=pow2_clamp(L, 16, 64), BLOCK_D=block_d), tile_warps(16, block_d)
 
 
 def forward(x, noise, pos_embed, cls_token, len_keep: int):

@@ -2,9 +2,9 @@
 token elsewhere, the cls token in front, the positional embedding added.
 
 Forward: one program per (sample, block of output rows) gathers each row from x or the
-mask token. Backward: the same programs scatter the kept rows' gradient to x and sum
-the removed rows' gradient into one fp32 partial per program for the mask token (a
-deterministic two-level sum, no atomics).
+mask token. Backward: one program per (sample, block of columns) walks the rows, scatters
+the kept rows' gradient to x and sums the removed rows' gradient into one fp32 row per
+sample for the mask token (a deterministic two-level sum, no atomics).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .._checks import result_dtype
-from ._util import on_device, pow2_clamp
+from ._util import on_device, pow2_clamp, tile_warps
 
 
 @triton.jit
@@ -52,23 +52,25 @@ def _restore_kernel(x_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr, L, D, len_keep,
 def _restore_bwd_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, L, D, len_keep,
                         stride_grad_n, stride_grad_l, stride_grad_d,
                         HAS_CLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # one program per (sample, column block), looping over the rows: the mask token's partial
+    # sum is one (D,) row per sample, not one per row block
     n = tl.program_id(0).to(tl.int64)
-    rb = tl.program_id(1)
-    o, o_ok, to_x, dst, is_tok = _rows(ids_ptr, n, rb, L, len_keep, HAS_CLS, BLOCK_R)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = (d < D)[None, :]
     Kx = len_keep + HAS_CLS
-    part_row = (n * tl.num_programs(1) + rb) * D
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dm = (d < D)[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for rb in range(0, tl.cdiv(L + HAS_CLS, BLOCK_R)):
+        o, o_ok, to_x, dst, is_tok = _rows(ids_ptr, n, rb, L, len_keep, HAS_CLS, BLOCK_R)
         grad_off = n * stride_grad_n + o[:, None] * stride_grad_l + d[None, :] * stride_grad_d
         g = tl.load(g_ptr + grad_off, mask=o_ok[:, None] & dm, other=0.0)
         tl.store(gx_ptr + (n * Kx + dst[:, None]) * D + d[None, :], g.to(gx_ptr.dtype.element_ty), mask=to_x[:, None] & dm)
-        gt = tl.sum(tl.where(is_tok[:, None], g.to(tl.float32), 0.0), axis=0)
-        tl.store(part_ptr + part_row + d, gt, mask=d < D)
+        acc += tl.where(is_tok[:, None], g.to(tl.float32), 0.0)
+    tl.store(part_ptr + n * D + d, tl.sum(acc, axis=0), mask=d < D)
 
 
 def _config(L: int, D: int):
-    return dict(BLOCK_R=16 if L <= 256 else 32, BLOCK_D=pow2_clamp(D, 16, 256)), 4
+    block_d = pow2_clamp(D, 16, 128)
+    return dict(BLOCK_R=16, BLOCK_D=block_d), tile_warps(16, block_d)
 
 
 def forward(x, ids_restore, mask_token, pos_embed, *, has_cls: bool):
@@ -95,12 +97,11 @@ def backward(grad_out, ids_restore, x_shape, x_dtype, *, has_cls: bool):
     D = grad_out.shape[2]
     gx = torch.empty(x_shape, device=grad_out.device, dtype=x_dtype)
     cfg, warps = _config(L, D)
-    nrb = triton.cdiv(L + int(has_cls), cfg["BLOCK_R"])
-    part = torch.empty((N * nrb, D), device=grad_out.device, dtype=torch.float32)
+    part = torch.empty((N, D), device=grad_out.device, dtype=torch.float32)
     if grad_out.numel() == 0:
         return gx, part.sum(0)
     with on_device(grad_out):
-        _restore_bwd_kernel[(N, nrb)](grad_out, ids_restore.contiguous(), gx, part, L, D, x_shape[1] - int(has_cls),
+        _restore_bwd_kernel[(N, triton.cdiv(D, cfg["BLOCK_D"]))](grad_out, ids_restore.contiguous(), gx, part, L, D, x_shape[1] - int(has_cls),
                                       grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
                                       HAS_CLS=has_cls, num_warps=warps, **cfg)
     return gx, part.sum(0)

@@ -79,18 +79,19 @@ def _kernel_audit() -> int:
         print("umae info --kernels: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)",
               file=sys.stderr)
         return 2
-    from umae.kernels import _audit, _jit
+    from umae.kernels import _audit
 
     print("\nTriton kernels for an H100 (sm_90), as the JIT specializes the launches at the benchmark shapes, "
           "the test token shapes and each model's training step. Static counts, not measurements.")
     for name, op in registry.OPS.items():
         if not op.kernels:
             continue
-        rows = []
-        for _, k, lab in _jit.compile_all(_jit.collect_launches(name)):
-            rows.append(dict(_audit.audit(k), spec=lab))
+        rows = _audit.audit_op(name)
         print(f"\n{name}: {len(rows)} specializations")
         print(_audit.format_rows(rows))
+        for r in rows:
+            for p in _audit.problems(r, name):
+                print(f"  ! {r['name']} {r['spec']}: {p}")
     return 0
 
 

@@ -152,3 +152,94 @@ def problems(row, op_name: str) -> list[str]:
     if op_name in MEMORY_BOUND and row["vec_ok"] and row["tile_narrow"]:
         out.append(f"{row['tile_narrow']} of {row['tile_accesses']} tile accesses not 128-bit")
     return out
+
+
+# ---- the C++/CUDA extension's kernels (cuobjdump / nvdisasm on the built extension) ----------
+
+_PACK_LINES = re.compile(r"__ldg\(reinterpret_cast<const uint4\*>|st\.global\.v4")  # patch_strip.cuh's 16-byte moves
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(_ptxas()), name)  # Triton ships cuobjdump and nvdisasm beside ptxas
+
+
+def _demangle(names):
+    r = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+    return r.stdout.split("\n") if r.returncode == 0 else list(names)
+
+
+def cuda_audit(so_path: str, csrc: str) -> list[dict]:
+    """One row per sm_90 kernel in the extension: registers, spills (stack / local bytes), shared
+    memory (static + the strips' dynamic budget), occupancy on an H100 at the block size of its
+    __launch_bounds__, and its global accesses through the 16-byte pack helpers (`pack`), with how
+    many of those are narrower than 128 bits (the SASS, attributed to source lines by -lineinfo)."""
+    strip_src = open(os.path.join(csrc, "cuda", "patch_strip.cuh")).read()
+    pack_lines = {i + 1 for i, line in enumerate(strip_src.splitlines()) if _PACK_LINES.search(line)}
+    dyn = eval(re.search(r"kStripBytes = ([\d *]+);", strip_src).group(1))  # noqa: S307 (an int product)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([_tool("cuobjdump"), "-xelf", "all", os.path.abspath(so_path)], cwd=d, check=True,
+                       capture_output=True)
+        for cubin in sorted(f for f in os.listdir(d) if f.endswith(".sm_90.cubin")):
+            path = os.path.join(d, cubin)
+            usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True,
+                                   text=True, check=True).stdout
+            elf = subprocess.run([_tool("cuobjdump"), "-elf", path], capture_output=True, text=True).stdout
+            threads = {int(v, 16) for v in re.findall(r"EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+)", elf)}
+            assert len(threads) == 1, (cubin, threads)  # every kernel of a file has the same launch bounds
+            warps = threads.pop() // 32
+            # -gi: each instruction's source line with the chain of lines it was inlined at
+            sass = subprocess.run([_tool("nvdisasm"), "-gi", "-c", path], capture_output=True, text=True,
+                                  check=True).stdout
+            access = {}
+            fn, chain = None, set()
+            for line in sass.splitlines():
+                m = re.match(r"\.text\.(\S+):", line)
+                if m:
+                    fn, chain = m.group(1), set()
+                    access[fn] = []
+                    continue
+                if line.lstrip().startswith("//## File"):
+                    chain |= {(os.path.basename(f), int(n)) for f, n in re.findall(r'"([^"]+)", line (\d+)', line)}
+                    continue
+                m = re.search(r"\b(LDG|STG)\.E((?:\.\w+)*)", line)
+                if m and fn:
+                    width = re.search(r"\.(128|64|U16|S16|U8|S8)\b", m.group(2))
+                    bits = {"128": 128, "64": 64}.get(width.group(1), 16) if width else 32
+                    access[fn].append((bits, any(f == "patch_strip.cuh" and n in pack_lines for f, n in chain)))
+                if re.search(r"/\*[0-9a-f]{4}\*/", line):
+                    chain = set()
+            for mangled, regs, stack, shared, local in re.findall(
+                    r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage):
+                smem = int(shared) + dyn
+                blocks, occ = occupancy(int(regs), warps, smem)
+                packs = [b for b, is_pack in access.get(mangled, []) if is_pack]
+                rows.append(dict(file=cubin.split(".")[0], mangled=mangled, regs=int(regs), warps=warps,
+                                 spill=int(stack) + int(local), smem=smem, blocks_per_sm=blocks, occupancy=occ,
+                                 pack=len(packs), pack_narrow=sum(b != 128 for b in packs),
+                                 narrow=sum(b < 128 for b, _ in access.get(mangled, []))))
+    for r, name in zip(rows, _demangle([r["mangled"] for r in rows])):
+        r["name"] = re.sub(r"^void |umae::\(anonymous namespace\)::|c10::|umae::strip::", "", name).split("(")[0]
+    return rows
+
+
+def cuda_problems(row) -> list[str]:
+    out = []
+    if row["spill"]:
+        out.append(f"{row['spill']} bytes of stack / local memory")
+    if row["smem"] > H100["max_smem_block"]:
+        out.append(f"shared memory {row['smem']} > {H100['max_smem_block']}")
+    if row["occupancy"] < MIN_OCCUPANCY:
+        out.append(f"occupancy {row['occupancy']:.0%} < {MIN_OCCUPANCY:.0%}")
+    if row["pack_narrow"]:
+        out.append(f"{row['pack_narrow']} of {row['pack']} 16-byte pack accesses compiled narrower")
+    return out
+
+
+def format_cuda_rows(rows) -> str:
+    head = f"{'kernel':<60} {'warps':>5} {'regs':>5} {'spill':>5} {'smem':>6} {'blk/SM':>6} {'occup':>6} {'128-bit packs':>13}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['name'][:60]:<60} {r['warps']:>5} {r['regs']:>5} {r['spill']:>5} {r['smem']:>6} "
+                     f"{r['blocks_per_sm']:>6} {r['occupancy']:>6.0%} {r['pack'] - r['pack_narrow']:>6}/{r['pack']:<6}")
+    return "\n".join(lines)

@@ -91,6 +91,25 @@ def test_cuda_sources_compiled_for_sm90():
     assert b".nv_fatbin" in blob and b"SM_900" in blob, "extension has no sm_90 device code"
 
 
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch built without CUDA: setup.py builds CPU sources only")
+def test_cuda_kernels_static_audit():
+    # the extension's sm_90 kernels, read with cuobjdump / nvdisasm (umae.kernels._audit.cuda_audit):
+    # no spills, shared memory in bounds, >= 25% H100 occupancy, and every 16-byte access of the
+    # vectorized instantiations compiled to one 128-bit LDG / STG
+    if os.environ.get("UMAE_NO_CUDA") == "1":
+        pytest.skip("UMAE_NO_CUDA=1 build")
+    from umae.kernels import _audit
+
+    (so,) = glob.glob(os.path.join(os.path.dirname(umae.__file__), "_C*.so"))
+    rows = _audit.cuda_audit(so, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc"))
+    problems = [f"{r['name']}: {p}" for r in rows for p in _audit.cuda_problems(r)]
+    assert not problems, "\n".join(problems)
+    families = {r["name"].split("<")[0] for r in rows}
+    assert families == {"patchify_kernel", "unpatchify_kernel", "patch_mse_kernel"}, families
+    for fam in families:  # each has its 16-byte instantiations, and they move data with 128-bit accesses
+        assert any(r["pack"] > 0 for r in rows if r["name"].startswith(fam + "<")), fam
+
+
 # ---- the registry is the one list of ops, and backend_info says what runs -------------
 
 class _UmaeOps(TorchDispatchMode):

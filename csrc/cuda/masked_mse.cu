@@ -1,105 +1,93 @@
-// Per-patch (normalized) squared error on CUDA: one warp per patch row, one kernel
-// for the forward and one for the backward. Each row is read from DRAM once; the
-// mean/variance/loss passes re-read it from L1/L2.
+// Per-patch (normalized) squared error on CUDA: one block per strip of patch rows
+// (patch_strip.cuh). The target strip is staged in shared memory in patchified order (gathered
+// from the images with 16-byte accesses along W, or copied from the patchified target), so the
+// mean / variance / loss passes read it from there; pred is read once, 16 bytes per access, one
+// warp per patch row. Forward and backward share the kernel.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../common.h"
+#include "patch_strip.cuh"
 
 namespace umae {
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
-// Grid cap: the rows loop grid-strided, so more blocks than a few waves only add scheduling.
-constexpr int64_t kMaxBlocks = 65535 * 4;
+constexpr int kWarps = 8;
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+__device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
-// Target row r as a (patchified, contiguous) row or gathered from images.
-template <typename tgt_t>
-struct Target {
-  const tgt_t* ptr;
-  ImageIndex img;
-  bool from_images;
-  int64_t K;
-  __device__ __forceinline__ float load(int64_t r, int64_t k) const {
-    return static_cast<float>(ptr[from_images ? img.offset(r, k) : r * K + k]);
-  }
+struct MseArgs {
+  bool from_images, norm_pix;
+  float eps;
+  const float* grad_rows;  // backward: d loss / d per-patch loss
+  float* out;              // forward: per-patch loss (N*L)
 };
 
-// (mean, rstd) of row r, two-pass for accuracy; (0, 1) without norm_pix.
-template <typename tgt_t, typename acc_t>
-__device__ __forceinline__ void row_stats(const Target<tgt_t>& t, int64_t r, bool norm_pix, acc_t eps, int lane,
-                                          acc_t& mean, acc_t& rstd) {
-  mean = 0;
-  rstd = 1;
-  if (!norm_pix) return;
-  const int64_t K = t.K;
-  acc_t s = 0;
-  for (int64_t k = lane; k < K; k += 32) s += static_cast<acc_t>(t.load(r, k));
-  mean = warp_sum(s) / K;
-  acc_t ss = 0;
-  for (int64_t k = lane; k < K; k += 32) {
-    const acc_t d = static_cast<acc_t>(t.load(r, k)) - mean;
-    ss += d * d;
+// VEC: 16-byte accesses to pred / grad and to the target side (else scalar).
+template <typename pred_t, typename tgt_t, bool VEC, bool BACKWARD>
+__global__ void __launch_bounds__(kWarps * 32) patch_mse_kernel(const pred_t* __restrict__ pred,
+                                                                 pred_t* __restrict__ grad, strip::Image<tgt_t> img,
+                                                                 strip::Rows<tgt_t> tgt, strip::Geom g, MseArgs a) {
+  constexpr int VT = VEC ? 16 / sizeof(tgt_t) : 1, VP = VEC ? 16 / sizeof(pred_t) : 1;
+  extern __shared__ __align__(16) unsigned char smem[];
+  tgt_t* sm = reinterpret_cast<tgt_t*>(smem);
+  const strip::Strip s = g.at(blockIdx.x);
+  if (a.from_images) {
+    strip::image_strip<tgt_t, VT, true>(g, s, img, sm);
+  } else {
+    strip::rows_strip<tgt_t, VT, true>(g, s, tgt, sm);
   }
-  rstd = acc_t(1) / sqrt(warp_sum(ss) / (K - 1) + eps);
-}
-
-template <typename pred_t, typename tgt_t>
-__global__ void patch_mse_fwd_kernel(const pred_t* __restrict__ pred, Target<tgt_t> t, float* __restrict__ out,
-                                     int64_t R, bool norm_pix, float eps) {
-  using acc_t = float;
-  const int lane = threadIdx.x & 31;
-  const int64_t K = t.K;
-  for (int64_t r = blockIdx.x * (int64_t)kWarpsPerBlock + threadIdx.x / 32; r < R;
-       r += (int64_t)gridDim.x * kWarpsPerBlock) {
-    acc_t mean, rstd;
-    row_stats<tgt_t, acc_t>(t, r, norm_pix, eps, lane, mean, rstd);
-    acc_t s = 0;
-    for (int64_t k = lane; k < K; k += 32) {
-      const acc_t d = static_cast<acc_t>(pred[r * K + k]) - (t.load(r, k) - mean) * rstd;
-      s += d * d;
+  __syncthreads();
+  const int lane = threadIdx.x & 31, K = g.K;
+  for (int wl = threadIdx.x / 32; wl < s.wn; wl += kWarps) {
+    const tgt_t* t = sm + wl * K;
+    const int64_t r = g.row0(s) + wl;
+    float mean = 0.f, rstd = 1.f;
+    if (a.norm_pix) {  // two passes over the staged row, as the reference's mean and unbiased var
+      float sum = 0.f;
+      for (int k = lane; k < K; k += 32) sum += static_cast<float>(t[k]);
+      mean = warp_sum(sum) / K;
+      float ss = 0.f;
+      for (int k = lane; k < K; k += 32) {
+        const float d = static_cast<float>(t[k]) - mean;
+        ss += d * d;
+      }
+      rstd = 1.f / sqrtf(warp_sum(ss) / (K - 1) + a.eps);
     }
-    s = warp_sum(s);
-    if (lane == 0) out[r] = s / K;
-  }
-}
-
-template <typename pred_t, typename tgt_t>
-__global__ void patch_mse_bwd_kernel(const float* __restrict__ grad_rows, const pred_t* __restrict__ pred,
-                                     Target<tgt_t> t, pred_t* __restrict__ grad, int64_t R, bool norm_pix,
-                                     float eps) {
-  using acc_t = float;
-  const int lane = threadIdx.x & 31;
-  const int64_t K = t.K;
-  for (int64_t r = blockIdx.x * (int64_t)kWarpsPerBlock + threadIdx.x / 32; r < R;
-       r += (int64_t)gridDim.x * kWarpsPerBlock) {
-    acc_t mean, rstd;
-    row_stats<tgt_t, acc_t>(t, r, norm_pix, eps, lane, mean, rstd);
-    const acc_t scale = grad_rows[r] * acc_t(2) / K;
-    for (int64_t k = lane; k < K; k += 32) {
-      const acc_t d = static_cast<acc_t>(pred[r * K + k]) - (t.load(r, k) - mean) * rstd;
-      grad[r * K + k] = static_cast<pred_t>(scale * d);
+    const int64_t base = r * K;
+    const float scale = BACKWARD ? a.grad_rows[r] * 2.f / K : 0.f;
+    float acc = 0.f;
+    for (int k = lane * VP; k < K; k += 32 * VP) {  // VP divides K when VEC
+      strip::Pack<pred_t, VP> pv, gv;
+      if constexpr (VP > 1) pv = strip::load<pred_t, VP>(pred + base + k); else pv.v[0] = pred[base + k];
+#pragma unroll
+      for (int u = 0; u < VP; ++u) {
+        const float d = static_cast<float>(pv.v[u]) - (static_cast<float>(t[k + u]) - mean) * rstd;
+        if constexpr (BACKWARD) gv.v[u] = static_cast<pred_t>(scale * d); else acc += d * d;
+      }
+      if constexpr (BACKWARD) {
+        if constexpr (VP > 1) strip::store<pred_t, VP>(grad + base + k, gv); else grad[base + k] = gv.v[0];
+      }
+    }
+    if constexpr (!BACKWARD) {
+      acc = warp_sum(acc);
+      if (lane == 0) a.out[r] = acc / K;
     }
   }
 }
 
 struct Launch {
   at::Tensor pred, target;
-  ImageIndex img{};
   bool from_images;
-  int64_t R, K;
-  int blocks;
+  strip::Geom g;
+  int64_t N;
 };
 
 Launch prepare(const at::Tensor& pred, const at::Tensor& target, int64_t patch_size, bool norm_pix) {
@@ -109,50 +97,70 @@ Launch prepare(const at::Tensor& pred, const at::Tensor& target, int64_t patch_s
   a.pred = pred.contiguous();
   a.from_images = patch_size > 0;
   a.target = a.from_images ? target : target.contiguous();
-  if (a.from_images) a.img = image_index(target, patch_size);
-  a.R = pred.size(0) * pred.size(1);
-  a.K = pred.size(2);
-  a.blocks = (int)std::min<int64_t>((a.R + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxBlocks);
+  a.N = pred.size(0);
+  const size_t elt = a.target.element_size();
+  if (a.from_images) {
+    const int64_t p = patch_size;
+    a.g = strip::geometry(target.size(2) / p, target.size(3) / p, p, target.size(1), pred.size(2), elt);
+  } else {
+    a.g = strip::geometry(1, pred.size(1), 1, 1, pred.size(2), elt);
+  }
   return a;
+}
+
+template <bool BACKWARD>
+void run(const Launch& a, const float* grad_rows, float* out, at::Tensor* grad, bool norm_pix, double eps,
+         const char* op) {
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const unsigned blocks = strip::blocks(a.g, a.N, op);
+  UMAE_DISPATCH_PRED_TARGET(a.pred.scalar_type(), a.target.scalar_type(), "patch_mse_cuda", [&] {
+    if constexpr (!std::is_same_v<pred_t, double>) {
+      const at::Tensor& t = a.target;
+      strip::Image<tgt_t> img{};
+      strip::Rows<tgt_t> rows{};
+      bool vec;
+      if (a.from_images) {
+        img = {const_cast<tgt_t*>(t.const_data_ptr<tgt_t>()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+        vec = strip::image_vectorizable(img, a.g.p);
+      } else {
+        rows = {const_cast<tgt_t*>(t.const_data_ptr<tgt_t>()), t.stride(0), t.stride(1), 1};
+        vec = strip::rows_vectorizable(rows, a.g.K);
+      }
+      const pred_t* pred = a.pred.const_data_ptr<pred_t>();
+      strip::Rows<pred_t> prow{const_cast<pred_t*>(pred), a.pred.stride(0), a.pred.stride(1), 1};
+      vec = vec && strip::rows_vectorizable(prow, a.g.K) && (!BACKWARD || strip::aligned(grad->data_ptr(), 16));
+      pred_t* g = BACKWARD ? grad->mutable_data_ptr<pred_t>() : nullptr;
+      const MseArgs args{a.from_images, norm_pix, static_cast<float>(eps), grad_rows, out};
+      const size_t smem = strip::smem_bytes(a.g, sizeof(tgt_t));
+      auto k = vec ? patch_mse_kernel<pred_t, tgt_t, true, BACKWARD> : patch_mse_kernel<pred_t, tgt_t, false, BACKWARD>;
+      strip::allow_smem(k, smem, op);
+      k<<<blocks, kWarps * 32, smem, stream>>>(pred, g, img, rows, a.g, args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
 }
 
 at::Tensor patch_mse_cuda(const at::Tensor& pred, const at::Tensor& target, int64_t patch_size, bool norm_pix,
                           double eps) {
   c10::cuda::CUDAGuard guard(pred.device());
-  Launch a = prepare(pred, target, patch_size, norm_pix);
+  const Launch a = prepare(pred, target, patch_size, norm_pix);
   at::Tensor out = at::empty({pred.size(0), pred.size(1)}, pred.options().dtype(at::kFloat));
-  if (a.R == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  UMAE_DISPATCH_PRED_TARGET(a.pred.scalar_type(), a.target.scalar_type(), "patch_mse_cuda", [&] {
-    if constexpr (!std::is_same_v<pred_t, double>) {
-      Target<tgt_t> t{a.target.const_data_ptr<tgt_t>(), a.img, a.from_images, a.K};
-      patch_mse_fwd_kernel<pred_t, tgt_t><<<a.blocks, kWarpsPerBlock * 32, 0, stream>>>(
-          a.pred.const_data_ptr<pred_t>(), t, out.mutable_data_ptr<float>(), a.R, norm_pix, static_cast<float>(eps));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  if (out.numel() == 0) return out;
+  run<false>(a, nullptr, out.mutable_data_ptr<float>(), nullptr, norm_pix, eps, "patch_mse");
   return out;
 }
 
 at::Tensor patch_mse_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& pred, const at::Tensor& target,
                                    int64_t patch_size, bool norm_pix, double eps) {
   c10::cuda::CUDAGuard guard(pred.device());
-  Launch a = prepare(pred, target, patch_size, norm_pix);
+  const Launch a = prepare(pred, target, patch_size, norm_pix);
   TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == pred.size(0) && grad_rows.size(1) == pred.size(1),
               "patch_mse_backward: grad_rows must be (N, L), got ", grad_rows.sizes());
+  check_same_device(pred, grad_rows, "patch_mse_backward", "grad_rows");
   at::Tensor g = grad_rows.to(at::kFloat).contiguous();
   at::Tensor grad = at::empty_like(a.pred);
-  if (a.R == 0) return grad;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  UMAE_DISPATCH_PRED_TARGET(a.pred.scalar_type(), a.target.scalar_type(), "patch_mse_backward_cuda", [&] {
-    if constexpr (!std::is_same_v<pred_t, double>) {
-      Target<tgt_t> t{a.target.const_data_ptr<tgt_t>(), a.img, a.from_images, a.K};
-      patch_mse_bwd_kernel<pred_t, tgt_t><<<a.blocks, kWarpsPerBlock * 32, 0, stream>>>(
-          g.const_data_ptr<float>(), a.pred.const_data_ptr<pred_t>(), t, grad.mutable_data_ptr<pred_t>(), a.R,
-          norm_pix, static_cast<float>(eps));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  if (grad.numel() == 0) return grad;
+  run<true>(a, g.const_data_ptr<float>(), nullptr, &grad, norm_pix, eps, "patch_mse_backward");
   return grad;
 }
 

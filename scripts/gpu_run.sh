@@ -9,7 +9,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+# TORCH_CUDA_ARCH_LIST: unset, setup.py builds for the visible GPUs (an A100 or a Blackwell card, not only sm_90)
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 status=0
 step() { echo "== $1"; }

@@ -6,7 +6,27 @@ import os
 import sys
 
 
+def _traffic(args) -> int:
+    from umae import _backend
+
+    if not _backend.triton_interpreted():  # the kernels are counted in Triton's interpreter: a process that has it
+        import subprocess
+
+        cmd = [sys.executable, "-c", "import sys; from umae.cli.main import main; sys.exit(main(sys.argv[1:]))",
+               *sys.argv[1:]]
+        return subprocess.run(cmd, env=dict(os.environ, TRITON_INTERPRET="1")).returncode
+    from umae.bench import traffic
+
+    shapes = args.shapes or list(traffic.TRAFFIC_SHAPES)
+    print(f"Counted memory traffic, forward + backward, {str(traffic.DTYPE).replace('torch.', '')} activations "
+          "(umae/bench/traffic.py). Counted bytes, not measured time.\n")
+    print(traffic.format_rows(traffic.rows(shapes, args.ops)))
+    return 0
+
+
 def _bench(args) -> int:
+    if args.traffic:
+        return _traffic(args)
     import torch
 
     from umae import bench, format_backend_info, registry
@@ -147,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--sweep", action="store_true", help="add the batch-size sweep at ViT-B/16 shapes")
     b.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace (NVTX ranges per op)")
+    b.add_argument("--traffic", action="store_true",
+                   help="instead of timing: count the bytes each op moves, fused (kernels counted in the Triton "
+                        "interpreter) vs eager (every aten op) vs the minimum, at ViT-B/16 and ViT-Tiny/32")
     b.set_defaults(fn=_bench)
     r = sub.add_parser("report", help="regenerate README's performance table from bench/results")
     r.add_argument("--results", default="bench/results")

@@ -1,0 +1,148 @@
+"""Counted memory traffic (issue 12): for each op at the ViT-B/16 and ViT-Tiny/32 shapes, forward
+plus backward, bf16 activations (images fp32):
+
+- minimum: what the op must move (each input read once, each output written once: the bench
+  case's `bytes_fwd + bytes_bwd`);
+- eager: every aten op the reference runs, its tensor inputs plus outputs (a TorchDispatchMode
+  over meta tensors: nothing is computed; views move nothing and are skipped);
+- fused: the Triton kernels run in the interpreter with their global loads and stores counted,
+  each program's masked-in elements (`requested`, what the programs ask the memory system for,
+  re-reads of a shared row included) and the distinct bytes touched (`unique`, what DRAM must
+  serve if those re-reads hit in L2), plus the aten ops around the kernels. The C++/CUDA ops
+  (patchify, masked MSE) are not interpretable: their strip kernels read each input and write
+  each output once by construction (csrc/cuda/patch_strip.cuh), so fused = minimum, marked `=`.
+
+Counted bytes, not measured time: `eager / fused` is the speedup a memory-bound op would see on
+any GPU if both ran at the same bandwidth.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .. import _backend, registry
+from . import cases
+
+TRAFFIC_SHAPES = ("vit_b16", "vit_tiny32")
+DTYPE = torch.bfloat16
+
+
+class _AtenBytes(TorchDispatchMode):
+    """Bytes of every aten op's tensor inputs and outputs (views skipped; umae's own ops skipped:
+    their kernels are counted by the interpreter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace != "umae" and not func.is_view:
+            flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            self.bytes += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+        return out
+
+
+@contextlib.contextmanager
+def counting_interpreter():
+    """Counts the Triton interpreter's global loads and stores: yields a dict whose `requested`
+    and `unique` (bytes) fill as kernels run. Needs TRITON_INTERPRET=1 before triton is imported."""
+    from triton.runtime import interpreter as interp
+
+    builder = interp.InterpreterBuilder
+    load, store = builder.create_masked_load, builder.create_masked_store
+    seen = dict(requested=0, addresses=[])
+
+    def record(ptrs, mask):
+        itemsize = np.dtype(interp._get_np_dtype(ptrs.get_element_ty())).itemsize
+        addr = ptrs.data[mask.data.astype(bool)] if mask is not None else ptrs.data.ravel()
+        seen["requested"] += addr.size * itemsize
+        # each element's bytes, as byte addresses, so that mixed-width accesses count right
+        seen["addresses"].append((addr.astype(np.uint64)[:, None] + np.arange(itemsize, dtype=np.uint64)).ravel())
+
+    def masked_load(self, ptrs, mask, other, *a):
+        record(ptrs, mask)
+        return load(self, ptrs, mask, other, *a)
+
+    def masked_store(self, ptrs, value, mask, *a):
+        record(ptrs, mask)
+        return store(self, ptrs, value, mask, *a)
+
+    builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
+    result = dict(requested=0, unique=0)
+    try:
+        yield result
+    finally:
+        builder.create_masked_load, builder.create_masked_store = load, store
+        result["requested"] = seen["requested"]
+        result["unique"] = int(np.unique(np.concatenate(seen["addresses"])).size) if seen["addresses"] else 0
+
+
+def _case(op, shape, device):
+    s = dict(cases.SHAPES[shape]) if isinstance(shape, str) else dict(shape)
+    if op == "uniformity_loss":  # the encoder's cls features of the batch
+        s = dict(B=s["N"], D=s["D"])
+    return cases.case(op, s, DTYPE, device)
+
+
+def _fwd_bwd(c, counting):
+    """Forward and backward of case `c`, each inside `counting()` (the incoming gradients are
+    made outside it: the harness's writes are not the op's)."""
+    with counting():
+        out = c.forward()
+    outs = [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = [torch.randn_like(t) for t in outs]
+    with counting():
+        torch.autograd.grad(outs, c.grad_inputs, grads, allow_unused=True)
+
+
+def eager_bytes(op: str, shape) -> int:
+    c = _case(op, shape, "meta")
+    m = _AtenBytes()
+    with _backend.use_backend("reference"):
+        _fwd_bwd(c, lambda: m)
+    return m.bytes
+
+
+def fused_bytes(op: str, shape) -> dict | None:
+    """{requested, unique} bytes of the Triton path (kernels in the interpreter + aten glue), or
+    None for an op without Triton kernels."""
+    if not registry.get(op).kernels:
+        return None
+    c = _case(op, shape, "cpu")
+    m = _AtenBytes()
+    with _backend.use_backend("fused"), _backend.use_impl("triton-interpreter"), counting_interpreter() as k:
+        _fwd_bwd(c, lambda: m)
+    return dict(requested=k["requested"] + m.bytes, unique=k["unique"] + m.bytes)
+
+
+def minimum_bytes(op: str, shape) -> int:
+    c = _case(op, shape, "meta")
+    return int(c.bytes_fwd + c.bytes_bwd)
+
+
+def rows(shapes=TRAFFIC_SHAPES, ops=None):
+    for shape in shapes:
+        for op in ops or registry.OPS:
+            try:
+                low = minimum_bytes(op, shape)
+            except cases.NotApplicable:
+                continue
+            eager, fused = eager_bytes(op, shape), fused_bytes(op, shape)
+            yield dict(op=op, shape=shape, minimum=low, eager=eager, fused=fused)
+
+
+def format_rows(rs) -> str:
+    mb = lambda b: f"{b / 1e6:.1f}"  # noqa: E731
+    lines = ["| op | shape | minimum MB | eager MB | fused MB requested / unique | eager / fused | fused / minimum |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rs:
+        f = r["fused"]
+        fused = f"= {mb(r['minimum'])}" if f is None else f"{mb(f['requested'])} / {mb(f['unique'])}"
+        fu = r["minimum"] if f is None else f["unique"]
+        lines.append(f"| {r['op']} | {r['shape']} | {mb(r['minimum'])} | {mb(r['eager'])} | {fused} | "
+                     f"{r['eager'] / fu:.2f}x | {fu / r['minimum']:.2f} |")
+    return "\n".join(lines)

@@ -1,27 +1,16 @@
-// Shared by the CPU and CUDA implementations: argument checks (host) and the
-// patch-index arithmetic (host and device), so both backends agree by construction.
+// Shared by the CPU and CUDA implementations: the argument checks, so both backends refuse the
+// same inputs with the same messages; and the image geometry the CPU strips read
+// (csrc/cpu/patch_strip.h; the CUDA strips have theirs in csrc/cuda/patch_strip.cuh).
 #pragma once
 #include <ATen/ATen.h>
 
-#ifdef __CUDACC__
-#define UMAE_HD __host__ __device__ __forceinline__
-#else
-#define UMAE_HD inline
-#endif
-
 namespace umae {
 
-// Where element k of patch row r lives in the image batch (any strides).
+// An image batch's strides and patch grid: element k = (pi*p + pj)*C + c of patch row
+// l = hi*w + wi of sample n is at n*sN + c*sC + (hi*p + pi)*sH + (wi*p + pj)*sW.
 struct ImageIndex {
   int64_t sN, sC, sH, sW;
   int64_t L, w, p, C;
-  UMAE_HD int64_t offset(int64_t r, int64_t k) const {
-    const int64_t n = r / L, l = r - n * L;
-    const int64_t hi = l / w, wi = l - hi * w;
-    const int64_t c = k % C, pq = k / C;
-    const int64_t pi = pq / p, pj = pq - pi * p;
-    return n * sN + c * sC + (hi * p + pi) * sH + (wi * p + pj) * sW;
-  }
 };
 
 inline ImageIndex image_index(const at::Tensor& imgs, int64_t p) {

@@ -1,7 +1,9 @@
-"""Static audit of the compiled Triton kernels (no GPU): registers and spills (ptxas -v on the PTX
-the JIT would build), shared memory, blocks per SM and occupancy on an H100, and the global loads
-and stores the PTX issues, vectorized (v2 / v4) or scalar. Counted from the compiled code: these
-are not measurements."""
+"""Static audit of the compiled GPU kernels (no GPU): for each Triton specialization (ptxas -v and
+the PTX the JIT would build) and each CUDA kernel of the extension (cuobjdump / nvdisasm on the
+built .so): registers, spills, shared memory, blocks per SM and occupancy on an H100, and whether
+the accesses to rows of data compiled to 128-bit loads and stores. `problems` / `cuda_problems`
+say what a row fails of what the tests require. Counted from the compiled code: these are not
+measurements."""
 from __future__ import annotations
 
 import os
@@ -140,15 +142,21 @@ def audit_op(op_name: str, **collect) -> list[dict]:
 MIN_OCCUPANCY = 0.25
 
 
+def _resource_problems(spill: str, smem: int, occupancy: float) -> list[str]:
+    """What every kernel must hold, Triton or CUDA: no spills (`spill` describes them, "" if none),
+    shared memory within a block's limit, at least MIN_OCCUPANCY on an H100."""
+    out = [f"spills {spill}"] if spill else []
+    if smem > H100["max_smem_block"]:
+        out.append(f"shared memory {smem} > {H100['max_smem_block']}")
+    if occupancy < MIN_OCCUPANCY:
+        out.append(f"occupancy {occupancy:.0%} < {MIN_OCCUPANCY:.0%}")
+    return out
+
+
 def problems(row, op_name: str) -> list[str]:
-    """What the audit requires of a compiled kernel and this row does not hold (issue 12)."""
-    out = []
-    if row["spill_stores"] or row["spill_loads"]:
-        out.append(f"spills {row['spill_stores']}+{row['spill_loads']} bytes")
-    if row["smem"] > H100["max_smem_block"]:
-        out.append(f"shared memory {row['smem']} > {H100['max_smem_block']}")
-    if row["occupancy"] < MIN_OCCUPANCY:
-        out.append(f"occupancy {row['occupancy']:.0%} < {MIN_OCCUPANCY:.0%}")
+    """What the audit requires of a compiled Triton kernel and this row does not hold (issue 12)."""
+    spill = f"{row['spill_stores']}+{row['spill_loads']} bytes" if row["spill_stores"] or row["spill_loads"] else ""
+    out = _resource_problems(spill, row["smem"], row["occupancy"])
     if op_name in MEMORY_BOUND and row["vec_ok"] and row["tile_narrow"]:
         out.append(f"{row['tile_narrow']} of {row['tile_accesses']} tile accesses not 128-bit")
     return out
@@ -166,6 +174,20 @@ def _tool(name: str) -> str:
 def _demangle(names):
     r = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
     return r.stdout.split("\n") if r.returncode == 0 else list(names)
+
+
+def extension():
+    """(path of the built extension, the csrc/ folder beside this package) when the extension
+    holds sm_90 device code and its sources are at hand; None otherwise (a CPU-only build)."""
+    import glob
+
+    import umae
+
+    so = glob.glob(os.path.join(os.path.dirname(umae.__file__), "_C*.so"))
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    if len(so) == 1 and os.path.isdir(csrc) and b"SM_900" in open(so[0], "rb").read():
+        return so[0], csrc
+    return None
 
 
 def cuda_audit(so_path: str, csrc: str) -> list[dict]:
@@ -214,23 +236,18 @@ def cuda_audit(so_path: str, csrc: str) -> list[dict]:
                 smem = int(shared) + dyn
                 blocks, occ = occupancy(int(regs), warps, smem)
                 packs = [b for b, is_pack in access.get(mangled, []) if is_pack]
-                rows.append(dict(file=cubin.split(".")[0], mangled=mangled, regs=int(regs), warps=warps,
-                                 spill=int(stack) + int(local), smem=smem, blocks_per_sm=blocks, occupancy=occ,
-                                 pack=len(packs), pack_narrow=sum(b != 128 for b in packs),
-                                 narrow=sum(b < 128 for b, _ in access.get(mangled, []))))
+                rows.append(dict(mangled=mangled, regs=int(regs), warps=warps, spill=int(stack) + int(local),
+                                 smem=smem, blocks_per_sm=blocks, occupancy=occ,
+                                 pack=len(packs), pack_narrow=sum(b != 128 for b in packs)))
     for r, name in zip(rows, _demangle([r["mangled"] for r in rows])):
         r["name"] = re.sub(r"^void |umae::\(anonymous namespace\)::|c10::|umae::strip::", "", name).split("(")[0]
     return rows
 
 
 def cuda_problems(row) -> list[str]:
-    out = []
-    if row["spill"]:
-        out.append(f"{row['spill']} bytes of stack / local memory")
-    if row["smem"] > H100["max_smem_block"]:
-        out.append(f"shared memory {row['smem']} > {H100['max_smem_block']}")
-    if row["occupancy"] < MIN_OCCUPANCY:
-        out.append(f"occupancy {row['occupancy']:.0%} < {MIN_OCCUPANCY:.0%}")
+    """What the audit requires of a CUDA kernel of the extension and this row does not hold."""
+    spill = f"{row['spill']} bytes of stack / local memory" if row["spill"] else ""
+    out = _resource_problems(spill, row["smem"], row["occupancy"])
     if row["pack_narrow"]:
         out.append(f"{row['pack_narrow']} of {row['pack']} 16-byte pack accesses compiled narrower")
     return out

@@ -101,7 +101,8 @@ def backward(grad_out, ids_restore, x_shape, x_dtype, *, has_cls: bool):
     if grad_out.numel() == 0:
         return gx, part.sum(0)
     with on_device(grad_out):
-        _restore_bwd_kernel[(N, triton.cdiv(D, cfg["BLOCK_D"]))](grad_out, ids_restore.contiguous(), gx, part, L, D, x_shape[1] - int(has_cls),
-                                      grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-                                      HAS_CLS=has_cls, num_warps=warps, **cfg)
+        grid = (N, triton.cdiv(D, cfg["BLOCK_D"]))
+        _restore_bwd_kernel[grid](grad_out, ids_restore.contiguous(), gx, part, L, D, x_shape[1] - int(has_cls),
+                                  grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+                                  HAS_CLS=has_cls, num_warps=warps, **cfg)
     return gx, part.sum(0)

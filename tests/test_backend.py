@@ -100,8 +100,9 @@ def test_cuda_kernels_static_audit():
         pytest.skip("UMAE_NO_CUDA=1 build")
     from umae.kernels import _audit
 
-    (so,) = glob.glob(os.path.join(os.path.dirname(umae.__file__), "_C*.so"))
-    rows = _audit.cuda_audit(so, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc"))
+    ext = _audit.extension()
+    assert ext, "no sm_90 extension with its csrc/ beside it"
+    rows = _audit.cuda_audit(*ext)
     problems = [f"{r['name']}: {p}" for r in rows for p in _audit.cuda_problems(r)]
     assert not problems, "\n".join(problems)
     families = {r["name"].split("<")[0] for r in rows}

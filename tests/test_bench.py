@@ -84,7 +84,7 @@ def test_traffic_counts_bytes():
     with traffic._AtenBytes() as m:
         (a + b).view(15)
     assert m.bytes == 3 * 15 * 4
-    # the interpreter count: a gather of 7 rows of 24 bf16 plus its indices, read and written once
+    # the interpreter count: the masking and restore kernels at a small awkward shape
     if not _backend.triton_interpreted():
         pytest.skip("the fused count needs the Triton interpreter")
     tiny = dict(N=3, img=20, p=4, C=3, D=40, Dd=24)

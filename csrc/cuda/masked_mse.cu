@@ -6,7 +6,6 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../common.h"
@@ -111,8 +110,6 @@ Launch prepare(const at::Tensor& pred, const at::Tensor& target, int64_t patch_s
 template <bool BACKWARD>
 void run(const Launch& a, const float* grad_rows, float* out, at::Tensor* grad, bool norm_pix, double eps,
          const char* op) {
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const unsigned blocks = strip::blocks(a.g, a.N, op);
   UMAE_DISPATCH_PRED_TARGET(a.pred.scalar_type(), a.target.scalar_type(), "patch_mse_cuda", [&] {
     if constexpr (!std::is_same_v<pred_t, double>) {
       const at::Tensor& t = a.target;
@@ -131,11 +128,8 @@ void run(const Launch& a, const float* grad_rows, float* out, at::Tensor* grad, 
       vec = vec && strip::rows_vectorizable(prow, a.g.K) && (!BACKWARD || strip::aligned(grad->data_ptr(), 16));
       pred_t* g = BACKWARD ? grad->mutable_data_ptr<pred_t>() : nullptr;
       const MseArgs args{a.from_images, norm_pix, static_cast<float>(eps), grad_rows, out};
-      const size_t smem = strip::smem_bytes(a.g, sizeof(tgt_t));
       auto k = vec ? patch_mse_kernel<pred_t, tgt_t, true, BACKWARD> : patch_mse_kernel<pred_t, tgt_t, false, BACKWARD>;
-      strip::allow_smem(k, smem, op);
-      k<<<blocks, kWarps * 32, smem, stream>>>(pred, g, img, rows, a.g, args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      strip::launch(k, a.g, a.N, kWarps * 32, sizeof(tgt_t), op, pred, g, img, rows, a.g, args);
     }
   });
 }

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 namespace umae {
@@ -154,7 +155,7 @@ inline Geom geometry(int64_t h, int64_t w, int64_t p, int64_t C, int64_t K, size
   return g;
 }
 
-inline unsigned blocks(const Geom& g, int64_t N, const char* op) {
+inline unsigned num_blocks(const Geom& g, int64_t N, const char* op) {
   const int64_t b = N * g.h * g.chunks;
   TORCH_CHECK(b < (int64_t{1} << 31), op, ": too many patch strips (", b, ") for one launch");
   return static_cast<unsigned>(b);
@@ -172,6 +173,16 @@ void allow_smem(Kernel kernel, size_t bytes, const char* op) {
   TORCH_CHECK(bytes <= static_cast<size_t>(optin), op, ": one patch takes ", bytes,
               " bytes of shared memory, more than this GPU's ", optin, " per block: use a smaller patch size");
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+// Launches `kernel(args...)` with one block of `threads` per strip of the N samples and the
+// strip's dynamic shared memory (`elt` bytes per staged element), on the current stream.
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, const Geom& g, int64_t N, int threads, size_t elt, const char* op, Args... args) {
+  const size_t smem = smem_bytes(g, elt);
+  allow_smem(kernel, smem, op);
+  kernel<<<num_blocks(g, N, op), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace strip

@@ -4,7 +4,6 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../common.h"
@@ -15,54 +14,42 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) patchify_kernel(strip::Image<T> img, strip::Rows<T> out,
-                                                            strip::Geom g) {
+// TO_ROWS: image -> shared memory -> patchified rows (patchify); else the way back (unpatchify).
+template <typename T, int VEC, bool TO_ROWS>
+__device__ __forceinline__ void copy_strip(strip::Image<T> img, strip::Rows<T> rows, const strip::Geom& g) {
   extern __shared__ __align__(16) unsigned char smem[];
   T* sm = reinterpret_cast<T*>(smem);
   const strip::Strip s = g.at(blockIdx.x);
-  strip::image_strip<T, VEC, true>(g, s, img, sm);
-  __syncthreads();
-  strip::rows_strip<T, VEC, false>(g, s, out, sm);
-}
-
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads) unpatchify_kernel(strip::Rows<T> x, strip::Image<T> img,
-                                                              strip::Geom g) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* sm = reinterpret_cast<T*>(smem);
-  const strip::Strip s = g.at(blockIdx.x);
-  strip::rows_strip<T, VEC, true>(g, s, x, sm);
-  __syncthreads();
-  strip::image_strip<T, VEC, false>(g, s, img, sm);
-}
-
-// One launch of `kernel<T, VEC>` (VEC = 16 bytes, or 1 when `vec` is false) over all strips.
-template <typename T, template <typename, int> class Launch, typename... Args>
-void launch(bool vec, const strip::Geom& g, int64_t N, const char* op, Args... args) {
-  const size_t smem = strip::smem_bytes(g, sizeof(T));
-  const unsigned blocks = strip::blocks(g, N, op);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (vec) {
-    auto k = Launch<T, 16 / sizeof(T)>::kernel;
-    strip::allow_smem(k, smem, op);
-    k<<<blocks, kThreads, smem, stream>>>(args..., g);
+  if constexpr (TO_ROWS) {
+    strip::image_strip<T, VEC, true>(g, s, img, sm);
+    __syncthreads();
+    strip::rows_strip<T, VEC, false>(g, s, rows, sm);
   } else {
-    auto k = Launch<T, 1>::kernel;
-    strip::allow_smem(k, smem, op);
-    k<<<blocks, kThreads, smem, stream>>>(args..., g);
+    strip::rows_strip<T, VEC, true>(g, s, rows, sm);
+    __syncthreads();
+    strip::image_strip<T, VEC, false>(g, s, img, sm);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int VEC>
-struct Patchify {
-  static constexpr auto kernel = patchify_kernel<T, VEC>;
-};
+__global__ void __launch_bounds__(kThreads) patchify_kernel(strip::Image<T> img, strip::Rows<T> rows, strip::Geom g) {
+  copy_strip<T, VEC, true>(img, rows, g);
+}
+
 template <typename T, int VEC>
-struct Unpatchify {
-  static constexpr auto kernel = unpatchify_kernel<T, VEC>;
-};
+__global__ void __launch_bounds__(kThreads) unpatchify_kernel(strip::Image<T> img, strip::Rows<T> rows, strip::Geom g) {
+  copy_strip<T, VEC, false>(img, rows, g);
+}
+
+// The 16-byte instantiation (VEC = 16 / sizeof(T)) where both sides allow it, else the scalar one.
+template <typename T, bool TO_ROWS>
+void copy(strip::Image<T> img, strip::Rows<T> rows, const strip::Geom& g, int64_t N, const char* op) {
+  constexpr int V = 16 / sizeof(T);
+  const bool vec = strip::image_vectorizable(img, g.p) && strip::rows_vectorizable(rows, g.K);
+  auto k = TO_ROWS ? (vec ? patchify_kernel<T, V> : patchify_kernel<T, 1>)
+                   : (vec ? unpatchify_kernel<T, V> : unpatchify_kernel<T, 1>);
+  strip::launch(k, g, N, kThreads, sizeof(T), op, img, rows, g);
+}
 
 at::Tensor patchify_cuda(const at::Tensor& imgs, int64_t p) {
   check_patchify_args(imgs, p);
@@ -75,8 +62,7 @@ at::Tensor patchify_cuda(const at::Tensor& imgs, int64_t p) {
     strip::Image<scalar_t> img{const_cast<scalar_t*>(imgs.const_data_ptr<scalar_t>()), imgs.stride(0),
                                imgs.stride(1), imgs.stride(2), imgs.stride(3)};
     strip::Rows<scalar_t> rows{out.mutable_data_ptr<scalar_t>(), out.stride(0), out.stride(1), 1};
-    const bool vec = strip::image_vectorizable(img, p) && strip::rows_vectorizable(rows, g.K);
-    launch<scalar_t, Patchify>(vec, g, N, "patchify", img, rows);
+    copy<scalar_t, true>(img, rows, g, N, "patchify");
   });
   return out;
 }
@@ -92,8 +78,7 @@ at::Tensor unpatchify_cuda(const at::Tensor& x, int64_t p, int64_t h, int64_t w,
     strip::Rows<scalar_t> rows{const_cast<scalar_t*>(x.const_data_ptr<scalar_t>()), x.stride(0), x.stride(1),
                                x.stride(2)};
     strip::Image<scalar_t> img{out.mutable_data_ptr<scalar_t>(), out.stride(0), out.stride(1), out.stride(2), 1};
-    const bool vec = strip::image_vectorizable(img, p) && strip::rows_vectorizable(rows, g.K);
-    launch<scalar_t, Unpatchify>(vec, g, N, "unpatchify", rows, img);
+    copy<scalar_t, false>(img, rows, g, N, "unpatchify");
   });
   return out;
 }

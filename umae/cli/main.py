@@ -112,13 +112,9 @@ def _kernel_audit() -> int:
         for r in rows:
             for p in _audit.problems(r, name):
                 print(f"  ! {r['name']} {r['spec']}: {p}")
-    import glob
-    import os
-
-    so = glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_C*.so"))
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
-    if so and os.path.isdir(csrc) and b"SM_900" in open(so[0], "rb").read():
-        rows = _audit.cuda_audit(so[0], csrc)
+    ext = _audit.extension()
+    if ext:
+        rows = _audit.cuda_audit(*ext)
         print("\nCUDA kernels of the extension (sm_90, cuobjdump / nvdisasm; dynamic shared memory at the "
               "strips' budget). Static counts, not measurements.")
         print(_audit.format_cuda_rows(rows))

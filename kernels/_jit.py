@@ -71,8 +71,10 @@ def triton_on_cpu():
 
 
 def kernels_of(module):
-    """The module's @triton.jit kernels (JITFunctions; InterpretedFunctions under the interpreter)."""
-    return [v for v in vars(module).values() if isinstance(v, triton.runtime.jit.KernelInterface)]
+    """The module's own @triton.jit kernels (JITFunctions; InterpretedFunctions under the
+    interpreter), not the shared helpers it imports (kernels/_util.py's)."""
+    return [v for v in vars(module).values()
+            if isinstance(v, triton.runtime.jit.KernelInterface) and v.fn.__module__ == module.__name__]
 
 
 def _fwd_bwd(out, inputs):

@@ -6,8 +6,12 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 
 from .._backend import triton_interpreted as interpreted  # noqa: F401  (decided in one place)
+
+# decided at import, so a compile check (run without the interpreter) compiles the GPU branch
+INTERPRETED = tl.constexpr(interpreted())
 
 H100_SM_COUNT = 132  # the target GPU's, where no GPU is visible (the interpreter, compile checks)
 
@@ -40,3 +44,17 @@ def tile_warps(rows: int, block_d: int) -> int:
     allows, so one 16-byte access covers 8 bf16/fp16 (two cover 4 fp32 each) of a row, and no
     more (an fp32 16 x 128 tile at 8 warps stays under 64 registers: >= 50% occupancy on an H100)."""
     return 8 if rows * block_d >= 8 * 256 else 4
+
+
+@triton.jit
+def cast_rn(v, dtype: tl.constexpr):
+    """fp32 `v` to `dtype`, rounded to nearest even as the GPU's cvt.rn does. The interpreter's
+    own fp32 -> bf16 cast truncates (its fp16 cast already rounds to nearest even), so there
+    the bf16 rounding is done on the bits: the interpreter's stores equal the GPU's."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        b = tl.where(v != v, 0x7FC0, b)  # NaN stays NaN (the rounding add could carry it to inf)
+        return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)

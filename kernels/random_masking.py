@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._checks import acc_dtype, result_dtype
-from ._util import on_device, pow2_clamp, tile_warps
+from ._util import cast_rn, on_device, pow2_clamp, tile_warps
 
 
 @triton.jit
@@ -56,13 +56,13 @@ def _rank_gather_kernel(noise_ptr, x_ptr, pos_ptr, cls_ptr, out_ptr, mask_ptr, i
             pos_off = i[:, None] * stride_pos_l + d[None, :] * stride_pos_d
             v += tl.load(pos_ptr + pos_off, mask=m, other=0.0).to(tl.float32)
         out_off = n * stride_out_n + dst[:, None] * stride_out_l + d[None, :]
-        tl.store(out_ptr + out_off, v.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + out_off, cast_rn(v, out_ptr.dtype.element_ty), mask=m)
     if HAS_CLS:
         if ib == 0:
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + tl.arange(0, BLOCK_D)
                 c = tl.load(cls_ptr + d * stride_cls_d, mask=d < D, other=0.0)
-                tl.store(out_ptr + n * stride_out_n + d, c.to(out_ptr.dtype.element_ty), mask=d < D)
+                tl.store(out_ptr + n * stride_out_n + d, cast_rn(c.to(tl.float32), out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .._checks import result_dtype
-from ._util import on_device, pow2_clamp, tile_warps
+from ._util import cast_rn, on_device, pow2_clamp, tile_warps
 
 
 @triton.jit
@@ -45,7 +45,7 @@ def _restore_kernel(x_ptr, ids_ptr, tok_ptr, pos_ptr, out_ptr, L, D, len_keep,
         if HAS_POS:
             pos_off = o[:, None] * stride_pos_l + d[None, :] * stride_pos_d
             v += tl.load(pos_ptr + pos_off, mask=o_ok[:, None] & dm, other=0.0).to(tl.float32)
-        tl.store(out_ptr + (n * R + o[:, None]) * D + d[None, :], v.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & dm)
+        tl.store(out_ptr + (n * R + o[:, None]) * D + d[None, :], cast_rn(v, out_ptr.dtype.element_ty), mask=o_ok[:, None] & dm)
 
 
 @triton.jit

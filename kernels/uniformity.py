@@ -7,8 +7,9 @@ The B x B similarity matrix S = Z Z^T is never formed: sum_ij S_ij^2 = ||S||_F^2
   accumulation), squares it and reduces it in registers, writing
   one fp32 partial (off-diagonal tiles count twice: G is symmetric). The partials are summed
   in a fixed order: deterministic, no atomics. Normalization is folded in (row norms once).
-- backward: dL/dZ = 4 c Z G (c = 1/B^2), so G is formed once (D x D, the same tile kernel
-  storing instead of squaring) and a second kernel computes Z G tile by tile.
+- backward: dL/dZ = 4 c Z G (c = 1/B^2). When a gradient will be needed the forward's tile
+  kernel also stores G (D x D fp32, which the backward gets saved with the row norms), so the
+  backward is one more kernel, Z G tile by tile, and a few B x D elementwise ops.
 Cost is 2 B D^2 FLOPs instead of 2 B^2 D: B/D times fewer at the batch sizes U-MAE uses, and
 memory is O(B D + D^2), never O(B^2).
 
@@ -16,6 +17,11 @@ Precision: fp32 features use fp32 (IEEE) products; bf16 / fp16 features are norm
 fp32, rounded once to their dtype and multiplied on the tensor cores with fp32 accumulation.
 Under the interpreter (whose bf16 arithmetic is unreliable) the same rounding is done by torch
 before the launch and the rounded values are multiplied in fp32: the GPU path's numerics.
+The backward's Z G product rounds the fp32 G to the features' dtype too (the tensor cores take
+both operands in it): a second bf16/fp16 rounding the reference (fp32 throughout) does not
+have, covered by the MATMUL_TOL tolerances. G's entries reach the batch size for collapsed
+features, past fp16's 65504, so G is scaled by a power of two to at most 1 before that
+rounding and the product scaled back in fp32 (exact for bf16, which has fp32's range).
 """
 from __future__ import annotations
 
@@ -48,8 +54,8 @@ def _load_z(f_ptr, rinv_ptr, rows, cols, B, D, stride_f_b, stride_f_d, DOT_DTYPE
 
 
 @triton.jit
-def _gram_kernel(f_ptr, rinv_ptr, out_ptr, B, D, stride_f_b, stride_f_d, rows_per_split,
-                 STORE_GRAM: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
+def _gram_kernel(f_ptr, rinv_ptr, gram_ptr, sq_ptr, B, D, stride_f_b, stride_f_d, rows_per_split,
+                 STORE_GRAM: tl.constexpr, SQUARE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
     # program (pi, pj, ps): Gram tile (I, J) over batch rows [ps * rows_per_split, ...)
     pi = tl.program_id(0)
     pj = tl.program_id(1)
@@ -70,18 +76,18 @@ def _gram_kernel(f_ptr, rinv_ptr, out_ptr, B, D, stride_f_b, stride_f_d, rows_pe
                 acc += tl.dot(tl.trans(a), c, input_precision="ieee")
             else:
                 acc += tl.dot(tl.trans(a), c)
-        if STORE_GRAM:  # G[I, J] and its mirror G[J, I], in this split's slice of out
+        if STORE_GRAM:  # G[I, J] and its mirror G[J, I], in this split's slice of gram
             m = (di < D)[:, None] & (dj < D)[None, :]
-            g_ptr = out_ptr + ps.to(tl.int64) * D * D
+            g_ptr = gram_ptr + ps.to(tl.int64) * D * D
             tl.store(g_ptr + di[:, None] * D + dj[None, :], acc, mask=m)
             if pi != pj:
                 tl.store(g_ptr + di[:, None] + dj[None, :] * D, acc, mask=m)
-        else:
+        if SQUARE:  # one split: this tile's share of ||G||^2 (off-diagonal tiles twice)
             w = tl.where(pi == pj, 1.0, 2.0)
-            tl.store(out_ptr + pi * nt + pj, tl.sum(tl.sum(acc * acc, axis=1), axis=0) * w)
+            tl.store(sq_ptr + pi * nt + pj, tl.sum(tl.sum(acc * acc, axis=1), axis=0) * w)
     else:
-        if not STORE_GRAM:
-            tl.store(out_ptr + pi * nt + pj, 0.0)
+        if SQUARE:
+            tl.store(sq_ptr + pi * nt + pj, 0.0)
 
 
 @triton.jit
@@ -144,30 +150,37 @@ def splits(B: int, D: int, device) -> int:
     return max(1, min(triton.cdiv(WAVES * sm_count(device), tiles), B // MIN_ROWS_PER_SPLIT))
 
 
-def _gram_launch(f, rinv, out, *, store_gram: bool, n_split: int):
+def _gram_launch(f, rinv, gram, sq, *, n_split: int):
+    """gram: (n_split, D, D) fp32 or None; sq: (nt * nt,) fp32 partials of ||G||^2 or None. An
+    absent output gets the other's pointer, which the kernel does not write through."""
     f, rinv, _ = _as_on_gpu(f, rinv)
     B, D = f.shape
     nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
     rows = triton.cdiv(triton.cdiv(B, n_split), GRAM_CFG["BLOCK_B"]) * GRAM_CFG["BLOCK_B"]
+    store_gram, square = gram is not None, sq is not None
     with on_device(f):
-        _gram_kernel[(nt, nt, n_split)](f, rinv, out, B, D, f.stride(0), f.stride(1), rows, STORE_GRAM=store_gram,
+        _gram_kernel[(nt, nt, n_split)](f, rinv, gram if store_gram else sq, sq if square else gram, B, D,
+                                        f.stride(0), f.stride(1), rows, STORE_GRAM=store_gram, SQUARE=square,
                                         DOT_DTYPE=dot_kind(f.dtype), num_warps=NUM_WARPS, **GRAM_CFG)
 
 
-def gram_square_sum(f, rinv):
-    """sum_ij (z_i . z_j)^2 = ||Z^T Z||_F^2 as an fp32 scalar; z = f * rinv[:, None].
+def gram_square_sum(f, rinv, *, keep_gram: bool = False):
+    """(sum_ij (z_i . z_j)^2 = ||Z^T Z||_F^2 as an fp32 scalar, G = Z^T Z (D, D) fp32 if keep_gram
+    else None); z = f * rinv[:, None]. One launch.
 
-    Small batches: squared and reduced in registers, the Gram never stored. Large batches are
-    split across programs; their partial Grams (n_split x D x D fp32) are summed in a fixed
-    order before squaring (squares of partial sums would be wrong)."""
+    One split: the tiles are squared and reduced in registers (G stored beside only if kept).
+    Large batches are split across programs; their partial Grams (n_split x D x D fp32) are summed
+    in a fixed order before squaring (squares of partial sums would be wrong)."""
     B, D = f.shape
     n_split = splits(B, D, f.device)
     if n_split > 1:
-        return gram(f, rinv).pow(2).sum()
+        g = gram(f, rinv)
+        return g.pow(2).sum(), (g if keep_gram else None)
     nt = triton.cdiv(D, GRAM_CFG["BLOCK_D"])
-    part = torch.empty((nt * nt,), device=f.device, dtype=torch.float32)
-    _gram_launch(f, rinv, part, store_gram=False, n_split=1)
-    return part.sum()
+    sq = torch.empty((nt * nt,), device=f.device, dtype=torch.float32)
+    g = torch.empty((D, D), device=f.device, dtype=torch.float32) if keep_gram else None
+    _gram_launch(f, rinv, g, sq, n_split=1)
+    return sq.sum(), g
 
 
 def gram(f, rinv):
@@ -175,8 +188,16 @@ def gram(f, rinv):
     B, D = f.shape
     n_split = splits(B, D, f.device)
     out = torch.empty((n_split, D, D), device=f.device, dtype=torch.float32)
-    _gram_launch(f, rinv, out, store_gram=True, n_split=n_split)
+    _gram_launch(f, rinv, out, None, n_split=n_split)
     return out[0] if n_split == 1 else out.sum(0)
+
+
+def gram_scale(g, dtype):
+    """The power of two Z @ G's operand G is scaled by before its rounding to `dtype` (1 if not
+    fp16): max |G| <= 1, so fp16 does not overflow. A device tensor: no host sync."""
+    if rounding_dtype(dtype) != torch.float16:
+        return None
+    return torch.exp2(-torch.ceil(torch.log2(g.abs().amax().clamp_min(2.0 ** -100))))
 
 
 def z_times_gram(f, rinv, g):

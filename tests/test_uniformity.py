@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from utils import DTYPES, MATMUL_TOL, assert_close, assert_runs, cpu_impls, cuda_only, fused_impls, randn, triton_cpu
 
 import umae
+from umae import _backend
 from umae.uniformity_op import uniformity_loss_reference
 
 BS = [1, 2, 7, 64, 255, 1024]
@@ -93,9 +94,13 @@ def test_opcheck(device, impl):
     f = randn(20, 24, device=device, requires_grad=True)
     from umae.uniformity_op import NORM_EPS
 
-    op, eps = (torch.ops.umae.uniformity_loss_cpp, (NORM_EPS,)) if impl == "cpp-cpu" else (torch.ops.umae.uniformity_loss, ())
-    torch.library.opcheck(op.default, (f, True, False, *eps))
-    torch.library.opcheck(op.default, (f, False, True, *eps))
+    if impl == "cpp-cpu":
+        op, extra = torch.ops.umae.uniformity_loss_cpp, [(NORM_EPS,)]
+    else:  # keep_gram on and off: the forward with and without the Gram saved for the backward
+        op, extra = torch.ops.umae.uniformity_loss, [(True,), (False,)]
+    for e in extra:
+        torch.library.opcheck(op.default, (f, True, False, *e))
+        torch.library.opcheck(op.default, (f, False, True, *e))
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -127,11 +132,12 @@ def test_fused_allocates_O_BD_not_O_B2():
     from umae import uniformity_op as u
 
     B, D = 2048, 16
-    f = randn(B, D)
+    f = randn(B, D, requires_grad=True)
     with _MaxAlloc() as m:
         loss = u.uniformity_loss_fused(f, True, False)
-        u.uniformity_loss_backward(torch.ones(()), f, True, False)
+        loss.backward()
     assert m.max_numel <= 2 * B * D + D * D, m.max_numel
+    f = f.detach()
     with _MaxAlloc() as r:
         uniformity_loss_reference(f)
     assert r.max_numel >= B * B  # the check can fail: the reference does allocate B^2
@@ -248,3 +254,51 @@ def test_batch_split_gram_is_exercised_and_exact():
     f = randn(2048, 16)
     rinv = torch.ones(2048)
     assert_close(k.gram(f, rinv), f.T @ f, **MATMUL_TOL[torch.float32])
+
+
+@triton_cpu
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_forward_keeps_the_gram_for_the_backward(monkeypatch, requires_grad):
+    # one Gram launch per forward + backward: the forward stores G (and the norms) for the
+    # backward when a gradient will follow, and stores no D x D when none will
+    from umae.kernels import uniformity as k
+
+    launches = []
+    real = k._gram_launch
+    monkeypatch.setattr(k, "_gram_launch", lambda f, rinv, gram, sq, **kw: (launches.append(gram is not None),
+                                                                           real(f, rinv, gram, sq, **kw)))
+    f = randn(70, 130, requires_grad=requires_grad)
+    with _backend.use_impl("triton-interpreter"):
+        loss = umae.uniformity_loss(f)
+        assert launches == [requires_grad]
+        if requires_grad:
+            (grad,) = torch.autograd.grad(loss, f)
+            assert launches == [True]
+            ref = f.detach().requires_grad_()
+            assert_close(grad, torch.autograd.grad(uniformity_loss_reference(ref), ref)[0],
+                         **MATMUL_TOL[torch.float32])
+
+
+@triton_cpu
+def test_fp16_gram_of_a_collapsed_batch_does_not_overflow():
+    # 90000 nearly identical rows: G[0, 0] ~ 0.87 B > 65504, fp16's largest value. The backward's
+    # Z @ G rounds G to fp16 (tensor cores); unscaled it would be inf and the gradient NaN.
+    B, D = 90000, 16
+    f = torch.zeros(B, D)
+    f[:, 0] = 1.0
+    f = (f + 0.1 * torch.randn(B, D)).half().requires_grad_()
+    with _backend.use_impl("triton-interpreter"):
+        loss = umae.uniformity_loss(f)
+        (grad,) = torch.autograd.grad(loss, f)
+    # the reference's B x B matrix would take 20 GB: the same loss through the D x D Gram, in fp64
+    ref = f.detach().double().requires_grad_()
+    z = torch.nn.functional.normalize(ref, dim=1)
+    rloss = (z.T @ z).pow(2).sum() / B**2
+    (rgrad,) = torch.autograd.grad(rloss, ref)
+    assert rloss.item() > 0.5 and (z.T @ z)[0, 0] > 65504  # collapsed: the case is real
+    assert torch.isfinite(grad).all()
+    assert_close(loss, rloss, **MATMUL_TOL[torch.float16])
+    # |grad| ~ 1/B is subnormal in fp16 (step 2^-24): compared at scale B, that step added to atol
+    tol = MATMUL_TOL[torch.float16]
+    assert_close(grad.float() * B, rgrad.half().float() * B, name="grad * B", atol=tol["atol"] + 2.0**-24 * B,
+                 rtol=tol["rtol"])

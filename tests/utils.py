@@ -52,6 +52,14 @@ def assert_close(actual, expected, atol, rtol, name="value"):
                              f"expected {e.flatten()[i].item()!r}\n{err}") from None
 
 
+def assert_rounding_matters(a, b):
+    """bf16 a + b rounded to nearest differs from truncation somewhere: a test that expects the
+    rounding of a bf16 sum bitwise can then fail if a kernel truncates."""
+    s = a.float() + b.float()
+    truncated = (s.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    assert not torch.equal(s.to(torch.bfloat16), truncated), "inputs where truncation and rounding agree"
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False):
     """Fresh random values (never zeros), made in fp32 and rounded once to dtype."""
     x = torch.randn(*shape, device=device).to(dtype)

@@ -68,7 +68,7 @@ def bench_uniformity_loss(s, dtype, device):
 class TorchGram:
     """The Gram products of the global-batch path by torch (BLAS on CPU), in the reference's
     accumulation dtype: what the C++ CPU path uses across ranks. Same interface as the Triton
-    module's gram / z_times_gram / rounding_dtype."""
+    module's gram / z_times_gram / rounding_dtype / gram_scale."""
 
     @staticmethod
     def rounding_dtype(dtype):
@@ -78,6 +78,10 @@ class TorchGram:
     def gram(f, rinv):
         z = f.to(rinv.dtype) * rinv[:, None]
         return z.T @ z
+
+    @staticmethod
+    def gram_scale(g, dtype):
+        return None  # G is not rounded below fp32
 
     @staticmethod
     def z_times_gram(f, rinv, g):
@@ -105,7 +109,11 @@ def _diag_sum(gram_ops, features, rinv):
 def _grad_from_gram(gram_ops, grad, features, norms, rinv, g, denom, *, exclude_diagonal: bool, normalize: bool):
     """dL/dF for L = c (||G||^2 - [excl] sum_i ||z_i||^4), G = Z^T Z, c = grad / denom."""
     c = grad.to(rinv.dtype) * 4.0 / denom
-    dz = gram_ops.z_times_gram(features, rinv, g) * c
+    scale = gram_ops.gram_scale(g, features.dtype)  # fp16: G scaled to <= 1 before its rounding
+    if scale is None:
+        dz = gram_ops.z_times_gram(features, rinv, g) * c
+    else:
+        dz = gram_ops.z_times_gram(features, rinv, g * scale) * (c / scale)
     if exclude_diagonal:
         zr = _rounded_z(gram_ops, features, rinv)
         dz = dz - c * zr.pow(2).sum(1, keepdim=True) * zr
@@ -170,39 +178,54 @@ if _backend.TRITON_OK:
     from .kernels import uniformity as _k
 
     @torch.library.custom_op("umae::uniformity_loss", mutates_args=())
-    def uniformity_loss_kernel(features: torch.Tensor, normalize: bool, exclude_diagonal: bool) -> torch.Tensor:
-        _, rinv = _prep(features, normalize=normalize)
-        total = _k.gram_square_sum(features, rinv)
+    def uniformity_loss_forward(features: torch.Tensor, normalize: bool, exclude_diagonal: bool,
+                                keep_gram: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, norms, rinv, G): the row norms and, if keep_gram, G = Z^T Z (else an empty
+        (0, 0) tensor) are what the backward needs, stored by the same launch instead of recomputed."""
+        norms, rinv = _prep(features, normalize=normalize)
+        total, g = _k.gram_square_sum(features, rinv, keep_gram=keep_gram)
         if exclude_diagonal:
             total = total - _diag_sum(_k, features, rinv)
-        return total / _denominator(features.shape[0], exclude_diagonal)
+        loss = total / _denominator(features.shape[0], exclude_diagonal)
+        return loss, norms, rinv, (g if g is not None else features.new_empty((0, 0), dtype=torch.float32))
 
-    @uniformity_loss_kernel.register_fake
-    def _(features, normalize, exclude_diagonal):
-        return features.new_empty((), dtype=torch.float32)
+    @uniformity_loss_forward.register_fake
+    def _(features, normalize, exclude_diagonal, keep_gram):
+        B, D = features.shape
+        D = D if keep_gram else 0
+        return (features.new_empty((), dtype=torch.float32), features.new_empty((B,), dtype=torch.float32),
+                features.new_empty((B,), dtype=torch.float32), features.new_empty((D, D), dtype=torch.float32))
+
+    def uniformity_loss_kernel(features, normalize, exclude_diagonal):
+        # G is kept only when a backward will follow (plain MAE reports the term detached)
+        keep = torch.is_grad_enabled() and features.requires_grad
+        return uniformity_loss_forward(features, normalize, exclude_diagonal, keep)[0]
 
     @torch.library.custom_op("umae::uniformity_loss_backward", mutates_args=())
-    def uniformity_loss_backward(grad: torch.Tensor, features: torch.Tensor, normalize: bool,
+    def uniformity_loss_backward(grad: torch.Tensor, features: torch.Tensor, norms: torch.Tensor,
+                                 rinv: torch.Tensor, gram: torch.Tensor, normalize: bool,
                                  exclude_diagonal: bool) -> torch.Tensor:
-        norms, rinv = _prep(features, normalize=normalize)
-        g = _k.gram(features, rinv)
+        if gram.numel() == 0:  # the forward ran without keeping G: form it now
+            gram = _k.gram(features, rinv)
         denom = _denominator(features.shape[0], exclude_diagonal)
-        return _grad_from_gram(_k, grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
+        return _grad_from_gram(_k, grad, features, norms, rinv, gram, denom, exclude_diagonal=exclude_diagonal,
                                normalize=normalize).to(features.dtype)
 
     @uniformity_loss_backward.register_fake
-    def _(grad, features, normalize, exclude_diagonal):
+    def _(grad, features, norms, rinv, gram, normalize, exclude_diagonal):
         return torch.empty_like(features, memory_format=torch.contiguous_format)
 
     def _setup(ctx, inputs, output):
-        features, ctx.normalize, ctx.exclude_diagonal = inputs
-        ctx.save_for_backward(features)
+        features, ctx.normalize, ctx.exclude_diagonal, _ = inputs
+        _, norms, rinv, gram = output
+        ctx.save_for_backward(features, norms, rinv, gram)
 
-    def _backward(ctx, grad):
-        (features,) = ctx.saved_tensors
-        return uniformity_loss_backward(grad, features, ctx.normalize, ctx.exclude_diagonal), None, None
+    def _backward(ctx, grad, *_aux):  # norms, rinv and G are not differentiated
+        features, norms, rinv, gram = ctx.saved_tensors
+        return (uniformity_loss_backward(grad, features, norms, rinv, gram, ctx.normalize, ctx.exclude_diagonal),
+                None, None, None)
 
-    uniformity_loss_kernel.register_autograd(_backward, setup_context=_setup)
+    uniformity_loss_forward.register_autograd(_backward, setup_context=_setup)
 
 
 class GatherRows(torch.autograd.Function):

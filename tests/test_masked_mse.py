@@ -75,6 +75,24 @@ def test_non_contiguous(device):
            pred, torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decoder_pred_view_is_read_in_place(device, dtype):
+    # the model's pred is the decoder output without its cls row, x[:, 1:, :]: rows strided, unit
+    # last stride. The kernels read it where it is (no aten copy inside the op) and agree with the reference.
+    N, C, H, W, p = 3, 3, 20, 12, 4
+    _, imgs, mask = _inputs(N, C, H, W, p, dtype, device)
+    full = randn(N, 1 + 15, p * p * C, dtype=dtype, device=device, requires_grad=True)
+    pred = full[:, 1:, :]
+    assert not pred.is_contiguous()
+    with torch.profiler.profile() as prof:
+        torch.ops.umae.patch_mse(pred.detach(), imgs, p, True, NORM_PIX_EPS)
+    copies = [e.name for e in prof.events() if e.name in ("aten::contiguous", "aten::clone", "aten::copy_")]
+    assert not copies, copies
+    _check(lambda x: umae.mae_loss(x[:, 1:, :], imgs, mask, p), lambda x: mae_loss_reference(x[:, 1:, :], imgs, mask, p),
+           full, dtype)
+
+
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_gradcheck_float64(norm_pix):
     pred = randn(2, 6, 8, dtype=torch.float64, requires_grad=True)

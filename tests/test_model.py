@@ -56,6 +56,24 @@ def test_fused_matches_reference_bf16_autocast(device):
         assert_close(g / scale, gr / scale, name=f"grad {n}", atol=5e-2, rtol=5e-2)
 
 
+def test_fused_patch_embedding_gives_contiguous_tokens(monkeypatch):
+    # timm's PatchEmbed tokens are strided (L*D, 1, L); the fused model hands the masking gather
+    # contiguous tokens with the same values
+    import umae.ops as ops
+
+    fused, ref = _pair("cpu")
+    imgs = torch.randn(5, 3, 32, 32)
+    seen = []
+    real = ops.random_masking
+    monkeypatch.setattr(ops, "random_masking", lambda x, *a, **k: (seen.append(x), real(x, *a, **k))[1])
+    fused(imgs)
+    ref(imgs)
+    assert seen[0].is_contiguous() and not seen[1].is_contiguous()
+    assert torch.equal(seen[0], seen[1])
+    with pytest.raises(ValueError, match="imgs must be"):
+        fused(torch.randn(2, 3, 36, 36))
+
+
 def test_global_backend_switch_routes_a_fused_model_to_the_reference(monkeypatch):
     import umae.ops as ops
 

@@ -57,7 +57,7 @@ std::pair<acc_t, acc_t> row_stats(const acc_t* t, int64_t K, bool norm_pix, acc_
   return {mean, acc_t(1) / std::sqrt(var + eps)};
 }
 
-// Operands made contiguous (patchified target/pred) or addressed by strides (images).
+// Operands made contiguous (patchified target) or addressed by strides (pred rows, images).
 struct Args {
   at::Tensor pred, target;
   ImageIndex img;
@@ -68,13 +68,20 @@ struct Args {
 Args prepare(const at::Tensor& pred, const at::Tensor& target, int64_t patch_size, bool norm_pix) {
   check_patch_mse_args(pred, target, patch_size, norm_pix);
   Args a;
-  a.pred = pred.contiguous();
+  a.pred = pred.stride(2) == 1 ? pred : pred.contiguous();  // strided rows are read in place
   a.from_images = patch_size > 0;
   a.target = a.from_images ? target : target.contiguous();
   if (a.from_images) a.img = image_index(target, patch_size);
   a.R = pred.size(0) * pred.size(1);
   a.K = pred.size(2);
   return a;
+}
+
+// Row r = n * L + l of pred (N, L, K), whose rows may be strided (the decoder's x[:, 1:] view).
+template <typename T>
+inline const T* pred_row(const T* P, const Args& a, int64_t r) {
+  const int64_t L = a.pred.size(1);
+  return P + (r / L) * a.pred.stride(0) + (r % L) * a.pred.stride(1);
 }
 
 at::Tensor patch_mse_cpu(const at::Tensor& pred, const at::Tensor& target, int64_t patch_size,
@@ -92,7 +99,7 @@ at::Tensor patch_mse_cpu(const at::Tensor& pred, const at::Tensor& target, int64
     const int64_t K = a.K;
     for_each_target_row<tgt_t, acc_t>(T, a.from_images ? &a.img : nullptr, a.R, K, [&](int64_t r, const acc_t* t) {
       auto [mean, rstd] = row_stats(t, K, norm_pix, static_cast<acc_t>(eps));
-      const pred_t* prow = P + r * K;
+      const pred_t* prow = pred_row(P, a, r);
       acc_t s = 0;
       _Pragma("omp simd reduction(+ : s)")  // inside a dispatch macro: no #pragma
       for (int64_t k = 0; k < K; ++k) {
@@ -111,7 +118,7 @@ at::Tensor patch_mse_backward_cpu(const at::Tensor& grad_rows, const at::Tensor&
   TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == pred.size(0) && grad_rows.size(1) == pred.size(1),
               "patch_mse_backward: grad_rows must be (N, L), got ", grad_rows.sizes());
   at::Tensor g = grad_rows.to(at::toOpMathType(pred.scalar_type())).contiguous();
-  at::Tensor grad = at::empty_like(a.pred);
+  at::Tensor grad = at::empty(a.pred.sizes(), a.pred.options());
   if (a.R == 0) return grad;
   UMAE_DISPATCH_PRED_TARGET(a.pred.scalar_type(), a.target.scalar_type(), "patch_mse_backward_cpu", [&] {
     using acc_t = at::opmath_type<pred_t>;
@@ -123,7 +130,7 @@ at::Tensor patch_mse_backward_cpu(const at::Tensor& grad_rows, const at::Tensor&
     for_each_target_row<tgt_t, acc_t>(T, a.from_images ? &a.img : nullptr, a.R, K, [&](int64_t r, const acc_t* t) {
       auto [mean, rstd] = row_stats(t, K, norm_pix, static_cast<acc_t>(eps));
       const acc_t scale = G[r] * acc_t(2) / K;
-      const pred_t* prow = P + r * K;
+      const pred_t* prow = pred_row(P, a, r);
       pred_t* drow = D + r * K;
       _Pragma("omp simd")
       for (int64_t k = 0; k < K; ++k)

@@ -31,7 +31,7 @@ struct MseArgs {
 
 // VEC: 16-byte accesses to pred / grad and to the target side (else scalar).
 template <typename pred_t, typename tgt_t, bool VEC, bool BACKWARD>
-__global__ void __launch_bounds__(kWarps * 32) patch_mse_kernel(const pred_t* __restrict__ pred,
+__global__ void __launch_bounds__(kWarps * 32) patch_mse_kernel(strip::Rows<pred_t> pred,
                                                                  pred_t* __restrict__ grad, strip::Image<tgt_t> img,
                                                                  strip::Rows<tgt_t> tgt, strip::Geom g, MseArgs a) {
   constexpr int VT = VEC ? 16 / sizeof(tgt_t) : 1, VP = VEC ? 16 / sizeof(pred_t) : 1;
@@ -60,12 +60,14 @@ __global__ void __launch_bounds__(kWarps * 32) patch_mse_kernel(const pred_t* __
       }
       rstd = 1.f / sqrtf(warp_sum(ss) / (K - 1) + a.eps);
     }
+    // pred rows may be strided (the decoder's x[:, 1:] view); grad is contiguous
+    const pred_t* __restrict__ prow = pred.ptr + s.n * pred.s0 + (static_cast<int64_t>(s.hi) * g.w + s.w0 + wl) * pred.s1;
     const int64_t base = r * K;
     const float scale = BACKWARD ? a.grad_rows[r] * 2.f / K : 0.f;
     float acc = 0.f;
     for (int k = lane * VP; k < K; k += 32 * VP) {  // VP divides K when VEC
       strip::Pack<pred_t, VP> pv, gv;
-      if constexpr (VP > 1) pv = strip::load<pred_t, VP>(pred + base + k); else pv.v[0] = pred[base + k];
+      if constexpr (VP > 1) pv = strip::load<pred_t, VP>(prow + k); else pv.v[0] = prow[k];
 #pragma unroll
       for (int u = 0; u < VP; ++u) {
         const float d = static_cast<float>(pv.v[u]) - (static_cast<float>(t[k + u]) - mean) * rstd;
@@ -93,7 +95,7 @@ Launch prepare(const at::Tensor& pred, const at::Tensor& target, int64_t patch_s
   check_patch_mse_args(pred, target, patch_size, norm_pix);
   TORCH_CHECK(pred.scalar_type() != at::kDouble, "patch_mse: float64 is supported on CPU only");
   Launch a;
-  a.pred = pred.contiguous();
+  a.pred = pred.stride(2) == 1 ? pred : pred.contiguous();  // strided rows are read in place
   a.from_images = patch_size > 0;
   a.target = a.from_images ? target : target.contiguous();
   a.N = pred.size(0);
@@ -123,13 +125,13 @@ void run(const Launch& a, const float* grad_rows, float* out, at::Tensor* grad, 
         rows = {const_cast<tgt_t*>(t.const_data_ptr<tgt_t>()), t.stride(0), t.stride(1), 1};
         vec = strip::rows_vectorizable(rows, a.g.K);
       }
-      const pred_t* pred = a.pred.const_data_ptr<pred_t>();
-      strip::Rows<pred_t> prow{const_cast<pred_t*>(pred), a.pred.stride(0), a.pred.stride(1), 1};
+      strip::Rows<pred_t> prow{const_cast<pred_t*>(a.pred.const_data_ptr<pred_t>()), a.pred.stride(0),
+                               a.pred.stride(1), 1};
       vec = vec && strip::rows_vectorizable(prow, a.g.K) && (!BACKWARD || strip::aligned(grad->data_ptr(), 16));
       pred_t* g = BACKWARD ? grad->mutable_data_ptr<pred_t>() : nullptr;
       const MseArgs args{a.from_images, norm_pix, static_cast<float>(eps), grad_rows, out};
       auto k = vec ? patch_mse_kernel<pred_t, tgt_t, true, BACKWARD> : patch_mse_kernel<pred_t, tgt_t, false, BACKWARD>;
-      strip::launch(k, a.g, a.N, kWarps * 32, sizeof(tgt_t), op, pred, g, img, rows, a.g, args);
+      strip::launch(k, a.g, a.N, kWarps * 32, sizeof(tgt_t), op, prow, g, img, rows, a.g, args);
     }
   });
 }
@@ -152,7 +154,7 @@ at::Tensor patch_mse_backward_cuda(const at::Tensor& grad_rows, const at::Tensor
               "patch_mse_backward: grad_rows must be (N, L), got ", grad_rows.sizes());
   check_same_device(pred, grad_rows, "patch_mse_backward", "grad_rows");
   at::Tensor g = grad_rows.to(at::kFloat).contiguous();
-  at::Tensor grad = at::empty_like(a.pred);
+  at::Tensor grad = at::empty(a.pred.sizes(), a.pred.options());
   if (grad.numel() == 0) return grad;
   run<true>(a, g.const_data_ptr<float>(), nullptr, &grad, norm_pix, eps, "patch_mse_backward");
   return grad;

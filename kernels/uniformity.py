@@ -210,3 +210,22 @@ def z_times_gram(f, rinv, g):
         _z_times_gram_kernel[grid](f, rinv, g, out, B, D, f.stride(0), f.stride(1), DOT_DTYPE=dot_kind(f.dtype),
                                    num_warps=NUM_WARPS, **ZG_CFG)
     return out
+
+
+def requested_bytes(kernel: str, a: dict, grid) -> int:
+    """Bytes a launch's masked loads and stores request, from its grid, block shapes and
+    arguments `a` (by name); umae bench --traffic checks it against the interpreter's count."""
+    e = lambda name: a[name].element_size()  # noqa: E731
+    B, D = a["B"], a["D"]
+    if kernel == "_gram_kernel":
+        nt, n_split, bd = grid[0], grid[2], a["BLOCK_D"]
+        w = [min(bd, D - t * bd) for t in range(nt)]
+        tiles = [(i, j) for i in range(nt) for j in range(i, nt)]  # upper triangle: the rest return
+        out = sum(B * (w[i] + w[j]) * e("f_ptr") + 2 * B * e("rinv_ptr") for i, j in tiles)
+        if a["STORE_GRAM"]:
+            out += n_split * sum(w[i] * w[j] * e("gram_ptr") * (1 if i == j else 2) for i, j in tiles)
+        return out + (nt * nt * e("sq_ptr") if a["SQUARE"] else 0)
+    assert kernel == "_z_times_gram_kernel", kernel
+    n_m, n_n, n_k = grid[0], grid[1], triton.cdiv(D, a["BLOCK_K"])
+    return (n_n * B * (D * e("f_ptr") + n_k * e("rinv_ptr")) + n_m * D * D * e("g_ptr")
+            + B * D * e("out_ptr"))

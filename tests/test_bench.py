@@ -94,3 +94,9 @@ def test_traffic_counts_bytes():
         # > unique), far less than the reference's chain of aten ops
         assert 0.9 * low <= fused["unique"] <= fused["requested"] <= 1.35 * low, (op, low, fused)
         assert eager > 2 * fused["unique"], (op, eager, fused)
+    # the kernels' bytes derived from their grids and block shapes equal the interpreter's count,
+    # at awkward sizes (partial tiles, several Gram tiles, a batch split), forward and backward
+    for op, shape in [("random_masking", tiny), ("restore_tokens", tiny), ("uniformity_loss", dict(N=70, D=130)),
+                      ("uniformity_loss", dict(N=1100, D=72))]:
+        f = traffic.fused_bytes(op, shape)
+        assert f["formula"] == f["kernels"] > 0, (op, shape, f)

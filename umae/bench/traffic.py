@@ -107,16 +107,48 @@ def eager_bytes(op: str, shape) -> int:
     return m.bytes
 
 
+@contextlib.contextmanager
+def recorded_launches(module):
+    """The launches of `module`'s kernels as they run: (kernel name, arguments by name, grid)."""
+    from ..kernels._jit import kernels_of
+
+    seen = []
+
+    def wrap(fn):
+        run = fn.run
+
+        def recorded(*args, grid, warmup, **kwargs):
+            seen.append((fn.__name__, dict(zip(fn.arg_names, args), **kwargs), grid))
+            return run(*args, grid=grid, warmup=warmup, **kwargs)
+        return recorded
+
+    fns = kernels_of(module)
+    for fn in fns:
+        fn.run = wrap(fn)
+    try:
+        yield seen
+    finally:
+        for fn in fns:
+            del fn.run
+
+
 def fused_bytes(op: str, shape) -> dict | None:
-    """{requested, unique} bytes of the Triton path (kernels in the interpreter + aten glue), or
+    """{requested, unique} bytes of the Triton path (kernels in the interpreter + aten glue) and
+    `formula`: the kernels' requested bytes derived from their launches' grids and block shapes
+    (each kernel module's `requested_bytes`), to equal the interpreter's count of them (`kernels`).
     None for an op without Triton kernels."""
-    if not registry.get(op).kernels:
+    spec = registry.get(op)
+    if not spec.kernels:
         return None
     c = _case(op, shape, "cpu")
     m = _AtenBytes()
-    with _backend.use_backend("fused"), _backend.use_impl("triton-interpreter"), counting_interpreter() as k:
+    module = spec.kernel_module()
+    with (_backend.use_backend("fused"), _backend.use_impl("triton-interpreter"), counting_interpreter() as k,
+          recorded_launches(module) as launches):
         _fwd_bwd(c, lambda: m)
-    return dict(requested=k["requested"] + m.bytes, unique=k["unique"] + m.bytes)
+    formula = sum(module.requested_bytes(name, a, grid) for name, a, grid in launches)
+    return dict(requested=k["requested"] + m.bytes, unique=k["unique"] + m.bytes, kernels=k["requested"],
+                formula=formula)
 
 
 def minimum_bytes(op: str, shape) -> int:
@@ -137,12 +169,15 @@ def rows(shapes=TRAFFIC_SHAPES, ops=None):
 
 def format_rows(rs) -> str:
     mb = lambda b: f"{b / 1e6:.1f}"  # noqa: E731
-    lines = ["| op | shape | minimum MB | eager MB | fused MB requested / unique | eager / fused | fused / minimum |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| op | shape | minimum MB | eager MB | fused MB requested / unique | eager / fused | fused / minimum "
+             "| kernels MB: formula vs counted |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rs:
         f = r["fused"]
         fused = f"= {mb(r['minimum'])}" if f is None else f"{mb(f['requested'])} / {mb(f['unique'])}"
         fu = r["minimum"] if f is None else f["unique"]
+        check = "-" if f is None else (f"{mb(f['formula'])} " + ("=" if f["formula"] == f["kernels"] else "≠")
+                                       + f" {mb(f['kernels'])}")
         lines.append(f"| {r['op']} | {r['shape']} | {mb(r['minimum'])} | {mb(r['eager'])} | {fused} | "
-                     f"{r['eager'] / fu:.2f}x | {fu / r['minimum']:.2f} |")
+                     f"{r['eager'] / fu:.2f}x | {fu / r['minimum']:.2f} | {check} |")
     return "\n".join(lines)

@@ -6,10 +6,12 @@ are listed once, in umae/registry.py.
 """
 from . import ops as _ops
 from ._backend import backend_info, format_backend_info, get_backend, set_backend, use_backend
+from .patching import patch, unpatch
 from .registry import OPS as _OPS
 
 __version__ = "0.1.0"
 
 globals().update({name: getattr(_ops, name) for name in _OPS})
 
-__all__ = ["backend_info", "format_backend_info", "get_backend", "set_backend", "use_backend", *_OPS]
+__all__ = ["backend_info", "format_backend_info", "get_backend", "set_backend", "use_backend", "patch", "unpatch",
+           *_OPS]

@@ -1,0 +1,266 @@
+"""umae.patch on the MAEs people already run: transformers' ViTMAE and facebookresearch/mae-style
+models, patched vs unpatched (no downloads: small configs)."""
+import copy
+
+import pytest
+import timm
+import torch
+from utils import LOSS_TOL, TOL, assert_close
+
+import umae
+import umae.models  # noqa: F401  (registers with timm)
+from umae.masked_mse_op import mae_loss_reference
+from umae.uniformity_op import uniformity_loss_reference
+
+transformers = pytest.importorskip("transformers")
+
+# (image_size, patch, channels, norm_pix_loss, mask_ratio); (16, 64) is non-square with a square patch
+# count, the only non-square shape transformers' ViTMAE builds (its pos-embed init takes sqrt(L))
+HF_CONFIGS = [(32, 4, 3, True, 0.75), (64, 16, 1, False, 0.5), ((16, 64), 4, 3, True, 0.75), (24, 4, 3, False, 0.75)]
+
+
+def _hf(image_size, patch, channels, norm_pix, ratio, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.ViTMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    decoder_hidden_size=24, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                                    decoder_intermediate_size=48, image_size=image_size, patch_size=patch,
+                                    num_channels=channels, norm_pix_loss=norm_pix, mask_ratio=ratio)
+    return transformers.ViTMAEForPreTraining(cfg)
+
+
+def _hf_inputs(model, N=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    size = model.config.image_size
+    H, W = size if isinstance(size, (tuple, list)) else (size, size)
+    p = model.config.patch_size
+    x = torch.randn(N, model.config.num_channels, H, W, generator=g)
+    return x, torch.rand(N, (H // p) * (W // p), generator=g)
+
+
+def _hf_unpatched(model, x, noise):
+    """The unpatched model's outputs; its loss recomputed by umae's reference where the model's own
+    patchify refuses non-square images."""
+    if x.shape[2] == x.shape[3]:
+        out = model(x, noise=noise)
+        return out.loss, out.logits, out.mask, out.ids_restore
+    enc = model.vit(x, noise=noise)
+    logits = model.decoder(enc.last_hidden_state, enc.ids_restore).logits
+    with pytest.raises(ValueError, match="squared"):
+        model(x, noise=noise)
+    loss = mae_loss_reference(logits, x, enc.mask, model.config.patch_size, model.config.norm_pix_loss)
+    return loss, logits, enc.mask, enc.ids_restore
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cfg", HF_CONFIGS, ids=str)
+def test_hf_patched_matches_unpatched_fp32(cfg):
+    ref, model = _hf(*cfg), _hf(*cfg)
+    x, noise = _hf_inputs(model)
+    umae.patch(model)
+    loss, logits, mask, ids = _hf_unpatched(ref, x, noise)
+    out = model(x, noise=noise)
+    assert torch.equal(out.mask, mask) and torch.equal(out.ids_restore, ids)
+    assert_close(out.logits, logits, name="logits", **TOL[torch.float32])
+    assert_close(out.loss, loss, name="loss", **LOSS_TOL[torch.float32])
+    assert out.loss_mae is out.loss and out.loss_unif is None
+    loss.backward()
+    out.loss.backward()
+    ga, gb = _grads(model), _grads(ref)
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    for n in ga:
+        assert_close(ga[n], gb[n], name=f"grad {n}", atol=1e-5, rtol=1e-4)
+
+
+def test_hf_patched_matches_unpatched_bf16_autocast():
+    ref, model = _hf(*HF_CONFIGS[0]), _hf(*HF_CONFIGS[0])
+    umae.patch(model)
+    x, noise = _hf_inputs(model)
+    outs = []
+    for m in (model, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x, noise=noise)
+        out.loss.backward()
+        outs.append(out)
+    assert outs[0].loss.dtype == torch.float32 and torch.equal(outs[0].mask, outs[1].mask)
+    assert_close(outs[0].loss, outs[1].loss, **TOL[torch.bfloat16])
+    gr = _grads(ref)
+    for n, g in _grads(model).items():  # bf16 roundings differ in order: compared at each tensor's scale
+        scale = gr[n].abs().max().clamp_min(1e-3)
+        assert_close(g / scale, gr[n] / scale, name=f"grad {n}", atol=5e-2, rtol=5e-2)
+
+
+def test_hf_profiler_shows_the_umae_ops():
+    model = umae.patch(_hf(*HF_CONFIGS[0]))
+    x, noise = _hf_inputs(model)
+    with torch.profiler.profile() as prof:
+        model(x, noise=noise).loss.backward()
+    names = {e.name for e in prof.events()}
+    # masking, restore and the loss, forward and backward (C++ CPU kernels here)
+    for op in ("umae::random_masking_cpp", "umae::restore_tokens_cpp", "umae::patch_mse"):
+        assert op in names, (op, sorted(n for n in names if n.startswith("umae")))
+
+
+def test_hf_unpatch_restores_the_original_bitwise_and_other_instances_are_untouched():
+    model, other = _hf(*HF_CONFIGS[0]), _hf(*HF_CONFIGS[0])
+    x, noise = _hf_inputs(model)
+    before = model(x, noise=noise)
+    assert umae.patch(model) is model and umae.patch(model) is model  # idempotent
+    assert umae.patching.is_patched(model) and not umae.patching.is_patched(other)
+    assert "forward" not in other.__dict__ and "forward" not in other.decoder.__dict__
+    umae.unpatch(model)
+    after = model(x, noise=noise)
+    assert "forward" not in model.__dict__ and "forward" not in model.decoder.__dict__
+    for f in ("loss", "logits", "mask", "ids_restore"):
+        assert torch.equal(getattr(before, f), getattr(after, f)), f
+
+
+def test_hf_state_dict_to_deepcopy_and_return_dict():
+    model = umae.patch(_hf(*HF_CONFIGS[0]))
+    plain = _hf(*HF_CONFIGS[0], seed=5)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(model.state_dict())
+    model.load_state_dict(plain.state_dict())
+    model = model.to(torch.float32)
+    x, noise = _hf_inputs(model)
+    twin = copy.deepcopy(model)
+    assert umae.patching.is_patched(twin) and twin.forward.__self__ is twin
+    a, b = model(x, noise=noise), twin(x, noise=noise)
+    assert torch.equal(a.loss, b.loss)
+    t = model(x, noise=noise, return_dict=False)
+    assert isinstance(t, tuple) and torch.equal(t[0], a.loss)
+
+
+def test_hf_uniformity_term():
+    model = umae.patch(_hf(*HF_CONFIGS[0]), lamb=0.1)
+    x, noise = _hf_inputs(model, N=6)
+    out = model(x, noise=noise)
+    cls = model.vit(x, noise=noise).last_hidden_state[:, 0]  # after the encoder's final norm
+    assert_close(out.loss_unif, uniformity_loss_reference(cls), **LOSS_TOL[torch.float32])
+    assert_close(out.loss, out.loss_mae + 0.1 * out.loss_unif, **LOSS_TOL[torch.float32])
+    out.loss.backward()
+    assert model.vit.embeddings.cls_token.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="lamb"):
+        umae.patch(transformers.ViTMAEModel(model.config), lamb=0.1)
+
+
+def test_hf_interpolate_pos_encoding_falls_back_with_one_warning():
+    ref, model = _hf(*HF_CONFIGS[0]), umae.patch(_hf(*HF_CONFIGS[0]))
+    x, noise = _hf_inputs(model)
+    umae.patching._warned_interpolate = False
+    with pytest.warns(UserWarning, match="interpolate_pos_encoding"):
+        out = model(x, noise=noise, interpolate_pos_encoding=True)
+    r = ref(x, noise=noise, interpolate_pos_encoding=True)
+    assert torch.equal(out.mask, r.mask)
+    assert_close(out.loss, r.loss, **LOSS_TOL[torch.float32])
+
+
+def test_hf_training_converges_like_the_unpatched_model():
+    cfg = (32, 4, 3, False, 0.75)
+    ref, model = _hf(*cfg), umae.patch(_hf(*cfg))
+    # one random colour per image: a masked patch is predictable from the visible ones, so a
+    # model this small learns it within tens of steps (pixel noise it cannot)
+    x = torch.randn(16, 3, 1, 1, generator=torch.Generator().manual_seed(2)).expand(16, 3, 32, 32).contiguous()
+    curves = []
+    for m in (model, ref):
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(3)
+        losses = []
+        for _ in range(30):
+            loss = m(x, noise=torch.rand(16, 64, generator=g)).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[0][-1] < 0.3 * curves[0][0]  # it learns
+    assert max(abs(a - b) / b for a, b in zip(*curves)) < 0.02, curves  # and tracks the unpatched run
+
+
+def test_hf_compile():
+    ref, model = _hf(*HF_CONFIGS[0]), umae.patch(_hf(*HF_CONFIGS[0]))
+    x, noise = _hf_inputs(model)
+    compiled = torch.compile(model)
+    out = compiled(x, noise=noise)
+    assert_close(out.loss, ref(x, noise=noise).loss, **LOSS_TOL[torch.float32])
+
+
+# ---- facebookresearch/mae-style ------------------------------------------------------------
+
+class OfficialMAE(umae.models.MaskedAutoencoderViT):
+    """models_mae.py's forward: (loss, pred, mask), no uniformity term."""
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+def _mae_pair(lamb=0.0):
+    kw = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=48, decoder_depth=1,
+              decoder_num_heads=2, fused=False, lamb=0.0)
+    torch.manual_seed(0)
+    ref = OfficialMAE(**kw)
+    model = copy.deepcopy(ref)
+    return ref, umae.patch(model, lamb=lamb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mae_style_patched_matches_the_reference_model(dtype):
+    ref, model = _mae_pair()
+    x = torch.randn(6, 3, 32, 32)
+    noise = torch.rand(6, 64)
+    outs = []
+    for m in (model, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss, pred, mask = m(x, noise=noise)
+        loss.backward()
+        outs.append((loss, pred, mask))
+    (la, pa, ma), (lb, pb, mb) = outs
+    assert torch.equal(ma, mb)
+    tol = TOL[dtype]
+    assert_close(la, lb, name="loss", **(LOSS_TOL[dtype] if dtype == torch.float32 else tol))
+    assert_close(pa, pb, name="pred", **tol)
+    gr = _grads(ref)
+    for n, g in _grads(model).items():
+        scale = gr[n].abs().max().clamp_min(1e-3)
+        assert_close(g / scale, gr[n] / scale, name=f"grad {n}", atol=1e-4 if dtype == torch.float32 else 5e-2,
+                     rtol=1e-4 if dtype == torch.float32 else 5e-2)
+
+
+def test_mae_style_uniformity_term_and_unpatch():
+    ref, model = _mae_pair(lamb=0.05)
+    x, noise = torch.randn(6, 3, 32, 32), torch.rand(6, 64)
+    loss, pred, mask = model(x, noise=noise)
+    latent = ref.forward_encoder(x, 0.75, noise)[0]
+    terms = model.umae_losses
+    assert_close(terms["loss_unif"], uniformity_loss_reference(latent[:, 0]), **LOSS_TOL[torch.float32])
+    assert_close(loss, terms["loss_mae"] + 0.05 * terms["loss_unif"], **LOSS_TOL[torch.float32])
+    loss.backward()
+    umae.unpatch(model)
+    assert not any(k in model.__dict__ for k in ("forward", "forward_encoder", "umae_losses"))
+    assert torch.equal(model(x, noise=noise)[0], ref(x, noise=noise)[0])
+
+
+def test_umae_models_keep_their_own_uniformity_switch():
+    model = timm.create_model("umae_vit_micro_patch4_32", fused=False)
+    umae.patch(model)  # the three swaps are fine
+    with pytest.raises(ValueError, match="set their `lamb`"):
+        umae.patch(model, lamb=0.1)
+
+
+def test_unrecognised_model_is_refused_and_untouched():
+    class Half(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch_embed, self.blocks = torch.nn.Identity(), torch.nn.ModuleList()
+
+        def forward_encoder(self, x, r):
+            return x
+
+    m = Half()
+    with pytest.raises(TypeError, match="lacks pos_embed, cls_token.*forward_loss"):
+        umae.patch(m)
+    assert not umae.patching.is_patched(m) and "forward_encoder" not in m.__dict__

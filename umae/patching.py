@@ -1,0 +1,230 @@
+"""One call on the MAE a trainer already has: `umae.patch(model)` routes its glue through umae's
+ops (fused kernels, or the references under `umae.use_backend("reference")`), `umae.unpatch`
+undoes it.
+
+Recognised models:
+- transformers' `ViTMAEForPreTraining` (and `ViTMAEModel`, the encoder part): the embeddings'
+  pos-embed add + random masking + cls prepend become `random_masking`; the decoder's mask
+  tokens + unshuffle + cls + decoder pos embed become `restore_tokens`; the loss (inline in
+  the model's forward) becomes `mae_loss`.
+- facebookresearch/mae-style models (models_mae.py and its forks, U-MAE's among them), found by
+  their attributes and methods: `forward_encoder`, `forward_decoder` and `forward_loss` get the
+  same three swaps.
+
+Patching is per instance: the patched methods are instance attributes bound to the module (the
+class and its other instances are untouched), so `unpatch` deletes them; parameters and
+`state_dict()` are not touched. `lamb > 0` adds U-MAE's uniformity term on the encoder's cls
+feature after the final norm to the returned loss, over the global batch when
+torch.distributed is initialised with more than one rank (as umae's own model under DDP).
+"""
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+
+import torch
+
+from . import ops
+
+_STATE = "_umae_patch"  # the patched module's record: {"methods": {module: [names]}, "lamb": ..., ...}
+
+MAE_STYLE = ("patch_embed", "pos_embed", "cls_token", "blocks", "norm", "decoder_embed", "mask_token",
+             "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "norm_pix_loss",
+             "forward_encoder", "forward_decoder", "forward_loss")
+
+
+def _kind(model) -> str:
+    names = [c.__name__ for c in type(model).__mro__]
+    if "ViTMAEForPreTraining" in names:
+        return "hf_pretraining"
+    if "ViTMAEModel" in names:
+        return "hf_model"
+    missing = [a for a in MAE_STYLE if not hasattr(model, a)]
+    if not missing:
+        return "mae_style"
+    raise TypeError(f"umae.patch does not recognise {type(model).__name__}: not a transformers ViTMAEForPreTraining / "
+                    f"ViTMAEModel, and as a facebookresearch/mae-style model it lacks {', '.join(missing)}")
+
+
+def _global_group():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _uniformity(state, latent):
+    return ops.uniformity_loss(latent[:, 0], exclude_diagonal=state["exclude_diagonal"],
+                               process_group=_global_group())
+
+
+_warned_interpolate = False
+
+
+def _fallback_interpolate():
+    global _warned_interpolate
+    if not _warned_interpolate:
+        warnings.warn("umae.patch: interpolate_pos_encoding=True runs the model's own (unpatched) embeddings and "
+                      "decoder for those calls; umae's ops need the model's own grid", stacklevel=3)
+        _warned_interpolate = True
+
+
+# ---- transformers ViTMAE ---------------------------------------------------------------
+
+def _hf_embeddings_forward(self, pixel_values, noise=None, interpolate_pos_encoding=False):
+    if interpolate_pos_encoding:
+        _fallback_interpolate()
+        return type(self).forward(self, pixel_values, noise=noise, interpolate_pos_encoding=True)
+    H, W = pixel_values.shape[2:]
+    if (H, W) != tuple(self.image_size):
+        raise ValueError(f"pixel_values are {H}x{W}, the model's image_size is {tuple(self.image_size)}")
+    x = self.patch_embeddings(pixel_values)
+    pos = self.position_embeddings
+    return ops.random_masking(x, self.config.mask_ratio, noise, pos_embed=pos[:, 1:, :],
+                              cls_token=self.cls_token + pos[:, :1, :])
+
+
+def _hf_decoder_forward(self, hidden_states, ids_restore, interpolate_pos_encoding=False):
+    if interpolate_pos_encoding:
+        _fallback_interpolate()
+        return type(self).forward(self, hidden_states, ids_restore, interpolate_pos_encoding=True)
+    x = ops.restore_tokens(self.decoder_embed(hidden_states), ids_restore, self.mask_token,
+                           pos_embed=self.decoder_pos_embed, has_cls=True)
+    for layer in self.decoder_layers:
+        x = layer(x)
+    logits = self.decoder_pred(self.decoder_norm(x))
+    return sys.modules[type(self).__module__].ViTMAEDecoderOutput(logits=logits[:, 1:, :])
+
+
+def _hf_pretraining_forward(self, pixel_values=None, noise=None, interpolate_pos_encoding=None, attention_mask=None,
+                            **kwargs):
+    state = getattr(self, _STATE)
+    return_dict = kwargs.pop("return_dict", None)
+    out = self.vit(pixel_values, noise=noise, interpolate_pos_encoding=interpolate_pos_encoding,
+                   attention_mask=attention_mask, **kwargs)
+    latent, mask, ids_restore = out.last_hidden_state, out.mask, out.ids_restore
+    logits = self.decoder(latent, ids_restore, interpolate_pos_encoding=bool(interpolate_pos_encoding)).logits
+    cfg = self.config
+    # any image size the patch divides (the model's own loss wants square images)
+    loss_mae = ops.mae_loss(logits, pixel_values, mask, cfg.patch_size, norm_pix=bool(cfg.norm_pix_loss))
+    loss, loss_unif = loss_mae, None
+    if state["lamb"] > 0:
+        loss_unif = _uniformity(state, latent)
+        loss = loss_mae + state["lamb"] * loss_unif
+    result = sys.modules[type(self).__module__].ViTMAEForPreTrainingOutput(
+        loss=loss, logits=logits, mask=mask, ids_restore=ids_restore, hidden_states=out.hidden_states,
+        attentions=out.attentions)
+    # not ModelOutput fields: to_tuple() keeps the model's own layout
+    object.__setattr__(result, "loss_mae", loss_mae)
+    object.__setattr__(result, "loss_unif", loss_unif)
+    if return_dict is False or (return_dict is None and not getattr(cfg, "return_dict", True)):
+        return result.to_tuple()
+    return result
+
+
+# ---- facebookresearch/mae-style --------------------------------------------------------
+
+def _patch_size(model) -> int:
+    p = model.patch_embed.patch_size
+    p = p if isinstance(p, int) else p[0]
+    return int(p)
+
+
+def _mae_forward_encoder(self, x, mask_ratio, noise=None):
+    x = self.patch_embed(x)
+    x, mask, ids_restore = ops.random_masking(x, mask_ratio, noise, pos_embed=self.pos_embed[:, 1:, :],
+                                              cls_token=self.cls_token + self.pos_embed[:, :1, :])
+    for blk in self.blocks:
+        x = blk(x)
+    x = self.norm(x)
+    state = getattr(self, _STATE)
+    if state["lamb"] > 0:  # picked up by the forward wrapper below
+        state["pending_unif"] = _uniformity(state, x)
+    return x, mask, ids_restore
+
+
+def _mae_forward_decoder(self, x, ids_restore):
+    x = ops.restore_tokens(self.decoder_embed(x), ids_restore, self.mask_token, pos_embed=self.decoder_pos_embed,
+                           has_cls=True)
+    for blk in self.decoder_blocks:
+        x = blk(x)
+    return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+
+
+def _mae_forward_loss(self, imgs, pred, mask):
+    return ops.mae_loss(pred, imgs, mask, _patch_size(self), norm_pix=bool(self.norm_pix_loss))
+
+
+def _mae_forward(self, *args, **kwargs):
+    """The model's own forward ((loss, pred, mask) in models_mae.py), its loss plus lamb * L_unif.
+    The two terms are kept (detached) in `model.umae_losses`."""
+    state = getattr(self, _STATE)
+    state["pending_unif"] = None
+    out = type(self).forward(self, *args, **kwargs)
+    unif = state.pop("pending_unif", None)
+    if unif is None:
+        raise RuntimeError("umae.patch(lamb > 0): the model's forward did not call forward_encoder")
+    loss_mae = out[0]
+    self.umae_losses = {"loss_mae": loss_mae.detach(), "loss_unif": unif.detach()}
+    return (loss_mae + state["lamb"] * unif, *out[1:])
+
+
+# ---- patch / unpatch --------------------------------------------------------------------
+
+def _bind(module, name: str, fn, record: dict) -> None:
+    setattr(module, name, types.MethodType(fn, module))
+    record.setdefault(id(module), (module, []))[1].append(name)
+
+
+def patch(model: torch.nn.Module, *, lamb: float = 0.0, exclude_diagonal: bool = False) -> torch.nn.Module:
+    """Route `model`'s masking, decoder restore and reconstruction loss through umae's ops (in
+    place; returns `model`). Idempotent: patching a patched model re-applies it with the new
+    `lamb` / `exclude_diagonal`. `lamb > 0`: the returned loss gains lamb * U-MAE's uniformity
+    term on the encoder's cls feature after the final norm; the terms are on the output
+    (transformers: `out.loss_mae`, `out.loss_unif`) or in `model.umae_losses` (MAE-style).
+    Raises TypeError, patching nothing, for a model it does not recognise."""
+    kind = _kind(model)
+    lamb = float(lamb)
+    if lamb < 0:
+        raise ValueError(f"lamb must be >= 0, got {lamb}")
+    if lamb > 0 and kind == "hf_model":
+        raise ValueError("lamb > 0 needs a model that returns a loss: patch the ViTMAEForPreTraining")
+    if kind == "mae_style" and lamb > 0 and type(model).__name__ == "MaskedAutoencoderViT" and \
+            type(model).__module__.startswith("umae."):
+        raise ValueError("umae's own models have the uniformity term built in: set their `lamb` instead")
+    unpatch(model)
+    record: dict = {}
+    if kind in ("hf_pretraining", "hf_model"):
+        vit = model.vit if kind == "hf_pretraining" else model
+        _bind(vit.embeddings, "forward", _hf_embeddings_forward, record)
+        if kind == "hf_pretraining":
+            _bind(model.decoder, "forward", _hf_decoder_forward, record)
+            _bind(model, "forward", _hf_pretraining_forward, record)
+    else:
+        _bind(model, "forward_encoder", _mae_forward_encoder, record)
+        _bind(model, "forward_decoder", _mae_forward_decoder, record)
+        _bind(model, "forward_loss", _mae_forward_loss, record)
+        if lamb > 0:
+            _bind(model, "forward", _mae_forward, record)
+    # a plain dict attribute (not a Module / Parameter): invisible to state_dict and .to()
+    object.__setattr__(model, _STATE, dict(kind=kind, lamb=lamb, exclude_diagonal=bool(exclude_diagonal),
+                                           methods=list(record.values())))
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `patch` (a no-op on a model that is not patched); returns `model`."""
+    state = model.__dict__.pop(_STATE, None)
+    if state is None:
+        return model
+    for module, names in state["methods"]:
+        for name in names:
+            module.__dict__.pop(name, None)
+    model.__dict__.pop("umae_losses", None)
+    return model
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return _STATE in model.__dict__

@@ -134,3 +134,34 @@ def test_cuda_compile_inductor_and_fp16_grad_scaler():
         scaler.update()
         opt.zero_grad()
     assert torch.isfinite(loss)
+
+
+def test_timm_kwargs_override_the_named_config():
+    m = timm.create_model("umae_vit_tiny_patch4_32", embed_dim=96, depth=4, num_heads=3, decoder_embed_dim=64,
+                          decoder_depth=2, decoder_num_heads=2, lamb=0.1)
+    assert m.pos_embed.shape[-1] == 96 and len(m.blocks) == 4 and m.blocks[0].attn.num_heads == 3
+    assert m.mask_token.shape[-1] == 64 and len(m.decoder_blocks) == 2 and m.lamb == 0.1
+    assert m.patch_size == 4 and m.img_size == 32  # the rest from the named config
+
+
+def test_checkpoint_path_loads_facebookresearch_mae_checkpoints(tmp_path):
+    src = timm.create_model("umae_vit_micro_patch4_32", fused=False)
+    full = {k: v.clone() for k, v in src.state_dict().items()}
+    torch.save({"model": full}, tmp_path / "full.pth")  # MAE's layout: {"model": state_dict}
+    m = timm.create_model("umae_vit_micro_patch4_32", checkpoint_path=str(tmp_path / "full.pth"))
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in full.items())
+    # encoder-only (mae_pretrain_vit_*.pth): loads the encoder, names the missing decoder keys
+    enc = {k: v for k, v in full.items() if not k.startswith(("decoder_", "mask_token"))}
+    torch.save({"model": enc}, tmp_path / "enc.pth")
+    with pytest.warns(UserWarning, match=r"encoder-only checkpoint.*missing keys: decoder_"):
+        m = timm.create_model("umae_vit_micro_patch4_32", checkpoint_path=str(tmp_path / "enc.pth"))
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in enc.items())
+    # anything else is refused before loading, naming the keys
+    bad = dict(enc, **{"head.weight": torch.ones(3)})
+    torch.save({"model": bad}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match=r"unexpected keys \['head.weight'\]"):
+        timm.create_model("umae_vit_micro_patch4_32", checkpoint_path=str(tmp_path / "bad.pth"))
+    del enc["pos_embed"]
+    torch.save({"model": enc}, tmp_path / "no_pos.pth")
+    with pytest.raises(RuntimeError, match="missing keys.*pos_embed"):
+        timm.create_model("umae_vit_micro_patch4_32", checkpoint_path=str(tmp_path / "no_pos.pth"))

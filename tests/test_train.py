@@ -90,6 +90,25 @@ def test_eval_writes_numbers_and_plot(tmp_path):
     assert os.path.getsize(tmp_path / "ev" / "spectrum.png") > 1000
 
 
+def test_eval_accepts_a_facebookresearch_mae_checkpoint(tmp_path):
+    # {"model": encoder state_dict}, no run record: --model names the architecture
+    import timm
+
+    src = timm.create_model("umae_vit_micro_patch4_32", fused=False)
+    enc = {k: v for k, v in src.state_dict().items() if not k.startswith(("decoder_", "mask_token"))}
+    torch.save({"model": enc}, tmp_path / "mae_pretrain.pth")
+    p = argparse.ArgumentParser()
+    evaluate.add_args(p)
+    a = p.parse_args(["--ckpt", str(tmp_path / "mae_pretrain.pth"), "--pool", "cls", "--max-images", "200",
+                      "--out", str(tmp_path / "ev")])
+    with pytest.raises(ValueError, match="pass --model"):
+        evaluate.evaluate(a)
+    a.model = "umae_vit_micro_patch4_32"
+    with pytest.warns(UserWarning, match="encoder-only"):
+        (r,) = evaluate.evaluate(a)["results"]
+    assert r["model"] == "umae_vit_micro_patch4_32" and 0 <= r["linear_probe_acc"] <= 1
+
+
 def test_spectrum_effective_rank():
     s, er = evaluate.spectrum(torch.randn(4000, 8))
     assert 7.5 < er <= 8

@@ -16,6 +16,8 @@ from . import data as D
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", nargs="+", required=True, help="one or more checkpoints (compare runs)")
     p.add_argument("--data", default=None, help="default: the data set the checkpoint was trained on")
+    p.add_argument("--model", default=None, help="the umae model of a checkpoint that does not record one (a "
+                   "facebookresearch/mae checkpoint, e.g. mae_pretrain_vit_base.pth: umae_vit_base_patch16_224)")
     p.add_argument("--pool", choices=["cls", "mean", "both"], default="both")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction for ImageFolder data")
     p.add_argument("--knn-k", type=int, default=20)
@@ -78,16 +80,23 @@ def spectrum(x):
     return s.float(), float(h.exp())
 
 
-def load_model(path, device):
+def load_model(path, device, model_name=None):
+    """(model, run record, step) of a `umae train` checkpoint, or of a facebookresearch/mae one
+    ({"model": state_dict}, no run record: `model_name` says which umae model it fits)."""
     import timm
 
     from . import models  # noqa: F401
 
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    run = ck["run"]
-    model = timm.create_model(run["model"], fused=False, lamb=run["lamb"])
-    model.load_state_dict(ck["model"])
-    return model.to(device).eval(), run, ck["step"]
+    run = ck.get("run") if isinstance(ck, dict) else None
+    if run is None:
+        if model_name is None:
+            raise ValueError(f"--ckpt {path!r} records no model (a facebookresearch/mae checkpoint?): pass --model, "
+                             "e.g. --model umae_vit_base_patch16_224, and --data")
+        run = dict(model=model_name, lamb=0.0, fused=False, data=None, seed=0)
+    model = timm.create_model(model_name or run["model"], fused=False, lamb=run["lamb"])
+    model.load_state_dict(ck)  # a train checkpoint's "model" entry, or MAE's (encoder-only loads with a warning)
+    return model.to(device).eval(), run, ck.get("step")
 
 
 def evaluate(args) -> dict:
@@ -97,7 +106,7 @@ def evaluate(args) -> dict:
     for path in args.ckpt:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--ckpt {path!r}: no such checkpoint")
-        model, run, step = load_model(path, device)
+        model, run, step = load_model(path, device, args.model)
         data = args.data or run["data"]
         if data in (None, "builtin"):
             tr = D.open_dataset("builtin", True, run["seed"], run.get("builtin_size", D.BUILTIN_SIZE))

@@ -31,9 +31,10 @@ def build(name: str, **kwargs) -> MaskedAutoencoderViT:
         if kwargs.pop(k, None) and k == "pretrained":
             raise ValueError("umae models have no pretrained weights")
     img, p, d, depth, heads, dd, ddepth, dheads = CONFIGS[name]
-    kwargs.setdefault("img_size", img)
-    return MaskedAutoencoderViT(patch_size=p, embed_dim=d, depth=depth, num_heads=heads, decoder_embed_dim=dd,
-                                decoder_depth=ddepth, decoder_num_heads=dheads, **kwargs)
+    # the named config, with any of its values overridden by keyword (as timm's own ViTs)
+    cfg = dict(img_size=img, patch_size=p, embed_dim=d, depth=depth, num_heads=heads, decoder_embed_dim=dd,
+               decoder_depth=ddepth, decoder_num_heads=dheads)
+    return MaskedAutoencoderViT(**{**cfg, **kwargs})
 
 
 for _name in CONFIGS:

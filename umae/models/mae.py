@@ -82,6 +82,29 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
         self.initialize_weights()
 
+    DECODER_KEYS = ("decoder_", "mask_token")  # what an encoder-only checkpoint lacks
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, plus facebookresearch/mae's checkpoints: a `{"model": state_dict}` file is
+        unwrapped (the parameter names are MAE's), and an encoder-only checkpoint (e.g.
+        mae_pretrain_vit_base.pth: no decoder) loads the encoder with a warning naming the missing
+        decoder keys. Any other mismatch raises before anything is loaded, naming the keys."""
+        if "model" in state_dict and isinstance(state_dict["model"], dict):
+            state_dict = state_dict["model"]
+        own = set(self.state_dict().keys())
+        missing = sorted(own - set(state_dict))
+        unexpected = sorted(set(state_dict) - own)
+        encoder_only = bool(missing) and all(k.startswith(self.DECODER_KEYS) for k in missing)
+        if strict and (unexpected or (missing and not encoder_only)):
+            raise RuntimeError(f"checkpoint does not match {type(self).__name__}: missing keys {missing}, "
+                               f"unexpected keys {unexpected}")
+        if strict and encoder_only:
+            import warnings
+
+            warnings.warn(f"encoder-only checkpoint: the decoder keeps its initialization ({len(missing)} missing "
+                          f"keys: {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})", stacklevel=2)
+        return super().load_state_dict(state_dict, strict=False if encoder_only else strict, assign=assign)
+
     @property
     def backend(self) -> str | None:
         """The per-call backend of this model's ops: None follows umae's global switch."""

@@ -100,3 +100,15 @@ def test_traffic_counts_bytes():
                       ("uniformity_loss", dict(N=1100, D=72))]:
         f = traffic.fused_bytes(op, shape)
         assert f["formula"] == f["kernels"] > 0, (op, shape, f)
+
+
+def test_hf_train_step_bench_rows():
+    # transformers' ViTMAE training step, umae.patch'ed (fused) vs unpatched (eager): timed rows, no errors
+    pytest.importorskip("transformers")
+    from umae import bench
+
+    rows = list(bench.run_e2e(["cpu_small"], "cpu", providers=("fused", "eager"), ops=("hf_train_step",)))
+    assert [r["provider"] for r in rows] == ["fused", "eager"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["op"] == "hf_train_step" and r["ms"] > 0 and r["img_per_s"] > 0

@@ -8,13 +8,14 @@ import glob
 import json
 import os
 
+from .runner import E2E_OPS
 from .timing import FUSED_PROVIDERS
 
 
 def add_fractions(rows, ceil):
     """Adds the fraction of the measured copy bandwidth / matrix peak to fused rows."""
     for r in rows:  # fused rows only: the other providers' work differs from the counted bytes / FLOPs
-        if "ms" in r and r["provider"] in FUSED_PROVIDERS and r["op"] != "train_step":
+        if "ms" in r and r["provider"] in FUSED_PROVIDERS and r["op"] not in E2E_OPS:
             r["frac_copy_bw"] = r["gbps"] / ceil["copy_gbps"]
             if r.get("tflops"):
                 r["frac_matmul_peak"] = r["tflops"] / ceil["matmul_tflops"]
@@ -47,7 +48,7 @@ def format_table(rows) -> str:
         tf = f"{r['tflops']:.2f}" if r.get("tflops") else ("%.0f img/s" % r["img_per_s"] if "img_per_s" in r else "-")
         se = f"{r['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in r else ""
         sc = f"{r['speedup_vs_compile']:.2f}" if "speedup_vs_compile" in r else ""
-        par = f"{r['parity_max_abs']:.1e}" if r["provider"] == "fused" and r["op"] != "train_step" else ""
+        par = f"{r['parity_max_abs']:.1e}" if r["provider"] == "fused" and r["op"] not in E2E_OPS else ""
         fb = f"{100 * r['frac_copy_bw']:.0f}%" if r.get("gbps") and "frac_copy_bw" in r else ""
         fm = f"{100 * r['frac_matmul_peak']:.0f}%" if "frac_matmul_peak" in r else ""
         out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<13} "

@@ -101,34 +101,62 @@ E2E = {  # shape set -> (model, batch)
     "cpu_tiny32": ("umae_vit_tiny_patch4_32", 64),
 }
 E2E_DEFAULT = {"cuda": ["vit_tiny32", "vit_b16"], "cpu": ["cpu_small", "cpu_tiny32"]}
+# transformers' ViTMAEForPreTraining, unpatched vs umae.patch: shape set -> (ViTMAEConfig kwargs, batch)
+HF_E2E = {
+    "vit_b16": ({}, 64),  # ViTMAEConfig's defaults: ViT-B/16 at 224, the 512-d 8-block decoder
+    "cpu_small": (dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768,
+                       decoder_hidden_size=128, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
+                       decoder_intermediate_size=512, image_size=32, patch_size=4, norm_pix_loss=True), 64),
+}
+E2E_OPS = ("train_step", "hf_train_step")
 
 
-def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16):
-    """One training step (forward, backward, AdamW) per provider (fused model, reference model, and
-    torch.compile of either), under autocast; images/s."""
+def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16, ops=("train_step",)):
+    """One training step (forward, backward, AdamW) per provider, under autocast; images/s.
+    train_step: umae's model (fused or reference model, and torch.compile of either);
+    hf_train_step: transformers' ViTMAEForPreTraining (umae.patch'ed or not, and compiled)."""
+    with bench_settings():
+        for op in ops:
+            table = E2E if op == "train_step" else HF_E2E
+            for shape in shapes:
+                if shape not in table:
+                    continue
+                for provider in providers:
+                    torch.manual_seed(0)
+                    if op == "train_step":
+                        model, impl, batch = _umae_model(shape, provider), E2E[shape][0], E2E[shape][1]
+                    else:
+                        model, impl, batch = _hf_model(shape, provider), "ViTMAEForPreTraining", HF_E2E[shape][1]
+                    yield _train_step_row(op, model.to(device), impl, batch, shape, provider, device, amp)
+
+
+def _umae_model(shape, provider):
     import timm
 
     from .. import models  # noqa: F401
 
-    with bench_settings():
-        for shape in shapes:
-            if shape not in E2E:
-                continue
-            name, batch = E2E[shape]
-            for provider in providers:
-                yield _train_step_row(timm, name, batch, shape, provider, device, amp)
+    return timm.create_model(E2E[shape][0], fused=provider in FUSED_PROVIDERS, lamb=0.01)
 
 
-def _train_step_row(timm, name, batch, shape, provider, device, amp):
-    torch.manual_seed(0)
+def _hf_model(shape, provider):
+    import transformers
+
+    from .. import patch
+
+    model = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**HF_E2E[shape][0]))
+    return patch(model) if provider in FUSED_PROVIDERS else model
+
+
+def _train_step_row(op, model, impl, batch, shape, provider, device, amp):
     from ..train.main import adamw_impl
 
-    model = timm.create_model(name, fused=provider in FUSED_PROVIDERS, lamb=0.01).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **adamw_impl(torch.device(device)))
     if provider in COMPILED_PROVIDERS:
         torch._dynamo.reset()  # as provider_forward: no model runs past the recompile limit
     net = torch.compile(model) if provider in COMPILED_PROVIDERS else model
-    imgs = torch.randn(batch, 3, model.img_size, model.img_size, device=device)
+    size = model.config.image_size if hasattr(model, "config") else model.img_size
+    chans = model.config.num_channels if hasattr(model, "config") else model.in_chans
+    imgs = torch.randn(batch, chans, size, size, device=device)
 
     def step():
         with torch.autocast(device, dtype=amp):
@@ -136,13 +164,13 @@ def _train_step_row(timm, name, batch, shape, provider, device, amp):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    row = dict(op="train_step", shape=shape, dtype=dtype_name(amp) + "-autocast", mode="step", provider=provider)
+    row = dict(op=op, shape=shape, dtype=dtype_name(amp) + "-autocast", mode="step", provider=provider)
     try:
         peak = peak_mb(step, device)
         ms, lo, hi = time_ms(step, device)
     except Exception as e:
         return dict(row, error=f"{type(e).__name__}: {e}"[:200])
-    return dict(row, impl=name, ms=ms, ms_p20=lo, ms_p80=hi, gbps=0.0, tflops=None, img_per_s=batch / ms * 1e3,
+    return dict(row, impl=impl, ms=ms, ms_p20=lo, ms_p80=hi, gbps=0.0, tflops=None, img_per_s=batch / ms * 1e3,
                 parity_max_abs=float("nan"), peak_mb=peak)
 
 

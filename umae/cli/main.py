@@ -37,7 +37,7 @@ def _bench(args) -> int:
     if args.sweep:
         shapes = (shapes or []) + list(bench.SWEEP)
     for name, values in (("ops", args.ops), ("shapes", shapes)):
-        known = list(registry.OPS) + ["train_step"] if name == "ops" else bench.SHAPES
+        known = list(registry.OPS) + list(bench.E2E_OPS) if name == "ops" else bench.SHAPES
         bad = [v for v in values or [] if v not in known]
         if bad:
             print(f"umae bench: unknown {name} {bad}; choose from {sorted(known)}", file=sys.stderr)
@@ -53,11 +53,13 @@ def _bench(args) -> int:
     fresh = f", into a fresh tensor {ceil['clone_gbps']:.1f} GB/s" if "clone_gbps" in ceil else ""
     print(f"measured ceilings: copy {ceil['copy_gbps']:.1f} GB/s{fresh}, matmul {ceil['matmul_tflops']:.2f} TFLOP/s "
           f"({ceil['matmul_dtype']})")
-    ops = args.ops or list(registry.OPS) + ["train_step"]
-    op_rows = list(bench.run([o for o in ops if o != "train_step"], shapes, args.modes, args.providers, dtypes,
-                             device, progress=not args.no_progress)) if any(o != "train_step" for o in ops) else []
+    ops = args.ops or list(registry.OPS) + list(bench.E2E_OPS)
+    kernel_ops = [o for o in ops if o not in bench.E2E_OPS]
+    op_rows = list(bench.run(kernel_ops, shapes, args.modes, args.providers, dtypes, device,
+                             progress=not args.no_progress)) if kernel_ops else []
     e2e_shapes = shapes or bench.E2E_DEFAULT[device]
-    e2e_rows = list(bench.run_e2e(e2e_shapes, device, args.providers)) if "train_step" in ops else []
+    e2e_ops = [o for o in bench.E2E_OPS if o in ops]
+    e2e_rows = list(bench.run_e2e(e2e_shapes, device, args.providers, ops=e2e_ops)) if e2e_ops else []
     rows = bench.add_fractions(bench.speedups(op_rows + e2e_rows), ceil)
     print(bench.format_table(rows))
     if args.out:
@@ -67,7 +69,7 @@ def _bench(args) -> int:
     if args.profile:
         out = args.out or "."
         os.makedirs(out, exist_ok=True)
-        path = bench.profile([o for o in ops if o != "train_step"], (shapes or ["cpu_small"])[:1],
+        path = bench.profile(kernel_ops, (shapes or ["cpu_small"])[:1],
                              dtypes or [torch.float32], device, os.path.join(out, "trace.json"))
         print(f"wrote {path} (open in chrome://tracing or Perfetto)")
     return 0
@@ -153,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="umae", description="Fused kernels for MAE / U-MAE training.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="fused vs eager reference vs torch.compile(reference), per op")
-    b.add_argument("--ops", nargs="+", help=f"default: all ({', '.join(registry.OPS)}, train_step)")
+    b.add_argument("--ops", nargs="+", help=f"default: all ({', '.join(registry.OPS)}, {', '.join(bench.E2E_OPS)})")
     b.add_argument("--shapes", nargs="+", help=f"shape sets ({', '.join(bench.SHAPES)})")
     b.add_argument("--modes", nargs="+", default=list(bench.MODES), choices=bench.MODES)
     b.add_argument("--providers", nargs="+", default=list(bench.PROVIDERS), choices=bench.PROVIDERS)

@@ -264,3 +264,36 @@ def test_unrecognised_model_is_refused_and_untouched():
     with pytest.raises(TypeError, match="lacks pos_embed, cls_token.*forward_loss"):
         umae.patch(m)
     assert not umae.patching.is_patched(m) and "forward_encoder" not in m.__dict__
+
+
+def _ddp_worker(rank, world, store, out_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = umae.patch(_hf(*HF_CONFIGS[0]), lamb=0.1)  # patched, then wrapped
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    x, noise = _hf_inputs(model, N=2 * 4)
+    out = ddp(x[rank * 4:(rank + 1) * 4], noise=noise[rank * 4:(rank + 1) * 4])
+    out.loss.backward()
+    if rank == 0:
+        grad = model.vit.embeddings.cls_token.grad
+        torch.save(dict(loss_unif=out.loss_unif.detach(), grad=grad), out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_hf_uniformity_over_the_global_batch_under_ddp(tmp_path):
+    # two gloo ranks of 4 images each: the uniformity term is the 8-image batch's on every rank
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank0.pt")
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True, start_method="spawn")
+    got = torch.load(out)
+    model = umae.patch(_hf(*HF_CONFIGS[0]), lamb=0.1)
+    x, noise = _hf_inputs(model, N=8)
+    out = model(x, noise=noise)
+    cls = model.vit(x, noise=noise).last_hidden_state[:, 0]
+    assert_close(got["loss_unif"], uniformity_loss_reference(cls), **LOSS_TOL[torch.float32])
+    # after DDP's averaging, the gradient of the single-process loss over all 8 images
+    out.loss.backward()
+    assert_close(got["grad"], model.vit.embeddings.cls_token.grad, name="cls_token grad", atol=1e-5, rtol=1e-4)

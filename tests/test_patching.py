@@ -146,6 +146,16 @@ def test_hf_uniformity_term():
         umae.patch(transformers.ViTMAEModel(model.config), lamb=0.1)
 
 
+def test_hf_encoder_alone():
+    ref = _hf(*HF_CONFIGS[0]).vit
+    model = umae.patch(copy.deepcopy(ref))
+    x, noise = _hf_inputs(model)
+    a, b = model(x, noise=noise), ref(x, noise=noise)
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.ids_restore, b.ids_restore)
+    assert_close(a.last_hidden_state, b.last_hidden_state, **TOL[torch.float32])
+    assert "forward" in model.embeddings.__dict__ and "forward" not in ref.embeddings.__dict__
+
+
 def test_hf_interpolate_pos_encoding_falls_back_with_one_warning():
     ref, model = _hf(*HF_CONFIGS[0]), umae.patch(_hf(*HF_CONFIGS[0]))
     x, noise = _hf_inputs(model)

@@ -26,6 +26,7 @@ import warnings
 import torch
 
 from . import ops
+from ._tokens import conv_tokens
 
 _STATE = "_umae_patch"  # the patched module's record: {"methods": {module: [names]}, "lamb": ..., ...}
 
@@ -80,7 +81,10 @@ def _hf_embeddings_forward(self, pixel_values, noise=None, interpolate_pos_encod
     H, W = pixel_values.shape[2:]
     if (H, W) != tuple(self.image_size):
         raise ValueError(f"pixel_values are {H}x{W}, the model's image_size is {tuple(self.image_size)}")
-    x = self.patch_embeddings(pixel_values)
+    if pixel_values.shape[1] != self.config.num_channels:
+        raise ValueError(f"pixel_values have {pixel_values.shape[1]} channels, the model's num_channels is "
+                         f"{self.config.num_channels}")
+    x = conv_tokens(self.patch_embeddings.projection, pixel_values)  # contiguous tokens for the gather
     pos = self.position_embeddings
     return ops.random_masking(x, self.config.mask_ratio, noise, pos_embed=pos[:, 1:, :],
                               cls_token=self.cls_token + pos[:, :1, :])
@@ -133,7 +137,11 @@ def _patch_size(model) -> int:
 
 
 def _mae_forward_encoder(self, x, mask_ratio, noise=None):
-    x = self.patch_embed(x)
+    pe = self.patch_embed
+    if isinstance(getattr(pe, "proj", None), torch.nn.Conv2d) and getattr(pe, "flatten", True):
+        x = pe.norm(conv_tokens(pe.proj, x)) if hasattr(pe, "norm") else conv_tokens(pe.proj, x)
+    else:  # another patch embedding: as it is
+        x = pe(x)
     x, mask, ids_restore = ops.random_masking(x, mask_ratio, noise, pos_embed=self.pos_embed[:, 1:, :],
                                               cls_token=self.cls_token + self.pos_embed[:, :1, :])
     for blk in self.blocks:

@@ -13,11 +13,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from .. import ops
+from .._tokens import conv_tokens
 
 
 class MAEOutput(NamedTuple):
@@ -142,9 +142,7 @@ class MaskedAutoencoderViT(nn.Module):
             return pe(imgs)
         if tuple(imgs.shape[-2:]) != tuple(pe.img_size):
             raise ValueError(f"imgs must be {tuple(pe.img_size)} pixels, got {tuple(imgs.shape[-2:])}")
-        w = pe.proj.weight.contiguous(memory_format=torch.channels_last)
-        x = F.conv2d(imgs, w, pe.proj.bias, stride=pe.proj.stride, padding=pe.proj.padding)
-        return pe.norm(x.flatten(2).transpose(1, 2))
+        return pe.norm(conv_tokens(pe.proj, imgs))
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         x = self.embed_patches(imgs)

@@ -84,8 +84,9 @@ def _fwd_bwd(out, inputs):
 
 def collect_launches(op_name: str, shapes=None, models=None):
     """Every launch of op `op_name`'s Triton kernels at: its benchmark cases (the registry's bench
-    shape sets, fp32/bf16/fp16, forward and backward), its test token shapes (contiguous and
-    strided x), and one training step of each umae model (their real strides, under bf16 autocast)."""
+    shape sets, fp32/bf16/fp16, forward and backward, and forward without grad), its test token
+    shapes (contiguous and strided x), and one training step of each umae model (their real
+    strides, under bf16 autocast)."""
     import timm
 
     from umae import models as _models  # noqa: F401  (registers the models with timm)
@@ -107,6 +108,8 @@ def collect_launches(op_name: str, shapes=None, models=None):
                 except cases.NotApplicable:
                     continue
                 _fwd_bwd(c.forward(), c.grad_inputs)
+                with torch.no_grad():  # inference launches (uniformity: no Gram kept for a backward)
+                    c.forward()
         for L, D in op.token_shapes:
             _token_launches(op_name, L, D)
         for m in models:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import interpreted, on_device, sm_count
+from ._util import INTERPRETED, on_device, sm_count
 
 # DOT_DTYPE: the dtype z is rounded to before the products. FP32: IEEE fp32 products (fp32
 # features, and every input under the interpreter, whose bf16 arithmetic is unreliable);
@@ -121,7 +121,9 @@ MIN_ROWS_PER_SPLIT = 512
 
 
 def dot_kind(dtype) -> int:
-    return DOT_IN_FP32.value if interpreted() else _GPU_DOT[dtype]
+    # the import-time flag, as cast_rn's: a compile check records launches with the interpreter's
+    # environment set but compiles for the GPU, whose dot kind this must be
+    return DOT_IN_FP32.value if INTERPRETED.value else _GPU_DOT[dtype]
 
 
 def rounding_dtype(dtype):
@@ -135,7 +137,7 @@ def _as_on_gpu(f, rinv, g=None):
     to f's dtype (round to nearest even), and G too for Z @ G -- by torch before the launch, and
     the kernel multiplies those values in fp32: exact products with fp32 accumulation, as the
     tensor cores do (the interpreter's own bf16 conversion truncates). On the GPU: unchanged."""
-    if not interpreted() or _GPU_DOT[f.dtype] == DOT_IN_FP32.value:
+    if not INTERPRETED.value or _GPU_DOT[f.dtype] == DOT_IN_FP32.value:
         return f, rinv, g
     z = (f.float() * rinv[:, None]).to(f.dtype)
     return z, torch.ones_like(rinv), (g.to(f.dtype).float() if g is not None else None)

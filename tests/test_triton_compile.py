@@ -23,6 +23,9 @@ for key, k, src in _jit.compile_all(_jit.collect_launches({op!r})):
     assert "cubin" in k.asm, key
     specs.append(key[1])
     row = _audit.audit(k, src)
+    lab = _jit.label(src)  # half inputs go to the tensor cores on the GPU (not the interpreter's fp32 dot)
+    if "DOT_DTYPE=" in lab and lab.split("/")[0] in ("bf16", "fp16"):
+        assert ("DOT_DTYPE=1" if lab.startswith("bf16") else "DOT_DTYPE=2") in lab, lab
     bad += [f"{{row['name']}} {{_jit.label(src)}}: {{p}}" for p in _audit.problems(row, {op!r})]
 # what a hand-written signature never compiled: unit strides as constants, 16-divisible pointers
 assert any("('constexpr', 1)" in s for s in specs) and all("'D')" in s for s in specs), specs[:3]

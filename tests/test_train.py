@@ -109,6 +109,32 @@ def test_eval_accepts_a_facebookresearch_mae_checkpoint(tmp_path):
     assert r["model"] == "umae_vit_micro_patch4_32" and 0 <= r["linear_probe_acc"] <= 1
 
 
+def test_digits_data_shapes_labels_and_split():
+    from umae import data as D
+
+    tr, te = D.open_dataset("digits", True), D.open_dataset("digits", False)
+    assert len(tr) + len(te) == 1797 and 340 <= len(te) <= 380
+    x, y = tr.load(0)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and 0 <= y <= 9
+    assert torch.equal(x[0], x[1]) and x.float().std() > 20  # grey as RGB, not blank
+    for ds in (tr, te):  # every class on both sides (stratified), the split fixed across calls
+        assert set(ds.labels.tolist()) == set(range(10))
+    assert torch.equal(D.open_dataset("digits", False).images, te.images)
+    assert not any(torch.equal(te.images[0], tr.images[i]) for i in range(len(tr)))
+
+
+def test_train_and_eval_on_digits(tmp_path):
+    from umae import data as D
+
+    train.train(_args(tmp_path / "d", steps=2, data="digits"))
+    p = argparse.ArgumentParser()
+    evaluate.add_args(p)
+    a = p.parse_args(["--ckpt", str(tmp_path / "d" / "checkpoint-last.pt"), "--pool", "cls", "--out", str(tmp_path / "ev")])
+    (r,) = evaluate.evaluate(a)["results"]
+    assert r["n_test"] == len(D.open_dataset("digits", False))
+    assert 0.1 < r["linear_probe_acc"] <= 1
+
+
 def test_spectrum_effective_rank():
     s, er = evaluate.spectrum(torch.randn(4000, 8))
     assert 7.5 < er <= 8

@@ -62,6 +62,30 @@ def make_shapes(n: int, size: int = 32, seed: int = 0):
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
+DIGITS_TEST_FRACTION = 0.2  # per class, a fixed split shared by every run
+
+
+def make_digits(train: bool, size: int = 32):
+    """`digits`: the 1,797 real handwritten digits (UCI, 8x8, 17 grey levels) that scikit-learn
+    ships, so no download: bilinearly upsampled to size x size, grey replicated to RGB, uint8
+    (n, 3, size, size), labels 0-9. Train / test: a stratified split fixed by seed 0 (20% of each
+    class held out), whatever the run's seed."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    labels = torch.from_numpy(d.target).long()
+    g = torch.Generator().manual_seed(0)
+    test = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(10):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test[idx[:round(len(idx) * DIGITS_TEST_FRACTION)]] = True
+    keep = ~test if train else test
+    x = torch.from_numpy(d.images[keep.numpy()]).float()[:, None] / 16
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return (x.expand(-1, 3, -1, -1) * 255).round().to(torch.uint8), labels[keep]
+
+
 class TensorImages(Dataset):
     """Images held as a uint8 tensor (N, 3, H, W) with labels."""
 
@@ -94,13 +118,17 @@ class FolderImages(Dataset):
 
 def open_dataset(path: str | None, train: bool = True, seed: int = 0, builtin_size: int = BUILTIN_SIZE):
     """'builtin' / None: shapes10 (train: builtin_size images, test: a quarter as many, other seed).
-    A folder with cifar-10-batches-py or cifar-100-python: that CIFAR split. Any other folder:
-    an ImageFolder (class sub-folders of images); `train` is ignored, split it with `split`."""
+    'digits': scikit-learn's handwritten digits at 32x32 (make_digits). A folder with
+    cifar-10-batches-py or cifar-100-python: that CIFAR split. Any other folder: an ImageFolder
+    (class sub-folders of images); `train` is ignored, split it with `split`."""
     if path in (None, "builtin"):
         n = builtin_size if train else builtin_size // 4
         return TensorImages(*make_shapes(n, seed=seed if train else seed + 10_000))
+    if path == "digits":
+        return TensorImages(*make_digits(train))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--data {path!r} is not a directory (use 'builtin' for the embedded data set)")
+        raise FileNotFoundError(f"--data {path!r} is not a directory (use 'builtin' or 'digits' for the data sets "
+                                "that ship offline)")
     import torchvision
 
     if os.path.isdir(os.path.join(path, "cifar-10-batches-py")):

@@ -111,6 +111,8 @@ def evaluate(args) -> dict:
         if data in (None, "builtin"):
             tr = D.open_dataset("builtin", True, run["seed"], run.get("builtin_size", D.BUILTIN_SIZE))
             te = D.open_dataset("builtin", False, run["seed"], run.get("builtin_size", D.BUILTIN_SIZE))
+        elif data == "digits":  # its own fixed test split
+            tr, te = D.open_dataset(data, True), D.open_dataset(data, False)
         else:
             tr = D.open_dataset(data, True)
             if type(tr.ds).__name__ == "ImageFolder":  # no test split of its own: hold part out

@@ -20,8 +20,9 @@ from .log import DeviceStats, Logger
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="builtin",
-                   help="'builtin' (procedurally generated shapes10, no download), a CIFAR-10/100 folder in "
-                        "torchvision's format, or an ImageFolder directory")
+                   help="'builtin' (procedurally generated shapes10, no download), 'digits' (scikit-learn's real "
+                        "handwritten digits, no download), a CIFAR-10/100 folder in torchvision's format, or an "
+                        "ImageFolder directory")
     p.add_argument("--builtin-size", type=int, default=D.BUILTIN_SIZE, help="images in the builtin training set")
     p.add_argument("--model", default="umae_vit_tiny_patch4_32")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,

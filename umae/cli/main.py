@@ -149,6 +149,14 @@ def _eval(args) -> int:
     return 0
 
 
+def _reproduce(args) -> int:
+    from umae.reproduce import reproduce
+
+    reproduce(args)
+    print(f"wrote {args.out}/report.md, spectrum.png, curves.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from umae import bench, registry
 
@@ -181,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="linear probe, kNN and the feature spectrum of checkpoints")
     evaluate.add_args(e)
     e.set_defaults(fn=_eval)
+    from umae import reproduce
+
+    rp = sub.add_parser("reproduce", help="U-MAE's effect in one command: MAE vs U-MAE trained and evaluated "
+                                          "alike, one report folder")
+    reproduce.add_args(rp)
+    rp.set_defaults(fn=_reproduce)
     i = sub.add_parser("info", help="which implementation each op runs on each device, and why")
     i.add_argument("--kernels", action="store_true",
                    help="also compile every Triton kernel specialization for sm_90 and audit it (registers, spills, "

@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from . import ops
-from ._tokens import conv_tokens
+from ._mae import conv_tokens, decode, encode
 
 _STATE = "_umae_patch"  # the patched module's record: {"methods": {module: [names]}, "lamb": ..., ...}
 
@@ -137,16 +137,7 @@ def _patch_size(model) -> int:
 
 
 def _mae_forward_encoder(self, x, mask_ratio, noise=None):
-    pe = self.patch_embed
-    if isinstance(getattr(pe, "proj", None), torch.nn.Conv2d) and getattr(pe, "flatten", True):
-        x = pe.norm(conv_tokens(pe.proj, x)) if hasattr(pe, "norm") else conv_tokens(pe.proj, x)
-    else:  # another patch embedding: as it is
-        x = pe(x)
-    x, mask, ids_restore = ops.random_masking(x, mask_ratio, noise, pos_embed=self.pos_embed[:, 1:, :],
-                                              cls_token=self.cls_token + self.pos_embed[:, :1, :])
-    for blk in self.blocks:
-        x = blk(x)
-    x = self.norm(x)
+    x, mask, ids_restore = encode(self, x, mask_ratio, noise)
     state = getattr(self, _STATE)
     if state["lamb"] > 0:  # picked up by the forward wrapper below
         state["pending_unif"] = _uniformity(state, x)
@@ -154,11 +145,7 @@ def _mae_forward_encoder(self, x, mask_ratio, noise=None):
 
 
 def _mae_forward_decoder(self, x, ids_restore):
-    x = ops.restore_tokens(self.decoder_embed(x), ids_restore, self.mask_token, pos_embed=self.decoder_pos_embed,
-                           has_cls=True)
-    for blk in self.decoder_blocks:
-        x = blk(x)
-    return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+    return decode(self, x, ids_restore)
 
 
 def _mae_forward_loss(self, imgs, pred, mask):

@@ -16,8 +16,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from .. import ops
-from .._tokens import conv_tokens
+from .. import _mae, ops
 
 
 class MAEOutput(NamedTuple):
@@ -132,37 +131,12 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
-    def embed_patches(self, imgs):
-        """timm's PatchEmbed, tokens (N, L, D). Fused: the same conv with its weight viewed
-        channels_last, so the conv writes NHWC and the tokens come out contiguous; timm's NCHW
-        conv gives strides (L*D, 1, L), where the masking gather would touch every 32-byte sector
-        of x to keep 25% of its rows. Same values (CPU: bitwise)."""
-        pe = self.patch_embed
-        if not self.fused:
-            return pe(imgs)
-        if tuple(imgs.shape[-2:]) != tuple(pe.img_size):
-            raise ValueError(f"imgs must be {tuple(pe.img_size)} pixels, got {tuple(imgs.shape[-2:])}")
-        return pe.norm(conv_tokens(pe.proj, imgs))
-
     def forward_encoder(self, imgs, mask_ratio, noise=None):
-        x = self.embed_patches(imgs)
-        cls = self.cls_token + self.pos_embed[:, :1, :]
-        # + pos_embed, random masking, gather of kept tokens and cls prepend: one fused op
-        x, mask, ids_restore = ops.random_masking(x, mask_ratio, noise, pos_embed=self.pos_embed[:, 1:, :],
-                                                  cls_token=cls, backend=self.backend)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x), mask, ids_restore
+        # the fused model's patch tokens come out contiguous for the masking gather (same values)
+        return _mae.encode(self, imgs, mask_ratio, noise, backend=self.backend, token_layout=self.fused)
 
     def forward_decoder(self, x, ids_restore):
-        x = self.decoder_embed(x)
-        # mask tokens, unshuffle, cls and + decoder_pos_embed: one fused op
-        x = ops.restore_tokens(x, ids_restore, self.mask_token, pos_embed=self.decoder_pos_embed, has_cls=True,
-                               backend=self.backend)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:, :]
+        return _mae.decode(self, x, ids_restore, backend=self.backend)
 
     def forward_loss(self, imgs, pred, mask):
         return ops.mae_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss, backend=self.backend)

@@ -18,11 +18,21 @@ import triton
 
 
 @contextlib.contextmanager
-def recording(fns):
-    """Launches of the JITFunctions `fns` are recorded as (fn, args, kwargs), not run."""
+def recording(fns, run: bool = False):
+    """Launches of the kernels `fns` (JITFunctions, or InterpretedFunctions) are recorded as
+    (fn, args, kwargs, grid); not run, unless `run`."""
     launches = []
+
+    def wrap(fn):
+        real = fn.run
+
+        def record(*args, grid, warmup, **kwargs):
+            launches.append((fn, args, kwargs, grid))
+            return real(*args, grid=grid, warmup=warmup, **kwargs) if run else None
+        return record
+
     for fn in fns:
-        fn.run = (lambda f: lambda *args, grid, warmup, **kwargs: launches.append((f, args, kwargs)))(fn)
+        fn.run = wrap(fn)
     try:
         yield launches
     finally:
@@ -155,7 +165,7 @@ def compile_all(launches, target=None):
     """Compile each distinct JIT specialization once; yields (key, compiled kernel, its ASTSource)."""
     target = target or h100()
     seen = set()
-    for fn, args, kwargs in launches:
+    for fn, args, kwargs, _grid in launches:
         key, src, options = specialize(fn, args, kwargs, target)
         if key in seen:
             continue

@@ -24,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _backend, registry
+from ..kernels import _jit
 from . import cases
 
 TRAFFIC_SHAPES = ("vit_b16", "vit_tiny32")
@@ -107,31 +108,6 @@ def eager_bytes(op: str, shape) -> int:
     return m.bytes
 
 
-@contextlib.contextmanager
-def recorded_launches(module):
-    """The launches of `module`'s kernels as they run: (kernel name, arguments by name, grid)."""
-    from ..kernels._jit import kernels_of
-
-    seen = []
-
-    def wrap(fn):
-        run = fn.run
-
-        def recorded(*args, grid, warmup, **kwargs):
-            seen.append((fn.__name__, dict(zip(fn.arg_names, args), **kwargs), grid))
-            return run(*args, grid=grid, warmup=warmup, **kwargs)
-        return recorded
-
-    fns = kernels_of(module)
-    for fn in fns:
-        fn.run = wrap(fn)
-    try:
-        yield seen
-    finally:
-        for fn in fns:
-            del fn.run
-
-
 def fused_bytes(op: str, shape) -> dict | None:
     """{requested, unique} bytes of the Triton path (kernels in the interpreter + aten glue) and
     `formula`: the kernels' requested bytes derived from their launches' grids and block shapes
@@ -144,9 +120,10 @@ def fused_bytes(op: str, shape) -> dict | None:
     m = _AtenBytes()
     module = spec.kernel_module()
     with (_backend.use_backend("fused"), _backend.use_impl("triton-interpreter"), counting_interpreter() as k,
-          recorded_launches(module) as launches):
+          _jit.recording(_jit.kernels_of(module), run=True) as launches):
         _fwd_bwd(c, lambda: m)
-    formula = sum(module.requested_bytes(name, a, grid) for name, a, grid in launches)
+    formula = sum(module.requested_bytes(fn.__name__, dict(zip(fn.arg_names, args), **kwargs), grid)
+                  for fn, args, kwargs, grid in launches)
     return dict(requested=k["requested"] + m.bytes, unique=k["unique"] + m.bytes, kernels=k["requested"],
                 formula=formula)
 

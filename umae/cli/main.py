@@ -9,12 +9,11 @@ import sys
 def _traffic(args) -> int:
     from umae import _backend
 
-    if not _backend.triton_interpreted():  # the kernels are counted in Triton's interpreter: a process that has it
-        import subprocess
-
+    # the kernels are counted in Triton's interpreter: become a process that has it (exec: no orphan child)
+    if not _backend.triton_interpreted():
         cmd = [sys.executable, "-c", "import sys; from umae.cli.main import main; sys.exit(main(sys.argv[1:]))",
                *sys.argv[1:]]
-        return subprocess.run(cmd, env=dict(os.environ, TRITON_INTERPRET="1")).returncode
+        os.execve(sys.executable, cmd, dict(os.environ, TRITON_INTERPRET="1"))
     from umae.bench import traffic
 
     shapes = args.shapes or list(traffic.TRAFFIC_SHAPES)

@@ -29,9 +29,12 @@ def test_reproduce_writes_the_report(tmp_path):
     ev = evaluate.evaluate(e.parse_args(["--ckpt", str(tmp_path / "lamb_0.1" / "checkpoint-last.pt"), "--pool", "cls",
                                          "--max-images", "200", "--out", str(tmp_path / "ev")]))["results"][0]
     mine = next(r for r in res["results"] if r["run"] == "U-MAE (lambda 0.1)" and r["pool"] == "cls")
-    for k in ("effective_rank", "linear_probe_acc", "knn_acc"):
+    for k in ("effective_rank", "effective_rank_cov", "linear_probe_acc", "knn_acc"):
         assert abs(ev[k] - mine[k]) < 1e-6, k
-    assert f"{mine['effective_rank']:.1f} | {mine['linear_probe_acc']:.3f}" in report
+    assert (f"{mine['effective_rank']:.1f} | {mine['effective_rank_cov']:.1f} | {mine['linear_probe_acc']:.3f}"
+            in report)
+    assert curves["U-MAE (lambda 0.1)"]["rank"][-1] == [4, mine["effective_rank"]]  # the curve ends at eval's point
+    assert evaluate.SPECTRUM in json.loads((tmp_path / "eval.json").read_text())["effective_rank"]
 
 
 def test_cifar_preset_needs_data():

@@ -136,10 +136,20 @@ def test_train_and_eval_on_digits(tmp_path):
 
 
 def test_spectrum_effective_rank():
-    s, er = evaluate.spectrum(torch.randn(4000, 8))
-    assert 7.5 < er <= 8
-    x = torch.randn(4000, 1) @ torch.randn(1, 8)
-    assert evaluate.spectrum(x)[1] < 1.1  # collapsed to one dimension
+    # features with known singular values: centered orthonormal columns scaled by sv
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 5, generator=g, dtype=torch.float64)
+    u = torch.linalg.qr(a - a.mean(0))[0]
+    sv = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    x = u @ torch.diag(sv) @ torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0] + 7.0
+    s, er, er_cov = evaluate.spectrum(x)
+    torch.testing.assert_close(s.double(), sv, rtol=1e-5, atol=1e-5)
+    for v, got in ((sv, er), (sv ** 2, er_cov)):
+        p = v / v.sum()
+        assert got == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
+    assert er_cov < er  # squaring weighs the leading directions more
+    assert 7.5 < evaluate.spectrum(torch.randn(4000, 8, generator=g))[1] <= 8
+    assert evaluate.spectrum(torch.randn(4000, 1, generator=g) @ torch.randn(1, 8, generator=g))[1] < 1.1
 
 
 @pytest.mark.parametrize("argv, msg", [

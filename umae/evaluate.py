@@ -1,5 +1,5 @@
 """`umae eval`: linear probe and kNN accuracy on frozen encoder features, and the
-dimensional-collapse view of U-MAE (singular value spectrum of the feature covariance and its
+dimensional-collapse view of U-MAE (singular value spectrum of the centered features and its
 effective rank), as numbers and as a PNG comparing runs."""
 from __future__ import annotations
 
@@ -71,15 +71,24 @@ def knn_accuracy(xtr, ytr, xte, yte, k=20, t=0.07):
     return correct / len(xte)
 
 
+SPECTRUM = ("singular values of the centered feature matrix (n x d); effective rank = exp of the entropy of "
+            "their normalized distribution (Roy & Vetterli 2007)")
+SPECTRUM_COV = "the same over the feature covariance's eigenvalues (the squared singular values / (n - 1))"
+
+
+def _erank(v):
+    p = v / v.sum().clamp_min(1e-30)
+    return float((-(p * p.clamp_min(1e-30).log()).sum()).exp())
+
+
 def spectrum(x):
-    """Singular values of the feature covariance (descending) and the effective rank
-    exp(H(p)), p = s / sum(s): the paper's measure of dimensional collapse."""
+    """Singular values of the centered features (descending), their effective rank and the
+    covariance eigenvalues' effective rank. The covariance's squares the singular values, so it
+    weighs the leading directions more and reads lower on the same features (issue 15: both are
+    reported; `effective_rank` is over the features' own singular values)."""
     x = x.double() - x.double().mean(0)
-    cov = x.T @ x / max(1, len(x) - 1)
-    s = torch.linalg.svdvals(cov).clamp_min(0)
-    p = s / s.sum().clamp_min(1e-30)
-    h = -(p * p.clamp_min(1e-30).log()).sum()
-    return s.float(), float(h.exp())
+    s = torch.linalg.svdvals(x)
+    return s.float(), _erank(s), _erank(s.square())
 
 
 def load_model(path, device, model_name=None):
@@ -125,16 +134,17 @@ def evaluate(args) -> dict:
         for pool in pools:
             xtr, ytr = extract(model, tr, pool, args.batch_size, device, args.max_images)
             xte, yte = extract(model, te, pool, args.batch_size, device, args.max_images)
-            s, erank = spectrum(xtr)
+            s, erank, erank_cov = spectrum(xtr)
             name = f"{run_name} ({pool})"
             spectra[name] = s
             results.append(dict(name=name, ckpt=path, step=step, model=run["model"], lamb=run["lamb"], fused=run["fused"],
                                 pool=pool, linear_probe_acc=linear_probe(xtr, ytr, xte, yte),
                                 knn_acc=knn_accuracy(xtr, ytr, xte, yte, args.knn_k), effective_rank=erank,
+                                effective_rank_cov=erank_cov,
                                 feature_dim=xtr.shape[1], n_train=len(xtr), n_test=len(xte)))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(dict(results=results, spectra={k: v.tolist() for k, v in spectra.items()}), f, indent=1)
+        json.dump(dict(effective_rank=SPECTRUM, effective_rank_cov=SPECTRUM_COV, results=results, spectra={k: v.tolist() for k, v in spectra.items()}), f, indent=1)
     plot_spectra(spectra, {r["name"]: r["effective_rank"] for r in results}, os.path.join(args.out, "spectrum.png"))
     return dict(results=results)
 
@@ -150,7 +160,7 @@ def plot_spectra(spectra, eranks, path):
         ax.semilogy((s / s.sum()).clamp_min(1e-12).numpy(), label=f"{name}: eff. rank {eranks[name]:.1f}")
     ax.set_xlabel("singular value index")
     ax.set_ylabel("normalized singular value (log)")
-    ax.set_title("Feature covariance spectrum (dimensional collapse)")
+    ax.set_title("Singular values of the centered features (dimensional collapse)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -68,11 +68,12 @@ def _steps_and_warmup(a, preset: dict) -> tuple[int, int | None]:
     return preset["epochs"] * per_epoch, preset["warmup_epochs"] * per_epoch
 
 
-def _rank_curve(run_dir: str, ds, a) -> list[tuple[int, float]]:
-    """(step, effective rank of the cls features of `ds`) at each saved checkpoint."""
-    points = []
+def _rank_curve(run_dir: str, ds, a, known: dict) -> list[tuple[int, float]]:
+    """(step, effective rank of the cls features of `ds`) at each saved checkpoint; `known`:
+    {step: rank} already measured (the last checkpoint, by the evaluation)."""
+    points = list(known.items())
     for f in os.listdir(run_dir):
-        if f.startswith("checkpoint-") and f[len("checkpoint-"):-3].isdigit():
+        if f.startswith("checkpoint-") and f[len("checkpoint-"):-3].isdigit() and int(f[11:-3]) not in known:
             model, _, step = evaluate.load_model(os.path.join(run_dir, f), a.device_obj)
             x, _ = evaluate.extract(model, ds, "cls", 256, a.device_obj, a.eval_images)
             points.append((step, evaluate.spectrum(x)[1]))
@@ -95,22 +96,26 @@ def reproduce(a) -> dict:
 
     t0 = time.perf_counter()
     runs, logs = {}, {}
-    for lamb in a.lambdas:
+    for i, lamb in enumerate(a.lambdas):
         name = "MAE" if lamb == 0 else f"U-MAE (lambda {lamb:g})"
         run_dir = os.path.join(a.out, f"lamb_{lamb:g}")
         print(f"umae reproduce: training {name}, {steps} steps -> {run_dir}", flush=True)
-        logs[name] = train_main.train(_train_args(a, preset, lamb, run_dir, ckpt_every, steps))
+        t = _train_args(a, preset, lamb, run_dir, ckpt_every, steps)
+        t.progress_desc = f"[{i + 1}/{len(a.lambdas)}] {name}"
+        logs[name] = train_main.train(t)
         runs[name] = run_dir
 
     # the same evaluation code as `umae eval`, on every run's last checkpoint
     ev = argparse.Namespace(ckpt=[os.path.join(d, "checkpoint-last.pt") for d in runs.values()], data=a.data,
                             model=None, pool="both", holdout=0.2, knn_k=20, max_images=a.eval_images, batch_size=256,
                             out=a.out, device=str(a.device_obj))
+    print(f"umae reproduce: evaluating {len(runs)} runs, then the effective rank at each checkpoint", flush=True)
     results = evaluate.evaluate(ev)["results"]
-    eval_ds = D.open_dataset(a.data, True)  # the training images, as eval's spectrum
-    curves = {name: dict(log=logs[name], rank=_rank_curve(d, eval_ds, a)) for name, d in runs.items()}
     for r, name in zip(results, [n for n in runs for _ in range(2)]):
         r["run"] = name
+    eval_ds = D.open_dataset(a.data, True)  # the training images, as eval's spectrum
+    last = {r["run"]: {r["step"]: r["effective_rank"]} for r in results if r["pool"] == "cls"}
+    curves = {name: dict(log=logs[name], rank=_rank_curve(d, eval_ds, a, last[name])) for name, d in runs.items()}
     minutes = (time.perf_counter() - t0) / 60
     settings = dict(preset=a.preset, data=a.data, model=a.model, steps=steps, batch_size=a.batch_size,
                     lr=preset["lr"], blr=preset["blr"], warmup_steps=a.warmup_steps, seed=a.seed, lambdas=a.lambdas,
@@ -127,14 +132,14 @@ def reproduce(a) -> dict:
 def report_md(results, settings) -> str:
     lines = ["# umae reproduce: MAE vs U-MAE", "",
              "Same seed, data, batches and masks for every run; evaluated with `umae eval`'s code "
-             "(linear probe: L-BFGS logistic regression on standardized frozen features; kNN k=20; "
-             "effective rank: exp of the entropy of the feature covariance's normalized singular values).", "",
-             "| run | features | effective rank | linear probe | kNN |", "|---|---|---|---|---|"]
+             "(linear probe: L-BFGS logistic regression on standardized frozen features; kNN k=20). "
+             f"Effective rank: {evaluate.SPECTRUM}; (cov): {evaluate.SPECTRUM_COV}.", "",
+             "| run | features | effective rank | (cov) | linear probe | kNN |", "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['run']} | {r['pool']} | {r['effective_rank']:.1f} | {r['linear_probe_acc']:.3f} | "
-                     f"{r['knn_acc']:.3f} |")
+        lines.append(f"| {r['run']} | {r['pool']} | {r['effective_rank']:.1f} | {r['effective_rank_cov']:.1f} | "
+                     f"{r['linear_probe_acc']:.3f} | {r['knn_acc']:.3f} |")
     lines += ["", "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()), "",
-              "Files: spectrum.png (feature covariance spectra), curves.png (loss_mae, loss_unif, effective "
+              "Files: spectrum.png (singular value spectra of the features), curves.png (loss_mae, loss_unif, effective "
               "rank of the cls features over training), eval.json, curves.json, lamb_*/ (checkpoints, log.jsonl).", ""]
     return "\n".join(lines)
 

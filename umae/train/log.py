@@ -38,7 +38,7 @@ class DeviceStats:
 
 
 class Logger:
-    def __init__(self, out: str, rank: int, total: int, start_step: int, progress: bool):
+    def __init__(self, out: str, rank: int, total: int, start_step: int, progress: bool, desc: str = "umae train"):
         self.rank = rank
         self.file = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
         self.tb = None
@@ -51,7 +51,7 @@ class Logger:
         self.bar = None
         if rank == 0 and progress:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start_step, desc="umae train", unit="step")
+            self.bar = tqdm(total=total, initial=start_step, desc=desc, unit="step")
         self.records: list[dict] = []
         self.t0, self.imgs = time.perf_counter(), 0
 

@@ -149,7 +149,8 @@ def train(args) -> list[dict]:
                 scaler=scaler, device=device, rank=rank, world=world, num_patches=model.patch_embed.num_patches,
                 total=total, warmup=warmup, lr=lr,
                 amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
-                logger=Logger(args.out, rank, total, step, progress=not args.no_progress),
+                logger=Logger(args.out, rank, total, step, progress=not args.no_progress,
+                                desc=getattr(args, "progress_desc", "umae train")),
                 stats=DeviceStats(device), run_info=run_info)
 
     micro = step * args.accum_iter

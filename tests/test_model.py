@@ -165,3 +165,56 @@ def test_checkpoint_path_loads_facebookresearch_mae_checkpoints(tmp_path):
     torch.save({"model": enc}, tmp_path / "no_pos.pth")
     with pytest.raises(RuntimeError, match="missing keys.*pos_embed"):
         timm.create_model("umae_vit_micro_patch4_32", checkpoint_path=str(tmp_path / "no_pos.pth"))
+
+
+def _trained_norm(norm, seed=3):
+    g = torch.Generator().manual_seed(seed)  # away from (1, 0): a second norm is not ~identity
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
+        norm.bias.copy_(0.5 * torch.randn(norm.bias.shape, generator=g))
+
+
+@pytest.mark.parametrize("double", [True, False])
+def test_uniformity_cls_feature_as_the_official_forward(double):
+    from umae.uniformity_op import uniformity_loss_reference
+
+    fused, ref = _pair("cpu", lamb=0.1, cls_double_norm=double)
+    for m in (fused, ref):
+        _trained_norm(m.norm)
+    imgs, noise = torch.randn(7, 3, 32, 32), torch.rand(7, 64)
+    out = fused(imgs, noise=noise)
+    official = uniformity_loss_reference(ref.norm(out.latent)[:, 0])  # U-MAE: cls_feats = self.norm(latent)[:, 0]
+    once = uniformity_loss_reference(out.latent[:, 0])
+    assert (official - once).abs() > 1e-3
+    assert_close(out.loss_unif, official if double else once, name="loss_unif", atol=1e-6, rtol=1e-5)
+    assert_close(ref(imgs, noise=noise).loss_unif, out.loss_unif, name="reference model", atol=1e-6, rtol=1e-5)
+    assert timm.create_model("umae_vit_micro_patch4_32").cls_double_norm  # the default: the official forward
+
+
+def test_online_probe_trains_only_the_probe():
+    torch.manual_seed(0)
+    m = timm.create_model("umae_vit_micro_patch4_32", fused=True, lamb=0.1, probe_classes=10)
+    imgs, noise, labels = torch.randn(9, 3, 32, 32), torch.rand(9, 64), torch.randint(0, 10, (9,))
+    out = m(imgs, noise=noise, labels=labels)
+    logits = m.fc(m.norm(out.latent)[:, 0])
+    assert_close(out.loss_probe, torch.nn.functional.cross_entropy(logits, labels), name="loss_probe", atol=1e-6, rtol=1e-5)
+    assert int(out.probe_correct) == int((logits.argmax(1) == labels).sum())
+    assert_close(out.loss, out.loss_mae + 0.1 * out.loss_unif + out.loss_probe, name="loss", atol=1e-6, rtol=1e-5)
+    out.loss_probe.backward(retain_graph=True)  # the probe's loss reaches the probe only
+    grads = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == {"fc.weight", "fc.bias"}
+    m.zero_grad()
+    out.loss.backward()
+    assert m.cls_token.grad.abs().sum() > 0
+    assert m(imgs, noise=noise).loss_probe is None  # no labels: no probe term
+
+
+def test_checkpoint_with_the_official_probe_loads_without_one(tmp_path):
+    src = timm.create_model("umae_vit_micro_patch4_32", probe_classes=10)
+    sd = dict(src.state_dict(), **{"fc_norm.weight": torch.ones(64), "fc_norm.bias": torch.zeros(64)})
+    dst = timm.create_model("umae_vit_micro_patch4_32")
+    with pytest.warns(UserWarning, match="online-probe keys are not loaded: fc.bias, fc.weight, fc_norm.bias"):
+        dst.load_state_dict({"model": sd})
+    assert torch.equal(dst.cls_token, src.cls_token)
+    with pytest.warns(UserWarning, match="encoder-only"):  # a model with a probe, a checkpoint without
+        timm.create_model("umae_vit_micro_patch4_32", probe_classes=10).load_state_dict(dst.state_dict())

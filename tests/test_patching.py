@@ -133,12 +133,26 @@ def test_hf_state_dict_to_deepcopy_and_return_dict():
     assert isinstance(t, tuple) and torch.equal(t[0], a.loss)
 
 
-def test_hf_uniformity_term():
-    model = umae.patch(_hf(*HF_CONFIGS[0]), lamb=0.1)
+def _trained_norm(norm, seed=3):
+    """A final norm away from its (1, 0) init, where a second application is not ~identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
+        norm.bias.copy_(0.5 * torch.randn(norm.bias.shape, generator=g))
+    return norm
+
+
+@pytest.mark.parametrize("double", [True, False])
+def test_hf_uniformity_term(double):
+    model = umae.patch(_hf(*HF_CONFIGS[0]), lamb=0.1, cls_double_norm=double)
+    _trained_norm(model.vit.layernorm)
     x, noise = _hf_inputs(model, N=6)
     out = model(x, noise=noise)
-    cls = model.vit(x, noise=noise).last_hidden_state[:, 0]  # after the encoder's final norm
-    assert_close(out.loss_unif, uniformity_loss_reference(cls), **LOSS_TOL[torch.float32])
+    latent = model.vit(x, noise=noise).last_hidden_state  # after the encoder's final norm
+    official = uniformity_loss_reference(model.vit.layernorm(latent)[:, 0])  # U-MAE's norm(latent)[:, 0]
+    once = uniformity_loss_reference(latent[:, 0])
+    assert (official - once).abs() > 1e-3  # the two choices differ here
+    assert_close(out.loss_unif, official if double else once, **LOSS_TOL[torch.float32])
     assert_close(out.loss, out.loss_mae + 0.1 * out.loss_unif, **LOSS_TOL[torch.float32])
     out.loss.backward()
     assert model.vit.embeddings.cls_token.grad.abs().sum() > 0
@@ -242,11 +256,15 @@ def test_mae_style_patched_matches_the_reference_model(dtype):
 
 def test_mae_style_uniformity_term_and_unpatch():
     ref, model = _mae_pair(lamb=0.05)
+    _trained_norm(ref.norm), _trained_norm(model.norm)
     x, noise = torch.randn(6, 3, 32, 32), torch.rand(6, 64)
     loss, pred, mask = model(x, noise=noise)
     latent = ref.forward_encoder(x, 0.75, noise)[0]
     terms = model.umae_losses
-    assert_close(terms["loss_unif"], uniformity_loss_reference(latent[:, 0]), **LOSS_TOL[torch.float32])
+    assert_close(terms["loss_unif"], uniformity_loss_reference(ref.norm(latent)[:, 0]), **LOSS_TOL[torch.float32])
+    umae.patch(model, lamb=0.05, cls_double_norm=False)
+    model(x, noise=noise)
+    assert_close(model.umae_losses["loss_unif"], uniformity_loss_reference(latent[:, 0]), **LOSS_TOL[torch.float32])
     assert_close(loss, terms["loss_mae"] + 0.05 * terms["loss_unif"], **LOSS_TOL[torch.float32])
     loss.backward()
     umae.unpatch(model)
@@ -302,7 +320,7 @@ def test_hf_uniformity_over_the_global_batch_under_ddp(tmp_path):
     model = umae.patch(_hf(*HF_CONFIGS[0]), lamb=0.1)
     x, noise = _hf_inputs(model, N=8)
     out = model(x, noise=noise)
-    cls = model.vit(x, noise=noise).last_hidden_state[:, 0]
+    cls = model.vit.layernorm(model.vit(x, noise=noise).last_hidden_state)[:, 0]
     assert_close(got["loss_unif"], uniformity_loss_reference(cls), **LOSS_TOL[torch.float32])
     # after DDP's averaging, the gradient of the single-process loss over all 8 images
     out.loss.backward()

@@ -46,6 +46,14 @@ def encode(m, imgs, mask_ratio, noise=None, *, backend=None, token_layout: bool 
     return m.norm(x), mask, ids_restore
 
 
+def cls_feature(latent, norm=None):
+    """The encoder's cls feature for U-MAE's term: latent[:, 0], or norm(latent[:, 0]) where
+    U-MAE's official forward applies the encoder norm a second time (norm(latent)[:, 0]; the
+    norm is per row, so only the cls row is normed)."""
+    cls = latent[:, 0]
+    return cls if norm is None else norm(cls)
+
+
 def decode(m, x, ids_restore, *, backend=None):
     """MAE's forward_decoder: mask tokens, unshuffle, cls and + decoder_pos_embed in one op, the
     blocks, norm and prediction; the cls row dropped."""

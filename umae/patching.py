@@ -14,7 +14,7 @@ Recognised models:
 Patching is per instance: the patched methods are instance attributes bound to the module (the
 class and its other instances are untouched), so `unpatch` deletes them; parameters and
 `state_dict()` are not touched. `lamb > 0` adds U-MAE's uniformity term on the encoder's cls
-feature after the final norm to the returned loss, over the global batch when
+feature (the final norm applied twice, as U-MAE's official forward) to the returned loss, over the global batch when
 torch.distributed is initialised with more than one rank (as umae's own model under DDP).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from . import ops
-from ._mae import conv_tokens, decode, encode
+from ._mae import cls_feature, conv_tokens, decode, encode
 
 _STATE = "_umae_patch"  # the patched module's record: {"methods": {module: [names]}, "lamb": ..., ...}
 
@@ -56,9 +56,9 @@ def _global_group():
     return None
 
 
-def _uniformity(state, latent):
-    return ops.uniformity_loss(latent[:, 0], exclude_diagonal=state["exclude_diagonal"],
-                               process_group=_global_group())
+def _uniformity(state, latent, norm):
+    cls = cls_feature(latent, norm if state["cls_double_norm"] else None)
+    return ops.uniformity_loss(cls, exclude_diagonal=state["exclude_diagonal"], process_group=_global_group())
 
 
 _warned_interpolate = False
@@ -115,7 +115,7 @@ def _hf_pretraining_forward(self, pixel_values=None, noise=None, interpolate_pos
     loss_mae = ops.mae_loss(logits, pixel_values, mask, cfg.patch_size, norm_pix=bool(cfg.norm_pix_loss))
     loss, loss_unif = loss_mae, None
     if state["lamb"] > 0:
-        loss_unif = _uniformity(state, latent)
+        loss_unif = _uniformity(state, latent, self.vit.layernorm)
         loss = loss_mae + state["lamb"] * loss_unif
     result = sys.modules[type(self).__module__].ViTMAEForPreTrainingOutput(
         loss=loss, logits=logits, mask=mask, ids_restore=ids_restore, hidden_states=out.hidden_states,
@@ -140,7 +140,7 @@ def _mae_forward_encoder(self, x, mask_ratio, noise=None):
     x, mask, ids_restore = encode(self, x, mask_ratio, noise)
     state = getattr(self, _STATE)
     if state["lamb"] > 0:  # picked up by the forward wrapper below
-        state["pending_unif"] = _uniformity(state, x)
+        state["pending_unif"] = _uniformity(state, x, self.norm)
     return x, mask, ids_restore
 
 
@@ -173,11 +173,13 @@ def _bind(module, name: str, fn, record: dict) -> None:
     record.setdefault(id(module), (module, []))[1].append(name)
 
 
-def patch(model: torch.nn.Module, *, lamb: float = 0.0, exclude_diagonal: bool = False) -> torch.nn.Module:
+def patch(model: torch.nn.Module, *, lamb: float = 0.0, exclude_diagonal: bool = False,
+          cls_double_norm: bool = True) -> torch.nn.Module:
     """Route `model`'s masking, decoder restore and reconstruction loss through umae's ops (in
     place; returns `model`). Idempotent: patching a patched model re-applies it with the new
-    `lamb` / `exclude_diagonal`. `lamb > 0`: the returned loss gains lamb * U-MAE's uniformity
-    term on the encoder's cls feature after the final norm; the terms are on the output
+    settings. `lamb > 0`: the returned loss gains lamb * U-MAE's uniformity term on the
+    encoder's cls feature: after the final norm and, as U-MAE's official forward
+    (cls_double_norm=True), that norm applied once more; the terms are on the output
     (transformers: `out.loss_mae`, `out.loss_unif`) or in `model.umae_losses` (MAE-style).
     Raises TypeError, patching nothing, for a model it does not recognise."""
     kind = _kind(model)
@@ -205,6 +207,7 @@ def patch(model: torch.nn.Module, *, lamb: float = 0.0, exclude_diagonal: bool =
             _bind(model, "forward", _mae_forward, record)
     # a plain dict attribute (not a Module / Parameter): invisible to state_dict and .to()
     object.__setattr__(model, _STATE, dict(kind=kind, lamb=lamb, exclude_diagonal=bool(exclude_diagonal),
+                                           cls_double_norm=bool(cls_double_norm),
                                            methods=list(record.values())))
     return model
 

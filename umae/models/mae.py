@@ -26,6 +26,8 @@ class MAEOutput(NamedTuple):
     pred: torch.Tensor  # (N, L, p*p*C)
     mask: torch.Tensor  # (N, L), 1 = removed
     latent: torch.Tensor  # (N, 1 + len_keep, D), after the encoder norm
+    loss_probe: torch.Tensor | None = None  # the online probe's cross-entropy (in `loss`; it trains only the probe)
+    probe_correct: torch.Tensor | None = None  # its correct predictions in this batch (a count, on the device)
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, cls_token: bool = False) -> np.ndarray:
@@ -54,8 +56,11 @@ class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True, lamb=0.01, fused=True,
-                 exclude_diagonal=False, exact_ddp_grad=True):
+                 exclude_diagonal=False, exact_ddp_grad=True, cls_double_norm=True, probe_classes=0):
         super().__init__()
+        # U-MAE's official forward takes its cls feature as norm(latent)[:, 0], the encoder norm
+        # applied a second time; False: latent[:, 0]
+        self.cls_double_norm = bool(cls_double_norm)
         self.patch_size, self.in_chans, self.img_size = patch_size, in_chans, img_size
         self.norm_pix_loss, self.lamb = norm_pix_loss, float(lamb)
         self.fused = bool(fused)
@@ -80,8 +85,11 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
         self.initialize_weights()
+        # U-MAE's online linear probe (its `fc`, nn.Linear's own init) on the detached cls feature
+        self.fc = nn.Linear(embed_dim, probe_classes) if probe_classes else None
 
     DECODER_KEYS = ("decoder_", "mask_token")  # what an encoder-only checkpoint lacks
+    PROBE_KEYS = ("fc.", "fc_norm.")  # U-MAE's online probe: optional in a checkpoint and in the model
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """nn.Module's, plus facebookresearch/mae's checkpoints: a `{"model": state_dict}` file is
@@ -91,9 +99,15 @@ class MaskedAutoencoderViT(nn.Module):
         if "model" in state_dict and isinstance(state_dict["model"], dict):
             state_dict = state_dict["model"]
         own = set(self.state_dict().keys())
+        extra_probe = sorted(k for k in state_dict if k.startswith(self.PROBE_KEYS) and k not in own)
+        if extra_probe:  # a U-MAE checkpoint's probe, into a model without one (or its fc_norm)
+            import warnings
+
+            warnings.warn(f"the checkpoint's online-probe keys are not loaded: {', '.join(extra_probe)}", stacklevel=2)
+            state_dict = {k: v for k, v in state_dict.items() if k not in extra_probe}
         missing = sorted(own - set(state_dict))
         unexpected = sorted(set(state_dict) - own)
-        encoder_only = bool(missing) and all(k.startswith(self.DECODER_KEYS) for k in missing)
+        encoder_only = bool(missing) and all(k.startswith(self.DECODER_KEYS + self.PROBE_KEYS) for k in missing)
         if strict and (unexpected or (missing and not encoder_only)):
             raise RuntimeError(f"checkpoint does not match {type(self).__name__}: missing keys {missing}, "
                                f"unexpected keys {unexpected}")
@@ -141,20 +155,31 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_loss(self, imgs, pred, mask):
         return ops.mae_loss(pred, imgs, mask, self.patch_size, norm_pix=self.norm_pix_loss, backend=self.backend)
 
-    def forward_uniformity(self, latent):
-        cls = latent[:, 0]
+    def cls_feature(self, latent):
+        """The cls feature U-MAE's term and probe see (per row, so norm(latent)[:, 0] = norm(latent[:, 0]))."""
+        return _mae.cls_feature(latent, self.norm if self.cls_double_norm else None)
+
+    def forward_uniformity(self, cls):
         if self.lamb == 0:  # plain MAE: still reported, not differentiated
             cls = cls.detach()
         return ops.uniformity_loss(cls, normalize=True, exclude_diagonal=self.exclude_diagonal,
                                    process_group=self.unif_process_group, exact_ddp_grad=self.exact_ddp_grad,
                                    backend=self.backend)
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None) -> MAEOutput:
+    def forward(self, imgs, mask_ratio=0.75, noise=None, labels=None) -> MAEOutput:
+        """labels: the batch's class labels, for the online probe (probe_classes > 0)."""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss_mae = self.forward_loss(imgs, pred, mask)
-        loss_unif = self.forward_uniformity(latent)
-        return MAEOutput(loss_mae + self.lamb * loss_unif, loss_mae, loss_unif, pred, mask, latent)
+        cls = self.cls_feature(latent)
+        loss_unif = self.forward_uniformity(cls)
+        loss = loss_mae + self.lamb * loss_unif
+        if self.fc is None or labels is None:
+            return MAEOutput(loss, loss_mae, loss_unif, pred, mask, latent)
+        logits = self.fc(cls.detach())  # trains the probe only, as U-MAE's
+        loss_probe = torch.nn.functional.cross_entropy(logits.float(), labels)
+        correct = (logits.argmax(1) == labels).sum()
+        return MAEOutput(loss + loss_probe, loss_mae, loss_unif, pred, mask, latent, loss_probe, correct)
 
     @torch.no_grad()
     def features(self, imgs, pool="cls"):

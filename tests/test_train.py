@@ -203,3 +203,77 @@ def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
     recs = train.train(_args(tmp_path, steps=6, log_every=3, ckpt_every=0))
     assert [r["step"] for r in recs] == [3, 6]
     assert calls == [("tolist", os.path.join("train", "log.py"))] * 2, calls
+
+
+def test_weight_decay_follows_mae_rule():
+    import timm
+
+    m = timm.create_model("umae_vit_micro_patch4_32")
+    # facebookresearch/mae's add_weight_decay: no decay for 1-d parameters and biases, all else decays
+    official = {n for n, p in m.named_parameters() if p.requires_grad and not (p.ndim == 1 or n.endswith(".bias"))}
+    names = {id(p): n for n, p in m.named_parameters()}
+    for decay_tokens, expect in ((True, official), (False, official - {"cls_token", "mask_token"})):
+        groups = train.param_groups(m, 0.05, decay_tokens)
+        decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+        assert decayed == expect
+        assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in m.parameters())
+    assert {"cls_token", "mask_token"} <= official and "pos_embed" not in official  # frozen: in no group
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    from umae.models import MaskedAutoencoderViT
+
+    calls = []
+    real = MaskedAutoencoderViT.forward_loss
+
+    def poisoned(self, *a):  # a finite loss for 5 steps, then NaN
+        calls.append(1)
+        loss = real(self, *a)
+        return loss * float("nan") if len(calls) > 5 else loss
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    out = tmp_path / "nan"
+    rc = main(["train", "--model", "umae_vit_micro_patch4_32", "--builtin-size", "64", "--batch-size", "16",
+               "--steps", "8", "--ckpt-every", "4", "--log-every", "3", "--lr", "1e-3", "--num-workers", "0",
+               "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "the loss is not finite (loss, loss_mae) at a step in 5..6" in err, err
+    assert f"the last checkpoint: {out / 'checkpoint-4.pt'} (step 4)" in err
+    assert sorted(os.listdir(out)) == ["checkpoint-4.pt", "checkpoint-last.pt", "log.jsonl"] or \
+        set(os.listdir(out)) - {"tb"} == {"checkpoint-4.pt", "checkpoint-last.pt", "log.jsonl"}
+    ck = torch.load(out / "checkpoint-last.pt", weights_only=False)
+    assert ck["step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    logged = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in logged] == [3, 4, 6] and logged[-1]["loss"] != logged[-1]["loss"]
+
+
+def test_clip_grad_clips_and_is_neutral_when_loose(tmp_path):
+    base = train.train(_args(tmp_path / "a", steps=3, num_workers=0))
+    loose = train.train(_args(tmp_path / "b", steps=3, num_workers=0, clip_grad=1e9))
+    tight = train.train(_args(tmp_path / "c", steps=3, num_workers=0, clip_grad=1e-3))
+    assert [r["loss"] for r in loose] == [r["loss"] for r in base]
+    assert tight[0]["loss"] == base[0]["loss"] and tight[2]["loss"] != base[2]["loss"]
+    assert tight[0]["grad_norm"] > 1e-3 and "grad_norm" not in base[0]  # the norm before clipping
+    with pytest.raises(ValueError, match="--clip-grad must be > 0"):
+        train.train(_args(tmp_path / "d", clip_grad=0.0))
+
+
+def test_online_probe_logs_accuracy_and_evaluates(tmp_path):
+    recs = train.train(_args(tmp_path / "p", steps=4, online_probe=True, num_workers=0))
+    assert all(0 <= r["probe_acc"] <= 1 and r["loss_probe"] > 0 for r in recs)
+    ck = torch.load(tmp_path / "p" / "checkpoint-last.pt", weights_only=False)
+    assert ck["run"]["probe_classes"] == 10 and ck["model"]["fc.weight"].shape == (10, 64)
+    model, run, step = evaluate.load_model(str(tmp_path / "p" / "checkpoint-last.pt"), "cpu")
+    assert model.fc is not None and step == 4
+    with pytest.raises(ValueError, match="probe_classes=10.*probe_classes=0"):  # a resume must keep the probe
+        train.train(_args(tmp_path / "q", steps=6, resume=str(tmp_path / "p" / "checkpoint-last.pt")))
+
+
+def test_amp_default_and_tf32(monkeypatch):
+    from umae.train.main import resolve_amp
+
+    assert resolve_amp("auto", torch.device("cpu")) == "none"  # the CPU stays fp32 unless asked
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_amp("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_amp("auto", torch.device("cuda")) == "none"
+    assert resolve_amp("fp16", torch.device("cuda")) == "fp16" and resolve_amp("bf16", torch.device("cpu")) == "bf16"

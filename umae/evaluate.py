@@ -105,7 +105,8 @@ def load_model(path, device, model_name=None):
             raise ValueError(f"--ckpt {path!r} records no model (a facebookresearch/mae checkpoint?): pass --model, "
                              "e.g. --model umae_vit_base_patch16_224, and --data")
         run = dict(model=model_name, lamb=0.0, fused=False, data=None, seed=0)
-    model = timm.create_model(model_name or run["model"], fused=False, lamb=run["lamb"])
+    model = timm.create_model(model_name or run["model"], fused=False, lamb=run["lamb"],
+                              probe_classes=run.get("probe_classes", 0), cls_double_norm=run.get("cls_double_norm", True))
     model.load_state_dict(ck)  # a train checkpoint's "model" entry, or MAE's (encoder-only loads with a warning)
     return model.to(device).eval(), run, ck.get("step")
 

@@ -35,8 +35,11 @@ def _bench(args) -> int:
     shapes = args.shapes
     if args.sweep:
         shapes = (shapes or []) + list(bench.SWEEP)
+    from umae.bench import loader
+
     for name, values in (("ops", args.ops), ("shapes", shapes)):
-        known = list(registry.OPS) + list(bench.E2E_OPS) if name == "ops" else bench.SHAPES
+        known = list(registry.OPS) + list(bench.E2E_OPS) + [loader.OP] if name == "ops" else \
+            list(bench.SHAPES) + list(loader.SHAPES)
         bad = [v for v in values or [] if v not in known]
         if bad:
             print(f"umae bench: unknown {name} {bad}; choose from {sorted(known)}", file=sys.stderr)
@@ -52,7 +55,15 @@ def _bench(args) -> int:
     fresh = f", into a fresh tensor {ceil['clone_gbps']:.1f} GB/s" if "clone_gbps" in ceil else ""
     print(f"measured ceilings: copy {ceil['copy_gbps']:.1f} GB/s{fresh}, matmul {ceil['matmul_tflops']:.2f} TFLOP/s "
           f"({ceil['matmul_dtype']})")
-    ops = args.ops or list(registry.OPS) + list(bench.E2E_OPS)
+    ops = args.ops or list(registry.OPS) + list(bench.E2E_OPS) + [loader.OP]
+    if loader.OP in ops:  # the input pipeline alone, on the host
+        lrows = list(loader.rows([s for s in shapes or [] if s in loader.SHAPES] or None))
+        print("input pipeline (umae/bench/loader.py): decode + MAE's augmentation + collate, no model; host CPU")
+        print(loader.format_rows(lrows) + "\n")
+        ops = [o for o in ops if o != loader.OP]
+        shapes = [s for s in shapes or [] if s not in loader.SHAPES] or None
+        if not ops:
+            return 0
     kernel_ops = [o for o in ops if o not in bench.E2E_OPS]
     op_rows = list(bench.run(kernel_ops, shapes, args.modes, args.providers, dtypes, device,
                              progress=not args.no_progress)) if kernel_ops else []
@@ -129,8 +140,13 @@ def _kernel_audit() -> int:
 
 def _train(args) -> int:
     from umae.train import train
+    from umae.train.engine import NonFiniteLoss
 
-    recs = train(args)
+    try:
+        recs = train(args)
+    except NonFiniteLoss as e:
+        print(f"umae train: stopped: {e}", file=sys.stderr)
+        return 1
     if recs:
         print(f"done: {recs[-1]['step']} steps, loss {recs[-1]['loss']:.4f}, {recs[-1]['img_per_s']:.0f} img/s; "
               f"checkpoints and log.jsonl in {args.out}")
@@ -162,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="umae", description="Fused kernels for MAE / U-MAE training.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="fused vs eager reference vs torch.compile(reference), per op")
-    b.add_argument("--ops", nargs="+", help=f"default: all ({', '.join(registry.OPS)}, {', '.join(bench.E2E_OPS)})")
+    b.add_argument("--ops", nargs="+",
+                   help=f"default: all ({', '.join(registry.OPS)}, {', '.join(bench.E2E_OPS)}, loader)")
     b.add_argument("--shapes", nargs="+", help=f"shape sets ({', '.join(bench.SHAPES)})")
     b.add_argument("--modes", nargs="+", default=list(bench.MODES), choices=bench.MODES)
     b.add_argument("--providers", nargs="+", default=list(bench.PROVIDERS), choices=bench.PROVIDERS)

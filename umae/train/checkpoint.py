@@ -26,9 +26,16 @@ def save(out: str, step: int, model, opt, scaler, run: dict) -> str:
     return path
 
 
+def read(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def load(path: str, model, opt, scaler) -> int:
     """Restores the states in place; returns the step to continue from."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return restore(read(path), model, opt, scaler)
+
+
+def restore(ck: dict, model, opt, scaler) -> int:
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     scaler.load_state_dict(ck["scaler"])

@@ -1,15 +1,22 @@
-"""One training epoch (MAE's engine_pretrain.py). Nothing in the loop reads a device value
-on the host except at log steps (every --log-every optimizer steps) and checkpoints."""
+"""The training steps (MAE's engine_pretrain.py). Nothing in the loop reads a device value on
+the host except at log steps (every --log-every optimizer steps) and checkpoints: the loss
+statistics are read there, and a non-finite loss since the last read stops the run before
+anything is saved (NonFiniteLoss), as MAE's per-step check would, without its per-step sync."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import torch
 
 from . import checkpoint
 from .lr_sched import lr_at, set_lr
-from .log import DeviceStats, Logger
+from .log import LOSS_FIELDS, DeviceStats, Logger
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss was not finite: the run stopped; the last checkpoint is the last good state."""
 
 NOISE_SEED_STRIDE = 1_000_003  # masking noise seed = seed * stride + micro step
 
@@ -30,10 +37,13 @@ class Loop:
     total: int
     warmup: int
     lr: float
+    batches_per_epoch: int
     amp_dtype: torch.dtype | None
     logger: Logger
     stats: DeviceStats
     run_info: dict
+    last_ckpt: tuple | None = None  # (path, step) of the last checkpoint saved or resumed from
+    last_read: int = 0  # the step of the last statistics read
 
 
 def masking_noise(loop: Loop, micro: int) -> torch.Tensor:
@@ -45,33 +55,57 @@ def masking_noise(loop: Loop, micro: int) -> torch.Tensor:
     return noise[loop.rank * a.batch_size:(loop.rank + 1) * a.batch_size]
 
 
-def train_one_epoch(loop: Loop, loader, epoch: int, step: int, micro: int) -> tuple[int, int]:
-    """Runs the loader's batches (or up to the last step); returns (step, micro step)."""
+def check_finite(loop: Loop, step: int, stats: dict) -> None:
+    bad = [k for k in LOSS_FIELDS if k in stats and not math.isfinite(stats[k])]
+    if not bad:
+        return
+    terms = ", ".join(f"{k} {stats[k]:.4g}" for k in LOSS_FIELDS if k in stats)
+    last = (f"{loop.last_ckpt[0]} (step {loop.last_ckpt[1]})" if loop.last_ckpt else
+            "none (the run saved no checkpoint before this)")
+    raise NonFiniteLoss(
+        f"the loss is not finite ({', '.join(bad)}) at a step in {loop.last_read + 1}..{step}; means over those "
+        f"steps: {terms}. Stopped without saving; the last checkpoint: {last}. Resume from it with a lower "
+        "--blr or --lr, --clip-grad (e.g. 1.0), or --amp bf16 instead of fp16.")
+
+
+def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
+    """Runs the loader's batches up to the last step; returns (step, micro step)."""
     a = loop.args
-    for imgs, _ in loader:
+    probe = "probe_acc" in loop.stats.fields
+    for imgs, labels in loader:
+        epoch = micro // loop.batches_per_epoch
         noise = masking_noise(loop, micro)
         imgs, noise = imgs.to(loop.device, non_blocking=True), noise.to(loop.device, non_blocking=True)
+        extra = (labels.to(loop.device, non_blocking=True),) if probe else ()
         last = (micro + 1) % a.accum_iter == 0
         sync = contextlib.nullcontext() if (last or loop.world == 1) else loop.net.no_sync()
         with sync:
             with torch.autocast(loop.device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
-                out = loop.fwd(imgs, a.mask_ratio, noise)
+                out = loop.fwd(imgs, a.mask_ratio, noise, *extra)
             loop.scaler.scale(out.loss / a.accum_iter).backward()
         micro += 1
         loop.logger.images(imgs.shape[0] * loop.world)
         if not last:
             continue
         set_lr(loop.opt, lr_at(step, loop.total, loop.warmup, loop.lr, a.min_lr))
+        grad_norm = None
+        if a.clip_grad is not None:  # on the true gradient: unscaled first (fp16)
+            loop.scaler.unscale_(loop.opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(loop.model.parameters(), a.clip_grad)
         loop.scaler.step(loop.opt)
         loop.scaler.update()
         loop.opt.zero_grad(set_to_none=True)
         step += 1
         loop.logger.step()
-        loop.stats.add(out)
-        if step % a.log_every == 0 or step == loop.total:
-            loop.logger.log(step, epoch, loop.opt.param_groups[0]["lr"], loop.stats.read(loop.world))
-        if loop.rank == 0 and ((a.ckpt_every and step % a.ckpt_every == 0) or step == loop.total):
-            checkpoint.save(a.out, step, loop.model, loop.opt, loop.scaler, loop.run_info)
+        loop.stats.add(out, imgs.shape[0], grad_norm)
+        save = (a.ckpt_every and step % a.ckpt_every == 0) or step == loop.total
+        if step % a.log_every == 0 or save:  # every rank reads (all-reduced): all stop together
+            stats = loop.stats.read(loop.world)
+            loop.logger.log(step, epoch, loop.opt.param_groups[0]["lr"], stats)
+            check_finite(loop, step, stats)
+            loop.last_read = step
+        if save and loop.rank == 0:
+            loop.last_ckpt = (checkpoint.save(a.out, step, loop.model, loop.opt, loop.scaler, loop.run_info), step)
         if step >= loop.total:
             break
     return step, micro

@@ -10,17 +10,27 @@ import time
 import torch
 
 FIELDS = ("loss", "loss_mae", "loss_unif")
+PROBE_FIELDS = ("loss_probe", "probe_acc")  # with --online-probe
+LOSS_FIELDS = ("loss", "loss_mae", "loss_unif", "loss_probe")  # a non-finite one stops the run
 
 
 class DeviceStats:
-    """Sums of (loss, loss_mae, loss_unif) since the last read, kept on the device."""
+    """Sums of the logged terms since the last read, kept on the device: (loss, loss_mae,
+    loss_unif[, loss_probe, probe_acc][, grad_norm]). A non-finite loss makes its sum non-finite,
+    so the read at a log step sees it without a per-step check."""
 
-    def __init__(self, device):
-        self.sum = torch.zeros(len(FIELDS), device=device)
+    def __init__(self, device, probe: bool = False, grad_norm: bool = False):
+        self.fields = FIELDS + (PROBE_FIELDS if probe else ()) + (("grad_norm",) if grad_norm else ())
+        self.sum = torch.zeros(len(self.fields), device=device)
         self.count = 0
 
-    def add(self, out) -> None:
-        self.sum += torch.stack([getattr(out, f).detach().float() for f in FIELDS])
+    def add(self, out, batch: int, grad_norm=None) -> None:
+        vals = [out.loss, out.loss_mae, out.loss_unif]
+        if "probe_acc" in self.fields:
+            vals += [out.loss_probe, out.probe_correct / batch]
+        if grad_norm is not None:
+            vals.append(grad_norm)
+        self.sum += torch.stack([v.detach().float() for v in vals])
         self.count += 1
 
     def read(self, world: int) -> dict:
@@ -34,7 +44,7 @@ class DeviceStats:
         vals = s.tolist()
         self.sum.zero_()
         self.count = 0
-        return dict(zip(FIELDS, vals))
+        return dict(zip(self.fields, vals))
 
 
 class Logger:
@@ -72,10 +82,12 @@ class Logger:
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
         if self.tb:
-            for k in (*FIELDS, "lr", "img_per_s"):
-                self.tb.add_scalar(k, rec[k], step)
+            for k, v in rec.items():
+                if k not in ("step", "epoch"):
+                    self.tb.add_scalar(k, v, step)
         if self.bar:
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", unif=f"{rec['loss_unif']:.4f}",
+            extra = dict(probe=f"{rec['probe_acc']:.3f}") if "probe_acc" in rec else {}
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", unif=f"{rec['loss_unif']:.4f}", **extra,
                                  img_s=f"{rec['img_per_s']:.0f}")
 
     def close(self) -> None:

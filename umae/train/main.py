@@ -1,9 +1,11 @@
 """Setup of a training run (MAE's main_pretrain.py): arguments, processes and devices, model,
 data, optimizer and resume, then the epochs.
 
-AdamW (betas 0.9/0.95, weight decay 0.05 except biases, norms, tokens; fused on CUDA, foreach
-on CPU), lr = blr * effective batch / 256, gradient accumulation, AMP (bf16, or fp16 with a
-grad scaler), torchrun DDP with the uniformity loss over the global batch, exact resume.
+AdamW (betas 0.9/0.95, weight decay 0.05 except 1-d parameters and biases, MAE's rule, through
+timm's param_groups_weight_decay; fused on CUDA, foreach on CPU), lr = blr * effective batch /
+256, gradient accumulation, optional gradient clipping, AMP (bf16 by default on GPUs that have
+it, or fp16 with a grad scaler; TF32 matmuls on CUDA), torchrun DDP with the uniformity loss
+over the global batch, U-MAE's online linear probe, a stop on a non-finite loss, exact resume.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from .. import data as D
 from . import checkpoint
-from .engine import Loop, train_one_epoch
+from .engine import Loop, train_steps
 from .log import DeviceStats, Logger
 
 
@@ -28,6 +30,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="fused kernels (default) or the pure-PyTorch references")
     p.add_argument("--lamb", type=float, default=0.01, help="uniformity weight (0 = plain MAE)")
+    p.add_argument("--cls-double-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="U-MAE's cls feature as its official forward: the encoder norm applied twice")
+    p.add_argument("--online-probe", action="store_true",
+                   help="train U-MAE's online linear classifier on the detached cls feature; log its accuracy")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
@@ -39,13 +45,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--decay-tokens", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight-decay cls_token and mask_token, as MAE's rule (only 1-d parameters and biases "
+                        "are exempt); default: on, or the resumed checkpoint's choice")
+    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm (default: off, as MAE)")
+    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on a GPU that supports it, none (fp32) otherwise")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/umae")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N optimizer steps (0: at the end)")
     p.add_argument("--resume", default=None, help="checkpoint to resume from")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=None, help="loader processes (default: the machine's cores)")
     p.add_argument("--log-every", type=int, default=10,
                    help="optimizer steps between log records (the only host syncs of the loop)")
     p.add_argument("--device", default=None, help="default: cuda when available")
@@ -63,17 +74,24 @@ def validate(args):
     for k in ("batch_size", "accum_iter", "epochs", "log_every"):
         if getattr(args, k) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        raise ValueError(f"--clip-grad must be > 0, got {args.clip_grad}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.resume and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint")
 
 
-def param_groups(model, weight_decay):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name else decay).append(p)
-    return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=weight_decay)]
+TOKENS = ("cls_token", "mask_token")
+
+
+def param_groups(model, weight_decay, decay_tokens=True):
+    """MAE's rule (its add_weight_decay, timm's param_groups_weight_decay): no decay on 1-d
+    parameters and biases. decay_tokens=False also exempts cls_token and mask_token (as timm's
+    ViTs' no_weight_decay, and umae before 0.2)."""
+    from timm.optim import param_groups_weight_decay
+
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=() if decay_tokens else TOKENS)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -101,7 +119,24 @@ def adamw_impl(device) -> dict:
 
 
 def make_optimizer(model, args, lr, device):
-    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95), **adamw_impl(device))
+    return torch.optim.AdamW(param_groups(model, args.weight_decay, args.decay_tokens), lr=lr, betas=(0.9, 0.95),
+                             **adamw_impl(device))
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """'auto': bf16 on a CUDA device that supports it (SDPA then reaches its flash kernel), fp32
+    elsewhere (the CPU stays fp32 unless asked)."""
+    if amp != "auto":
+        return amp
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# what a resumed run must share with its checkpoint (the model's structure and the optimizer's groups)
+RESUME_KEYS = ("model", "probe_classes", "decay_tokens")
 
 
 def train(args) -> list[dict]:
@@ -116,9 +151,20 @@ def train(args) -> list[dict]:
     device = pick_device(args)
     torch.manual_seed(args.seed)
 
-    model = timm.create_model(args.model, fused=args.fused, lamb=args.lamb, norm_pix_loss=args.norm_pix_loss)
-    model.to(device)
+    if device.type == "cuda":  # fp32 matmuls (the non-autocast ones) on TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    args.amp = resolve_amp(args.amp, device)
+    ck = checkpoint.read(args.resume) if args.resume else None
+    prev = (ck.get("run") or {}) if ck else {}
+    if args.decay_tokens is None:  # a checkpoint from before the rule recorded it had tokens exempt
+        args.decay_tokens = prev.get("decay_tokens", False) if ck else True
+
     ds = D.open_dataset(args.data, train=True, seed=args.seed, builtin_size=args.builtin_size)
+    probe_classes = D.num_classes(ds) if args.online_probe else 0
+    model = timm.create_model(args.model, fused=args.fused, lamb=args.lamb, norm_pix_loss=args.norm_pix_loss,
+                              cls_double_norm=args.cls_double_norm, probe_classes=probe_classes)
+    model.to(device)
     gb = args.batch_size * world
     if len(ds) < gb:
         raise ValueError(f"the data set has {len(ds)} images, fewer than one global batch ({gb})")
@@ -129,12 +175,22 @@ def train(args) -> list[dict]:
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total // 20)
     eff_batch = gb * args.accum_iter
     lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    run_info = dict(model=args.model, fused=args.fused, lamb=args.lamb, mask_ratio=args.mask_ratio, data=args.data,
+                    builtin_size=args.builtin_size, seed=args.seed, norm_pix_loss=args.norm_pix_loss,
+                    cls_double_norm=args.cls_double_norm, probe_classes=probe_classes,
+                    decay_tokens=args.decay_tokens, amp=args.amp)
 
     opt = make_optimizer(model, args, lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step = 0
-    if args.resume:
-        step = checkpoint.load(args.resume, model, opt, scaler)
+    if ck:
+        differ = [k for k in RESUME_KEYS if k in prev and prev[k] != run_info[k]]
+        if differ:
+            raise ValueError(f"--resume {args.resume!r}: the checkpoint was trained with "
+                             + ", ".join(f"{k}={prev[k]!r}" for k in differ) + "; this run has "
+                             + ", ".join(f"{k}={run_info[k]!r}" for k in differ))
+        step = checkpoint.restore(ck, model, opt, scaler)
+        del ck
         for group in opt.param_groups:  # the saved groups carry the saving machine's choice
             group.update(adamw_impl(device))
     if world > 1:
@@ -143,24 +199,25 @@ def train(args) -> list[dict]:
     else:
         net = model
     os.makedirs(args.out, exist_ok=True)
-    run_info = dict(model=args.model, fused=args.fused, lamb=args.lamb, mask_ratio=args.mask_ratio, data=args.data,
-                    builtin_size=args.builtin_size, seed=args.seed, norm_pix_loss=args.norm_pix_loss)
     loop = Loop(args=args, model=model, fwd=torch.compile(net) if args.compile else net, net=net, opt=opt,
                 scaler=scaler, device=device, rank=rank, world=world, num_patches=model.patch_embed.num_patches,
-                total=total, warmup=warmup, lr=lr,
+                total=total, warmup=warmup, lr=lr, batches_per_epoch=batches_per_epoch,
                 amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
                 logger=Logger(args.out, rank, total, step, progress=not args.no_progress,
-                                desc=getattr(args, "progress_desc", "umae train")),
-                stats=DeviceStats(device), run_info=run_info)
+                              desc=getattr(args, "progress_desc", "umae train")),
+                stats=DeviceStats(device, probe=bool(probe_classes), grad_norm=args.clip_grad is not None),
+                run_info=run_info, last_ckpt=(args.resume, step) if args.resume else None, last_read=step)
 
+    # one loader for the rest of the run: its workers live across epochs
     micro = step * args.accum_iter
+    sampler.epoch, sampler.start_batch = divmod(micro, batches_per_epoch)
+    sampler.num_batches = (total - step) * args.accum_iter
+    workers = default_workers() if args.num_workers is None else args.num_workers
+    loader = torch.utils.data.DataLoader(aug, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         prefetch_factor=4 if workers else None)
     try:
-        while step < total:
-            epoch, start = divmod(micro, batches_per_epoch)
-            sampler.epoch, sampler.start_batch, aug.epoch = epoch, start, epoch
-            loader = torch.utils.data.DataLoader(aug, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                                 num_workers=args.num_workers, pin_memory=device.type == "cuda")
-            step, micro = train_one_epoch(loop, loader, epoch, step, micro)
+        train_steps(loop, loader, step, micro)
     finally:
         loop.logger.close()
     if world > 1:

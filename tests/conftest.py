@@ -27,3 +27,10 @@ def _seed_and_backend(request):
     with _backend.use_impl(impl) if impl else contextlib.nullcontext():
         yield
     umae.set_backend(prev)
+
+
+def pytest_configure(config):
+    # umae.data silences torchvision 0.29's deprecation of its decoders once per process; pytest
+    # resets warning filters per test, so say it here too
+    config.addinivalue_line("filterwarnings",
+                            "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")

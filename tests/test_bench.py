@@ -112,3 +112,20 @@ def test_hf_train_step_bench_rows():
     for r in rows:
         assert "error" not in r, r
         assert r["op"] == "hf_train_step" and r["ms"] > 0 and r["img_per_s"] > 0
+
+
+def test_loader_bench(monkeypatch, capsys):
+    from umae.bench import loader
+    from umae.cli.main import main
+    from umae.train.main import default_workers
+
+    monkeypatch.setitem(loader.SHAPES, "builtin32", dict(loader.SHAPES["builtin32"], images=96, batch=32))
+    monkeypatch.setitem(loader.SHAPES, "jpeg224", dict(loader.SHAPES["jpeg224"], images=12, batch=4, hw=(90, 70)))
+    assert main(["bench", "--device", "cpu", "--ops", "loader", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    rows = [r.split() for r in out.splitlines() if r.startswith("loader ")]
+    assert [(r[1], r[2]) for r in rows] == [(s, w) for s in ("builtin32", "jpeg224")
+                                           for w in sorted({"0", str(default_workers())}, key=int)]
+    assert all(float(r[-1]) > 0 for r in rows)
+    (r,) = loader.rows(["jpeg224"], workers=[0])
+    assert r["dtype"] == "torch.float32" and r["sample"] == (3, 224, 224)

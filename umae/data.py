@@ -6,6 +6,7 @@ and a DDP run sees the same global batches as a single process.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -98,9 +99,43 @@ class TensorImages(Dataset):
     def load(self, i):
         return self.images[i], int(self.labels[i])
 
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1
+
+
+@functools.cache
+def _tv_decode():
+    """torchvision.io's decoder, or None where it is gone. torchvision 0.29 deprecates it for
+    TorchCodec and warns on every call; it still decodes, and that one warning is silenced (the
+    deprecation is not the user's to act on)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
+    try:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+    except ImportError:
+        return None
+    return decode_image, read_file, ImageReadMode.RGB
+
+
+def _decode_file(path: str) -> torch.Tensor:
+    """An image file as uint8 RGB (3, H, W): torchvision's decode_image (libjpeg-turbo / libpng,
+    no PIL object) for JPEG and PNG, which is where it is faster (umae bench --ops loader); PIL for
+    the rest."""
+    if path.lower().endswith((".jpg", ".jpeg", ".png")) and _tv_decode() is not None:
+        decode_image, read_file, rgb = _tv_decode()
+        return decode_image(read_file(path), mode=rgb)
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
 
 class FolderImages(Dataset):
-    """torchvision ImageFolder / CIFAR-10/100 (torchvision's on-disk format), as uint8 CHW tensors."""
+    """torchvision ImageFolder / CIFAR-10/100 (torchvision's on-disk format), as uint8 CHW tensors:
+    CIFAR's arrays are read as they are held, ImageFolder files are decoded by _decode_file."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -108,12 +143,14 @@ class FolderImages(Dataset):
     def __len__(self):
         return len(self.ds)
 
-    def load(self, i):
-        import numpy as np
+    def num_classes(self) -> int:
+        return len(self.ds.classes)
 
-        img, label = self.ds[i]
-        a = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
-        return a.permute(2, 0, 1), int(label)
+    def load(self, i):
+        if hasattr(self.ds, "samples"):  # ImageFolder: (path, label)
+            path, label = self.ds.samples[i]
+            return _decode_file(path), int(label)
+        return torch.from_numpy(self.ds.data[i]).permute(2, 0, 1), int(self.ds.targets[i])  # CIFAR: HWC uint8
 
 
 def open_dataset(path: str | None, train: bool = True, seed: int = 0, builtin_size: int = BUILTIN_SIZE):
@@ -158,6 +195,10 @@ def _load(ds, i):
     return ds.load(i)
 
 
+def num_classes(ds) -> int:
+    return num_classes(ds.dataset) if isinstance(ds, torch.utils.data.Subset) else ds.num_classes()
+
+
 def random_resized_crop_params(h, w, g, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop.get_params, drawing from generator g."""
     area = h * w
@@ -176,8 +217,12 @@ def random_resized_crop_params(h, w, g, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 class Augmented(Dataset):
-    """MAE's pretraining augmentation (random resized crop 0.2-1, bicubic; horizontal flip;
-    normalize), seeded per (seed, epoch, index)."""
+    """MAE's pretraining augmentation (random resized crop 0.2-1 and bicubic resize, as its PIL
+    transform: antialiased, rounded to uint8; horizontal flip; normalize), seeded per (seed,
+    epoch, index). The crop and flip are views of the uint8 image and the resize runs on uint8
+    (torchvision's v2 kernel): only the size x size result becomes float. Indexed by `i` (the
+    current `epoch`) or by `(epoch, i)`, as ResumableSampler yields, so one DataLoader and its
+    workers serve every epoch."""
 
     def __init__(self, ds, size: int, seed: int, train: bool = True):
         self.ds, self.size, self.seed, self.train, self.epoch = ds, size, seed, train, 0
@@ -185,35 +230,50 @@ class Augmented(Dataset):
     def __len__(self):
         return len(self.ds)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as VF
+
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         img, label = _load(self.ds, i)
-        x = img.float().div_(255)
         if self.train:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-            t, l, h, w = random_resized_crop_params(x.shape[1], x.shape[2], g)
-            x = x[:, t:t + h, l:l + w]
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+            t, l, h, w = random_resized_crop_params(img.shape[1], img.shape[2], g)
+            img = img[:, t:t + h, l:l + w]
             if bool(torch.rand((), generator=g) < 0.5):
-                x = x.flip(-1)
-        x = F.interpolate(x[None], size=(self.size, self.size), mode="bicubic", align_corners=False)[0]
+                img = img.flip(-1)
+        if tuple(img.shape[1:]) != (self.size, self.size):
+            img = VF.resize(img, [self.size, self.size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        x = img.float().div_(255)
         return (x - MEAN[:, None, None]) / STD[:, None, None], label
 
 
 class ResumableSampler(Sampler):
-    """Epoch-seeded permutation, sliced into global batches; rank r takes its part of each.
-    `start_batch` skips batches already done in the epoch (exact resume)."""
+    """Epoch-seeded permutations, sliced into global batches; rank r takes its part of each.
+    Yields (epoch, index) from batch `start_batch` of `epoch` on, for `num_batches` batches
+    (default: to the end of that epoch), crossing epochs: one DataLoader iterator, and its
+    workers, serve the whole run, and a resumed run continues exactly."""
 
     def __init__(self, n, global_batch, seed, rank=0, world=1):
         self.n, self.gb, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_batch, self.num_batches = 0, 0, None
 
     def batches_per_epoch(self):
         return self.n // self.gb
 
+    def _remaining(self):
+        return self.batches_per_epoch() - self.start_batch if self.num_batches is None else self.num_batches
+
     def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)).tolist()
         b = self.gb // self.world
-        for k in range(self.start_batch, self.batches_per_epoch()):
-            yield from perm[k * self.gb + self.rank * b:k * self.gb + (self.rank + 1) * b]
+        epoch, k, left = self.epoch, self.start_batch, self._remaining()
+        while left > 0:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)).tolist()
+            for k in range(k, min(self.batches_per_epoch(), k + left)):
+                for i in perm[k * self.gb + self.rank * b:k * self.gb + (self.rank + 1) * b]:
+                    yield epoch, i
+                left -= 1
+            epoch, k = epoch + 1, 0
 
     def __len__(self):
-        return (self.batches_per_epoch() - self.start_batch) * (self.gb // self.world)
+        return self._remaining() * (self.gb // self.world)

@@ -123,8 +123,9 @@ def _decode_file(path: str) -> torch.Tensor:
     """An image file as uint8 RGB (3, H, W): torchvision's decode_image (libjpeg-turbo / libpng,
     no PIL object) for JPEG and PNG, which is where it is faster (umae bench --ops loader); PIL for
     the rest."""
-    if path.lower().endswith((".jpg", ".jpeg", ".png")) and _tv_decode() is not None:
-        decode_image, read_file, rgb = _tv_decode()
+    tv = _tv_decode()
+    if tv is not None and path.lower().endswith((".jpg", ".jpeg", ".png")):
+        decode_image, read_file, rgb = tv
         return decode_image(read_file(path), mode=rgb)
     import numpy as np
     from PIL import Image

@@ -145,7 +145,8 @@ def evaluate(args) -> dict:
                                 feature_dim=xtr.shape[1], n_train=len(xtr), n_test=len(xte)))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(dict(effective_rank=SPECTRUM, effective_rank_cov=SPECTRUM_COV, results=results, spectra={k: v.tolist() for k, v in spectra.items()}), f, indent=1)
+        json.dump(dict(effective_rank=SPECTRUM, effective_rank_cov=SPECTRUM_COV, results=results,
+                       spectra={k: v.tolist() for k, v in spectra.items()}), f, indent=1)
     plot_spectra(spectra, {r["name"]: r["effective_rank"] for r in results}, os.path.join(args.out, "spectrum.png"))
     return dict(results=results)
 

@@ -73,7 +73,8 @@ def _rank_curve(run_dir: str, ds, a, known: dict) -> list[tuple[int, float]]:
     {step: rank} already measured (the last checkpoint, by the evaluation)."""
     points = list(known.items())
     for f in os.listdir(run_dir):
-        if f.startswith("checkpoint-") and f[len("checkpoint-"):-3].isdigit() and int(f[11:-3]) not in known:
+        n = f[len("checkpoint-"):-len(".pt")]
+        if f.startswith("checkpoint-") and n.isdigit() and int(n) not in known:
             model, _, step = evaluate.load_model(os.path.join(run_dir, f), a.device_obj)
             x, _ = evaluate.extract(model, ds, "cls", 256, a.device_obj, a.eval_images)
             points.append((step, evaluate.spectrum(x)[1]))

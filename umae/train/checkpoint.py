@@ -30,12 +30,8 @@ def read(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def load(path: str, model, opt, scaler) -> int:
-    """Restores the states in place; returns the step to continue from."""
-    return restore(read(path), model, opt, scaler)
-
-
 def restore(ck: dict, model, opt, scaler) -> int:
+    """Restores a read checkpoint's states in place; returns the step to continue from."""
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     scaler.load_state_dict(ck["scaler"])

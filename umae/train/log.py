@@ -11,7 +11,7 @@ import torch
 
 FIELDS = ("loss", "loss_mae", "loss_unif")
 PROBE_FIELDS = ("loss_probe", "probe_acc")  # with --online-probe
-LOSS_FIELDS = ("loss", "loss_mae", "loss_unif", "loss_probe")  # a non-finite one stops the run
+LOSS_FIELDS = FIELDS + PROBE_FIELDS[:1]  # the losses: a non-finite one stops the run
 
 
 class DeviceStats:

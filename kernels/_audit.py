@@ -184,7 +184,7 @@ def extension():
     import umae
 
     so = glob.glob(os.path.join(os.path.dirname(umae.__file__), "_C*.so"))
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "csrc")
     if len(so) == 1 and os.path.isdir(csrc) and b"SM_900" in open(so[0], "rb").read():
         return so[0], csrc
     return None

@@ -43,6 +43,26 @@ __device__ __forceinline__ void store(T* p, const Pack<T, VEC>& v) {
                : "memory");
 }
 
+// The shared-memory side of a 16-byte move. load/store above are global-only (ld.global.nc,
+// st.global): given a shared address they fault with cudaErrorInvalidAddressSpace, so the staging
+// buffer is read and written through these, which compile to LDS.128 / STS.128.
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_smem(const T* p) {
+  static_assert(sizeof(T) * VEC == 16, "load_smem: 16-byte packs only");
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  Pack<T, VEC> v;
+  memcpy(&v, &u, 16);
+  return v;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_smem(T* p, const Pack<T, VEC>& v) {
+  static_assert(sizeof(T) * VEC == 16, "store_smem: 16-byte packs only");
+  uint4 u;
+  memcpy(&u, &v, 16);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+
 // Which strip block b is: sample n, patch row hi, first patch column w0, wn patches.
 struct Strip {
   int64_t n;
@@ -117,7 +137,7 @@ __device__ __forceinline__ void rows_strip(const Geom& g, const Strip& s, Rows<T
     T* px = x.ptr + s.n * x.s0 + (l0 + wl) * x.s1 + k * x.s2;
     T* q = sm + wl * K + k;
     if constexpr (VEC > 1) {
-      if constexpr (TO_SMEM) store<T, VEC>(q, load<T, VEC>(px)); else store<T, VEC>(px, load<T, VEC>(q));
+      if constexpr (TO_SMEM) store_smem<T, VEC>(q, load<T, VEC>(px)); else store<T, VEC>(px, load_smem<T, VEC>(q));
     } else {
       if constexpr (TO_SMEM) *q = *px; else *px = *q;
     }

@@ -39,12 +39,14 @@ def _cpu_arch():
 
 
 def _cuda_archs(torch) -> str:
-    """The visible GPUs' architectures; with none visible (a CPU build machine: the sm_90 compile
-    check), Hopper. TORCH_CUDA_ARCH_LIST, when set, wins (e.g. "8.0;9.0;10.0+PTX")."""
+    """The visible GPUs' architectures, the newest with its PTX; with none visible (a CPU build
+    machine: the sm_90 compile check), Hopper. TORCH_CUDA_ARCH_LIST, when set, wins (e.g. "8.0;9.0;10.0+PTX")."""
     if torch.cuda.is_available():
-        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-        return ";".join(f"{a}.{b}" for a, b in sorted(caps))
-    return "9.0"
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    else:
+        caps = [(9, 0)]
+    # the newest arch's PTX too: the static audit reads it (tests/test_backend.py), and newer GPUs JIT it
+    return ";".join(f"{a}.{b}" for a, b in caps) + "+PTX"
 
 
 def _extension():

@@ -244,6 +244,51 @@ def cuda_audit(so_path: str, csrc: str) -> list[dict]:
     return rows
 
 
+_PTX_INSTR = re.compile(r"^(?:@!?%\w+\s+)?([a-z][\w.]*)\s*(.*)$")
+
+
+def shared_addresses_used_as_global(ptx: str) -> list[str]:
+    """The global loads / stores (`ld.global*`, `st.global*`) of each PTX function whose address
+    derives from a shared-memory symbol: they fault on the GPU (cudaErrorInvalidAddressSpace),
+    yet compile, pass the interpreter-free CPU build, and look like any 128-bit access in SASS.
+    Taint from the .shared symbols through every instruction's operands to its destination
+    (predicates and loaded values excepted), to a fixed point over the function's loops."""
+    shared = set(re.findall(r"\.shared\s+(?:\.align\s+\d+\s+)?\.\w+\s+([\w$]+)", ptx))
+    out = []
+    for fn, body in re.findall(r"\.entry\s+([\w$]+)\s*\((.*?)\n\}", ptx, re.S):
+        instrs = []
+        for line in body.splitlines():  # statements, out of their `{ .reg ...; ... }` scopes
+            for stmt in line.split("//")[0].split(";"):
+                m = _PTX_INSTR.match(stmt.strip().lstrip("{").strip().removeprefix("}").strip())
+                if not m:
+                    continue
+                ops = [o.strip() for o in re.split(r",(?![^{]*\})", m.group(2))]
+                instrs.append((m.group(1), ops))
+        tainted: set[str] = set()
+        while True:
+            before = len(tainted)
+            for op, ops in instrs:
+                if op.startswith(("st.", "ld.", "setp", "bra", "bar", "ret", "atom", "red")) or len(ops) < 2:
+                    continue
+                srcs = " ".join(ops[1:])
+                if set(re.findall(r"%\w+", srcs)) & tainted or set(re.findall(r"[\w$]+", srcs)) & shared:
+                    tainted |= {r for r in re.findall(r"%\w+", ops[0]) if not r.startswith("%p")}
+            if len(tainted) == before:
+                break
+        for op, ops in instrs:
+            if re.match(r"(ld|st)\.global", op):
+                addr = next((o for o in ops if o.startswith("[")), "")
+                if set(re.findall(r"%\w+", addr)) & tainted:
+                    out.append(f"{fn}: {op} {addr}")
+    return out
+
+
+def extension_ptx(so_path: str) -> str:
+    """The PTX the extension embeds (setup.py builds its last arch '+PTX')."""
+    return subprocess.run([_tool("cuobjdump"), "-ptx", os.path.abspath(so_path)], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def cuda_problems(row) -> list[str]:
     """What the audit requires of a CUDA kernel of the extension and this row does not hold."""
     spill = f"{row['spill']} bytes of stack / local memory" if row["spill"] else ""

@@ -111,6 +111,50 @@ def test_cuda_kernels_static_audit():
         assert any(r["pack"] > 0 for r in rows if r["name"].startswith(fam + "<")), fam
 
 
+_BAD_PTX = """
+.extern .shared .align 16 .b8 smem[];
+.entry k(
+	.param .u64 k_param_0
+)
+{
+	.reg .b64 %rd<4>;
+	ld.param.u64 %rd1, [k_param_0];
+	mov.u32 %r1, smem;
+	{ .reg .b64 %tmp;
+	  cvt.u64.u32 %tmp, %r1;
+	  cvta.shared.u64 %rd2, %tmp; }
+	add.s64 %rd3, %rd2, 16;
+	ld.global.nc.v4.u32 {%r2,%r3,%r4,%r5}, [%rd1];
+	st.global.v4.b32 [%rd3], {%r2, %r3, %r4, %r5};
+	ret;
+}
+"""
+
+
+def test_shared_address_check_flags_a_global_store_to_shared():
+    from umae.kernels import _audit
+
+    assert _audit.shared_addresses_used_as_global(_BAD_PTX) == ["k: st.global.v4.b32 [%rd3]"]
+    assert _audit.shared_addresses_used_as_global(_BAD_PTX.replace("st.global", "st.shared")) == []
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch built without CUDA: setup.py builds CPU sources only")
+def test_cuda_kernels_never_use_a_shared_address_globally():
+    # The first GPU run (bench/results/h200/2026-11-27-first) faulted at the first patchify launch
+    # (cudaErrorInvalidAddressSpace): the strips' shared side went through ld.global.nc / st.global.
+    # It compiled and passed every CPU test; the embedded PTX shows it (setup.py builds '+PTX').
+    if os.environ.get("UMAE_NO_CUDA") == "1":
+        pytest.skip("UMAE_NO_CUDA=1 build")
+    from umae.kernels import _audit
+
+    ext = _audit.extension()
+    assert ext, "no sm_90 extension with its csrc/ beside it"
+    ptx = _audit.extension_ptx(ext[0])
+    assert ptx.count(".entry") >= 40 and ".shared" in ptx, "the extension embeds no PTX of its kernels"
+    bad = _audit.shared_addresses_used_as_global(ptx)
+    assert not bad, "\n".join(bad)
+
+
 # ---- the registry is the one list of ops, and backend_info says what runs -------------
 
 class _UmaeOps(TorchDispatchMode):

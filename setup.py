@@ -50,7 +50,12 @@ def _cuda_archs(torch) -> str:
 
 
 def _extension():
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("umae's extension compiles against the torch it will run with: install torch first, then "
+                         "build with `pip install [-e] . --no-build-isolation` (an isolated build has no torch, or "
+                         "another one), or `python setup.py build_ext --inplace`") from None
 
     cuda_home = _real_cuda_home()
     with_cuda = (torch.version.cuda is not None and cuda_home is not None

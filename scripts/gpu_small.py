@@ -1,5 +1,10 @@
-import torch, umae
-d = "cuda"
+"""Small launches of every kernel, forward and backward, in fp32 and bf16: what compute-sanitizer
+runs under on a GPU (scripts/gpu_check.sh); on CPU (its dry run) the C++ kernels."""
+import torch
+
+import umae
+
+d = "cuda" if torch.cuda.is_available() else "cpu"
 for dt in (torch.float32, torch.bfloat16):
     imgs = torch.randn(3, 3, 40, 24, device=d, dtype=dt)
     x = umae.patchify(imgs, 8).requires_grad_()
@@ -12,5 +17,6 @@ for dt in (torch.float32, torch.bfloat16):
     umae.restore_tokens(xm, ids, torch.randn(1, 1, 72, device=d, dtype=dt, requires_grad=True)).sum().backward()
     f = torch.randn(70, 100, device=d, dtype=dt, requires_grad=True)
     umae.uniformity_loss(f, exclude_diagonal=True).backward()
-torch.cuda.synchronize()
+if d == "cuda":
+    torch.cuda.synchronize()
 print("ok")

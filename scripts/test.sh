@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The test command: set up (scripts/setup.sh), then run every test. On a machine without a
+# The test command: set up (scripts/setup.sh), run every test, then the same suite on the GPU
+# machine's versions (scripts/compat.sh; UMAE_SKIP_COMPAT=1 skips it). On a machine without a
 # GPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it) and are also
-# compiled for sm_90 in a separate process (tests/test_triton_compile.py).
+# compiled for sm_90 in a separate process (tests/test_triton_compile.py). Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+if [ "${UMAE_SKIP_COMPAT:-0}" != 1 ]; then
+  bash scripts/compat.sh -q -p no:cacheprovider "$@"
+fi

@@ -41,6 +41,10 @@ SHAPES = {
     "cpu_large": dict(N=64, img=224, p=16, C=3, D=768, Dd=512),  # images 38.5 MB: beyond a 32 MB L3
     "unif_b256": dict(B=256, D=768), "unif_b1024": dict(B=1024, D=768),
     "unif_b4096": dict(B=4096, D=768), "unif_b16384": dict(B=16384, D=768),
+    # eager's B x B fp32 similarity: 17 GB at 65,536 rows, 69 GB at 131,072; the fused Gram is D x D
+    "unif_b65536": dict(B=65536, D=768), "unif_b131072": dict(B=131072, D=768),
+    # scripts/gpu_check.sh --dry-run: every stage's code at sizes a CPU runs in seconds
+    "tiny": dict(N=3, img=32, p=8, C=3, D=64, Dd=48), "unif_tiny": dict(B=70, D=96),  # D % 16 == 0, as encoder widths are
 }
 # the batch sweep: how cost grows with N at ViT-B/16 shapes
 SWEEP = ()

@@ -14,7 +14,10 @@ from .timing import FUSED_PROVIDERS
 
 def add_fractions(rows, ceil):
     """Adds the fraction of the measured copy bandwidth / matrix peak to fused rows."""
-    for r in rows:  # fused rows only: the other providers' work differs from the counted bytes / FLOPs
+    for r in rows:
+        if "ms" in r and r["op"] in E2E_OPS and r.get("tflops"):  # every provider does the model's FLOPs
+            r["mfu"] = r["tflops"] / ceil["matmul_tflops"]
+        # fused rows only: the other providers' work differs from the counted bytes / FLOPs
         if "ms" in r and r["provider"] in FUSED_PROVIDERS and r["op"] not in E2E_OPS:
             r["frac_copy_bw"] = r["gbps"] / ceil["copy_gbps"]
             if r.get("tflops"):
@@ -36,7 +39,7 @@ def speedups(rows):
 
 def format_table(rows) -> str:
     head = (f"{'op':<16} {'shape':<10} {'dtype':<8} {'mode':<7} {'provider':<13} {'ms':>9} {'GB/s':>8} "
-            f"{'TFLOP/s':>8} {'x eager':>8} {'x compile':>9} {'%copyBW':>8} {'%mmPeak':>8} {'parity':>9}")
+            f"{'TFLOP/s':>8} {'x eager':>8} {'x compile':>9} {'%copyBW':>8} {'%mmPeak':>8} {'parity':>9} {'peak MB':>9}")
     out = [head, "-" * len(head)]
     for r in rows:
         if "skipped" in r:
@@ -45,14 +48,16 @@ def format_table(rows) -> str:
         if "error" in r:
             out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<13} ERROR {r['error']}")
             continue
-        tf = f"{r['tflops']:.2f}" if r.get("tflops") else ("%.0f img/s" % r["img_per_s"] if "img_per_s" in r else "-")
+        tf = ("%.0f img/s" % r["img_per_s"]) if "img_per_s" in r else (f"{r['tflops']:.2f}" if r.get("tflops") else "-")
         se = f"{r['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in r else ""
         sc = f"{r['speedup_vs_compile']:.2f}" if "speedup_vs_compile" in r else ""
         par = f"{r['parity_max_abs']:.1e}" if r["provider"] == "fused" and r["op"] not in E2E_OPS else ""
         fb = f"{100 * r['frac_copy_bw']:.0f}%" if r.get("gbps") and "frac_copy_bw" in r else ""
-        fm = f"{100 * r['frac_matmul_peak']:.0f}%" if "frac_matmul_peak" in r else ""
+        fm = f"{100 * r['frac_matmul_peak']:.0f}%" if "frac_matmul_peak" in r else (
+            f"MFU {100 * r['mfu']:.0f}%" if "mfu" in r else "")
+        pk = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else ""
         out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<13} "
-                   f"{r['ms']:>9.3f} {r['gbps']:>8.1f} {tf:>8} {se:>8} {sc:>9} {fb:>8} {fm:>8} {par:>9}")
+                   f"{r['ms']:>9.3f} {r['gbps']:>8.1f} {tf:>8} {se:>8} {sc:>9} {fb:>8} {fm:>8} {par:>9} {pk:>9}")
     return "\n".join(out)
 
 
@@ -86,29 +91,39 @@ def load(results_dir):
 def table(results_dir) -> str:
     runs = load(results_dir)
     if not runs:
-        return ("No GPU results are recorded yet: `bash scripts/gpu_run.sh` on a GPU machine writes them to "
+        return ("No GPU results are recorded yet: `bash scripts/gpu_check.sh` on a GPU machine writes them; copied to "
                 "`bench/results/<device>/<date>/`, and `umae report` regenerates this table from them.")
     path, d = runs[-1]  # the newest recorded run
     env, ceil = d["environment"], d.get("ceilings") or {}
     lines = [f"From `{os.path.relpath(path)}`: {env['device']}, {env['date']}, torch {env['torch']}, "
              f"triton {env['triton']}, commit {env['commit']}. Measured ceilings: copy "
              f"{ceil.get('copy_gbps', float('nan')):.0f} GB/s, bf16 matmul {ceil.get('matmul_tflops', float('nan')):.0f} TFLOP/s.",
-             "", "| op | shape | dtype | mode | fused ms | eager ms | compile ms | fused+compile ms | x eager | x compile "
-             "| GB/s | TFLOP/s | % of ceiling |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "Times in ms (an error, e.g. out of memory, says so). Training steps: img/s and MFU (FLOPs counted by "
+             "torch's FlopCounterMode over the measured bf16 matmul peak); ops: GB/s of the bytes the op must move and "
+             "the fraction of the measured copy bandwidth (or matmul peak). Peak memory: above the inputs.",
+             "", "| op | shape | dtype | mode | fused | eager | compile | fused+compile | x eager | x compile "
+             "| GB/s or img/s | TFLOP/s | % of ceiling | peak MB fused / eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in d["rows"]:
-        if "ms" in r:
+        if "ms" in r or "error" in r:
             by.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
+    cell = lambda r: "-" if r is None else (f"{r['ms']:.3f}" if "ms" in r else  # noqa: E731
+                                            ("OOM" if "OutOfMemory" in r["error"] else "error"))
+    mb = lambda r: f"{r['peak_mb']:.0f}" if r and r.get("peak_mb") is not None else "-"  # noqa: E731
     for (op, shape, dtype, mode), p in by.items():
-        if mode not in ("fwd+bwd", "step") or "fused" not in p:
+        if mode not in ("fwd+bwd", "step") or "ms" not in p.get("fused", {}):
             continue
         f = p["fused"]
-        times = " | ".join(f"{p[k]['ms']:.3f}" if k in p else "-" for k in ("fused", "eager", "compile", "fused+compile"))
-        frac = f.get("frac_matmul_peak", f.get("frac_copy_bw"))
-        roof = f"{f['gbps']:.0f} | {(f.get('tflops') or 0):.1f} | {100 * frac:.0f}%" if frac is not None else "- | - | -"
+        times = " | ".join(cell(p.get(k)) for k in ("fused", "eager", "compile", "fused+compile"))
+        if "img_per_s" in f:
+            roof = (f"{f['img_per_s']:.0f} img/s | {(f.get('tflops') or 0):.1f} | "
+                    + (f"MFU {100 * f['mfu']:.0f}%" if "mfu" in f else "-"))
+        else:
+            frac = f.get("frac_matmul_peak", f.get("frac_copy_bw"))
+            roof = f"{f['gbps']:.0f} | {(f.get('tflops') or 0):.1f} | {100 * frac:.0f}%" if frac is not None else "- | - | -"
         lines.append(f"| {op} | {shape} | {dtype} | {mode} | {times} | {f.get('speedup_vs_eager', float('nan')):.2f} | "
-                     f"{f.get('speedup_vs_compile', float('nan')):.2f} | {roof} |")
+                     f"{f.get('speedup_vs_compile', float('nan')):.2f} | {roof} | {mb(f)} / {mb(p.get('eager'))} |")
     return "\n".join(lines)
 
 

@@ -99,6 +99,7 @@ E2E = {  # shape set -> (model, batch)
     "vit_b16": ("umae_vit_base_patch16_224", 64),
     "cpu_small": ("umae_vit_micro_patch4_32", 64),
     "cpu_tiny32": ("umae_vit_tiny_patch4_32", 64),
+    "tiny": ("umae_vit_micro_patch4_32", 4),
 }
 E2E_DEFAULT = {"cuda": ["vit_tiny32", "vit_b16"], "cpu": ["cpu_small", "cpu_tiny32"]}
 # transformers' ViTMAEForPreTraining, unpatched vs umae.patch: shape set -> (ViTMAEConfig kwargs, batch)
@@ -108,34 +109,43 @@ HF_E2E = {
                        decoder_hidden_size=128, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
                        decoder_intermediate_size=512, image_size=32, patch_size=4, norm_pix_loss=True), 64),
 }
-E2E_OPS = ("train_step", "hf_train_step")
+HF_E2E["tiny"] = (HF_E2E["cpu_small"][0], 4)
+# train_step: umae's U-MAE (lamb 0.01); mae_train_step: the same model as plain MAE (lamb 0)
+E2E_OPS = ("train_step", "mae_train_step", "hf_train_step")
 
 
 def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16, ops=("train_step",)):
-    """One training step (forward, backward, AdamW) per provider, under autocast; images/s.
-    train_step: umae's model (fused or reference model, and torch.compile of either);
-    hf_train_step: transformers' ViTMAEForPreTraining (umae.patch'ed or not, and compiled)."""
+    """One training step (forward, backward, AdamW) per provider, under autocast; images/s, and
+    the model's matmul / conv / attention FLOPs per step (torch's FlopCounterMode, counted once per
+    model on its first uncompiled provider; umae's glue ops count none) as TFLOP/s, which
+    add_fractions turns into MFU (of the matmul peak measured in the same run).
+    train_step / mae_train_step: umae's model with lamb 0.01 / 0 (fused or reference model, and
+    torch.compile of either); hf_train_step: transformers' ViTMAEForPreTraining (umae.patch'ed or
+    not, and compiled)."""
     with bench_settings():
         for op in ops:
-            table = E2E if op == "train_step" else HF_E2E
+            table = HF_E2E if op == "hf_train_step" else E2E
             for shape in shapes:
                 if shape not in table:
                     continue
+                flops = None
                 for provider in providers:
                     torch.manual_seed(0)
-                    if op == "train_step":
-                        model, impl, batch = _umae_model(shape, provider), E2E[shape][0], E2E[shape][1]
-                    else:
+                    if op == "hf_train_step":
                         model, impl, batch = _hf_model(shape, provider), "ViTMAEForPreTraining", HF_E2E[shape][1]
-                    yield _train_step_row(op, model.to(device), impl, batch, shape, provider, device, amp)
+                    else:
+                        lamb = 0.01 if op == "train_step" else 0.0
+                        model, impl, batch = _umae_model(shape, provider, lamb), f"{E2E[shape][0]} lamb={lamb}", E2E[shape][1]
+                    row, flops = _train_step_row(op, model.to(device), impl, batch, shape, provider, device, amp, flops)
+                    yield row
 
 
-def _umae_model(shape, provider):
+def _umae_model(shape, provider, lamb):
     import timm
 
     from .. import models  # noqa: F401
 
-    return timm.create_model(E2E[shape][0], fused=provider in FUSED_PROVIDERS, lamb=0.01)
+    return timm.create_model(E2E[shape][0], fused=provider in FUSED_PROVIDERS, lamb=lamb)
 
 
 def _hf_model(shape, provider):
@@ -147,7 +157,10 @@ def _hf_model(shape, provider):
     return patch(model) if provider in FUSED_PROVIDERS else model
 
 
-def _train_step_row(op, model, impl, batch, shape, provider, device, amp):
+def _train_step_row(op, model, impl, batch, shape, provider, device, amp, flops):
+    """(the row, the step's counted FLOPs: `flops` if given, else counted now on this model)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from ..train.main import adamw_impl
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **adamw_impl(torch.device(device)))
@@ -166,12 +179,16 @@ def _train_step_row(op, model, impl, batch, shape, provider, device, amp):
         opt.zero_grad(set_to_none=True)
     row = dict(op=op, shape=shape, dtype=dtype_name(amp) + "-autocast", mode="step", provider=provider)
     try:
+        if flops is None and provider not in COMPILED_PROVIDERS:  # eager ops: what the counter sees
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops = counter.get_total_flops()
         peak = peak_mb(step, device)
         ms, lo, hi = time_ms(step, device)
     except Exception as e:
-        return dict(row, error=f"{type(e).__name__}: {e}"[:200])
-    return dict(row, impl=impl, ms=ms, ms_p20=lo, ms_p80=hi, gbps=0.0, tflops=None, img_per_s=batch / ms * 1e3,
-                parity_max_abs=float("nan"), peak_mb=peak)
+        return dict(row, error=f"{type(e).__name__}: {e}"[:200]), flops
+    return dict(row, impl=impl, ms=ms, ms_p20=lo, ms_p80=hi, gbps=0.0, tflops=flops / ms / 1e9 if flops else None,
+                step_flops=flops, img_per_s=batch / ms * 1e3, parity_max_abs=float("nan"), peak_mb=peak), flops
 
 
 def profile(ops, shapes, dtypes, device, path):
@@ -205,6 +222,9 @@ def device_name(device):
 
 
 def git_commit():
+    """UMAE_COMMIT when set (a copied working tree, as the GPU machine gets, has another .git), else HEAD."""
+    if os.environ.get("UMAE_COMMIT"):
+        return os.environ["UMAE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or "unknown"

@@ -73,6 +73,13 @@ def _bench(args) -> int:
     rows = bench.add_fractions(bench.speedups(op_rows + e2e_rows), ceil)
     print(bench.format_table(rows))
     if args.out:
+        prev = os.path.join(args.out, "results.json")
+        if args.append and os.path.exists(prev):  # one results.json from several time-boxed runs (gpu_check.sh)
+            import json
+
+            with open(prev) as f:
+                old = json.load(f)
+            rows, env, ceil = old["rows"] + rows, old["environment"], old["ceilings"] or ceil
         bench.write(rows, env, args.out, ceil)
         charts = bench.plot(rows, ceil, args.out)
         print(f"wrote {args.out}/results.json, results.csv" + "".join(f", {os.path.basename(c)}" for c in charts))
@@ -187,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=["cpu", "cuda"])
     b.add_argument("--out", help="folder for results.json / results.csv")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--append", action="store_true",
+                   help="add the rows to --out's results.json (its environment and ceilings kept) instead of replacing it")
     b.add_argument("--sweep", action="store_true", help="add the batch-size sweep at ViT-B/16 shapes")
     b.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace (NVTX ranges per op)")
     b.add_argument("--traffic", action="store_true",

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU machine's stack, here (issue 22): a second venv (.venv-compat) with the versions the lent
+# GPU image runs -- torch 2.11.0, torchvision 0.26.0, triton 3.6.0, setuptools 81.0.0 (torch 2.11
+# wants < 82) with wheel 0.48.0, pip 24.0, timm 1.0.29, transformers 5.17.0 -- and the test suite
+# run on it. The tree is copied to .compat/ first (tracked and untracked-not-ignored files), so its
+# build never touches the main checkout's in-place extension, which the project's .venv uses.
+# The copy is built the way the GPU machine builds it (scripts/gpu_check.sh): setup.py build_ext
+# --inplace, no pip. Extra arguments go to pytest. .ci/run calls this after the main suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+V=$PWD/.venv-compat
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+[ -x "$V/bin/python" ] || "$PY" -m venv "$V"
+if ! "$V/bin/python" - 2>/dev/null <<'EOF'
+import importlib.metadata as m
+want = {"torch": "2.11.0", "torchvision": "0.26.0", "triton": "3.6.0", "setuptools": "81.0.0", "wheel": "0.48.0",
+        "timm": "1.0.29", "transformers": "5.17.0"}
+assert all(m.version(k).split("+")[0] == v for k, v in want.items())
+import numpy, sklearn, matplotlib, tqdm, pytest, pytest_benchmark, pytest_timeout, ninja  # noqa
+EOF
+then
+  "$V/bin/pip" install -q pip==24.0
+  "$V/bin/pip" install -q torch==2.11.0 torchvision==0.26.0 triton==3.6.0 setuptools==81.0.0 wheel==0.48.0 \
+    timm==1.0.29 transformers==5.17.0 numpy scikit-learn matplotlib tqdm ninja pytest pytest-benchmark pytest-timeout
+fi
+rm -rf .compat/tree && mkdir -p .compat/tree
+git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t .compat/tree
+cd .compat/tree
+export MAX_JOBS=${MAX_JOBS:-2}
+"$V/bin/python" setup.py build_ext --inplace > ../build.log 2>&1 || { tail -30 ../build.log; exit 1; }
+"$V/bin/python" -c "import torch, triton; print('compat stack: torch', torch.__version__, 'triton', triton.__version__)"
+exec "$V/bin/python" -m pytest tests "$@"

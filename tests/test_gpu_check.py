@@ -1,0 +1,42 @@
+"""scripts/gpu_check.sh, the one command for a lent GPU machine, run here as its dry run (every
+stage's code at tiny sizes on CPU), so that it cannot rot between leases."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ["env", "build", "tests", "sanitize", "ops", "unif", "train", "compile", "done (status 0)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script is run for real, not as a test")
+def test_gpu_check_dry_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user's shell has it
+    env.update(OUT=str(tmp_path), PY=sys.executable)
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    heads = [re.sub(r" \(\d\d:\d\d:\d\d\)$", "", line[3:]) for line in r.stdout.splitlines() if line.startswith("== ")]
+    assert heads == ["env: dry run (CPU, tiny sizes)"] + STAGES[1:], heads
+    assert "!!" not in r.stdout, log[-4000:]
+    files = set(os.listdir(tmp_path))
+    assert {"env.txt", "build.log", "tests.log", "junit.xml", "sanitizer.log", "bench.log", "results.json",
+            "results.csv"} <= files and len(files) <= 8, files  # the device tool returns 8 files at most
+    assert "tree: " in open(tmp_path / "env.txt").read()
+    rows = json.load(open(tmp_path / "results.json"))["rows"]
+    timed = {(r["op"], r["shape"], r["provider"]) for r in rows if "ms" in r}
+    for op in ("patchify", "unpatchify", "masked_mse_loss", "mae_loss", "random_masking", "restore_tokens",
+               "uniformity_loss"):
+        for provider in ("fused", "eager", "compile", "fused+compile"):
+            assert (op, "tiny", provider) in timed, (op, provider)
+    for op in ("train_step", "mae_train_step", "hf_train_step"):
+        for provider in ("fused", "eager"):
+            assert (op, "tiny", provider) in timed, (op, provider)
+    assert ("uniformity_loss", "unif_tiny", "eager") in timed and ("uniformity_loss", "unif_tiny", "compile") in timed
+    steps = [r for r in rows if r.get("mode") == "step" and "ms" in r]
+    assert all(r["img_per_s"] > 0 and r["step_flops"] > 0 for r in steps), steps

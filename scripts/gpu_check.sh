@@ -3,19 +3,19 @@
 # It uses that machine's python3 and packages (nothing installed: no registry there), builds in
 # place without pip, and writes under $OUT (default out/gpu) as each stage ends, so a stop at
 # any point still returns what was done. Every stage runs under its own `timeout`; the boxes
-# add up to 470 s, inside the 8 minutes a first call may take (540 s limit, start-up apart).
+# add up to 460 s, inside the 8 minutes a first call may take (540 s limit, start-up apart).
 #
 #   stage     box    what                                                       -> $OUT/
 #   env        15 s  nvidia-smi, clocks, versions, pip list, the tree's hash    env.txt
-#   build     100 s  python3 setup.py build_ext --inplace, this GPU's arch+PTX  build.log (+ `umae info` in env.txt)
-#   tests     110 s  pytest -k cuda: every op x dtype, fwd+bwd vs reference,    tests.log, junit.xml
+#   build      90 s  python3 setup.py build_ext --inplace, this GPU's arch+PTX  build.log (+ `umae info` in env.txt)
+#   tests     100 s  pytest -k cuda: every op x dtype, fwd+bwd vs reference,    tests.log, junit.xml
 #                    opcheck, compile(fullgraph), fused vs reference model, umae.patch on ViTMAE,
 #                    the interpreter-vs-GPU rounding claims (bitwise where README says so)
 #   sanitize   40 s  compute-sanitizer memcheck + racecheck, scripts/gpu_small.py   sanitizer.log
 #   ops        80 s  every op, bf16, ViT-B/16 N=256, fwd / bwd / fwd+bwd,        bench.log, results.json/.csv
 #                    fused vs eager vs compile vs fused+compile, GB/s, % of copy BW, peak MB
-#   unif       35 s  uniformity fwd+bwd, B = 16,384 / 65,536 / 131,072 x 768:    (appended)
-#                    eager's B x B runs out of memory where the fused D x D does not
+#   unif       45 s  uniformity fwd+bwd, B = 16,384 / 65,536 / 131,072 x 768,     (appended)
+#                    fused vs eager: eager's B x B runs out of memory where the fused D x D does not
 #   train      50 s  training step, bf16 autocast, ViT-B/16 batch 64: umae U-MAE (lamb 0.01),   (appended)
 #                    umae MAE, transformers ViTMAEForPreTraining patched vs not; img/s, MFU, peak MB
 #   compile    40 s  the same ViTMAE step under torch.compile (unpatched)        (appended)
@@ -78,7 +78,7 @@ stage build
 so=$(ls umae/_C*.so 2>/dev/null | head -1)
 if [ $DRY = 1 ] && [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -print -quit)" ]; then
   echo "dry run: $so is newer than csrc/ and setup.py, not rebuilt" | tee "$OUT/build.log"
-elif timeout 100 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+elif timeout 90 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
   tail -2 "$OUT/build.log"
 else
   fail "build failed or timed out"; tail -30 "$OUT/build.log"
@@ -88,7 +88,7 @@ timeout 30 $PY -m umae.cli.main info >> "$OUT/env.txt" 2>&1 || fail "umae info"
 
 if want tests; then
 stage tests
-timeout 110 $PY -m pytest "${TEST_SEL[@]}" -q -p no:cacheprovider -rfE --timeout 60 \
+timeout 100 $PY -m pytest "${TEST_SEL[@]}" -q -p no:cacheprovider -rfE --timeout 60 \
   --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1 || fail "tests (rc $?)"
 tail -15 "$OUT/tests.log"
 fi
@@ -125,8 +125,9 @@ bench() {  # bench <stage> <box s> <args...>: time-boxed, its rows appended to $
 }
 bench ops 80 --ops patchify unpatchify masked_mse_loss mae_loss random_masking restore_tokens uniformity_loss \
   --shapes $OPS_SHAPES --dtypes bfloat16 --modes $OPS_MODES
-bench unif 35 --ops uniformity_loss --shapes $UNIF_SHAPES --dtypes bfloat16 --modes fwd+bwd \
-  --providers fused eager compile
+# eager and compile at 65,536 rows took the whole of a 35 s box on an H200 (bench/results/h200/2026-11-27-2)
+bench unif 45 --ops uniformity_loss --shapes $UNIF_SHAPES --dtypes bfloat16 --modes fwd+bwd \
+  --providers fused eager
 bench train 50 --ops train_step mae_train_step hf_train_step --shapes $E2E_SHAPES --providers fused eager
 bench compile 40 "${COMPILE_ARGS[@]}" --providers compile
 rm -f "$OUT"/*.png  # the charts: `umae report` and the README use results.json

@@ -40,8 +40,19 @@ def test_report_regenerates_readme_table(tmp_path):
               open(run / "results.json", "w"))
     table = report.update_readme(str(res), str(readme))
     text = readme.read_text()
-    assert "| mae_loss | vit_b16 | bfloat16 | fwd+bwd | 1.000 | 4.000 | 2.000 | - | 4.00 | 2.00 |" in table
+    assert "| 1 | mae_loss | vit_b16 | bfloat16 | fwd+bwd | 1.000 | 4.000 | 2.000 | - | 4.00 | 2.00 |" in table
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
+    # a later run (its folder sorts before the first's) measures the row again: its numbers, its run number
+    run2 = res / "NVIDIA_H100" / "2026-11-23-2"
+    os.makedirs(run2)
+    rows2 = [dict(rows[0], ms=0.5), dict(op="mae_loss", shape="vit_b16", dtype="bfloat16", mode="fwd+bwd",
+                                          provider="eager", error="OutOfMemoryError: CUDA out of memory")]
+    json.dump(dict(environment=dict(env, date="2026-11-24", commit="def"), ceilings=None, rows=rows2),
+              open(run2 / "results.json", "w"))
+    table = report.update_readme(str(res), str(readme))
+    assert "- run 2: `" in table and "commit def" in table
+    assert [r for r in table.splitlines() if "| mae_loss |" in r] == [
+        "| 2 | mae_loss | vit_b16 | bfloat16 | fwd+bwd | 0.500 | OOM | - | - | 4.00 | 2.00 | 1 | 0.0 | 0% | - / - |"]
 
 
 def test_cli_bench_and_info(tmp_path, capsys):

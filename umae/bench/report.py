@@ -85,7 +85,7 @@ def load(results_dir):
             d = json.load(f)
         if d["environment"].get("device_type") == "cuda":
             runs.append((path, d))
-    return runs
+    return sorted(runs, key=lambda run: run[1]["environment"]["date"])  # oldest first
 
 
 def table(results_dir) -> str:
@@ -93,25 +93,30 @@ def table(results_dir) -> str:
     if not runs:
         return ("No GPU results are recorded yet: `bash scripts/gpu_check.sh` on a GPU machine writes them; copied to "
                 "`bench/results/<device>/<date>/`, and `umae report` regenerates this table from them.")
-    path, d = runs[-1]  # the newest recorded run
-    env, ceil = d["environment"], d.get("ceilings") or {}
-    lines = [f"From `{os.path.relpath(path)}`: {env['device']}, {env['date']}, torch {env['torch']}, "
-             f"triton {env['triton']}, commit {env['commit']}. Measured ceilings: copy "
-             f"{ceil.get('copy_gbps', float('nan')):.0f} GB/s, bf16 matmul {ceil.get('matmul_tflops', float('nan')):.0f} TFLOP/s.",
-             "", "Times in ms (an error, e.g. out of memory, says so). Training steps: img/s and MFU (FLOPs counted by "
-             "torch's FlopCounterMode over the measured bf16 matmul peak); ops: GB/s of the bytes the op must move and "
-             "the fraction of the measured copy bandwidth (or matmul peak). Peak memory: above the inputs.",
-             "", "| op | shape | dtype | mode | fused | eager | compile | fused+compile | x eager | x compile "
-             "| GB/s or img/s | TFLOP/s | % of ceiling | peak MB fused / eager |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    by = {}
-    for r in d["rows"]:
-        if "ms" in r or "error" in r:
-            by.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
+    # every recorded run; where two measured the same row, the newer run's wins
+    lines, by = [], {}
+    for i, (path, d) in enumerate(runs, 1):
+        env, ceil = d["environment"], d.get("ceilings") or {}
+        lines.append(f"- run {i}: `{os.path.relpath(path)}`: {env['device']}, {env['date']}, torch {env['torch']}, "
+                     f"triton {env['triton']}, commit {env['commit']}; measured ceilings: copy "
+                     f"{ceil.get('copy_gbps', float('nan')):.0f} GB/s, bf16 matmul "
+                     f"{ceil.get('matmul_tflops', float('nan')):.0f} TFLOP/s.")
+        runs_rows = {}
+        for r in d["rows"]:
+            if "ms" in r or "error" in r:
+                runs_rows.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
+        for k, p in runs_rows.items():
+            by[k] = (i, p)
+    lines += ["", "Times in ms (an error, e.g. out of memory, says so). Training steps: img/s and MFU (FLOPs counted "
+              "by torch's FlopCounterMode over the measured bf16 matmul peak); ops: GB/s of the bytes the op must "
+              "move and the fraction of the measured copy bandwidth (or matmul peak). Peak memory: above the inputs.",
+              "", "| run | op | shape | dtype | mode | fused | eager | compile | fused+compile | x eager | x compile "
+              "| GB/s or img/s | TFLOP/s | % of ceiling | peak MB fused / eager |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cell = lambda r: "-" if r is None else (f"{r['ms']:.3f}" if "ms" in r else  # noqa: E731
                                             ("OOM" if "OutOfMemory" in r["error"] else "error"))
     mb = lambda r: f"{r['peak_mb']:.0f}" if r and r.get("peak_mb") is not None else "-"  # noqa: E731
-    for (op, shape, dtype, mode), p in by.items():
+    for (op, shape, dtype, mode), (run, p) in by.items():
         if mode not in ("fwd+bwd", "step") or "ms" not in p.get("fused", {}):
             continue
         f = p["fused"]
@@ -122,8 +127,9 @@ def table(results_dir) -> str:
         else:
             frac = f.get("frac_matmul_peak", f.get("frac_copy_bw"))
             roof = f"{f['gbps']:.0f} | {(f.get('tflops') or 0):.1f} | {100 * frac:.0f}%" if frac is not None else "- | - | -"
-        lines.append(f"| {op} | {shape} | {dtype} | {mode} | {times} | {f.get('speedup_vs_eager', float('nan')):.2f} | "
-                     f"{f.get('speedup_vs_compile', float('nan')):.2f} | {roof} | {mb(f)} / {mb(p.get('eager'))} |")
+        ratio = lambda k: f"{f[k]:.2f}" if k in f else "-"  # noqa: E731
+        lines.append(f"| {run} | {op} | {shape} | {dtype} | {mode} | {times} | {ratio('speedup_vs_eager')} | "
+                     f"{ratio('speedup_vs_compile')} | {roof} | {mb(f)} / {mb(p.get('eager'))} |")
     return "\n".join(lines)
 
 

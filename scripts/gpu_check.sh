@@ -121,6 +121,7 @@ bench() {  # bench <stage> <box s> <args...>: time-boxed, its rows appended to $
   echo "=== $name: umae bench $*" >> "$OUT/bench.log"
   timeout "$box" $PY -m umae.cli.main bench --no-progress --append --out "$OUT" "$@" > /tmp/umae_bench_$name.log 2>&1 \
     || fail "bench $name (rc $?)"
+  rm -f "$OUT"/*.png  # the charts: 8 files at most come back, and results.json holds their numbers
   grep -vE "^  [a-z_]+ +(cpu|cuda) |^backend =|^wrote " /tmp/umae_bench_$name.log | tee -a "$OUT/bench.log" | tail -40
 }
 bench ops 80 --ops patchify unpatchify masked_mse_loss mae_loss random_masking restore_tokens uniformity_loss \
@@ -130,6 +131,5 @@ bench unif 45 --ops uniformity_loss --shapes $UNIF_SHAPES --dtypes bfloat16 --mo
   --providers fused eager
 bench train 50 --ops train_step mae_train_step hf_train_step --shapes $E2E_SHAPES --providers fused eager
 bench compile 40 "${COMPILE_ARGS[@]}" --providers compile
-rm -f "$OUT"/*.png  # the charts: `umae report` and the README use results.json
 stage "done (status $status)"
 exit $status

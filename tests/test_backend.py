@@ -91,18 +91,27 @@ def test_cuda_sources_compiled_for_sm90():
     assert b".nv_fatbin" in blob and b"SM_900" in blob, "extension has no sm_90 device code"
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="torch built without CUDA: setup.py builds CPU sources only")
-def test_cuda_kernels_static_audit():
-    # the extension's sm_90 kernels, read with cuobjdump / nvdisasm (umae.kernels._audit.cuda_audit):
-    # no spills, shared memory in bounds, >= 25% H100 occupancy, and every 16-byte access of the
-    # vectorized instantiations compiled to one 128-bit LDG / STG
+@pytest.fixture
+def cuda_extension():
+    """(the built extension's path, csrc/) when it holds sm_90 code; skips CPU-only builds."""
+    if torch.version.cuda is None:
+        pytest.skip("torch built without CUDA: setup.py builds CPU sources only")
     if os.environ.get("UMAE_NO_CUDA") == "1":
         pytest.skip("UMAE_NO_CUDA=1 build")
     from umae.kernels import _audit
 
     ext = _audit.extension()
     assert ext, "no sm_90 extension with its csrc/ beside it"
-    rows = _audit.cuda_audit(*ext)
+    return ext
+
+
+def test_cuda_kernels_static_audit(cuda_extension):
+    # the extension's sm_90 kernels, read with cuobjdump / nvdisasm (umae.kernels._audit.cuda_audit):
+    # no spills, shared memory in bounds, >= 25% H100 occupancy, and every 16-byte access of the
+    # vectorized instantiations compiled to one 128-bit LDG / STG
+    from umae.kernels import _audit
+
+    rows = _audit.cuda_audit(*cuda_extension)
     problems = [f"{r['name']}: {p}" for r in rows for p in _audit.cuda_problems(r)]
     assert not problems, "\n".join(problems)
     families = {r["name"].split("<")[0] for r in rows}
@@ -138,18 +147,13 @@ def test_shared_address_check_flags_a_global_store_to_shared():
     assert _audit.shared_addresses_used_as_global(_BAD_PTX.replace("st.global", "st.shared")) == []
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="torch built without CUDA: setup.py builds CPU sources only")
-def test_cuda_kernels_never_use_a_shared_address_globally():
+def test_cuda_kernels_never_use_a_shared_address_globally(cuda_extension):
     # The first GPU run (bench/results/h200/2026-11-27-first) faulted at the first patchify launch
     # (cudaErrorInvalidAddressSpace): the strips' shared side went through ld.global.nc / st.global.
     # It compiled and passed every CPU test; the embedded PTX shows it (setup.py builds '+PTX').
-    if os.environ.get("UMAE_NO_CUDA") == "1":
-        pytest.skip("UMAE_NO_CUDA=1 build")
     from umae.kernels import _audit
 
-    ext = _audit.extension()
-    assert ext, "no sm_90 extension with its csrc/ beside it"
-    ptx = _audit.extension_ptx(ext[0])
+    ptx = _audit.extension_ptx(cuda_extension[0])
     assert ptx.count(".entry") >= 40 and ".shared" in ptx, "the extension embeds no PTX of its kernels"
     bad = _audit.shared_addresses_used_as_global(ptx)
     assert not bad, "\n".join(bad)

@@ -140,3 +140,13 @@ def test_loader_bench(monkeypatch, capsys):
     assert all(float(r[-1]) > 0 for r in rows)
     (r,) = loader.rows(["jpeg224"], workers=[0])
     assert r["dtype"] == "torch.float32" and r["sample"] == (3, 224, 224)
+
+
+def test_mfu_only_against_a_bf16_ceiling():
+    # the training steps run under bf16 autocast: the CPU's fp32 matmul ceiling gave "MFU 117%"
+    step = dict(op="train_step", shape="cpu_small", dtype="bfloat16-autocast", mode="step", provider="fused", ms=10.0,
+                tflops=50.0, gbps=0.0, img_per_s=6400.0, parity_max_abs=float("nan"))
+    on_gpu = bench.add_fractions([dict(step)], dict(copy_gbps=1.0, matmul_tflops=100.0, matmul_dtype="bf16"))
+    on_cpu = bench.add_fractions([dict(step)], dict(copy_gbps=1.0, matmul_tflops=0.1, matmul_dtype="fp32"))
+    assert on_gpu[0]["mfu"] == 0.5 and "mfu" not in on_cpu[0]
+    assert "MFU 50%" in bench.format_table(on_gpu) and "MFU" not in bench.format_table(on_cpu).split("\n", 2)[2]

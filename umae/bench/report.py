@@ -15,7 +15,9 @@ from .timing import FUSED_PROVIDERS
 def add_fractions(rows, ceil):
     """Adds the fraction of the measured copy bandwidth / matrix peak to fused rows."""
     for r in rows:
-        if "ms" in r and r["op"] in E2E_OPS and r.get("tflops"):  # every provider does the model's FLOPs
+        # MFU: every provider does the model's FLOPs; only against a bf16 ceiling (the steps run under
+        # bf16 autocast: the CPU's ceiling is fp32, which its bf16 matmuls exceed)
+        if "ms" in r and r["op"] in E2E_OPS and r.get("tflops") and ceil.get("matmul_dtype") == "bf16":
             r["mfu"] = r["tflops"] / ceil["matmul_tflops"]
         # fused rows only: the other providers' work differs from the counted bytes / FLOPs
         if "ms" in r and r["provider"] in FUSED_PROVIDERS and r["op"] not in E2E_OPS:

@@ -14,7 +14,6 @@ from .._backend import triton_interpreted as interpreted  # noqa: F401  (decided
 INTERPRETED = tl.constexpr(interpreted())
 
 
-
 def _interpreter_index_fix():
     """Triton 3.6's interpreter turns a scalar kernel argument into an index (`range(0, L, BLOCK)`)
     with int() of its 1-element array, an error since numpy 2.4 ('only 0-dimensional arrays can

@@ -117,9 +117,10 @@ def _grad_from_gram(gram_ops, grad, features, norms, rinv, g, denom, *, exclude_
     z = features.to(rinv.dtype) * rinv[:, None]
     if exclude_diagonal or gram_ops.rounding_dtype(features.dtype) != rinv.dtype:
         # The product's own diagonal term |zr_i|^2 zr_i goes (from the same rounded zr: it cancels
-        # but for G's rounding); kept, it comes back unrounded as |z_i|^2 z_i. Normalized, that term is radial and the
-        # projection below removes it, but from the rounded zr it would leave zr_i's rounding
-        # error, at small B the largest part of the gradient (B=2 bf16: 3% of its max on an H200).
+        # but for G's rounding); kept, it comes back unrounded as |z_i|^2 z_i. Normalized, that
+        # term is radial and the projection below removes it, but from the rounded zr it would
+        # leave zr_i's rounding error, at small B the largest part of the gradient (B=2 bf16: 3%
+        # of its max on an H200).
         zr = _rounded_z(gram_ops, features, rinv)
         dz = dz - c * zr.pow(2).sum(1, keepdim=True) * zr
         if not exclude_diagonal:

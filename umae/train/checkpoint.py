@@ -1,33 +1,78 @@
 """Checkpoints: model, optimizer, grad scaler, step and the run's settings, serialized once
-per save; checkpoint-last.pt is a hard link to (or, where links fail, a copy of) that file."""
+per save; checkpoint-last.pt is a hard link to (or, where links fail, a copy of) that file.
+Each file is written to a .tmp and renamed: a crash or a full disk leaves the previous
+checkpoint intact and no partial file."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 
 import torch
 
 LAST = "checkpoint-last.pt"
+RESUME_ENTRIES = ("model", "optimizer", "scaler", "step")
+
+
+def _write(tmp: str, dst: str, write) -> None:
+    """write(tmp), then rename it to dst; on failure no tmp is left. A Python file object, not a
+    path, goes to torch.save: its writes raise OSError (ENOSPC: disk full) where a path's raise
+    the zip writer's bare RuntimeError."""
+    try:
+        write(tmp)
+        os.replace(tmp, dst)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, "No space left on device", dst) from e
+        raise
+
+
+def _torch_save(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save(out: str, step: int, model, opt, scaler, run: dict) -> str:
     ck = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, run=run)
     path = os.path.join(out, f"checkpoint-{step}.pt")
-    torch.save(ck, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    _write(path + ".tmp", path, lambda tmp: _torch_save(ck, tmp))
     last = os.path.join(out, LAST)
-    try:
-        if os.path.lexists(last + ".tmp"):
-            os.remove(last + ".tmp")
-        os.link(path, last + ".tmp")
-    except OSError:  # a file system without hard links
-        shutil.copyfile(path, last + ".tmp")
-    os.replace(last + ".tmp", last)
+
+    def link(tmp):
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, tmp)
+    _write(last + ".tmp", last, link)
     return path
 
 
-def read(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def read(path: str, what: str = "--resume") -> dict:
+    """A checkpoint file as a dict; a file torch cannot read (corrupt, truncated, empty, not a
+    checkpoint) raises ValueError naming it. OSError (missing, unreadable) passes as it is."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except OSError:
+        raise
+    except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{what} {path!r} is not a readable checkpoint (corrupt, truncated or empty?): "
+                         f"{type(e).__name__}: {why}") from None
+    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):
+        raise ValueError(f"{what} {path!r} is not a checkpoint: it holds no 'model' state dict")
+    return ck
+
+
+def check_resumable(ck: dict, path: str) -> None:
+    missing = [k for k in RESUME_ENTRIES if k not in ck]
+    if missing:
+        raise ValueError(f"--resume {path!r} is a model-only checkpoint (no {', '.join(missing)}; e.g. "
+                         "facebookresearch/mae's): it cannot be resumed; `umae eval --ckpt` evaluates it")
 
 
 def restore(ck: dict, model, opt, scaler) -> int:

@@ -55,13 +55,17 @@ def masking_noise(loop: Loop, micro: int) -> torch.Tensor:
     return noise[loop.rank * a.batch_size:(loop.rank + 1) * a.batch_size]
 
 
+def last_checkpoint(loop: Loop) -> str:
+    return (f"{loop.last_ckpt[0]} (step {loop.last_ckpt[1]})" if loop.last_ckpt else
+            "none (the run saved no checkpoint before this)")
+
+
 def check_finite(loop: Loop, step: int, stats: dict) -> None:
     bad = [k for k in LOSS_FIELDS if k in stats and not math.isfinite(stats[k])]
     if not bad:
         return
     terms = ", ".join(f"{k} {stats[k]:.4g}" for k in LOSS_FIELDS if k in stats)
-    last = (f"{loop.last_ckpt[0]} (step {loop.last_ckpt[1]})" if loop.last_ckpt else
-            "none (the run saved no checkpoint before this)")
+    last = last_checkpoint(loop)
     raise NonFiniteLoss(
         f"the loss is not finite ({', '.join(bad)}) at a step in {loop.last_read + 1}..{step}; means over those "
         f"steps: {terms}. Stopped without saving; the last checkpoint: {last}. Resume from it with a lower "
@@ -83,6 +87,9 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
             with torch.autocast(loop.device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
                 out = loop.fwd(imgs, a.mask_ratio, noise, *extra)
             loop.scaler.scale(out.loss / a.accum_iter).backward()
+        # every micro-batch's losses reach the statistics: a NaN in any of them (not only the
+        # last) stops the run at the next read, before a checkpoint of its NaN parameters
+        loop.stats.add_micro(out, imgs.shape[0], 1 / a.accum_iter)
         micro += 1
         loop.logger.images(imgs.shape[0] * loop.world)
         if not last:
@@ -97,7 +104,7 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
         loop.opt.zero_grad(set_to_none=True)
         step += 1
         loop.logger.step()
-        loop.stats.add(out, imgs.shape[0], grad_norm)
+        loop.stats.add_step(grad_norm)
         save = (a.ckpt_every and step % a.ckpt_every == 0) or step == loop.total
         if step % a.log_every == 0 or save:  # every rank reads (all-reduced): all stop together
             stats = loop.stats.read(loop.world)
@@ -105,7 +112,12 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
             check_finite(loop, step, stats)
             loop.last_read = step
         if save and loop.rank == 0:
-            loop.last_ckpt = (checkpoint.save(a.out, step, loop.model, loop.opt, loop.scaler, loop.run_info), step)
+            try:
+                path = checkpoint.save(a.out, step, loop.model, loop.opt, loop.scaler, loop.run_info)
+            except OSError as e:  # disk full, ...: say which checkpoint is still the last good one
+                raise OSError(e.errno, f"{e.strerror}; the last checkpoint, intact: {last_checkpoint(loop)}",
+                              e.filename) from e
+            loop.last_ckpt = (path, step)
         if step >= loop.total:
             break
     return step, micro

@@ -16,22 +16,34 @@ LOSS_FIELDS = FIELDS + PROBE_FIELDS[:1]  # the losses: a non-finite one stops th
 
 class DeviceStats:
     """Sums of the logged terms since the last read, kept on the device: (loss, loss_mae,
-    loss_unif[, loss_probe, probe_acc][, grad_norm]). A non-finite loss makes its sum non-finite,
-    so the read at a log step sees it without a per-step check."""
+    loss_unif[, loss_probe, probe_acc][, grad_norm]). Every micro-batch's loss terms are added
+    (with --accum-iter, weighted 1/accum: a step's mean), so a non-finite loss in any of them makes
+    its sum non-finite and the read at a log step sees it without a per-step check."""
 
     def __init__(self, device, probe: bool = False, grad_norm: bool = False):
         self.fields = FIELDS + (PROBE_FIELDS if probe else ()) + (("grad_norm",) if grad_norm else ())
         self.sum = torch.zeros(len(self.fields), device=device)
         self.count = 0
+        self._grad = "grad_norm" in self.fields
 
-    def add(self, out, batch: int, grad_norm=None) -> None:
+    def add_micro(self, out, batch: int, weight: float = 1.0) -> None:
+        """One micro-batch's loss terms, weighted (1 / --accum-iter)."""
         vals = [out.loss, out.loss_mae, out.loss_unif]
         if "probe_acc" in self.fields:
             vals += [out.loss_probe, out.probe_correct / batch]
-        if grad_norm is not None:
-            vals.append(grad_norm)
-        self.sum += torch.stack([v.detach().float() for v in vals])
+        n = len(vals)
+        self.sum[:n] += torch.stack([v.detach().float() for v in vals]) * weight
+
+    def add_step(self, grad_norm=None) -> None:
+        """Closes an optimizer step (its micro-batches were added by add_micro)."""
+        if self._grad and grad_norm is not None:
+            self.sum[-1] += grad_norm.detach().float()
         self.count += 1
+
+    def add(self, out, batch: int, grad_norm=None) -> None:
+        """A step of one micro-batch."""
+        self.add_micro(out, batch)
+        self.add_step(grad_norm)
 
     def read(self, world: int) -> dict:
         """Means since the last read, over steps and ranks: the one host sync of a log step."""
@@ -47,15 +59,40 @@ class DeviceStats:
         return dict(zip(self.fields, vals))
 
 
+def keep_until(path: str, step: int) -> None:
+    """Drops log.jsonl's records after `step` (the step a run starts from), so that a resumed run
+    (or a fresh one into the same folder) logs each step once: the records a killed run wrote
+    after its last checkpoint are written again by the resumed one. Rewritten to a .tmp and
+    renamed; a line torn by the kill is dropped with them."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):  # a torn last line
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 class Logger:
     def __init__(self, out: str, rank: int, total: int, start_step: int, progress: bool, desc: str = "umae train"):
         self.rank = rank
-        self.file = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
+        self.file = None
+        if rank == 0:
+            path = os.path.join(out, "log.jsonl")
+            keep_until(path, start_step)
+            self.file = open(path, "a")
         self.tb = None
         if rank == 0:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(out, "tb"))
+                # purge_step: TensorBoard drops the events after the resumed step, as keep_until the records
+                self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=start_step + 1)
             except Exception:  # tensorboard not installed
                 self.tb = None
         self.bar = None

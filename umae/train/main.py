@@ -55,12 +55,48 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/umae")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N optimizer steps (0: at the end)")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to resume from. Its run's settings (" + ", ".join(CHANGEABLE) + ") must match "
+                        "this run's (pass the same values) unless named in --resume-override; --lr, --blr, --steps, "
+                        "--amp, --clip-grad and the like may change")
+    p.add_argument("--resume-override", default="", metavar="SETTING[,SETTING]",
+                   help="with --resume: settings that may differ from the checkpoint's, e.g. lamb,mask_ratio (the "
+                        "checkpoint records each change)")
     p.add_argument("--num-workers", type=int, default=None, help="loader processes (default: the machine's cores)")
     p.add_argument("--log-every", type=int, default=10,
                    help="optimizer steps between log records (the only host syncs of the loop)")
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--no-progress", action="store_true")
+
+
+def check_range(args, names, low: float, strict: bool = False, optional: bool = False) -> None:
+    """ValueError naming the flag and its value unless each of `names` is >= low (> low when
+    strict; None passes when optional). NaN fails."""
+    for k in names:
+        v = getattr(args, k)
+        if v is None and optional:
+            continue
+        if v is None or not (v > low if strict else v >= low):
+            raise ValueError(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} {low:g}, got {v}")
+
+
+def parse_device(name: str | None, flag: str = "--device") -> torch.device | None:
+    """torch.device(name), or a ValueError naming the flag: an unknown device, or a CUDA one
+    without a GPU (or past the GPUs there are)."""
+    if not name:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{flag} {name!r} is not a device (e.g. cpu, cuda, cuda:1): "
+                         f"{str(e).splitlines()[0]}") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"{flag} {name!r}: no CUDA GPU is available here")
+        if device.index is not None and device.index >= n:
+            raise ValueError(f"{flag} {name!r}: there are {n} CUDA GPU(s)")
+    return device
 
 
 def validate(args):
@@ -71,15 +107,47 @@ def validate(args):
         raise ValueError(f"--model {args.model!r} is not registered; umae models: {', '.join(CONFIGS)}")
     if not 0 <= args.mask_ratio < 1:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
-    for k in ("batch_size", "accum_iter", "epochs", "log_every"):
-        if getattr(args, k) < 1:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
-    if args.clip_grad is not None and not args.clip_grad > 0:
-        raise ValueError(f"--clip-grad must be > 0, got {args.clip_grad}")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    check_range(args, ("batch_size", "accum_iter", "epochs", "log_every", "builtin_size"), 1)
+    check_range(args, ("steps", "ckpt_every", "lamb", "weight_decay", "min_lr"), 0)  # --steps 0: use --epochs
+    check_range(args, ("warmup_steps", "num_workers"), 0, optional=True)
+    check_range(args, ("blr",), 0, strict=True)
+    check_range(args, ("lr", "clip_grad"), 0, strict=True, optional=True)
+    parse_device(args.device)
+    bad = set(overrides(args)) - set(CHANGEABLE)
+    if bad:
+        raise ValueError(f"--resume-override {args.resume_override!r}: {', '.join(sorted(bad))} cannot be "
+                         f"overridden; these can: {', '.join(CHANGEABLE)}")
     if args.resume and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint")
+
+
+def overrides(args) -> list[str]:
+    return [k.strip().replace("-", "_") for k in (getattr(args, "resume_override", "") or "").split(",") if k.strip()]
+
+
+def lock_out(out: str) -> int:
+    """Creates --out and holds an exclusive lock on its .lock for the run: a second writer into
+    the same folder is refused (it would replace the checkpoints and interleave log.jsonl). A
+    flock dies with its process, so a killed run leaves no stale lock. Returns the lock's fd."""
+    import fcntl
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file, not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ValueError(f"--out {out!r} cannot be written: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise ValueError(f"--out {out!r} is in use by another umae train run"
+                         + (f" (pid {holder})" if holder else "") + "; wait for it or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 TOKENS = ("cls_token", "mask_token")
@@ -137,18 +205,53 @@ def default_workers() -> int:
 
 # what a resumed run must share with its checkpoint (the model's structure and the optimizer's groups)
 RESUME_KEYS = ("model", "probe_classes", "decay_tokens")
+# what it must share unless --resume-override names it: a change makes the run another experiment
+CHANGEABLE = ("lamb", "mask_ratio", "seed", "data", "builtin_size", "norm_pix_loss", "cls_double_norm")
 
 
 def train(args) -> list[dict]:
     """Runs training; returns the logged records (rank 0; other ranks: empty)."""
-    import timm
-    import torch.distributed as dist
-
     from .. import models  # noqa: F401  (registers the models with timm)
 
     validate(args)
     rank, world = init_distributed()
     device = pick_device(args)
+    lock = lock_out(args.out) if rank == 0 else None  # other ranks write nothing
+    try:
+        return _train(args, rank, world, device)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _check_resume(args, prev: dict, run_info: dict, step: int, total: int) -> None:
+    """Refuses a resume that would change the model's structure, or (unless --resume-override
+    names them) the run's settings, or that has nothing left to train; records the overrides."""
+    differ = [k for k in RESUME_KEYS if k in prev and prev[k] != run_info[k]]
+    if differ:
+        raise ValueError(f"--resume {args.resume!r}: the checkpoint was trained with "
+                         + ", ".join(f"{k}={prev[k]!r}" for k in differ) + "; this run has "
+                         + ", ".join(f"{k}={run_info[k]!r}" for k in differ))
+    allowed = overrides(args)
+    changed = [k for k in CHANGEABLE if k in prev and prev[k] != run_info[k]]
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        raise ValueError(f"--resume {args.resume!r}: the checkpoint's run has "
+                         + ", ".join(f"--{k.replace('_', '-')} {prev[k]!r} (this run: {run_info[k]!r})" for k in refused)
+                         + "; pass the checkpoint's values, or --resume-override " + ",".join(refused)
+                         + " to change them")
+    run_info["resume_overrides"] = list(prev.get("resume_overrides", [])) + (
+        [dict(step=step, **{k: [prev[k], run_info[k]] for k in changed})] if changed else [])
+    if step >= total:
+        raise ValueError(f"--resume {args.resume!r} is at step {step}, and this run ends at step {total} ("
+                         + (f"--steps {args.steps}" if args.steps else f"--epochs {args.epochs}")
+                         + "): nothing left to train; pass a larger --steps")
+
+
+def _train(args, rank, world, device) -> list[dict]:
+    import timm
+    import torch.distributed as dist
+
     torch.manual_seed(args.seed)
 
     if device.type == "cuda":  # fp32 matmuls (the non-autocast ones) on TF32 tensor cores
@@ -156,6 +259,8 @@ def train(args) -> list[dict]:
         torch.backends.cudnn.allow_tf32 = True
     args.amp = resolve_amp(args.amp, device)
     ck = checkpoint.read(args.resume) if args.resume else None
+    if ck:
+        checkpoint.check_resumable(ck, args.resume)
     prev = (ck.get("run") or {}) if ck else {}
     if args.decay_tokens is None:  # a checkpoint from before the rule recorded it had tokens exempt
         args.decay_tokens = prev.get("decay_tokens", False) if ck else True
@@ -184,11 +289,7 @@ def train(args) -> list[dict]:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step = 0
     if ck:
-        differ = [k for k in RESUME_KEYS if k in prev and prev[k] != run_info[k]]
-        if differ:
-            raise ValueError(f"--resume {args.resume!r}: the checkpoint was trained with "
-                             + ", ".join(f"{k}={prev[k]!r}" for k in differ) + "; this run has "
-                             + ", ".join(f"{k}={run_info[k]!r}" for k in differ))
+        _check_resume(args, prev, run_info, ck["step"], total)
         step = checkpoint.restore(ck, model, opt, scaler)
         del ck
         for group in opt.param_groups:  # the saved groups carry the saving machine's choice
@@ -198,7 +299,6 @@ def train(args) -> list[dict]:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         net = model
-    os.makedirs(args.out, exist_ok=True)
     loop = Loop(args=args, model=model, fwd=torch.compile(net) if args.compile else net, net=net, opt=opt,
                 scaler=scaler, device=device, rank=rank, world=world, num_patches=model.patch_embed.num_patches,
                 total=total, warmup=warmup, lr=lr, batches_per_epoch=batches_per_epoch,

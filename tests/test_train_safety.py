@@ -1,0 +1,145 @@
+"""Issue 23, section 2: no data loss or silent corruption in `umae train` -- a NaN in any
+micro-batch stops the run before a checkpoint, a second writer into --out is refused, a resume
+refuses changed settings unless overridden, and a resumed log has each step once."""
+import argparse
+import errno
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from umae import train
+from umae.cli.main import main
+
+TINY = ["--model", "umae_vit_micro_patch4_32", "--builtin-size", "64", "--batch-size", "8", "--lr", "1e-3",
+        "--num-workers", "0", "--no-progress"]
+
+
+def _args(out, **kw):
+    p = argparse.ArgumentParser()
+    train.add_args(p)
+    a = p.parse_args([])
+    a.model, a.builtin_size, a.batch_size, a.out, a.no_progress = "umae_vit_micro_patch4_32", 64, 8, str(out), True
+    a.lr, a.log_every, a.num_workers = 1e-3, 1, 0
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+def _steps(out):
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_nan_in_first_micro_batch_stops_before_checkpoint(tmp_path, monkeypatch, capsys):
+    from umae.models import MaskedAutoencoderViT
+
+    calls = []
+    real = MaskedAutoencoderViT.forward_loss
+
+    def poisoned(self, *a):  # NaN in the first micro-batch of step 3 only (call 5 of accum 2)
+        calls.append(1)
+        loss = real(self, *a)
+        return loss * float("nan") if len(calls) == 5 else loss
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    out = tmp_path / "nan"
+    rc = main(["train", *TINY, "--accum-iter", "2", "--steps", "4", "--ckpt-every", "3", "--log-every", "3",
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "the loss is not finite" in err and "at a step in 1..3" in err, err
+    assert "the last checkpoint: none" in err and len(err.strip().splitlines()) == 1
+    assert not any(f.startswith("checkpoint") for f in os.listdir(out)), os.listdir(out)
+
+
+def test_second_writer_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)  # another run holds the lock
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"4242\n")
+    try:
+        assert main(["train", *TINY, "--steps", "1", "--out", str(out)]) == 2
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert f"--out {str(out)!r} is in use by another umae train run (pid 4242)" in err, err
+    assert os.listdir(out) == [".lock"]  # nothing written
+    assert main(["train", *TINY, "--steps", "1", "--out", str(out)]) == 0  # the lock died with its holder
+
+
+def test_second_writer_process_is_refused(tmp_path):
+    # two processes: the first holds the lock for its whole run
+    out = str(tmp_path / "run")
+    code = ("import fcntl, os, sys, time; os.makedirs(sys.argv[1]); fd = os.open(sys.argv[1] + '/.lock', "
+            "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"in use by another umae train run \(pid {holder.pid}\)"):
+            train.train(_args(out, steps=1))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_refuses_changed_settings_unless_overridden(tmp_path, capsys):
+    train.train(_args(tmp_path / "a", steps=2, ckpt_every=1))
+    ck = str(tmp_path / "a" / "checkpoint-1.pt")
+    for flag, value, name in (("--lamb", "0.5", "lamb"), ("--mask-ratio", "0.5", "mask_ratio"),
+                              ("--seed", "3", "seed"), ("--data", "digits", "data")):
+        rc = main(["train", *TINY, "--steps", "2", "--resume", ck, flag, value, "--out", str(tmp_path / "b")])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{flag} " in err and f"(this run: " in err and f"--resume-override {name}" in err, err
+    rc = main(["train", *TINY, "--steps", "2", "--resume", ck, "--lamb", "0.5", "--mask-ratio", "0.5",
+               "--resume-override", "lamb,mask-ratio", "--out", str(tmp_path / "c")])
+    assert rc == 0, capsys.readouterr().err
+    run = torch.load(tmp_path / "c" / "checkpoint-last.pt", weights_only=False)["run"]
+    assert run["lamb"] == 0.5 and run["resume_overrides"] == [dict(step=1, lamb=[0.01, 0.5], mask_ratio=[0.75, 0.5])]
+    assert main(["train", *TINY, "--resume", ck, "--resume-override", "model", "--out", str(tmp_path / "d")]) == 2
+    assert "--resume-override 'model': model cannot be overridden" in capsys.readouterr().err
+
+
+def test_resume_logs_each_step_once(tmp_path):
+    out = tmp_path / "run"
+    train.train(_args(out, steps=4, ckpt_every=2))
+    os.remove(out / "checkpoint-4.pt")  # as if killed after logging steps 3 and 4, before checkpoint 4
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # and a line torn by the kill
+    train.train(_args(out, steps=5, resume=str(out / "checkpoint-2.pt")))
+    assert _steps(out) == [1, 2, 3, 4, 5]
+    train.train(_args(out, steps=2))  # a fresh run into the folder: its own log
+    assert _steps(out) == [1, 2]
+
+
+def test_resume_at_or_past_the_end_is_refused(tmp_path, capsys):
+    train.train(_args(tmp_path / "a", steps=2))
+    rc = main(["train", *TINY, "--steps", "2", "--resume", str(tmp_path / "a" / "checkpoint-2.pt"),
+               "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is at step 2, and this run ends at step 2 (--steps 2): nothing left to train" in err, err
+
+
+def test_disk_full_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    from umae.train import checkpoint
+
+    real = torch.save
+
+    def save(obj, f):  # the disk fills up while checkpoint 2 is written
+        if obj["step"] == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(obj, f)
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    out = tmp_path / "run"
+    rc = main(["train", *TINY, "--steps", "3", "--ckpt-every", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"disk full while writing {out / 'checkpoint-2.pt'}" in err
+    assert f"the last checkpoint, intact: {out / 'checkpoint-1.pt'} (step 1)" in err
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")] and not (out / "checkpoint-2.pt").exists()
+    monkeypatch.setattr(checkpoint.torch, "save", real)
+    assert torch.load(out / "checkpoint-last.pt", weights_only=False)["step"] == 1

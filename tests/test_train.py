@@ -238,7 +238,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert rc == 1 and "the loss is not finite (loss, loss_mae) at a step in 5..6" in err, err
     assert f"the last checkpoint: {out / 'checkpoint-4.pt'} (step 4)" in err
-    assert set(os.listdir(out)) - {"tb"} == {"checkpoint-4.pt", "checkpoint-last.pt", "log.jsonl"}  # tb: if installed
+    # tb: if installed; .lock: the lock on --out
+    assert set(os.listdir(out)) - {"tb", ".lock"} == {"checkpoint-4.pt", "checkpoint-last.pt", "log.jsonl"}
     ck = torch.load(out / "checkpoint-last.pt", weights_only=False)
     assert ck["step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values())
     logged = [json.loads(line) for line in open(out / "log.jsonl")]

@@ -5,7 +5,7 @@ import copy
 import pytest
 import timm
 import torch
-from utils import LOSS_TOL, TOL, assert_close
+from utils import LOSS_TOL, TOL, assert_close, assert_grads_close
 
 import umae
 import umae.models  # noqa: F401  (registers with timm)
@@ -69,9 +69,15 @@ def test_hf_patched_matches_unpatched_fp32(cfg):
     loss.backward()
     out.loss.backward()
     ga, gb = _grads(model), _grads(ref)
-    assert ga.keys() == gb.keys() and len(ga) > 10
-    for n in ga:
-        assert_close(ga[n], gb[n], name=f"grad {n}", atol=1e-5, rtol=1e-4)
+    assert len(ga) > 10
+    assert_grads_close(ga, gb, _hf_truth(cfg, x, noise), torch.float32)
+
+
+def _hf_truth(cfg, x, noise):
+    """The unpatched model's gradients in float64."""
+    truth = _hf(*cfg).double()
+    _hf_unpatched(truth, x.double(), noise.double())[0].backward()
+    return _grads(truth)
 
 
 def test_hf_patched_matches_unpatched_bf16_autocast():
@@ -86,10 +92,7 @@ def test_hf_patched_matches_unpatched_bf16_autocast():
         outs.append(out)
     assert outs[0].loss.dtype == torch.float32 and torch.equal(outs[0].mask, outs[1].mask)
     assert_close(outs[0].loss, outs[1].loss, **TOL[torch.bfloat16])
-    gr = _grads(ref)
-    for n, g in _grads(model).items():  # bf16 roundings differ in order: compared at each tensor's scale
-        scale = gr[n].abs().max().clamp_min(1e-3)
-        assert_close(g / scale, gr[n] / scale, name=f"grad {n}", atol=5e-2, rtol=5e-2)
+    assert_grads_close(_grads(model), _grads(ref), _hf_truth(HF_CONFIGS[0], x, noise), torch.bfloat16)
 
 
 def test_hf_profiler_shows_the_umae_ops():
@@ -247,11 +250,10 @@ def test_mae_style_patched_matches_the_reference_model(dtype):
     tol = TOL[dtype]
     assert_close(la, lb, name="loss", **(LOSS_TOL[dtype] if dtype == torch.float32 else tol))
     assert_close(pa, pb, name="pred", **tol)
-    gr = _grads(ref)
-    for n, g in _grads(model).items():
-        scale = gr[n].abs().max().clamp_min(1e-3)
-        assert_close(g / scale, gr[n] / scale, name=f"grad {n}", atol=1e-4 if dtype == torch.float32 else 5e-2,
-                     rtol=1e-4 if dtype == torch.float32 else 5e-2)
+    truth = copy.deepcopy(ref).double()
+    truth.zero_grad()
+    truth(x.double(), noise=noise.double())[0].backward()
+    assert_grads_close(_grads(model), _grads(ref), _grads(truth), dtype)
 
 
 def test_mae_style_uniformity_term_and_unpatch():

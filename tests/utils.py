@@ -34,6 +34,58 @@ MATMUL_TOL = {
     torch.float16: dict(atol=5e-3, rtol=5e-3),
 }
 
+# Model-level gradients (a whole backward, fused vs reference) are not compared elementwise at a
+# fixed tolerance: how far two fp32 backwards drift apart depends on the machine's matmul kernels
+# (AVX2 vs AVX-512 blocking) and on the network's conditioning, and some true gradients are 0
+# (attention key biases), where any tolerance relative to the value is pure noise. Instead both
+# paths are measured against the same model in float64 (the truth): per parameter, the fused
+# path's error norm may be at most GRAD_ERR_RATIO times the reference's own error in the same
+# precision, plus a floor of GRAD_FLOOR roundings of the dtype at the whole gradient's RMS scale
+# (for tensors so small that the reference's error can be near 0 by chance). Both paths do the
+# same operations in different orders, so their errors have the same size; a wrong gradient
+# (a missed term, a wrong scale) is off by O(1) relative, 1e5 times this bound in fp32.
+UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
+                 torch.float16: 2.0 ** -11}
+GRAD_ERR_RATIO = 4.0
+GRAD_FLOOR = 16
+
+
+def assert_grads_close(got: dict, ref: dict, truth: dict, dtype: torch.dtype, what="grad"):
+    """got / ref: {name: gradient} of the fused and the reference model computed in `dtype` (or
+    under its autocast); truth: the reference model's gradients in float64."""
+    assert got.keys() == ref.keys() == truth.keys(), (sorted(got), sorted(ref), sorted(truth))
+    total = sum(t.double().pow(2).sum() for t in truth.values()).sqrt().item()
+    rms = total / sum(t.numel() for t in truth.values()) ** 0.5
+    bad = []
+    for n, t in truth.items():
+        t = t.detach().double().cpu()
+        e_got = (got[n].detach().double().cpu() - t).norm().item()
+        e_ref = (ref[n].detach().double().cpu() - t).norm().item()
+        bound = GRAD_ERR_RATIO * e_ref + GRAD_FLOOR * UNIT_ROUNDOFF[dtype] * rms * t.numel() ** 0.5
+        if not e_got <= bound:
+            bad.append(f"{what} {n}: error {e_got:.3g} vs the float64 truth, bound {bound:.3g} (the reference's "
+                       f"error {e_ref:.3g}; |truth| {t.norm().item():.3g})")
+    assert not bad, "\n".join(bad)
+
+
+# Parameters after a few AdamW steps (two runs whose gradients differ only in rounding, such as
+# DDP vs one process): Adam divides each gradient element by its own RMS, so rounding noise
+# becomes a step of up to ~lr wherever the true gradient is as small as the noise (key biases:
+# 0). A weight's gradient element sums one term per token of the global batch; summing T terms in
+# another order errs by at most ~T ulps of their magnitude, bounded here by the whole gradient's
+# RMS (not the element's own value, which may be 0). The update's relative error is then
+# noise / |g|, capped at 2 (an opposite step), per step; plus one fp32 rounding of the parameter
+# per step.
+def adam_tolerance(param: torch.Tensor, exp_avg_sq: torch.Tensor, global_rms: float, lr: float, steps: int,
+                   terms: int, beta2: float = 0.95) -> torch.Tensor:
+    """Per-element bound on |p_a - p_b| after `steps` AdamW steps at lr <= `lr`; exp_avg_sq is
+    the optimizer's second moment (bias-corrected here), global_rms the RMS of every element's
+    sqrt(v_hat), terms the tokens of a global batch."""
+    u = UNIT_ROUNDOFF[torch.float32]
+    g = (exp_avg_sq / (1 - beta2 ** steps)).sqrt()
+    return steps * lr * (terms * u * global_rms / g).clamp(max=2.0) + 2 * steps * u * param.abs()
+
+
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -119,10 +119,26 @@ def _tv_decode():
     return decode_image, read_file, ImageReadMode.RGB
 
 
+class BadImage(ValueError):
+    """An image file that cannot be read or decoded; the message names the file."""
+
+
 def _decode_file(path: str) -> torch.Tensor:
-    """An image file as uint8 RGB (3, H, W): torchvision's decode_image (libjpeg-turbo / libpng,
-    no PIL object) for JPEG and PNG, which is where it is faster (umae bench --ops loader); PIL for
-    the rest."""
+    """An image file as uint8 RGB (3, H, W), or BadImage naming the file (corrupt, truncated,
+    empty or unreadable: the decoders' own errors do not say which file)."""
+    try:
+        return _decode(path)
+    except Exception as e:
+        import re
+
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = re.sub(r"^[^,]+, \S+:\d+, ", "", why)  # torchvision's 'decode_png, /src/decode_png.cpp:66, ...'
+        raise BadImage(f"cannot read the image {path!r} in --data: {why}") from None
+
+
+def _decode(path: str) -> torch.Tensor:
+    """torchvision's decode_image (libjpeg-turbo / libpng, no PIL object) for JPEG and PNG, which
+    is where it is faster (umae bench --ops loader); PIL for the rest."""
     tv = _tv_decode()
     if tv is not None and path.lower().endswith((".jpg", ".jpeg", ".png")):
         decode_image, read_file, rgb = tv

@@ -98,8 +98,10 @@ def load_model(path, device, model_name=None):
 
     from . import models  # noqa: F401
 
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    run = ck.get("run") if isinstance(ck, dict) else None
+    from .train import checkpoint
+
+    ck = checkpoint.read(path, "--ckpt")
+    run = ck.get("run")
     if run is None:
         if model_name is None:
             raise ValueError(f"--ckpt {path!r} records no model (a facebookresearch/mae checkpoint?): pass --model, "
@@ -111,13 +113,26 @@ def load_model(path, device, model_name=None):
     return model.to(device).eval(), run, ck.get("step")
 
 
+def validate(args) -> None:
+    from .train.main import check_range, parse_device
+
+    check_range(args, ("knn_k", "max_images", "batch_size"), 1)
+    if not 0 < args.holdout < 1:
+        raise ValueError(f"--holdout must be in (0, 1), got {args.holdout}")
+    parse_device(args.device)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a file, not a directory")
+    for path in args.ckpt:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--ckpt {path!r}: no such checkpoint")
+
+
 def evaluate(args) -> dict:
+    validate(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pools = ["cls", "mean"] if args.pool == "both" else [args.pool]
     results, spectra = [], {}
     for path in args.ckpt:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--ckpt {path!r}: no such checkpoint")
         model, run, step = load_model(path, device, args.model)
         data = args.data or run["data"]
         if data in (None, "builtin"):

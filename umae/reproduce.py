@@ -60,7 +60,7 @@ def _train_args(a, preset: dict, lamb: float, out: str, ckpt_every: int, steps: 
 
 
 def _steps_and_warmup(a, preset: dict) -> tuple[int, int | None]:
-    if a.steps:
+    if a.steps is not None:
         return a.steps, preset["warmup_steps"]
     if preset["steps"]:
         return preset["steps"], preset["warmup_steps"]
@@ -81,13 +81,27 @@ def _rank_curve(run_dir: str, ds, a, known: dict) -> list[tuple[int, float]]:
     return sorted(points)
 
 
+def validate(a) -> None:
+    from .train.main import check_range, parse_device
+
+    check_range(a, ("steps", "batch_size"), 1, optional=True)  # None: the preset's
+    check_range(a, ("eval_images",), 1)
+    bad = [v for v in a.lambdas if not v >= 0]
+    if bad:
+        raise ValueError(f"--lambdas must be >= 0, got {bad[0]}")
+    parse_device(a.device)
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise ValueError(f"--out {a.out!r} is a file, not a directory")
+
+
 def reproduce(a) -> dict:
+    validate(a)
     preset = PRESETS[a.preset]
     a.data = a.data or preset["data"]
     if a.data is None:
         raise ValueError(f"--preset {a.preset} needs --data (a CIFAR-10 folder in torchvision's format)")
     a.model = a.model or preset["model"]
-    a.batch_size = a.batch_size or preset["batch_size"]
+    a.batch_size = a.batch_size if a.batch_size is not None else preset["batch_size"]
     a.device_obj = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps, a.warmup_steps = _steps_and_warmup(a, preset)
     ckpt_every = max(1, steps // preset["curve_points"])

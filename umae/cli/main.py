@@ -147,13 +147,8 @@ def _kernel_audit() -> int:
 
 def _train(args) -> int:
     from umae.train import train
-    from umae.train.engine import NonFiniteLoss
 
-    try:
-        recs = train(args)
-    except NonFiniteLoss as e:
-        print(f"umae train: stopped: {e}", file=sys.stderr)
-        return 1
+    recs = train(args)
     if recs:
         print(f"done: {recs[-1]['step']} steps, loss {recs[-1]['loss']:.4f}, {recs[-1]['img_per_s']:.0f} img/s; "
               f"checkpoints and log.jsonl in {args.out}")
@@ -228,12 +223,42 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of a user-facing error on one line. An error raised in a DataLoader worker
+    arrives re-raised as 'Caught X in DataLoader worker ... Original Traceback ...': its last
+    line is the original message."""
+    msg = str(e).strip()
+    if "Original Traceback" in msg:
+        msg = msg.splitlines()[-1]
+        head, _, rest = msg.partition(": ")  # 'umae.data.BadImage: <message>'
+        msg = rest if head.endswith(type(e).__name__) else msg
+    if isinstance(e, OSError) and e.errno is not None and not msg.startswith(("--", "umae")):
+        import errno
+
+        where = f" {e.filename}" if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            return f"disk full while writing{where}: {e.strerror}"
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"permission denied:{where} ({e.strerror})"
+        return f"{e.strerror}:{where}" if where else msg
+    return " ".join(msg.split("\n"))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from umae.train.engine import NonFiniteLoss
+
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:  # bad paths and values: a message, not a traceback
-        print(f"umae {args.cmd}: error: {e}", file=sys.stderr)
+    except NonFiniteLoss as e:  # the run stopped before saving; the message names the last checkpoint
+        if os.environ.get("UMAE_DEBUG") == "1":
+            raise
+        print(f"umae {args.cmd}: stopped: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:  # bad values, paths, files, a full disk: one line, not a traceback
+        if os.environ.get("UMAE_DEBUG") == "1":  # the traceback, for a bug report
+            raise
+        print(f"umae {args.cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -60,7 +60,7 @@ def read(path: str, what: str = "--resume") -> dict:
     except OSError:
         raise
     except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{what} {path!r} is not a readable checkpoint (corrupt, truncated or empty?): "
                          f"{type(e).__name__}: {why}") from None
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):

@@ -1,6 +1,8 @@
 """umae.patch on the MAEs people already run: transformers' ViTMAE and facebookresearch/mae-style
 models, patched vs unpatched (no downloads: small configs)."""
 import copy
+import io
+import pickle
 
 import pytest
 import timm
@@ -212,6 +214,49 @@ def test_hf_compile():
     compiled = torch.compile(model)
     out = compiled(x, noise=noise)
     assert_close(out.loss, ref(x, noise=noise).loss, **LOSS_TOL[torch.float32])
+
+
+def _umae_ops_run(fn) -> set:
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("umae::")}
+
+
+def test_patching_a_compiled_model_patches_the_module_under_it():
+    model = _hf(*HF_CONFIGS[0])
+    x, noise = _hf_inputs(model)
+    compiled = torch.compile(model)
+    plain = compiled(x, noise=noise).loss  # compiled unpatched first: the patch must still take effect
+    own = dict(compiled.__dict__)
+    assert umae.patch(compiled) is compiled
+    assert umae.patching.is_patched(model) and compiled.__dict__ == own  # the wrapper is untouched
+    out = compiled(x, noise=noise)
+    assert_close(out.loss, plain, **LOSS_TOL[torch.float32])
+    assert "umae::random_masking_cpp" in _umae_ops_run(lambda: compiled(x, noise=noise))
+    umae.unpatch(compiled)
+    assert not umae.patching.is_patched(model) and not _umae_ops_run(lambda: compiled(x, noise=noise))
+
+
+@pytest.mark.parametrize("kind", ["hf", "mae_style"])
+def test_a_saved_patched_model_loads_back_patched(kind):
+    if kind == "hf":
+        model = umae.patch(_hf(*HF_CONFIGS[0]), lamb=0.1)
+        x, noise = _hf_inputs(model)
+        run = lambda m: m(x, noise=noise).loss  # noqa: E731
+    else:
+        model = _mae_pair(lamb=0.1)[1]
+        x, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 64)
+        run = lambda m: m(x, noise=noise)[0]  # noqa: E731
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert umae.patching.is_patched(loaded)
+    assert torch.equal(run(loaded), run(model))
+    assert _umae_ops_run(lambda: run(loaded)) == _umae_ops_run(lambda: run(model)) != set()
+    assert umae.patching.is_patched(pickle.loads(pickle.dumps(model)))
+    umae.unpatch(loaded)  # back to the model's own methods
+    assert not _umae_ops_run(lambda: run(loaded)) and not any(k.startswith("forward") for k in loaded.__dict__)
 
 
 # ---- facebookresearch/mae-style ------------------------------------------------------------

@@ -19,8 +19,8 @@ torch.distributed is initialised with more than one rank (as umae's own model un
 """
 from __future__ import annotations
 
+import inspect
 import sys
-import types
 import warnings
 
 import torch
@@ -168,8 +168,27 @@ def _mae_forward(self, *args, **kwargs):
 
 # ---- patch / unpatch --------------------------------------------------------------------
 
+class _Bound:
+    """A patched method: `fn` bound to `module`, as types.MethodType, but picklable. A bound
+    method pickles as getattr(module, fn.__name__), a name the loaded module lacks; this pickles
+    as the function by its module-level name and the module, so torch.save(model) of a patched
+    model loads back patched."""
+
+    def __init__(self, fn, module):
+        self.__func__, self.__self__ = fn, module
+        self.__name__, self.__qualname__, self.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        params = list(inspect.signature(fn).parameters.values())[1:]  # as a bound method's: no self
+        self.__signature__ = inspect.Signature(params)
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return _Bound, (self.__func__, self.__self__)
+
+
 def _bind(module, name: str, fn, record: dict) -> None:
-    setattr(module, name, types.MethodType(fn, module))
+    setattr(module, name, _Bound(fn, module))
     record.setdefault(id(module), (module, []))[1].append(name)
 
 
@@ -181,7 +200,9 @@ def patch(model: torch.nn.Module, *, lamb: float = 0.0, exclude_diagonal: bool =
     encoder's cls feature: after the final norm and, as U-MAE's official forward
     (cls_double_norm=True), that norm applied once more; the terms are on the output
     (transformers: `out.loss_mae`, `out.loss_unif`) or in `model.umae_losses` (MAE-style).
-    Raises TypeError, patching nothing, for a model it does not recognise."""
+    Raises TypeError, patching nothing, for a model it does not recognise. A torch.compile'd or
+    DDP-wrapped model is patched underneath its wrapper (dynamo recompiles at the next call)."""
+    wrapper, model = model, _unwrap(model)
     kind = _kind(model)
     lamb = float(lamb)
     if lamb < 0:
@@ -209,20 +230,35 @@ def patch(model: torch.nn.Module, *, lamb: float = 0.0, exclude_diagonal: bool =
     object.__setattr__(model, _STATE, dict(kind=kind, lamb=lamb, exclude_diagonal=bool(exclude_diagonal),
                                            cls_double_norm=bool(cls_double_norm),
                                            methods=list(record.values())))
-    return model
+    return wrapper
+
+
+def _unwrap(model):
+    """The module under torch.compile's OptimizedModule and (Distributed)DataParallel wrappers:
+    methods bound on a compiled wrapper would be mutations dynamo refuses at the next call."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `patch` (a no-op on a model that is not patched); returns `model`."""
+    wrapper, model = model, _unwrap(model)
     state = model.__dict__.pop(_STATE, None)
     if state is None:
-        return model
+        return wrapper
     for module, names in state["methods"]:
         for name in names:
             module.__dict__.pop(name, None)
     model.__dict__.pop("umae_losses", None)
-    return model
+    return wrapper
 
 
 def is_patched(model: torch.nn.Module) -> bool:
-    return _STATE in model.__dict__
+    return _STATE in _unwrap(model).__dict__

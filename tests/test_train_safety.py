@@ -6,8 +6,10 @@ import errno
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -143,3 +145,35 @@ def test_disk_full_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")] and not (out / "checkpoint-2.pt").exists()
     monkeypatch.setattr(checkpoint.torch, "save", real)
     assert torch.load(out / "checkpoint-last.pt", weights_only=False)["step"] == 1
+
+
+def test_sigkill_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path):
+    from umae.train import checkpoint
+
+    out = tmp_path / "killed"
+    argv = [*TINY, "--steps", "12", "--ckpt-every", "2", "--log-every", "1", "--out", str(out)]
+    # each save is followed by a pause, so the kill lands while the run is mid-flight
+    code = ("import sys, time; from umae.train import checkpoint; from umae.cli.main import main; "
+            "real = checkpoint.save; checkpoint.save = lambda *a: (real(*a), time.sleep(0.3))[0]; "
+            "sys.exit(main(['train', *sys.argv[1:]]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):
+            if (out / "checkpoint-4.pt").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the kill"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    step = checkpoint.read(str(out / "checkpoint-last.pt"))["step"]  # loadable
+    assert 4 <= step < 12
+    train.train(_args(out, steps=12, ckpt_every=2, resume=str(out / "checkpoint-last.pt")))
+    unbroken = train.train(_args(tmp_path / "u", steps=12, ckpt_every=2))
+    logged = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in logged] == list(range(1, 13))
+    assert [r["loss"] for r in logged] == [r["loss"] for r in unbroken]  # bitwise, before and after the kill
+    a = torch.load(out / "checkpoint-last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "u" / "checkpoint-last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)

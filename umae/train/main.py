@@ -237,7 +237,8 @@ def _check_resume(args, prev: dict, run_info: dict, step: int, total: int) -> No
     refused = [k for k in changed if k not in allowed]
     if refused:
         raise ValueError(f"--resume {args.resume!r}: the checkpoint's run has "
-                         + ", ".join(f"--{k.replace('_', '-')} {prev[k]!r} (this run: {run_info[k]!r})" for k in refused)
+                         + ", ".join(f"--{k.replace('_', '-')} {prev[k]!r} (this run: {run_info[k]!r})"
+                                     for k in refused)
                          + "; pass the checkpoint's values, or --resume-override " + ",".join(refused)
                          + " to change them")
     run_info["resume_overrides"] = list(prev.get("resume_overrides", [])) + (

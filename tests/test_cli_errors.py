@@ -33,6 +33,7 @@ def _err(capsys, argv, rc=2):
     (["train", "--blr", "-1"], "--blr must be > 0, got -1.0"),
     (["train", "--min-lr", "-1"], "--min-lr must be >= 0, got -1.0"),
     (["train", "--device", "bogus"], "--device 'bogus' is not a device"),
+    (["train", "--resume-override", "lamb"], "--resume-override 'lamb' needs --resume"),
     (["reproduce", "--steps", "-1"], "--steps must be >= 1, got -1"),
     (["reproduce", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["reproduce", "--device", "bogus"], "--device 'bogus' is not a device"),
@@ -116,6 +117,9 @@ def test_resume_of_a_model_only_checkpoint(tmp_path, capsys):
     torch.save({"model": m.state_dict()}, tmp_path / "mae_pretrain.pth")  # facebookresearch/mae's format
     err = _err(capsys, ["train", *TINY, "--resume", str(tmp_path / "mae_pretrain.pth"), "--out", str(tmp_path / "o")])
     assert "is a model-only checkpoint" in err and "cannot be resumed" in err, err
+    err = _err(capsys, ["eval", "--ckpt", str(tmp_path / "mae_pretrain.pth"), "--model", "umae_vit_tiny_patch4_32",
+                        "--out", str(tmp_path / "e")])  # weights of another size
+    assert f"--ckpt {str(tmp_path / 'mae_pretrain.pth')!r} does not fit the model" in err, err
 
 
 def test_out_is_a_file_or_not_writable(tmp_path, capsys, monkeypatch):

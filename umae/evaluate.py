@@ -109,7 +109,8 @@ def load_model(path, device, model_name=None):
         run = dict(model=model_name, lamb=0.0, fused=False, data=None, seed=0)
     model = timm.create_model(model_name or run["model"], fused=False, lamb=run["lamb"],
                               probe_classes=run.get("probe_classes", 0), cls_double_norm=run.get("cls_double_norm", True))
-    model.load_state_dict(ck)  # a train checkpoint's "model" entry, or MAE's (encoder-only loads with a warning)
+    # a train checkpoint's "model" entry, or MAE's (encoder-only loads with a warning)
+    checkpoint.load_weights(model, ck, path, "--ckpt")
     return model.to(device).eval(), run, ck.get("step")
 
 

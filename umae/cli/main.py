@@ -237,7 +237,7 @@ def _one_line(e: BaseException) -> str:
 
         where = f" {e.filename}" if e.filename else ""
         if e.errno == errno.ENOSPC:
-            return f"disk full while writing{where}: {e.strerror}"
+            return f"disk full while writing{where}: {e.strerror}" if where else f"disk full: {e.strerror}"
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return f"permission denied:{where} ({e.strerror})"
         return f"{e.strerror}:{where}" if where else msg

@@ -63,21 +63,33 @@ def read(path: str, what: str = "--resume") -> dict:
         why = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{what} {path!r} is not a readable checkpoint (corrupt, truncated or empty?): "
                          f"{type(e).__name__}: {why}") from None
-    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):
-        raise ValueError(f"{what} {path!r} is not a checkpoint: it holds no 'model' state dict")
+    if not isinstance(ck, dict):  # a state dict, or a checkpoint's dict holding one
+        raise ValueError(f"{what} {path!r} is not a checkpoint: it holds a {type(ck).__name__}, not a dict")
     return ck
+
+
+def load_weights(model, state: dict, path: str, what: str = "--resume") -> None:
+    """model.load_state_dict, or a ValueError naming the file when the weights do not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        why = " ".join(str(e).split())
+        raise ValueError(f"{what} {path!r} does not fit the model {type(model).__name__}: "
+                         + (why[:300] + " ..." if len(why) > 300 else why)) from None
 
 
 def check_resumable(ck: dict, path: str) -> None:
     missing = [k for k in RESUME_ENTRIES if k not in ck]
+    if "model" in missing:
+        raise ValueError(f"--resume {path!r} is not a umae train checkpoint (no 'model' entry)")
     if missing:
         raise ValueError(f"--resume {path!r} is a model-only checkpoint (no {', '.join(missing)}; e.g. "
                          "facebookresearch/mae's): it cannot be resumed; `umae eval --ckpt` evaluates it")
 
 
-def restore(ck: dict, model, opt, scaler) -> int:
+def restore(ck: dict, model, opt, scaler, path: str = "") -> int:
     """Restores a read checkpoint's states in place; returns the step to continue from."""
-    model.load_state_dict(ck["model"])
+    load_weights(model, ck["model"], path)
     opt.load_state_dict(ck["optimizer"])
     scaler.load_state_dict(ck["scaler"])
     return ck["step"]

@@ -113,6 +113,8 @@ def validate(args):
     check_range(args, ("blr",), 0, strict=True)
     check_range(args, ("lr", "clip_grad"), 0, strict=True, optional=True)
     parse_device(args.device)
+    if overrides(args) and not args.resume:
+        raise ValueError(f"--resume-override {args.resume_override!r} needs --resume")
     bad = set(overrides(args)) - set(CHANGEABLE)
     if bad:
         raise ValueError(f"--resume-override {args.resume_override!r}: {', '.join(sorted(bad))} cannot be "
@@ -291,7 +293,7 @@ def _train(args, rank, world, device) -> list[dict]:
     step = 0
     if ck:
         _check_resume(args, prev, run_info, ck["step"], total)
-        step = checkpoint.restore(ck, model, opt, scaler)
+        step = checkpoint.restore(ck, model, opt, scaler, args.resume)
         del ck
         for group in opt.param_groups:  # the saved groups carry the saving machine's choice
             group.update(adamw_impl(device))

@@ -31,8 +31,8 @@ class DeviceStats:
         vals = [out.loss, out.loss_mae, out.loss_unif]
         if "probe_acc" in self.fields:
             vals += [out.loss_probe, out.probe_correct / batch]
-        n = len(vals)
-        self.sum[:n] += torch.stack([v.detach().float() for v in vals]) * weight
+        v = torch.stack([v.detach().float() for v in vals])
+        self.sum[:len(vals)] += v if weight == 1 else v * weight
 
     def add_step(self, grad_norm=None) -> None:
         """Closes an optimizer step (its micro-batches were added by add_micro)."""

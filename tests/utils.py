@@ -10,29 +10,34 @@ from umae._backend import triton_interpreted
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-# Outputs stored in the input dtype (gradients, tokens): one rounding of that dtype, plus the
-# different fp32 summation order of the fused kernels.
-TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-9),
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-}
-# Scalars accumulated in fp32 by both paths from the same input values (losses).
-LOSS_TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-9),
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.bfloat16: dict(atol=1e-4, rtol=1e-4),
-    torch.float16: dict(atol=1e-4, rtol=1e-4),
-}
-# Where the fused path also rounds operands to the input dtype before a matrix product
-# (tensor cores) while the reference multiplies in fp32.
-MATMUL_TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-9),
-    torch.float32: dict(atol=1e-5, rtol=1e-4),
-    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
-    torch.float16: dict(atol=5e-3, rtol=5e-3),
-}
+# Every tolerance below is a multiple of the dtype's unit roundoff u (the largest relative error of
+# one rounding), set by what the compared paths do differently; none is tuned to one machine.
+UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
+                 torch.float16: 2.0 ** -11}
+U = UNIT_ROUNDOFF
+# A sum of up to 2^8 terms (a patch's pixels, a token's features, the op tests' batch) in another
+# order differs by up to 2^8 ulps of fp32 relative to the terms' magnitude.
+SUM_TERMS = 2 ** 8
+
+
+def _tol(t: float) -> dict:
+    return dict(atol=t, rtol=t)
+
+
+# Outputs stored in the input dtype (gradients, tokens): in bf16/fp16 each path rounds its fp32
+# result once (u each), and a path may round one intermediate more (x + pos stored before the
+# gather): 4u, plus the fp32 summation order (< u): 5u. In fp32 and fp64: the summation order.
+TOL = {torch.float64: _tol(SUM_TERMS * U[torch.float64]), torch.float32: _tol(SUM_TERMS * U[torch.float32]),
+       torch.bfloat16: _tol(5 * U[torch.bfloat16]), torch.float16: _tol(5 * U[torch.float16])}
+# Scalars both paths accumulate in fp32 from the same input values (losses): the summation order
+# alone, whatever the input dtype.
+LOSS_TOL = {torch.float64: TOL[torch.float64],
+            **{dt: _tol(SUM_TERMS * U[torch.float32]) for dt in (torch.float32, torch.bfloat16, torch.float16)}}
+# Where the fused path also rounds operands to the input dtype before a matrix product (tensor
+# cores) while the reference multiplies in fp32: one more rounding of each operand (2u) on top of
+# TOL's 5u; in fp32, the product's sums over up to 2^12 terms (B, D).
+MATMUL_TOL = {torch.float64: TOL[torch.float64], torch.float32: _tol(2 ** 12 * U[torch.float32]),
+              torch.bfloat16: _tol(7 * U[torch.bfloat16]), torch.float16: _tol(7 * U[torch.float16])}
 
 # Model-level gradients (a whole backward, fused vs reference) are not compared elementwise at a
 # fixed tolerance: how far two fp32 backwards drift apart depends on the machine's matmul kernels
@@ -44,8 +49,6 @@ MATMUL_TOL = {
 # (for tensors so small that the reference's error can be near 0 by chance). Both paths do the
 # same operations in different orders, so their errors have the same size; a wrong gradient
 # (a missed term, a wrong scale) is off by O(1) relative, 1e5 times this bound in fp32.
-UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
-                 torch.float16: 2.0 ** -11}
 GRAD_ERR_RATIO = 4.0
 GRAD_FLOOR = 16
 

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from utils import adam_tolerance
 
+import umae.models  # noqa: F401  (registers with timm: some tests create models before any training)
 from umae import evaluate, train
 from umae.cli.main import main
 
@@ -87,8 +88,6 @@ def _second_moments(ck) -> dict:
     """{parameter name: AdamW's exp_avg_sq} of a checkpoint (the optimizer's state is keyed by
     position in its param groups, made by train.param_groups)."""
     import timm
-
-    import umae.models  # noqa: F401  (registers with timm)
 
     model = timm.create_model(ck["run"]["model"], fused=False, probe_classes=ck["run"]["probe_classes"])
     names = {id(p): n for n, p in model.named_parameters()}

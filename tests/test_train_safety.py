@@ -88,6 +88,46 @@ def test_second_writer_process_is_refused(tmp_path):
         holder.wait()
 
 
+def _ddp_locked_worker(rank, world, port, out, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    try:
+        train.train(_args(out, steps=1))
+        results.put((rank, "trained"))
+    except ValueError as e:
+        results.put((rank, str(e)))
+
+
+def test_second_writer_is_refused_on_every_ddp_rank(tmp_path):
+    # rank 0 is refused the lock: rank 1 must stop too, not wait for rank 0 at the first collective
+    import socket
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_locked_worker, args=(r, 2, port, str(out), results)) for r in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=90)
+        assert not any(p.is_alive() for p in procs), "a rank still waits for the refused rank 0"
+    finally:
+        for p in procs:
+            p.kill()
+        os.close(fd)
+    got = dict(results.get(timeout=5) for _ in procs)
+    assert "in use by another umae train run" in got[0] and "rank 0 could not take the run's lock" in got[1], got
+
+
 def test_resume_refuses_changed_settings_unless_overridden(tmp_path, capsys):
     train.train(_args(tmp_path / "a", steps=2, ckpt_every=1))
     ck = str(tmp_path / "a" / "checkpoint-1.pt")

@@ -152,6 +152,27 @@ def lock_out(out: str) -> int:
     return fd
 
 
+def _lock_on_rank0(out: str, rank: int, world: int):
+    """Rank 0 holds the lock (the other ranks write nothing); every rank learns whether it got it,
+    so a refused run stops on all ranks instead of leaving them waiting for rank 0."""
+    lock, err = None, None
+    if rank == 0:
+        try:
+            lock = lock_out(out)
+        except ValueError as e:
+            err = e
+    if world > 1:
+        import torch.distributed as dist
+
+        ok = [err is None]
+        dist.broadcast_object_list(ok, src=0)
+        if not ok[0] and err is None:
+            err = ValueError(f"--out {out!r}: rank 0 could not take the run's lock (its message says why)")
+    if err is not None:
+        raise err
+    return lock
+
+
 TOKENS = ("cls_token", "mask_token")
 
 
@@ -218,7 +239,7 @@ def train(args) -> list[dict]:
     validate(args)
     rank, world = init_distributed()
     device = pick_device(args)
-    lock = lock_out(args.out) if rank == 0 else None  # other ranks write nothing
+    lock = _lock_on_rank0(args.out, rank, world)
     try:
         return _train(args, rank, world, device)
     finally:

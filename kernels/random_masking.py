@@ -104,7 +104,8 @@ def forward(x, noise, pos_embed, cls_token, len_keep: int):
     pos = pos_embed if pos_embed is not None else x
     cls = cls_token if has_cls else x
     cfg, warps = _config(L, D)
-    grid = (N, triton.cdiv(L, cfg["BLOCK_I"]))
+    # at least one program per sample: program 0 writes the cls row, also when L == 0
+    grid = (N, max(1, triton.cdiv(L, cfg["BLOCK_I"])))
     with on_device(x):
         _rank_gather_kernel[grid](noise, x, pos, cls, out, mask, ids_restore, L, D, len_keep,
                                   x.stride(0), x.stride(1), x.stride(2), pos.stride(-2), pos.stride(-1),

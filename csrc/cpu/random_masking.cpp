@@ -28,44 +28,11 @@ inline uint64_t order_key(double v) {
   return (bits >> 63) ? ~bits : bits | (uint64_t(1) << 63);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tensor& x, const at::Tensor& noise,
-                                                                  const std::optional<at::Tensor>& pos_embed,
-                                                                  const std::optional<at::Tensor>& cls_token,
-                                                                  int64_t len_keep) {
-  TORCH_CHECK(x.dim() == 3 && is_float_type(x.scalar_type()), "random_masking: x must be a floating (N, L, D) tensor, got ",
-              x.sizes(), " ", x.scalar_type());
+// The argsort of each noise row (ids_restore, mask) and the gather of the kept rows of x (+ pos) into
+// out[:, c0:], in xp. Needs N * L > 0.
+void gather_kept(const at::Tensor& x, const at::Tensor& noise, const at::Tensor& pos, at::Tensor& out, at::Tensor& mask,
+                 at::Tensor& ids_restore, at::Tensor& shuffle, int64_t len_keep, int64_t c0, at::ScalarType xp) {
   const int64_t N = x.size(0), L = x.size(1), D = x.size(2);
-  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == N && noise.size(1) == L && is_float_type(noise.scalar_type()),
-              "random_masking: noise must be a floating (N, L) = (", N, ", ", L, ") tensor, got ", noise.sizes());
-  TORCH_CHECK(len_keep >= 0 && len_keep <= L, "random_masking: len_keep must be in [0, L=", L, "], got ", len_keep);
-  check_same_device(x, noise, "random_masking", "noise");
-  at::ScalarType xp = x.scalar_type();
-  at::Tensor pos;
-  if (pos_embed.has_value()) {
-    pos = *pos_embed;
-    TORCH_CHECK(pos.dim() == 3 && pos.size(0) == 1 && pos.size(1) == L && pos.size(2) == D &&
-                    is_float_type(pos.scalar_type()),
-                "random_masking: pos_embed must be a floating (1, L, D) = (1, ", L, ", ", D, ") tensor, got ", pos.sizes());
-    check_same_device(x, pos, "random_masking", "pos_embed");
-    xp = at::promote_types(xp, pos.scalar_type());
-    pos = pos[0].to(xp).contiguous();  // (L, D), exact: xp holds pos's values
-  }
-  at::ScalarType out_type = xp;
-  if (cls_token.has_value()) {
-    const at::Tensor& c = *cls_token;
-    TORCH_CHECK(c.dim() == 3 && c.size(0) == 1 && c.size(1) == 1 && c.size(2) == D && is_float_type(c.scalar_type()),
-                "random_masking: cls_token must be a floating (1, 1, D) = (1, 1, ", D, ") tensor, got ", c.sizes());
-    check_same_device(x, c, "random_masking", "cls_token");
-    out_type = at::promote_types(xp, c.scalar_type());
-  }
-  const int64_t c0 = cls_token.has_value() ? 1 : 0;
-  // Kept rows are written in xp (their one rounding); a wider cls dtype widens them afterwards.
-  at::Tensor out = at::empty({N, len_keep + c0, D}, x.options().dtype(xp));
-  at::Tensor mask = at::empty({N, L}, x.options().dtype(at::kFloat));
-  at::Tensor ids_restore = at::empty({N, L}, x.options().dtype(at::kLong));
-  at::Tensor shuffle = at::empty({N, L}, x.options().dtype(at::kLong));
-  if (N * L == 0) return {out.to(out_type), mask, ids_restore};
-
   // Doubles hold every floating noise value exactly, so the order is the noise's own.
   const at::Tensor nz = noise.to(at::kDouble).contiguous();
   const double* NZ = nz.const_data_ptr<double>();
@@ -105,7 +72,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tens
       });
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tensor& x, const at::Tensor& noise,
+                                                                  const std::optional<at::Tensor>& pos_embed,
+                                                                  const std::optional<at::Tensor>& cls_token,
+                                                                  int64_t len_keep) {
+  TORCH_CHECK(x.dim() == 3 && is_float_type(x.scalar_type()), "random_masking: x must be a floating (N, L, D) tensor, got ",
+              x.sizes(), " ", x.scalar_type());
+  const int64_t N = x.size(0), L = x.size(1), D = x.size(2);
+  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == N && noise.size(1) == L && is_float_type(noise.scalar_type()),
+              "random_masking: noise must be a floating (N, L) = (", N, ", ", L, ") tensor, got ", noise.sizes());
+  TORCH_CHECK(len_keep >= 0 && len_keep <= L, "random_masking: len_keep must be in [0, L=", L, "], got ", len_keep);
+  check_same_device(x, noise, "random_masking", "noise");
+  at::ScalarType xp = x.scalar_type();
+  at::Tensor pos;
+  if (pos_embed.has_value()) {
+    pos = *pos_embed;
+    TORCH_CHECK(pos.dim() == 3 && pos.size(0) == 1 && pos.size(1) == L && pos.size(2) == D &&
+                    is_float_type(pos.scalar_type()),
+                "random_masking: pos_embed must be a floating (1, L, D) = (1, ", L, ", ", D, ") tensor, got ", pos.sizes());
+    check_same_device(x, pos, "random_masking", "pos_embed");
+    xp = at::promote_types(xp, pos.scalar_type());
+    pos = pos[0].to(xp).contiguous();  // (L, D), exact: xp holds pos's values
+  }
+  at::ScalarType out_type = xp;
+  if (cls_token.has_value()) {
+    const at::Tensor& c = *cls_token;
+    TORCH_CHECK(c.dim() == 3 && c.size(0) == 1 && c.size(1) == 1 && c.size(2) == D && is_float_type(c.scalar_type()),
+                "random_masking: cls_token must be a floating (1, 1, D) = (1, 1, ", D, ") tensor, got ", c.sizes());
+    check_same_device(x, c, "random_masking", "cls_token");
+    out_type = at::promote_types(xp, c.scalar_type());
+  }
+  const int64_t c0 = cls_token.has_value() ? 1 : 0;
+  // Kept rows are written in xp (their one rounding); a wider cls dtype widens them afterwards.
+  at::Tensor out = at::empty({N, len_keep + c0, D}, x.options().dtype(xp));
+  at::Tensor mask = at::empty({N, L}, x.options().dtype(at::kFloat));
+  at::Tensor ids_restore = at::empty({N, L}, x.options().dtype(at::kLong));
+  at::Tensor shuffle = at::empty({N, L}, x.options().dtype(at::kLong));
+  if (N * L > 0) gather_kept(x, noise, pos, out, mask, ids_restore, shuffle, len_keep, c0, xp);
   if (out_type != xp) out = out.to(out_type);
+  // after the gather: with L == 0 (or len_keep == 0) the cls row is all there is, and it is written too
   if (c0) out.select(1, 0).copy_(cls_token->view({1, D}).expand({N, D}));
   return {out, mask, ids_restore};
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._checks import acc_dtype
+from ._checks import acc_dtype, first_order_only
 from .patchify_op import patchify_reference
 
 NORM_PIX_EPS = 1e-6  # MAE's; the kernels take it as an argument
@@ -110,7 +110,9 @@ if _backend.EXT_LOADED:
 
     def _backward(ctx, grad_rows):
         pred, target = ctx.saved_tensors
-        grad = torch.ops.umae.patch_mse_backward(grad_rows, pred, target, ctx.patch_size, ctx.norm_pix, ctx.eps)
+        # the kernel's gradient is not differentiable again: a second-order gradient raises (umae/_checks.py)
+        grad = first_order_only("patch_mse (mae_loss, masked_mse_loss)", torch.ops.umae.patch_mse_backward,
+                                grad_rows, pred, target, ctx.patch_size, ctx.norm_pix, ctx.eps)
         return grad, None, None, None, None
 
     torch.library.register_autograd("umae::patch_mse", _backward, setup_context=_setup)

@@ -71,6 +71,23 @@ def _cls_grad(ctx, grad_out):
     return grad_out[:, :1].to(acc_dtype(grad_out.dtype)).sum(0, keepdim=True).to(ctx.cls_dtype)
 
 
+def _backward_differentiable(ctx, grad_out):
+    """The backward by differentiable torch ops, run when the backward itself is recorded
+    (create_graph=True): the op is linear, so its gradient's own gradient (double backward, a
+    gradient penalty through it) is a gather again, and autograd derives it from these ops."""
+    (ids_restore,) = ctx.saved_tensors
+    need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
+    N, L = ids_restore.shape
+    D = grad_out.shape[2]
+    body = grad_out[:, int(ctx.has_cls):]  # row j: the gradient of the token of rank j
+    padded = torch.cat([body, body.new_zeros((N, L - body.shape[1], D))], dim=1)  # removed ranks: 0
+    g = torch.gather(padded, 1, ids_restore.unsqueeze(-1).expand(N, L, D))  # back to positions
+    gx = g.to(ctx.x_dtype) if need_x else None
+    gpos = g.to(acc_dtype(g.dtype)).sum(0, keepdim=True).to(ctx.pos_dtype) if need_pos else None
+    gcls = _cls_grad(ctx, grad_out) if need_cls else None
+    return gx, None, gpos, gcls, None
+
+
 def bench_random_masking(s, dtype, device):
     from .bench.cases import Case, elt, rand, vit_shape
     from .ops import random_masking
@@ -110,6 +127,8 @@ if _backend.TRITON_OK:
         return grad_out.new_empty((N, L, grad_out.shape[2]), dtype=dtype)
 
     def _backward(ctx, grad_out, _grad_mask, _grad_ids):
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+            return _backward_differentiable(ctx, grad_out)
         (ids_restore,) = ctx.saved_tensors
         need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
         g = gpos = None
@@ -134,6 +153,8 @@ if _backend.EXT_LOADED:
         return grad_out.new_empty((N, L, D)), grad_out.new_empty((L if need_pos else 0, D), dtype=acc_dtype(grad_out.dtype))
 
     def _cpp_backward(ctx, grad_out, _grad_mask, _grad_ids):
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+            return _backward_differentiable(ctx, grad_out)
         (ids_restore,) = ctx.saved_tensors
         need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
         gx = gpos = None

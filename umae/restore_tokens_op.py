@@ -41,6 +41,26 @@ def _restore_setup(ctx, inputs, output):
     ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
 
 
+def _backward_differentiable(ctx, grad_out):
+    """The backward by differentiable torch ops, run when the backward itself is recorded
+    (create_graph=True): the op is linear, so its gradient's own gradient (double backward, a
+    gradient penalty through it) is a gather again, and autograd derives it from these ops.
+    ids_restore is a permutation (both kernels check it in the forward)."""
+    (ids_restore,) = ctx.saved_tensors
+    need_x, _, need_tok, need_pos, _ = ctx.needs_input_grad
+    N, L = ids_restore.shape
+    D = grad_out.shape[2]
+    c = int(ctx.has_cls)
+    keep = ctx.len_x - c
+    acc = acc_dtype(grad_out.dtype)
+    # output row c + l came from row ids_restore[l] of (x[:, c:] ++ mask tokens): scatter it back there
+    src = torch.zeros_like(grad_out[:, c:]).scatter(1, ids_restore.unsqueeze(-1).expand(N, L, D), grad_out[:, c:])
+    gx = torch.cat([grad_out[:, :c], src[:, :keep]], dim=1).to(ctx.x_dtype) if need_x else None
+    gtok = src[:, keep:].to(acc).sum((0, 1)).view(1, 1, D).to(ctx.tok_dtype) if need_tok else None
+    gpos = grad_out.to(acc).sum(0, keepdim=True).to(ctx.pos_dtype) if need_pos else None
+    return gx, None, gtok, gpos, None
+
+
 def bench_restore_tokens(s, dtype, device):
     from .bench.cases import Case, elt, rand, vit_shape
     from .ops import restore_tokens
@@ -83,6 +103,8 @@ if _backend.TRITON_OK:
                 grad_out.new_empty((D,), dtype=torch.float32))
 
     def _backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+            return _backward_differentiable(ctx, grad_out)
         (ids_restore,) = ctx.saved_tensors
         need_x, _, need_tok, need_pos, _ = ctx.needs_input_grad
         gx = gtok = gpos = None
@@ -109,6 +131,8 @@ if _backend.EXT_LOADED:
                 grad_out.new_empty((L + int(has_cls) if need_pos else 0, D), dtype=acc))
 
     def _cpp_backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+            return _backward_differentiable(ctx, grad_out)
         (ids_restore,) = ctx.saved_tensors
         need_x, _, need_tok, need_pos, _ = ctx.needs_input_grad
         if not (need_x or need_tok or need_pos):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._checks import acc_dtype
+from ._checks import acc_dtype, first_order_only
 
 NORM_EPS = 1e-12  # F.normalize's; the kernels take it as an argument
 
@@ -162,9 +162,12 @@ class DistributedFused(torch.autograd.Function):
     def backward(ctx, grad):
         features, norms, rinv, g, denom = ctx.saved_tensors
         exclude_diagonal, normalize, grad_scale, gram_ops = ctx.args
-        df = _grad_from_gram(gram_ops, grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
-                             normalize=normalize)
-        return (df * grad_scale).to(features.dtype), None, None, None, None, None
+        # G, the norms and rinv are constants here: differentiated again, this gradient would miss their
+        # terms, so a second-order gradient raises instead (umae/_checks.py)
+        df = first_order_only("uniformity_loss", lambda grad, features: (_grad_from_gram(
+            gram_ops, grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
+            normalize=normalize) * grad_scale).to(features.dtype), grad, features)
+        return df, None, None, None, None, None
 
 
 if _backend.EXT_LOADED:
@@ -229,8 +232,10 @@ if _backend.TRITON_OK:
 
     def _backward(ctx, grad, *_aux):  # norms, rinv and G are not differentiated
         features, norms, rinv, gram = ctx.saved_tensors
-        return (uniformity_loss_backward(grad, features, norms, rinv, gram, ctx.normalize, ctx.exclude_diagonal),
-                None, None, None)
+        # a second-order gradient raises (umae/_checks.py): the kernel's gradient is not differentiable again
+        df = first_order_only("uniformity_loss", uniformity_loss_backward, grad, features, norms, rinv, gram,
+                              ctx.normalize, ctx.exclude_diagonal)
+        return df, None, None, None
 
     uniformity_loss_forward.register_autograd(_backward, setup_context=_setup)
 

@@ -61,6 +61,8 @@ Normalized normalize_rows(const at::Tensor& features, bool normalize, double eps
 void check_features(const at::Tensor& features, const char* op) {
   TORCH_CHECK(features.dim() == 2 && is_float_type(features.scalar_type()), op,
               ": features must be a floating (B, D) tensor, got ", features.sizes(), " ", features.scalar_type());
+  TORCH_CHECK(features.size(1) > 0, op, ": features must have at least one column (D >= 1) to be L2-normalized, got shape ",
+              features.sizes());
 }
 
 double denominator(int64_t B, bool exclude_diagonal) {
@@ -216,6 +218,27 @@ std::tuple<at::Tensor, at::Tensor> uniformity_with_grad_cpu(const at::Tensor& fe
   return loss_and_grad(features, normalize, exclude_diagonal, eps, true);
 }
 
+// The first-order gradient when the backward runs with create_graph=True: a copy of it, made a function
+// of what it depends on (the features, the incoming gradient), whose own backward raises. The gradient
+// is computed by the kernel, not by differentiable ops, so without this a gradient of the gradient (a
+// gradient penalty) would treat it as a constant: silently 0, or "not used in the graph". Raising here,
+// at the second backward, leaves create_graph=True usable when the first-order gradient is only read.
+class RefuseDoubleBackward : public torch::autograd::Function<RefuseDoubleBackward> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& grad, const at::Tensor& /*features*/,
+                            const at::Tensor& /*upstream*/) {
+    return grad.clone();
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*, torch::autograd::variable_list) {
+    TORCH_CHECK(false,
+                "umae::uniformity_loss: double backward (a gradient of its gradient, e.g. a gradient penalty through "
+                "torch.autograd.grad(..., create_graph=True)) is not supported by the fused C++ kernel; use the "
+                "reference: umae.use_backend(\"reference\"), backend=\"reference\" or UMAE_BACKEND=reference");
+    return {};
+  }
+};
+
 // Autograd in C++: at the small batches U-MAE sees per rank the op costs tens of microseconds,
 // as much as a Python autograd wrapper would add. A scalar loss's gradient is a B x D tensor, so the
 // forward computes it with the loss (one contraction instead of two) and the backward scales it.
@@ -228,15 +251,18 @@ class UniformityFunction : public torch::autograd::Function<UniformityFunction> 
                          .findSchemaOrThrow("umae::uniformity_loss_cpp_with_grad", "")
                          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool, bool, double)>();
     auto [loss, grad] = op.call(features, normalize, exclude_diagonal, eps);
-    ctx->save_for_backward({grad});
+    ctx->save_for_backward({grad, features});
     ctx->saved_data["dtype"] = features.scalar_type();
     return loss;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const at::Tensor grad = ctx->get_saved_variables()[0];
-    return {grads[0].mul(grad).to(ctx->saved_data["dtype"].toScalarType()), at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor df = grads[0].mul(saved[0]).to(ctx->saved_data["dtype"].toScalarType());
+    if (at::GradMode::is_enabled())  // create_graph=True
+      df = RefuseDoubleBackward::apply(df.detach(), saved[1], grads[0]);
+    return {df, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -24,8 +24,11 @@ def _rows(ids_ptr, n, rb, L, len_keep, HAS_CLS: tl.constexpr, BLOCK_R: tl.conste
     i = o - HAS_CLS
     is_patch = o_ok & (i >= 0)
     r = tl.load(ids_ptr + n * L + i, mask=is_patch, other=0)
-    in_x = (is_patch & (r < len_keep)) | (o_ok & (i < 0))
-    return o, o_ok, in_x, tl.where(i < 0, 0, r + HAS_CLS), is_patch & (r >= len_keep)
+    # an id outside [0, L) is neither a kept row nor a mask token: its row is never read or written
+    # (check_ids refuses such ids; this keeps every address in bounds whatever ids_ptr holds)
+    id_ok = is_patch & (r >= 0) & (r < L)
+    in_x = (id_ok & (r < len_keep)) | (o_ok & (i < 0))
+    return o, o_ok, in_x, tl.where(id_ok, r + HAS_CLS, 0), id_ok & (r >= len_keep)
 
 
 @triton.jit
@@ -73,8 +76,45 @@ def _config(L: int, D: int):
     return dict(BLOCK_R=16, BLOCK_D=block_d), tile_warps(16, block_d)
 
 
+def check_ids(ids_restore: torch.Tensor) -> None:
+    """Refuse an ids_restore that is not a permutation of 0..L-1 per row (what random_masking returns):
+    an id out of range would otherwise be a silent mask token (the kernels never touch memory for it),
+    and a repeated one would leave rows of grad x unwritten in the backward.
+
+    The check is on the device and costs no host sync: per row, the count of every id (ids out of range
+    counted in an extra bin) must be 1. On CUDA its verdict goes to torch._assert_async, a device-side
+    assert as torch.gather's for a bad index (the error surfaces at the next synchronizing call and the
+    CUDA context is lost, as for any device-side assert); a host check would stall the launch queue on
+    every call (and break CUDA graph capture) to guard against ids that MAE's random_masking never
+    produces. A few small elementwise launches over N x L ids, next to the N x L x D tokens moved.
+    On CPU (the interpreter) the verdict is read at once and the error names the first bad row."""
+    N, L = ids_restore.shape
+    if N * L == 0:
+        return
+    in_range = (ids_restore >= 0) & (ids_restore < L)
+    counts = torch.zeros((N, L + 1), dtype=torch.int32, device=ids_restore.device)
+    ones = torch.ones((1, 1), dtype=torch.int32, device=ids_restore.device).expand(N, L)
+    counts.scatter_add_(1, torch.where(in_range, ids_restore, L), ones)
+    ok = (counts[:, :L] == 1).all()
+    msg = f"restore_tokens: ids_restore must be a permutation of 0..{L - 1} in every row (as random_masking returns)"
+    if ids_restore.device.type == "cuda":
+        torch._assert_async(ok, msg)
+        return
+    if bool(ok):
+        return
+    n = int((counts[:, :L] != 1).any(1).nonzero()[0, 0])
+    seen = set()
+    for l, r in enumerate(ids_restore[n].tolist()):  # the first bad id in the row, as the C++ kernel reports it
+        if not 0 <= r < L or r in seen:
+            break
+        seen.add(r)
+    raise RuntimeError(f"restore_tokens: ids_restore[{n}] must be a permutation of 0..{L - 1} "
+                       f"(as random_masking returns), but has {r} at {l}")
+
+
 def forward(x, ids_restore, mask_token, pos_embed, *, has_cls: bool):
     N, L = ids_restore.shape
+    check_ids(ids_restore)
     D = x.shape[2]
     R = L + int(has_cls)
     out = torch.empty((N, R, D), device=x.device, dtype=result_dtype(x, mask_token, pos_embed))

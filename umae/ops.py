@@ -4,8 +4,18 @@ Each op checks its arguments (errors name the argument), asks `_backend.implemen
 which implementation runs for its inputs' device and dtypes, and calls the registry's
 reference or fused entry (umae/registry.py; they live in umae/<op>_op.py). `backend=`
 ("fused" / "reference") overrides the global switch for one call.
+
+Double backward (create_graph=True, then a gradient of the gradient): the references support it
+everywhere. Fused, the linear ops support it (patchify / unpatchify through each other's
+kernels; random_masking / restore_tokens by a backward in torch ops when the backward is
+recorded); the losses (mae_loss, masked_mse_loss, uniformity_loss) compute their gradient in a
+kernel and refuse it: create_graph=True works while the gradient is only read, and taking a
+gradient of it raises a RuntimeError that names the op and the reference as the way out.
 """
 from __future__ import annotations
+
+import numbers
+import operator
 
 import torch
 
@@ -21,25 +31,57 @@ def _run(op: str, tensors: tuple, backend: str | None, *args, **kwargs):
     return (spec.reference_fn if impl == "reference" else spec.entry_fn(impl))(*args, **kwargs)
 
 
+def _is_bool(v) -> bool:
+    return isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"))
+
+
+def _as_int(v):
+    """v as a Python int if it is an integer (int, numpy integer: operator.index), not a bool (numpy's
+    may have __index__) nor a tensor (whose value may live on a GPU); else None."""
+    if _is_bool(v) or isinstance(v, torch.Tensor):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def _as_float(v):
+    """v as a Python float if it is a real number (int, float, numpy scalar), not a bool nor a tensor;
+    else None."""
+    if _is_bool(v) or isinstance(v, torch.Tensor):
+        return None
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return None
+
+
 def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return int(v[0]), int(v[1])
-    raise TypeError(f"{name} must be an int or a pair (H, W) of ints, got {v!r}")
+    """image_size: a positive int H or a pair (H, W) of positive ints (numpy integers too)."""
+    vals = (v, v) if _as_int(v) is not None else tuple(v) if isinstance(v, (tuple, list)) else ()
+    ints = tuple(_as_int(i) for i in vals)
+    if len(ints) != 2 or any(i is None for i in ints):
+        raise TypeError(f"{name} must be an int or a pair (H, W) of ints, got {v!r}")
+    if min(ints) <= 0:
+        raise ValueError(f"{name} must be positive, got {v!r}")
+    return ints
 
 
-def _check_patch_size(p) -> None:
-    if not isinstance(p, int) or isinstance(p, bool) or p <= 0:
+def _check_patch_size(p) -> int:
+    """patch_size as a Python int (numpy integers accepted), or a ValueError naming it."""
+    q = _as_int(p)
+    if q is None or q <= 0:
         raise ValueError(f"patch_size must be a positive int, got {p!r}")
+    return q
 
 
-def _check_images(imgs: torch.Tensor, p: int, name: str = "imgs") -> None:
+def _check_images(imgs: torch.Tensor, p, name: str = "imgs") -> int:
     _checks.tensor(imgs, name, dims=4)
-    _check_patch_size(p)
+    p = _check_patch_size(p)
     H, W = imgs.shape[2:]
     if H % p or W % p:
         raise ValueError(f"{name} height and width ({H}, {W}) must be divisible by patch_size {p}")
+    return p
 
 
 # ---- patchify / unpatchify -----------------------------------------------------------
@@ -49,7 +91,7 @@ def patchify(imgs: torch.Tensor, patch_size: int, *, backend: str | None = None)
 
     Any strides are accepted (no copy); the output is contiguous.
     """
-    _check_images(imgs, patch_size)
+    patch_size = _check_images(imgs, patch_size)
     return _run("patchify", (imgs,), backend, imgs, patch_size)
 
 
@@ -57,13 +99,14 @@ def unpatchify(x: torch.Tensor, patch_size: int, image_size, channels: int = 3, 
                backend: str | None = None) -> torch.Tensor:
     """(N, L, p*p*C) -> (N, C, H, W), the exact inverse of `patchify`; image_size is H or (H, W)."""
     _checks.tensor(x, "x", dims=3)
-    _check_patch_size(patch_size)
+    p = _check_patch_size(patch_size)
     H, W = _pair(image_size, "image_size")
-    p = patch_size
     if H % p or W % p:
         raise ValueError(f"image_size ({H}, {W}) must be divisible by patch_size {p}")
-    if not isinstance(channels, int) or channels <= 0:
+    c = _as_int(channels)
+    if c is None or c <= 0:
         raise ValueError(f"channels must be a positive int, got {channels!r}")
+    channels = c
     h, w = H // p, W // p
     if x.shape[1] != h * w or x.shape[2] != p * p * channels:
         raise ValueError(f"x must have shape (N, {h * w}, {p * p * channels}) for image_size ({H}, {W}), "
@@ -75,6 +118,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, image_size, channels: int = 3, 
 
 def _check_loss_args(pred, target, mask, target_name: str, expected_target_shape=None):
     _checks.tensor(pred, "pred", dims=3)
+    _checks.tensor(target, target_name)  # floating: an int, uint8 or complex target has no MSE here
     _checks.tensor(mask, "mask", dims=2, floating=False)
     if not (mask.dtype.is_floating_point or mask.dtype == torch.bool):
         raise TypeError(f"mask must be a floating or bool tensor (1 = removed), got {mask.dtype}")
@@ -110,9 +154,8 @@ def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_s
              norm_pix: bool = True, *, backend: str | None = None) -> torch.Tensor:
     """`masked_mse_loss(pred, patchify(imgs, patch_size), mask, norm_pix)` with patchify fused in:
     the (normalized) target is never written to memory."""
-    _check_images(imgs, patch_size)
+    p = _check_images(imgs, patch_size)
     N, C, H, W = imgs.shape
-    p = patch_size
     _check_loss_args(pred, imgs, mask, "imgs")
     if pred.shape != (N, (H // p) * (W // p), p * p * C):
         raise ValueError(f"pred must have shape (N, L, p*p*C) = {(N, (H // p) * (W // p), p * p * C)} "
@@ -146,8 +189,10 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     len_keep may round to 0 (x_masked then holds only the cls token, or no token).
     """
     _checks.tensor(x, "x", dims=3)
-    if not isinstance(mask_ratio, (int, float)) or isinstance(mask_ratio, bool) or not 0 <= mask_ratio < 1:
+    r = _as_float(mask_ratio)
+    if r is None or not 0 <= r < 1:
         raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+    mask_ratio = r
     N, L, D = x.shape
     if noise is not None:
         _checks.tensor(noise, "noise", dims=2)
@@ -166,8 +211,9 @@ def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch
     Kept tokens go back to their original positions (ids_restore (N, L) int64 from
     `random_masking`), mask_token (1, 1, D) fills the removed ones, the cls token (x[:, 0] when
     has_cls) stays in front, and pos_embed (1, [1 +] L, D) is added, in one pass.
-    ids_restore must be a permutation per row: the C++ CPU kernel checks it, the Triton kernel
-    (no host sync) trusts it.
+    ids_restore must be a permutation per row: the C++ CPU kernel checks it on the host; the Triton
+    kernel never addresses memory by a bad id, and its launcher checks the ids on the device (on
+    CUDA a device-side assert, no host sync: kernels/restore_tokens.py check_ids says why).
     """
     _checks.tensor(x, "x", dims=3)
     _checks.tensor(ids_restore, "ids_restore", dims=2, floating=False)
@@ -218,6 +264,9 @@ def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diag
     """
     _checks.tensor(features, "features", dims=2)
     _checks.nonempty_batch(features, "features")
+    if features.shape[1] == 0:
+        raise ValueError(f"features must have at least one column (D >= 1) to be L2-normalized, "
+                         f"got shape {tuple(features.shape)}")
     if exclude_diagonal and features.shape[0] * _world_size(process_group) < 2:
         raise ValueError("exclude_diagonal needs at least 2 rows in features"
                          + (" (over the global batch)" if process_group is not None else ""))

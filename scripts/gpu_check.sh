@@ -10,7 +10,7 @@
 #   build      90 s  python3 setup.py build_ext --inplace, this GPU's arch+PTX  build.log (+ `umae info` in env.txt)
 #   tests     100 s  pytest -k cuda: every op x dtype, fwd+bwd vs reference,    tests.log, junit.xml
 #                    opcheck, compile(fullgraph), fused vs reference model, umae.patch on ViTMAE,
-#                    the interpreter-vs-GPU rounding claims (bitwise where README says so)
+#                    the interpreter-vs-GPU rounding claims (bitwise where docs/design.md says so)
 #   sanitize   40 s  compute-sanitizer memcheck + racecheck, scripts/gpu_small.py   sanitizer.log
 #   ops        80 s  every op, bf16, ViT-B/16 N=256, fwd / bwd / fwd+bwd,        bench.log, results.json/.csv
 #                    fused vs eager vs compile vs fused+compile, GB/s, % of copy BW, peak MB

@@ -1,5 +1,5 @@
-"""The benchmark report and the README table generator (the numbers are not checked here:
-speed is claimed from benchmarks only)."""
+"""The benchmark report and the generator of the performance tables (docs/benchmarks.md's full
+table, README's headline) (the numbers are not checked here: speed is claimed from benchmarks only)."""
 import json
 import os
 
@@ -54,6 +54,40 @@ def test_report_regenerates_readme_table(tmp_path):
     assert [r for r in table.splitlines() if "| mae_loss |" in r] == [
         "| 2 | mae_loss | vit_b16 | bfloat16 | fwd+bwd | 0.500 | OOM | - | - | 4.00 | 2.00 | 1 | 0.0 | 0% | - / - |"]
 
+
+
+def test_report_writes_docs_table_and_readme_headline(tmp_path):
+    # the repository's layout: the full table in docs/benchmarks.md, its headline rows in README.md
+    readme, docs = tmp_path / "README.md", tmp_path / "docs" / "benchmarks.md"
+    os.makedirs(docs.parent)
+    readme.write_text("intro\n<!-- perf-headline:start -->\nold\n<!-- perf-headline:end -->\nrest\n")
+    docs.write_text("bench\n<!-- perf-table:start -->\nold\n<!-- perf-table:end -->\nend\n")
+    run = tmp_path / "results" / "NVIDIA_H100" / "2026-11-23"
+    os.makedirs(run)
+    env = dict(device="NVIDIA H100", device_type="cuda", torch="2.11", triton="3.6", commit="abc", date="2026-11-23")
+    ceil = dict(copy_gbps=3000.0, matmul_tflops=800.0, matmul_dtype="bf16")
+    rows = [dict(op=op, shape=shape, dtype=dtype, mode="fwd+bwd", provider=p, ms=ms, gbps=1.0, tflops=None)
+            for op, shape, dtype in (("mae_loss", "vit_b16", "bfloat16"), ("mae_loss", "vit_b16", "float32"),
+                                     ("mae_loss", "vit_l16", "bfloat16"), ("uniformity_loss", "unif_b1024", "bfloat16"),
+                                     ("uniformity_loss", "unif_b16384", "bfloat16"))
+            for p, ms in (("fused", 1.0), ("eager", 4.0), ("compile", 2.0))]
+    rows = bench.add_fractions(bench.speedups(rows), ceil)
+    json.dump(dict(environment=env, ceilings=ceil, rows=rows), open(run / "results.json", "w"))
+    table = report.update_readme(str(tmp_path / "results"), str(readme))  # docs/benchmarks.md found beside it
+    full, head = docs.read_text(), readme.read_text()
+    assert table in full and full.startswith("bench\n") and full.endswith("end\n") and "old" not in full
+    assert "| 1 | mae_loss | vit_l16 | bfloat16 | fwd+bwd |" in full and "| float32 |" in full
+    assert head.startswith("intro\n") and head.endswith("rest\n") and "old" not in head
+    assert "docs/benchmarks.md#recorded-gpu-performance" in head
+    # the headline: bf16 at ViT-B/16 and the uniformity loss at the largest batch measured
+    assert [r for r in head.splitlines() if r.startswith("| ") and "op |" not in r] == [
+        "| mae_loss | vit_b16 | 1.000 | 4.000 | 2.000 | 4.00 | 2.00 | 1 | 0% |",
+        "| uniformity_loss | unif_b16384 | 1.000 | 4.000 | 2.000 | 4.00 | 2.00 | 1 | 0% |"]
+    # a file without markers: an error naming it, and nothing written anywhere
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="README.md has no"):
+        report.update_readme(str(tmp_path / "results"), str(readme))
+    assert docs.read_text() == full
 
 def test_cli_bench_and_info(tmp_path, capsys):
     from umae.cli.main import main
@@ -128,7 +162,7 @@ def test_hf_train_step_bench_rows():
 def test_loader_bench(monkeypatch, capsys):
     from umae.bench import loader
     from umae.cli.main import main
-    from umae.train.main import default_workers
+    from umae.runtime import default_workers
 
     monkeypatch.setitem(loader.SHAPES, "builtin32", dict(loader.SHAPES["builtin32"], images=96, batch=32))
     monkeypatch.setitem(loader.SHAPES, "jpeg224", dict(loader.SHAPES["jpeg224"], images=12, batch=4, hw=(90, 70)))

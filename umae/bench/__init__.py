@@ -4,7 +4,7 @@
   umae/<op>_op.py, found through the registry;
 - timing.py: timers (do_bench on CUDA, a perf_counter loop on CPU) and the measured ceilings;
 - runner.py: the run over ops x shapes x dtypes x modes x providers, and the training step;
-- report.py: speedups, the table, results files and README's generated table;
+- report.py: speedups, the table, results files and the generated tables (docs/benchmarks.md, README);
 - plots.py: speedup.png and roofline.png.
 
 CPU figures are not GPU figures. Importing this package changes no global setting: what a

@@ -1,6 +1,7 @@
 """The numbers a run reports: speedups, fractions of the measured ceilings, the printed table,
-results.json / results.csv, and README's performance table generated from the recorded GPU
-results under bench/results/ (`umae report`; never typed by hand)."""
+results.json / results.csv, and the performance tables generated from the recorded GPU results
+under bench/results/ (`umae report`; never typed by hand): the full table in docs/benchmarks.md,
+its headline rows in README.md."""
 from __future__ import annotations
 
 import csv
@@ -75,9 +76,13 @@ def write(rows, env, out_dir, ceil=None):
             w.writerow({**env, **r})
 
 
-# ---- README's table from bench/results/<device>/<date>/results.json -----------------
+# ---- the tables from bench/results/<device>/<date>/results.json -----------------------
 
-START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"  # the full table (docs/benchmarks.md)
+HEAD_START, HEAD_END = "<!-- perf-headline:start -->", "<!-- perf-headline:end -->"  # its headline (README.md)
+HEADLINE_DTYPES = ("bfloat16", "bfloat16-autocast")
+NO_RESULTS = ("No GPU results are recorded yet: `bash scripts/gpu_check.sh` on a GPU machine writes them; copied to "
+              "`bench/results/<device>/<date>/`, and `umae report` regenerates this table from them.")
 
 
 def load(results_dir):
@@ -90,59 +95,122 @@ def load(results_dir):
     return sorted(runs, key=lambda run: run[1]["environment"]["date"])  # oldest first
 
 
-def table(results_dir) -> str:
-    runs = load(results_dir)
-    if not runs:
-        return ("No GPU results are recorded yet: `bash scripts/gpu_check.sh` on a GPU machine writes them; copied to "
-                "`bench/results/<device>/<date>/`, and `umae report` regenerates this table from them.")
-    # every recorded run; where two measured the same row, the newer run's wins
-    lines, by = [], {}
-    for i, (path, d) in enumerate(runs, 1):
-        env, ceil = d["environment"], d.get("ceilings") or {}
-        lines.append(f"- run {i}: `{os.path.relpath(path)}`: {env['device']}, {env['date']}, torch {env['torch']}, "
-                     f"triton {env['triton']}, commit {env['commit']}; measured ceilings: copy "
-                     f"{ceil.get('copy_gbps', float('nan')):.0f} GB/s, bf16 matmul "
-                     f"{ceil.get('matmul_tflops', float('nan')):.0f} TFLOP/s.")
+def measured(runs) -> dict:
+    """(op, shape, dtype, mode) -> (run number, {provider: row}) over every recorded run; where two
+    measured the same row, the newer run's wins. Only fwd+bwd and training-step rows whose fused
+    provider has a time."""
+    by = {}
+    for i, (_path, d) in enumerate(runs, 1):
         runs_rows = {}
         for r in d["rows"]:
             if "ms" in r or "error" in r:
                 runs_rows.setdefault((r["op"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
         for k, p in runs_rows.items():
             by[k] = (i, p)
+    return {k: v for k, v in by.items() if k[3] in ("fwd+bwd", "step") and "ms" in v[1].get("fused", {})}
+
+
+def _cell(r) -> str:
+    return "-" if r is None else (f"{r['ms']:.3f}" if "ms" in r else ("OOM" if "OutOfMemory" in r["error"] else "error"))
+
+
+def _ratio(f, k) -> str:
+    return f"{f[k]:.2f}" if k in f else "-"
+
+
+def _roof(f) -> tuple[str, str, str]:
+    """(GB/s or img/s, TFLOP/s, % of ceiling or MFU) of a fused row."""
+    if "img_per_s" in f:
+        return (f"{f['img_per_s']:.0f} img/s", f"{(f.get('tflops') or 0):.1f}",
+                f"MFU {100 * f['mfu']:.0f}%" if "mfu" in f else "-")
+    frac = f.get("frac_matmul_peak", f.get("frac_copy_bw"))
+    if frac is None:
+        return "-", "-", "-"
+    return f"{f['gbps']:.0f}", f"{(f.get('tflops') or 0):.1f}", f"{100 * frac:.0f}%"
+
+
+def table(results_dir) -> str:
+    """The full table: every run with its environment, every fwd+bwd / step row."""
+    runs = load(results_dir)
+    if not runs:
+        return NO_RESULTS
+    lines = []
+    for i, (path, d) in enumerate(runs, 1):
+        env, ceil = d["environment"], d.get("ceilings") or {}
+        lines.append(f"- run {i}: `{os.path.relpath(path)}`: {env['device']}, {env['date']}, torch {env['torch']}, "
+                     f"triton {env['triton']}, commit {env['commit']}; measured ceilings: copy "
+                     f"{ceil.get('copy_gbps', float('nan')):.0f} GB/s, bf16 matmul "
+                     f"{ceil.get('matmul_tflops', float('nan')):.0f} TFLOP/s.")
     lines += ["", "Times in ms (an error, e.g. out of memory, says so). Training steps: img/s and MFU (FLOPs counted "
               "by torch's FlopCounterMode over the measured bf16 matmul peak); ops: GB/s of the bytes the op must "
               "move and the fraction of the measured copy bandwidth (or matmul peak). Peak memory: above the inputs.",
               "", "| run | op | shape | dtype | mode | fused | eager | compile | fused+compile | x eager | x compile "
               "| GB/s or img/s | TFLOP/s | % of ceiling | peak MB fused / eager |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    cell = lambda r: "-" if r is None else (f"{r['ms']:.3f}" if "ms" in r else  # noqa: E731
-                                            ("OOM" if "OutOfMemory" in r["error"] else "error"))
     mb = lambda r: f"{r['peak_mb']:.0f}" if r and r.get("peak_mb") is not None else "-"  # noqa: E731
-    for (op, shape, dtype, mode), (run, p) in by.items():
-        if mode not in ("fwd+bwd", "step") or "ms" not in p.get("fused", {}):
-            continue
+    for (op, shape, dtype, mode), (run, p) in measured(runs).items():
         f = p["fused"]
-        times = " | ".join(cell(p.get(k)) for k in ("fused", "eager", "compile", "fused+compile"))
-        if "img_per_s" in f:
-            roof = (f"{f['img_per_s']:.0f} img/s | {(f.get('tflops') or 0):.1f} | "
-                    + (f"MFU {100 * f['mfu']:.0f}%" if "mfu" in f else "-"))
-        else:
-            frac = f.get("frac_matmul_peak", f.get("frac_copy_bw"))
-            roof = f"{f['gbps']:.0f} | {(f.get('tflops') or 0):.1f} | {100 * frac:.0f}%" if frac is not None else "- | - | -"
-        ratio = lambda k: f"{f[k]:.2f}" if k in f else "-"  # noqa: E731
-        lines.append(f"| {run} | {op} | {shape} | {dtype} | {mode} | {times} | {ratio('speedup_vs_eager')} | "
-                     f"{ratio('speedup_vs_compile')} | {roof} | {mb(f)} / {mb(p.get('eager'))} |")
+        times = " | ".join(_cell(p.get(k)) for k in ("fused", "eager", "compile", "fused+compile"))
+        lines.append(f"| {run} | {op} | {shape} | {dtype} | {mode} | {times} | {_ratio(f, 'speedup_vs_eager')} | "
+                     f"{_ratio(f, 'speedup_vs_compile')} | {' | '.join(_roof(f))} | {mb(f)} / {mb(p.get('eager'))} |")
     return "\n".join(lines)
 
 
-def update_readme(results_dir, readme) -> str:
-    t = table(results_dir)
-    with open(readme) as f:
-        s = f.read()
-    if START not in s or END not in s:
-        raise ValueError(f"{readme} has no {START} ... {END} markers")
-    head, rest = s.split(START, 1)
-    _, tail = rest.split(END, 1)
-    with open(readme, "w") as f:
-        f.write(head + START + "\n" + t + "\n" + END + tail)
-    return t
+def headline(results_dir) -> str:
+    """The README's rows of the full table: bf16 at ViT-B/16 and the uniformity loss at the largest
+    batch measured, fewer columns, and a link to the rest."""
+    runs = load(results_dir)
+    if not runs:
+        return NO_RESULTS
+    rows = {k: v for k, v in measured(runs).items() if k[2] in HEADLINE_DTYPES}
+    unif = [s for (_o, s, _d, _m) in rows if s.startswith("unif_b") and s[len("unif_b"):].isdigit()]
+    shapes = {"vit_b16"} | ({max(unif, key=lambda s: int(s[len("unif_b"):]))} if unif else set())
+    devices = ", ".join(sorted({d["environment"]["device"] for _path, d in runs}))
+    lines = [f"{devices}, bf16 (training steps: bf16 autocast), forward + backward or one training step, the newest "
+             "run of each row. Every row, run, commit and peak memory: "
+             "[docs/benchmarks.md](docs/benchmarks.md#recorded-gpu-performance).", "",
+             "| op | shape | fused ms | eager ms | compile ms | x eager | x compile | GB/s or img/s | % of ceiling |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (op, shape, _dtype, _mode), (_run, p) in rows.items():
+        if shape not in shapes:
+            continue
+        f = p["fused"]
+        rate, _tflops, frac = _roof(f)
+        times = " | ".join(_cell(p.get(k)) for k in ("fused", "eager", "compile"))
+        lines.append(f"| {op} | {shape} | {times} | {_ratio(f, 'speedup_vs_eager')} | "
+                     f"{_ratio(f, 'speedup_vs_compile')} | {rate} | {frac} |")
+    return "\n".join(lines)
+
+
+def _replace(text: str, path: str, blocks: dict) -> str:
+    """`text` with each (start, end) marker pair's content replaced; a ValueError if it has none."""
+    found = False
+    for (start, end), t in blocks.items():
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            _, tail = rest.split(end, 1)
+            text, found = head + start + "\n" + t + "\n" + end + tail, True
+    if not found:
+        raise ValueError(f"{path} has no {START} ... {END} or {HEAD_START} ... {HEAD_END} markers")
+    return text
+
+
+def update_readme(results_dir, readme, docs=None) -> str:
+    """Regenerates the tables from `results_dir`: the full table between the perf-table markers and
+    the headline between the perf-headline markers, in `readme` and in `docs` (default:
+    docs/benchmarks.md beside `readme`, where that file exists). Every file must hold one pair at
+    least; nothing is written unless all do. Returns the full table."""
+    blocks = {(START, END): table(results_dir), (HEAD_START, HEAD_END): headline(results_dir)}
+    if docs is None:
+        docs = os.path.join(os.path.dirname(os.path.abspath(readme)), "docs", "benchmarks.md")
+        paths = [readme] + ([docs] if os.path.isfile(docs) else [])
+    else:
+        paths = [readme, docs]
+    new = {}
+    for path in paths:
+        with open(path) as f:
+            new[path] = _replace(f.read(), path, blocks)
+    for path, text in new.items():
+        with open(path, "w") as f:
+            f.write(text)
+    return blocks[(START, END)]

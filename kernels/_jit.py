@@ -31,11 +31,15 @@ def recording(fns, run: bool = False):
             return real(*args, grid=grid, warmup=warmup, **kwargs) if run else None
         return record
 
+    from ._util import KERNELS_RUN
+
     for fn in fns:
         fn.run = wrap(fn)
+    KERNELS_RUN.append(run)
     try:
         yield launches
     finally:
+        KERNELS_RUN.pop()
         for fn in fns:
             del fn.run
 

@@ -1,10 +1,14 @@
 """Edges of the ops where a backend returned a silent wrong result or crashed (issue 23, section 3):
 random_masking with L = 0, double backward, bad ids_restore on the Triton path, non-floating
 targets, D = 0 features, numpy scalars as arguments, a negative unpatchify image_size."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
-from utils import DEVICES, TOL, assert_close, assert_runs, cpu_impls, fused_impls, randn, random_mask, triton_cpu
+from utils import (DEVICES, TOL, assert_close, assert_runs, cpu_impls, cuda_only, fused_impls, randn, random_mask,
+                   triton_cpu)
 
 import umae
 from umae import _backend
@@ -210,6 +214,19 @@ def test_restore_tokens_refuses_ids_that_are_not_a_permutation(device, impl, cas
     assert_runs("restore_tokens", impl, x, tok)
     with pytest.raises(RuntimeError, match=rf"ids_restore\[1\] must be a permutation of 0\.\.3 .*but has {what}"):
         umae.restore_tokens(x, ids, tok)
+
+
+@cuda_only
+def test_restore_tokens_bad_ids_on_cuda_are_a_device_side_assert():
+    # the Triton path's check on CUDA is torch._assert_async (no host sync); an assert poisons the CUDA
+    # context, hence a process of its own
+    code = ("import torch, umae\n"
+            "x, tok = torch.randn(1, 3, 8, device='cuda'), torch.randn(1, 1, 8, device='cuda')\n"
+            "assert umae._backend.implementation('restore_tokens', x, tok) == 'triton'\n"
+            "umae.restore_tokens(x, torch.tensor([[0, 1, -1, 3]], device='cuda'), tok)\n"
+            "torch.cuda.synchronize()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "assert" in r.stderr.lower(), r.stderr[-3000:]
 
 
 @triton_cpu

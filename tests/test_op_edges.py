@@ -153,7 +153,10 @@ def test_loss_double_backward_is_refused(device, impl, op):
     mask = random_mask(2, 4, device, ratio=0.5)
     mask[:, 0] = 1
     target = umae.patchify(imgs, 4)
-    fn = (lambda p: umae.mae_loss(p, imgs, mask, 4)) if op == "mae_loss" else (lambda p: umae.masked_mse_loss(p, target, mask))
+    if op == "mae_loss":
+        fn = lambda p: umae.mae_loss(p, imgs, mask, 4)  # noqa: E731
+    else:
+        fn = lambda p: umae.masked_mse_loss(p, target, mask)  # noqa: E731
     assert_runs(op, impl, pred, imgs)
     with umae.use_backend("reference"):
         (ref,) = torch.autograd.grad(fn(pred), pred)
@@ -309,8 +312,8 @@ def test_numpy_scalars_are_accepted(backend):
     (lambda: umae.patchify(randn(1, 3, 8, 8), True), ValueError, "patch_size must be a positive int, got True"),
     (lambda: umae.patchify(randn(1, 3, 8, 8), np.True_), ValueError, "patch_size must be a positive int, got np.True_"),
     (lambda: umae.patchify(randn(1, 3, 8, 8), np.float64(4.0)), ValueError, "patch_size must be a positive int"),
-    (lambda: umae.patchify(randn(1, 3, 8, 8), np.int64(0)), ValueError, "patch_size must be a positive int, got np.int64"),
-    (lambda: umae.random_masking(randn(1, 4, 2), True), ValueError, r"mask_ratio must be a number in \[0, 1\), got True"),
+    (lambda: umae.patchify(randn(1, 3, 8, 8), np.int64(0)), ValueError, "patch_size must be a positive int, got np"),
+    (lambda: umae.random_masking(randn(1, 4, 2), True), ValueError, r"mask_ratio must be .*\), got True"),
     (lambda: umae.random_masking(randn(1, 4, 2), np.True_), ValueError, "mask_ratio must be a number"),
     (lambda: umae.random_masking(randn(1, 4, 2), np.float32(1.0)), ValueError, "mask_ratio must be a number"),
     (lambda: umae.random_masking(randn(1, 4, 2), torch.tensor(0.5)), ValueError, "mask_ratio must be a number"),

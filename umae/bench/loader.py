@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from .._table import Col, format_table
+
 OP = "loader"
 # shape -> the data, the model's image size, the batch, the images per pass
 SHAPES = {
@@ -63,7 +65,7 @@ def open_shape(data_module, name: str, tmp: str):
 def rows(shapes=None, workers=None, data_module=None):
     """One row per (shape, workers)."""
     from .. import data
-    from ..train.main import default_workers
+    from ..runtime import default_workers
 
     D = data_module or data
     workers = workers or sorted({0, default_workers()})
@@ -76,10 +78,9 @@ def rows(shapes=None, workers=None, data_module=None):
                 yield dict(op=OP, shape=name, workers=w, batch=s["batch"], **time_loader(D, ds, s["size"], s["batch"], w))
 
 
+COLUMNS = [Col("op", "op", width=8, align="<"), Col("shape", "shape", width=10, align="<"), Col("workers", "workers"),
+           Col("batch", "batch"), Col("first batch ms", "first_batch_ms", ".1f"), Col("img/s", "img_per_s", ".0f", 9)]
+
+
 def format_rows(rs) -> str:
-    head = f"{'op':<8} {'shape':<10} {'workers':>7} {'batch':>5} {'first batch ms':>14} {'img/s':>9}"
-    out = [head, "-" * len(head)]
-    for r in rs:
-        out.append(f"{r['op']:<8} {r['shape']:<10} {r['workers']:>7} {r['batch']:>5} {r['first_batch_ms']:>14.1f} "
-                   f"{r['img_per_s']:>9.0f}")
-    return "\n".join(out)
+    return format_table(rs, COLUMNS)

@@ -9,6 +9,7 @@ import glob
 import json
 import os
 
+from .._table import Col, format_table as _format_table
 from .runner import E2E_OPS
 from .timing import FUSED_PROVIDERS
 
@@ -40,28 +41,31 @@ def speedups(rows):
     return rows
 
 
+def _formatted(key, fmt):
+    """A cell: row[key] in format `fmt`, empty when the row has no `key`."""
+    return lambda r: format(r[key], fmt) if key in r else ""
+
+
+# `umae bench`'s printed table; a skipped or failed row shows its reason after the provider
+TABLE = [Col("op", "op", width=16, align="<"), Col("shape", "shape", width=10, align="<"),
+         Col("dtype", "dtype", width=8, align="<"), Col("mode", "mode", width=7, align="<"),
+         Col("provider", "provider", width=13, align="<"), Col("ms", "ms", ".3f", 9), Col("GB/s", "gbps", ".1f", 8),
+         Col("TFLOP/s", lambda r: "%.0f img/s" % r["img_per_s"] if "img_per_s" in r else (
+             f"{r['tflops']:.2f}" if r.get("tflops") else "-"), width=8),
+         Col("x eager", _formatted("speedup_vs_eager", ".2f"), width=8),
+         Col("x compile", _formatted("speedup_vs_compile", ".2f"), width=9),
+         Col("%copyBW", lambda r: f"{100 * r['frac_copy_bw']:.0f}%" if r.get("gbps") and "frac_copy_bw" in r else "",
+             width=8),
+         Col("%mmPeak", lambda r: f"{100 * r['frac_matmul_peak']:.0f}%" if "frac_matmul_peak" in r else (
+             f"MFU {100 * r['mfu']:.0f}%" if "mfu" in r else ""), width=8),
+         Col("parity", lambda r: f"{r['parity_max_abs']:.1e}" if r["provider"] == "fused" and r["op"] not in E2E_OPS
+             else "", width=9),
+         Col("peak MB", lambda r: f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "", width=9)]
+
+
 def format_table(rows) -> str:
-    head = (f"{'op':<16} {'shape':<10} {'dtype':<8} {'mode':<7} {'provider':<13} {'ms':>9} {'GB/s':>8} "
-            f"{'TFLOP/s':>8} {'x eager':>8} {'x compile':>9} {'%copyBW':>8} {'%mmPeak':>8} {'parity':>9} {'peak MB':>9}")
-    out = [head, "-" * len(head)]
-    for r in rows:
-        if "skipped" in r:
-            out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<13} skipped: {r['skipped']}")
-            continue
-        if "error" in r:
-            out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<13} ERROR {r['error']}")
-            continue
-        tf = ("%.0f img/s" % r["img_per_s"]) if "img_per_s" in r else (f"{r['tflops']:.2f}" if r.get("tflops") else "-")
-        se = f"{r['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in r else ""
-        sc = f"{r['speedup_vs_compile']:.2f}" if "speedup_vs_compile" in r else ""
-        par = f"{r['parity_max_abs']:.1e}" if r["provider"] == "fused" and r["op"] not in E2E_OPS else ""
-        fb = f"{100 * r['frac_copy_bw']:.0f}%" if r.get("gbps") and "frac_copy_bw" in r else ""
-        fm = f"{100 * r['frac_matmul_peak']:.0f}%" if "frac_matmul_peak" in r else (
-            f"MFU {100 * r['mfu']:.0f}%" if "mfu" in r else "")
-        pk = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else ""
-        out.append(f"{r['op']:<16} {r['shape']:<10} {r['dtype']:<8} {r['mode']:<7} {r['provider']:<13} "
-                   f"{r['ms']:>9.3f} {r['gbps']:>8.1f} {tf:>8} {se:>8} {sc:>9} {fb:>8} {fm:>8} {par:>9} {pk:>9}")
-    return "\n".join(out)
+    return _format_table(rows, TABLE, note_after=5, note=lambda r: f"skipped: {r['skipped']}" if "skipped" in r else (
+        f"ERROR {r['error']}" if "error" in r else None))
 
 
 def write(rows, env, out_dir, ceil=None):

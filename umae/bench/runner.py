@@ -161,7 +161,7 @@ def _train_step_row(op, model, impl, batch, shape, provider, device, amp, flops)
     """(the row, the step's counted FLOPs: `flops` if given, else counted now on this model)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..train.main import adamw_impl
+    from ..runtime import adamw_impl
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **adamw_impl(torch.device(device)))
     if provider in COMPILED_PROVIDERS:

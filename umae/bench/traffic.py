@@ -24,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _backend, registry
+from .._table import Col, format_table
 from ..kernels import _jit
 from . import cases
 
@@ -144,17 +145,28 @@ def rows(shapes=TRAFFIC_SHAPES, ops=None):
             yield dict(op=op, shape=shape, minimum=low, eager=eager, fused=fused)
 
 
+def _mb(b) -> str:
+    return f"{b / 1e6:.1f}"
+
+
+def _unique(r):
+    """The fused path's distinct bytes (the minimum for an op without Triton kernels)."""
+    return r["minimum"] if r["fused"] is None else r["fused"]["unique"]
+
+
+def _check(f) -> str:
+    return "-" if f is None else f"{_mb(f['formula'])} " + ("=" if f["formula"] == f["kernels"] else "≠") + \
+        f" {_mb(f['kernels'])}"
+
+
+COLUMNS = [Col("op", "op"), Col("shape", "shape"), Col("minimum MB", lambda r: _mb(r["minimum"])),
+           Col("eager MB", lambda r: _mb(r["eager"])),
+           Col("fused MB requested / unique", lambda r: f"= {_mb(r['minimum'])}" if r["fused"] is None
+               else f"{_mb(r['fused']['requested'])} / {_mb(r['fused']['unique'])}"),
+           Col("eager / fused", lambda r: f"{r['eager'] / _unique(r):.2f}x"),
+           Col("fused / minimum", lambda r: _unique(r) / r["minimum"], ".2f"),
+           Col("kernels MB: formula vs counted", lambda r: _check(r["fused"]))]
+
+
 def format_rows(rs) -> str:
-    mb = lambda b: f"{b / 1e6:.1f}"  # noqa: E731
-    lines = ["| op | shape | minimum MB | eager MB | fused MB requested / unique | eager / fused | fused / minimum "
-             "| kernels MB: formula vs counted |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rs:
-        f = r["fused"]
-        fused = f"= {mb(r['minimum'])}" if f is None else f"{mb(f['requested'])} / {mb(f['unique'])}"
-        fu = r["minimum"] if f is None else f["unique"]
-        check = "-" if f is None else (f"{mb(f['formula'])} " + ("=" if f["formula"] == f["kernels"] else "≠")
-                                       + f" {mb(f['kernels'])}")
-        lines.append(f"| {r['op']} | {r['shape']} | {mb(r['minimum'])} | {mb(r['eager'])} | {fused} | "
-                     f"{r['eager'] / fu:.2f}x | {fu / r['minimum']:.2f} | {check} |")
-    return "\n".join(lines)
+    return format_table(rs, COLUMNS, markdown=True)

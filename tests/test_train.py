@@ -13,18 +13,15 @@ from utils import adam_tolerance
 
 import umae.models  # noqa: F401  (registers with timm: some tests create models before any training)
 from umae import evaluate, train
+from umae.train import TrainConfig
 from umae.cli.main import main
 
 
 def _args(out, **kw):
-    p = argparse.ArgumentParser()
-    train.add_args(p)
-    a = p.parse_args([])
-    a.model, a.builtin_size, a.batch_size, a.out, a.no_progress = "umae_vit_micro_patch4_32", 128, 16, str(out), True
-    a.lr, a.log_every = 1e-3, 1
-    for k, v in kw.items():
-        setattr(a, k, v)
-    return a
+    """A micro run's config, into `out`; `kw` overrides its settings."""
+    micro = dict(model="umae_vit_micro_patch4_32", builtin_size=128, batch_size=16, lr=1e-3, log_every=1,
+                 no_progress=True)
+    return TrainConfig(out=str(out), **{**micro, **kw})
 
 
 def test_convergence_fused_vs_reference(tmp_path):

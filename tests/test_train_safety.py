@@ -1,7 +1,6 @@
 """Issue 23, section 2: no data loss or silent corruption in `umae train` -- a NaN in any
 micro-batch stops the run before a checkpoint, a second writer into --out is refused, a resume
 refuses changed settings unless overridden, and a resumed log has each step once."""
-import argparse
 import errno
 import fcntl
 import json
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from umae import train
+from umae.train import TrainConfig
 from umae.cli.main import main
 
 TINY = ["--model", "umae_vit_micro_patch4_32", "--builtin-size", "64", "--batch-size", "8", "--lr", "1e-3",
@@ -22,14 +22,10 @@ TINY = ["--model", "umae_vit_micro_patch4_32", "--builtin-size", "64", "--batch-
 
 
 def _args(out, **kw):
-    p = argparse.ArgumentParser()
-    train.add_args(p)
-    a = p.parse_args([])
-    a.model, a.builtin_size, a.batch_size, a.out, a.no_progress = "umae_vit_micro_patch4_32", 64, 8, str(out), True
-    a.lr, a.log_every, a.num_workers = 1e-3, 1, 0
-    for k, v in kw.items():
-        setattr(a, k, v)
-    return a
+    """A micro run's config, into `out`; `kw` overrides its settings."""
+    micro = dict(model="umae_vit_micro_patch4_32", builtin_size=64, batch_size=8, lr=1e-3, log_every=1,
+                 num_workers=0, no_progress=True)
+    return TrainConfig(out=str(out), **{**micro, **kw})
 
 
 def _steps(out):

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from . import data as D
 
+HELP = "linear probe, kNN and the feature spectrum of checkpoints"
+
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", nargs="+", required=True, help="one or more checkpoints (compare runs)")
@@ -115,7 +117,7 @@ def load_model(path, device, model_name=None):
 
 
 def validate(args) -> None:
-    from .train.main import check_range, parse_device
+    from .train.config import check_range, parse_device
 
     check_range(args, ("knn_k", "max_images", "batch_size"), 1)
     if not 0 < args.holdout < 1:
@@ -165,6 +167,16 @@ def evaluate(args) -> dict:
                        spectra={k: v.tolist() for k, v in spectra.items()}), f, indent=1)
     plot_spectra(spectra, {r["name"]: r["effective_rank"] for r in results}, os.path.join(args.out, "spectrum.png"))
     return dict(results=results)
+
+
+def main(args) -> int:
+    """`umae eval`."""
+    res = evaluate(args)
+    for r in res["results"]:
+        print(f"{r['ckpt']} [{r['pool']}]  linear probe {r['linear_probe_acc']:.3f}  kNN {r['knn_acc']:.3f}  "
+              f"effective rank {r['effective_rank']:.1f} / {r['feature_dim']}")
+    print(f"wrote {args.out}/eval.json and {args.out}/spectrum.png")
+    return 0
 
 
 def plot_spectra(spectra, eranks, path):

@@ -14,6 +14,9 @@ import torch
 
 from . import data as D
 from . import evaluate
+from .train import TrainConfig, train
+
+HELP = "U-MAE's effect in one command: MAE vs U-MAE trained and evaluated alike, one report folder"
 
 # name -> settings. "digits-mini" is measured on the 2-core CPU machine (README, "Reproduce");
 # "cifar10-vit-tiny" is for a GPU with CIFAR-10 on disk (--data /path/to/cifar10).
@@ -43,20 +46,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _train_args(a, preset: dict, lamb: float, out: str, ckpt_every: int, steps: int) -> argparse.Namespace:
-    from .train import main as train_main
-
-    p = argparse.ArgumentParser()
-    train_main.add_args(p)
-    t = p.parse_args([])
-    t.data, t.model, t.lamb, t.seed, t.out = a.data, a.model, lamb, a.seed, out
-    t.batch_size, t.steps, t.amp, t.device = a.batch_size, steps, preset["amp"], a.device
-    t.lr = preset["lr"]
-    if preset["blr"] is not None:
-        t.blr = preset["blr"]
-    t.warmup_steps = a.warmup_steps
-    t.ckpt_every, t.log_every, t.no_progress = ckpt_every, max(1, min(10, steps // 10)), a.no_progress
-    return t
+def _train_config(a, preset: dict, lamb: float, out: str, ckpt_every: int, steps: int, desc: str) -> TrainConfig:
+    """One run's training settings: the preset's, these flags', and umae train's defaults for the rest."""
+    return TrainConfig(data=a.data, model=a.model, lamb=lamb, seed=a.seed, out=out, batch_size=a.batch_size,
+                       steps=steps, amp=preset["amp"], device=a.device, lr=preset["lr"],
+                       blr=TrainConfig.blr if preset["blr"] is None else preset["blr"], warmup_steps=a.warmup_steps,
+                       ckpt_every=ckpt_every, log_every=max(1, min(10, steps // 10)), no_progress=a.no_progress,
+                       progress_desc=desc)
 
 
 def _steps_and_warmup(a, preset: dict) -> tuple[int, int | None]:
@@ -82,7 +78,7 @@ def _rank_curve(run_dir: str, ds, a, known: dict) -> list[tuple[int, float]]:
 
 
 def validate(a) -> None:
-    from .train.main import check_range, parse_device
+    from .train.config import check_range, parse_device
 
     check_range(a, ("steps", "batch_size"), 1, optional=True)  # None: the preset's
     check_range(a, ("eval_images",), 1)
@@ -107,17 +103,14 @@ def reproduce(a) -> dict:
     ckpt_every = max(1, steps // preset["curve_points"])
     os.makedirs(a.out, exist_ok=True)
 
-    from .train import main as train_main
-
     t0 = time.perf_counter()
     runs, logs = {}, {}
     for i, lamb in enumerate(a.lambdas):
         name = "MAE" if lamb == 0 else f"U-MAE (lambda {lamb:g})"
         run_dir = os.path.join(a.out, f"lamb_{lamb:g}")
         print(f"umae reproduce: training {name}, {steps} steps -> {run_dir}", flush=True)
-        t = _train_args(a, preset, lamb, run_dir, ckpt_every, steps)
-        t.progress_desc = f"[{i + 1}/{len(a.lambdas)}] {name}"
-        logs[name] = train_main.train(t)
+        logs[name] = train(_train_config(a, preset, lamb, run_dir, ckpt_every, steps,
+                                         f"[{i + 1}/{len(a.lambdas)}] {name}"))
         runs[name] = run_dir
 
     # the same evaluation code as `umae eval`, on every run's last checkpoint
@@ -142,6 +135,13 @@ def reproduce(a) -> dict:
         json.dump({k: dict(log=v["log"], rank=v["rank"]) for k, v in curves.items()}, f, indent=1)
     print(open(os.path.join(a.out, "report.md")).read())
     return dict(results=results, settings=settings, curves=curves)
+
+
+def main(args) -> int:
+    """`umae reproduce`."""
+    reproduce(args)
+    print(f"wrote {args.out}/report.md, spectrum.png, curves.png")
+    return 0
 
 
 def report_md(results, settings) -> str:

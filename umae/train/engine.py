@@ -12,6 +12,7 @@ import torch
 
 from . import checkpoint
 from .lr_sched import lr_at, set_lr
+from .config import TrainConfig
 from .log import LOSS_FIELDS, DeviceStats, Logger
 
 
@@ -24,7 +25,7 @@ NOISE_SEED_STRIDE = 1_000_003  # masking noise seed = seed * stride + micro step
 @dataclasses.dataclass
 class Loop:
     """What the epoch loop needs, built once by main.train."""
-    args: object
+    cfg: TrainConfig  # the run's settings
     model: torch.nn.Module  # the bare model (checkpoints)
     fwd: object  # what is called: the model, its DDP wrapper, or their torch.compile
     net: torch.nn.Module  # the model or its DDP wrapper (no_sync)
@@ -49,7 +50,7 @@ class Loop:
 def masking_noise(loop: Loop, micro: int) -> torch.Tensor:
     """Noise per global batch from (seed, micro step); each rank takes its slice, so a DDP run
     masks as one process would and a resumed run as an unbroken one."""
-    a = loop.args
+    a = loop.cfg
     g = torch.Generator().manual_seed(a.seed * NOISE_SEED_STRIDE + micro)
     noise = torch.rand(a.batch_size * loop.world, loop.num_patches, generator=g)
     return noise[loop.rank * a.batch_size:(loop.rank + 1) * a.batch_size]
@@ -74,7 +75,7 @@ def check_finite(loop: Loop, step: int, stats: dict) -> None:
 
 def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
     """Runs the loader's batches up to the last step; returns (step, micro step)."""
-    a = loop.args
+    a = loop.cfg
     probe = "probe_acc" in loop.stats.fields
     for imgs, labels in loader:
         epoch = micro // loop.batches_per_epoch

@@ -1,5 +1,5 @@
-"""Setup of a training run (MAE's main_pretrain.py): arguments, processes and devices, model,
-data, optimizer and resume, then the epochs.
+"""Setup of a training run (MAE's main_pretrain.py) from its TrainConfig (config.py): processes
+and devices, model, data, optimizer and resume, then the epochs; `umae train`'s `main`.
 
 AdamW (betas 0.9/0.95, weight decay 0.05 except 1-d parameters and biases, MAE's rule, through
 timm's param_groups_weight_decay; fused on CUDA, foreach on CPU), lr = blr * effective batch /
@@ -9,122 +9,22 @@ over the global batch, U-MAE's online linear probe, a stop on a non-finite loss,
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 
 import torch
 
 from .. import data as D
+from ..runtime import adamw_impl, default_workers
 from . import checkpoint
+from .config import CHANGEABLE, RESUME_KEYS, TrainConfig, add_args, check_range, parse_device, validate
 from .engine import Loop, train_steps
 from .log import DeviceStats, Logger
 
+__all__ = ["CHANGEABLE", "RESUME_KEYS", "TrainConfig", "add_args", "adamw_impl", "check_range", "default_workers",
+           "lock_out", "main", "param_groups", "parse_device", "resolve_amp", "train", "validate"]
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="builtin",
-                   help="'builtin' (procedurally generated shapes10, no download), 'digits' (scikit-learn's real "
-                        "handwritten digits, no download), a CIFAR-10/100 folder in torchvision's format, or an "
-                        "ImageFolder directory")
-    p.add_argument("--builtin-size", type=int, default=D.BUILTIN_SIZE, help="images in the builtin training set")
-    p.add_argument("--model", default="umae_vit_tiny_patch4_32")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
-                   help="fused kernels (default) or the pure-PyTorch references")
-    p.add_argument("--lamb", type=float, default=0.01, help="uniformity weight (0 = plain MAE)")
-    p.add_argument("--cls-double-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="U-MAE's cls feature as its official forward: the encoder norm applied twice")
-    p.add_argument("--online-probe", action="store_true",
-                   help="train U-MAE's online linear classifier on the detached cls feature; log its accuracy")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--accum-iter", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides --epochs when > 0)")
-    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--decay-tokens", action=argparse.BooleanOptionalAction, default=None,
-                   help="weight-decay cls_token and mask_token, as MAE's rule (only 1-d parameters and biases "
-                        "are exempt); default: on, or the resumed checkpoint's choice")
-    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm (default: off, as MAE)")
-    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
-                   help="auto: bf16 on a GPU that supports it, none (fp32) otherwise")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/umae")
-    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N optimizer steps (0: at the end)")
-    p.add_argument("--resume", default=None,
-                   help="checkpoint to resume from. Its run's settings (" + ", ".join(CHANGEABLE) + ") must match "
-                        "this run's (pass the same values) unless named in --resume-override; --lr, --blr, --steps, "
-                        "--amp, --clip-grad and the like may change")
-    p.add_argument("--resume-override", default="", metavar="SETTING[,SETTING]",
-                   help="with --resume: settings that may differ from the checkpoint's, e.g. lamb,mask_ratio (the "
-                        "checkpoint records each change)")
-    p.add_argument("--num-workers", type=int, default=None, help="loader processes (default: the machine's cores)")
-    p.add_argument("--log-every", type=int, default=10,
-                   help="optimizer steps between log records (the only host syncs of the loop)")
-    p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def check_range(args, names, low: float, strict: bool = False, optional: bool = False) -> None:
-    """ValueError naming the flag and its value unless each of `names` is >= low (> low when
-    strict; None passes when optional). NaN fails."""
-    for k in names:
-        v = getattr(args, k)
-        if v is None and optional:
-            continue
-        if v is None or not (v > low if strict else v >= low):
-            raise ValueError(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} {low:g}, got {v}")
-
-
-def parse_device(name: str | None, flag: str = "--device") -> torch.device | None:
-    """torch.device(name), or a ValueError naming the flag: an unknown device, or a CUDA one
-    without a GPU (or past the GPUs there are)."""
-    if not name:
-        return None
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{flag} {name!r} is not a device (e.g. cpu, cuda, cuda:1): "
-                         f"{str(e).splitlines()[0]}") from None
-    if device.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ValueError(f"{flag} {name!r}: no CUDA GPU is available here")
-        if device.index is not None and device.index >= n:
-            raise ValueError(f"{flag} {name!r}: there are {n} CUDA GPU(s)")
-    return device
-
-
-def validate(args):
-    import timm
-
-    if not timm.is_model(args.model):
-        from ..models import CONFIGS
-        raise ValueError(f"--model {args.model!r} is not registered; umae models: {', '.join(CONFIGS)}")
-    if not 0 <= args.mask_ratio < 1:
-        raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
-    check_range(args, ("batch_size", "accum_iter", "epochs", "log_every", "builtin_size"), 1)
-    check_range(args, ("steps", "ckpt_every", "lamb", "weight_decay", "min_lr"), 0)  # --steps 0: use --epochs
-    check_range(args, ("warmup_steps", "num_workers"), 0, optional=True)
-    check_range(args, ("blr",), 0, strict=True)
-    check_range(args, ("lr", "clip_grad"), 0, strict=True, optional=True)
-    parse_device(args.device)
-    if overrides(args) and not args.resume:
-        raise ValueError(f"--resume-override {args.resume_override!r} needs --resume")
-    bad = set(overrides(args)) - set(CHANGEABLE)
-    if bad:
-        raise ValueError(f"--resume-override {args.resume_override!r}: {', '.join(sorted(bad))} cannot be "
-                         f"overridden; these can: {', '.join(CHANGEABLE)}")
-    if args.resume and not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint")
-
-
-def overrides(args) -> list[str]:
-    return [k.strip().replace("-", "_") for k in (getattr(args, "resume_override", "") or "").split(",") if k.strip()]
+HELP = "MAE / U-MAE pretraining (torchrun for DDP)"
 
 
 def lock_out(out: str) -> int:
@@ -194,9 +94,9 @@ def init_distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
 
 
-def pick_device(args) -> torch.device:
-    if args.device:
-        return torch.device(args.device)
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -204,13 +104,8 @@ def pick_device(args) -> torch.device:
     return torch.device("cpu")
 
 
-def adamw_impl(device) -> dict:
-    """One multi-tensor kernel per step: fused on CUDA, foreach elsewhere."""
-    return dict(fused=True, foreach=None) if device.type == "cuda" else dict(fused=None, foreach=True)
-
-
-def make_optimizer(model, args, lr, device):
-    return torch.optim.AdamW(param_groups(model, args.weight_decay, args.decay_tokens), lr=lr, betas=(0.9, 0.95),
+def make_optimizer(model, cfg: TrainConfig, lr, device):
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_tokens), lr=lr, betas=(0.9, 0.95),
                              **adamw_impl(device))
 
 
@@ -222,44 +117,46 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-# what a resumed run must share with its checkpoint (the model's structure and the optimizer's groups)
-RESUME_KEYS = ("model", "probe_classes", "decay_tokens")
-# what it must share unless --resume-override names it: a change makes the run another experiment
-CHANGEABLE = ("lamb", "mask_ratio", "seed", "data", "builtin_size", "norm_pix_loss", "cls_double_norm")
-
-
-def train(args) -> list[dict]:
-    """Runs training; returns the logged records (rank 0; other ranks: empty)."""
+def train(cfg: TrainConfig) -> list[dict]:
+    """Runs training; returns the logged records (rank 0; other ranks: empty). `cfg`: a
+    TrainConfig, or parsed `umae train` flags (converted). `cfg` itself is not changed."""
     from .. import models  # noqa: F401  (registers the models with timm)
 
-    validate(args)
+    cfg = TrainConfig.from_args(cfg)
+    validate(cfg)
     rank, world = init_distributed()
-    device = pick_device(args)
-    lock = _lock_on_rank0(args.out, rank, world)
+    device = pick_device(cfg)
+    lock = _lock_on_rank0(cfg.out, rank, world)
     try:
-        return _train(args, rank, world, device)
+        return _train(cfg, rank, world, device)
     finally:
         if lock is not None:
             os.close(lock)
 
 
-def _check_resume(args, prev: dict, run_info: dict, step: int, total: int) -> None:
+def main(args) -> int:
+    """`umae train`."""
+    cfg = TrainConfig.from_args(args)
+    recs = train(cfg)
+    if recs:
+        print(f"done: {recs[-1]['step']} steps, loss {recs[-1]['loss']:.4f}, {recs[-1]['img_per_s']:.0f} img/s; "
+              f"checkpoints and log.jsonl in {cfg.out}")
+    return 0
+
+
+def _check_resume(cfg: TrainConfig, prev: dict, run_info: dict, step: int, total: int) -> None:
     """Refuses a resume that would change the model's structure, or (unless --resume-override
     names them) the run's settings, or that has nothing left to train; records the overrides."""
     differ = [k for k in RESUME_KEYS if k in prev and prev[k] != run_info[k]]
     if differ:
-        raise ValueError(f"--resume {args.resume!r}: the checkpoint was trained with "
+        raise ValueError(f"--resume {cfg.resume!r}: the checkpoint was trained with "
                          + ", ".join(f"{k}={prev[k]!r}" for k in differ) + "; this run has "
                          + ", ".join(f"{k}={run_info[k]!r}" for k in differ))
-    allowed = overrides(args)
+    allowed = cfg.overrides()
     changed = [k for k in CHANGEABLE if k in prev and prev[k] != run_info[k]]
     refused = [k for k in changed if k not in allowed]
     if refused:
-        raise ValueError(f"--resume {args.resume!r}: the checkpoint's run has "
+        raise ValueError(f"--resume {cfg.resume!r}: the checkpoint's run has "
                          + ", ".join(f"--{k.replace('_', '-')} {prev[k]!r} (this run: {run_info[k]!r})"
                                      for k in refused)
                          + "; pass the checkpoint's values, or --resume-override " + ",".join(refused)
@@ -267,79 +164,98 @@ def _check_resume(args, prev: dict, run_info: dict, step: int, total: int) -> No
     run_info["resume_overrides"] = list(prev.get("resume_overrides", [])) + (
         [dict(step=step, **{k: [prev[k], run_info[k]] for k in changed})] if changed else [])
     if step >= total:
-        raise ValueError(f"--resume {args.resume!r} is at step {step}, and this run ends at step {total} ("
-                         + (f"--steps {args.steps}" if args.steps else f"--epochs {args.epochs}")
+        raise ValueError(f"--resume {cfg.resume!r} is at step {step}, and this run ends at step {total} ("
+                         + (f"--steps {cfg.steps}" if cfg.steps else f"--epochs {cfg.epochs}")
                          + "): nothing left to train; pass a larger --steps")
 
 
-def _train(args, rank, world, device) -> list[dict]:
+def _read_resume(cfg: TrainConfig, device: torch.device):
+    """(the checkpoint to resume from or None, its run record, the config with `amp` and
+    `decay_tokens` resolved: auto amp for the device, decay_tokens as the checkpoint chose)."""
+    ck = checkpoint.read(cfg.resume) if cfg.resume else None
+    if ck:
+        checkpoint.check_resumable(ck, cfg.resume)
+    prev = (ck.get("run") or {}) if ck else {}
+    decay_tokens = cfg.decay_tokens
+    if decay_tokens is None:  # a checkpoint from before the rule recorded it had tokens exempt
+        decay_tokens = prev.get("decay_tokens", False) if ck else True
+    return ck, prev, dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, device), decay_tokens=decay_tokens)
+
+
+def _run_info(cfg: TrainConfig, probe_classes: int) -> dict:
+    """What the checkpoints record of the run (and a resume compares)."""
+    return dict(model=cfg.model, fused=cfg.fused, lamb=cfg.lamb, mask_ratio=cfg.mask_ratio, data=cfg.data,
+                builtin_size=cfg.builtin_size, seed=cfg.seed, norm_pix_loss=cfg.norm_pix_loss,
+                cls_double_norm=cfg.cls_double_norm, probe_classes=probe_classes,
+                decay_tokens=cfg.decay_tokens, amp=cfg.amp)
+
+
+def _make_loader(cfg: TrainConfig, aug, sampler, step: int, total: int, device) -> tuple:
+    """(one loader for the rest of the run, its workers alive across epochs; the micro step it starts at)."""
+    micro = step * cfg.accum_iter
+    sampler.epoch, sampler.start_batch = divmod(micro, sampler.batches_per_epoch())
+    sampler.num_batches = (total - step) * cfg.accum_iter
+    workers = default_workers() if cfg.num_workers is None else cfg.num_workers
+    loader = torch.utils.data.DataLoader(aug, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         prefetch_factor=4 if workers else None)
+    return loader, micro
+
+
+def _distributed(model, world: int, device):
+    """The model in DDP when there are several processes (the uniformity loss then over the global batch)."""
+    if world == 1:
+        return model
+    import torch.distributed as dist
+
+    model.unif_process_group = dist.group.WORLD
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
     import timm
     import torch.distributed as dist
 
-    torch.manual_seed(args.seed)
-
+    torch.manual_seed(cfg.seed)
     if device.type == "cuda":  # fp32 matmuls (the non-autocast ones) on TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    args.amp = resolve_amp(args.amp, device)
-    ck = checkpoint.read(args.resume) if args.resume else None
-    if ck:
-        checkpoint.check_resumable(ck, args.resume)
-    prev = (ck.get("run") or {}) if ck else {}
-    if args.decay_tokens is None:  # a checkpoint from before the rule recorded it had tokens exempt
-        args.decay_tokens = prev.get("decay_tokens", False) if ck else True
+    ck, prev, cfg = _read_resume(cfg, device)
 
-    ds = D.open_dataset(args.data, train=True, seed=args.seed, builtin_size=args.builtin_size)
-    probe_classes = D.num_classes(ds) if args.online_probe else 0
-    model = timm.create_model(args.model, fused=args.fused, lamb=args.lamb, norm_pix_loss=args.norm_pix_loss,
-                              cls_double_norm=args.cls_double_norm, probe_classes=probe_classes)
+    ds = D.open_dataset(cfg.data, train=True, seed=cfg.seed, builtin_size=cfg.builtin_size)
+    probe_classes = D.num_classes(ds) if cfg.online_probe else 0
+    model = timm.create_model(cfg.model, fused=cfg.fused, lamb=cfg.lamb, norm_pix_loss=cfg.norm_pix_loss,
+                              cls_double_norm=cfg.cls_double_norm, probe_classes=probe_classes)
     model.to(device)
-    gb = args.batch_size * world
+    gb = cfg.batch_size * world
     if len(ds) < gb:
         raise ValueError(f"the data set has {len(ds)} images, fewer than one global batch ({gb})")
-    aug = D.Augmented(ds, model.img_size, args.seed)
-    sampler = D.ResumableSampler(len(ds), gb, args.seed, rank, world)
+    aug = D.Augmented(ds, model.img_size, cfg.seed)
+    sampler = D.ResumableSampler(len(ds), gb, cfg.seed, rank, world)
     batches_per_epoch = sampler.batches_per_epoch()
-    total = args.steps if args.steps > 0 else args.epochs * batches_per_epoch // args.accum_iter
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total // 20)
-    eff_batch = gb * args.accum_iter
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    run_info = dict(model=args.model, fused=args.fused, lamb=args.lamb, mask_ratio=args.mask_ratio, data=args.data,
-                    builtin_size=args.builtin_size, seed=args.seed, norm_pix_loss=args.norm_pix_loss,
-                    cls_double_norm=args.cls_double_norm, probe_classes=probe_classes,
-                    decay_tokens=args.decay_tokens, amp=args.amp)
+    total = cfg.steps if cfg.steps > 0 else cfg.epochs * batches_per_epoch // cfg.accum_iter
+    lr = cfg.lr if cfg.lr is not None else cfg.blr * gb * cfg.accum_iter / 256
+    run_info = _run_info(cfg, probe_classes)
 
-    opt = make_optimizer(model, args, lr, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    opt = make_optimizer(model, cfg, lr, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     step = 0
     if ck:
-        _check_resume(args, prev, run_info, ck["step"], total)
-        step = checkpoint.restore(ck, model, opt, scaler, args.resume)
+        _check_resume(cfg, prev, run_info, ck["step"], total)
+        step = checkpoint.restore(ck, model, opt, scaler, cfg.resume)
         del ck
         for group in opt.param_groups:  # the saved groups carry the saving machine's choice
             group.update(adamw_impl(device))
-    if world > 1:
-        model.unif_process_group = dist.group.WORLD
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        net = model
-    loop = Loop(args=args, model=model, fwd=torch.compile(net) if args.compile else net, net=net, opt=opt,
+    net = _distributed(model, world, device)
+    loop = Loop(cfg=cfg, model=model, fwd=torch.compile(net) if cfg.compile else net, net=net, opt=opt,
                 scaler=scaler, device=device, rank=rank, world=world, num_patches=model.patch_embed.num_patches,
-                total=total, warmup=warmup, lr=lr, batches_per_epoch=batches_per_epoch,
-                amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
-                logger=Logger(args.out, rank, total, step, progress=not args.no_progress,
-                              desc=getattr(args, "progress_desc", "umae train")),
-                stats=DeviceStats(device, probe=bool(probe_classes), grad_norm=args.clip_grad is not None),
-                run_info=run_info, last_ckpt=(args.resume, step) if args.resume else None, last_read=step)
-
-    # one loader for the rest of the run: its workers live across epochs
-    micro = step * args.accum_iter
-    sampler.epoch, sampler.start_batch = divmod(micro, batches_per_epoch)
-    sampler.num_batches = (total - step) * args.accum_iter
-    workers = default_workers() if args.num_workers is None else args.num_workers
-    loader = torch.utils.data.DataLoader(aug, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=workers, pin_memory=device.type == "cuda",
-                                         prefetch_factor=4 if workers else None)
+                total=total, warmup=cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20),
+                lr=lr, batches_per_epoch=batches_per_epoch,
+                amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp),
+                logger=Logger(cfg.out, rank, total, step, progress=not cfg.no_progress, desc=cfg.progress_desc),
+                stats=DeviceStats(device, probe=bool(probe_classes), grad_norm=cfg.clip_grad is not None),
+                run_info=run_info, last_ckpt=(cfg.resume, step) if cfg.resume else None, last_read=step)
+    loader, micro = _make_loader(cfg, aug, sampler, step, total, device)
     try:
         train_steps(loop, loader, step, micro)
     finally:

@@ -1,0 +1,159 @@
+"""`TrainConfig`: every setting of a training run, typed, with its default and its help. The CLI's
+flags are generated from it (`add_args`), `TrainConfig.from_args` turns parsed flags into one,
+and code (`umae reproduce`, the tests) builds one directly: `TrainConfig(model=..., out=..., steps=...)`.
+`validate(cfg)` is the one place a run's settings are checked."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+from ..data import BUILTIN_SIZE
+
+# what a resumed run must share with its checkpoint (the model's structure and the optimizer's groups)
+RESUME_KEYS = ("model", "probe_classes", "decay_tokens")
+# what it must share unless --resume-override names it: a change makes the run another experiment
+CHANGEABLE = ("lamb", "mask_ratio", "seed", "data", "builtin_size", "norm_pix_loss", "cls_double_norm")
+
+
+def _opt(default, help=None, **argparse_kw):
+    """A field that is a flag of `umae train`: its help and any argparse keywords (choices, metavar)
+    in the metadata. A bool field is `--x` (store_true) when its default is False, `--x/--no-x`
+    (BooleanOptionalAction) otherwise."""
+    return field(default=default, metadata=dict(help=help, **argparse_kw))
+
+
+@dataclass
+class TrainConfig:
+    data: str = _opt("builtin", "'builtin' (procedurally generated shapes10, no download), 'digits' (scikit-learn's "
+                     "real handwritten digits, no download), a CIFAR-10/100 folder in torchvision's format, or an "
+                     "ImageFolder directory")
+    builtin_size: int = _opt(BUILTIN_SIZE, "images in the builtin training set")
+    model: str = _opt("umae_vit_tiny_patch4_32")
+    fused: bool = _opt(True, "fused kernels (default) or the pure-PyTorch references")
+    lamb: float = _opt(0.01, "uniformity weight (0 = plain MAE)")
+    cls_double_norm: bool = _opt(True, "U-MAE's cls feature as its official forward: the encoder norm applied twice")
+    online_probe: bool = _opt(False, "train U-MAE's online linear classifier on the detached cls feature; log its "
+                              "accuracy")
+    mask_ratio: float = _opt(0.75)
+    norm_pix_loss: bool = _opt(True)
+    batch_size: int = _opt(64, "per process")
+    accum_iter: int = _opt(1)
+    epochs: int = _opt(1)
+    steps: int = _opt(0, "optimizer steps (overrides --epochs when > 0)")
+    blr: float = _opt(1.5e-4, "base lr: lr = blr * effective batch / 256")
+    lr: float | None = _opt(None, "absolute lr (overrides --blr)")
+    min_lr: float = _opt(0.0)
+    warmup_steps: int | None = _opt(None, "default: 5% of the steps")
+    weight_decay: float = _opt(0.05)
+    decay_tokens: bool | None = _opt(None, "weight-decay cls_token and mask_token, as MAE's rule (only "
+                                               "1-d parameters and biases are exempt); default: on, or the resumed "
+                                               "checkpoint's choice")
+    clip_grad: float | None = _opt(None, "clip the gradient norm (default: off, as MAE)")
+    amp: str = _opt("auto", "auto: bf16 on a GPU that supports it, none (fp32) otherwise",
+                    choices=["auto", "none", "bf16", "fp16"])
+    compile: bool = _opt(False, "torch.compile the model")
+    seed: int = _opt(0)
+    out: str = _opt("runs/umae")
+    ckpt_every: int = _opt(0, "checkpoint every N optimizer steps (0: at the end)")
+    resume: str | None = _opt(None, "checkpoint to resume from. Its run's settings ("
+                                        + ", ".join(CHANGEABLE) + ") must match this run's (pass the same values) "
+                                        "unless named in --resume-override; --lr, --blr, --steps, --amp, --clip-grad "
+                                        "and the like may change")
+    resume_override: str = _opt("", "with --resume: settings that may differ from the checkpoint's, e.g. "
+                                "lamb,mask_ratio (the checkpoint records each change)", metavar="SETTING[,SETTING]")
+    num_workers: int | None = _opt(None, "loader processes (default: the machine's cores)")
+    log_every: int = _opt(10, "optimizer steps between log records (the only host syncs of the loop)")
+    device: str | None = _opt(None, "default: cuda when available")
+    no_progress: bool = _opt(False)
+    # not a flag: the progress bar's label (umae reproduce names each of its runs)
+    progress_desc: str = field(default="umae train", metadata=dict(cli=False))
+
+    @classmethod
+    def from_args(cls, args) -> TrainConfig:
+        """The config of parsed flags (an argparse.Namespace; its other attributes are ignored)."""
+        if isinstance(args, cls):
+            return args
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+    def overrides(self) -> list[str]:
+        """--resume-override's settings, as field names."""
+        return [k.strip().replace("-", "_") for k in (self.resume_override or "").split(",") if k.strip()]
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """`umae train`'s flags: one per TrainConfig field, `--field-name`, with its type, default and help."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        if not meta.pop("cli", True):
+            continue
+        help = meta.pop("help")
+        kw = dict(default=f.default, help=help.replace("%", "%%") if help else None, **meta)
+        kind = typing.get_args(hints[f.name]) or (hints[f.name],)  # Optional[X] -> (X, NoneType)
+        if kind[0] is bool:
+            kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
+            if f.default is False:
+                del kw["default"]
+        elif kind[0] is not str:
+            kw["type"] = kind[0]
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def check_range(args, names, low: float, strict: bool = False, optional: bool = False) -> None:
+    """ValueError naming the flag and its value unless each of `names` is >= low (> low when
+    strict; None passes when optional). NaN fails."""
+    for k in names:
+        v = getattr(args, k)
+        if v is None and optional:
+            continue
+        if v is None or not (v > low if strict else v >= low):
+            raise ValueError(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} {low:g}, got {v}")
+
+
+def parse_device(name: str | None, flag: str = "--device"):
+    """torch.device(name), or a ValueError naming the flag: an unknown device, or a CUDA one
+    without a GPU (or past the GPUs there are)."""
+    if not name:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{flag} {name!r} is not a device (e.g. cpu, cuda, cuda:1): "
+                         f"{str(e).splitlines()[0]}") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"{flag} {name!r}: no CUDA GPU is available here")
+        if device.index is not None and device.index >= n:
+            raise ValueError(f"{flag} {name!r}: there are {n} CUDA GPU(s)")
+    return device
+
+
+def validate(cfg: TrainConfig) -> None:
+    """ValueError (FileNotFoundError for --resume) naming the flag of the first bad setting."""
+    import timm
+
+    if not timm.is_model(cfg.model):
+        from ..models import CONFIGS
+        raise ValueError(f"--model {cfg.model!r} is not registered; umae models: {', '.join(CONFIGS)}")
+    if not 0 <= cfg.mask_ratio < 1:
+        raise ValueError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
+    check_range(cfg, ("batch_size", "accum_iter", "epochs", "log_every", "builtin_size"), 1)
+    check_range(cfg, ("steps", "ckpt_every", "lamb", "weight_decay", "min_lr"), 0)  # --steps 0: use --epochs
+    check_range(cfg, ("warmup_steps", "num_workers"), 0, optional=True)
+    check_range(cfg, ("blr",), 0, strict=True)
+    check_range(cfg, ("lr", "clip_grad"), 0, strict=True, optional=True)
+    parse_device(cfg.device)
+    if cfg.overrides() and not cfg.resume:
+        raise ValueError(f"--resume-override {cfg.resume_override!r} needs --resume")
+    bad = set(cfg.overrides()) - set(CHANGEABLE)
+    if bad:
+        raise ValueError(f"--resume-override {cfg.resume_override!r}: {', '.join(sorted(bad))} cannot be "
+                         f"overridden; these can: {', '.join(CHANGEABLE)}")
+    if cfg.resume and not os.path.isfile(cfg.resume):
+        raise FileNotFoundError(f"--resume {cfg.resume!r}: no such checkpoint")

@@ -1,0 +1,180 @@
+"""`umae bench`: its flags and the run they ask for (the kernels, the training steps, the input
+pipeline, or with --traffic the counted bytes); prints the tables, writes results.json / .csv and
+the plots with --out."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HELP = "fused vs eager reference vs torch.compile(reference), per op"
+
+
+def add_args(b: argparse.ArgumentParser) -> None:
+    from .. import registry
+    from .cases import SHAPES
+    from .runner import E2E_OPS
+    from .timing import MODES, PROVIDERS
+
+    b.add_argument("--ops", nargs="+", help=f"default: all ({', '.join(registry.OPS)}, {', '.join(E2E_OPS)}, loader)")
+    b.add_argument("--shapes", nargs="+", help=f"shape sets ({', '.join(SHAPES)})")
+    b.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    b.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    b.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--device", choices=["cpu", "cuda"])
+    b.add_argument("--out", help="folder for results.json / results.csv")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--append", action="store_true",
+                   help="add the rows to --out's results.json (its environment and ceilings kept) instead of replacing it")
+    b.add_argument("--sweep", action="store_true", help="add the batch-size sweep at ViT-B/16 shapes")
+    b.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace (NVTX ranges per op)")
+    b.add_argument("--traffic", action="store_true",
+                   help="instead of timing: count the bytes each op moves, fused (kernels counted in the Triton "
+                        "interpreter) vs eager (every aten op) vs the minimum, at ViT-B/16 and ViT-Tiny/32")
+
+
+def main(args) -> int:
+    """`umae bench`: 0, or 2 for an unknown op or shape set."""
+    if args.traffic:
+        return traffic(args)
+    import torch
+
+    from . import loader
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
+    shapes = args.shapes
+    if args.sweep:
+        from .cases import SWEEP
+
+        shapes = (shapes or []) + list(SWEEP)
+    bad = unknown_names(args.ops, shapes)
+    if bad:
+        print(f"umae bench: {bad}", file=sys.stderr)
+        return 2
+    env, ceil = print_environment(device)
+    ops = args.ops or all_ops()
+    if loader.OP in ops:  # the input pipeline alone, on the host
+        print_loader(shapes)
+        ops = [o for o in ops if o != loader.OP]
+        shapes = [s for s in shapes or [] if s not in loader.SHAPES] or None
+        if not ops:
+            return 0
+    rows, kernel_ops = run_rows(args, ops, shapes, dtypes, device, ceil)
+    if args.out:
+        write_results(args.out, rows, env, ceil, args.append)
+    if args.profile:
+        write_profile(args.out, kernel_ops, shapes, dtypes, device)
+    return 0
+
+
+def all_ops() -> list[str]:
+    """What `--ops` defaults to: every registered op, the training steps, the loader."""
+    from .. import registry
+    from . import loader
+    from .runner import E2E_OPS
+
+    return list(registry.OPS) + list(E2E_OPS) + [loader.OP]
+
+
+def unknown_names(ops, shapes) -> str | None:
+    """The message for an op or shape set that does not exist; None when all do."""
+    from . import loader
+    from .cases import SHAPES
+
+    for name, values, known in (("ops", ops, all_ops()), ("shapes", shapes, list(SHAPES) + list(loader.SHAPES))):
+        bad = [v for v in values or [] if v not in known]
+        if bad:
+            return f"unknown {name} {bad}; choose from {sorted(known)}"
+    return None
+
+
+def print_environment(device: str) -> tuple[dict, dict]:
+    """Prints the backends, the machine and the measured ceilings; returns (environment, ceilings)."""
+    from .. import format_backend_info
+    from .runner import environment
+    from .timing import ceilings
+
+    env = environment(device)
+    print(format_backend_info())
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  {env['date']}  "
+          f"THP_MEM_ALLOC_ENABLE={env['thp_mem_alloc']}")
+    if device == "cpu":
+        print("NOTE: CPU figures, from the C++ CPU kernels -- they are not GPU figures (the Triton and CUDA "
+              "kernels are not timed here).")
+    ceil = ceilings(device)
+    fresh = f", into a fresh tensor {ceil['clone_gbps']:.1f} GB/s" if "clone_gbps" in ceil else ""
+    print(f"measured ceilings: copy {ceil['copy_gbps']:.1f} GB/s{fresh}, matmul {ceil['matmul_tflops']:.2f} TFLOP/s "
+          f"({ceil['matmul_dtype']})")
+    return env, ceil
+
+
+def print_loader(shapes) -> None:
+    from . import loader
+
+    lrows = list(loader.rows([s for s in shapes or [] if s in loader.SHAPES] or None))
+    print("input pipeline (umae/bench/loader.py): decode + MAE's augmentation + collate, no model; host CPU")
+    print(loader.format_rows(lrows) + "\n")
+
+
+def run_rows(args, ops, shapes, dtypes, device, ceil) -> tuple[list[dict], list[str]]:
+    """Times the kernel ops and the training steps; prints the table; returns (its rows, the kernel ops)."""
+    from .report import add_fractions, format_table, speedups
+    from .runner import E2E_DEFAULT, E2E_OPS, run, run_e2e
+
+    kernel_ops = [o for o in ops if o not in E2E_OPS]
+    op_rows = list(run(kernel_ops, shapes, args.modes, args.providers, dtypes, device,
+                       progress=not args.no_progress)) if kernel_ops else []
+    e2e_ops = [o for o in E2E_OPS if o in ops]
+    e2e_rows = list(run_e2e(shapes or E2E_DEFAULT[device], device, args.providers, ops=e2e_ops)) if e2e_ops else []
+    rows = add_fractions(speedups(op_rows + e2e_rows), ceil)
+    print(format_table(rows))
+    return rows, kernel_ops
+
+
+def write_results(out: str, rows, env, ceil, append: bool) -> None:
+    """results.json, results.csv and the plots in `out`; with `append`, the rows added to its
+    results.json's (one file from several time-boxed runs: scripts/gpu_check.sh)."""
+    from .plots import plot
+    from .report import write
+
+    prev = os.path.join(out, "results.json")
+    if append and os.path.exists(prev):
+        import json
+
+        with open(prev) as f:
+            old = json.load(f)
+        rows, env, ceil = old["rows"] + rows, old["environment"], old["ceilings"] or ceil
+    write(rows, env, out, ceil)
+    charts = plot(rows, ceil, out)
+    print(f"wrote {out}/results.json, results.csv" + "".join(f", {os.path.basename(c)}" for c in charts))
+
+
+def write_profile(out, kernel_ops, shapes, dtypes, device) -> None:
+    import torch
+
+    from .runner import profile
+
+    out = out or "."
+    os.makedirs(out, exist_ok=True)
+    path = profile(kernel_ops, (shapes or ["cpu_small"])[:1], dtypes or [torch.float32], device,
+                   os.path.join(out, "trace.json"))
+    print(f"wrote {path} (open in chrome://tracing or Perfetto)")
+
+
+def traffic(args) -> int:
+    """`umae bench --traffic`: the counted bytes table."""
+    from .. import _backend
+
+    # the kernels are counted in Triton's interpreter: become a process that has it (exec: no orphan child)
+    if not _backend.triton_interpreted():
+        cmd = [sys.executable, "-c", "import sys; from umae.cli.main import main; sys.exit(main(sys.argv[1:]))",
+               *sys.argv[1:]]
+        os.execve(sys.executable, cmd, dict(os.environ, TRITON_INTERPRET="1"))
+    from . import traffic as T
+
+    shapes = args.shapes or list(T.TRAFFIC_SHAPES)
+    print(f"Counted memory traffic, forward + backward, {str(T.DTYPE).replace('torch.', '')} activations "
+          "(umae/bench/traffic.py). Counted bytes, not measured time.\n")
+    print(T.format_rows(T.rows(shapes, args.ops)))
+    return 0

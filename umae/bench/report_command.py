@@ -1,0 +1,18 @@
+"""`umae report`: regenerates README's performance table from the recorded GPU results (report.py)."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "regenerate README's performance table from bench/results"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", default="bench/results")
+    p.add_argument("--readme", default="README.md")
+
+
+def main(args) -> int:
+    from .report import update_readme
+
+    print(update_readme(args.results, args.readme))
+    return 0

@@ -37,8 +37,12 @@ def test_env_var_read_once_at_import():
              "print(umae.get_backend())", UMAE_BACKEND="reference")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["reference", "reference"]
-    r = _run("import umae", UMAE_BACKEND="bogus")
-    assert r.returncode != 0 and "backend must be one of" in r.stderr
+    # an invalid value: the import works, the first op (or get_backend) refuses it, naming the variable
+    r = _run("import torch, umae\nx = torch.rand(1, 3, 4, 4)\ntry:\n    umae.patchify(x, 2)\nexcept ValueError as e:\n"
+             "    print(e)\numae.set_backend('fused')\nprint(tuple(umae.patchify(x, 2).shape))", UMAE_BACKEND="bogus")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["UMAE_BACKEND='bogus' is not a backend; set it to one of fused, reference or unset it",
+                                     "(1, 4, 12)"], r.stdout
 
 
 def test_backend_info_reports_every_op_and_reason():

@@ -151,8 +151,6 @@ def test_cli_process_one_line_and_exit_code(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "is not a readable checkpoint" in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="umae/_backend.py validates UMAE_BACKEND at import, before the CLI's main() "
-                                       "runs: the fix belongs there (issue 23, section 4)")
 def test_bogus_backend_env(tmp_path):
     r = _cli("info", env=dict(UMAE_BACKEND="bogus"))
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "UMAE_BACKEND" in r.stderr, r.stderr

@@ -26,11 +26,17 @@ def _check(name: str) -> str:
     return name
 
 
-# A process-wide global (not thread-local): autograd runs backward on its own threads.
-_backend = _check(os.environ.get("UMAE_BACKEND", "fused").strip().lower() or "fused")
+# A process-wide global (not thread-local): autograd runs backward on its own threads. An invalid
+# UMAE_BACKEND is refused at first use, not at import: `import umae` stays clean, and the CLI can
+# answer it with one line.
+_ENV = os.environ.get("UMAE_BACKEND", "fused").strip().lower() or "fused"
+_backend = _ENV if _ENV in BACKENDS else None
 
 
 def get_backend() -> str:
+    if _backend is None:
+        raise ValueError(f"UMAE_BACKEND={os.environ.get('UMAE_BACKEND')!r} is not a backend; "
+                         f"set it to one of {', '.join(BACKENDS)} or unset it")
     return _backend
 
 
@@ -173,7 +179,7 @@ def choose(op: str, device_type: str, dtypes=(torch.float32,), backend: str | No
     this process can run and that takes the dtypes wins.
     """
     spec = registry.get(op)
-    if (_check(backend) if backend is not None else _backend) == "reference":
+    if (_check(backend) if backend is not None else get_backend()) == "reference":
         return "reference", "backend is 'reference'"
     impls = spec.impls_for(device_type)
     if not impls:

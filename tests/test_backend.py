@@ -12,6 +12,7 @@ from utils import DEVICES
 
 import umae
 from umae import _backend, bench, registry
+from umae.bench import cases
 
 
 def test_set_and_use_backend():
@@ -248,7 +249,7 @@ def test_registry_entries_are_complete():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name, op in registry.OPS.items():
         assert callable(getattr(umae, name)) and callable(op.reference_fn) and callable(op.fused_fn)
-        assert callable(op.bench_case), name
+        assert callable(cases.CASES[name]), name
         assert os.path.isfile(os.path.join(root, op.tests)), op.tests
         assert {i.device for i in op.impls} == {"cpu", "cuda"}, name
         for impl in op.impls:

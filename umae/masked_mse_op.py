@@ -1,6 +1,6 @@
 """MAE's reconstruction loss: the reference (facebookresearch/mae `forward_loss`, math in
 fp32), the fused entries and the torch.library glue of the C++/CUDA per-patch kernels
-(csrc/cpu/masked_mse.cpp, csrc/cuda/masked_mse.cu), and their benchmark cases.
+(csrc/cpu/masked_mse.cpp, csrc/cuda/masked_mse.cu).
 
 The kernels compute the per-patch error (N, L); the masked mean over removed patches
 is a few (N, L)-sized torch ops shared by both paths, so both define the edge cases
@@ -59,39 +59,6 @@ def masked_mse_loss_fused(pred, target, mask, norm_pix=True):
 def mae_loss_fused(pred, imgs, mask, patch_size, norm_pix=True):
     _refuse_target_grad(imgs, "imgs")
     return masked_mean(torch.ops.umae.patch_mse(pred, imgs, patch_size, norm_pix, NORM_PIX_EPS), mask)
-
-
-def _loss_inputs(s, dtype, device):
-    from .bench.cases import rand, vit_shape
-
-    s = vit_shape(s)
-    img_dtype = acc_dtype(dtype)  # fp64 goes with fp64 only
-    imgs = rand(s["N"], s["C"], s["img"], s["img"], dtype=img_dtype, device=device)
-    pred = rand(s["N"], s["L"], s["K"], dtype=dtype, device=device, grad=True)
-    mask = (torch.rand(s["N"], s["L"], device=device) < 0.75).float()
-    return s, imgs, pred, mask
-
-
-def bench_mae_loss(s, dtype, device):
-    from .bench.cases import Case, elt
-    from .ops import mae_loss
-
-    s, imgs, pred, mask = _loss_inputs(s, dtype, device)
-    # forward reads pred and imgs; backward reads them again and writes grad pred
-    fwd = pred.numel() * elt(dtype) + imgs.numel() * imgs.element_size()
-    return Case("mae_loss", dtype, lambda: mae_loss(pred, imgs, mask, s["p"]), [pred], fwd,
-                fwd + pred.numel() * elt(dtype))
-
-
-def bench_masked_mse_loss(s, dtype, device):
-    from .bench.cases import Case, elt
-    from .ops import masked_mse_loss
-
-    s, imgs, pred, mask = _loss_inputs(s, dtype, device)
-    target = patchify_reference(imgs, s["p"]).contiguous()
-    fwd = pred.numel() * elt(dtype) + target.numel() * target.element_size()
-    return Case("masked_mse_loss", dtype, lambda: masked_mse_loss(pred, target, mask), [pred], fwd,
-                fwd + pred.numel() * elt(dtype))
 
 
 if _backend.EXT_LOADED:

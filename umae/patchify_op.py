@@ -1,6 +1,6 @@
 """patchify / unpatchify: the references (facebookresearch/mae's, for any C and H != W),
 the fused entries and the torch.library glue (fake tensors, autograd) of the C++/CUDA
-kernels (csrc/cpu/patchify.cpp, csrc/cuda/patchify.cu), and their benchmark cases."""
+kernels (csrc/cpu/patchify.cpp, csrc/cuda/patchify.cu)."""
 from __future__ import annotations
 
 import torch
@@ -31,26 +31,6 @@ def patchify_fused(imgs: torch.Tensor, p: int) -> torch.Tensor:
 
 def unpatchify_fused(x: torch.Tensor, p: int, h: int, w: int, c: int) -> torch.Tensor:
     return torch.ops.umae.unpatchify(x, p, h, w, c)
-
-
-def bench_patchify(s, dtype, device):
-    from .bench.cases import Case, elt, rand, vit_shape
-    from .ops import patchify
-
-    s = vit_shape(s)
-    imgs = rand(s["N"], s["C"], s["img"], s["img"], dtype=dtype, device=device, grad=True)
-    nbytes = 2 * imgs.numel() * elt(dtype)  # one read, one write
-    return Case("patchify", dtype, lambda: patchify(imgs, s["p"]), [imgs], nbytes, nbytes)
-
-
-def bench_unpatchify(s, dtype, device):
-    from .bench.cases import Case, elt, rand, vit_shape
-    from .ops import unpatchify
-
-    s = vit_shape(s)
-    x = rand(s["N"], s["L"], s["K"], dtype=dtype, device=device, grad=True)
-    nbytes = 2 * x.numel() * elt(dtype)
-    return Case("unpatchify", dtype, lambda: unpatchify(x, s["p"], s["img"], s["C"]), [x], nbytes, nbytes)
 
 
 if _backend.EXT_LOADED:

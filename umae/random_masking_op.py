@@ -1,7 +1,7 @@
 """Random masking: the reference (facebookresearch/mae `random_masking`, with the positional
 embedding add and cls prepend that surround it in `forward_encoder`), the fused entries (torch.library
 custom ops around the Triton kernel, kernels/random_masking.py, and the C++ CPU kernel,
-csrc/cpu/random_masking.cpp), and its benchmark case."""
+csrc/cpu/random_masking.cpp)."""
 from __future__ import annotations
 
 import torch
@@ -86,23 +86,6 @@ def _backward_differentiable(ctx, grad_out):
     gpos = g.to(acc_dtype(g.dtype)).sum(0, keepdim=True).to(ctx.pos_dtype) if need_pos else None
     gcls = _cls_grad(ctx, grad_out) if need_cls else None
     return gx, None, gpos, gcls, None
-
-
-def bench_random_masking(s, dtype, device):
-    from .bench.cases import Case, elt, rand, vit_shape
-    from .ops import random_masking
-
-    s = vit_shape(s)
-    N, L, D = s["N"], s["L"], s["D"]
-    x = rand(N, L, D, dtype=dtype, device=device, grad=True)
-    pos = rand(1, L, D, dtype=dtype, device=device)
-    cls = rand(1, 1, D, dtype=dtype, device=device, grad=True)
-    noise = torch.rand(N, L, device=device)
-    keep, e = len_keep_for(L, 0.75), elt(dtype)
-    # must move: noise, kept rows of x, pos once, outputs (tokens, mask, ids_restore)
-    fwd = N * L * 4 + N * keep * D * e + L * D * e + N * (keep + 1) * D * e + N * L * (4 + 8)
-    bwd = N * (keep + 1) * D * e + N * L * 8 + N * L * D * e  # grad in, ids, grad x out
-    return Case("random_masking", dtype, lambda: random_masking(x, 0.75, noise, pos, cls), [x, cls], fwd, bwd)
 
 
 if _backend.TRITON_OK:

@@ -1,7 +1,7 @@
 """The one list of umae's ops. Every face of an op is found from its entry here:
 
-- `module` (umae/<op>_op.py): the reference, the fused entry (same signature), the
-  torch.library glue of the fused kernels and the op's benchmark case (`bench_<op>`);
+- `module` (umae/<op>_op.py): the reference, the fused entry (same signature) and the
+  torch.library glue of the fused kernels (the op's benchmark case: umae/bench/cases.py);
 - `impls`: the fused implementations, per device, with the dtypes each one runs;
 - `kernels` (umae.kernels.<name>, kernels/ in the repo) and `token_shapes`: the Triton
   kernels and the (L, D) test shapes their sm_90 compile check launches at, besides every
@@ -60,7 +60,7 @@ def cpp_cpu_then_triton(schema: str, entry: str) -> tuple[Impl, ...]:
 @dataclasses.dataclass(frozen=True)
 class Op:
     name: str
-    module: str  # under umae: holds `reference`, `fused` and `bench_case`
+    module: str  # under umae: holds `reference` and `fused`
     reference: str
     fused: str
     impls: tuple[Impl, ...]
@@ -80,11 +80,6 @@ class Op:
     @property
     def fused_fn(self):
         return self._attr(self.fused)
-
-    @property
-    def bench_case(self):
-        """`bench_<op>(shape: dict, dtype, device)` in the op's module -> umae.bench.cases.Case."""
-        return self._attr(f"bench_{self.name}")
 
     def kernel_module(self):
         return importlib.import_module(f"umae.kernels.{self.kernels}") if self.kernels else None

@@ -1,7 +1,7 @@
 """The decoder's restore: the reference (facebookresearch/mae `forward_decoder`, from the
 mask-token cat to the positional embedding add), the fused entries (torch.library custom ops
 around the Triton kernel, kernels/restore_tokens.py, and the C++ CPU kernel,
-csrc/cpu/restore_tokens.cpp) and its benchmark case."""
+csrc/cpu/restore_tokens.cpp)."""
 from __future__ import annotations
 
 import torch
@@ -59,23 +59,6 @@ def _backward_differentiable(ctx, grad_out):
     gtok = src[:, keep:].to(acc).sum((0, 1)).view(1, 1, D).to(ctx.tok_dtype) if need_tok else None
     gpos = grad_out.to(acc).sum(0, keepdim=True).to(ctx.pos_dtype) if need_pos else None
     return gx, None, gtok, gpos, None
-
-
-def bench_restore_tokens(s, dtype, device):
-    from .bench.cases import Case, elt, rand, vit_shape
-    from .ops import restore_tokens
-    from .random_masking_op import len_keep_for
-
-    s = vit_shape(s)
-    N, L, D = s["N"], s["L"], s["Dd"]
-    keep, e = len_keep_for(L, 0.75), elt(dtype)
-    ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
-    x = rand(N, keep + 1, D, dtype=dtype, device=device, grad=True)
-    tok = rand(1, 1, D, dtype=dtype, device=device, grad=True)
-    pos = rand(1, L + 1, D, dtype=dtype, device=device)
-    fwd = N * (keep + 1) * D * e + N * L * 8 + (L + 1) * D * e + N * (L + 1) * D * e
-    bwd = N * (L + 1) * D * e + N * L * 8 + N * (keep + 1) * D * e
-    return Case("restore_tokens", dtype, lambda: restore_tokens(x, ids, tok, pos), [x, tok], fwd, bwd)
 
 
 if _backend.TRITON_OK:

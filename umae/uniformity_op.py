@@ -1,7 +1,7 @@
 """U-MAE's uniformity loss: the reference (zhangq327/U-MAE `loss_func.py`: L2-normalize the
 rows, sim = F F^T, mean of sim^2, diagonal included; math in fp32), the fused entries (a
 torch.library custom op around the Triton kernels, kernels/uniformity.py, one around the C++ CPU
-kernel, csrc/cpu/uniformity.cpp, and their global-batch version across ranks) and the benchmark case."""
+kernel, csrc/cpu/uniformity.cpp, and their global-batch version across ranks)."""
 from __future__ import annotations
 
 import torch
@@ -48,21 +48,6 @@ def uniformity_loss_cpp(features, normalize=True, exclude_diagonal=False, proces
         return torch.ops.umae.uniformity_loss_cpp(features, normalize, exclude_diagonal, NORM_EPS)
     return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
                                   ddp_grad_scale(process_group, exact_ddp_grad), TorchGram)
-
-
-def bench_uniformity_loss(s, dtype, device):
-    from .bench.cases import Case, elt, rand
-    from .ops import uniformity_loss
-
-    B, D = s.get("B", s.get("N")), s["D"]
-    f = rand(B, D, dtype=dtype, device=device, grad=True)
-    e = elt(dtype)
-    # must move: F once (norms may re-read it); backward reads F, writes dF (+ B x D fp32 temporaries)
-    # FLOPs of the fused algorithm over its contraction dim m (Triton: the D x D Gram; C++ CPU: the
-    # smaller of S = Z Z^T and G = Z^T Z): the symmetric product B*D*m forward, 3 B D m backward
-    m = min(B, D) if device == "cpu" else D
-    return Case("uniformity_loss", dtype, lambda: uniformity_loss(f), [f], B * D * e, 2 * B * D * e,
-                flops_fwd=B * D * m, flops_bwd=3 * B * D * m)
 
 
 class TorchGram:

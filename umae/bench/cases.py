@@ -1,7 +1,5 @@
-"""What a benchmark case is, the named shape sets, and the helpers the per-op cases share.
-
-Each op's case lives beside its reference (`bench_<op>` in umae/<op>_op.py) and is found
-through the registry: `case(op, shape, dtype, device)`.
+"""What a benchmark case is, the named shape sets, and each op's case (`bench_<op>`, listed
+in CASES by op name): `case(op, shape, dtype, device)`.
 """
 from __future__ import annotations
 
@@ -10,7 +8,10 @@ from typing import Callable
 
 import torch
 
-from .. import registry
+from .._checks import acc_dtype
+from ..ops import mae_loss, masked_mse_loss, patchify, random_masking, restore_tokens, uniformity_loss, unpatchify
+from ..patchify_op import patchify_reference
+from ..random_masking_op import len_keep_for
 
 
 @dataclasses.dataclass
@@ -77,6 +78,91 @@ def case(op: str, shape: str | dict, dtype, device) -> Case:
     """The registry's case for `op` at a named shape set (or a shape dict); NotApplicable if
     the shape set does not describe the op's inputs."""
     s = SHAPES[shape] if isinstance(shape, str) else shape
-    c = registry.get(op).bench_case(s, dtype, device)
+    c = CASES[op](s, dtype, device)
     c.shape = shape if isinstance(shape, str) else "custom"
     return c
+
+
+# ---- each op's case: the public op's call and what it must move ------------------------
+
+def _loss_inputs(s, dtype, device):
+    s = vit_shape(s)
+    img_dtype = acc_dtype(dtype)  # fp64 goes with fp64 only
+    imgs = rand(s["N"], s["C"], s["img"], s["img"], dtype=img_dtype, device=device)
+    pred = rand(s["N"], s["L"], s["K"], dtype=dtype, device=device, grad=True)
+    mask = (torch.rand(s["N"], s["L"], device=device) < 0.75).float()
+    return s, imgs, pred, mask
+
+
+def bench_mae_loss(s, dtype, device):
+    s, imgs, pred, mask = _loss_inputs(s, dtype, device)
+    # forward reads pred and imgs; backward reads them again and writes grad pred
+    fwd = pred.numel() * elt(dtype) + imgs.numel() * imgs.element_size()
+    return Case("mae_loss", dtype, lambda: mae_loss(pred, imgs, mask, s["p"]), [pred], fwd,
+                fwd + pred.numel() * elt(dtype))
+
+
+def bench_masked_mse_loss(s, dtype, device):
+    s, imgs, pred, mask = _loss_inputs(s, dtype, device)
+    target = patchify_reference(imgs, s["p"]).contiguous()
+    fwd = pred.numel() * elt(dtype) + target.numel() * target.element_size()
+    return Case("masked_mse_loss", dtype, lambda: masked_mse_loss(pred, target, mask), [pred], fwd,
+                fwd + pred.numel() * elt(dtype))
+
+
+def bench_patchify(s, dtype, device):
+    s = vit_shape(s)
+    imgs = rand(s["N"], s["C"], s["img"], s["img"], dtype=dtype, device=device, grad=True)
+    nbytes = 2 * imgs.numel() * elt(dtype)  # one read, one write
+    return Case("patchify", dtype, lambda: patchify(imgs, s["p"]), [imgs], nbytes, nbytes)
+
+
+def bench_unpatchify(s, dtype, device):
+    s = vit_shape(s)
+    x = rand(s["N"], s["L"], s["K"], dtype=dtype, device=device, grad=True)
+    nbytes = 2 * x.numel() * elt(dtype)
+    return Case("unpatchify", dtype, lambda: unpatchify(x, s["p"], s["img"], s["C"]), [x], nbytes, nbytes)
+
+
+def bench_random_masking(s, dtype, device):
+    s = vit_shape(s)
+    N, L, D = s["N"], s["L"], s["D"]
+    x = rand(N, L, D, dtype=dtype, device=device, grad=True)
+    pos = rand(1, L, D, dtype=dtype, device=device)
+    cls = rand(1, 1, D, dtype=dtype, device=device, grad=True)
+    noise = torch.rand(N, L, device=device)
+    keep, e = len_keep_for(L, 0.75), elt(dtype)
+    # must move: noise, kept rows of x, pos once, outputs (tokens, mask, ids_restore)
+    fwd = N * L * 4 + N * keep * D * e + L * D * e + N * (keep + 1) * D * e + N * L * (4 + 8)
+    bwd = N * (keep + 1) * D * e + N * L * 8 + N * L * D * e  # grad in, ids, grad x out
+    return Case("random_masking", dtype, lambda: random_masking(x, 0.75, noise, pos, cls), [x, cls], fwd, bwd)
+
+
+def bench_restore_tokens(s, dtype, device):
+    s = vit_shape(s)
+    N, L, D = s["N"], s["L"], s["Dd"]
+    keep, e = len_keep_for(L, 0.75), elt(dtype)
+    ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
+    x = rand(N, keep + 1, D, dtype=dtype, device=device, grad=True)
+    tok = rand(1, 1, D, dtype=dtype, device=device, grad=True)
+    pos = rand(1, L + 1, D, dtype=dtype, device=device)
+    fwd = N * (keep + 1) * D * e + N * L * 8 + (L + 1) * D * e + N * (L + 1) * D * e
+    bwd = N * (L + 1) * D * e + N * L * 8 + N * (keep + 1) * D * e
+    return Case("restore_tokens", dtype, lambda: restore_tokens(x, ids, tok, pos), [x, tok], fwd, bwd)
+
+
+def bench_uniformity_loss(s, dtype, device):
+    B, D = s.get("B", s.get("N")), s["D"]
+    f = rand(B, D, dtype=dtype, device=device, grad=True)
+    e = elt(dtype)
+    # must move: F once (norms may re-read it); backward reads F, writes dF (+ B x D fp32 temporaries)
+    # FLOPs of the fused algorithm over its contraction dim m (Triton: the D x D Gram; C++ CPU: the
+    # smaller of S = Z Z^T and G = Z^T Z): the symmetric product B*D*m forward, 3 B D m backward
+    m = min(B, D) if device == "cpu" else D
+    return Case("uniformity_loss", dtype, lambda: uniformity_loss(f), [f], B * D * e, 2 * B * D * e,
+                flops_fwd=B * D * m, flops_bwd=3 * B * D * m)
+
+
+CASES = {"patchify": bench_patchify, "unpatchify": bench_unpatchify, "masked_mse_loss": bench_masked_mse_loss,
+         "mae_loss": bench_mae_loss, "random_masking": bench_random_masking, "restore_tokens": bench_restore_tokens,
+         "uniformity_loss": bench_uniformity_loss}

@@ -91,7 +91,9 @@ def validate(a) -> None:
 
 
 def reproduce(a) -> dict:
+    """`umae reproduce`'s run from its parsed flags (`a` is not changed: the preset's values fill a copy)."""
     validate(a)
+    a = argparse.Namespace(**vars(a))
     preset = PRESETS[a.preset]
     a.data = a.data or preset["data"]
     if a.data is None:

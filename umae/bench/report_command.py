@@ -1,4 +1,5 @@
-"""`umae report`: regenerates README's performance table from the recorded GPU results (report.py)."""
+"""`umae report`: regenerates the performance tables from the recorded GPU results (report.py:
+the full table in docs/benchmarks.md, its headline rows in README.md)."""
 from __future__ import annotations
 
 import argparse

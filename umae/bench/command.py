@@ -25,7 +25,8 @@ def add_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--out", help="folder for results.json / results.csv")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--append", action="store_true",
-                   help="add the rows to --out's results.json (its environment and ceilings kept) instead of replacing it")
+                   help="add the rows to --out's results.json (its environment and ceilings kept) instead of "
+                        "replacing it")
     b.add_argument("--sweep", action="store_true", help="add the batch-size sweep at ViT-B/16 shapes")
     b.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace (NVTX ranges per op)")
     b.add_argument("--traffic", action="store_true",
@@ -97,8 +98,8 @@ def print_environment(device: str) -> tuple[dict, dict]:
 
     env = environment(device)
     print(format_backend_info())
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  {env['date']}  "
-          f"THP_MEM_ALLOC_ENABLE={env['thp_mem_alloc']}")
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  "
+          f"{env['date']}  THP_MEM_ALLOC_ENABLE={env['thp_mem_alloc']}")
     if device == "cpu":
         print("NOTE: CPU figures, from the C++ CPU kernels -- they are not GPU figures (the Triton and CUDA "
               "kernels are not timed here).")

@@ -75,7 +75,8 @@ def rows(shapes=None, workers=None, data_module=None):
                 continue
             s, ds = SHAPES[name], open_shape(D, name, tmp)
             for w in workers:
-                yield dict(op=OP, shape=name, workers=w, batch=s["batch"], **time_loader(D, ds, s["size"], s["batch"], w))
+                timed = time_loader(D, ds, s["size"], s["batch"], w)
+                yield dict(op=OP, shape=name, workers=w, batch=s["batch"], **timed)
 
 
 COLUMNS = [Col("op", "op", width=8, align="<"), Col("shape", "shape", width=10, align="<"), Col("workers", "workers"),

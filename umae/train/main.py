@@ -209,7 +209,8 @@ def _distributed(model, world: int, device):
     import torch.distributed as dist
 
     model.unif_process_group = dist.group.WORLD
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:

@@ -102,7 +102,6 @@ setup(
     version="0.1.0",
     description="Fused kernels for Masked Autoencoder and U-MAE training",
     packages=["umae", "umae.models", "umae.kernels", "umae.cli", "umae.bench", "umae.train"],
-    package_dir={"umae": "umae", "umae.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

@@ -2,6 +2,14 @@
 
 One op per file. Each file holds the @triton.jit kernels and the launchers that allocate
 outputs and pick block sizes by a rule (no autotuning: the same rule runs under the
-interpreter). `_jit.py` compiles, for sm_90 and without a GPU, exactly what Triton's JIT
-compiles for the launches the launchers make (tests/test_triton_compile.py).
+interpreter). umae/bench/jit.py compiles, for sm_90 and without a GPU, exactly what Triton's JIT
+compiles for the launches the launchers make (tests/test_triton_compile.py). Nothing here imports
+umae: the kernels are the bottom layer.
 """
+import os as _os
+
+
+def interpreted() -> bool:
+    """The one place that decides whether Triton kernels run under the interpreter (importing
+    umae.kernels loads no Triton: umae._backend asks this on machines without it)."""
+    return _os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import acc_dtype, result_dtype
-from ._util import cast_rn, on_device, pow2_clamp, tile_warps
+from ._util import cast_rn, on_device, pow2_clamp, promoted, tile_warps
 
 
 @triton.jit
@@ -92,7 +91,7 @@ def _config(L: int, D: int):
 def forward(x, noise, pos_embed, cls_token, len_keep: int):
     """x (N, L, D) any strides; noise (N, L); pos_embed (1, L, D) or None; cls_token (1, 1, D) or None."""
     N, L, D = x.shape
-    dtype = result_dtype(x, pos_embed, cls_token)
+    dtype = promoted(x, pos_embed, cls_token)
     has_cls = cls_token is not None
     out = torch.empty((N, len_keep + int(has_cls), D), device=x.device, dtype=dtype)
     mask = torch.empty((N, L), device=x.device, dtype=torch.float32)
@@ -100,7 +99,7 @@ def forward(x, noise, pos_embed, cls_token, len_keep: int):
     if N == 0:
         return out, mask, ids_restore
     # fp64 noise stays fp64 (fp32 would create ties the reference does not have); others are exact in fp32
-    noise = noise.to(acc_dtype(noise.dtype)).contiguous()
+    noise = noise.to(torch.promote_types(noise.dtype, torch.float32)).contiguous()
     pos = pos_embed if pos_embed is not None else x
     cls = cls_token if has_cls else x
     cfg, warps = _config(L, D)

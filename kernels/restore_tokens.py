@@ -12,8 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import result_dtype
-from ._util import KERNELS_RUN, cast_rn, on_device, pow2_clamp, tile_warps
+from ._util import KERNELS_RUN, cast_rn, on_device, pow2_clamp, promoted, tile_warps
 
 
 @triton.jit
@@ -117,7 +116,7 @@ def forward(x, ids_restore, mask_token, pos_embed, *, has_cls: bool):
     check_ids(ids_restore)
     D = x.shape[2]
     R = L + int(has_cls)
-    out = torch.empty((N, R, D), device=x.device, dtype=result_dtype(x, mask_token, pos_embed))
+    out = torch.empty((N, R, D), device=x.device, dtype=promoted(x, mask_token, pos_embed))
     if out.numel() == 0:
         return out
     ids = ids_restore.contiguous()

@@ -10,7 +10,7 @@ V=$PWD/.venv-compat
 T=$(mktemp -d)
 for combo in "65.5.0 wheel -e" "80.9.0 wheel -e" "81.0.0 wheel ." "84.2.1 nowheel -e" "84.2.1 nowheel ."; do
   set -- $combo; st=$1; wh=$2; mode=$3
-  rm -rf "$T/tree" && mkdir -p "$T/tree" && git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$T/tree"
+  rm -rf "$T/tree" && mkdir -p "$T/tree" && git ls-files -co --exclude-standard -z | xargs -0 cp -P --parents -t "$T/tree"
   "$V/bin/pip" install -q "setuptools==$st" 2>/dev/null
   if [ $wh = wheel ]; then "$V/bin/pip" install -q wheel==0.48.0 2>/dev/null; else "$V/bin/pip" uninstall -y -q wheel 2>/dev/null; fi
   if [ $mode = -e ]; then args=(-e "$T/tree"); else args=("$T/tree"); fi

@@ -28,7 +28,7 @@ then
     timm==1.0.29 transformers==5.17.0 numpy scikit-learn matplotlib tqdm ninja pytest pytest-benchmark pytest-timeout
 fi
 rm -rf .compat/tree && mkdir -p .compat/tree
-git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t .compat/tree
+git ls-files -co --exclude-standard -z | xargs -0 cp -P --parents -t .compat/tree
 cd .compat/tree
 export MAX_JOBS=${MAX_JOBS:-2} UMAE_CPU_ARCH=${UMAE_CPU_ARCH:-x86-64-v3} ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2}
 "$V/bin/python" setup.py build_ext --inplace > ../build.log 2>&1 || { tail -30 ../build.log; exit 1; }

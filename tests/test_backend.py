@@ -103,21 +103,21 @@ def cuda_extension():
         pytest.skip("torch built without CUDA: setup.py builds CPU sources only")
     if os.environ.get("UMAE_NO_CUDA") == "1":
         pytest.skip("UMAE_NO_CUDA=1 build")
-    from umae.kernels import _audit
+    from umae.bench import audit
 
-    ext = _audit.extension()
+    ext = audit.extension()
     assert ext, "no sm_90 extension with its csrc/ beside it"
     return ext
 
 
 def test_cuda_kernels_static_audit(cuda_extension):
-    # the extension's sm_90 kernels, read with cuobjdump / nvdisasm (umae.kernels._audit.cuda_audit):
+    # the extension's sm_90 kernels, read with cuobjdump / nvdisasm (umae.bench.audit.cuda_audit):
     # no spills, shared memory in bounds, >= 25% H100 occupancy, and every 16-byte access of the
     # vectorized instantiations compiled to one 128-bit LDG / STG
-    from umae.kernels import _audit
+    from umae.bench import audit
 
-    rows = _audit.cuda_audit(*cuda_extension)
-    problems = [f"{r['name']}: {p}" for r in rows for p in _audit.cuda_problems(r)]
+    rows = audit.cuda_audit(*cuda_extension)
+    problems = [f"{r['name']}: {p}" for r in rows for p in audit.cuda_problems(r)]
     assert not problems, "\n".join(problems)
     families = {r["name"].split("<")[0] for r in rows}
     assert families == {"patchify_kernel", "unpatchify_kernel", "patch_mse_kernel"}, families
@@ -146,21 +146,21 @@ _BAD_PTX = """
 
 
 def test_shared_address_check_flags_a_global_store_to_shared():
-    from umae.kernels import _audit
+    from umae.bench import audit
 
-    assert _audit.shared_addresses_used_as_global(_BAD_PTX) == ["k: st.global.v4.b32 [%rd3]"]
-    assert _audit.shared_addresses_used_as_global(_BAD_PTX.replace("st.global", "st.shared")) == []
+    assert audit.shared_addresses_used_as_global(_BAD_PTX) == ["k: st.global.v4.b32 [%rd3]"]
+    assert audit.shared_addresses_used_as_global(_BAD_PTX.replace("st.global", "st.shared")) == []
 
 
 def test_cuda_kernels_never_use_a_shared_address_globally(cuda_extension):
     # The first GPU run (bench/results/h200/2026-11-27-first) faulted at the first patchify launch
     # (cudaErrorInvalidAddressSpace): the strips' shared side went through ld.global.nc / st.global.
     # It compiled and passed every CPU test; the embedded PTX shows it (setup.py builds '+PTX').
-    from umae.kernels import _audit
+    from umae.bench import audit
 
-    ptx = _audit.extension_ptx(cuda_extension[0])
+    ptx = audit.extension_ptx(cuda_extension[0])
     assert ptx.count(".entry") >= 40 and ".shared" in ptx, "the extension embeds no PTX of its kernels"
-    bad = _audit.shared_addresses_used_as_global(ptx)
+    bad = audit.shared_addresses_used_as_global(ptx)
     assert not bad, "\n".join(bad)
 
 
@@ -255,9 +255,9 @@ def test_registry_entries_are_complete():
         for impl in op.impls:
             assert callable(op.entry_fn(impl.name)), (name, impl.name)
         if op.kernels:
-            from umae.kernels import _jit
+            from umae.bench import jit
 
-            assert _jit.kernels_of(op.kernel_module()), name
+            assert jit.kernels_of(op.kernel_module()), name
     with pytest.raises(KeyError, match="unknown op 'nope'"):
         _backend.choose("nope", "cpu")
 

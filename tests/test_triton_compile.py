@@ -1,7 +1,7 @@
 """Every Triton kernel of every registered op compiles for sm_90 (H100), without a GPU, exactly
 as Triton's JIT would compile it for the launches its launchers make at the benchmark shapes, the
 test token shapes (contiguous and strided) and each model's training step: the launches are
-recorded, not run, and specialized by Triton's own binder (umae.kernels._jit).
+recorded, not run, and specialized by Triton's own binder (umae.bench.jit).
 
 The interpreter lets through what the compiler would refuse (dot shapes, shared memory,
 unsupported ops), so this runs in a subprocess without TRITON_INTERPRET (the interpreter
@@ -17,16 +17,16 @@ from umae import registry
 
 SCRIPT = r"""
 import json
-from umae.kernels import _audit, _jit
+from umae.bench import audit, jit
 specs, bad = [], []
-for key, k, src in _jit.compile_all(_jit.collect_launches({op!r})):
+for key, k, src in jit.compile_all(jit.collect_launches({op!r})):
     assert "cubin" in k.asm, key
     specs.append(key[1])
-    row = _audit.audit(k, src)
-    lab = _jit.label(src)  # half inputs go to the tensor cores on the GPU (not the interpreter's fp32 dot)
+    row = audit.audit(k, src)
+    lab = jit.label(src)  # half inputs go to the tensor cores on the GPU (not the interpreter's fp32 dot)
     if "DOT_DTYPE=" in lab and lab.split("/")[0] in ("bf16", "fp16"):
         assert ("DOT_DTYPE=1" if lab.startswith("bf16") else "DOT_DTYPE=2") in lab, lab
-    bad += [f"{{row['name']}} {{_jit.label(src)}}: {{p}}" for p in _audit.problems(row, {op!r})]
+    bad += [f"{{row['name']}} {{jit.label(src)}}: {{p}}" for p in audit.problems(row, {op!r})]
 # what a hand-written signature never compiled: unit strides as constants, 16-divisible pointers
 assert any("('constexpr', 1)" in s for s in specs) and all("'D')" in s for s in specs), specs[:3]
 print("problems", json.dumps(bad))
@@ -43,7 +43,7 @@ def test_kernels_compile_for_sm90(op):
                        timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert int(r.stdout.split("compiled")[1]) > 0
-    # the static audit (umae.kernels._audit.problems): no spills, shared memory within the H100's
+    # the static audit (umae.bench.audit.problems): no spills, shared memory within the H100's
     # limit, >= 25% occupancy, 128-bit tile accesses in the memory-bound kernels where the
     # specialization allows them (bench/NOTES.md, "Static audit")
     problems = json.loads(r.stdout.split("problems")[1].split("\n")[0])
@@ -51,28 +51,28 @@ def test_kernels_compile_for_sm90(op):
 
 
 def test_audit_arithmetic():
-    from umae.kernels import _audit
+    from umae.bench import audit
 
-    assert _audit.occupancy(regs=32, warps=4, smem=0) == (16, 1.0)  # warp slots bound
-    assert _audit.occupancy(regs=255, warps=4, smem=0) == (2, 0.125)  # 256 regs/thread: 2 blocks
-    assert _audit.occupancy(regs=64, warps=4, smem=100 * 1024)[0] == 2  # shared memory bound
+    assert audit.occupancy(regs=32, warps=4, smem=0) == (16, 1.0)  # warp slots bound
+    assert audit.occupancy(regs=255, warps=4, smem=0) == (2, 0.125)  # 256 regs/thread: 2 blocks
+    assert audit.occupancy(regs=64, warps=4, smem=100 * 1024)[0] == 2  # shared memory bound
     ttgir = ('#loc3 = loc("/x/restore_tokens.py":40:9)\n#loc9 = loc("v"(#loc3))\n'
              '%v = tt.load %p, %m : tensor<16x64x!tt.ptr<f32>, #blocked> loc(#loc9)\n'
              '%t = tt.load %q, %m : tensor<64x!tt.ptr<f32>, #blocked1> loc(#loc3)\n')
-    tiles = _audit.tile_lines(ttgir)
+    tiles = audit.tile_lines(ttgir)
     assert tiles == {("restore_tokens.py", 40)}
     ptx = (".loc 1 3 5 // restore_tokens.py:3:5\nld.global.b32 a, [y];\n"
            ".loc 1 40 9 // restore_tokens.py:40:9\nld.global.v4.b32 {a,b,c,d}, [x];\n"
            "@%p1 st.global.L1::evict_first.v2.b16 [z], {a,b};")
-    assert _audit.memory_ops(ptx, tiles) == dict(ld_vec=1, ld_scalar=1, st_vec=1, st_scalar=0, tile_accesses=2,
+    assert audit.memory_ops(ptx, tiles) == dict(ld_vec=1, ld_scalar=1, st_vec=1, st_scalar=0, tile_accesses=2,
                                                  tile_narrow=1)
     good = dict(spill_stores=0, spill_loads=0, smem=1024, occupancy=0.5, vec_ok=True, tile_accesses=4, tile_narrow=0)
-    assert _audit.problems(good, "restore_tokens") == []
+    assert audit.problems(good, "restore_tokens") == []
     for change, word in ((dict(spill_loads=8), "spills"), (dict(occupancy=0.19), "occupancy"),
                          (dict(smem=300 * 1024), "shared"), (dict(tile_narrow=1), "128-bit")):
-        assert word in " ".join(_audit.problems(dict(good, **change), "restore_tokens")), change
-    assert _audit.problems(dict(good, tile_narrow=1, vec_ok=False), "restore_tokens") == []  # strided: scalar is right
-    assert _audit.problems(dict(good, tile_narrow=1), "uniformity_loss") == []  # not held to 128-bit
+        assert word in " ".join(audit.problems(dict(good, **change), "restore_tokens")), change
+    assert audit.problems(dict(good, tile_narrow=1, vec_ok=False), "restore_tokens") == []  # strided: scalar is right
+    assert audit.problems(dict(good, tile_narrow=1), "uniformity_loss") == []  # not held to 128-bit
 
 
 def test_every_launch_is_device_guarded():

@@ -16,6 +16,7 @@ import re
 import torch
 
 from . import registry
+from .kernels import interpreted
 
 BACKENDS = ("fused", "reference")
 
@@ -60,8 +61,8 @@ def use_backend(name: str):
 # ---- what this process can run --------------------------------------------------------
 
 def triton_interpreted() -> bool:
-    """The one place that decides whether Triton kernels run under the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton kernels run under the interpreter (decided in umae.kernels)."""
+    return interpreted()
 
 
 def _load_ext():

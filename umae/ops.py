@@ -20,7 +20,6 @@ import operator
 import torch
 
 from . import _backend, _checks, registry, uniformity_op
-from .random_masking_op import len_keep_for
 
 registry.load_all()
 

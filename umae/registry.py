@@ -5,7 +5,7 @@
 - `impls`: the fused implementations, per device, with the dtypes each one runs;
 - `kernels` (umae.kernels.<name>, kernels/ in the repo) and `token_shapes`: the Triton
   kernels and the (L, D) test shapes their sm_90 compile check launches at, besides every
-  benchmark shape set and every model's training step (umae.kernels._jit);
+  benchmark shape set and every model's training step (umae.bench.jit);
 - `tests`: the op's parity test file.
 
 `umae._backend.choose` / `backend_info`, the public ops in `umae.ops`, `umae.__all__`,

@@ -1,6 +1,6 @@
 """`umae info`: which implementation each op runs on each device, and why; with --kernels, the
 static audit of every Triton kernel specialization compiled for an H100 and of the extension's
-CUDA kernels (kernels/_audit.py)."""
+CUDA kernels (umae/bench/audit.py)."""
 from __future__ import annotations
 
 import argparse
@@ -26,34 +26,34 @@ def main(args) -> int:
 
 def kernel_audit() -> int:
     """Every Triton kernel specialization the launches make, compiled for sm_90 as the JIT would,
-    with its static audit (umae/kernels/_audit.py). Counted from compiled code, not measured."""
+    with its static audit (umae/bench/audit.py). Counted from compiled code, not measured."""
     from .. import _backend, registry
 
     if _backend.triton_interpreted():
         print("umae info --kernels: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)",
               file=sys.stderr)
         return 2
-    from ..kernels import _audit
+    from . import audit
 
     print("\nTriton kernels for an H100 (sm_90), as the JIT specializes the launches at the benchmark shapes, "
           "the test token shapes and each model's training step. Static counts, not measurements.")
     for name, op in registry.OPS.items():
         if not op.kernels:
             continue
-        rows = _audit.audit_op(name)
+        rows = audit.audit_op(name)
         print(f"\n{name}: {len(rows)} specializations")
-        print(_audit.format_rows(rows))
+        print(audit.format_rows(rows))
         for r in rows:
-            for p in _audit.problems(r, name):
+            for p in audit.problems(r, name):
                 print(f"  ! {r['name']} {r['spec']}: {p}")
-    ext = _audit.extension()
+    ext = audit.extension()
     if ext:
-        rows = _audit.cuda_audit(*ext)
+        rows = audit.cuda_audit(*ext)
         print("\nCUDA kernels of the extension (sm_90, cuobjdump / nvdisasm; dynamic shared memory at the "
               "strips' budget). Static counts, not measurements.")
-        print(_audit.format_cuda_rows(rows))
+        print(audit.format_cuda_rows(rows))
         for r in rows:
-            for p in _audit.cuda_problems(r):
+            for p in audit.cuda_problems(r):
                 print(f"  ! {r['name']}: {p}")
     else:
         print("\nCUDA kernels: the extension was built without CUDA (or csrc/ is not beside it): nothing to audit")

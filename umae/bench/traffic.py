@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _backend, registry
 from .._table import Col, format_table
-from ..kernels import _jit
+from . import jit
 from . import cases
 
 TRAFFIC_SHAPES = ("vit_b16", "vit_tiny32")
@@ -121,7 +121,7 @@ def fused_bytes(op: str, shape) -> dict | None:
     m = _AtenBytes()
     module = spec.kernel_module()
     with (_backend.use_backend("fused"), _backend.use_impl("triton-interpreter"), counting_interpreter() as k,
-          _jit.recording(_jit.kernels_of(module), run=True) as launches):
+          jit.recording(jit.kernels_of(module), run=True) as launches):
         _fwd_bwd(c, lambda: m)
     formula = sum(module.requested_bytes(fn.__name__, dict(zip(fn.arg_names, args), **kwargs), grid)
                   for fn, args, kwargs, grid in launches)

@@ -132,11 +132,11 @@ def format_rows(rows) -> str:
 
 
 def audit_op(op_name: str, **collect) -> list[dict]:
-    """Audit rows of every specialization op `op_name`'s launches compile to (umae.kernels._jit)."""
-    from . import _jit
+    """Audit rows of every specialization op `op_name`'s launches compile to (umae.bench.jit)."""
+    from . import jit
 
-    return [dict(audit(k, src), spec=_jit.label(src))
-            for _, k, src in _jit.compile_all(_jit.collect_launches(op_name, **collect))]
+    return [dict(audit(k, src), spec=jit.label(src))
+            for _, k, src in jit.compile_all(jit.collect_launches(op_name, **collect))]
 
 
 MIN_OCCUPANCY = 0.25
@@ -184,7 +184,7 @@ def extension():
     import umae
 
     so = glob.glob(os.path.join(os.path.dirname(umae.__file__), "_C*.so"))
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "csrc")
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))), "csrc")
     if len(so) == 1 and os.path.isdir(csrc) and b"SM_900" in open(so[0], "rb").read():
         return so[0], csrc
     return None

@@ -31,7 +31,7 @@ def recording(fns, run: bool = False):
             return real(*args, grid=grid, warmup=warmup, **kwargs) if run else None
         return record
 
-    from ._util import KERNELS_RUN
+    from ..kernels._util import KERNELS_RUN
 
     for fn in fns:
         fn.run = wrap(fn)
@@ -70,7 +70,7 @@ def specialize(fn, args, kwargs, target):
 def triton_on_cpu():
     """The fused ops pick their Triton kernels for CPU tensors (as under the interpreter), while
     the kernels themselves stay compiled JITFunctions whose launches `recording` intercepts."""
-    from umae import _backend
+    from .. import _backend
 
     prev = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -103,9 +103,9 @@ def collect_launches(op_name: str, shapes=None, models=None):
     strides, under bf16 autocast)."""
     import timm
 
-    from umae import models as _models  # noqa: F401  (registers the models with timm)
-    from umae import registry
-    from umae.bench import cases
+    from .. import models as _registers  # noqa: F401  (registers the models with timm)
+    from .. import registry
+    from . import cases
 
     op = registry.get(op_name)
     mine = kernels_of(op.kernel_module())
@@ -137,7 +137,7 @@ def collect_launches(op_name: str, shapes=None, models=None):
 
 def _token_launches(op_name, L, D):
     import umae
-    from umae.random_masking_op import len_keep_for
+    from ..random_masking_op import len_keep_for
 
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         for strided in (False, True):

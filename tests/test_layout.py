@@ -1,0 +1,111 @@
+"""The code's shape, checked from its imports: every import runs down the layers (registry, op
+modules, ops, models, train / eval, bench, CLI), kernels/ imports nothing of umae, no circle."""
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# lowest first; a module may import its own layer's and lower layers' modules only
+LAYERS = [
+    ("kernels", ["umae.kernels"]),
+    ("registry", ["umae.registry", "umae._build", "umae._C", "umae._checks", "umae._backend"]),
+    ("op modules", ["umae.patchify_op", "umae.masked_mse_op", "umae.random_masking_op", "umae.restore_tokens_op",
+                    "umae.uniformity_op"]),
+    ("ops", ["umae.ops"]),
+    ("models", ["umae._mae", "umae.models", "umae.patching", "umae"]),
+    ("train / eval", ["umae.data", "umae.train", "umae.evaluate", "umae.reproduce"]),
+    ("bench", ["umae.bench"]),
+    ("cli", ["umae.cli"]),
+]
+
+EXTENSIONS = {"umae._C"}  # compiled, no .py file
+
+
+def modules() -> dict:
+    """{module name: file} of umae/ and kernels/ (umae.kernels)."""
+    out = {}
+    for folder, pkg in (("umae", "umae"), ("kernels", "umae.kernels")):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(dirpath, f), os.path.join(ROOT, folder))[:-3]
+                    parts = [p for p in rel.split(os.sep) if p != "__init__"]
+                    out[".".join([pkg, *parts])] = os.path.join(dirpath, f)
+    return out
+
+
+def imports(name: str, path: str, known: dict) -> set:
+    """The umae modules `name` imports (a `from pkg import sub` counts as sub, not pkg)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("umae")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")[: len(name.split(".")) - node.level + path.endswith("__init__.py")]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("umae"):
+                continue
+            subs = {f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in set(known) | EXTENSIONS}
+            found |= subs or {target}
+    return found - {name}
+
+
+def layer(mod: str) -> int:
+    best = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (mod == p or mod.startswith(p + ".")) and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    assert best is not None, f"{mod}: in no layer of tests/test_layout.py"
+    return best[0]
+
+
+def test_imports_run_down_the_layers():
+    known = modules()
+    up = []
+    for mod, path in sorted(known.items()):
+        for dep in sorted(imports(mod, path, known)):
+            if layer(dep) > layer(mod):
+                up.append(f"{mod} ({LAYERS[layer(mod)][0]}) imports {dep} ({LAYERS[layer(dep)][0]})")
+    assert not up, "imports back up the layers:\n" + "\n".join(up)
+
+
+def test_kernels_import_nothing_of_umae():
+    known = modules()
+    bad = {m: sorted(d for d in imports(m, p, known) if not d.startswith("umae.kernels"))
+           for m, p in known.items() if m.startswith("umae.kernels")}
+    assert not any(bad.values()), bad
+
+
+def test_no_import_circle():
+    known = modules()
+    graph = {m: {d for d in imports(m, p, known) if d in known} for m, p in known.items()}
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for d in graph[m]:
+            if state.get(d) == 1:
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m)
+
+
+def test_the_checker_sees_an_import_back_up(tmp_path):
+    # what kernels/_util.py had: a relative import of umae._backend from a kernel module
+    src = tmp_path / "fake.py"
+    src.write_text("from .._backend import triton_interpreted\nfrom . import _util\nimport umae.ops\n")
+    known = modules()
+    found = imports("umae.kernels.fake", str(src), known)
+    assert found == {"umae._backend", "umae.kernels._util", "umae.ops"}, found
+    assert layer("umae._backend") > layer("umae.kernels.fake") and layer("umae.ops") > layer("umae._backend")

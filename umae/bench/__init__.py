@@ -1,11 +1,13 @@
 """Benchmarks: each fused op vs its eager reference vs torch.compile(reference), in one run.
 
-- cases.py: the shape sets and what a case is; each op's case is `bench_<op>` in its
-  umae/<op>_op.py, found through the registry;
+- cases.py: the shape sets, what a case is, and each op's case (`bench_<op>`, in CASES);
 - timing.py: timers (do_bench on CUDA, a perf_counter loop on CPU) and the measured ceilings;
 - runner.py: the run over ops x shapes x dtypes x modes x providers, and the training step;
 - report.py: speedups, the table, results files and the generated tables (docs/benchmarks.md, README);
-- plots.py: speedup.png and roofline.png.
+- plots.py: speedup.png and roofline.png;
+- jit.py / audit.py: the Triton kernels compiled for sm_90 as the JIT would, and their static
+  audit (with the CUDA extension's); traffic.py: counted bytes (umae bench --traffic);
+- command.py, info.py, report_command.py: `umae bench`, `umae info`, `umae report`.
 
 CPU figures are not GPU figures. Importing this package changes no global setting: what a
 run needs (no donated buffers, one Inductor compile thread) is set around the run.

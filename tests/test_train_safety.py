@@ -141,6 +141,24 @@ def test_resume_refuses_changed_settings_unless_overridden(tmp_path, capsys):
     assert "--resume-override 'model': model cannot be overridden" in capsys.readouterr().err
 
 
+def test_resume_takes_the_same_data_folder_however_it_is_typed(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(8):
+            px = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(px).save(tmp_path / "imgs" / c / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY, "--data", "imgs", "--steps", "1", "--out", "a"]) == 0
+    rc = main(["train", *TINY, "--data", str(tmp_path / "imgs") + "/", "--steps", "2", "--resume",
+               "a/checkpoint-last.pt", "--out", "b"])
+    assert rc == 0, capsys.readouterr().err
+    assert main(["train", *TINY, "--data", "digits", "--steps", "2", "--resume", "a/checkpoint-last.pt",
+                 "--out", "c"]) == 2  # another data set still is a change
+
+
 def test_resume_logs_each_step_once(tmp_path):
     out = tmp_path / "run"
     train.train(_args(out, steps=4, ckpt_every=2))

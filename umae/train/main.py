@@ -27,6 +27,13 @@ __all__ = ["CHANGEABLE", "RESUME_KEYS", "TrainConfig", "add_args", "adamw_impl",
 HELP = "MAE / U-MAE pretraining (torchrun for DDP)"
 
 
+def _canonical(key: str, value):
+    """A setting as compared on resume: --data folders by where they are, not how they were typed."""
+    if key == "data" and isinstance(value, str) and value not in ("builtin", "digits"):
+        return os.path.realpath(value)
+    return value
+
+
 def lock_out(out: str) -> int:
     """Creates --out and holds an exclusive lock on its .lock for the run: a second writer into
     the same folder is refused (it would replace the checkpoints and interleave log.jsonl). A
@@ -153,7 +160,7 @@ def _check_resume(cfg: TrainConfig, prev: dict, run_info: dict, step: int, total
                          + ", ".join(f"{k}={prev[k]!r}" for k in differ) + "; this run has "
                          + ", ".join(f"{k}={run_info[k]!r}" for k in differ))
     allowed = cfg.overrides()
-    changed = [k for k in CHANGEABLE if k in prev and prev[k] != run_info[k]]
+    changed = [k for k in CHANGEABLE if k in prev and _canonical(k, prev[k]) != _canonical(k, run_info[k])]
     refused = [k for k in changed if k not in allowed]
     if refused:
         raise ValueError(f"--resume {cfg.resume!r}: the checkpoint's run has "

@@ -117,17 +117,16 @@ def load_model(path, device, model_name=None):
 
 
 def validate(args) -> None:
-    from .train.config import check_range, parse_device
+    from .train.config import check_out, check_range, parse_device
 
     check_range(args, ("knn_k", "max_images", "batch_size"), 1)
     if not 0 < args.holdout < 1:
         raise ValueError(f"--holdout must be in (0, 1), got {args.holdout}")
     parse_device(args.device)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out!r} is a file, not a directory")
     for path in args.ckpt:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--ckpt {path!r}: no such checkpoint")
+    check_out(args.out)  # last: it creates the folder
 
 
 def evaluate(args) -> dict:

@@ -78,7 +78,7 @@ def _rank_curve(run_dir: str, ds, a, known: dict) -> list[tuple[int, float]]:
 
 
 def validate(a) -> None:
-    from .train.config import check_range, parse_device
+    from .train.config import check_out, check_range, parse_device
 
     check_range(a, ("steps", "batch_size"), 1, optional=True)  # None: the preset's
     check_range(a, ("eval_images",), 1)
@@ -86,8 +86,7 @@ def validate(a) -> None:
     if bad:
         raise ValueError(f"--lambdas must be >= 0, got {bad[0]}")
     parse_device(a.device)
-    if os.path.exists(a.out) and not os.path.isdir(a.out):
-        raise ValueError(f"--out {a.out!r} is a file, not a directory")
+    check_out(a.out)  # before the runs whose report goes there
 
 
 def reproduce(a) -> dict:

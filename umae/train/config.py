@@ -113,6 +113,24 @@ def check_range(args, names, low: float, strict: bool = False, optional: bool = 
             raise ValueError(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} {low:g}, got {v}")
 
 
+def open_out(out: str, name: str = ".write-test", flags: int = os.O_WRONLY | os.O_CREAT) -> int:
+    """Creates the --out folder and opens `name` in it (returns the fd), or a ValueError naming
+    --out: a file, or a folder this process cannot write (permissions, a read-only mount)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file, not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        return os.open(os.path.join(out, name), flags, 0o644)
+    except OSError as e:
+        raise ValueError(f"--out {out!r} cannot be written: {e.strerror}") from None
+
+
+def check_out(out: str) -> None:
+    """--out can be written, found before the work whose results go there."""
+    os.close(open_out(out))
+    os.remove(os.path.join(out, ".write-test"))
+
+
 def parse_device(name: str | None, flag: str = "--device"):
     """torch.device(name), or a ValueError naming the flag: an unknown device, or a CUDA one
     without a GPU (or past the GPUs there are)."""

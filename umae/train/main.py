@@ -17,7 +17,7 @@ import torch
 from .. import data as D
 from ..runtime import adamw_impl, default_workers
 from . import checkpoint
-from .config import CHANGEABLE, RESUME_KEYS, TrainConfig, add_args, check_range, parse_device, validate
+from .config import CHANGEABLE, RESUME_KEYS, TrainConfig, add_args, check_range, open_out, parse_device, validate
 from .engine import Loop, train_steps
 from .log import DeviceStats, Logger
 
@@ -40,13 +40,7 @@ def lock_out(out: str) -> int:
     flock dies with its process, so a killed run leaves no stale lock. Returns the lock's fd."""
     import fcntl
 
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is a file, not a directory")
-    try:
-        os.makedirs(out, exist_ok=True)
-        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise ValueError(f"--out {out!r} cannot be written: {e.strerror}") from None
+    fd = open_out(out, ".lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

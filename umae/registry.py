@@ -9,8 +9,8 @@
 - `tests`: the op's parity test file.
 
 `umae._backend.choose` / `backend_info`, the public ops in `umae.ops`, `umae.__all__`,
-`umae bench` and the tests read this table. Adding an op is a kernel file, an
-`<op>_op.py`, one entry below and one test file.
+`umae bench` and the tests read this table. What adding an op touches: docs/design.md,
+"How to add an op".
 """
 from __future__ import annotations
 

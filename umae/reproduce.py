@@ -18,7 +18,7 @@ from .train import TrainConfig, train
 
 HELP = "U-MAE's effect in one command: MAE vs U-MAE trained and evaluated alike, one report folder"
 
-# name -> settings. "digits-mini" is measured on the 2-core CPU machine (README, "Reproduce");
+# name -> settings. "digits-mini" is measured on the 2-core CPU machine (docs/training.md, "Reproduce");
 # "cifar10-vit-tiny" is for a GPU with CIFAR-10 on disk (--data /path/to/cifar10).
 PRESETS = {
     "digits-mini": dict(data="digits", model="umae_vit_mini_patch4_32", steps=300, epochs=None, batch_size=128,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "regenerate README's performance table from bench/results"
+HELP = "regenerate the performance tables (docs/benchmarks.md, README's headline) from bench/results"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -119,6 +119,40 @@ std::vector<acc_t> small_similarity(const acc_t* Z, int64_t B, int64_t D, bool e
 
 bool uses_small_path(int64_t B, int64_t D) { return B <= kSmallBatch && B <= D; }
 
+// dL/df from dL/dz = c dz, through z = f / max(|f|, eps): its Jacobian is (I - z z^T) / |f| above eps,
+// I / eps below.
+at::Tensor through_normalization(const Normalized& nz, const at::Tensor& dz, double c, bool normalize, double eps) {
+  const at::Tensor& z = nz.z;
+  const int64_t B = z.size(0), D = z.size(1);
+  at::Tensor df = at::empty_like(z);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "uniformity_grad_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t* Z = z.const_data_ptr<acc_t>();
+    const acc_t* DZ = dz.const_data_ptr<acc_t>();
+    const acc_t* NR = nz.norms.const_data_ptr<acc_t>();
+    acc_t* DF = df.mutable_data_ptr<acc_t>();
+    const acc_t cc = static_cast<acc_t>(c);
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const acc_t* zr = Z + b * D;
+        const acc_t* g = DZ + b * D;
+        acc_t* out = DF + b * D;
+        acc_t radial = 0, scale = cc;
+        if (normalize) {
+          if (NR[b] > static_cast<acc_t>(eps)) {
+            _Pragma("omp simd reduction(+ : radial)")
+            for (int64_t d = 0; d < D; ++d) radial += zr[d] * g[d];
+          }
+          scale = cc / std::max(NR[b], static_cast<acc_t>(eps));
+        }
+        _Pragma("omp simd")
+        for (int64_t d = 0; d < D; ++d) out[d] = scale * (g[d] - zr[d] * radial);
+      }
+    });
+  });
+  return df;
+}
+
 // The loss and, when asked, its gradient dL/dF (acc dtype, for an upstream gradient of 1), from one
 // normalization and one contraction: S (or G) is formed once for both.
 std::tuple<at::Tensor, at::Tensor> loss_and_grad(const at::Tensor& features, bool normalize, bool exclude_diagonal,
@@ -175,36 +209,8 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(const at::Tensor& features, boo
     loss.fill_(static_cast<scalar_t>(total / denominator(B, exclude_diagonal)));
   });
   if (!want_grad) return {loss, at::Tensor()};
-  // dL/dz = 4c dz, c = 1 / denominator; then through z = f / max(|f|, eps)
-  const double c = 4.0 / denominator(B, exclude_diagonal);
-  at::Tensor df = at::empty_like(z);
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "uniformity_grad_cpu", [&] {
-    using acc_t = scalar_t;
-    const acc_t* Z = z.const_data_ptr<acc_t>();
-    const acc_t* DZ = dz.const_data_ptr<acc_t>();
-    const acc_t* NR = nz.norms.const_data_ptr<acc_t>();
-    acc_t* DF = df.mutable_data_ptr<acc_t>();
-    const acc_t cc = static_cast<acc_t>(c);
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const acc_t* zr = Z + b * D;
-        const acc_t* g = DZ + b * D;
-        acc_t* out = DF + b * D;
-        // Jacobian of z = f / max(|f|, eps): (I - z z^T) / |f| above eps, I / eps below
-        acc_t radial = 0, scale = cc;
-        if (normalize) {
-          if (NR[b] > static_cast<acc_t>(eps)) {
-            _Pragma("omp simd reduction(+ : radial)")
-            for (int64_t d = 0; d < D; ++d) radial += zr[d] * g[d];
-          }
-          scale = cc / std::max(NR[b], static_cast<acc_t>(eps));
-        }
-        _Pragma("omp simd")
-        for (int64_t d = 0; d < D; ++d) out[d] = scale * (g[d] - zr[d] * radial);
-      }
-    });
-  });
-  return {loss, df};
+  // dL/dz = 4c dz, c = 1 / denominator; then through the normalization
+  return {loss, through_normalization(nz, dz, 4.0 / denominator(B, exclude_diagonal), normalize, eps)};
 }
 
 at::Tensor uniformity_cpu(const at::Tensor& features, bool normalize, bool exclude_diagonal, double eps) {

@@ -31,6 +31,10 @@ rm -rf .compat/tree && mkdir -p .compat/tree
 git ls-files -co --exclude-standard -z | xargs -0 cp -P --parents -t .compat/tree
 cd .compat/tree
 export MAX_JOBS=${MAX_JOBS:-2} UMAE_CPU_ARCH=${UMAE_CPU_ARCH:-x86-64-v3} ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2}
+# Inductor's compiled-kernel cache is keyed by the generated source, not by torch's version: in the
+# shared /tmp/torchinductor_$USER, torch 2.11 loaded a kernel .so built by the main suite's torch
+# and segfaulted. Each stack keeps its own (scripts/test.sh gives the main suite .venv's).
+export TORCHINDUCTOR_CACHE_DIR=$PWD/../torchinductor
 "$V/bin/python" setup.py build_ext --inplace > ../build.log 2>&1 || { tail -30 ../build.log; exit 1; }
 "$V/bin/python" -c "import torch, triton; print('compat stack: torch', torch.__version__, 'triton', triton.__version__,
       '| extension -march=$UMAE_CPU_ARCH, torch CPU dispatch', torch.backends.cpu.get_cpu_capability())"

@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+# a compiled-kernel cache of this stack's own (see scripts/compat.sh: another torch's kernels crash)
+TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.venv/torchinductor} \
+  .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
 if [ "${UMAE_SKIP_COMPAT:-0}" != 1 ]; then
   bash scripts/compat.sh -q -p no:cacheprovider "$@"
 fi

@@ -201,6 +201,80 @@ def test_disk_full_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     assert torch.load(out / "checkpoint-last.pt", weights_only=False)["step"] == 1
 
 
+class _FillsUp:
+    """A file that takes `room` bytes, then fails its writes with ENOSPC: a disk filling up under
+    torch.save's own zip writer (which turns the OSError into its RuntimeError 'unexpected pos')."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, b):
+        n = memoryview(b).nbytes
+        if n > self.room:
+            self.f.write(bytes(memoryview(b).cast("B")[:self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= n
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _check_disk_full(out, rc, err):
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"disk full while writing {out / 'checkpoint-2.pt'}" in err, err
+    assert f"the last checkpoint, intact: {out / 'checkpoint-1.pt'} (step 1)" in err, err
+    assert "Traceback" not in err and "enforce fail" not in err, err
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")] and not (out / "checkpoint-2.pt").exists()
+    assert torch.load(out / "checkpoint-last.pt", weights_only=False)["step"] == 1
+    assert torch.load(out / "checkpoint-1.pt", weights_only=False)["step"] == 1
+
+
+def test_disk_full_inside_torch_save_zip_writer(tmp_path, monkeypatch, capsys):
+    # the file the checkpoint writer opens fills up after 64 KiB: torch.save's writer raises its
+    # RuntimeError with the OSError as __context__, not the OSError itself
+    import builtins
+
+    from umae.train import checkpoint
+
+    def fills_up(path, mode="r", *a, **kw):
+        f = builtins.open(path, mode, *a, **kw)
+        return _FillsUp(f, 64 << 10) if "checkpoint-2.pt" in str(path) else f
+    monkeypatch.setattr(checkpoint, "open", fills_up, raising=False)
+    with pytest.raises(RuntimeError, match="unexpected pos") as info:  # what torch itself raises
+        with fills_up(str(tmp_path / "checkpoint-2.pt.probe"), "wb") as f:
+            torch.save(dict(x=torch.zeros(1 << 16)), f)
+    assert isinstance(info.value.__context__, OSError) and info.value.__context__.errno == errno.ENOSPC
+    out = tmp_path / "run"
+    rc = main(["train", *TINY, "--steps", "3", "--ckpt-every", "1", "--out", str(out)])
+    _check_disk_full(out, rc, capsys.readouterr().err)
+
+
+def test_disk_full_on_a_real_small_tmpfs(tmp_path, capsys):
+    # a 3 MiB tmpfs holds checkpoint 1 (about 2 MB: the micro model, AdamW's moments) but not checkpoint 2
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+    except OSError:
+        r = None
+    if r is None or r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root, or no mount permission)")
+    try:
+        out = mnt / "run"
+        rc = main(["train", *TINY, "--steps", "3", "--ckpt-every", "1", "--out", str(out)])
+        _check_disk_full(out, rc, capsys.readouterr().err)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 def test_sigkill_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path):
     from umae.train import checkpoint
 

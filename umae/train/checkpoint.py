@@ -15,18 +15,34 @@ LAST = "checkpoint-last.pt"
 RESUME_ENTRIES = ("model", "optimizer", "scaler", "step")
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind e: e itself, or one in its __cause__/__context__ chain. torch.save's zip
+    writer turns its file's OSError (ENOSPC: disk full) into a bare RuntimeError ('[enforce fail
+    at inline_container.cc] unexpected pos ...') raised while that OSError is handled."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _write(tmp: str, dst: str, write) -> None:
-    """write(tmp), then rename it to dst; on failure no tmp is left. A Python file object, not a
-    path, goes to torch.save: its writes raise OSError (ENOSPC: disk full) where a path's raise
-    the zip writer's bare RuntimeError."""
+    """write(tmp), then rename it to dst; on failure no tmp is left, and an OSError (disk full, I/O
+    error, ...), raised as it is or behind the zip writer's RuntimeError, is raised as an OSError
+    naming dst."""
     try:
         write(tmp)
         os.replace(tmp, dst)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        cause = _os_error(e) if isinstance(e, Exception) else None
+        if cause is not None and cause.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, "No space left on device", dst) from e
+        if cause is not None and cause is not e:  # an OSError behind torch's RuntimeError
+            raise OSError(cause.errno, cause.strerror or os.strerror(cause.errno), dst) from e
         raise
 
 

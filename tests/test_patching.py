@@ -75,6 +75,26 @@ def test_hf_patched_matches_unpatched_fp32(cfg):
     assert_grads_close(ga, gb, _hf_truth(cfg, x, noise), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gradient_check_fails_a_wrong_gradient(dtype):
+    # the bound assert_grads_close sets must not let a zeroed or 10%-scaled gradient through, even in
+    # a model whose mask token's gradient is 1e4 times the others'
+    cfg = HF_CONFIGS[0]
+    model = _hf(*cfg)
+    x, noise = _hf_inputs(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        _hf_unpatched(model, x, noise)[0].backward()
+    good, truth = _grads(model), _hf_truth(cfg, x, noise)
+    assert_grads_close(good, good, truth, dtype)
+    names = [n for n in good if truth[n].norm() > 1e-12]  # not a true 0 (key biases): no relative error to make
+    factors = (0.0, 0.9) if dtype == torch.float32 else (0.0, 0.5)
+    for n in names:
+        for f in factors:
+            wrong = dict(good, **{n: good[n] * f})
+            with pytest.raises(AssertionError, match=f"grad {n}:"):
+                assert_grads_close(wrong, good, truth, dtype)
+
+
 def _hf_truth(cfg, x, noise):
     """The unpatched model's gradients in float64."""
     truth = _hf(*cfg).double()

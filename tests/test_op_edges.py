@@ -277,7 +277,8 @@ def test_uniformity_refuses_zero_features(impl, normalize):
     f = torch.zeros(4, 0)
     assert_runs("uniformity_loss", impl, f)
     for backend in (None, "reference"):
-        with pytest.raises(ValueError, match=r"features must have at least one column \(D >= 1\).*\(4, 0\)"):
+        with pytest.raises(ValueError, match=r"features must have at least one column \(D >= 1\): a 0-dimensional "
+                           rf"feature has no {'direction to normalize' if normalize else 'similarity'}.*\(4, 0\)"):
             umae.uniformity_loss(f, normalize, backend=backend)
 
 

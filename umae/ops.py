@@ -264,8 +264,8 @@ def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diag
     _checks.tensor(features, "features", dims=2)
     _checks.nonempty_batch(features, "features")
     if features.shape[1] == 0:
-        raise ValueError(f"features must have at least one column (D >= 1) to be L2-normalized, "
-                         f"got shape {tuple(features.shape)}")
+        raise ValueError(f"features must have at least one column (D >= 1): a 0-dimensional feature has no "
+                         f"{'direction to normalize' if normalize else 'similarity'}, got shape {tuple(features.shape)}")
     if exclude_diagonal and features.shape[0] * _world_size(process_group) < 2:
         raise ValueError("exclude_diagonal needs at least 2 rows in features"
                          + (" (over the global batch)" if process_group is not None else ""))

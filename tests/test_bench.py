@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from utils import LOSS_TOL
 
 from umae import _backend, bench
 from umae.bench import report
@@ -17,7 +18,7 @@ def test_bench_rows_and_outputs(tmp_path):
     rows = bench.add_fractions(bench.speedups(rows), ceil)
     fused = [r for r in rows if r["op"] == "mae_loss" and r["provider"] == "fused"][0]
     assert fused["impl"] == "cpp-cpu" and fused["ms"] > 0 and "speedup_vs_eager" in fused
-    assert fused["parity_max_abs"] < 1e-4
+    assert fused["parity_max_abs"] < 2 * LOSS_TOL[torch.float32]["rtol"]  # the loss is ~2 (randn pred)
     assert "frac_copy_bw" in fused
     env = bench.environment("cpu")
     bench.write(rows, env, str(tmp_path), ceil)

@@ -156,3 +156,21 @@ def test_cli_process_one_line_and_exit_code(tmp_path):
 def test_bogus_backend_env(tmp_path):
     r = _cli("info", env=dict(UMAE_BACKEND="bogus"))
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "UMAE_BACKEND" in r.stderr, r.stderr
+
+
+def test_reproduce_refuses_an_out_holding_previous_runs(tmp_path, capsys):
+    import argparse
+
+    from umae import reproduce
+
+    (tmp_path / "lamb_0.1").mkdir()
+    (tmp_path / "lamb_0.1" / "checkpoint-4.pt").write_bytes(b"x")  # the last lambda's: found before any run
+    err = _err(capsys, ["reproduce", "--steps", "1", "--out", str(tmp_path)])
+    assert f"--out {str(tmp_path)!r} holds a previous reproduce's runs ({tmp_path / 'lamb_0.1'}: checkpoint-4.pt)" in err
+    assert "--overwrite" in err and not (tmp_path / "lamb_0").exists()
+    p = argparse.ArgumentParser()
+    reproduce.add_args(p)
+    a = p.parse_args(["--steps", "1", "--overwrite", "--out", str(tmp_path)])
+    reproduce.validate(a)  # --overwrite: accepted (each run's train removes the old files)
+    a.warmup_steps = None
+    assert reproduce._train_config(a, reproduce.PRESETS[a.preset], 0.1, str(tmp_path / "lamb_0.1"), 1, 1, "").overwrite

@@ -121,7 +121,8 @@ def test_second_writer_is_refused_on_every_ddp_rank(tmp_path):
             p.kill()
         os.close(fd)
     got = dict(results.get(timeout=5) for _ in procs)
-    assert "in use by another umae train run" in got[0] and "rank 0 could not take the run's lock" in got[1], got
+    assert "in use by another umae train run" in got[0], got
+    assert "rank 0 stopped the run: --out" in got[1] and "in use by another umae train run" in got[1], got
 
 
 def test_resume_refuses_changed_settings_unless_overridden(tmp_path, capsys):
@@ -167,8 +168,41 @@ def test_resume_logs_each_step_once(tmp_path):
         f.write('{"step": 5, "lo')  # and a line torn by the kill
     train.train(_args(out, steps=5, resume=str(out / "checkpoint-2.pt")))
     assert _steps(out) == [1, 2, 3, 4, 5]
-    train.train(_args(out, steps=2))  # a fresh run into the folder: its own log
+    train.train(_args(out, steps=2, overwrite=True))  # a fresh run into the folder, meant: its own log
     assert _steps(out) == [1, 2]
+    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == ["checkpoint-2.pt", "checkpoint-last.pt"]
+
+
+def test_fresh_run_into_another_runs_out_is_refused_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "3", "--ckpt-every", "1", "--out", str(out)]) == 0
+    before = {f: (out / f).read_bytes() for f in os.listdir(out) if f != ".lock"}
+    capsys.readouterr()
+    assert main(["train", *TINY, "--steps", "2", "--seed", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {str(out)!r} holds another run (checkpoint-1.pt, checkpoint-2.pt, checkpoint-3.pt" in err, err
+    assert f"--resume {out / 'checkpoint-last.pt'}" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert {f: (out / f).read_bytes() for f in os.listdir(out) if f != ".lock"} == before  # untouched
+    os.remove(out / "log.jsonl")  # the log alone is another run too
+    for f in os.listdir(out):
+        if f.startswith("checkpoint"):
+            os.remove(out / f)
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    assert main(["train", *TINY, "--steps", "1", "--out", str(out)]) == 2
+    assert "holds another run (log.jsonl)" in capsys.readouterr().err
+    (out / "log.jsonl").write_text("")  # an empty log (a run that failed before its first step) holds nothing
+    assert main(["train", *TINY, "--steps", "1", "--out", str(out)]) == 0
+    assert _steps(out) == [1]
+    train.train(_args(out, steps=4, ckpt_every=2, overwrite=True))  # --overwrite: the old run is gone first
+    (out / "checkpoint-9.pt").write_bytes(b"old")
+    assert main(["train", *TINY, "--steps", "2", "--overwrite", "--out", str(out)]) == 0
+    assert _steps(out) == [2]  # its own log only (TINY logs at the last step)
+    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == ["checkpoint-2.pt", "checkpoint-last.pt"]
+    capsys.readouterr()
+    assert main(["train", *TINY, "--steps", "3", "--overwrite", "--resume", str(out / "checkpoint-2.pt"),
+                 "--out", str(out)]) == 2
+    assert "--overwrite is for a fresh run" in capsys.readouterr().err
+    assert main(["train", *TINY, "--steps", "3", "--resume", str(out / "checkpoint-2.pt"), "--out", str(out)]) == 0
 
 
 def test_resume_at_or_past_the_end_is_refused(tmp_path, capsys):

@@ -44,6 +44,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the runs (log.jsonl, checkpoints) a previous reproduce left in --out's lamb_* "
+                        "folders (default: refused)")
 
 
 def _train_config(a, preset: dict, lamb: float, out: str, ckpt_every: int, steps: int, desc: str) -> TrainConfig:
@@ -52,7 +55,7 @@ def _train_config(a, preset: dict, lamb: float, out: str, ckpt_every: int, steps
                        steps=steps, amp=preset["amp"], device=a.device, lr=preset["lr"],
                        blr=TrainConfig.blr if preset["blr"] is None else preset["blr"], warmup_steps=a.warmup_steps,
                        ckpt_every=ckpt_every, log_every=max(1, min(10, steps // 10)), no_progress=a.no_progress,
-                       progress_desc=desc)
+                       progress_desc=desc, overwrite=getattr(a, "overwrite", False))
 
 
 def _steps_and_warmup(a, preset: dict) -> tuple[int, int | None]:
@@ -87,6 +90,15 @@ def validate(a) -> None:
         raise ValueError(f"--lambdas must be >= 0, got {bad[0]}")
     parse_device(a.device)
     check_out(a.out)  # before the runs whose report goes there
+    if not getattr(a, "overwrite", False):  # before any run: a later lambda's old run would stop it midway
+        from .train.main import _held
+
+        for lamb in a.lambdas:
+            run_dir = os.path.join(a.out, f"lamb_{lamb:g}")
+            if _held(run_dir):
+                raise ValueError(f"--out {a.out!r} holds a previous reproduce's runs ({run_dir}: "
+                                 f"{', '.join(_held(run_dir)[:3])}); pass --overwrite to replace them, or "
+                                 "choose another --out")
 
 
 def reproduce(a) -> dict:

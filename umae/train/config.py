@@ -62,6 +62,8 @@ class TrainConfig:
                                         + ", ".join(CHANGEABLE) + ") must match this run's (pass the same values) "
                                         "unless named in --resume-override; --lr, --blr, --steps, --amp, --clip-grad "
                                         "and the like may change")
+    overwrite: bool = _opt(False, "a fresh run (no --resume) into an --out that holds another run's log.jsonl or "
+                           "checkpoint-*.pt deletes them first (default: such a run is refused)")
     resume_override: str = _opt("", "with --resume: settings that may differ from the checkpoint's, e.g. "
                                 "lamb,mask_ratio (the checkpoint records each change)", metavar="SETTING[,SETTING]")
     num_workers: int | None = _opt(None, "loader processes (default: the machine's cores)")
@@ -169,6 +171,9 @@ def validate(cfg: TrainConfig) -> None:
     parse_device(cfg.device)
     if cfg.overrides() and not cfg.resume:
         raise ValueError(f"--resume-override {cfg.resume_override!r} needs --resume")
+    if cfg.overwrite and cfg.resume:
+        raise ValueError(f"--overwrite is for a fresh run; with --resume {cfg.resume!r} the run's log and "
+                         "checkpoints are continued (drop --overwrite)")
     bad = set(cfg.overrides()) - set(CHANGEABLE)
     if bad:
         raise ValueError(f"--resume-override {cfg.resume_override!r}: {', '.join(sorted(bad))} cannot be "

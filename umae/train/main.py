@@ -22,7 +22,7 @@ from .engine import Loop, train_steps
 from .log import DeviceStats, Logger
 
 __all__ = ["CHANGEABLE", "RESUME_KEYS", "TrainConfig", "add_args", "adamw_impl", "check_range", "default_workers",
-           "lock_out", "main", "param_groups", "parse_device", "resolve_amp", "train", "validate"]
+           "check_fresh_out", "lock_out", "main", "param_groups", "parse_device", "resolve_amp", "train", "validate"]
 
 HELP = "MAE / U-MAE pretraining (torchrun for DDP)"
 
@@ -53,22 +53,58 @@ def lock_out(out: str) -> int:
     return fd
 
 
-def _lock_on_rank0(out: str, rank: int, world: int):
-    """Rank 0 holds the lock (the other ranks write nothing); every rank learns whether it got it,
-    so a refused run stops on all ranks instead of leaving them waiting for rank 0."""
+def _held(out: str) -> list[str]:
+    """What a run left in --out: its checkpoints and a non-empty log.jsonl."""
+    if not os.path.isdir(out):
+        return []
+    names = sorted(f for f in os.listdir(out) if f.startswith("checkpoint-") and f.endswith(".pt"))
+    log = os.path.join(out, "log.jsonl")
+    return names + (["log.jsonl"] if os.path.isfile(log) and os.path.getsize(log) > 0 else [])
+
+
+def check_fresh_out(cfg: TrainConfig) -> None:
+    """A fresh run (no --resume) into an --out that holds another run's checkpoints or log.jsonl
+    is refused (it would truncate that log and mix the two runs' checkpoints), unless --overwrite:
+    then they (and its TensorBoard events) are removed first. Rank 0 only: it writes the folder."""
+    held = [] if cfg.resume else _held(cfg.out)
+    if not held:
+        return
+    if not cfg.overwrite:
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise ValueError(f"--out {cfg.out!r} holds another run ({shown}): continue it with --resume "
+                         f"{os.path.join(cfg.out, checkpoint.LAST)}, choose another --out, or pass --overwrite "
+                         "to delete its log and checkpoints first")
+    for f in os.listdir(cfg.out):
+        if f == "log.jsonl" or (f.startswith("checkpoint-") and (f.endswith(".pt") or f.endswith(".pt.tmp"))):
+            os.remove(os.path.join(cfg.out, f))
+    tb = os.path.join(cfg.out, "tb")
+    if os.path.isdir(tb):
+        for f in os.listdir(tb):
+            if f.startswith("events.out.tfevents."):
+                os.remove(os.path.join(tb, f))
+
+
+def _lock_on_rank0(cfg: TrainConfig, rank: int, world: int):
+    """Rank 0 holds the lock (the other ranks write nothing) and checks that a fresh run's --out
+    holds no other run (check_fresh_out); every rank learns whether it may go on, so a refused run
+    stops on all ranks instead of leaving them waiting for rank 0."""
     lock, err = None, None
     if rank == 0:
         try:
-            lock = lock_out(out)
+            lock = lock_out(cfg.out)
+            check_fresh_out(cfg)
         except ValueError as e:
             err = e
+            if lock is not None:
+                os.close(lock)
+                lock = None
     if world > 1:
         import torch.distributed as dist
 
-        ok = [err is None]
-        dist.broadcast_object_list(ok, src=0)
-        if not ok[0] and err is None:
-            err = ValueError(f"--out {out!r}: rank 0 could not take the run's lock (its message says why)")
+        msg = [None if err is None else str(err)]
+        dist.broadcast_object_list(msg, src=0)
+        if msg[0] is not None and err is None:
+            err = ValueError(f"rank 0 stopped the run: {msg[0]}")
     if err is not None:
         raise err
     return lock
@@ -127,7 +163,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     validate(cfg)
     rank, world = init_distributed()
     device = pick_device(cfg)
-    lock = _lock_on_rank0(cfg.out, rank, world)
+    lock = _lock_on_rank0(cfg, rank, world)
     try:
         return _train(cfg, rank, world, device)
     finally:

@@ -160,6 +160,44 @@ def test_resume_takes_the_same_data_folder_however_it_is_typed(tmp_path, monkeyp
                  "--out", "c"]) == 2  # another data set still is a change
 
 
+def _image_folder(root, seed):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(8):
+            px = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(px).save(root / c / f"{i}.png")
+
+
+def test_resume_records_the_data_folder_where_it_is(tmp_path, monkeypatch, capsys):
+    # the same relative --data typed in another directory is another data set
+    _image_folder(tmp_path / "x" / "imgs", 0)
+    _image_folder(tmp_path / "y" / "imgs", 1)
+    monkeypatch.chdir(tmp_path / "x")
+    assert main(["train", *TINY, "--data", "imgs", "--steps", "1", "--out", str(tmp_path / "a")]) == 0
+    ck = str(tmp_path / "a" / "checkpoint-last.pt")
+    run = torch.load(ck, weights_only=False)["run"]
+    assert run["data"] == os.path.realpath(tmp_path / "x" / "imgs"), run["data"]
+    monkeypatch.chdir(tmp_path / "y")
+    capsys.readouterr()
+    rc = main(["train", *TINY, "--data", "imgs", "--steps", "2", "--resume", ck, "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--data {os.path.realpath(tmp_path / 'x' / 'imgs')!r} (this run: " in err, err
+    assert main(["train", *TINY, "--data", "../x/imgs", "--steps", "2", "--resume", ck,
+                 "--out", str(tmp_path / "c")]) == 0, capsys.readouterr().err
+    assert main(["train", *TINY, "--steps", "1", "--out", str(tmp_path / "d")]) == 0  # builtin is recorded as such
+    assert torch.load(tmp_path / "d" / "checkpoint-last.pt", weights_only=False)["run"]["data"] == "builtin"
+    # a checkpoint from before, holding the path as typed, still resumes from where it was typed
+    old = torch.load(ck, weights_only=False)
+    old["run"]["data"] = "imgs"
+    torch.save(old, tmp_path / "old.pt")
+    monkeypatch.chdir(tmp_path / "x")
+    assert main(["train", *TINY, "--data", str(tmp_path / "x" / "imgs"), "--steps", "2", "--resume",
+                 str(tmp_path / "old.pt"), "--out", str(tmp_path / "e")]) == 0, capsys.readouterr().err
+
+
 def test_resume_logs_each_step_once(tmp_path):
     out = tmp_path / "run"
     train.train(_args(out, steps=4, ckpt_every=2))

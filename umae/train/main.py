@@ -28,7 +28,9 @@ HELP = "MAE / U-MAE pretraining (torchrun for DDP)"
 
 
 def _canonical(key: str, value):
-    """A setting as compared on resume: --data folders by where they are, not how they were typed."""
+    """A setting as recorded and compared on resume: --data folders by where they are (realpath),
+    not how they were typed. A checkpoint from before the record was canonical holds the path
+    as typed: it is resolved from the current directory, as it was compared then."""
     if key == "data" and isinstance(value, str) and value not in ("builtin", "digits"):
         return os.path.realpath(value)
     return value
@@ -221,7 +223,8 @@ def _read_resume(cfg: TrainConfig, device: torch.device):
 
 def _run_info(cfg: TrainConfig, probe_classes: int) -> dict:
     """What the checkpoints record of the run (and a resume compares)."""
-    return dict(model=cfg.model, fused=cfg.fused, lamb=cfg.lamb, mask_ratio=cfg.mask_ratio, data=cfg.data,
+    return dict(model=cfg.model, fused=cfg.fused, lamb=cfg.lamb, mask_ratio=cfg.mask_ratio,
+                data=_canonical("data", cfg.data),
                 builtin_size=cfg.builtin_size, seed=cfg.seed, norm_pix_loss=cfg.norm_pix_loss,
                 cls_double_norm=cfg.cls_double_norm, probe_classes=probe_classes,
                 decay_tokens=cfg.decay_tokens, amp=cfg.amp)

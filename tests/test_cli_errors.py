@@ -174,3 +174,30 @@ def test_reproduce_refuses_an_out_holding_previous_runs(tmp_path, capsys):
     reproduce.validate(a)  # --overwrite: accepted (each run's train removes the old files)
     a.warmup_steps = None
     assert reproduce._train_config(a, reproduce.PRESETS[a.preset], 0.1, str(tmp_path / "lamb_0.1"), 1, 1, "").overwrite
+
+
+def test_resume_malformed_checkpoint_entries(tmp_path, capsys):
+    # each names --resume and the file, and what does not fit: no traceback, no torch message alone
+    main(["train", *TINY, "--steps", "1", "--out", str(tmp_path / "run")])
+    good = torch.load(tmp_path / "run" / "checkpoint-1.pt", weights_only=False)
+    cases = {
+        "run_none": (dict(run=None), "'run' is NoneType, not a dict"),
+        "step_str": (dict(step="x"), "'step' is 'x', not a step count"),
+        "step_neg": (dict(step=-1), "'step' is -1, not a step count"),
+        "opt_empty": (dict(optimizer={}), "its optimizer state does not fit this run's AdamW: no entry 'param_groups'"),
+        "opt_list": (dict(optimizer=[1]), "'optimizer' is list, not a dict"),
+        "model_none": (dict(model=None), "'model' is NoneType, not a dict"),
+        "model_bad": (dict(model={"pos_embed": "x"}), "does not fit the model"),
+        "no_run": (dict(run=...), "its optimizer state does not fit this run's AdamW: loaded state dict contains "
+                                  "a parameter group"),
+    }
+    for name, (change, msg) in cases.items():
+        ck = {k: v for k, v in {**good, **change}.items() if v is not ...}
+        p = tmp_path / f"{name}.pt"
+        torch.save(ck, p)
+        err = _err(capsys, ["train", *TINY, "--steps", "2", "--resume", str(p), "--out", str(tmp_path / name)])
+        assert f"--resume {str(p)!r}" in err and msg in err, (name, err)
+    assert "try --decay-tokens or --no-decay-tokens" in err
+    # a checkpoint without its run record resumes with the choice it was trained with
+    assert main(["train", *TINY, "--steps", "2", "--decay-tokens", "--resume", str(tmp_path / "no_run.pt"),
+                 "--out", str(tmp_path / "no_run2")]) == 0, capsys.readouterr().err

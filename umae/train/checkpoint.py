@@ -84,28 +84,56 @@ def read(path: str, what: str = "--resume") -> dict:
     return ck
 
 
+def _why(e: BaseException) -> str:
+    why = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, KeyError):
+        why = f"no entry {why}"
+    return why[:300] + " ..." if len(why) > 300 else why
+
+
+# what a load_state_dict raises for a state dict of the wrong shape or content
+LOAD_ERRORS = (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError)
+
+
 def load_weights(model, state: dict, path: str, what: str = "--resume") -> None:
     """model.load_state_dict, or a ValueError naming the file when the weights do not fit."""
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        why = " ".join(str(e).split())
-        raise ValueError(f"{what} {path!r} does not fit the model {type(model).__name__}: "
-                         + (why[:300] + " ..." if len(why) > 300 else why)) from None
+    except LOAD_ERRORS as e:
+        raise ValueError(f"{what} {path!r} does not fit the model {type(model).__name__}: {_why(e)}") from None
 
 
 def check_resumable(ck: dict, path: str) -> None:
+    """A ValueError naming --resume and the file unless ck has a train checkpoint's entries, of their types."""
     missing = [k for k in RESUME_ENTRIES if k not in ck]
     if "model" in missing:
         raise ValueError(f"--resume {path!r} is not a umae train checkpoint (no 'model' entry)")
     if missing:
         raise ValueError(f"--resume {path!r} is a model-only checkpoint (no {', '.join(missing)}; e.g. "
                          "facebookresearch/mae's): it cannot be resumed; `umae eval --ckpt` evaluates it")
+    bad = [f"'{k}' is {type(ck[k]).__name__}, not a dict" for k in ("model", "optimizer", "scaler", "run")
+           if k in ck and not isinstance(ck[k], dict)]
+    step = ck["step"]
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        bad.append(f"'step' is {step!r}, not a step count")
+    if bad:
+        raise ValueError(f"--resume {path!r} is not a valid umae train checkpoint: " + "; ".join(bad))
 
 
 def restore(ck: dict, model, opt, scaler, path: str = "") -> int:
-    """Restores a read checkpoint's states in place; returns the step to continue from."""
+    """Restores a read checkpoint's states in place (a ValueError naming --resume and the file for
+    a state that does not fit); returns the step to continue from."""
     load_weights(model, ck["model"], path)
-    opt.load_state_dict(ck["optimizer"])
-    scaler.load_state_dict(ck["scaler"])
+    try:
+        opt.load_state_dict(ck["optimizer"])
+    except LOAD_ERRORS as e:
+        hint = ("; its parameter groups follow the model and --decay-tokens (a checkpoint that records no "
+                "run settings is taken as --no-decay-tokens): try --decay-tokens or --no-decay-tokens"
+                if "parameter group" in str(e) else "")
+        raise ValueError(f"--resume {path!r}: its optimizer state does not fit this run's AdamW: {_why(e)}"
+                         + hint) from None
+    try:
+        scaler.load_state_dict(ck["scaler"])
+    except LOAD_ERRORS as e:
+        raise ValueError(f"--resume {path!r}: its grad scaler state does not fit: {_why(e)}") from None
     return ck["step"]

@@ -142,6 +142,28 @@ def test_resume_refuses_changed_settings_unless_overridden(tmp_path, capsys):
     assert "--resume-override 'model': model cannot be overridden" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_changed_batch_size_or_accum_iter_unless_overridden(tmp_path, capsys):
+    # either shifts the data position (micro step = step * accum_iter over the batches per epoch) and the lr
+    train.train(_args(tmp_path / "a", steps=2, ckpt_every=1))
+    ck = str(tmp_path / "a" / "checkpoint-1.pt")
+    run = torch.load(ck, weights_only=False)["run"]
+    assert run["batch_size"] == 8 and run["accum_iter"] == 1
+    for flag, value, name, old in (("--batch-size", "16", "batch_size", 8), ("--accum-iter", "2", "accum_iter", 1)):
+        rc = main(["train", *TINY, "--steps", "2", "--resume", ck, flag, value, "--out", str(tmp_path / "b")])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{flag} {old} (this run: {value})" in err and f"--resume-override {name}" in err, err
+    rc = main(["train", *TINY, "--steps", "2", "--resume", ck, "--batch-size", "16", "--accum-iter", "2",
+               "--resume-override", "batch-size,accum_iter", "--out", str(tmp_path / "c")])
+    assert rc == 0, capsys.readouterr().err
+    run = torch.load(tmp_path / "c" / "checkpoint-last.pt", weights_only=False)["run"]
+    assert run["batch_size"] == 16 and run["resume_overrides"] == [dict(step=1, batch_size=[8, 16], accum_iter=[1, 2])]
+    old = torch.load(ck, weights_only=False)  # a checkpoint from before these were recorded: not compared
+    del old["run"]["batch_size"], old["run"]["accum_iter"]
+    torch.save(old, tmp_path / "old.pt")
+    assert main(["train", *TINY, "--steps", "2", "--resume", str(tmp_path / "old.pt"), "--batch-size", "16",
+                 "--out", str(tmp_path / "d")]) == 0, capsys.readouterr().err
+
+
 def test_resume_takes_the_same_data_folder_however_it_is_typed(tmp_path, monkeypatch, capsys):
     from PIL import Image
 

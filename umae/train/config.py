@@ -15,7 +15,10 @@ from ..data import BUILTIN_SIZE
 # what a resumed run must share with its checkpoint (the model's structure and the optimizer's groups)
 RESUME_KEYS = ("model", "probe_classes", "decay_tokens")
 # what it must share unless --resume-override names it: a change makes the run another experiment
-CHANGEABLE = ("lamb", "mask_ratio", "seed", "data", "builtin_size", "norm_pix_loss", "cls_double_norm")
+# (batch_size, accum_iter: the data position continues at micro step = step * accum_iter over the
+# new batches per epoch, and the effective batch sets --blr's lr: a change is a shift of both)
+CHANGEABLE = ("lamb", "mask_ratio", "seed", "data", "builtin_size", "norm_pix_loss", "cls_double_norm", "batch_size",
+              "accum_iter")
 
 
 def _opt(default, help=None, **argparse_kw):
@@ -65,7 +68,10 @@ class TrainConfig:
     overwrite: bool = _opt(False, "a fresh run (no --resume) into an --out that holds another run's log.jsonl or "
                            "checkpoint-*.pt deletes them first (default: such a run is refused)")
     resume_override: str = _opt("", "with --resume: settings that may differ from the checkpoint's, e.g. "
-                                "lamb,mask_ratio (the checkpoint records each change)", metavar="SETTING[,SETTING]")
+                                "lamb,mask_ratio (the checkpoint records each change). With batch_size or accum_iter "
+                                "the data position is recomputed from the step (micro step = step * the new "
+                                "--accum-iter, over the new batches per epoch), not continued at the images seen, and "
+                                "--blr's lr follows the new effective batch", metavar="SETTING[,SETTING]")
     num_workers: int | None = _opt(None, "loader processes (default: the machine's cores)")
     log_every: int = _opt(10, "optimizer steps between log records (the only host syncs of the loop)")
     device: str | None = _opt(None, "default: cuda when available")

@@ -227,7 +227,7 @@ def _run_info(cfg: TrainConfig, probe_classes: int) -> dict:
                 data=_canonical("data", cfg.data),
                 builtin_size=cfg.builtin_size, seed=cfg.seed, norm_pix_loss=cfg.norm_pix_loss,
                 cls_double_norm=cfg.cls_double_norm, probe_classes=probe_classes,
-                decay_tokens=cfg.decay_tokens, amp=cfg.amp)
+                decay_tokens=cfg.decay_tokens, amp=cfg.amp, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter)
 
 
 def _make_loader(cfg: TrainConfig, aug, sampler, step: int, total: int, device) -> tuple:

@@ -85,9 +85,9 @@ def validate(a) -> None:
 
     check_range(a, ("steps", "batch_size"), 1, optional=True)  # None: the preset's
     check_range(a, ("eval_images",), 1)
-    bad = [v for v in a.lambdas if not v >= 0]
+    bad = [v for v in a.lambdas if not 0 <= v < float("inf")]
     if bad:
-        raise ValueError(f"--lambdas must be >= 0, got {bad[0]}")
+        raise ValueError(f"--lambdas must be finite and >= 0, got {bad[0]}")
     parse_device(a.device)
     check_out(a.out)  # before the runs whose report goes there
     if not getattr(a, "overwrite", False):  # before any run: a later lambda's old run would stop it midway

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -112,13 +113,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def check_range(args, names, low: float, strict: bool = False, optional: bool = False) -> None:
     """ValueError naming the flag and its value unless each of `names` is >= low (> low when
-    strict; None passes when optional). NaN fails."""
+    strict; None passes when optional). NaN and infinities fail."""
     for k in names:
         v = getattr(args, k)
         if v is None and optional:
             continue
         if v is None or not (v > low if strict else v >= low):
             raise ValueError(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} {low:g}, got {v}")
+        if isinstance(v, float) and math.isinf(v):
+            raise ValueError(f"--{k.replace('_', '-')} must be a finite number, got {v}")
 
 
 def open_out(out: str, name: str = ".write-test", flags: int = os.O_WRONLY | os.O_CREAT) -> int:

@@ -38,6 +38,8 @@ export TORCHINDUCTOR_CACHE_DIR=$PWD/../torchinductor
 "$V/bin/python" setup.py build_ext --inplace > ../build.log 2>&1 || { tail -30 ../build.log; exit 1; }
 "$V/bin/python" -c "import torch, triton; print('compat stack: torch', torch.__version__, 'triton', triton.__version__,
       '| extension -march=$UMAE_CPU_ARCH, torch CPU dispatch', torch.backends.cpu.get_cpu_capability())"
-# Not here (the main suite runs them; CI time): the GPU script's dry run (60 s) and umae reproduce's
-# end-to-end run, whose code is the trainer's and the evaluator's, both tested here through their own tests.
-exec "$V/bin/python" -m pytest tests --ignore=tests/test_gpu_check.py --ignore=tests/test_reproduce.py "$@"
+# Not here (the main suite runs them; CI time): the GPU script's dry run (60 s), umae reproduce's
+# end-to-end run, whose code is the trainer's and the evaluator's, both tested here through their own
+# tests, and the CLI's and trainer's error and safety tests (files, locks, messages: umae's own logic).
+exec "$V/bin/python" -m pytest tests --ignore=tests/test_gpu_check.py --ignore=tests/test_reproduce.py \
+  --ignore=tests/test_cli_errors.py --ignore=tests/test_train_safety.py "$@"

@@ -97,19 +97,6 @@ def test_restore_tokens_double_backward(device, impl, has_cls):
                                      TOL[torch.float32])
 
 
-@pytest.mark.parametrize("impl", [p for p in cpu_impls("random_masking") if p.values[0] == "cpp-cpu"])
-def test_token_ops_gradgradcheck_float64_cpp(impl):
-    N, L, D = 2, 7, 3
-    x, pos, cls = (randn(*s, dtype=torch.float64, requires_grad=True) for s in ((N, L, D), (1, L, D), (1, 1, D)))
-    noise = torch.rand(N, L)
-    assert_runs("random_masking", impl, x, pos, cls)
-    assert torch.autograd.gradgradcheck(lambda a, b, c: umae.random_masking(a, 0.5, noise, b, c)[0], (x, pos, cls))
-    ids = torch.argsort(torch.rand(N, L), 1)
-    xk = randn(N, 4, D, dtype=torch.float64, requires_grad=True)
-    tok, dpos = (randn(*s, dtype=torch.float64, requires_grad=True) for s in ((1, 1, D), (1, L + 1, D)))
-    assert torch.autograd.gradgradcheck(lambda a, b, c: umae.restore_tokens(a, ids, b, c), (xk, tok, dpos))
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_patchify_unpatchify_double_backward(device):
     # linear: the backward of patchify's backward (unpatchify) is patchify again, through the C++ ops' autograd

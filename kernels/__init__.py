@@ -6,10 +6,19 @@ interpreter). umae/bench/jit.py compiles, for sm_90 and without a GPU, exactly w
 compiles for the launches the launchers make (tests/test_triton_compile.py). Nothing here imports
 umae: the kernels are the bottom layer.
 """
+import functools as _functools
 import os as _os
+
+import torch as _torch
 
 
 def interpreted() -> bool:
     """The one place that decides whether Triton kernels run under the interpreter (importing
     umae.kernels loads no Triton: umae._backend asks this on machines without it)."""
     return _os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def promoted(*tensors) -> _torch.dtype:
+    """torch's type promotion over the given tensors (None skipped): the token ops' output dtype,
+    as their references' adds and cats give it (umae._checks.result_dtype is this)."""
+    return _functools.reduce(_torch.promote_types, [t.dtype for t in tensors if t is not None])

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreted
+from . import interpreted, promoted  # noqa: F401  (the launchers' import of it)
 
 # decided at import, so a compile check (run without the interpreter) compiles the GPU branch
 INTERPRETED = tl.constexpr(interpreted())
@@ -37,12 +37,6 @@ def _interpreter_index_fix():
 
 if INTERPRETED.value:
     _interpreter_index_fix()
-
-
-def promoted(*tensors) -> torch.dtype:
-    """torch's type promotion over the given tensors (None skipped): the token ops' output dtype,
-    as their references' adds and cats give it."""
-    return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
 
 # False while umae.bench.jit.recording intercepts launches without running them (the sm_90 compile
 # check): the launchers' checks of data that kernels wrote (restore_tokens' ids_restore, from

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import promoted as result_dtype  # noqa: F401  (one rule for kernels and references)
 from .registry import FLOAT_DTYPES as FLOATS
 
 
@@ -33,16 +34,6 @@ def shape(x, name: str, expected: tuple, what: str = "") -> None:
 def nonempty_batch(x, name: str) -> None:
     if x.shape[0] == 0:
         raise ValueError(f"{name} has an empty batch (size 0 on dim 0)")
-
-
-def result_dtype(*tensors):
-    """The dtype torch's type promotion gives the optional tensors' adds and cats (None skipped):
-    the output dtype of the token ops, as their references compute it."""
-    dts = [t.dtype for t in tensors if t is not None]
-    out = dts[0]
-    for dt in dts[1:]:
-        out = torch.promote_types(out, dt)
-    return out
 
 
 def acc_dtype(dtype):

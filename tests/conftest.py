@@ -17,14 +17,14 @@ def _seed_and_backend(request):
     import contextlib
 
     import umae
-    from umae import _backend
+    from umae import ops
 
     torch.manual_seed(0)
     prev = umae.get_backend()
     umae.set_backend("fused")
     # a test parametrized by `impl` (tests/utils.py: fused_impls) runs that implementation first
     impl = getattr(request.node, "callspec", None) and request.node.callspec.params.get("impl")
-    with _backend.use_impl(impl) if impl else contextlib.nullcontext():
+    with ops.use_impl(impl) if impl else contextlib.nullcontext():
         yield
     umae.set_backend(prev)
 

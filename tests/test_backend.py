@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from utils import DEVICES
 
 import umae
-from umae import _backend, bench, registry
+from umae import _backend, bench, ops, registry
 from umae.bench import cases
 
 
@@ -56,16 +56,16 @@ def test_backend_info_reports_every_op_and_reason():
 
 
 def test_triton_on_cpu_without_interpreter_falls_back_and_says_so(monkeypatch):
-    assert _backend.choose("uniformity_loss", "cpu")[0] == "cpp-cpu"  # the C++ kernel comes first on CPU
-    with _backend.use_impl("triton-interpreter"):
+    assert ops.choose("uniformity_loss", "cpu")[0] == "cpp-cpu"  # the C++ kernel comes first on CPU
+    with ops.use_impl("triton-interpreter"):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        impl, why = _backend.choose("uniformity_loss", "cpu")
+        impl, why = ops.choose("uniformity_loss", "cpu")
         assert impl == "reference" and "Triton needs a GPU" in why
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert _backend.choose("uniformity_loss", "cpu")[0] == "triton-interpreter"
-        assert _backend.choose("patchify", "cpu")[0] == "cpp-cpu"  # an op without that impl keeps its own
+        assert ops.choose("uniformity_loss", "cpu")[0] == "triton-interpreter"
+        assert ops.choose("patchify", "cpu")[0] == "cpp-cpu"  # an op without that impl keeps its own
     with pytest.raises(ValueError, match="use_impl takes one of"):
-        with _backend.use_impl("tpu"):
+        with ops.use_impl("tpu"):
             pass
 
 
@@ -192,41 +192,42 @@ def _preferences(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("op", list(registry.OPS))
 def test_backend_info_is_what_runs(op, dtype, device):
-    cpp_schemas = {i.schema for o in registry.OPS.values() for i in o.impls if i.schema}
+    from umae.bench import jit
+
+    spec = registry.get(op)
+    triton_fns = [f for o in registry.OPS.values() if o.kernels for f in jit.kernels_of(o.kernels)]
     for prefer in _preferences(device):
         for backend in ("fused", "reference"):
-            with umae.use_backend(backend), (_backend.use_impl(prefer) if prefer else contextlib.nullcontext()):
+            with umae.use_backend(backend), (ops.use_impl(prefer) if prefer else contextlib.nullcontext()):
                 said = umae.backend_info([device], dtype)[op][device].split(":")[0]
                 case = bench.case(op, TINY, dtype, device)
-                with _UmaeOps() as rec:
+                with _UmaeOps() as rec, jit.recording(triton_fns, run=True) as launches:
                     out = case.forward()
                     outs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.requires_grad]
                     torch.autograd.grad(outs, case.grad_inputs, [torch.ones_like(t) for t in outs])
             where = f"{op} {dtype} {device} prefer={prefer} backend={backend}"
             if said == "reference":
-                assert rec.ran == [], f"{where}: backend_info says reference, but {rec.ran} ran"
+                assert rec.ran == [] and launches == [], f"{where}: backend_info says reference, but {rec.ran} ran"
                 continue
             assert rec.ran, f"{where}: backend_info says {said}, but only the reference ran"
             assert all(devs == {device} for _, devs in rec.ran), rec.ran
-            impl = next(i for i in registry.get(op).impls if i.name == said or (said, i.name) ==
-                        ("triton-interpreter", "triton"))
+            impl = next(i for i in spec.impls if i.name == said or (said, i.name) == ("triton-interpreter", "triton"))
             ran = {name.split(".")[0] for name, _ in rec.ran}
-            is_cpp = [any(n.startswith(c) for c in cpp_schemas) for n in ran]  # a C++ op or its _backward/_with_grad
-            if impl.schema:  # its C++ op (and C++ ops only: patchify's backward is unpatchify)
-                assert any(n.startswith(impl.schema) for n in ran) and all(is_cpp), f"{where}: {said} said, {ran} ran"
-            else:  # the Triton custom ops, no C++ one
-                assert not any(is_cpp), f"{where}: {said} said, {ran} ran"
+            # the op's one custom op (or, below the C++ autograd of uniformity_loss, its _with_grad)
+            assert any(n.startswith(spec.schema) for n in ran), f"{where}: {said} said, {ran} ran"
+            # its kernel: Triton launches exactly when a Triton implementation is said to run
+            assert bool(launches) == (impl.kind == "triton"), f"{where}: {said} said, {len(launches)} Triton launches"
 
 
 def test_fp64_runs_the_reference_where_a_kernel_does_not_take_it():
     # the Triton kernels compute in fp32 at most; the C++ CPU kernels take fp64 (gradcheck)
     for op in ("random_masking", "restore_tokens", "uniformity_loss"):
-        assert _backend.choose(op, "cpu", (torch.float64,))[0] == "cpp-cpu"
-        assert _backend.choose(op, "cuda", (torch.float64,))[0] == "reference"
-        with _backend.use_impl("triton-interpreter"):
-            assert _backend.choose(op, "cpu", (torch.float64,))[0] == "reference"
-    assert _backend.choose("mae_loss", "cuda", (torch.float32, torch.float64))[0] in ("reference",)
-    assert _backend.choose("patchify", "cpu", (torch.float64,))[0] == "cpp-cpu"
+        assert ops.choose(op, "cpu", (torch.float64,))[0] == "cpp-cpu"
+        assert ops.choose(op, "cuda", (torch.float64,))[0] == "reference"
+        with ops.use_impl("triton-interpreter"):
+            assert ops.choose(op, "cpu", (torch.float64,))[0] == "reference"
+    assert ops.choose("mae_loss", "cuda", (torch.float32, torch.float64))[0] in ("reference",)
+    assert ops.choose("patchify", "cpu", (torch.float64,))[0] == "cpp-cpu"
 
 
 def test_model_fused_false_runs_only_references():
@@ -248,18 +249,20 @@ def test_registry_entries_are_complete():
     assert umae.__all__[-len(registry.OPS):] == list(registry.OPS)  # the ops, after the switch and patch API
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name, op in registry.OPS.items():
-        assert callable(getattr(umae, name)) and callable(op.reference_fn) and callable(op.fused_fn)
+        assert callable(getattr(umae, name)) and callable(op.reference) and callable(op.fused)
         assert callable(cases.CASES[name]), name
         assert os.path.isfile(os.path.join(root, op.tests)), op.tests
         assert {i.device for i in op.impls} == {"cpu", "cuda"}, name
-        for impl in op.impls:
-            assert callable(op.entry_fn(impl.name)), (name, impl.name)
-        if op.kernels:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.schema, "CPU"), op.schema
+        if op.kernels:  # Triton: its launchers are the CUDA kernels of the op (and of its backward)
             from umae.bench import jit
 
-            assert jit.kernels_of(op.kernel_module()), name
+            assert jit.kernels_of(op.kernels), name
+            assert op.schema.split("::")[1] in op.triton_kernels, name
+            for k in op.triton_kernels:
+                assert torch._C._dispatch_has_kernel_for_dispatch_key(f"umae::{k}", "CUDA"), k
     with pytest.raises(KeyError, match="unknown op 'nope'"):
-        _backend.choose("nope", "cpu")
+        ops.choose("nope", "cpu")
 
 
 def test_importing_umae_changes_no_global_state():

@@ -1,5 +1,6 @@
-"""The code's shape, checked from its imports: every import runs down the layers (registry, op
-modules, ops, models, train / eval, bench, CLI), kernels/ imports nothing of umae, no circle."""
+"""The code's shape, checked from its imports: every import runs down the layers (what the process
+can run, op modules, registry and switch, ops, models, train / eval, bench, CLI), kernels/ imports
+nothing of umae, no circle."""
 import ast
 import os
 
@@ -8,9 +9,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lowest first; a module may import its own layer's and lower layers' modules only
 LAYERS = [
     ("kernels", ["umae.kernels"]),
-    ("registry", ["umae.registry", "umae._build", "umae._C", "umae._checks", "umae._backend"]),
+    ("library", ["umae._library", "umae._build", "umae._C", "umae._checks", "umae._spec", "umae._backend"]),
     ("op modules", ["umae.patchify_op", "umae.masked_mse_op", "umae.random_masking_op", "umae.restore_tokens_op",
                     "umae.uniformity_op"]),
+    ("registry", ["umae.registry"]),
     ("ops", ["umae.ops"]),
     ("models", ["umae._mae", "umae.models", "umae.patching", "umae"]),
     ("train / eval", ["umae.data", "umae.train", "umae.evaluate", "umae.reproduce"]),
@@ -109,3 +111,54 @@ def test_the_checker_sees_an_import_back_up(tmp_path):
     found = imports("umae.kernels.fake", str(src), known)
     assert found == {"umae._backend", "umae.kernels._util", "umae.ops"}, found
     assert layer("umae._backend") > layer("umae.kernels.fake") and layer("umae.ops") > layer("umae._backend")
+
+
+def _op_files(op, roots=(ROOT,)) -> set:
+    """The files holding op's faces, found from its registry entry: its functions' and kernels'
+    modules, the C++/CUDA files that define its schemas or register kernels for them, its tests,
+    the registry, and any file of umae/, kernels/ or csrc/ that names the op in quotes (a branch
+    on its name elsewhere would be a face to edit too)."""
+    import inspect
+    import re
+
+    from umae import registry
+
+    files = {inspect.getsourcefile(f) for f in (op.public, op.reference, op.fused, op.bench)}
+    files |= {inspect.getsourcefile(registry), os.path.join(ROOT, op.tests)}
+    if op.kernels is not None:
+        files.add(inspect.getsourcefile(op.kernels))
+    names = {op.schema.split("::")[1]} | set(op.triton_kernels or ())
+    schema = re.compile(r'm\.(def|impl)\("(%s)(_backward|_with_grad)?[("]' % "|".join(map(re.escape, names)))
+    quoted = re.compile("[\"']%s[\"']" % re.escape(op.name))
+    for folder in (os.path.join(r, d) for r in roots for d in ("umae", "kernels", "csrc")):
+        for dirpath, _, fs in os.walk(folder):
+            for f in fs:
+                if f.endswith((".py", ".cpp", ".cu", ".h", ".cuh")):
+                    path = os.path.join(dirpath, f)
+                    text = open(path).read()
+                    if schema.search(text) or (quoted.search(text) and not path.endswith("registry.py")):
+                        files.add(path)
+    return {os.path.relpath(os.path.realpath(p), ROOT) for p in files}
+
+
+def test_an_op_lives_in_five_files():
+    from umae import registry
+
+    for name, op in registry.OPS.items():
+        files = _op_files(op)
+        assert len(files) <= 5, f"{name} lives in {len(files)} files: {sorted(files)}"
+        assert f"umae/{op.public.__module__.split('.')[-1]}.py" in files, name
+
+
+def test_op_files_sees_a_branch_on_the_name_and_a_schema(tmp_path):
+    # the check itself can fail: a quoted op name or a kernel registration elsewhere is counted
+    from umae import registry
+
+    op = registry.get("random_masking")
+    (tmp_path / "umae").mkdir()
+    (tmp_path / "umae" / "probe.py").write_text('if op_name == "random_masking":\n    pass\n')
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "probe.cu").write_text('  m.impl("random_masking_backward", &k);\n')
+    before = _op_files(op)
+    after = _op_files(op, roots=(ROOT, str(tmp_path)))
+    assert {os.path.basename(p) for p in after - before} == {"probe.py", "probe.cu"}

@@ -81,11 +81,11 @@ def test_fused_patch_embedding_gives_contiguous_tokens(monkeypatch):
 
 
 def test_global_backend_switch_routes_a_fused_model_to_the_reference(monkeypatch):
-    import umae.ops as ops
+    import umae.uniformity_op as uniformity_op
 
     calls = []
-    real = ops.uniformity_op.uniformity_loss_reference
-    monkeypatch.setattr(ops.uniformity_op, "uniformity_loss_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = uniformity_op.uniformity_loss_reference
+    monkeypatch.setattr(uniformity_op, "uniformity_loss_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
     fused, _ = _pair("cpu")
     imgs = torch.randn(2, 3, 32, 32)
     fused(imgs)

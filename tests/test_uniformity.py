@@ -2,7 +2,6 @@
 interpreted on CPU, native on CUDA) vs the reference, the allocation pattern, and the global-batch
 loss across 2 gloo processes."""
 import math
-import os
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from utils import (DTYPES, LOSS_TOL, MATMUL_TOL, assert_close, assert_runs, cpu_
                    triton_cpu)
 
 import umae
-from umae import _backend
+from umae import ops
 from umae.uniformity_op import uniformity_loss_reference
 
 BS = [1, 2, 7, 64, 255, 1024]
@@ -114,7 +113,7 @@ def test_opcheck(device, impl):
     from umae.uniformity_op import NORM_EPS
 
     if impl == "cpp-cpu":
-        op, extra = torch.ops.umae.uniformity_loss_cpp, [(NORM_EPS,)]
+        op, extra = torch.ops.umae.uniformity_loss, [(NORM_EPS,)]
     else:  # keep_gram on and off: the forward with and without the Gram saved for the backward
         op, extra = torch.ops.umae.uniformity_loss, [(True,), (False,)]
     for e in extra:
@@ -198,7 +197,7 @@ def _worker(rank, world, store, backend, exact, out_path, impl):
 
     import torch.distributed as dist
 
-    from umae import _backend
+    from umae import ops
 
     # a file store: no TCP port to race for
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -209,8 +208,8 @@ def _worker(rank, world, store, backend, exact, out_path, impl):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     feats = ddp(x[rank * 9:(rank + 1) * 9])
     feats.retain_grad()
-    with _backend.use_impl(impl) if impl else contextlib.nullcontext():
-        assert impl is None or _backend.implementation("uniformity_loss", feats) == impl
+    with ops.use_impl(impl) if impl else contextlib.nullcontext():
+        assert impl is None or ops.implementation("uniformity_loss", feats) == impl
         loss = umae.uniformity_loss(feats, exclude_diagonal=True, process_group=dist.group.WORLD, exact_ddp_grad=exact)
     loss.backward()
     if rank == 0:
@@ -246,7 +245,7 @@ def test_distributed_matches_single_process(tmp_path, backend, exact, impl):
 def test_interpreter_rounds_half_inputs_as_the_gpu_does(dtype):
     # the GPU kernel rounds z = f / |f| to the half dtype and multiplies with fp32 accumulation; the
     # interpreter path must reproduce that (not fp32 products of unrounded z, ~1e-3 away in bf16)
-    from umae import _backend
+    from umae import ops
     from umae.kernels import uniformity as k
 
     f = randn(300, 80).to(dtype)
@@ -258,8 +257,8 @@ def test_interpreter_rounds_half_inputs_as_the_gpu_does(dtype):
     assert (g - z32.T @ z32).abs().max() > 1e-4  # the check can tell fp32 products apart
     assert_close(k.z_times_gram(f, rinv, g), z @ g.to(dtype).float(), name="Z @ G", **MATMUL_TOL[torch.float32])
     assert k.rounding_dtype(dtype) == dtype
-    with _backend.use_impl("triton-interpreter"):
-        assert _backend.implementation("uniformity_loss", f) == "triton-interpreter"
+    with ops.use_impl("triton-interpreter"):
+        assert ops.implementation("uniformity_loss", f) == "triton-interpreter"
         loss = umae.uniformity_loss(f)
     assert_close(loss, (z.T @ z).pow(2).sum() / 300**2, **LOSS_TOL[torch.float32])
 
@@ -287,7 +286,7 @@ def test_forward_keeps_the_gram_for_the_backward(monkeypatch, requires_grad):
     monkeypatch.setattr(k, "_gram_launch", lambda f, rinv, gram, sq, **kw: (launches.append(gram is not None),
                                                                            real(f, rinv, gram, sq, **kw)))
     f = randn(70, 130, requires_grad=requires_grad)
-    with _backend.use_impl("triton-interpreter"):
+    with ops.use_impl("triton-interpreter"):
         loss = umae.uniformity_loss(f)
         assert launches == [requires_grad]
         if requires_grad:
@@ -306,7 +305,7 @@ def test_fp16_gram_of_a_collapsed_batch_does_not_overflow():
     f = torch.zeros(B, D)
     f[:, 0] = 1.0
     f = (f + 0.1 * torch.randn(B, D)).half().requires_grad_()
-    with _backend.use_impl("triton-interpreter"):
+    with ops.use_impl("triton-interpreter"):
         loss = umae.uniformity_loss(f)
         (grad,) = torch.autograd.grad(loss, f)
     # the reference's B x B matrix would take 20 GB: the same loss through the D x D Gram, in fp64

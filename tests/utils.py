@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from umae import _backend, registry
+from umae import _backend, ops, registry
 from umae._backend import triton_interpreted
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -137,8 +137,9 @@ def fused_impls(op: str, device: str | None = None):
     the C++ kernel and, under TRITON_INTERPRET=1, the Triton kernel). tests/conftest.py puts the
     test's `impl` first (`_backend.use_impl`); `assert_runs` checks that it is what runs."""
     out = []
-    for impl in registry.get(op).impls:
-        if device not in (None, impl.device) or impl.device not in DEVICES or not _backend._runnable(impl)[0]:
+    spec = registry.get(op)
+    for impl in spec.impls:
+        if device not in (None, impl.device) or impl.device not in DEVICES or not _backend._runnable(spec, impl)[0]:
             continue
         out.append(pytest.param(impl.device, impl.name, id=f"{impl.device}-{impl.name}"))
     return out
@@ -151,5 +152,5 @@ def cpu_impls(op: str):
 
 def assert_runs(op: str, impl: str, *tensors):
     """The parity test runs the implementation it names (else it would compare the reference with itself)."""
-    got = _backend.implementation(op, *tensors)
+    got = ops.implementation(op, *tensors)
     assert got == impl or (impl == "triton" and got == "triton-interpreter"), f"{op}: {got} runs, not {impl}"

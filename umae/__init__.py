@@ -4,14 +4,14 @@ Every op has a fused implementation (C++/CUDA or Triton) and a pure-PyTorch refe
 that defines its semantics; `set_backend` / `use_backend` / UMAE_BACKEND choose. The ops
 are listed once, in umae/registry.py.
 """
-from . import ops as _ops
-from ._backend import backend_info, format_backend_info, get_backend, set_backend, use_backend
+from ._backend import get_backend, set_backend, use_backend
+from .ops import backend_info, format_backend_info
 from .patching import patch, unpatch
 from .registry import OPS as _OPS
 
 __version__ = "0.1.0"
 
-globals().update({name: getattr(_ops, name) for name in _OPS})
+globals().update({name: op.public for name, op in _OPS.items()})
 
 __all__ = ["backend_info", "format_backend_info", "get_backend", "set_backend", "use_backend", "patch", "unpatch",
            *_OPS]

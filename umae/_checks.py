@@ -1,10 +1,14 @@
 """Argument checks shared by the public ops: clear errors that name the argument."""
 from __future__ import annotations
 
+import numbers
+import operator
+
 import torch
 
 from .kernels import promoted as result_dtype  # noqa: F401  (one rule for kernels and references)
-from .registry import FLOAT_DTYPES as FLOATS
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # the floating dtypes umae's ops take
 
 
 def tensor(x, name: str, dims: int | tuple[int, ...] | None = None, floating: bool = True) -> None:
@@ -84,3 +88,68 @@ def first_order_only(op: str, backward, *args):
     for i, g in zip(live, wrapped):
         outs[i] = g
     return outs[0] if single else tuple(outs)
+
+
+# ---- scalars and images (numpy scalars accepted: they are what a config loader gives) ----
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"))
+
+
+def as_int(v):
+    """v as a Python int if it is an integer (int, numpy integer: operator.index), not a bool (numpy's
+    may have __index__) nor a tensor (whose value may live on a GPU); else None."""
+    if _is_bool(v) or isinstance(v, torch.Tensor):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def as_float(v):
+    """v as a Python float if it is a real number (int, float, numpy scalar), not a bool nor a tensor;
+    else None."""
+    if _is_bool(v) or isinstance(v, torch.Tensor):
+        return None
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return None
+
+
+def pair(v, name: str) -> tuple[int, int]:
+    """image_size: a positive int H or a pair (H, W) of positive ints (numpy integers too)."""
+    vals = (v, v) if as_int(v) is not None else tuple(v) if isinstance(v, (tuple, list)) else ()
+    ints = tuple(as_int(i) for i in vals)
+    if len(ints) != 2 or any(i is None for i in ints):
+        raise TypeError(f"{name} must be an int or a pair (H, W) of ints, got {v!r}")
+    if min(ints) <= 0:
+        raise ValueError(f"{name} must be positive, got {v!r}")
+    return ints
+
+
+def patch_size_int(p) -> int:
+    """patch_size as a Python int (numpy integers accepted), or a ValueError naming it."""
+    q = as_int(p)
+    if q is None or q <= 0:
+        raise ValueError(f"patch_size must be a positive int, got {p!r}")
+    return q
+
+
+def images(imgs: torch.Tensor, p, name: str = "imgs") -> int:
+    tensor(imgs, name, dims=4)
+    p = patch_size_int(p)
+    H, W = imgs.shape[2:]
+    if H % p or W % p:
+        raise ValueError(f"{name} height and width ({H}, {W}) must be divisible by patch_size {p}")
+    return p
+
+
+def param(t, name: str, expected: tuple, ref: torch.Tensor) -> None:
+    """An optional parameter tensor (pos_embed, cls_token, mask_token): floating, of `expected` shape,
+    on ref's device."""
+    if t is None:
+        return
+    tensor(t, name)
+    shape(t, name, expected)
+    same_device(x=ref, **{name: t})

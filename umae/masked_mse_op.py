@@ -1,6 +1,7 @@
-"""MAE's reconstruction loss: the reference (facebookresearch/mae `forward_loss`, math in
-fp32), the fused entries and the torch.library glue of the C++/CUDA per-patch kernels
-(csrc/cpu/masked_mse.cpp, csrc/cuda/masked_mse.cu).
+"""MAE's reconstruction loss: the public ops, the references (facebookresearch/mae
+`forward_loss`, math in fp32), the fused functions and the torch.library glue of the C++/CUDA
+per-patch kernels (csrc/cpu/masked_mse.cpp, csrc/cuda/masked_mse.cu), the benchmark cases, the
+registry entries.
 
 The kernels compute the per-patch error (N, L); the masked mean over removed patches
 is a few (N, L)-sized torch ops shared by both paths, so both define the edge cases
@@ -10,11 +11,64 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend
+from . import _backend, _checks, _library
+from ._spec import CPP_CUDA_NO_FP64, Case, Op, elt, rand, vit_shape
 from ._checks import acc_dtype, first_order_only
 from .patchify_op import patchify_reference
 
 NORM_PIX_EPS = 1e-6  # MAE's; the kernels take it as an argument
+
+
+def _check_loss_args(pred, target, mask, target_name: str, expected_target_shape=None):
+    _checks.tensor(pred, "pred", dims=3)
+    _checks.tensor(target, target_name)  # floating: an int, uint8 or complex target has no MSE here
+    _checks.tensor(mask, "mask", dims=2, floating=False)
+    if not (mask.dtype.is_floating_point or mask.dtype == torch.bool):
+        raise TypeError(f"mask must be a floating or bool tensor (1 = removed), got {mask.dtype}")
+    _checks.same_device(pred=pred, **{target_name: target}, mask=mask)
+    _checks.nonempty_batch(pred, "pred")
+    if expected_target_shape is not None:
+        _checks.shape(target, target_name, expected_target_shape, "(the shape of pred)")
+    _checks.shape(mask, "mask", pred.shape[:2], "(N, L of pred)")
+    if (pred.dtype == torch.float64) != (target.dtype == torch.float64):
+        raise TypeError(f"pred ({pred.dtype}) and {target_name} ({target.dtype}): float64 goes with float64 only")
+
+
+def _check_norm_pix(norm_pix: bool, K: int) -> None:
+    if norm_pix and K < 2:
+        raise ValueError(f"norm_pix needs at least 2 values per patch (unbiased variance), pred has K={K}")
+
+
+def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                    norm_pix: bool = True, *, backend: str | None = None) -> torch.Tensor:
+    """MAE's `forward_loss` on a patchified target (N, L, K); fp32 scalar.
+
+    With norm_pix, each target patch is normalized by its mean and unbiased variance
+    (eps NORM_PIX_EPS = 1e-6). The squared error is averaged over K, then over the removed
+    patches (mask == 1). A mask with no removed patch gives 0 (and zero gradient), not NaN.
+    NaN in pred or target propagates to the loss, as in the reference.
+    """
+    _check_loss_args(pred, target, mask, "target", pred.shape)
+    _check_norm_pix(norm_pix, pred.shape[2])
+    if _backend.fused(MASKED_MSE_LOSS, (pred, target), backend):
+        return masked_mse_loss_fused(pred, target, mask, norm_pix=norm_pix)
+    return masked_mse_loss_reference(pred, target, mask, norm_pix=norm_pix)
+
+
+def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
+             norm_pix: bool = True, *, backend: str | None = None) -> torch.Tensor:
+    """`masked_mse_loss(pred, patchify(imgs, patch_size), mask, norm_pix)` with patchify fused in:
+    the (normalized) target is never written to memory."""
+    p = _checks.images(imgs, patch_size)
+    N, C, H, W = imgs.shape
+    _check_loss_args(pred, imgs, mask, "imgs")
+    if pred.shape != (N, (H // p) * (W // p), p * p * C):
+        raise ValueError(f"pred must have shape (N, L, p*p*C) = {(N, (H // p) * (W // p), p * p * C)} "
+                         f"for imgs {tuple(imgs.shape)} and patch_size {p}, got {tuple(pred.shape)}")
+    _check_norm_pix(norm_pix, pred.shape[2])
+    if _backend.fused(MAE_LOSS, (pred, imgs), backend):
+        return mae_loss_fused(pred, imgs, mask, p, norm_pix=norm_pix)
+    return mae_loss_reference(pred, imgs, mask, p, norm_pix=norm_pix)
 
 
 def patch_mse_reference(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool) -> torch.Tensor:
@@ -61,7 +115,7 @@ def mae_loss_fused(pred, imgs, mask, patch_size, norm_pix=True):
     return masked_mean(torch.ops.umae.patch_mse(pred, imgs, patch_size, norm_pix, NORM_PIX_EPS), mask)
 
 
-if _backend.EXT_LOADED:
+if _library.EXT_LOADED:
 
     @torch.library.register_fake("umae::patch_mse")
     def _patch_mse_fake(pred, target, patch_size, norm_pix, eps):
@@ -83,3 +137,34 @@ if _backend.EXT_LOADED:
         return grad, None, None, None, None
 
     torch.library.register_autograd("umae::patch_mse", _backward, setup_context=_setup)
+
+
+def _loss_inputs(s, dtype, device):
+    s = vit_shape(s)
+    img_dtype = acc_dtype(dtype)  # fp64 goes with fp64 only
+    imgs = rand(s["N"], s["C"], s["img"], s["img"], dtype=img_dtype, device=device)
+    pred = rand(s["N"], s["L"], s["K"], dtype=dtype, device=device, grad=True)
+    mask = (torch.rand(s["N"], s["L"], device=device) < 0.75).float()
+    return s, imgs, pred, mask
+
+
+def bench_mae_loss(s, dtype, device):
+    s, imgs, pred, mask = _loss_inputs(s, dtype, device)
+    # forward reads pred and imgs; backward reads them again and writes grad pred
+    fwd = pred.numel() * elt(dtype) + imgs.numel() * imgs.element_size()
+    return Case("mae_loss", dtype, lambda: mae_loss(pred, imgs, mask, s["p"]), [pred], fwd,
+                fwd + pred.numel() * elt(dtype))
+
+
+def bench_masked_mse_loss(s, dtype, device):
+    s, imgs, pred, mask = _loss_inputs(s, dtype, device)
+    target = patchify_reference(imgs, s["p"]).contiguous()
+    fwd = pred.numel() * elt(dtype) + target.numel() * target.element_size()
+    return Case("masked_mse_loss", dtype, lambda: masked_mse_loss(pred, target, mask), [pred], fwd,
+                fwd + pred.numel() * elt(dtype))
+
+
+MASKED_MSE_LOSS = Op("masked_mse_loss", "umae::patch_mse", masked_mse_loss, masked_mse_loss_reference,
+                     masked_mse_loss_fused, CPP_CUDA_NO_FP64, bench_masked_mse_loss, tests="tests/test_masked_mse.py")
+MAE_LOSS = Op("mae_loss", "umae::patch_mse", mae_loss, mae_loss_reference, mae_loss_fused, CPP_CUDA_NO_FP64,
+              bench_mae_loss, tests="tests/test_masked_mse.py")

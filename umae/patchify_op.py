@@ -1,11 +1,44 @@
-"""patchify / unpatchify: the references (facebookresearch/mae's, for any C and H != W),
-the fused entries and the torch.library glue (fake tensors, autograd) of the C++/CUDA
-kernels (csrc/cpu/patchify.cpp, csrc/cuda/patchify.cu)."""
+"""patchify / unpatchify: the public ops, the references (facebookresearch/mae's, for any C and
+H != W), the fused functions and the torch.library glue (fake tensors, autograd) of the C++/CUDA
+kernels (csrc/cpu/patchify.cpp, csrc/cuda/patchify.cu), the benchmark cases, the registry entries."""
 from __future__ import annotations
 
 import torch
 
-from . import _backend
+from . import _backend, _checks, _library
+from ._spec import CPP, Case, Op, elt, rand, vit_shape
+
+
+def patchify(imgs: torch.Tensor, patch_size: int, *, backend: str | None = None) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L, p*p*C), ordered as facebookresearch/mae's `patchify`.
+
+    Any strides are accepted (no copy); the output is contiguous.
+    """
+    patch_size = _checks.images(imgs, patch_size)
+    if _backend.fused(PATCHIFY, (imgs,), backend):
+        return patchify_fused(imgs, patch_size)
+    return patchify_reference(imgs, patch_size)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, image_size, channels: int = 3, *,
+               backend: str | None = None) -> torch.Tensor:
+    """(N, L, p*p*C) -> (N, C, H, W), the exact inverse of `patchify`; image_size is H or (H, W)."""
+    _checks.tensor(x, "x", dims=3)
+    p = _checks.patch_size_int(patch_size)
+    H, W = _checks.pair(image_size, "image_size")
+    if H % p or W % p:
+        raise ValueError(f"image_size ({H}, {W}) must be divisible by patch_size {p}")
+    c = _checks.as_int(channels)
+    if c is None or c <= 0:
+        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    channels = c
+    h, w = H // p, W // p
+    if x.shape[1] != h * w or x.shape[2] != p * p * channels:
+        raise ValueError(f"x must have shape (N, {h * w}, {p * p * channels}) for image_size ({H}, {W}), "
+                         f"patch_size {p}, channels {channels}; got {tuple(x.shape)}")
+    if _backend.fused(UNPATCHIFY, (x,), backend):
+        return unpatchify_fused(x, p, h, w, channels)
+    return unpatchify_reference(x, p, h, w, channels)
 
 
 def patchify_reference(imgs: torch.Tensor, p: int) -> torch.Tensor:
@@ -33,7 +66,7 @@ def unpatchify_fused(x: torch.Tensor, p: int, h: int, w: int, c: int) -> torch.T
     return torch.ops.umae.unpatchify(x, p, h, w, c)
 
 
-if _backend.EXT_LOADED:
+if _library.EXT_LOADED:
 
     @torch.library.register_fake("umae::patchify")
     def _patchify_fake(imgs, p):
@@ -61,3 +94,23 @@ if _backend.EXT_LOADED:
 
     torch.library.register_autograd("umae::patchify", _patchify_backward, setup_context=_patchify_setup)
     torch.library.register_autograd("umae::unpatchify", _unpatchify_backward, setup_context=_unpatchify_setup)
+
+
+def bench_patchify(s, dtype, device):
+    s = vit_shape(s)
+    imgs = rand(s["N"], s["C"], s["img"], s["img"], dtype=dtype, device=device, grad=True)
+    nbytes = 2 * imgs.numel() * elt(dtype)  # one read, one write
+    return Case("patchify", dtype, lambda: patchify(imgs, s["p"]), [imgs], nbytes, nbytes)
+
+
+def bench_unpatchify(s, dtype, device):
+    s = vit_shape(s)
+    x = rand(s["N"], s["L"], s["K"], dtype=dtype, device=device, grad=True)
+    nbytes = 2 * x.numel() * elt(dtype)
+    return Case("unpatchify", dtype, lambda: unpatchify(x, s["p"], s["img"], s["C"]), [x], nbytes, nbytes)
+
+
+PATCHIFY = Op("patchify", "umae::patchify", patchify, patchify_reference, patchify_fused, CPP, bench_patchify,
+              tests="tests/test_patchify.py")
+UNPATCHIFY = Op("unpatchify", "umae::unpatchify", unpatchify, unpatchify_reference, unpatchify_fused, CPP,
+                bench_unpatchify, tests="tests/test_patchify.py")

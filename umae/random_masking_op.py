@@ -1,17 +1,50 @@
-"""Random masking: the reference (facebookresearch/mae `random_masking`, with the positional
-embedding add and cls prepend that surround it in `forward_encoder`), the fused entries (torch.library
-custom ops around the Triton kernel, kernels/random_masking.py, and the C++ CPU kernel,
-csrc/cpu/random_masking.cpp)."""
+"""Random masking: the public op, the reference (facebookresearch/mae `random_masking`, with the
+positional embedding add and cls prepend that surround it in `forward_encoder`), the fused op
+umae::random_masking: its fake, its autograd, and its Triton kernels (kernels/random_masking.py),
+registered at the CUDA key beside the C++ CPU kernel (csrc/cpu/random_masking.cpp), the
+benchmark case, the registry entry."""
 from __future__ import annotations
 
 import torch
 
-from . import _backend
+from . import _backend, _checks, _library
+from ._spec import CPP_CPU_TRITON_CUDA, Case, Op, elt, rand, vit_shape
 from ._checks import acc_dtype, result_dtype
 
 
 def len_keep_for(L: int, mask_ratio: float) -> int:
     return int(L * (1 - mask_ratio))
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None,
+                   pos_embed: torch.Tensor | None = None, cls_token: torch.Tensor | None = None, *,
+                   backend: str | None = None):
+    """MAE's per-sample random masking -> (x_masked, mask, ids_restore).
+
+    len_keep = int(L * (1 - mask_ratio)) tokens with the smallest noise are kept, in ascending
+    noise order (ties by index: a stable argsort). mask (N, L) fp32 is 1 for removed patches, in
+    the original order; ids_restore (N, L) int64 is the inverse permutation. pos_embed (1, L, D)
+    is added to the kept tokens (the fused kernel never forms x + pos_embed for removed ones);
+    cls_token (1, 1, D), its own positional embedding already added, is prepended. Output dtype
+    follows type promotion of x, pos_embed and cls_token, as in the reference. Without noise,
+    noise = torch.rand(N, L) from torch's default generator (same seed, same mask; no host sync).
+    len_keep may round to 0 (x_masked then holds only the cls token, or no token).
+    """
+    _checks.tensor(x, "x", dims=3)
+    r = _checks.as_float(mask_ratio)
+    if r is None or not 0 <= r < 1:
+        raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+    mask_ratio = r
+    N, L, D = x.shape
+    if noise is not None:
+        _checks.tensor(noise, "noise", dims=2)
+        _checks.shape(noise, "noise", (N, L), "(N, L of x)")
+        _checks.same_device(x=x, noise=noise)
+    _checks.param(pos_embed, "pos_embed", (1, L, D), x)
+    _checks.param(cls_token, "cls_token", (1, 1, D), x)
+    if _backend.fused(RANDOM_MASKING, (x, pos_embed, cls_token), backend):
+        return random_masking_fused(x, mask_ratio, noise, pos_embed, cls_token)
+    return random_masking_reference(x, mask_ratio, noise, pos_embed, cls_token)
 
 
 def random_masking_reference(x, mask_ratio, noise=None, pos_embed=None, cls_token=None):
@@ -40,14 +73,10 @@ def _noise(x, noise):
 
 
 def random_masking_fused(x, mask_ratio, noise=None, pos_embed=None, cls_token=None):
-    """The Triton kernel (CUDA; CPU under the interpreter)."""
-    return random_masking_kernel(x, _noise(x, noise), pos_embed, cls_token, len_keep_for(x.shape[1], mask_ratio))
-
-
-def random_masking_cpp(x, mask_ratio, noise=None, pos_embed=None, cls_token=None):
-    """The C++ CPU kernel (csrc/cpu/random_masking.cpp)."""
-    return torch.ops.umae.random_masking_cpp(x, _noise(x, noise), pos_embed, cls_token,
-                                             len_keep_for(x.shape[1], mask_ratio))
+    """umae::random_masking: the C++ kernel on CPU (csrc/cpu/random_masking.cpp), the Triton kernel on
+    CUDA (kernels/random_masking.py)."""
+    return torch.ops.umae.random_masking(x, _noise(x, noise), pos_embed, cls_token,
+                                         len_keep_for(x.shape[1], mask_ratio))
 
 
 def _masking_fake(x, noise, pos_embed, cls_token, len_keep):
@@ -88,64 +117,64 @@ def _backward_differentiable(ctx, grad_out):
     return gx, None, gpos, gcls, None
 
 
-if _backend.TRITON_OK:
-    from .kernels import random_masking as _k
-
-    @torch.library.custom_op("umae::random_masking", mutates_args=())
-    def random_masking_kernel(x: torch.Tensor, noise: torch.Tensor, pos_embed: torch.Tensor | None,
-                             cls_token: torch.Tensor | None, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _k.forward(x, noise, pos_embed, cls_token, len_keep)
-
-    random_masking_kernel.register_fake(_masking_fake)
-
-    @torch.library.custom_op("umae::random_masking_backward", mutates_args=())
-    def random_masking_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, has_cls: bool,
-                                dtype: torch.dtype) -> torch.Tensor:
-        """Gradient of x + pos_embed (N, L, D), stored in `dtype` by the kernel."""
-        return _k.backward(grad_out, ids_restore, has_cls=has_cls, dtype=dtype)
-
-    @random_masking_backward.register_fake
-    def _(grad_out, ids_restore, has_cls, dtype):
-        N, L = ids_restore.shape
-        return grad_out.new_empty((N, L, grad_out.shape[2]), dtype=dtype)
-
-    def _backward(ctx, grad_out, _grad_mask, _grad_ids):
-        if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
-            return _backward_differentiable(ctx, grad_out)
-        (ids_restore,) = ctx.saved_tensors
-        need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
-        g = gpos = None
-        if need_x or need_pos:
-            # pos's gradient sums the unrounded gradient; without it (MAE's fixed pos_embed) the kernel
-            # stores x's dtype directly (no fp32 copy to convert under autocast)
-            g = random_masking_backward(grad_out, ids_restore, ctx.has_cls, grad_out.dtype if need_pos else ctx.x_dtype)
-            gpos = g.float().sum(0, keepdim=True).to(ctx.pos_dtype) if need_pos else None
-        gcls = _cls_grad(ctx, grad_out) if need_cls else None
-        return (g.to(ctx.x_dtype) if need_x else None), None, gpos, gcls, None
-
-    random_masking_kernel.register_autograd(_backward, setup_context=_masking_setup)
+def _backward(ctx, grad_out, _grad_mask, _grad_ids):
+    if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+        return _backward_differentiable(ctx, grad_out)
+    (ids_restore,) = ctx.saved_tensors
+    need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
+    gx = gpos = None
+    if need_x or need_pos:  # the pos sum rides along the scatter of grad x
+        gx, gpos = torch.ops.umae.random_masking_backward(grad_out, ids_restore, ctx.has_cls, need_pos, ctx.x_dtype)
+        gx = gx if need_x else None
+        gpos = gpos.unsqueeze(0).to(ctx.pos_dtype) if need_pos else None
+    gcls = _cls_grad(ctx, grad_out) if need_cls else None
+    return gx, None, gpos, gcls, None
 
 
-if _backend.EXT_LOADED:
-    torch.library.register_fake("umae::random_masking_cpp")(_masking_fake)
+def _backward_fake(grad_out, ids_restore, has_cls, need_pos, dtype):
+    N, L = ids_restore.shape
+    D = grad_out.shape[2]
+    return grad_out.new_empty((N, L, D), dtype=dtype), grad_out.new_empty((L if need_pos else 0, D),
+                                                                          dtype=acc_dtype(grad_out.dtype))
 
-    @torch.library.register_fake("umae::random_masking_cpp_backward")
-    def _(grad_out, ids_restore, has_cls, need_pos):
-        N, L = ids_restore.shape
-        D = grad_out.shape[2]
-        return grad_out.new_empty((N, L, D)), grad_out.new_empty((L if need_pos else 0, D), dtype=acc_dtype(grad_out.dtype))
 
-    def _cpp_backward(ctx, grad_out, _grad_mask, _grad_ids):
-        if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
-            return _backward_differentiable(ctx, grad_out)
-        (ids_restore,) = ctx.saved_tensors
-        need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
-        gx = gpos = None
-        if need_x or need_pos:  # the pos sum rides along the scatter of grad x
-            gx, gpos = torch.ops.umae.random_masking_cpp_backward(grad_out, ids_restore, ctx.has_cls, need_pos)
-            gx = gx.to(ctx.x_dtype) if need_x else None
-            gpos = gpos.unsqueeze(0).to(ctx.pos_dtype) if need_pos else None
-        gcls = _cls_grad(ctx, grad_out) if need_cls else None
-        return gx, None, gpos, gcls, None
+_library.register_glue("random_masking", _masking_fake, _backward_fake, _backward, _masking_setup)
 
-    torch.library.register_autograd("umae::random_masking_cpp", _cpp_backward, setup_context=_masking_setup)
+# the Triton kernel module and its launchers ({op name: launcher}) for the CUDA key; None without Triton
+KERNELS = TRITON_KERNELS = None
+if _library.TRITON_USABLE:
+    from .kernels import random_masking as KERNELS
+
+    def _triton_backward(grad_out, ids_restore, has_cls, need_pos, dtype):
+        # pos's gradient sums the unrounded gradient; without it (MAE's fixed pos_embed) the kernel
+        # stores x's dtype directly (no fp32 copy to convert under autocast)
+        g = KERNELS.backward(grad_out, ids_restore, has_cls=has_cls, dtype=grad_out.dtype if need_pos else dtype)
+        gpos = g.float().sum(0) if need_pos else g.new_empty((0, g.shape[2]), dtype=torch.float32)
+        return g.to(dtype), gpos
+
+    TRITON_KERNELS = {"random_masking": KERNELS.forward, "random_masking_backward": _triton_backward}
+    _library.register_kernels(TRITON_KERNELS, "CUDA")
+
+
+def bench_random_masking(s, dtype, device):
+    s = vit_shape(s)
+    N, L, D = s["N"], s["L"], s["D"]
+    x = rand(N, L, D, dtype=dtype, device=device, grad=True)
+    pos = rand(1, L, D, dtype=dtype, device=device)
+    cls = rand(1, 1, D, dtype=dtype, device=device, grad=True)
+    noise = torch.rand(N, L, device=device)
+    keep, e = len_keep_for(L, 0.75), elt(dtype)
+    # must move: noise, kept rows of x, pos once, outputs (tokens, mask, ids_restore)
+    fwd = N * L * 4 + N * keep * D * e + L * D * e + N * (keep + 1) * D * e + N * L * (4 + 8)
+    bwd = N * (keep + 1) * D * e + N * L * 8 + N * L * D * e  # grad in, ids, grad x out
+    return Case("random_masking", dtype, lambda: random_masking(x, 0.75, noise, pos, cls), [x, cls], fwd, bwd)
+
+
+# (L, D) of the masking / restore tests (tests/test_masking.py), as the compile check launches them
+# (the models' and benchmarks' shapes it takes from their own launches).
+TOKEN_SHAPES = ((49, 64), (196, 768), (197, 384), (256, 192), (1024, 1000), (64, 192), (196, 512), (64, 128),
+                (256, 1024))
+
+RANDOM_MASKING = Op("random_masking", "umae::random_masking", random_masking, random_masking_reference,
+                    random_masking_fused, CPP_CPU_TRITON_CUDA, bench_random_masking, tests="tests/test_masking.py",
+                    kernels=KERNELS, triton_kernels=TRITON_KERNELS, token_shapes=TOKEN_SHAPES, memory_bound=True)

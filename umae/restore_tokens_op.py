@@ -1,13 +1,49 @@
-"""The decoder's restore: the reference (facebookresearch/mae `forward_decoder`, from the
-mask-token cat to the positional embedding add), the fused entries (torch.library custom ops
-around the Triton kernel, kernels/restore_tokens.py, and the C++ CPU kernel,
-csrc/cpu/restore_tokens.cpp)."""
+"""The decoder's restore: the public op, the reference (facebookresearch/mae `forward_decoder`,
+from the mask-token cat to the positional embedding add), the fused op umae::restore_tokens: its
+fake, its autograd, and its Triton kernels (kernels/restore_tokens.py), registered at the CUDA
+key beside the C++ CPU kernel (csrc/cpu/restore_tokens.cpp), the benchmark case, the registry
+entry."""
 from __future__ import annotations
 
 import torch
 
-from . import _backend
+from . import _backend, _checks, _library
+from ._spec import CPP_CPU_TRITON_CUDA, Case, Op, elt, rand, vit_shape
+from .random_masking_op import TOKEN_SHAPES, len_keep_for
 from ._checks import acc_dtype, result_dtype
+
+
+def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                   pos_embed: torch.Tensor | None = None, has_cls: bool = True, *,
+                   backend: str | None = None) -> torch.Tensor:
+    """MAE's decoder input: x (N, [1 +] len_keep, D) -> (N, [1 +] L, D).
+
+    Kept tokens go back to their original positions (ids_restore (N, L) int64 from
+    `random_masking`), mask_token (1, 1, D) fills the removed ones, the cls token (x[:, 0] when
+    has_cls) stays in front, and pos_embed (1, [1 +] L, D) is added, in one pass.
+    ids_restore must be a permutation per row: the C++ CPU kernel checks it on the host; the Triton
+    kernel never addresses memory by a bad id, and its launcher checks the ids on the device (on
+    CUDA a device-side assert, no host sync: kernels/restore_tokens.py check_ids says why).
+    """
+    _checks.tensor(x, "x", dims=3)
+    _checks.tensor(ids_restore, "ids_restore", dims=2, floating=False)
+    if ids_restore.dtype != torch.int64:
+        raise TypeError(f"ids_restore must be int64, got {ids_restore.dtype}")
+    N, L = ids_restore.shape
+    c = int(bool(has_cls))
+    D = x.shape[2]
+    if x.shape[0] != N:
+        raise ValueError(f"x has batch {x.shape[0]} but ids_restore has batch {N}")
+    if not c <= x.shape[1] <= L + c:
+        raise ValueError(f"x must have between {c} and {L + c} tokens for ids_restore with L={L}"
+                         f"{' and a cls token' if c else ''}, got {x.shape[1]}")
+    _checks.same_device(x=x, ids_restore=ids_restore)
+    _checks.param(mask_token, "mask_token", (1, 1, D), x)
+    _checks.param(pos_embed, "pos_embed", (1, L + c, D), x)
+    has_cls = bool(has_cls)
+    if _backend.fused(RESTORE_TOKENS, (x, mask_token, pos_embed), backend):
+        return restore_tokens_fused(x, ids_restore, mask_token, pos_embed, has_cls)
+    return restore_tokens_reference(x, ids_restore, mask_token, pos_embed, has_cls)
 
 
 def restore_tokens_reference(x, ids_restore, mask_token, pos_embed=None, has_cls=True):
@@ -23,9 +59,10 @@ def restore_tokens_reference(x, ids_restore, mask_token, pos_embed=None, has_cls
     return x_
 
 
-def restore_tokens_cpp(x, ids_restore, mask_token, pos_embed=None, has_cls=True):
-    """The C++ CPU kernel (csrc/cpu/restore_tokens.cpp)."""
-    return torch.ops.umae.restore_tokens_cpp(x, ids_restore, mask_token, pos_embed, has_cls)
+def restore_tokens_fused(x, ids_restore, mask_token, pos_embed=None, has_cls=True):
+    """umae::restore_tokens: the C++ kernel on CPU (csrc/cpu/restore_tokens.cpp), the Triton kernel on
+    CUDA (kernels/restore_tokens.py)."""
+    return torch.ops.umae.restore_tokens(x, ids_restore, mask_token, pos_embed, has_cls)
 
 
 def _restore_fake(x, ids_restore, mask_token, pos_embed, has_cls):
@@ -61,69 +98,62 @@ def _backward_differentiable(ctx, grad_out):
     return gx, None, gtok, gpos, None
 
 
-if _backend.TRITON_OK:
-    from .kernels import restore_tokens as _k
-
-    @torch.library.custom_op("umae::restore_tokens", mutates_args=())
-    def restore_tokens_fused(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                             pos_embed: torch.Tensor | None, has_cls: bool) -> torch.Tensor:
-        return _k.forward(x, ids_restore, mask_token, pos_embed, has_cls=has_cls)
-
-    restore_tokens_fused.register_fake(_restore_fake)
-
-    @torch.library.custom_op("umae::restore_tokens_backward", mutates_args=())
-    def restore_tokens_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, len_x: int,
-                                has_cls: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gradient of x stored in `dtype` by the kernel (x's: no fp32 copy to convert under autocast),
-        gradient of the mask token as fp32 (D,))."""
-        N = ids_restore.shape[0]
-        return _k.backward(grad_out, ids_restore, (N, len_x, grad_out.shape[2]), dtype, has_cls=has_cls)
-
-    @restore_tokens_backward.register_fake
-    def _(grad_out, ids_restore, len_x, has_cls, dtype):
-        D = grad_out.shape[2]
-        return (grad_out.new_empty((ids_restore.shape[0], len_x, D), dtype=dtype),
-                grad_out.new_empty((D,), dtype=torch.float32))
-
-    def _backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
-            return _backward_differentiable(ctx, grad_out)
-        (ids_restore,) = ctx.saved_tensors
-        need_x, _, need_tok, need_pos, _ = ctx.needs_input_grad
-        gx = gtok = gpos = None
-        if need_x or need_tok:
-            gx, gt = restore_tokens_backward(grad_out, ids_restore, ctx.len_x, ctx.has_cls, ctx.x_dtype)
-            gx = gx.to(ctx.x_dtype) if need_x else None
-            gtok = gt.to(ctx.tok_dtype).view(1, 1, -1) if need_tok else None
-        if need_pos:
-            gpos = grad_out.float().sum(0, keepdim=True).to(ctx.pos_dtype)
-        return gx, None, gtok, gpos, None
-
-    restore_tokens_fused.register_autograd(_backward, setup_context=_restore_setup)
+def _backward(ctx, grad_out):
+    if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+        return _backward_differentiable(ctx, grad_out)
+    (ids_restore,) = ctx.saved_tensors
+    need_x, _, need_tok, need_pos, _ = ctx.needs_input_grad
+    if not (need_x or need_tok or need_pos):
+        return None, None, None, None, None
+    gx, gtok, gpos = torch.ops.umae.restore_tokens_backward(grad_out, ids_restore, ctx.len_x, ctx.has_cls, need_pos,
+                                                            ctx.x_dtype)
+    return (gx if need_x else None, None,
+            gtok.to(ctx.tok_dtype).view(1, 1, -1) if need_tok else None,
+            gpos.unsqueeze(0).to(ctx.pos_dtype) if need_pos else None, None)
 
 
-if _backend.EXT_LOADED:
-    torch.library.register_fake("umae::restore_tokens_cpp")(_restore_fake)
+def _backward_fake(grad_out, ids_restore, len_x, has_cls, need_pos, dtype):
+    N, L = ids_restore.shape
+    D = grad_out.shape[2]
+    acc = acc_dtype(grad_out.dtype)
+    return (grad_out.new_empty((N, len_x, D), dtype=dtype), grad_out.new_empty((D,), dtype=acc),
+            grad_out.new_empty((L + int(has_cls) if need_pos else 0, D), dtype=acc))
 
-    @torch.library.register_fake("umae::restore_tokens_cpp_backward")
-    def _(grad_out, ids_restore, len_x, has_cls, need_pos):
-        N, L = ids_restore.shape
-        D = grad_out.shape[2]
-        acc = acc_dtype(grad_out.dtype)
-        return (grad_out.new_empty((N, len_x, D)), grad_out.new_empty((D,), dtype=acc),
-                grad_out.new_empty((L + int(has_cls) if need_pos else 0, D), dtype=acc))
 
-    def _cpp_backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
-            return _backward_differentiable(ctx, grad_out)
-        (ids_restore,) = ctx.saved_tensors
-        need_x, _, need_tok, need_pos, _ = ctx.needs_input_grad
-        if not (need_x or need_tok or need_pos):
-            return None, None, None, None, None
-        gx, gtok, gpos = torch.ops.umae.restore_tokens_cpp_backward(grad_out, ids_restore, ctx.len_x, ctx.has_cls,
-                                                                     need_pos)
-        return (gx.to(ctx.x_dtype) if need_x else None, None,
-                gtok.to(ctx.tok_dtype).view(1, 1, -1) if need_tok else None,
-                gpos.unsqueeze(0).to(ctx.pos_dtype) if need_pos else None, None)
+_library.register_glue("restore_tokens", _restore_fake, _backward_fake, _backward, _restore_setup)
 
-    torch.library.register_autograd("umae::restore_tokens_cpp", _cpp_backward, setup_context=_restore_setup)
+# the Triton kernel module and its launchers ({op name: launcher}) for the CUDA key; None without Triton
+KERNELS = TRITON_KERNELS = None
+if _library.TRITON_USABLE:
+    from .kernels import restore_tokens as KERNELS
+
+    def _triton_backward(grad_out, ids_restore, len_x, has_cls, need_pos, dtype):
+        # x's gradient is stored in x's dtype by the kernel: no fp32 copy to convert under autocast
+        N, D = ids_restore.shape[0], grad_out.shape[2]
+        gx, gtok = KERNELS.backward(grad_out, ids_restore, (N, len_x, D), dtype, has_cls=has_cls)
+        gpos = grad_out.float().sum(0) if need_pos else grad_out.new_empty((0, D), dtype=torch.float32)
+        return gx, gtok, gpos
+
+    def _triton_forward(x, ids_restore, mask_token, pos_embed, has_cls):
+        return KERNELS.forward(x, ids_restore, mask_token, pos_embed, has_cls=has_cls)
+
+    TRITON_KERNELS = {"restore_tokens": _triton_forward, "restore_tokens_backward": _triton_backward}
+    _library.register_kernels(TRITON_KERNELS, "CUDA")
+
+
+def bench_restore_tokens(s, dtype, device):
+    s = vit_shape(s)
+    N, L, D = s["N"], s["L"], s["Dd"]
+    keep, e = len_keep_for(L, 0.75), elt(dtype)
+    ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
+    x = rand(N, keep + 1, D, dtype=dtype, device=device, grad=True)
+    tok = rand(1, 1, D, dtype=dtype, device=device, grad=True)
+    pos = rand(1, L + 1, D, dtype=dtype, device=device)
+    fwd = N * (keep + 1) * D * e + N * L * 8 + (L + 1) * D * e + N * (L + 1) * D * e
+    bwd = N * (L + 1) * D * e + N * L * 8 + N * (keep + 1) * D * e
+    return Case("restore_tokens", dtype, lambda: restore_tokens(x, ids, tok, pos), [x, tok], fwd, bwd)
+
+
+RESTORE_TOKENS = Op("restore_tokens", "umae::restore_tokens", restore_tokens, restore_tokens_reference,
+                    restore_tokens_fused, CPP_CPU_TRITON_CUDA, bench_restore_tokens, tests="tests/test_masking.py",
+                    kernels=KERNELS, triton_kernels=TRITON_KERNELS, token_shapes=TOKEN_SHAPES, memory_bound=True)

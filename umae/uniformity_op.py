@@ -1,16 +1,60 @@
-"""U-MAE's uniformity loss: the reference (zhangq327/U-MAE `loss_func.py`: L2-normalize the
-rows, sim = F F^T, mean of sim^2, diagonal included; math in fp32), the fused entries (a
-torch.library custom op around the Triton kernels, kernels/uniformity.py, one around the C++ CPU
-kernel, csrc/cpu/uniformity.cpp, and their global-batch version across ranks)."""
+"""U-MAE's uniformity loss: the public op, the reference (zhangq327/U-MAE `loss_func.py`: L2-normalize the
+rows, sim = F F^T, mean of sim^2, diagonal included; math in fp32), and the fused op
+umae::uniformity_loss: its fakes, its Triton kernels (kernels/uniformity.py) registered at the
+CUDA key beside the C++ CPU kernel (csrc/cpu/uniformity.cpp), and its global-batch version across
+ranks (DistributedFused), the benchmark case, the registry entry."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _backend, _checks, _library
+from ._spec import CPP_CPU_TRITON_CUDA, Case, Op, elt, rand
 from ._checks import acc_dtype, first_order_only
 
 NORM_EPS = 1e-12  # F.normalize's; the kernels take it as an argument
+
+
+def _world_size(group) -> int:
+    if group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diagonal: bool = False,
+                    process_group=None, exact_ddp_grad: bool = True, *, backend: str | None = None) -> torch.Tensor:
+    """U-MAE's uniformity loss: mean over pairs (i, j) of (z_i . z_j)^2, z_i = features_i / |features_i|.
+
+    Default semantics equal the official code (zhangq327/U-MAE): normalize, diagonal included,
+    mean over B^2 entries. exclude_diagonal=True averages the B(B-1) off-diagonal pairs (the
+    paper's E_{x, x-} form). Returns an fp32 scalar (fp64 for fp64 features on the reference
+    path); the gradient flows to `features`. A NaN in a row makes the loss NaN (as the
+    reference); an all-zero row normalizes to zero (F.normalize's eps) and adds nothing.
+
+    process_group (a torch.distributed group, or torch.distributed.group.WORLD): the loss over
+    the global batch (every rank's rows; equal batch sizes per rank, checked at a group's first
+    call only), the same scalar on every rank. Gradients: with exact_ddp_grad=True (default)
+    each rank receives world_size x the gradient of the global loss for its own rows, so that after DDP averages gradients over
+    ranks the parameters get exactly the gradient of the global loss. exact_ddp_grad=False
+    reproduces the official GatherLayer, which returns only the local slice of the gradient
+    without an all-reduce, so DDP's averaging scales the uniformity gradient by 1/world_size.
+    """
+    _checks.tensor(features, "features", dims=2)
+    _checks.nonempty_batch(features, "features")
+    if features.shape[1] == 0:
+        raise ValueError(f"features must have at least one column (D >= 1): a 0-dimensional feature has no "
+                         f"{'direction to normalize' if normalize else 'similarity'}, got shape {tuple(features.shape)}")
+    if exclude_diagonal and features.shape[0] * _world_size(process_group) < 2:
+        raise ValueError("exclude_diagonal needs at least 2 rows in features"
+                         + (" (over the global batch)" if process_group is not None else ""))
+    if process_group is not None:
+        check_equal_batches_once(features, process_group)
+    args = (features, bool(normalize), bool(exclude_diagonal), process_group, bool(exact_ddp_grad))
+    if _backend.fused(UNIFORMITY_LOSS, (features,), backend):
+        return uniformity_loss_fused(*args)
+    return uniformity_loss_reference(*args)
 
 
 def uniformity_loss_reference(features, normalize=True, exclude_diagonal=False, process_group=None,
@@ -33,21 +77,14 @@ def _denominator(B: int, exclude_diagonal: bool) -> int:
 
 def uniformity_loss_fused(features, normalize=True, exclude_diagonal=False, process_group=None,
                           exact_ddp_grad=True):
-    """The Triton kernels (CUDA; CPU under the interpreter)."""
+    """umae::uniformity_loss: the C++ kernel on CPU (csrc/cpu/uniformity.cpp), the Triton kernels on CUDA
+    (kernels/uniformity.py), one autograd in C++. Across ranks: the Gram all-reduce of
+    DistributedFused, its D x D products by the same device's kernels."""
     if process_group is None:
-        return uniformity_loss_kernel(features, normalize, exclude_diagonal)
+        return torch.ops.umae.uniformity_loss(features, normalize, exclude_diagonal, NORM_EPS)
+    gram_ops = KERNELS if _library.triton_runs_on(features.device.type) else TorchGram
     return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
-                                  ddp_grad_scale(process_group, exact_ddp_grad), _k)
-
-
-def uniformity_loss_cpp(features, normalize=True, exclude_diagonal=False, process_group=None,
-                        exact_ddp_grad=True):
-    """The C++ CPU kernel (csrc/cpu/uniformity.cpp); across ranks, the same Gram all-reduce as
-    the Triton path, its D x D products by BLAS."""
-    if process_group is None:
-        return torch.ops.umae.uniformity_loss_cpp(features, normalize, exclude_diagonal, NORM_EPS)
-    return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
-                                  ddp_grad_scale(process_group, exact_ddp_grad), TorchGram)
+                                  ddp_grad_scale(process_group, exact_ddp_grad), gram_ops)
 
 
 class TorchGram:
@@ -73,10 +110,10 @@ class TorchGram:
         return (f.to(rinv.dtype) * rinv[:, None]) @ g
 
 
-def _prep(features, *, normalize: bool):
+def _prep(features, *, normalize: bool, eps: float = NORM_EPS):
     """(norms, rinv) in fp32 (fp64 for fp64): the row norms are computed once, by one read of F."""
     norms = torch.linalg.vector_norm(features, dim=1, dtype=acc_dtype(features.dtype))
-    rinv = 1.0 / norms.clamp_min(NORM_EPS) if normalize else torch.ones_like(norms)
+    rinv = 1.0 / norms.clamp_min(eps) if normalize else torch.ones_like(norms)
     return norms, rinv
 
 
@@ -91,7 +128,8 @@ def _diag_sum(gram_ops, features, rinv):
     return (sq * sq).sum()
 
 
-def _grad_from_gram(gram_ops, grad, features, norms, rinv, g, denom, *, exclude_diagonal: bool, normalize: bool):
+def _grad_from_gram(gram_ops, grad, features, norms, rinv, g, denom, *, exclude_diagonal: bool, normalize: bool,
+                    eps: float = NORM_EPS):
     """dL/dF for L = c (||G||^2 - [excl] sum_i ||z_i||^4), G = Z^T Z, c = grad / denom."""
     c = grad.to(rinv.dtype) * 4.0 / denom
     scale = gram_ops.gram_scale(g, features.dtype)  # fp16: G scaled to <= 1 before its rounding
@@ -113,7 +151,7 @@ def _grad_from_gram(gram_ops, grad, features, norms, rinv, g, denom, *, exclude_
     if not normalize:
         return dz
     # Jacobian of z = f / max(|f|, eps): (I - z z^T) / |f| above eps, I / eps below.
-    radial = (z * dz).sum(1, keepdim=True) * (norms > NORM_EPS)[:, None]
+    radial = (z * dz).sum(1, keepdim=True) * (norms > eps)[:, None]
     return rinv[:, None] * (dz - z * radial)
 
 
@@ -155,74 +193,45 @@ class DistributedFused(torch.autograd.Function):
         return df, None, None, None, None, None
 
 
-if _backend.EXT_LOADED:
-
-    @torch.library.register_fake("umae::uniformity_loss_cpp")
-    def _(features, normalize, exclude_diagonal, eps):
-        return features.new_empty((), dtype=acc_dtype(features.dtype))
-
-    @torch.library.register_fake("umae::uniformity_loss_cpp_with_grad")
-    def _(features, normalize, exclude_diagonal, eps):
-        acc = acc_dtype(features.dtype)
-        return features.new_empty((), dtype=acc), features.new_empty(features.shape, dtype=acc)
-
-    # its autograd is registered in C++ (csrc/cpu/uniformity.cpp): a Python wrapper would cost as much as the op
+def _loss_fake(features, normalize, exclude_diagonal, eps):
+    return features.new_empty((), dtype=acc_dtype(features.dtype))
 
 
-if _backend.TRITON_OK:
-    from .kernels import uniformity as _k
+def _with_grad_fake(features, normalize, exclude_diagonal, eps):
+    acc = acc_dtype(features.dtype)
+    return features.new_empty((), dtype=acc), features.new_empty(features.shape, dtype=acc)
 
-    @torch.library.custom_op("umae::uniformity_loss", mutates_args=())
-    def uniformity_loss_forward(features: torch.Tensor, normalize: bool, exclude_diagonal: bool,
-                                keep_gram: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, norms, rinv, G): the row norms and, if keep_gram, G = Z^T Z (else an empty
-        (0, 0) tensor) are what the backward needs, stored by the same launch instead of recomputed."""
-        norms, rinv = _prep(features, normalize=normalize)
-        total, g = _k.gram_square_sum(features, rinv, keep_gram=keep_gram)
+
+if _library.EXT_LOADED:
+    # the autograd is registered in C++ (csrc/cpu/uniformity.cpp): a Python wrapper would cost as much as the op
+    torch.library.register_fake("umae::uniformity_loss")(_loss_fake)
+    torch.library.register_fake("umae::uniformity_loss_with_grad")(_with_grad_fake)
+
+# the Triton kernel module and its launchers ({op name: launcher}) for the CUDA key; None without Triton
+KERNELS = TRITON_KERNELS = None
+if _library.TRITON_USABLE:
+    from .kernels import uniformity as KERNELS
+
+    def _triton_loss_and_gram(features, normalize, exclude_diagonal, eps, keep_gram):
+        norms, rinv = _prep(features, normalize=normalize, eps=eps)
+        total, g = KERNELS.gram_square_sum(features, rinv, keep_gram=keep_gram)
         if exclude_diagonal:
-            total = total - _diag_sum(_k, features, rinv)
-        loss = total / _denominator(features.shape[0], exclude_diagonal)
-        return loss, norms, rinv, (g if g is not None else features.new_empty((0, 0), dtype=torch.float32))
+            total = total - _diag_sum(KERNELS, features, rinv)
+        return total / _denominator(features.shape[0], exclude_diagonal), norms, rinv, g
 
-    @uniformity_loss_forward.register_fake
-    def _(features, normalize, exclude_diagonal, keep_gram):
-        B, D = features.shape
-        D = D if keep_gram else 0
-        return (features.new_empty((), dtype=torch.float32), features.new_empty((B,), dtype=torch.float32),
-                features.new_empty((B,), dtype=torch.float32), features.new_empty((D, D), dtype=torch.float32))
+    def _triton_loss(features, normalize, exclude_diagonal, eps):
+        return _triton_loss_and_gram(features, normalize, exclude_diagonal, eps, keep_gram=False)[0]
 
-    def uniformity_loss_kernel(features, normalize, exclude_diagonal):
-        # G is kept only when a backward will follow (plain MAE reports the term detached)
-        keep = torch.is_grad_enabled() and features.requires_grad
-        return uniformity_loss_forward(features, normalize, exclude_diagonal, keep)[0]
+    def _triton_with_grad(features, normalize, exclude_diagonal, eps):
+        # G = Z^T Z (D x D) comes from the same launch as the loss; dL/dF = 4c Z G through the normalization
+        loss, norms, rinv, g = _triton_loss_and_gram(features, normalize, exclude_diagonal, eps, keep_gram=True)
+        df = _grad_from_gram(KERNELS, loss.new_ones(()), features, norms, rinv, g,
+                             _denominator(features.shape[0], exclude_diagonal), exclude_diagonal=exclude_diagonal,
+                             normalize=normalize, eps=eps)
+        return loss, df
 
-    @torch.library.custom_op("umae::uniformity_loss_backward", mutates_args=())
-    def uniformity_loss_backward(grad: torch.Tensor, features: torch.Tensor, norms: torch.Tensor,
-                                 rinv: torch.Tensor, gram: torch.Tensor, normalize: bool,
-                                 exclude_diagonal: bool) -> torch.Tensor:
-        if gram.numel() == 0:  # the forward ran without keeping G: form it now
-            gram = _k.gram(features, rinv)
-        denom = _denominator(features.shape[0], exclude_diagonal)
-        return _grad_from_gram(_k, grad, features, norms, rinv, gram, denom, exclude_diagonal=exclude_diagonal,
-                               normalize=normalize).to(features.dtype)
-
-    @uniformity_loss_backward.register_fake
-    def _(grad, features, norms, rinv, gram, normalize, exclude_diagonal):
-        return torch.empty_like(features, memory_format=torch.contiguous_format)
-
-    def _setup(ctx, inputs, output):
-        features, ctx.normalize, ctx.exclude_diagonal, _ = inputs
-        _, norms, rinv, gram = output
-        ctx.save_for_backward(features, norms, rinv, gram)
-
-    def _backward(ctx, grad, *_aux):  # norms, rinv and G are not differentiated
-        features, norms, rinv, gram = ctx.saved_tensors
-        # a second-order gradient raises (umae/_checks.py): the kernel's gradient is not differentiable again
-        df = first_order_only("uniformity_loss", uniformity_loss_backward, grad, features, norms, rinv, gram,
-                              ctx.normalize, ctx.exclude_diagonal)
-        return df, None, None, None
-
-    uniformity_loss_forward.register_autograd(_backward, setup_context=_setup)
+    TRITON_KERNELS = {"uniformity_loss": _triton_loss, "uniformity_loss_with_grad": _triton_with_grad}
+    _library.register_kernels(TRITON_KERNELS, "CUDA")
 
 
 class GatherRows(torch.autograd.Function):
@@ -269,3 +278,20 @@ def check_equal_batches_once(features, group):
     if len({int(s) for s in sizes}) != 1:
         raise ValueError(f"features must have the same batch size on every rank, got {[int(s) for s in sizes]}")
     _checked_groups.add(key)
+
+
+def bench_uniformity_loss(s, dtype, device):
+    B, D = s.get("B", s.get("N")), s["D"]
+    f = rand(B, D, dtype=dtype, device=device, grad=True)
+    e = elt(dtype)
+    # must move: F once (norms may re-read it); backward reads F, writes dF (+ B x D fp32 temporaries)
+    # FLOPs of the fused algorithm over its contraction dim m (Triton: the D x D Gram; C++ CPU: the
+    # smaller of S = Z Z^T and G = Z^T Z): the symmetric product B*D*m forward, 3 B D m backward
+    m = min(B, D) if device == "cpu" else D
+    return Case("uniformity_loss", dtype, lambda: uniformity_loss(f), [f], B * D * e, 2 * B * D * e,
+                flops_fwd=B * D * m, flops_bwd=3 * B * D * m)
+
+
+UNIFORMITY_LOSS = Op("uniformity_loss", "umae::uniformity_loss", uniformity_loss, uniformity_loss_reference,
+                     uniformity_loss_fused, CPP_CPU_TRITON_CUDA, bench_uniformity_loss, tests="tests/test_uniformity.py",
+                     kernels=KERNELS, triton_kernels=TRITON_KERNELS)

@@ -142,6 +142,19 @@ at::Tensor patch_mse_backward_cpu(const at::Tensor& grad_rows, const at::Tensor&
 
 }  // namespace
 
+// The op's schemas (its kernels register below, and at the CUDA key in csrc/cuda/ or, for the Triton
+// ops, from umae/<op>_op.py). Semantics: the reference in umae/<op>_op.py.
+TORCH_LIBRARY_FRAGMENT(umae, m) {
+  // Per-patch squared error (N, L) in fp32 between pred (N, L, K) and the (optionally
+  // per-patch normalized) target. patch_size == 0: target is patchified (N, L, K);
+  // patch_size > 0: target is the image batch (N, C, H, W), patchified on the fly.
+  // norm_pix divides by sqrt(unbiased var + eps); eps is given by the caller (umae/masked_mse_op.py).
+  m.def("patch_mse(Tensor pred, Tensor target, int patch_size, bool norm_pix, float eps) -> Tensor");
+  // d(sum(grad_rows * patch_mse)) / d(pred), in pred's dtype.
+  m.def("patch_mse_backward(Tensor grad_rows, Tensor pred, Tensor target, int patch_size, bool norm_pix, "
+        "float eps) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(umae, CPU, m) {
   m.impl("patch_mse", &patch_mse_cpu);
   m.impl("patch_mse_backward", &patch_mse_backward_cpu);

@@ -52,6 +52,15 @@ at::Tensor unpatchify_cpu(const at::Tensor& x, int64_t p, int64_t h, int64_t w, 
 
 }  // namespace
 
+// The op's schemas (its kernels register below, and at the CUDA key in csrc/cuda/ or, for the Triton
+// ops, from umae/<op>_op.py). Semantics: the reference in umae/<op>_op.py.
+TORCH_LIBRARY_FRAGMENT(umae, m) {
+  // imgs (N, C, H, W) -> (N, L, p*p*C), last dim ordered (row-in-patch, col-in-patch, channel).
+  m.def("patchify(Tensor imgs, int p) -> Tensor");
+  // x (N, L, p*p*C) -> (N, C, h*p, w*p) with L == h*w; the exact inverse of patchify.
+  m.def("unpatchify(Tensor x, int p, int h, int w, int c) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(umae, CPU, m) {
   m.impl("patchify", &patchify_cpu);
   m.impl("unpatchify", &unpatchify_cpu);

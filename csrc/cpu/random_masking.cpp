@@ -117,11 +117,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tens
   return {out, mask, ids_restore};
 }
 
-// grad_out (N, c + keep, D) -> (grad of x + pos (N, L, D) in grad_out's dtype, its sum over N
+// grad_out (N, c + keep, D) -> (grad of x + pos (N, L, D) in `dtype`, its sum over N
 // (L, D) fp32 when need_pos). With the pos sum: parallel over token positions l, so the sum needs
 // no atomics and its order (n ascending) does not depend on the thread count; without: over rows.
 std::tuple<at::Tensor, at::Tensor> random_masking_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ids_restore,
-                                                               bool has_cls, bool need_pos) {
+                                                               bool has_cls, bool need_pos, at::ScalarType dtype) {
   TORCH_CHECK(grad_out.dim() == 3 && is_float_type(grad_out.scalar_type()),
               "random_masking_backward: grad_out must be a floating (N, c + len_keep, D) tensor, got ", grad_out.sizes());
   TORCH_CHECK(ids_restore.dim() == 2 && ids_restore.scalar_type() == at::kLong && ids_restore.size(0) == grad_out.size(0),
@@ -135,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> random_masking_backward_cpu(const at::Tensor&
   const at::Tensor ids = ids_restore.contiguous();
   at::Tensor gx = at::empty({N, L, D}, g.options());
   at::Tensor gpos = at::empty({need_pos ? L : 0, D}, g.options().dtype(at::toOpMathType(g.scalar_type())));
-  if (N * L * D == 0) return {gx, gpos.zero_()};
+  if (N * L * D == 0) return {gx.to(dtype), gpos.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "random_masking_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* G = g.const_data_ptr<scalar_t>();
@@ -171,14 +171,26 @@ std::tuple<at::Tensor, at::Tensor> random_masking_backward_cpu(const at::Tensor&
       }
     });
   });
-  return {gx, gpos};
+  return {gx.to(dtype), gpos};  // gpos summed the unrounded gradient
 }
 
 }  // namespace
 
+// The op's schemas (its kernels register below, and at the CUDA key in csrc/cuda/ or, for the Triton
+// ops, from umae/<op>_op.py). Semantics: the reference in umae/<op>_op.py.
+TORCH_LIBRARY_FRAGMENT(umae, m) {
+  // x (N, L, D), noise (N, L) -> (x_masked (N, c + len_keep, D), mask (N, L) fp32, ids_restore (N, L) int64).
+  m.def("random_masking(Tensor x, Tensor noise, Tensor? pos_embed, Tensor? cls_token, int len_keep) "
+        "-> (Tensor, Tensor, Tensor)");
+  // -> (grad of x + pos (N, L, D) stored in `dtype`, its sum over N (L, D) in the accumulation dtype
+  // (fp32; fp64 for fp64) if need_pos, else (0, D)).
+  m.def("random_masking_backward(Tensor grad_out, Tensor ids_restore, bool has_cls, bool need_pos, "
+        "ScalarType dtype) -> (Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(umae, CPU, m) {
-  m.impl("random_masking_cpp", &random_masking_cpu);
-  m.impl("random_masking_cpp_backward", &random_masking_backward_cpu);
+  m.impl("random_masking", &random_masking_cpu);
+  m.impl("random_masking_backward", &random_masking_backward_cpu);
 }
 
 }  // namespace umae

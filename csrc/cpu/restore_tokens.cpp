@@ -88,13 +88,14 @@ at::Tensor restore_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_restore
   return out;
 }
 
-// grad_out (N, L + c, D) -> (grad x (N, len_x, D) in grad_out's dtype, grad mask token (D,),
+// grad_out (N, L + c, D) -> (grad x (N, len_x, D) in `dtype`, grad mask token (D,),
 // grad pos (L + c, D) when need_pos; both sums fp32). Parallel over blocks of token positions:
 // each block sums its mask-token rows into its own partial, and the partials are added in block
 // order, so the result does not depend on the thread count.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> restore_tokens_backward_cpu(const at::Tensor& grad_out,
                                                                            const at::Tensor& ids_restore, int64_t len_x,
-                                                                           bool has_cls, bool need_pos) {
+                                                                           bool has_cls, bool need_pos,
+                                                                           at::ScalarType dtype) {
   TORCH_CHECK(grad_out.dim() == 3 && is_float_type(grad_out.scalar_type()),
               "restore_tokens_backward: grad_out must be a floating (N, L + c, D) tensor, got ", grad_out.sizes());
   const int64_t N = ids_restore.size(0), L = ids_restore.size(1), D = grad_out.size(2), c0 = has_cls, R = L + c0;
@@ -109,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> restore_tokens_backward_cpu(const
   at::Tensor gpos = at::empty({need_pos ? R : 0, D}, acc_opts);
   const int64_t blocks = (R + kPositionsPerTask - 1) / kPositionsPerTask;
   at::Tensor parts = at::zeros({blocks, D}, acc_opts);
-  if (N == 0 || D == 0) return {gx, parts.sum(0), gpos.zero_()};
+  if (N == 0 || D == 0) return {gx.to(dtype), parts.sum(0), gpos.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "restore_tokens_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* G = g.const_data_ptr<scalar_t>();
@@ -142,14 +143,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> restore_tokens_backward_cpu(const
       }
     });
   });
-  return {gx, parts.sum(0), gpos};
+  return {gx.to(dtype), parts.sum(0), gpos};
 }
 
 }  // namespace
 
+// The op's schemas (its kernels register below, and at the CUDA key in csrc/cuda/ or, for the Triton
+// ops, from umae/<op>_op.py). Semantics: the reference in umae/<op>_op.py.
+TORCH_LIBRARY_FRAGMENT(umae, m) {
+  // x (N, c + len_keep, D) -> (N, c + L, D): kept tokens at their positions, the mask token elsewhere.
+  m.def("restore_tokens(Tensor x, Tensor ids_restore, Tensor mask_token, Tensor? pos_embed, bool has_cls) "
+        "-> Tensor");
+  // -> (grad x (N, len_x, D) stored in `dtype`, grad mask_token (D,) and grad pos (c + L, D) (or (0, D)
+  // without need_pos) in the accumulation dtype).
+  m.def("restore_tokens_backward(Tensor grad_out, Tensor ids_restore, int len_x, bool has_cls, bool need_pos, "
+        "ScalarType dtype) -> (Tensor, Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(umae, CPU, m) {
-  m.impl("restore_tokens_cpp", &restore_tokens_cpu);
-  m.impl("restore_tokens_cpp_backward", &restore_tokens_backward_cpu);
+  m.impl("restore_tokens", &restore_tokens_cpu);
+  m.impl("restore_tokens_backward", &restore_tokens_backward_cpu);
 }
 
 }  // namespace umae

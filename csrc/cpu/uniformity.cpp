@@ -239,13 +239,14 @@ class RefuseDoubleBackward : public torch::autograd::Function<RefuseDoubleBackwa
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext*, torch::autograd::variable_list) {
     TORCH_CHECK(false,
                 "umae::uniformity_loss: double backward (a gradient of its gradient, e.g. a gradient penalty through "
-                "torch.autograd.grad(..., create_graph=True)) is not supported by the fused C++ kernel; use the "
+                "torch.autograd.grad(..., create_graph=True)) is not supported by the fused kernels; use the "
                 "reference: umae.use_backend(\"reference\"), backend=\"reference\" or UMAE_BACKEND=reference");
     return {};
   }
 };
 
-// Autograd in C++: at the small batches U-MAE sees per rank the op costs tens of microseconds,
+// Autograd in C++, for every device (the CUDA kernels are Triton's, registered from Python at the
+// CUDA key of the same two ops): at the small batches U-MAE sees per rank the op costs tens of microseconds,
 // as much as a Python autograd wrapper would add. A scalar loss's gradient is a B x D tensor, so the
 // forward computes it with the loss (one contraction instead of two) and the backward scales it.
 class UniformityFunction : public torch::autograd::Function<UniformityFunction> {
@@ -254,7 +255,7 @@ class UniformityFunction : public torch::autograd::Function<UniformityFunction> 
                             bool exclude_diagonal, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("umae::uniformity_loss_cpp_with_grad", "")
+                         .findSchemaOrThrow("umae::uniformity_loss_with_grad", "")
                          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool, bool, double)>();
     auto [loss, grad] = op.call(features, normalize, exclude_diagonal, eps);
     ctx->save_for_backward({grad, features});
@@ -273,16 +274,35 @@ class UniformityFunction : public torch::autograd::Function<UniformityFunction> 
 };
 
 at::Tensor uniformity_autograd(const at::Tensor& features, bool normalize, bool exclude_diagonal, double eps) {
-  return UniformityFunction::apply(features, normalize, exclude_diagonal, eps);
+  if (features.requires_grad() && at::GradMode::is_enabled())
+    return UniformityFunction::apply(features, normalize, exclude_diagonal, eps);
+  // no gradient will follow (e.g. plain MAE logging the term detached): the loss alone
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static auto plain = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("umae::uniformity_loss", "")
+                          .typed<at::Tensor(const at::Tensor&, bool, bool, double)>();
+  return plain.call(features, normalize, exclude_diagonal, eps);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(umae, Autograd, m) { m.impl("uniformity_loss_cpp", &uniformity_autograd); }
+// The op's schemas (its kernels register below, and at the CUDA key in csrc/cuda/ or, for the Triton
+// ops, from umae/<op>_op.py). Semantics: the reference in umae/<op>_op.py.
+TORCH_LIBRARY_FRAGMENT(umae, m) {
+  // features (B, D) -> the uniformity loss, a 0-dim fp32 (fp64 for fp64 features) tensor. Its autograd
+  // (csrc/cpu/uniformity.cpp, every device) runs uniformity_loss_with_grad when features need a gradient.
+  // eps: the normalization's (F.normalize's), given by the caller (umae/uniformity_op.py).
+  m.def("uniformity_loss(Tensor features, bool normalize, bool exclude_diagonal, float eps) -> Tensor");
+  // -> (the loss, dL/dfeatures for an upstream gradient of 1 in the accumulation dtype (B, D)).
+  m.def("uniformity_loss_with_grad(Tensor features, bool normalize, bool exclude_diagonal, float eps) "
+        "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(umae, Autograd, m) { m.impl("uniformity_loss", &uniformity_autograd); }
 
 TORCH_LIBRARY_IMPL(umae, CPU, m) {
-  m.impl("uniformity_loss_cpp", &uniformity_cpu);
-  m.impl("uniformity_loss_cpp_with_grad", &uniformity_with_grad_cpu);
+  m.impl("uniformity_loss", &uniformity_cpu);
+  m.impl("uniformity_loss_with_grad", &uniformity_with_grad_cpu);
 }
 
 }  // namespace umae

@@ -16,7 +16,6 @@ H100 = dict(max_warps=64, max_blocks=32, regs=65536, reg_unit=256, smem=228 * 10
             max_smem_block=227 * 1024)
 
 
-MEMORY_BOUND = {"random_masking", "restore_tokens"}  # held to 128-bit row accesses
 
 
 def _ptxas() -> str:
@@ -156,8 +155,10 @@ def _resource_problems(spill: str, smem: int, occupancy: float) -> list[str]:
 def problems(row, op_name: str) -> list[str]:
     """What the audit requires of a compiled Triton kernel and this row does not hold (issue 12)."""
     spill = f"{row['spill_stores']}+{row['spill_loads']} bytes" if row["spill_stores"] or row["spill_loads"] else ""
+    from .. import registry
+
     out = _resource_problems(spill, row["smem"], row["occupancy"])
-    if op_name in MEMORY_BOUND and row["vec_ok"] and row["tile_narrow"]:
+    if registry.get(op_name).memory_bound and row["vec_ok"] and row["tile_narrow"]:
         out.append(f"{row['tile_narrow']} of {row['tile_accesses']} tile accesses not 128-bit")
     return out
 

@@ -70,12 +70,12 @@ def specialize(fn, args, kwargs, target):
 def triton_on_cpu():
     """The fused ops pick their Triton kernels for CPU tensors (as under the interpreter), while
     the kernels themselves stay compiled JITFunctions whose launches `recording` intercepts."""
-    from .. import _backend
+    from .. import ops
 
     prev = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        with _backend.use_impl("triton-interpreter"):
+        with ops.use_impl("triton-interpreter"):
             yield
     finally:
         if prev is None:
@@ -108,9 +108,9 @@ def collect_launches(op_name: str, shapes=None, models=None):
     from . import cases
 
     op = registry.get(op_name)
-    mine = kernels_of(op.kernel_module())
+    mine = kernels_of(op.kernels)
     # the model runs every op: all Triton kernels are intercepted, this op's are kept
-    fns = [f for o in registry.OPS.values() if o.kernels for f in kernels_of(o.kernel_module())]
+    fns = [f for o in registry.OPS.values() if o.kernels for f in kernels_of(o.kernels)]
     shapes = cases.SHAPES if shapes is None else shapes
     # every model but large and huge (their widths are the vit_l16 bench shapes'; CPU time)
     models = [m for m in timm.list_models("umae_*") if "large" not in m and "huge" not in m] if models is None else models
@@ -125,7 +125,7 @@ def collect_launches(op_name: str, shapes=None, models=None):
                 with torch.no_grad():  # inference launches (uniformity: no Gram kept for a backward)
                     c.forward()
         for L, D in op.token_shapes:
-            _token_launches(op_name, L, D)
+            _token_launches(L, D)  # both token ops run; this op's launches are kept
         for m in models:
             model = timm.create_model(m, fused=True)
             x = torch.randn(2, 3, model.img_size, model.img_size)
@@ -135,24 +135,22 @@ def collect_launches(op_name: str, shapes=None, models=None):
     return [launch for launch in launches if launch[0] in mine]
 
 
-def _token_launches(op_name, L, D):
+def _token_launches(L, D):
     import umae
     from ..random_masking_op import len_keep_for
 
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         for strided in (False, True):
             x = torch.randn(2, L, 2 * D if strided else D).to(dt)[..., ::2 if strided else 1].requires_grad_()
-            if op_name == "random_masking":
-                pos, cls = torch.randn(1, L, D).to(dt), torch.randn(1, 1, D).to(dt).requires_grad_()
-                _fwd_bwd(umae.random_masking(x, 0.75, torch.rand(2, L), pos, cls), [x, cls])
-                _fwd_bwd(umae.random_masking(x, 0.75, torch.rand(2, L)), [x])
-            elif op_name == "restore_tokens":
-                keep = len_keep_for(L, 0.75)
-                xk = x[:, : keep + 1].detach().requires_grad_()
-                ids = torch.argsort(torch.rand(2, L), 1)
-                tok = torch.randn(1, 1, D).to(dt).requires_grad_()
-                _fwd_bwd(umae.restore_tokens(xk, ids, tok, torch.randn(1, L + 1, D).to(dt)), [xk, tok])
-                _fwd_bwd(umae.restore_tokens(xk[:, 1:], ids, tok, has_cls=False), [xk, tok])
+            pos, cls = torch.randn(1, L, D).to(dt), torch.randn(1, 1, D).to(dt).requires_grad_()
+            _fwd_bwd(umae.random_masking(x, 0.75, torch.rand(2, L), pos, cls), [x, cls])
+            _fwd_bwd(umae.random_masking(x, 0.75, torch.rand(2, L)), [x])
+            keep = len_keep_for(L, 0.75)
+            xk = x[:, : keep + 1].detach().requires_grad_()
+            ids = torch.argsort(torch.rand(2, L), 1)
+            tok = torch.randn(1, 1, D).to(dt).requires_grad_()
+            _fwd_bwd(umae.restore_tokens(xk, ids, tok, torch.randn(1, L + 1, D).to(dt)), [xk, tok])
+            _fwd_bwd(umae.restore_tokens(xk[:, 1:], ids, tok, has_cls=False), [xk, tok])
 
 
 def label(src) -> str:

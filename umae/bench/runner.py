@@ -12,8 +12,8 @@ import torch
 
 import umae
 
-from .. import _backend, registry
-from ..registry import dtype_name
+from .. import _backend, ops, registry
+from .._spec import dtype_name
 from .cases import DEFAULT_DTYPES, DEFAULT_SHAPES, SHAPES, NotApplicable, case
 from .timing import (COMPILED_PROVIDERS, FUSED_PROVIDERS, MODES, PROVIDERS, mode_fn, outputs, peak_mb,
                      provider_forward, time_ms)
@@ -63,7 +63,7 @@ def run(ops=None, shapes=None, modes=MODES, providers=PROVIDERS, dtypes=None, de
 
 
 def _run_one(op, shape, dtype, modes, providers, device):
-    impl, why = _backend.choose(op, device, (dtype,))
+    impl, why = ops.choose(op, device, (dtype,))
     if impl == "triton-interpreter":
         impl, why = "skipped", "Triton interpreter: its timings are not performance"
     elif impl == "reference":

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .. import _backend, registry
+from .. import _backend, ops, registry
 from .._table import Col, format_table
 from . import jit
 from . import cases
@@ -84,9 +84,8 @@ def counting_interpreter():
 
 
 def _case(op, shape, device):
+    # at a ViT shape set the uniformity loss's case takes the batch's cls features (B = N)
     s = dict(cases.SHAPES[shape]) if isinstance(shape, str) else dict(shape)
-    if op == "uniformity_loss":  # the encoder's cls features of the batch
-        s = dict(B=s["N"], D=s["D"])
     return cases.case(op, s, DTYPE, device)
 
 
@@ -119,8 +118,8 @@ def fused_bytes(op: str, shape) -> dict | None:
         return None
     c = _case(op, shape, "cpu")
     m = _AtenBytes()
-    module = spec.kernel_module()
-    with (_backend.use_backend("fused"), _backend.use_impl("triton-interpreter"), counting_interpreter() as k,
+    module = spec.kernels
+    with (_backend.use_backend("fused"), ops.use_impl("triton-interpreter"), counting_interpreter() as k,
           jit.recording(jit.kernels_of(module), run=True) as launches):
         _fwd_bwd(c, lambda: m)
     formula = sum(module.requested_bytes(fn.__name__, dict(zip(fn.arg_names, args), **kwargs), grid)

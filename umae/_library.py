@@ -1,0 +1,91 @@
+"""What this process can run, and where the kernels register: the C++ extension (`umae._C`: every
+op's schema, the C++ CPU and CUDA kernels) and Triton, whose launchers register here at the CUDA
+key of the same ops (`register_kernels`). The op modules (umae/<op>_op.py) sit on this layer;
+the switch and its reports (umae/_backend.py) above them.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from .kernels import interpreted
+
+
+def _load_ext():
+    try:
+        from . import _C  # noqa: F401  (registers the umae:: schemas and kernels; torch is loaded first)
+        return True, "C++ extension umae._C loaded"
+    except ImportError as e:  # not built: references only, said plainly
+        return False, f"C++ extension not built ({e}); run `pip install -e . --no-build-isolation`"
+
+
+EXT_LOADED, EXT_REASON = _load_ext()
+
+
+def _triton_available():
+    try:
+        import triton  # noqa: F401
+        return True, ""
+    except ImportError as e:
+        return False, f"triton not importable ({e})"
+
+
+TRITON_OK, TRITON_REASON = _triton_available()
+# the Triton launchers need the ops' schemas, which the extension defines
+TRITON_USABLE = EXT_LOADED and TRITON_OK
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run under the interpreter (decided in umae.kernels)."""
+    return interpreted()
+
+
+_held = []  # the Libraries of the process-wide registrations (a Library's kernels live as long as it)
+
+
+def register_kernels(kernels: dict, key: str, *, for_process: bool = True) -> torch.library.Library:
+    """Register `kernels` ({op name: Python kernel}) at dispatch key `key` of umae's ops, for the
+    process's life, or (for_process=False) until the returned Library's `_destroy()`."""
+    lib = torch.library.Library("umae", "IMPL")
+    for name, fn in kernels.items():
+        lib.impl(name, fn, key)
+    if for_process:
+        _held.append(lib)
+    return lib
+
+
+def register_glue(op: str, fake, backward_fake, backward, setup_context) -> None:
+    """The fake tensors of custom op umae::`op` and of its `<op>_backward`, and the op's autograd
+    (which calls that backward op); nothing without the extension, which defines them."""
+    if EXT_LOADED:
+        torch.library.register_fake(f"umae::{op}")(fake)
+        torch.library.register_fake(f"umae::{op}_backward")(backward_fake)
+        torch.library.register_autograd(f"umae::{op}", backward, setup_context=setup_context)
+
+
+_triton_on_cpu = False  # while use_triton_on_cpu holds
+
+
+def triton_runs_on(device_type: str) -> bool:
+    """Whether umae's token ops run their Triton kernels for tensors of `device_type`."""
+    return TRITON_USABLE and (device_type == "cuda" or (device_type == "cpu" and _triton_on_cpu))
+
+
+@contextlib.contextmanager
+def use_triton_on_cpu(kernels: dict):
+    """Register `kernels` (Triton launchers) at the CPU key over the C++ kernels while this holds, so
+    CPU tensors run them under the interpreter (the parity tests of the Triton kernels on a machine
+    without a GPU); on exit the C++ kernels are back."""
+    global _triton_on_cpu
+    prev = _triton_on_cpu
+    with warnings.catch_warnings():  # the override is the point: torch warns about it
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+        lib = register_kernels(kernels, "CPU", for_process=False)
+    _triton_on_cpu = True
+    try:
+        yield
+    finally:
+        lib._destroy()
+        _triton_on_cpu = prev

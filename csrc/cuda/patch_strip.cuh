@@ -24,43 +24,32 @@ struct alignas(sizeof(T) * VEC) Pack {
 // 16 bytes moved as one v4 access, read through the read-only path (__ldg) and written with an
 // explicit st.global.v4: plain assignments (of a Pack, or through a uint4 pointer) were split into
 // 32- or 16-bit accesses in some unrolled copies of the loops, and __stwb compiles to a strong
-// store (the static audit caught all three).
-template <typename T, int VEC>
+// store (the static audit caught all three). The shared-memory side of a move (SMEM) uses plain
+// accesses, which compile to LDS.128 / STS.128: the global forms, given a shared address, fault
+// with cudaErrorInvalidAddressSpace.
+template <typename T, int VEC, bool SMEM = false>
 __device__ __forceinline__ Pack<T, VEC> load(const T* p) {
   static_assert(sizeof(T) * VEC == 16, "load: 16-byte packs only");
-  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  uint4 u;
+  if constexpr (SMEM)
+    u = *reinterpret_cast<const uint4*>(p);
+  else
+    u = __ldg(reinterpret_cast<const uint4*>(p));
   Pack<T, VEC> v;
   memcpy(&v, &u, 16);
   return v;
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool SMEM = false>
 __device__ __forceinline__ void store(T* p, const Pack<T, VEC>& v) {
   static_assert(sizeof(T) * VEC == 16, "store: 16-byte packs only");
   uint4 u;
   memcpy(&u, &v, 16);
-  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
-               : "memory");
-}
-
-// The shared-memory side of a 16-byte move. load/store above are global-only (ld.global.nc,
-// st.global): given a shared address they fault with cudaErrorInvalidAddressSpace, so the staging
-// buffer is read and written through these, which compile to LDS.128 / STS.128.
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> load_smem(const T* p) {
-  static_assert(sizeof(T) * VEC == 16, "load_smem: 16-byte packs only");
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  Pack<T, VEC> v;
-  memcpy(&v, &u, 16);
-  return v;
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_smem(T* p, const Pack<T, VEC>& v) {
-  static_assert(sizeof(T) * VEC == 16, "store_smem: 16-byte packs only");
-  uint4 u;
-  memcpy(&u, &v, 16);
-  *reinterpret_cast<uint4*>(p) = u;
+  if constexpr (SMEM)
+    *reinterpret_cast<uint4*>(p) = u;
+  else
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
+                 : "memory");
 }
 
 // Which strip block b is: sample n, patch row hi, first patch column w0, wn patches.
@@ -137,7 +126,7 @@ __device__ __forceinline__ void rows_strip(const Geom& g, const Strip& s, Rows<T
     T* px = x.ptr + s.n * x.s0 + (l0 + wl) * x.s1 + k * x.s2;
     T* q = sm + wl * K + k;
     if constexpr (VEC > 1) {
-      if constexpr (TO_SMEM) store_smem<T, VEC>(q, load<T, VEC>(px)); else store<T, VEC>(px, load_smem<T, VEC>(q));
+      if constexpr (TO_SMEM) store<T, VEC, true>(q, load<T, VEC>(px)); else store<T, VEC>(px, load<T, VEC, true>(q));
     } else {
       if constexpr (TO_SMEM) *q = *px; else *px = *q;
     }

@@ -339,6 +339,127 @@ def test_mae_style_uniformity_term_and_unpatch():
     assert torch.equal(model(x, noise=noise)[0], ref(x, noise=noise)[0])
 
 
+class OfficialUMAE(umae.models.MaskedAutoencoderViT):
+    """zhangq327/U-MAE's models_mae.py: forward(imgs, mask_ratio) without noise, returning
+    (loss, pred, mask, cls_feats, outputs) for a loop (engine_pretrain.py) that adds the term."""
+
+    def __init__(self, global_pool=False, num_classes=10, **kw):
+        super().__init__(**kw)
+        self.global_pool = global_pool
+        self.fc_norm = torch.nn.LayerNorm(self.cls_token.shape[-1], eps=1e-6)
+        self.fc = torch.nn.Linear(self.cls_token.shape[-1], num_classes)
+
+    def forward(self, imgs, mask_ratio=0.75):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(imgs, pred, mask)
+        if self.global_pool:
+            cls_feats = self.fc_norm(latent[:, 1:, :].mean(dim=1))
+        else:
+            cls_feats = self.norm(latent)[:, 0]
+        return loss, pred, mask, cls_feats, self.fc(cls_feats.detach())
+
+
+MICRO = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=48, decoder_depth=1,
+             decoder_num_heads=2, fused=False, lamb=0.0)
+
+
+def _official_umae(global_pool, seed=0):
+    torch.manual_seed(seed)
+    m = OfficialUMAE(global_pool=global_pool, **MICRO)
+    with torch.no_grad():  # a trained-looking fc_norm, so that it matters
+        m.fc_norm.weight.uniform_(0.5, 1.5), m.fc_norm.bias.normal_(0, 0.3)
+    _trained_norm(m.norm)
+    return m
+
+
+@pytest.mark.parametrize("global_pool", [False, True])
+def test_official_umae_model_feature_noise_and_double_count(global_pool):
+    model = _official_umae(global_pool)
+    x, noise = torch.randn(6, 3, 32, 32), torch.rand(6, 64)
+    umae.patch(model)  # lamb 0: the loop's own term, on the model's own feature
+    loss_mae, _, mask, cls_feats, _ = model(x, noise=noise)  # noise= reaches forward_encoder
+    assert torch.equal(mask, model.forward_encoder(x, 0.75, noise)[1])
+    official_total = loss_mae + 0.05 * uniformity_loss_reference(cls_feats)  # engine_pretrain.py's sum
+    umae.patch(model, lamb=0.05)
+    with pytest.warns(UserWarning, match="counts it twice"):
+        total = model(x, noise=noise)[0]
+    # the term follows the model's pooling (global_pool: fc_norm of the mean patch token), as its forward
+    assert_close(model.umae_losses["loss_unif"], uniformity_loss_reference(cls_feats), **LOSS_TOL[torch.float32])
+    assert_close(total, official_total, **LOSS_TOL[torch.float32])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x, noise=noise)  # said once per patch
+    other = model(x, noise=torch.rand(6, 64))[2]
+    assert not torch.equal(other, mask)
+
+
+def _official_uniformity(features):
+    """zhangq327/U-MAE's loss_func.py (tau = 1): all_gather through GatherLayer, whose backward keeps
+    the rank's own slice of the gradient."""
+    import torch.distributed as dist
+
+    class GatherLayer(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+            dist.all_gather(out, t.contiguous())
+            return tuple(out)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return grads[dist.get_rank()].clone()
+
+    z = torch.nn.functional.normalize(torch.cat(GatherLayer.apply(features), dim=0))
+    return (z @ z.T).pow(2).mean()
+
+
+def _official_grad_worker(rank, world, store, out_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    x, noise = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.rand(8, 64)
+    dist.broadcast(noise, 0)
+    x, noise = x[rank * 4:(rank + 1) * 4], noise[rank * 4:(rank + 1) * 4]
+    grads = {}
+    for name, lamb, exact in (("mae", 0.0, True), ("official", None, None), ("patched_official", 0.1, False),
+                              ("patched_exact", 0.1, True)):
+        model = umae.patch(_official_umae(False), lamb=lamb or 0.0, exact_ddp_grad=bool(exact))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        loss, _, _, cls_feats, _ = ddp(x, noise=noise)
+        if lamb is None:  # the official loop: the model's loss plus its own term
+            loss = loss + 0.1 * _official_uniformity(cls_feats)
+        loss.backward()
+        grads[name] = model.cls_token.grad.clone()
+    if rank == 0:
+        torch.save(grads, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_official_ddp_gradient_option(tmp_path):
+    # 2 gloo ranks: exact_ddp_grad=False gives the official loop's gradient (its term scaled by 1 / world size
+    # after DDP's averaging); the default gives the exact global-batch gradient, twice the official term's
+    import warnings
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "grads.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.start_processes(_official_grad_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True,
+                           start_method="spawn")
+    g = torch.load(out)
+    unif_official, unif_exact = g["official"] - g["mae"], g["patched_exact"] - g["mae"]
+    # each gradient carries fp32 summation noise at its own scale; a difference of three, three times that
+    noise = 3 * TOL[torch.float32]["atol"] * float(max(v.abs().max() for v in g.values()))
+    assert unif_official.abs().max() > 100 * noise  # the term moves the gradient, well above the noise
+    assert_close(g["patched_official"], g["official"], atol=noise, rtol=0, name="official")
+    assert_close(unif_exact, 2 * unif_official, atol=noise, rtol=0, name="exact term")
+
+
 def test_umae_models_keep_their_own_uniformity_switch():
     model = timm.create_model("umae_vit_micro_patch4_32", fused=False)
     umae.patch(model)  # the three swaps are fine

@@ -399,3 +399,17 @@ def test_sigkill_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path):
     a = torch.load(out / "checkpoint-last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "u" / "checkpoint-last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_official_ddp_grad_flag_reaches_the_model_and_a_resume_compares_it(tmp_path, capsys, monkeypatch):
+    import timm
+
+    built = []
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    assert main(["train", *TINY, "--steps", "1", "--no-exact-ddp-grad", "--out", str(tmp_path / "a")]) == 0
+    assert built[-1].exact_ddp_grad is False  # the model's uniformity term takes U-MAE's official gradient
+    ck = tmp_path / "a" / "checkpoint-last.pt"
+    assert torch.load(ck, weights_only=False)["run"]["exact_ddp_grad"] is False
+    rc = main(["train", *TINY, "--steps", "2", "--resume", str(ck), "--out", str(tmp_path / "b")])
+    assert rc == 2 and "--resume-override exact_ddp_grad" in capsys.readouterr().err

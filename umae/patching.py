@@ -56,9 +56,15 @@ def _global_group():
     return None
 
 
-def _uniformity(state, latent, norm):
-    cls = cls_feature(latent, norm if state["cls_double_norm"] else None)
-    return ops.uniformity_loss(cls, exclude_diagonal=state["exclude_diagonal"], process_group=_global_group())
+def _uniformity(state, latent, norm, fc_norm=None):
+    """U-MAE's term on the encoder's feature. With fc_norm (an official U-MAE model built with
+    global_pool=True), that model's pooled feature: fc_norm of the mean patch token, as its forward."""
+    if fc_norm is not None:
+        feat = fc_norm(latent[:, 1:, :].mean(dim=1))
+    else:
+        feat = cls_feature(latent, norm if state["cls_double_norm"] else None)
+    return ops.uniformity_loss(feat, exclude_diagonal=state["exclude_diagonal"], process_group=_global_group(),
+                               exact_ddp_grad=state["exact_ddp_grad"])
 
 
 _warned_interpolate = False
@@ -136,11 +142,18 @@ def _patch_size(model) -> int:
     return int(p)
 
 
+def _global_pool_norm(model):
+    """The official U-MAE model's fc_norm when it pools globally (global_pool=True), else None."""
+    return model.fc_norm if getattr(model, "global_pool", False) and hasattr(model, "fc_norm") else None
+
+
 def _mae_forward_encoder(self, x, mask_ratio, noise=None):
-    x, mask, ids_restore = encode(self, x, mask_ratio, noise)
     state = getattr(self, _STATE)
+    if noise is None:  # the patched forward's noise=, which the model's own forward does not pass on
+        noise = state.get("noise")
+    x, mask, ids_restore = encode(self, x, mask_ratio, noise)
     if state["lamb"] > 0:  # picked up by the forward wrapper below
-        state["pending_unif"] = _uniformity(state, x, self.norm)
+        state["pending_unif"] = _uniformity(state, x, self.norm, _global_pool_norm(self))
     return x, mask, ids_restore
 
 
@@ -152,18 +165,35 @@ def _mae_forward_loss(self, imgs, pred, mask):
     return ops.mae_loss(pred, imgs, mask, _patch_size(self), norm_pix=bool(self.norm_pix_loss))
 
 
-def _mae_forward(self, *args, **kwargs):
-    """The model's own forward ((loss, pred, mask) in models_mae.py), its loss plus lamb * L_unif.
-    The two terms are kept (detached) in `model.umae_losses`."""
+def _mae_forward(self, *args, noise=None, **kwargs):
+    """The model's own forward ((loss, pred, mask) in models_mae.py), with `noise=` (MAE's per-patch
+    noise, passed to forward_encoder) and, for lamb > 0, its loss plus lamb * L_unif. The two terms
+    are kept (detached) in `model.umae_losses`."""
     state = getattr(self, _STATE)
-    state["pending_unif"] = None
-    out = type(self).forward(self, *args, **kwargs)
+    state["pending_unif"], state["noise"] = None, noise
+    try:
+        out = type(self).forward(self, *args, **kwargs)
+    finally:
+        state["noise"] = None
     unif = state.pop("pending_unif", None)
+    if state["lamb"] == 0:
+        return out
     if unif is None:
         raise RuntimeError("umae.patch(lamb > 0): the model's forward did not call forward_encoder")
+    if len(out) > 3 and not state.get("warned_double"):
+        # U-MAE's official forward returns (loss, pred, mask, cls_feats, outputs) for its loop to add the term
+        warnings.warn(_DOUBLE_COUNT, stacklevel=2)
+        state["warned_double"] = True
     loss_mae = out[0]
     self.umae_losses = {"loss_mae": loss_mae.detach(), "loss_unif": unif.detach()}
     return (loss_mae + state["lamb"] * unif, *out[1:])
+
+
+_DOUBLE_COUNT = ("umae.patch(lamb > 0): the model's forward returns its cls features besides (loss, pred, mask), "
+                 "as U-MAE's official models_mae.py does for a training loop (engine_pretrain.py) that adds the "
+                 "uniformity term itself; the returned loss already holds lamb * L_unif, so such a loop counts it "
+                 "twice. Patch with lamb=0 and keep the loop's term (umae.uniformity_loss(cls_feats) is its fused "
+                 "form), or drop the loop's term")
 
 
 # ---- patch / unpatch --------------------------------------------------------------------
@@ -193,13 +223,24 @@ def _bind(module, name: str, fn, record: dict) -> None:
 
 
 def patch(model: torch.nn.Module, *, lamb: float = 0.0, exclude_diagonal: bool = False,
-          cls_double_norm: bool = True) -> torch.nn.Module:
+          cls_double_norm: bool = True, exact_ddp_grad: bool = True) -> torch.nn.Module:
     """Route `model`'s masking, decoder restore and reconstruction loss through umae's ops (in
     place; returns `model`). Idempotent: patching a patched model re-applies it with the new
     settings. `lamb > 0`: the returned loss gains lamb * U-MAE's uniformity term on the
     encoder's cls feature: after the final norm and, as U-MAE's official forward
     (cls_double_norm=True), that norm applied once more; the terms are on the output
     (transformers: `out.loss_mae`, `out.loss_unif`) or in `model.umae_losses` (MAE-style).
+    An official U-MAE model built with global_pool=True gets the term on its own pooled feature
+    (fc_norm of the mean patch token), as its forward computes it.
+
+    Under DDP the term is over the global batch. exact_ddp_grad=True (default): after DDP averages
+    the ranks' gradients, the parameters get exactly the gradient of the global-batch loss.
+    exact_ddp_grad=False: U-MAE's official GatherLayer, whose backward keeps only the rank's own
+    slice, so DDP's averaging scales the term's gradient by 1 / world size (0.5 at 2 ranks): what a
+    reproduction of the paper's runs needs. The loss value is the same either way.
+
+    The patched forward of a facebookresearch/mae-style model takes `noise=` (MAE's per-patch noise,
+    (N, L): the same noise gives the same mask) and passes it to forward_encoder.
     Raises TypeError, patching nothing, for a model it does not recognise. A torch.compile'd or
     DDP-wrapped model is patched underneath its wrapper (dynamo recompiles at the next call)."""
     wrapper, model = model, _unwrap(model)
@@ -224,12 +265,11 @@ def patch(model: torch.nn.Module, *, lamb: float = 0.0, exclude_diagonal: bool =
         _bind(model, "forward_encoder", _mae_forward_encoder, record)
         _bind(model, "forward_decoder", _mae_forward_decoder, record)
         _bind(model, "forward_loss", _mae_forward_loss, record)
-        if lamb > 0:
-            _bind(model, "forward", _mae_forward, record)
+        _bind(model, "forward", _mae_forward, record)
     # a plain dict attribute (not a Module / Parameter): invisible to state_dict and .to()
     object.__setattr__(model, _STATE, dict(kind=kind, lamb=lamb, exclude_diagonal=bool(exclude_diagonal),
                                            cls_double_norm=bool(cls_double_norm),
-                                           methods=list(record.values())))
+                                           exact_ddp_grad=bool(exact_ddp_grad), methods=list(record.values())))
     return wrapper
 
 

@@ -19,7 +19,7 @@ RESUME_KEYS = ("model", "probe_classes", "decay_tokens")
 # (batch_size, accum_iter: the data position continues at micro step = step * accum_iter over the
 # new batches per epoch, and the effective batch sets --blr's lr: a change is a shift of both)
 CHANGEABLE = ("lamb", "mask_ratio", "seed", "data", "builtin_size", "norm_pix_loss", "cls_double_norm", "batch_size",
-              "accum_iter")
+              "accum_iter", "exact_ddp_grad")
 
 
 def _opt(default, help=None, **argparse_kw):
@@ -39,6 +39,9 @@ class TrainConfig:
     fused: bool = _opt(True, "fused kernels (default) or the pure-PyTorch references")
     lamb: float = _opt(0.01, "uniformity weight (0 = plain MAE)")
     cls_double_norm: bool = _opt(True, "U-MAE's cls feature as its official forward: the encoder norm applied twice")
+    exact_ddp_grad: bool = _opt(True, "under DDP, the uniformity term's exact global-batch gradient; "
+                                "--no-exact-ddp-grad: U-MAE's official GatherLayer, whose gradient DDP's averaging "
+                                "scales by 1 / world size (the paper's runs)")
     online_probe: bool = _opt(False, "train U-MAE's online linear classifier on the detached cls feature; log its "
                               "accuracy")
     mask_ratio: float = _opt(0.75)

@@ -227,7 +227,8 @@ def _run_info(cfg: TrainConfig, probe_classes: int) -> dict:
                 data=_canonical("data", cfg.data),
                 builtin_size=cfg.builtin_size, seed=cfg.seed, norm_pix_loss=cfg.norm_pix_loss,
                 cls_double_norm=cfg.cls_double_norm, probe_classes=probe_classes,
-                decay_tokens=cfg.decay_tokens, amp=cfg.amp, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter)
+                decay_tokens=cfg.decay_tokens, amp=cfg.amp, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
+                exact_ddp_grad=cfg.exact_ddp_grad)
 
 
 def _make_loader(cfg: TrainConfig, aug, sampler, step: int, total: int, device) -> tuple:
@@ -266,7 +267,8 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
     ds = D.open_dataset(cfg.data, train=True, seed=cfg.seed, builtin_size=cfg.builtin_size)
     probe_classes = D.num_classes(ds) if cfg.online_probe else 0
     model = timm.create_model(cfg.model, fused=cfg.fused, lamb=cfg.lamb, norm_pix_loss=cfg.norm_pix_loss,
-                              cls_double_norm=cfg.cls_double_norm, probe_classes=probe_classes)
+                              cls_double_norm=cfg.cls_double_norm, exact_ddp_grad=cfg.exact_ddp_grad,
+                              probe_classes=probe_classes)
     model.to(device)
     gb = cfg.batch_size * world
     if len(ds) < gb:

@@ -163,10 +163,15 @@ def test_checkpoint_path_loads_facebookresearch_mae_checkpoints(tmp_path):
         m = timm.create_model("umae_vit_micro_patch4_32", checkpoint_path=str(tmp_path / "enc.pth"))
     assert all(torch.equal(m.state_dict()[k], v) for k, v in enc.items())
     # anything else is refused before loading, naming the keys
-    bad = dict(enc, **{"head.weight": torch.ones(3)})
+    bad = dict(enc, **{"extra.weight": torch.ones(3)})
     torch.save({"model": bad}, tmp_path / "bad.pth")
-    with pytest.raises(RuntimeError, match=r"unexpected keys \['head.weight'\]"):
+    with pytest.raises(RuntimeError, match=r"unexpected keys \['extra.weight'\]"):
         timm.create_model("umae_vit_micro_patch4_32", checkpoint_path=str(tmp_path / "bad.pth"))
+    # a wider model's checkpoint: umae's message naming each key and both shapes, not PyTorch's
+    wide = timm.create_model("umae_vit_micro_patch4_32", embed_dim=96, fused=False).state_dict()
+    torch.save({"model": wide}, tmp_path / "wide.pth")
+    with pytest.raises(RuntimeError, match=r"the shapes of \d+ keys differ: cls_token \(1, 1, 96\) \(model: \(1, 1, 64\)\)"):
+        timm.create_model("umae_vit_micro_patch4_32", checkpoint_path=str(tmp_path / "wide.pth"))
     del enc["pos_embed"]
     torch.save({"model": enc}, tmp_path / "no_pos.pth")
     with pytest.raises(RuntimeError, match="missing keys.*pos_embed"):
@@ -220,8 +225,8 @@ def test_checkpoint_with_the_official_probe_loads_without_one(tmp_path):
     src = timm.create_model("umae_vit_micro_patch4_32", probe_classes=10)
     sd = dict(src.state_dict(), **{"fc_norm.weight": torch.ones(64), "fc_norm.bias": torch.zeros(64)})
     dst = timm.create_model("umae_vit_micro_patch4_32")
-    with pytest.warns(UserWarning, match="online-probe keys are not loaded: fc.bias, fc.weight, fc_norm.bias"):
+    with pytest.warns(UserWarning, match="probe / head keys are not loaded: fc.bias, fc.weight, fc_norm.bias"):
         dst.load_state_dict({"model": sd})
     assert torch.equal(dst.cls_token, src.cls_token)
-    with pytest.warns(UserWarning, match="encoder-only"):  # a model with a probe, a checkpoint without
+    with pytest.warns(UserWarning, match="probe / head keep their initialization.*fc.bias"):  # a checkpoint without
         timm.create_model("umae_vit_micro_patch4_32", probe_classes=10).load_state_dict(dst.state_dict())

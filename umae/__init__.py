@@ -6,6 +6,7 @@ are listed once, in umae/registry.py.
 """
 from ._backend import get_backend, set_backend, use_backend
 from .ops import backend_info, format_backend_info
+from . import models  # noqa: F401  (registers umae's models with timm: timm.create_model("umae_vit_..."))
 from .patching import patch, unpatch
 from .registry import OPS as _OPS
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 
@@ -34,6 +35,15 @@ def embed_tokens(patch_embed, imgs: torch.Tensor) -> torch.Tensor:
     return pe.norm(x) if hasattr(pe, "norm") else x
 
 
+def run_blocks(model, blocks, x):
+    """The blocks in order; with `model.grad_checkpointing` and a backward to come, each block's
+    activations are recomputed in the backward instead of kept (timm's set_grad_checkpointing)."""
+    ckpt = getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled()
+    for blk in blocks:
+        x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
+    return x
+
+
 def encode(m, imgs, mask_ratio, noise=None, *, backend=None, token_layout: bool = True):
     """MAE's forward_encoder: patch embed, then + pos_embed, random masking, gather of the kept
     tokens and cls prepend in one op, the blocks and the final norm. token_layout: the patch
@@ -41,9 +51,7 @@ def encode(m, imgs, mask_ratio, noise=None, *, backend=None, token_layout: bool 
     x = embed_tokens(m.patch_embed, imgs) if token_layout else m.patch_embed(imgs)
     x, mask, ids_restore = ops.random_masking(x, mask_ratio, noise, pos_embed=m.pos_embed[:, 1:, :],
                                               cls_token=m.cls_token + m.pos_embed[:, :1, :], backend=backend)
-    for blk in m.blocks:
-        x = blk(x)
-    return m.norm(x), mask, ids_restore
+    return m.norm(run_blocks(m, m.blocks, x)), mask, ids_restore
 
 
 def cls_feature(latent, norm=None):
@@ -59,6 +67,6 @@ def decode(m, x, ids_restore, *, backend=None):
     blocks, norm and prediction; the cls row dropped."""
     x = ops.restore_tokens(m.decoder_embed(x), ids_restore, m.mask_token, pos_embed=m.decoder_pos_embed,
                            has_cls=True, backend=backend)
-    for blk in m.decoder_blocks:
-        x = blk(x)
-    return m.decoder_pred(m.decoder_norm(x))[:, 1:, :]
+    # the cls row dropped before the (row-wise) norm and prediction: its output is not computed, and the
+    # prediction is a tensor of its own, not a view (FSDP2 warns about a view among a module's outputs)
+    return m.decoder_pred(m.decoder_norm(run_blocks(m, m.decoder_blocks, x)[:, 1:, :]))

@@ -12,11 +12,12 @@ import os
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Sampler
 
 BUILTIN_SIZE = 4096  # images in the builtin training set (its test set: a quarter as many)
-MEAN = torch.tensor([0.485, 0.456, 0.406])  # MAE normalizes with ImageNet statistics
-STD = torch.tensor([0.229, 0.224, 0.225])
+# MAE normalizes with ImageNet's statistics; the models' pretrained_cfg says the same (timm's constants)
+MEAN, STD = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
 
 
 # ---- the embedded default: procedurally generated, labelled, no download ------------

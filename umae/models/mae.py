@@ -17,6 +17,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from .. import _mae, ops
+from .timm_api import TimmEncoderAPI
 
 
 class MAEOutput(NamedTuple):
@@ -46,18 +47,22 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, cls_token:
     return emb
 
 
-class MaskedAutoencoderViT(nn.Module):
+class MaskedAutoencoderViT(TimmEncoderAPI, nn.Module):
     """MAE with a ViT backbone; U-MAE when lamb > 0.
 
     Every glue op goes through umae's public ops. fused=True: the fused kernels, obeying
     umae.set_backend / use_backend; fused=False: this model's ops run the references.
+    timm's keywords: num_classes (a classifier: model(x) gives logits, umae/models/timm_api.py),
+    global_pool ('token', 'avg', ''), drop_path_rate (the encoder's stochastic depth), qkv_bias.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True, lamb=0.01, fused=True,
-                 exclude_diagonal=False, exact_ddp_grad=True, cls_double_norm=True, probe_classes=0):
+                 exclude_diagonal=False, exact_ddp_grad=True, cls_double_norm=True, probe_classes=0,
+                 num_classes=None, global_pool="token", drop_path_rate=0.0, qkv_bias=True):
         super().__init__()
+        self.embed_dim = embed_dim
         # U-MAE's official forward takes its cls feature as norm(latent)[:, 0], the encoder norm
         # applied a second time; False: latent[:, 0]
         self.cls_double_norm = bool(cls_double_norm)
@@ -73,8 +78,9 @@ class MaskedAutoencoderViT(nn.Module):
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-                                     for _ in range(depth)])
+        dpr = torch.linspace(0, float(drop_path_rate), depth).tolist()  # timm's stochastic depth rule
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=bool(qkv_bias), drop_path=dpr[i],
+                                           norm_layer=norm_layer) for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         # decoder
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
@@ -87,36 +93,48 @@ class MaskedAutoencoderViT(nn.Module):
         self.initialize_weights()
         # U-MAE's online linear probe (its `fc`, nn.Linear's own init) on the detached cls feature
         self.fc = nn.Linear(embed_dim, probe_classes) if probe_classes else None
+        self._init_timm(num_classes, global_pool, img_size, in_chans, patch_size)
 
     DECODER_KEYS = ("decoder_", "mask_token")  # what an encoder-only checkpoint lacks
     PROBE_KEYS = ("fc.", "fc_norm.")  # U-MAE's online probe: optional in a checkpoint and in the model
+    HEAD_KEYS = ("head.",)  # a classifier's head (timm_api): optional, as the probe
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """nn.Module's, plus facebookresearch/mae's checkpoints: a `{"model": state_dict}` file is
         unwrapped (the parameter names are MAE's), and an encoder-only checkpoint (e.g.
         mae_pretrain_vit_base.pth: no decoder) loads the encoder with a warning naming the missing
-        decoder keys. Any other mismatch raises before anything is loaded, naming the keys."""
+        decoder keys. A probe or classifier head the checkpoint has and the model lacks is left out,
+        one the model has and the checkpoint lacks keeps its initialization (MAE's fine-tuning),
+        each with a warning. Any other mismatch of names or shapes raises before anything is
+        loaded, naming the keys."""
         if "model" in state_dict and isinstance(state_dict["model"], dict):
             state_dict = state_dict["model"]
-        own = set(self.state_dict().keys())
-        extra_probe = sorted(k for k in state_dict if k.startswith(self.PROBE_KEYS) and k not in own)
-        if extra_probe:  # a U-MAE checkpoint's probe, into a model without one (or its fc_norm)
-            import warnings
-
-            warnings.warn(f"the checkpoint's online-probe keys are not loaded: {', '.join(extra_probe)}", stacklevel=2)
-            state_dict = {k: v for k, v in state_dict.items() if k not in extra_probe}
-        missing = sorted(own - set(state_dict))
-        unexpected = sorted(set(state_dict) - own)
-        encoder_only = bool(missing) and all(k.startswith(self.DECODER_KEYS + self.PROBE_KEYS) for k in missing)
+        own = self.state_dict()
+        optional = self.PROBE_KEYS + self.HEAD_KEYS
+        extra = sorted(k for k in state_dict if k.startswith(optional) and k not in own)
+        if extra:  # a U-MAE checkpoint's probe or a classifier's head, into a model without one
+            _warn(f"the checkpoint's probe / head keys are not loaded: {', '.join(extra)}")
+            state_dict = {k: v for k, v in state_dict.items() if k not in extra}
+        shapes = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state_dict.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if shapes:
+            raise RuntimeError(f"checkpoint does not match {type(self).__name__}: the shapes of {len(shapes)} keys "
+                               f"differ: {'; '.join(shapes)}")
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        fresh = [k for k in missing if k.startswith(optional)]  # keep their initialization
+        missing = [k for k in missing if k not in fresh]
+        encoder_only = bool(missing) and all(k.startswith(self.DECODER_KEYS) for k in missing)
         if strict and (unexpected or (missing and not encoder_only)):
             raise RuntimeError(f"checkpoint does not match {type(self).__name__}: missing keys {missing}, "
                                f"unexpected keys {unexpected}")
+        if strict and fresh:
+            _warn(f"the model's probe / head keep their initialization (not in the checkpoint): {', '.join(fresh)}")
         if strict and encoder_only:
-            import warnings
-
-            warnings.warn(f"encoder-only checkpoint: the decoder keeps its initialization ({len(missing)} missing "
-                          f"keys: {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})", stacklevel=2)
-        return super().load_state_dict(state_dict, strict=False if encoder_only else strict, assign=assign)
+            _warn(f"encoder-only checkpoint: the decoder keeps its initialization ({len(missing)} missing "
+                  f"keys: {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+        lenient = not strict or encoder_only or bool(fresh)
+        return super().load_state_dict(state_dict, strict=not lenient, assign=assign)
 
     @property
     def backend(self) -> str | None:
@@ -166,8 +184,11 @@ class MaskedAutoencoderViT(nn.Module):
                                    process_group=self.unif_process_group, exact_ddp_grad=self.exact_ddp_grad,
                                    backend=self.backend)
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None, labels=None) -> MAEOutput:
-        """labels: the batch's class labels, for the online probe (probe_classes > 0)."""
+    def forward(self, imgs, mask_ratio=0.75, noise=None, labels=None):
+        """The MAE / U-MAE objective (MAEOutput); labels: the batch's class labels, for the online
+        probe (probe_classes > 0). A classifier (num_classes=, reset_classifier): the logits."""
+        if self.is_classifier:
+            return self.forward_head(self.forward_features(imgs))
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss_mae = self.forward_loss(imgs, pred, mask)
@@ -184,10 +205,11 @@ class MaskedAutoencoderViT(nn.Module):
     @torch.no_grad()
     def features(self, imgs, pool="cls"):
         """Encoder features of unmasked images, for probing: 'cls' token or 'mean' of patch tokens."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
+        x = self.forward_features(imgs)
         return x[:, 0] if pool == "cls" else x[:, 1:].mean(1)
+
+
+def _warn(msg: str) -> None:
+    import warnings
+
+    warnings.warn(msg, stacklevel=3)

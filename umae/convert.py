@@ -1,0 +1,185 @@
+"""MAE checkpoints between umae, facebookresearch/mae and transformers' ViTMAE, both ways and
+losslessly (the tensors are copied bit for bit; q, k and v are split from / joined into timm's qkv).
+
+- umae's models use facebookresearch/mae's parameter names, so an MAE `.pth` (`{"model": state_dict}`)
+  is an umae checkpoint: `load_mae` / `save_mae`.
+- `to_hf(model)`: an umae (or MAE) model as a `ViTMAEForPreTraining` (`save_pretrained` writes a
+  folder `from_pretrained` loads); `from_hf(hf_model or folder or state_dict)`: back. transformers'
+  own names and the older layout of the Hub's `facebook/vit-mae-*` checkpoints
+  (`encoder.layer.N.attention.attention.query`, ...) are both read.
+- `umae convert SRC OUT --to hf|mae`: the same from the command line.
+
+Same weights, same noise: same mask, same loss (HF and MAE order patches and draw the mask from
+the noise alike; tests/test_convert.py checks it in float64).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import torch
+from torch import nn
+
+from .models import CONFIGS, MaskedAutoencoderViT, build
+
+# (umae key suffix, transformers key suffix) of one transformer block
+_BLOCK = (("norm1", "layernorm_before"), ("attn.proj", "attention.o_proj"), ("norm2", "layernorm_after"),
+          ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))
+# the Hub's older transformers layout -> transformers' current names
+_LEGACY = ((r"\.encoder\.layer\.(\d+)\.", r".layers.\1."), (r"^encoder\.layer\.(\d+)\.", r"layers.\1."),
+           (r"attention\.attention\.query", "attention.q_proj"), (r"attention\.attention\.key", "attention.k_proj"),
+           (r"attention\.attention\.value", "attention.v_proj"), (r"attention\.output\.dense", "attention.o_proj"),
+           (r"intermediate\.dense", "mlp.fc1"), (r"\.output\.dense", ".mlp.fc2"))
+
+
+def _pairs(depth: int, decoder_depth: int) -> list[tuple[str, str]]:
+    """(umae key, transformers key) of every tensor; a key ending in 'qkv.*' maps to q_proj/k_proj/v_proj."""
+    out = [("cls_token", "vit.embeddings.cls_token"), ("pos_embed", "vit.embeddings.position_embeddings"),
+           ("norm.weight", "vit.layernorm.weight"), ("norm.bias", "vit.layernorm.bias"),
+           ("mask_token", "decoder.mask_token"), ("decoder_pos_embed", "decoder.decoder_pos_embed")]
+    for wb in ("weight", "bias"):
+        out += [(f"patch_embed.proj.{wb}", f"vit.embeddings.patch_embeddings.projection.{wb}"),
+                (f"decoder_embed.{wb}", f"decoder.decoder_embed.{wb}"),
+                (f"decoder_norm.{wb}", f"decoder.decoder_norm.{wb}"),
+                (f"decoder_pred.{wb}", f"decoder.decoder_pred.{wb}")]
+        for prefix, hf_prefix, n in (("blocks", "vit.layers", depth), ("decoder_blocks", "decoder.decoder_layers",
+                                                                       decoder_depth)):
+            for i in range(n):
+                out.append((f"{prefix}.{i}.attn.qkv.{wb}", f"{hf_prefix}.{i}.attention.qkv.{wb}"))
+                out += [(f"{prefix}.{i}.{a}.{wb}", f"{hf_prefix}.{i}.{b}.{wb}") for a, b in _BLOCK]
+    return out
+
+
+def _qkv_names(hf_key: str) -> list[str]:
+    return [hf_key.replace(".qkv.", f".{p}_proj.") for p in "qkv"]
+
+
+def hf_state_dict(state: dict, depth: int, decoder_depth: int) -> dict:
+    """An umae / MAE state dict in transformers' ViTMAEForPreTraining names (copies, bitwise)."""
+    out = {}
+    for u, h in _pairs(depth, decoder_depth):
+        if ".qkv." in h:
+            out.update({k: t.clone() for k, t in zip(_qkv_names(h), state[u].chunk(3, dim=0))})
+        else:
+            out[h] = state[u].clone()
+    return out
+
+
+def umae_state_dict(hf_state: dict, depth: int, decoder_depth: int) -> dict:
+    """A ViTMAEForPreTraining state dict (current or the Hub's older names) in umae / MAE names."""
+    hf_state = {_modern(k): v for k, v in hf_state.items()}
+    out = {}
+    for u, h in _pairs(depth, decoder_depth):
+        names = _qkv_names(h) if ".qkv." in h else [h]
+        missing = [n for n in names if n not in hf_state]
+        if missing:
+            raise KeyError(f"the ViTMAE state dict lacks {', '.join(missing)} (for umae's {u})")
+        out[u] = torch.cat([hf_state[n] for n in names]) if len(names) > 1 else hf_state[h].clone()
+    return out
+
+
+def _modern(key: str) -> str:
+    for pattern, repl in _LEGACY:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def hf_config(model: MaskedAutoencoderViT, mask_ratio: float = 0.75):
+    """The ViTMAEConfig of an umae model (MAE's structure: qkv bias, exact GELU, one LayerNorm eps)."""
+    from transformers import ViTMAEConfig
+
+    blk, dblk = model.blocks[0], model.decoder_blocks[0]
+    return ViTMAEConfig(
+        hidden_size=model.embed_dim, num_hidden_layers=len(model.blocks), num_attention_heads=blk.attn.num_heads,
+        intermediate_size=blk.mlp.fc1.out_features, hidden_act="gelu", layer_norm_eps=model.norm.eps,
+        image_size=model.img_size, patch_size=model.patch_size, num_channels=model.in_chans, qkv_bias=True,
+        decoder_hidden_size=model.decoder_embed.out_features, decoder_num_hidden_layers=len(model.decoder_blocks),
+        decoder_num_attention_heads=dblk.attn.num_heads, decoder_intermediate_size=dblk.mlp.fc1.out_features,
+        mask_ratio=float(mask_ratio), norm_pix_loss=bool(model.norm_pix_loss))
+
+
+def umae_kwargs(config) -> dict:
+    """MaskedAutoencoderViT's keywords for a ViTMAEConfig; refuses what umae's structure cannot hold."""
+    ratio = config.intermediate_size / config.hidden_size
+    if config.decoder_intermediate_size != ratio * config.decoder_hidden_size:
+        raise ValueError(f"the encoder's and the decoder's MLP widths differ in ratio ({ratio} vs "
+                         f"{config.decoder_intermediate_size / config.decoder_hidden_size}); umae models share one")
+    if config.hidden_act != "gelu" or not config.qkv_bias:
+        raise ValueError(f"umae models use exact GELU and qkv bias (MAE's); the config has hidden_act="
+                         f"{config.hidden_act!r}, qkv_bias={config.qkv_bias}")
+    size = config.image_size if isinstance(config.image_size, int) else tuple(config.image_size)
+    if not isinstance(size, int) and size[0] != size[1]:
+        raise ValueError(f"umae models take square images; the config has image_size {size}")
+    return dict(img_size=size if isinstance(size, int) else size[0], patch_size=config.patch_size,
+                in_chans=config.num_channels, embed_dim=config.hidden_size, depth=config.num_hidden_layers,
+                num_heads=config.num_attention_heads, decoder_embed_dim=config.decoder_hidden_size,
+                decoder_depth=config.decoder_num_hidden_layers, decoder_num_heads=config.decoder_num_attention_heads,
+                mlp_ratio=ratio, norm_layer=functools.partial(nn.LayerNorm, eps=config.layer_norm_eps),
+                norm_pix_loss=bool(config.norm_pix_loss))
+
+
+def to_hf(model: MaskedAutoencoderViT, mask_ratio: float = 0.75):
+    """A transformers ViTMAEForPreTraining with `model`'s weights (bitwise) and structure."""
+    from transformers import ViTMAEForPreTraining
+
+    hf = ViTMAEForPreTraining(hf_config(model, mask_ratio))
+    hf.load_state_dict(hf_state_dict(model.state_dict(), len(model.blocks), len(model.decoder_blocks)), strict=True)
+    return hf.eval() if not model.training else hf
+
+
+def from_hf(source, **model_kwargs) -> MaskedAutoencoderViT:
+    """An umae model from a ViTMAEForPreTraining, a `save_pretrained` folder, or a
+    (state_dict, ViTMAEConfig) pair; `model_kwargs` (fused, lamb, ...) go to the model."""
+    if isinstance(source, (str, os.PathLike)):
+        from transformers import ViTMAEForPreTraining
+
+        source = ViTMAEForPreTraining.from_pretrained(source)
+    state, config = (source.state_dict(), source.config) if isinstance(source, nn.Module) else source
+    model = MaskedAutoencoderViT(**umae_kwargs(config), **model_kwargs)
+    model.load_state_dict(umae_state_dict(state, config.num_hidden_layers, config.decoder_num_hidden_layers))
+    return model
+
+
+def load_mae(path, model: str | None = None, **model_kwargs) -> MaskedAutoencoderViT:
+    """An umae model from a facebookresearch/mae `.pth` (`{"model": state_dict}`) or an umae checkpoint;
+    `model` names umae's config (umae checkpoints record theirs; MAE's number of heads is not in the weights)."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    name = model or (ck.get("run", {}).get("model") if isinstance(ck, dict) else None)
+    if name is None:
+        raise ValueError(f"{path}: name the model's config (--model, one of {', '.join(CONFIGS)}): a "
+                         f"facebookresearch/mae checkpoint does not record its number of heads")
+    m = build(name, **model_kwargs)
+    m.load_state_dict(ck)  # unwraps {"model": ...}, names any mismatch
+    return m
+
+
+def save_mae(model: MaskedAutoencoderViT, path) -> None:
+    """facebookresearch/mae's checkpoint layout: {"model": state_dict}."""
+    torch.save({"model": model.state_dict()}, path)
+
+
+# ---- umae convert -----------------------------------------------------------------------
+
+HELP = "convert MAE checkpoints between umae / facebookresearch/mae (.pth) and transformers' ViTMAE (folder)"
+
+
+def add_args(p) -> None:
+    p.add_argument("src", help="a transformers save_pretrained folder, or a .pth (facebookresearch/mae or umae)")
+    p.add_argument("out", help="--to hf: a folder (save_pretrained); --to mae: a .pth file")
+    p.add_argument("--to", required=True, choices=["hf", "mae"])
+    p.add_argument("--model", default=None, help=f"umae's config of a facebookresearch/mae .pth ({', '.join(CONFIGS)})")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="the transformers config's mask_ratio")
+
+
+def main(args) -> int:
+    is_hf = os.path.isdir(args.src)
+    if not is_hf and not os.path.isfile(args.src):
+        raise ValueError(f"src {args.src!r}: no such file or folder")
+    model = from_hf(args.src) if is_hf else load_mae(args.src, args.model)
+    if args.to == "hf":
+        to_hf(model, args.mask_ratio).save_pretrained(args.out)
+    else:
+        save_mae(model, args.out)
+    print(f"wrote {args.out} ({'transformers folder' if args.to == 'hf' else 'facebookresearch/mae .pth'})")
+    return 0

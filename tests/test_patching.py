@@ -425,14 +425,22 @@ def _official_grad_worker(rank, world, store, out_path):
     x, noise = x[rank * 4:(rank + 1) * 4], noise[rank * 4:(rank + 1) * 4]
     grads = {}
     for name, lamb, exact in (("mae", 0.0, True), ("official", None, None), ("patched_official", 0.1, False),
-                              ("patched_exact", 0.1, True)):
+                              ("patched_exact", 0.1, True), ("patched_exact_fsdp", 0.1, True)):
         model = umae.patch(_official_umae(False), lamb=lamb or 0.0, exact_ddp_grad=bool(exact))
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        loss, _, _, cls_feats, _ = ddp(x, noise=noise)
+        if name.endswith("fsdp"):  # FSDP2 averages the ranks' gradients as DDP does
+            from torch.distributed.fsdp import fully_shard
+
+            for blk in [*model.blocks, *model.decoder_blocks]:
+                fully_shard(blk)
+            net = fully_shard(model)
+        else:  # as U-MAE's main_pretrain.py: fc_norm is unused without global_pool (else its bucket is never reduced)
+            net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        loss, _, _, cls_feats, _ = net(x, noise=noise)
         if lamb is None:  # the official loop: the model's loss plus its own term
             loss = loss + 0.1 * _official_uniformity(cls_feats)
         loss.backward()
-        grads[name] = model.cls_token.grad.clone()
+        g = model.cls_token.grad
+        grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).clone()
     if rank == 0:
         torch.save(grads, out_path)
     dist.barrier()
@@ -458,6 +466,7 @@ def test_official_ddp_gradient_option(tmp_path):
     assert unif_official.abs().max() > 100 * noise  # the term moves the gradient, well above the noise
     assert_close(g["patched_official"], g["official"], atol=noise, rtol=0, name="official")
     assert_close(unif_exact, 2 * unif_official, atol=noise, rtol=0, name="exact term")
+    assert_close(g["patched_exact_fsdp"], g["patched_exact"], atol=noise, rtol=0, name="fsdp")
 
 
 def test_umae_models_keep_their_own_uniformity_switch():
@@ -482,28 +491,38 @@ def test_unrecognised_model_is_refused_and_untouched():
     assert not umae.patching.is_patched(m) and "forward_encoder" not in m.__dict__
 
 
-def _ddp_worker(rank, world, store, out_path):
+def _ddp_worker(rank, world, store, out_path, wrap="ddp"):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     model = umae.patch(_hf(*HF_CONFIGS[0]), lamb=0.1)  # patched, then wrapped
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    if wrap == "fsdp":  # FSDP2: each encoder and decoder layer, then the rest
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in [*model.vit.layers, *model.decoder.decoder_layers]:
+            fully_shard(layer)
+        net = fully_shard(model)
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model)
     x, noise = _hf_inputs(model, N=2 * 4)
-    out = ddp(x[rank * 4:(rank + 1) * 4], noise=noise[rank * 4:(rank + 1) * 4])
+    out = net(x[rank * 4:(rank + 1) * 4], noise=noise[rank * 4:(rank + 1) * 4])
     out.loss.backward()
+    grad = model.vit.embeddings.cls_token.grad
+    grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad  # FSDP: gathered from the shards
     if rank == 0:
-        grad = model.vit.embeddings.cls_token.grad
         torch.save(dict(loss_unif=out.loss_unif.detach(), grad=grad), out_path)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_hf_uniformity_over_the_global_batch_under_ddp(tmp_path):
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_hf_uniformity_over_the_global_batch_under_ddp_and_fsdp(tmp_path, wrap):
     # two gloo ranks of 4 images each: the uniformity term is the 8-image batch's on every rank
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "rank0.pt")
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), out, wrap), nprocs=2, join=True,
+                       start_method="spawn")
     got = torch.load(out)
     model = umae.patch(_hf(*HF_CONFIGS[0]), lamb=0.1)
     x, noise = _hf_inputs(model, N=8)

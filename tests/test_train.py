@@ -49,10 +49,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out):
+def _ddp_worker(rank, world, port, out, kw=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    recs = train.train(_args(out, steps=3, batch_size=8))
+    recs = train.train(_args(out, **(kw or dict(steps=3, batch_size=8))))
     if rank == 0:
         json.dump(recs, open(os.path.join(out, "recs.json"), "w"))
     import torch.distributed as dist
@@ -79,6 +79,36 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         bad = (ck_d[k] - p).abs() > tol
         assert not bad.any(), (f"{k}: {int(bad.sum())} of {p.numel()} elements differ by more than the Adam rounding "
                                f"bound, worst {((ck_d[k] - p).abs() / tol).max().item():.3g}x it")
+
+
+def _two_processes(out, **kw) -> list[dict]:
+    os.makedirs(out, exist_ok=True)
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out), kw), nprocs=2, join=True, start_method="spawn")
+    return json.load(open(os.path.join(out, "recs.json")))
+
+
+def test_fsdp_two_processes_match_single_process_and_resume_exactly(tmp_path):
+    # FSDP2 (fully_shard per block) on 2 gloo processes: the single process's losses and, after AdamW, its
+    # parameters within the rounding bound; a resumed FSDP run continues bit for bit
+    full = _two_processes(tmp_path / "fsdp", fsdp=True, steps=4, batch_size=8, ckpt_every=2)
+    single = train.train(_args(tmp_path / "one", steps=4, batch_size=16))
+    for a, b in zip(full, single):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["loss_unif"] - b["loss_unif"]) < 1e-5, (full, single)
+    ck_f = torch.load(tmp_path / "fsdp" / "checkpoint-last.pt", weights_only=False)
+    ck_s = torch.load(tmp_path / "one" / "checkpoint-last.pt", weights_only=False)
+    assert ck_f["run"]["fsdp"] and ck_f["model"].keys() == ck_s["model"].keys()  # whole tensors, plain layout
+    v = _second_moments(ck_s)
+    rms = (sum(t.sum() for t in v.values()) / sum(t.numel() for t in v.values()) / (1 - 0.95 ** 4)).sqrt().item()
+    for k, p in ck_s["model"].items():
+        if k in v:
+            tol = adam_tolerance(p, v[k], rms, lr=1e-3, steps=4, terms=16 * 65)
+            assert not ((ck_f["model"][k] - p).abs() > tol).any(), k
+    assert _second_moments(ck_f).keys() == v.keys()  # the optimizer state, keyed by position as opt.state_dict()
+    resumed = _two_processes(tmp_path / "resumed", fsdp=True, steps=4, batch_size=8,
+                             resume=str(tmp_path / "fsdp" / "checkpoint-2.pt"))
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        assert a["loss"] == b["loss"] and a["loss_unif"] == b["loss_unif"], (full, resumed)
 
 
 def _second_moments(ck) -> dict:

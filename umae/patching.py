@@ -80,6 +80,13 @@ def _fallback_interpolate():
 
 # ---- transformers ViTMAE ---------------------------------------------------------------
 
+def _hf_module(module):
+    """The transformers module defining `module`'s class (its output classes live there), found
+    through the MRO: FSDP2's fully_shard gives the instance a subclass defined in torch."""
+    cls = next(c for c in type(module).__mro__ if c.__module__.startswith("transformers."))
+    return sys.modules[cls.__module__]
+
+
 def _hf_embeddings_forward(self, pixel_values, noise=None, interpolate_pos_encoding=False):
     if interpolate_pos_encoding:
         _fallback_interpolate()
@@ -105,7 +112,7 @@ def _hf_decoder_forward(self, hidden_states, ids_restore, interpolate_pos_encodi
     for layer in self.decoder_layers:
         x = layer(x)
     logits = self.decoder_pred(self.decoder_norm(x))
-    return sys.modules[type(self).__module__].ViTMAEDecoderOutput(logits=logits[:, 1:, :])
+    return _hf_module(self).ViTMAEDecoderOutput(logits=logits[:, 1:, :])
 
 
 def _hf_pretraining_forward(self, pixel_values=None, noise=None, interpolate_pos_encoding=None, attention_mask=None,
@@ -123,7 +130,7 @@ def _hf_pretraining_forward(self, pixel_values=None, noise=None, interpolate_pos
     if state["lamb"] > 0:
         loss_unif = _uniformity(state, latent, self.vit.layernorm)
         loss = loss_mae + state["lamb"] * loss_unif
-    result = sys.modules[type(self).__module__].ViTMAEForPreTrainingOutput(
+    result = _hf_module(self).ViTMAEForPreTrainingOutput(
         loss=loss, logits=logits, mask=mask, ids_restore=ids_restore, hidden_states=out.hidden_states,
         attentions=out.attentions)
     # not ModelOutput fields: to_tuple() keeps the model's own layout

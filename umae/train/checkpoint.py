@@ -51,8 +51,47 @@ def _torch_save(obj, path: str) -> None:
         torch.save(obj, f)
 
 
-def save(out: str, step: int, model, opt, scaler, run: dict) -> str:
-    ck = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step, run=run)
+def full_states(model, opt, sharded: bool) -> tuple[dict, dict]:
+    """(model state dict, optimizer state dict) in the plain layout, whatever the sharding: under
+    FSDP (`sharded`) gathered from every rank (a collective: all ranks call it; rank 0 gets them,
+    on the CPU), the optimizer's state keyed by position as `opt.state_dict()` keys it, so a
+    checkpoint of an FSDP run resumes under DDP or in one process, and the other way round."""
+    if not sharded:
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=options)
+    osd = get_optimizer_state_dict(model, opt, options=options)
+    if not osd:  # ranks other than 0
+        return msd, osd
+    pos = {name: i for i, name in enumerate(_param_names(model, opt))}
+    return msd, {"state": {pos[n]: st for n, st in osd["state"].items()},
+                 "param_groups": [dict(g, params=[pos[n] for n in g["params"]]) for g in osd["param_groups"]]}
+
+
+def _param_names(model, opt) -> list[str]:
+    """The optimizer's parameters' names, in the order of its groups (the positions of its state dict)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def load_optimizer(model, opt, state: dict, sharded: bool) -> None:
+    """opt.load_state_dict of a plain-layout state; under FSDP each rank takes its shards of it."""
+    if not sharded:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(model, opt)
+    named = {"state": {names[i]: st for i, st in state["state"].items()},
+             "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, opt, named, options=StateDictOptions(full_state_dict=True))
+
+
+def save(out: str, step: int, states: tuple[dict, dict], scaler, run: dict) -> str:
+    """Writes checkpoint-<step>.pt (and checkpoint-last.pt) from `full_states`'s (model, optimizer) states."""
+    ck = dict(model=states[0], optimizer=states[1], scaler=scaler.state_dict(), step=step, run=run)
     path = os.path.join(out, f"checkpoint-{step}.pt")
     _write(path + ".tmp", path, lambda tmp: _torch_save(ck, tmp))
     last = os.path.join(out, LAST)
@@ -120,12 +159,12 @@ def check_resumable(ck: dict, path: str) -> None:
         raise ValueError(f"--resume {path!r} is not a valid umae train checkpoint: " + "; ".join(bad))
 
 
-def restore(ck: dict, model, opt, scaler, path: str = "") -> int:
-    """Restores a read checkpoint's states in place (a ValueError naming --resume and the file for
-    a state that does not fit); returns the step to continue from."""
-    load_weights(model, ck["model"], path)
+def restore(ck: dict, opt, scaler, path: str = "", *, model, sharded: bool = False) -> int:
+    """Restores a read checkpoint's optimizer and scaler states in place (the weights: load_weights,
+    before any sharding); a ValueError naming --resume and the file for a state that does not fit.
+    Returns the step to continue from."""
     try:
-        opt.load_state_dict(ck["optimizer"])
+        load_optimizer(model, opt, ck["optimizer"], sharded)
     except LOAD_ERRORS as e:
         hint = ("; its parameter groups follow the model and --decay-tokens (a checkpoint that records no "
                 "run settings is taken as --no-decay-tokens): try --decay-tokens or --no-decay-tokens"

@@ -62,6 +62,9 @@ class TrainConfig:
     amp: str = _opt("auto", "auto: bf16 on a GPU that supports it, none (fp32) otherwise",
                     choices=["auto", "none", "bf16", "fp16"])
     compile: bool = _opt(False, "torch.compile the model")
+    fsdp: bool = _opt(False, "with several processes (torchrun), shard the parameters, gradients and optimizer "
+                      "state over them (FSDP2's fully_shard per block) instead of DDP; checkpoints are the same "
+                      "either way")
     seed: int = _opt(0)
     out: str = _opt("runs/umae")
     ckpt_every: int = _opt(0, "checkpoint every N optimizer steps (0: at the end)")

@@ -28,7 +28,7 @@ class Loop:
     cfg: TrainConfig  # the run's settings
     model: torch.nn.Module  # the bare model (checkpoints)
     fwd: object  # what is called: the model, its DDP wrapper, or their torch.compile
-    net: torch.nn.Module  # the model or its DDP wrapper (no_sync)
+    net: torch.nn.Module  # the model, its DDP wrapper, or the model sharded by FSDP2 (no_sync)
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
@@ -73,6 +73,20 @@ def check_finite(loop: Loop, step: int, stats: dict) -> None:
         "--blr or --lr, --clip-grad (e.g. 1.0), or --amp bf16 instead of fp16.")
 
 
+@contextlib.contextmanager
+def _no_sync(net):
+    """No gradient reduction for this micro-batch (accumulation): DDP's no_sync, FSDP2's switch."""
+    if hasattr(net, "no_sync"):
+        with net.no_sync():
+            yield
+        return
+    net.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        net.set_requires_gradient_sync(True)
+
+
 def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
     """Runs the loader's batches up to the last step; returns (step, micro step)."""
     a = loop.cfg
@@ -83,7 +97,7 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
         imgs, noise = imgs.to(loop.device, non_blocking=True), noise.to(loop.device, non_blocking=True)
         extra = (labels.to(loop.device, non_blocking=True),) if probe else ()
         last = (micro + 1) % a.accum_iter == 0
-        sync = contextlib.nullcontext() if (last or loop.world == 1) else loop.net.no_sync()
+        sync = contextlib.nullcontext() if (last or loop.world == 1) else _no_sync(loop.net)
         with sync:
             with torch.autocast(loop.device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
                 out = loop.fwd(imgs, a.mask_ratio, noise, *extra)
@@ -100,6 +114,8 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
         if a.clip_grad is not None:  # on the true gradient: unscaled first (fp16)
             loop.scaler.unscale_(loop.opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(loop.model.parameters(), a.clip_grad)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
+                grad_norm = grad_norm.full_tensor()
         loop.scaler.step(loop.opt)
         loop.scaler.update()
         loop.opt.zero_grad(set_to_none=True)
@@ -112,9 +128,10 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
             loop.logger.log(step, epoch, loop.opt.param_groups[0]["lr"], stats)
             check_finite(loop, step, stats)
             loop.last_read = step
+        states = checkpoint.full_states(loop.model, loop.opt, a.fsdp and loop.world > 1) if save else None  # FSDP: every rank
         if save and loop.rank == 0:
             try:
-                path = checkpoint.save(a.out, step, loop.model, loop.opt, loop.scaler, loop.run_info)
+                path = checkpoint.save(a.out, step, states, loop.scaler, loop.run_info)
             except OSError as e:  # disk full, ...: say which checkpoint is still the last good one
                 raise OSError(e.errno, f"{e.strerror}; the last checkpoint, intact: {last_checkpoint(loop)}",
                               e.filename) from e

@@ -228,7 +228,7 @@ def _run_info(cfg: TrainConfig, probe_classes: int) -> dict:
                 builtin_size=cfg.builtin_size, seed=cfg.seed, norm_pix_loss=cfg.norm_pix_loss,
                 cls_double_norm=cfg.cls_double_norm, probe_classes=probe_classes,
                 decay_tokens=cfg.decay_tokens, amp=cfg.amp, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
-                exact_ddp_grad=cfg.exact_ddp_grad)
+                exact_ddp_grad=cfg.exact_ddp_grad, fsdp=cfg.fsdp)
 
 
 def _make_loader(cfg: TrainConfig, aug, sampler, step: int, total: int, device) -> tuple:
@@ -243,13 +243,22 @@ def _make_loader(cfg: TrainConfig, aug, sampler, step: int, total: int, device) 
     return loader, micro
 
 
-def _distributed(model, world: int, device):
-    """The model in DDP when there are several processes (the uniformity loss then over the global batch)."""
+def _distributed(model, world: int, device, fsdp: bool):
+    """The model in DDP when there are several processes (the uniformity loss then over the global
+    batch), or sharded by FSDP2 (fully_shard per encoder and decoder block, then the rest): each
+    rank holds a shard of the parameters, gradients and optimizer state. Both average the ranks'
+    gradients, so the uniformity term's exact_ddp_grad scaling holds for either."""
     if world == 1:
         return model
     import torch.distributed as dist
 
     model.unif_process_group = dist.group.WORLD
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for blk in [*model.blocks, *model.decoder_blocks]:
+            fully_shard(blk)
+        return fully_shard(model)
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -280,16 +289,19 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
     lr = cfg.lr if cfg.lr is not None else cfg.blr * gb * cfg.accum_iter / 256
     run_info = _run_info(cfg, probe_classes)
 
-    opt = make_optimizer(model, cfg, lr, device)
+    if ck:  # the weights into the whole model, before any sharding
+        _check_resume(cfg, prev, run_info, ck["step"], total)
+        checkpoint.load_weights(model, ck["model"], cfg.resume)
+    sharded = cfg.fsdp and world > 1
+    net = _distributed(model, world, device, sharded)
+    opt = make_optimizer(model, cfg, lr, device)  # over the sharded parameters under FSDP
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     step = 0
     if ck:
-        _check_resume(cfg, prev, run_info, ck["step"], total)
-        step = checkpoint.restore(ck, model, opt, scaler, cfg.resume)
+        step = checkpoint.restore(ck, opt, scaler, cfg.resume, model=model, sharded=sharded)
         del ck
         for group in opt.param_groups:  # the saved groups carry the saving machine's choice
             group.update(adamw_impl(device))
-    net = _distributed(model, world, device)
     loop = Loop(cfg=cfg, model=model, fwd=torch.compile(net) if cfg.compile else net, net=net, opt=opt,
                 scaler=scaler, device=device, rank=rank, world=world, num_patches=model.patch_embed.num_patches,
                 total=total, warmup=cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20),

@@ -14,8 +14,8 @@ LAYERS = [
                     "umae.uniformity_op"]),
     ("registry", ["umae.registry"]),
     ("ops", ["umae.ops"]),
-    ("models", ["umae._mae", "umae.models", "umae.patching", "umae"]),
-    ("train / eval", ["umae.data", "umae.train", "umae.evaluate", "umae.reproduce"]),
+    ("models", ["umae._mae", "umae.models", "umae.patching", "umae.convert", "umae"]),
+    ("train / eval", ["umae.data", "umae.hierarchical", "umae.train", "umae.evaluate", "umae.sweep", "umae.reproduce"]),
     ("bench", ["umae.bench"]),
     ("cli", ["umae.cli"]),
 ]

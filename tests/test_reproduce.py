@@ -37,6 +37,22 @@ def test_reproduce_writes_the_report(tmp_path):
     assert evaluate.SPECTRUM in json.loads((tmp_path / "eval.json").read_text())["effective_rank"]
 
 
+def test_seeds_report_mean_and_spread(tmp_path):
+    p = argparse.ArgumentParser()
+    reproduce.add_args(p)
+    a = p.parse_args(["--steps", "3", "--model", "umae_vit_micro_patch4_32", "--batch-size", "32", "--lambdas", "0",
+                      "--seeds", "2", "--eval-images", "100", "--out", str(tmp_path), "--no-progress"])
+    res = reproduce.reproduce(a)
+    assert {r["seed"] for r in res["results"]} == {0, 1}
+    assert all((tmp_path / f"lamb_0_seed{s}" / "checkpoint-last.pt").is_file() for s in (0, 1))
+    report = (tmp_path / "report.md").read_text()
+    accs = [r["linear_probe_acc"] for r in res["results"] if r["pool"] == "cls"]
+    import statistics
+
+    assert "Over 2 seeds, mean (sd):" in report
+    assert f"{statistics.fmean(accs):.3f} ({statistics.stdev(accs):.3f})" in report
+
+
 def test_cifar_preset_needs_data():
     p = argparse.ArgumentParser()
     reproduce.add_args(p)

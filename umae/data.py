@@ -16,6 +16,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Sampler
 
 BUILTIN_SIZE = 4096  # images in the builtin training set (its test set: a quarter as many)
+NAMED_SETS = ("builtin", "digits", "hierarchical")  # the data sets that ship offline, by name
 # MAE normalizes with ImageNet's statistics; the models' pretrained_cfg says the same (timm's constants)
 MEAN, STD = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
 
@@ -172,13 +173,15 @@ class FolderImages(Dataset):
 
 
 def open_dataset(path: str | None, train: bool = True, seed: int = 0, builtin_size: int = BUILTIN_SIZE):
-    """'builtin' / None: shapes10 (train: builtin_size images, test: a quarter as many, other seed).
+    """'builtin' / None: shapes10 (train: builtin_size images, test: a quarter as many, other seed);
+    'hierarchical': umae.hierarchical's images with known latents, sized and seeded alike.
     'digits': scikit-learn's handwritten digits at 32x32 (make_digits). A folder with
     cifar-10-batches-py or cifar-100-python: that CIFAR split. Any other folder: an ImageFolder
     (class sub-folders of images); `train` is ignored, split it with `split`."""
-    if path in (None, "builtin"):
+    if path in (None, "builtin", "hierarchical"):
         n = builtin_size if train else builtin_size // 4
-        return TensorImages(*make_shapes(n, seed=seed if train else seed + 10_000))
+        seed = seed if train else seed + 10_000
+        return _hierarchical(n, seed) if path == "hierarchical" else TensorImages(*make_shapes(n, seed=seed))
     if path == "digits":
         return TensorImages(*make_digits(train))
     if not os.path.isdir(path):
@@ -197,6 +200,18 @@ def open_dataset(path: str | None, train: bool = True, seed: int = 0, builtin_si
     if len(ds) == 0:
         raise FileNotFoundError(f"--data {path!r} holds no images")
     return FolderImages(ds)
+
+
+@functools.lru_cache(maxsize=4)  # a sweep opens the same sets for each of its runs
+def _hierarchical(n: int, seed: int) -> TensorImages:
+    """umae.hierarchical's images with their latents (`ds.latents`: {"top", "mid", "low"}, row i of
+    each is image i's)."""
+    from .hierarchical import make
+
+    images, labels, latents = make(n, seed)
+    ds = TensorImages(images, labels)
+    ds.latents = latents
+    return ds
 
 
 def split(ds, holdout: float, seed: int = 0):

@@ -137,9 +137,9 @@ def evaluate(args) -> dict:
     for path in args.ckpt:
         model, run, step = load_model(path, device, args.model)
         data = args.data or run["data"]
-        if data in (None, "builtin"):
-            tr = D.open_dataset("builtin", True, run["seed"], run.get("builtin_size", D.BUILTIN_SIZE))
-            te = D.open_dataset("builtin", False, run["seed"], run.get("builtin_size", D.BUILTIN_SIZE))
+        if data in (None, "builtin", "hierarchical"):
+            tr = D.open_dataset(data or "builtin", True, run["seed"], run.get("builtin_size", D.BUILTIN_SIZE))
+            te = D.open_dataset(data or "builtin", False, run["seed"], run.get("builtin_size", D.BUILTIN_SIZE))
         elif data == "digits":  # its own fixed test split
             tr, te = D.open_dataset(data, True), D.open_dataset(data, False)
         else:
@@ -156,10 +156,11 @@ def evaluate(args) -> dict:
             name = f"{run_name} ({pool})"
             spectra[name] = s
             results.append(dict(name=name, ckpt=path, step=step, model=run["model"], lamb=run["lamb"], fused=run["fused"],
-                                pool=pool, linear_probe_acc=linear_probe(xtr, ytr, xte, yte),
+                                mask_ratio=run.get("mask_ratio"), pool=pool,
+                                linear_probe_acc=linear_probe(xtr, ytr, xte, yte),
                                 knn_acc=knn_accuracy(xtr, ytr, xte, yte, args.knn_k), effective_rank=erank,
-                                effective_rank_cov=erank_cov,
-                                feature_dim=xtr.shape[1], n_train=len(xtr), n_test=len(xte)))
+                                effective_rank_cov=erank_cov, feature_dim=xtr.shape[1], n_train=len(xtr),
+                                n_test=len(xte), **_latent_recovery(tr, te, xtr, ytr, xte, yte)))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(dict(effective_rank=SPECTRUM, effective_rank_cov=SPECTRUM_COV, results=results,
@@ -168,12 +169,29 @@ def evaluate(args) -> dict:
     return dict(results=results)
 
 
+def _latent_recovery(tr, te, xtr, ytr, xte, yte) -> dict:
+    """For a data set with known latents (umae.hierarchical): how linearly the features recover each
+    level (held-out ridge R^2; the class by the linear probe), beside each level's true dimension."""
+    if not hasattr(tr, "latents"):
+        return {}
+    from .hierarchical import recovery
+
+    cut = lambda ds, n: {k: v[:n] for k, v in ds.latents.items()}  # noqa: E731  (extract's first n images)
+    rec = recovery(xtr, ytr, cut(tr, len(xtr)), xte, yte, cut(te, len(xte)), linear_probe)
+    return dict(latent_recovery=rec)
+
+
 def main(args) -> int:
     """`umae eval`."""
     res = evaluate(args)
     for r in res["results"]:
         print(f"{r['ckpt']} [{r['pool']}]  linear probe {r['linear_probe_acc']:.3f}  kNN {r['knn_acc']:.3f}  "
               f"effective rank {r['effective_rank']:.1f} / {r['feature_dim']}")
+        if "latent_recovery" in r:
+            rec = r["latent_recovery"]
+            print("    latent recovery (held-out ridge R^2): " + "  ".join(
+                f"{lv} {rec['r2_' + lv]:.3f} (dim {rec['true_dims'][lv]})" for lv in ("top", "mid", "low"))
+                + f"  class {rec['class_acc']:.3f}")
     print(f"wrote {args.out}/eval.json and {args.out}/spectrum.png")
     return 0
 

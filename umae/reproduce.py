@@ -13,7 +13,7 @@ import time
 import torch
 
 from . import data as D
-from . import evaluate
+from . import evaluate, sweep
 from .train import TrainConfig, train
 
 HELP = "U-MAE's effect in one command: MAE vs U-MAE trained and evaluated alike, one report folder"
@@ -21,8 +21,9 @@ HELP = "U-MAE's effect in one command: MAE vs U-MAE trained and evaluated alike,
 # name -> settings. "digits-mini" is measured on the 2-core CPU machine (docs/training.md, "Reproduce");
 # "cifar10-vit-tiny" is for a GPU with CIFAR-10 on disk (--data /path/to/cifar10).
 PRESETS = {
+    # lr 1e-3 with 30 warmup steps: the best probe and rank of docs/training.md's recipe table (issue 26)
     "digits-mini": dict(data="digits", model="umae_vit_mini_patch4_32", steps=300, epochs=None, batch_size=128,
-                        lr=1e-3, blr=None, warmup_steps=0, warmup_epochs=None, amp="none", curve_points=10),
+                        lr=1e-3, blr=None, warmup_steps=30, warmup_epochs=None, amp="none", curve_points=10),
     # U-MAE's published recipe is its ImageNet script (zhangq327/U-MAE pretrain.sh: blr 1.5e-4,
     # weight decay 0.05, norm_pix_loss, mask 0.75, 40 of 200 epochs warmup); this preset applies
     # it to CIFAR-10 ViT-Tiny at 32x32 with patch 4 and the paper's longer CIFAR schedule
@@ -32,12 +33,17 @@ PRESETS = {
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default="digits-mini")
+    p.add_argument("--preset", choices=sorted([*PRESETS, "hierarchical"]), default="digits-mini",
+                   help="hierarchical: MAE over mask ratios and patch sizes and U-MAE on umae.hierarchical's images, "
+                        "each latent level's recovery measured (umae/sweep.py)")
+    p.add_argument("--full", action="store_true", help="--preset hierarchical: the GPU-sized sweep")
+    p.add_argument("--seeds", type=int, default=1, help="run every arm over this many seeds (from --seed); the "
+                   "report gives the mean and spread")
     p.add_argument("--data", default=None, help="default: the preset's ('digits' ships offline)")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.01, 0.1],
                    help="uniformity weights; 0 is plain MAE")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
-    p.add_argument("--model", default=None, help="default: the preset's")
+    p.add_argument("--model", default=None, help="default: the preset's (hierarchical: the family, umae_vit_mini)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-images", type=int, default=2000, help="cap per split for the evaluations")
@@ -49,9 +55,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "folders (default: refused)")
 
 
-def _train_config(a, preset: dict, lamb: float, out: str, ckpt_every: int, steps: int, desc: str) -> TrainConfig:
+def _train_config(a, preset: dict, lamb: float, out: str, ckpt_every: int, steps: int, desc: str,
+                  seed: int | None = None) -> TrainConfig:
     """One run's training settings: the preset's, these flags', and umae train's defaults for the rest."""
-    return TrainConfig(data=a.data, model=a.model, lamb=lamb, seed=a.seed, out=out, batch_size=a.batch_size,
+    seed = a.seed if seed is None else seed
+    return TrainConfig(data=a.data, model=a.model, lamb=lamb, seed=seed, out=out, batch_size=a.batch_size,
                        steps=steps, amp=preset["amp"], device=a.device, lr=preset["lr"],
                        blr=TrainConfig.blr if preset["blr"] is None else preset["blr"], warmup_steps=a.warmup_steps,
                        ckpt_every=ckpt_every, log_every=max(1, min(10, steps // 10)), no_progress=a.no_progress,
@@ -59,8 +67,9 @@ def _train_config(a, preset: dict, lamb: float, out: str, ckpt_every: int, steps
 
 
 def _steps_and_warmup(a, preset: dict) -> tuple[int, int | None]:
-    if a.steps is not None:
-        return a.steps, preset["warmup_steps"]
+    if a.steps is not None:  # the preset's warmup, as the same share of the steps
+        w = preset["warmup_steps"]
+        return a.steps, (round(w * a.steps / preset["steps"]) if w and preset["steps"] else w)
     if preset["steps"]:
         return preset["steps"], preset["warmup_steps"]
     per_epoch = len(D.open_dataset(a.data, True)) // a.batch_size
@@ -84,7 +93,7 @@ def validate(a) -> None:
     from .train.config import check_out, check_range, parse_device
 
     check_range(a, ("steps", "batch_size"), 1, optional=True)  # None: the preset's
-    check_range(a, ("eval_images",), 1)
+    check_range(a, ("eval_images", "seeds"), 1)
     bad = [v for v in a.lambdas if not 0 <= v < float("inf")]
     if bad:
         raise ValueError(f"--lambdas must be finite and >= 0, got {bad[0]}")
@@ -93,18 +102,30 @@ def validate(a) -> None:
     if not getattr(a, "overwrite", False):  # before any run: a later lambda's old run would stop it midway
         from .train.main import _held
 
-        for lamb in a.lambdas:
-            run_dir = os.path.join(a.out, f"lamb_{lamb:g}")
+        for lamb, seed in _runs(a):
+            run_dir = _run_dir(a, lamb, seed)
             if _held(run_dir):
                 raise ValueError(f"--out {a.out!r} holds a previous reproduce's runs ({run_dir}: "
                                  f"{', '.join(_held(run_dir)[:3])}); pass --overwrite to replace them, or "
                                  "choose another --out")
 
 
+def _runs(a) -> list[tuple[float, int]]:
+    """(lambda, seed) of every run: each lambda over --seeds seeds from --seed."""
+    return [(lamb, seed) for lamb in a.lambdas for seed in range(a.seed, a.seed + a.seeds)]
+
+
+def _run_dir(a, lamb: float, seed: int) -> str:
+    return os.path.join(a.out, f"lamb_{lamb:g}" + (f"_seed{seed}" if a.seeds > 1 else ""))
+
+
 def reproduce(a) -> dict:
     """`umae reproduce`'s run from its parsed flags (`a` is not changed: the preset's values fill a copy)."""
     validate(a)
     a = argparse.Namespace(**vars(a))
+    if a.preset == "hierarchical":
+        a.model = a.model or ("umae_vit_tiny" if a.full else "umae_vit_mini")
+        return sweep.run(a)
     preset = PRESETS[a.preset]
     a.data = a.data or preset["data"]
     if a.data is None:
@@ -117,14 +138,15 @@ def reproduce(a) -> dict:
     os.makedirs(a.out, exist_ok=True)
 
     t0 = time.perf_counter()
-    runs, logs = {}, {}
-    for i, lamb in enumerate(a.lambdas):
-        name = "MAE" if lamb == 0 else f"U-MAE (lambda {lamb:g})"
-        run_dir = os.path.join(a.out, f"lamb_{lamb:g}")
+    runs, logs, seeds = {}, {}, {}
+    todo = _runs(a)
+    for i, (lamb, seed) in enumerate(todo):
+        name = ("MAE" if lamb == 0 else f"U-MAE (lambda {lamb:g})") + (f", seed {seed}" if a.seeds > 1 else "")
+        run_dir = _run_dir(a, lamb, seed)
         print(f"umae reproduce: training {name}, {steps} steps -> {run_dir}", flush=True)
-        logs[name] = train(_train_config(a, preset, lamb, run_dir, ckpt_every, steps,
-                                         f"[{i + 1}/{len(a.lambdas)}] {name}"))
-        runs[name] = run_dir
+        logs[name] = train(_train_config(a, preset, lamb, run_dir, ckpt_every, steps, f"[{i + 1}/{len(todo)}] {name}",
+                                         seed))
+        runs[name], seeds[name] = run_dir, seed
 
     # the same evaluation code as `umae eval`, on every run's last checkpoint
     ev = argparse.Namespace(ckpt=[os.path.join(d, "checkpoint-last.pt") for d in runs.values()], data=a.data,
@@ -133,13 +155,14 @@ def reproduce(a) -> dict:
     print(f"umae reproduce: evaluating {len(runs)} runs, then the effective rank at each checkpoint", flush=True)
     results = evaluate.evaluate(ev)["results"]
     for r, name in zip(results, [n for n in runs for _ in range(2)]):
-        r["run"] = name
+        r["run"], r["seed"] = name, seeds[name]
     eval_ds = D.open_dataset(a.data, True)  # the training images, as eval's spectrum
     last = {r["run"]: {r["step"]: r["effective_rank"]} for r in results if r["pool"] == "cls"}
     curves = {name: dict(log=logs[name], rank=_rank_curve(d, eval_ds, a, last[name])) for name, d in runs.items()}
     minutes = (time.perf_counter() - t0) / 60
     settings = dict(preset=a.preset, data=a.data, model=a.model, steps=steps, batch_size=a.batch_size,
-                    lr=preset["lr"], blr=preset["blr"], warmup_steps=a.warmup_steps, seed=a.seed, lambdas=a.lambdas,
+                    lr=preset["lr"], blr=preset["blr"], warmup_steps=a.warmup_steps, seed=a.seed, seeds=a.seeds,
+                    lambdas=a.lambdas,
                     device=str(a.device_obj), minutes=round(minutes, 1))
     plot_curves(curves, os.path.join(a.out, "curves.png"))
     with open(os.path.join(a.out, "report.md"), "w") as f:
@@ -153,7 +176,8 @@ def reproduce(a) -> dict:
 def main(args) -> int:
     """`umae reproduce`."""
     reproduce(args)
-    print(f"wrote {args.out}/report.md, spectrum.png, curves.png")
+    files = "recovery.png, sweep.json" if args.preset == "hierarchical" else "spectrum.png, curves.png"
+    print(f"wrote {args.out}/report.md, {files}")
     return 0
 
 
@@ -166,10 +190,31 @@ def report_md(results, settings) -> str:
     for r in results:
         lines.append(f"| {r['run']} | {r['pool']} | {r['effective_rank']:.1f} | {r['effective_rank_cov']:.1f} | "
                      f"{r['linear_probe_acc']:.3f} | {r['knn_acc']:.3f} |")
+    lines += _over_seeds(results)
     lines += ["", "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()), "",
               "Files: spectrum.png (singular value spectra of the features), curves.png (loss_mae, loss_unif, effective "
               "rank of the cls features over training), eval.json, curves.json, lamb_*/ (checkpoints, log.jsonl).", ""]
     return "\n".join(lines)
+
+
+def _over_seeds(results) -> list[str]:
+    """With several seeds: each lambda's mean (sample sd) over them, to tell an effect from the seed's noise."""
+    import statistics
+
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["lamb"], r["pool"]), []).append(r)
+    if all(len(g) < 2 for g in groups.values()):
+        return []
+    lines = ["", f"Over {len(next(iter(groups.values())))} seeds, mean (sd):", "",
+             "| lambda | features | effective rank | linear probe | kNN |", "|---|---|---|---|---|"]
+    for (lamb, pool), g in sorted(groups.items()):
+        cells = []
+        for key, fmt in (("effective_rank", ".1f"), ("linear_probe_acc", ".3f"), ("knn_acc", ".3f")):
+            v = [r[key] for r in g]
+            cells.append(f"{statistics.fmean(v):{fmt}} ({statistics.stdev(v):{fmt}})")
+        lines.append(f"| {lamb:g} | {pool} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_curves(curves, path) -> None:

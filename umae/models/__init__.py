@@ -21,6 +21,9 @@ CONFIGS = {
     "umae_vit_small_patch2_32": (32, 2, 384, 12, 6, 192, 4, 3),
     # umae reproduce's default: small enough for 2 CPU cores, large enough to show the collapse
     "umae_vit_mini_patch4_32": (32, 4, 96, 4, 3, 64, 2, 2),
+    # the hierarchical sweep's larger patches (umae reproduce --preset hierarchical; --full: tiny)
+    "umae_vit_mini_patch8_32": (32, 8, 96, 4, 3, 64, 2, 2),
+    "umae_vit_tiny_patch8_32": (32, 8, 192, 12, 3, 192, 4, 3),
     # for tests and smoke runs: the tiny 32x32 model, 2 + 1 blocks
     "umae_vit_micro_patch4_32": (32, 4, 64, 2, 2, 64, 1, 2),
 }

@@ -32,9 +32,10 @@ def _opt(default, help=None, **argparse_kw):
 @dataclass
 class TrainConfig:
     data: str = _opt("builtin", "'builtin' (procedurally generated shapes10, no download), 'digits' (scikit-learn's "
-                     "real handwritten digits, no download), a CIFAR-10/100 folder in torchvision's format, or an "
+                     "real handwritten digits, no download), 'hierarchical' (generated images with known latents at "
+                     "three levels, umae.hierarchical), a CIFAR-10/100 folder in torchvision's format, or an "
                      "ImageFolder directory")
-    builtin_size: int = _opt(BUILTIN_SIZE, "images in the builtin training set")
+    builtin_size: int = _opt(BUILTIN_SIZE, "images in the builtin (or hierarchical) training set")
     model: str = _opt("umae_vit_tiny_patch4_32")
     fused: bool = _opt(True, "fused kernels (default) or the pure-PyTorch references")
     lamb: float = _opt(0.01, "uniformity weight (0 = plain MAE)")

@@ -31,7 +31,7 @@ def _canonical(key: str, value):
     """A setting as recorded and compared on resume: --data folders by where they are (realpath),
     not how they were typed. A checkpoint from before the record was canonical holds the path
     as typed: it is resolved from the current directory, as it was compared then."""
-    if key == "data" and isinstance(value, str) and value not in ("builtin", "digits"):
+    if key == "data" and isinstance(value, str) and value not in D.NAMED_SETS:
         return os.path.realpath(value)
     return value
 

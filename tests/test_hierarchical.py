@@ -95,8 +95,8 @@ def test_ci_sized_sweep(tmp_path, monkeypatch):
                                                       steps=2, batch_size=32, builtin_size=128, eval_images=64))
     assert main(["reproduce", "--preset", "hierarchical", "--seeds", "2", "--out", str(tmp_path), "--no-progress"]) == 0
     data = json.load(open(tmp_path / "sweep.json"))
-    assert len(data["rows"]) == 3 * 2 * 2  # (2 MAE ratios + U-MAE) x 2 seeds x 2 pools
-    assert {(r["ratio"], r["lamb"]) for r in data["summary"]} == {(0.5, 0.0), (0.75, 0.0), (0.75, 0.1)}
+    assert len(data["rows"]) == 4 * 2 * 2  # (untrained + 2 MAE ratios + U-MAE) x 2 seeds x 2 pools
+    assert {(r["ratio"], r["lamb"]) for r in data["summary"]} == {(0.0, -1.0), (0.5, 0.0), (0.75, 0.0), (0.75, 0.1)}
     assert all(r["n"] == 2 and r["r2_top_sd"] >= 0 for r in data["summary"])
     report = (tmp_path / "report.md").read_text()
-    assert "| U-MAE 0.1 | 8 | 0.75 | cls |" in report and (tmp_path / "recovery.png").stat().st_size > 0
+    assert "| U-MAE 0.1 | 8 | 0.75 | cls |" in report and "| untrained | 8 | - | cls |" in report and (tmp_path / "recovery.png").stat().st_size > 0

@@ -49,7 +49,9 @@ def run(a) -> dict:
         s["steps"] = a.steps
     os.makedirs(a.out, exist_ok=True)
     t0, rows = time.perf_counter(), []
-    todo = [(arm, seed) for seed in range(a.seed, a.seed + a.seeds) for arm in arms(s)]
+    seeds = range(a.seed, a.seed + a.seeds)
+    rows += [r for seed in seeds for r in untrained(a, s, seed)]  # what the architecture gives before training
+    todo = [(arm, seed) for seed in seeds for arm in arms(s)]
     for i, (arm, seed) in enumerate(todo):
         name = f"{'U-MAE' if arm['lamb'] else 'MAE'}_p{arm['patch']}_r{arm['ratio']:g}_s{seed}"
         out = os.path.join(a.out, name)
@@ -73,7 +75,34 @@ def run(a) -> dict:
     return dict(rows=rows, summary=summary, settings=settings)
 
 
+def untrained(a, s: dict, seed: int) -> list[dict]:
+    """The same evaluation of each patch size's encoder at its initialization (seeded as the runs'):
+    the reference a trained run's recovery is read against (random features recover some of it)."""
+    import timm
+    import torch
+
+    from . import data as D
+
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tr, te = (D.open_dataset("hierarchical", t, seed, s["builtin_size"]) for t in (True, False))
+    out = []
+    for patch in s["patches"]:
+        torch.manual_seed(seed)
+        model = timm.create_model(f"{a.model}_patch{patch}_32").to(device).eval()
+        for pool in ("cls", "mean"):
+            (xtr, ytr), (xte, yte) = (evaluate.extract(model, ds, pool, 256, device, s["eval_images"]) for ds in (tr, te))
+            rec = evaluate._latent_recovery(tr, te, xtr, ytr, xte, yte)["latent_recovery"]
+            out.append(dict(patch=patch, ratio=0.0, lamb=-1.0, seed=seed, pool=pool,
+                            effective_rank=evaluate.spectrum(xtr)[1],
+                            **{k: v for k, v in rec.items() if k != "true_dims"}))
+    return out
+
+
 METRICS = ("r2_top", "r2_mid", "r2_low", "class_acc", "effective_rank")
+
+
+def _name(r) -> str:
+    return "untrained" if r["lamb"] < 0 else (f"U-MAE {r['lamb']:g}" if r["lamb"] else "MAE")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -97,14 +126,14 @@ def report_md(summary: list[dict], settings: dict) -> str:
              "(held-out ridge R^2, averaged over the level's dimensions; the class by the linear probe), and the "
              f"features' effective rank ({evaluate.SPECTRUM}). True latent dimensions: "
              + ", ".join(f"{lv} {LEVEL_DIMS[lv]}" for lv in LEVELS) + " (top: plus the class of 10). "
-             "Mean (sd) over the seeds.", "",
+             "Mean (sd) over the seeds. 'untrained': the same encoder at its initialization.", "",
              "| run | patch | mask ratio | features | R^2 top | R^2 mid | R^2 low | class acc | effective rank |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         cells = " | ".join(f"{r[m]:.3f} ({r[m + '_sd']:.3f})" if m != "effective_rank" else
                            f"{r[m]:.1f} ({r[m + '_sd']:.1f})" for m in METRICS)
-        lines.append(f"| {'U-MAE ' + format(r['lamb'], 'g') if r['lamb'] else 'MAE'} | {r['patch']} | {r['ratio']:g} | "
-                     f"{r['pool']} | {cells} |")
+        ratio = "-" if r["lamb"] < 0 else f"{r['ratio']:g}"
+        lines.append(f"| {_name(r)} | {r['patch']} | {ratio} | {r['pool']} | {cells} |")
     lines += ["", "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()), "",
               "Files: recovery.png (R^2 per level and effective rank against the mask ratio, one line per patch "
               "size; U-MAE as a star), sweep.json (every run and seed), <run>/ (checkpoints, log.jsonl, eval/).", ""]
@@ -122,9 +151,11 @@ def plot(summary: list[dict], path: str, pool: str = "cls") -> None:
     for ax, m in zip(axes, METRICS):
         for patch in sorted({r["patch"] for r in rows}):
             pts = sorted((r["ratio"], r[m], r[m + "_sd"]) for r in rows if r["patch"] == patch and not r["lamb"])
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=2,
-                        label=f"MAE, patch {patch}")
-        for r in (r for r in rows if r["lamb"]):
+            line = ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                               capsize=2, label=f"MAE, patch {patch}")
+            for r in (r for r in rows if r["patch"] == patch and r["lamb"] < 0):
+                ax.axhline(r[m], ls="--", lw=1, color=line[0].get_color(), label=f"untrained, patch {patch}")
+        for r in (r for r in rows if r["lamb"] > 0):
             ax.plot(r["ratio"], r[m], "*", markersize=12, label=f"U-MAE {r['lamb']:g}, patch {r['patch']}")
         ax.set_title(m.replace("r2_", "R^2 ") + f" ({pool})")
         ax.set_xlabel("mask ratio")

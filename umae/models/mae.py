@@ -78,7 +78,8 @@ class MaskedAutoencoderViT(TimmEncoderAPI, nn.Module):
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
-        dpr = torch.linspace(0, float(drop_path_rate), depth).tolist()  # timm's stochastic depth rule
+        # timm's stochastic depth rule (linspace from 0 to the rate), in Python: no tensor read on the host
+        dpr = [float(drop_path_rate) * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=bool(qkv_bias), drop_path=dpr[i],
                                            norm_layer=norm_layer) for i in range(depth)])
         self.norm = norm_layer(embed_dim)

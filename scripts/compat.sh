@@ -42,7 +42,9 @@ export TORCHINDUCTOR_CACHE_DIR=$PWD/../torchinductor
 # end-to-end run, whose code is the trainer's and the evaluator's, both tested here through their own
 # tests, and the CLI's and trainer's error and safety tests (files, locks, messages: umae's own logic);
 # the hierarchical data set and its sweep, and the checkpoint converter (umae's own Python, on the
-# main suite runs them; the compat stack has older transformers and timm, which they also pass).
+# main suite runs them; the compat stack has older transformers and timm, which they also pass); the
+# trainer's FSDP run (70 s; fully_shard on this torch is tested by test_patching's FSDP case).
 exec "$V/bin/python" -m pytest tests --ignore=tests/test_gpu_check.py --ignore=tests/test_reproduce.py \
   --ignore=tests/test_cli_errors.py --ignore=tests/test_train_safety.py --ignore=tests/test_hierarchical.py \
-  --ignore=tests/test_convert.py "$@"
+  --ignore=tests/test_convert.py \
+  --deselect tests/test_train.py::test_fsdp_two_processes_match_single_process_and_resume_exactly "$@"

@@ -81,16 +81,31 @@ def test_ddp_two_processes_match_single_process(tmp_path):
                                f"bound, worst {((ck_d[k] - p).abs() / tol).max().item():.3g}x it")
 
 
-def _two_processes(out, **kw) -> list[dict]:
-    os.makedirs(out, exist_ok=True)
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out), kw), nprocs=2, join=True, start_method="spawn")
-    return json.load(open(os.path.join(out, "recs.json")))
+def _runs_worker(rank, world, port, runs):
+    """Several runs one after the other in the same 2 processes (one spawn: CI time)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    for out, kw in runs:
+        recs = train.train(_args(out, **kw))
+        if rank == 0:
+            json.dump(recs, open(os.path.join(out, "recs.json"), "w"))
+    import torch.distributed as dist
+    dist.destroy_process_group()
+
+
+def _two_processes(*runs) -> list[list[dict]]:
+    """The records of each (out, settings) run, trained in order by the same 2 processes."""
+    runs = [(str(out), kw) for out, kw in runs]
+    mp.start_processes(_runs_worker, args=(2, _free_port(), runs), nprocs=2, join=True, start_method="spawn")
+    return [json.load(open(os.path.join(out, "recs.json"))) for out, _ in runs]
 
 
 def test_fsdp_two_processes_match_single_process_and_resume_exactly(tmp_path):
     # FSDP2 (fully_shard per block) on 2 gloo processes: the single process's losses and, after AdamW, its
     # parameters within the rounding bound; a resumed FSDP run continues bit for bit
-    full = _two_processes(tmp_path / "fsdp", fsdp=True, steps=4, batch_size=8, ckpt_every=2)
+    full, resumed = _two_processes(
+        (tmp_path / "fsdp", dict(fsdp=True, steps=4, batch_size=8, ckpt_every=2)),
+        (tmp_path / "resumed", dict(fsdp=True, steps=4, batch_size=8, resume=str(tmp_path / "fsdp" / "checkpoint-2.pt"))))
     single = train.train(_args(tmp_path / "one", steps=4, batch_size=16))
     for a, b in zip(full, single):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["loss_unif"] - b["loss_unif"]) < 1e-5, (full, single)
@@ -104,8 +119,6 @@ def test_fsdp_two_processes_match_single_process_and_resume_exactly(tmp_path):
             tol = adam_tolerance(p, v[k], rms, lr=1e-3, steps=4, terms=16 * 65)
             assert not ((ck_f["model"][k] - p).abs() > tol).any(), k
     assert _second_moments(ck_f).keys() == v.keys()  # the optimizer state, keyed by position as opt.state_dict()
-    resumed = _two_processes(tmp_path / "resumed", fsdp=True, steps=4, batch_size=8,
-                             resume=str(tmp_path / "fsdp" / "checkpoint-2.pt"))
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(full[2:], resumed):
         assert a["loss"] == b["loss"] and a["loss_unif"] == b["loss_unif"], (full, resumed)

@@ -1,7 +1,7 @@
 """What this process can run, and where the kernels register: the C++ extension (`umae._C`: every
 op's schema, the C++ CPU and CUDA kernels) and Triton, whose launchers register here at the CUDA
-key of the same ops (`register_kernels`). The op modules (umae/<op>_op.py) sit on this layer;
-the switch and its reports (umae/_backend.py) above them.
+key of the same ops (`register_kernels`). The switch (umae/_backend.py) sits beside it, the op
+modules (umae/<op>_op.py) above both, and the reports of what runs (umae/ops.py) above those.
 """
 from __future__ import annotations
 

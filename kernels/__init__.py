@@ -8,8 +8,24 @@ umae: the kernels are the bottom layer.
 """
 import functools as _functools
 import os as _os
+import sys as _sys
 
-import torch as _torch
+if __name__ == "kernels":
+    # This folder is umae.kernels. Imported as a top-level `kernels` (a process whose sys.path holds
+    # the repo root: `python -m ...` or `python -c` run there, PYTHONPATH=<repo>) it would shadow
+    # PyPI's `kernels`, which transformers imports when installed: hand the name over to that one.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.abspath(p or ".") != _root])
+    if _spec is not None:
+        _real = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _real  # the import statement returns what sys.modules holds
+        _spec.loader.exec_module(_real)
+
+import torch as _torch  # noqa: E402
 
 
 def interpreted() -> bool:

@@ -21,10 +21,12 @@
 #   compile    40 s  the same ViTMAE step under torch.compile (unpatched)        (appended)
 #
 # STAGES="tests unif" (say) runs only those stages, TEST_ARGS="tests/test_x.py -k cuda" other tests.
-# Without a GPU (or with --dry-run) the same stages run at tiny sizes on CPU in under 2 minutes
-# (CI runs it: tests/test_gpu_check.py): the extension is rebuilt only if csrc/ changed, the tests
-# are a CPU subset, compute-sanitizer is reported skipped, the ops run one mode, and the compile
-# stage compiles an op instead of a model (Inductor's CPU compile of a model takes minutes here).
+# Without a GPU (or with --dry-run) the same stages run at tiny sizes on CPU, about 2 minutes on 2
+# cores (CI runs it: tests/test_gpu_check.py): the extension is rebuilt only if csrc/ changed, the
+# tests are a CPU subset, compute-sanitizer is reported skipped, the ops run one mode, and the
+# compile stage compiles an op instead of a model (Inductor's CPU compile of a model takes minutes
+# here). A dry run has no time boxes: the boxes are sized for the GPU machine, and a busy CPU would
+# hit them; the test checks each stage's output instead.
 # After a run, here: copy $OUT into bench/results/<gpu>/<date>/ and run `umae report`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +59,10 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
 [ -n "${TEST_ARGS:-}" ] && read -r -a TEST_SEL <<< "$TEST_ARGS"
 status=0
 stage() { echo "== $1 ($(date -u +%T))"; }
+box() {  # box <seconds> <command...>: the command under `timeout` on the GPU machine, unboxed in a dry run
+  local s=$1; shift
+  if [ $DRY = 1 ]; then "$@"; else timeout "$s" "$@"; fi
+}
 fail() { echo "!! $1"; status=1; }
 
 stage "env: $MODE"
@@ -64,11 +70,11 @@ stage "env: $MODE"
   nvidia-smi 2>&1 || echo "nvidia-smi: none"
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu --format=csv 2>&1 || true
   command -v nvcc >/dev/null && nvcc --version | tail -2
-  timeout 30 $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no gpu')"
+  box 30 $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no gpu')"
   echo "commit: ${UMAE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)} (a copied tree's .git may be another commit's: the tree hash below is this tree's)"
   # the working tree's git tree hash, to match with `git log --format='%h %T'` where it was committed
   idx=$(mktemp -u); GIT_INDEX_FILE=$idx git add -A 2>/dev/null && echo "tree: $(GIT_INDEX_FILE=$idx git write-tree)"; rm -f "$idx"
-  echo "--- pip list"; timeout 10 $PY -m pip list 2>/dev/null | grep -iE "^(torch|triton|timm|transformers|numpy|setuptools|pytest|nvidia-cuda-runtime)[ -]"
+  echo "--- pip list"; box 10 $PY -m pip list 2>/dev/null | grep -iE "^(torch|triton|timm|transformers|numpy|setuptools|pytest|nvidia-cuda-runtime)[ -]"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -78,17 +84,19 @@ stage build
 so=$(ls umae/_C*.so 2>/dev/null | head -1)
 if [ $DRY = 1 ] && [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -print -quit)" ]; then
   echo "dry run: $so is newer than csrc/ and setup.py, not rebuilt" | tee "$OUT/build.log"
-elif timeout 90 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+elif box 90 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
   tail -2 "$OUT/build.log"
 else
   fail "build failed or timed out"; tail -30 "$OUT/build.log"
 fi
 fi
-timeout 30 $PY -m umae.cli.main info >> "$OUT/env.txt" 2>&1 || fail "umae info"
+box 30 $PY -m umae.cli.main info >> "$OUT/env.txt" 2>&1 || fail "umae info"
 
 if want tests; then
 stage tests
-timeout 100 $PY -m pytest "${TEST_SEL[@]}" -q -p no:cacheprovider -rfE --timeout 60 \
+# every tier of the selected tests (-m ""); a per-test box only on the GPU machine
+per_test=(--timeout 60); [ $DRY = 1 ] && per_test=()
+box 100 $PY -m pytest "${TEST_SEL[@]}" -m "" -q -p no:cacheprovider -rfE "${per_test[@]}" \
   --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1 || fail "tests (rc $?)"
 tail -15 "$OUT/tests.log"
 fi
@@ -96,7 +104,7 @@ fi
 if want sanitize; then
 stage sanitize
 if [ $DRY = 1 ]; then
-  timeout 40 $PY scripts/gpu_small.py > "$OUT/sanitizer.log" 2>&1 || fail "gpu_small.py"
+  box 40 $PY scripts/gpu_small.py > "$OUT/sanitizer.log" 2>&1 || fail "gpu_small.py"
   echo "compute-sanitizer skipped: no CUDA device (scripts/gpu_small.py ran on CPU)" | tee -a "$OUT/sanitizer.log"
 elif ! command -v compute-sanitizer >/dev/null; then
   echo "compute-sanitizer skipped: not on the PATH" | tee "$OUT/sanitizer.log"
@@ -119,7 +127,7 @@ bench() {  # bench <stage> <box s> <args...>: time-boxed, its rows appended to $
   want "$name" || return 0
   stage "$name"
   echo "=== $name: umae bench $*" >> "$OUT/bench.log"
-  timeout "$box" $PY -m umae.cli.main bench --no-progress --append --out "$OUT" "$@" > /tmp/umae_bench_$name.log 2>&1 \
+  box "$box" $PY -m umae.cli.main bench --no-progress --append --out "$OUT" "$@" > /tmp/umae_bench_$name.log 2>&1 \
     || fail "bench $name (rc $?)"
   rm -f "$OUT"/*.png  # the charts: 8 files at most come back, and results.json holds their numbers
   grep -vE "^  [a-z_]+ +(cpu|cuda) |^backend =|^wrote " /tmp/umae_bench_$name.log | tee -a "$OUT/bench.log" | tail -40

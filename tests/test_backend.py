@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from utils import DEVICES
+from utils import DEVICES, HANG_GUARD
 
 import umae
 from umae import _backend, bench, ops, registry
@@ -30,7 +30,7 @@ def test_set_and_use_backend():
 def _run(code, **env):
     e = {k: v for k, v in os.environ.items() if k not in ("UMAE_BACKEND",)}
     e.update(env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=HANG_GUARD)
 
 
 def test_env_var_read_once_at_import():

@@ -103,6 +103,7 @@ def test_cli_bench_and_info(tmp_path, capsys):
     assert "uniformity_loss" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_every_compiled_case_is_compiled():
     # all cases compile the same function: past dynamo's recompile limit the later ones would run
     # eagerly under a "compile" label. With a limit of 1, each of 3 cases must still add a graph.

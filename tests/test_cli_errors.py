@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from utils import HANG_GUARD
 
 from umae.cli.main import main
 
@@ -150,7 +151,7 @@ def test_out_is_a_file_or_not_writable(tmp_path, capsys, monkeypatch):
 
 def _cli(*argv, env=None):
     return subprocess.run([sys.executable, "-m", "umae.cli.main", *argv], capture_output=True, text=True,
-                          env=dict(os.environ, **(env or {})), timeout=120)
+                          env=dict(os.environ, **(env or {})), timeout=HANG_GUARD)
 
 
 def test_cli_process_one_line_and_exit_code(tmp_path):

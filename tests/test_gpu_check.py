@@ -8,17 +8,19 @@ import sys
 
 import pytest
 import torch
+from utils import HANG_GUARD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["env", "build", "tests", "sanitize", "ops", "unif", "train", "compile", "done (status 0)"]
 
 
+@pytest.mark.gpucheck
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script is run for real, not as a test")
 def test_gpu_check_dry_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user's shell has it
     env.update(OUT=str(tmp_path), PY=sys.executable)
     r = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=HANG_GUARD)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     heads = [re.sub(r" \(\d\d:\d\d:\d\d\)$", "", line[3:]) for line in r.stdout.splitlines() if line.startswith("== ")]

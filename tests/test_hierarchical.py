@@ -90,6 +90,7 @@ def test_eval_reports_per_level_recovery(tmp_path, capsys):
     assert all(math.isfinite(rec[f"r2_{lv}"]) for lv in H.LEVELS)
 
 
+@pytest.mark.slow
 def test_ci_sized_sweep(tmp_path, monkeypatch):
     monkeypatch.setitem(sweep.SWEEPS, "default", dict(sweep.SWEEPS["default"], ratios=(0.5, 0.75), patches=(8,),
                                                       steps=2, batch_size=32, builtin_size=128, eval_images=64))

@@ -9,7 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lowest first; a module may import its own layer's and lower layers' modules only
 LAYERS = [
     ("kernels", ["umae.kernels"]),
-    ("library", ["umae._library", "umae._build", "umae._C", "umae._checks", "umae._spec", "umae._backend"]),
+    ("library", ["umae._library", "umae._build", "umae._C", "umae._checks", "umae._tolerance", "umae._spec",
+                 "umae._backend"]),
     ("op modules", ["umae.patchify_op", "umae.masked_mse_op", "umae.random_masking_op", "umae.restore_tokens_op",
                     "umae.uniformity_op"]),
     ("registry", ["umae.registry"]),

@@ -175,6 +175,7 @@ def test_bad_input(call, match):
         call()
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_no_graph_break():
     p = 4
 

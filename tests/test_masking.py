@@ -2,7 +2,8 @@
 kernels, interpreted on CPU, native on CUDA) vs the references."""
 import pytest
 import torch
-from utils import DTYPES, TOL, assert_close, assert_rounding_matters, assert_runs, cpu_impls, cuda_only, fused_impls, randn
+from utils import (DTYPES, TOL, assert_close, assert_rounding_matters, assert_runs, cpu_impls, cuda_only, fused_impls, randn,
+                   sampled)
 
 from umae import _backend, registry
 
@@ -36,10 +37,7 @@ def _grads(outs, inputs, g):
     return torch.autograd.grad(outs, inputs, g)
 
 
-@pytest.mark.parametrize("device,impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,L,D", SHAPES)
-@pytest.mark.parametrize("ratio", RATIOS)
+@sampled(key={"device,impl": IMPLS, "dtype": DTYPES}, crossed={"N,L,D": SHAPES}, paired={"ratio": RATIOS})
 def test_random_masking_parity(device, impl, dtype, N, L, D, ratio):
     pos, cls = (L + D) % 2 == 0, ratio != 0.5  # vary the optional inputs across cases
     x, p, c = _params(N, L, D, dtype, device, pos=True, cls=True)
@@ -61,10 +59,7 @@ def test_random_masking_parity(device, impl, dtype, N, L, D, ratio):
         assert_close(a, b, name=f"grad {name}", **TOL[dtype])
 
 
-@pytest.mark.parametrize("device,impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,L,D", SHAPES)
-@pytest.mark.parametrize("has_cls", [True, False])
+@sampled(key={"device,impl": IMPLS, "dtype": DTYPES}, crossed={"N,L,D": SHAPES}, paired={"has_cls": [True, False]})
 def test_restore_tokens_parity(device, impl, dtype, N, L, D, has_cls):
     keep = len_keep_for(L, 0.75)
     ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
@@ -192,6 +187,7 @@ def test_opcheck(device, impl):
     torch.library.opcheck(_custom_op("restore_tokens"), (xk, ids, tok, dpos, True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_compile_fullgraph(impl):
     x = randn(2, 49, 32, requires_grad=True)
@@ -208,7 +204,8 @@ def test_compile_fullgraph(impl):
     out.backward()
 
 
-@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, pytest.param(torch.autograd.gradgradcheck, marks=pytest.mark.slow)],
+                         ids=lambda c: c.__name__)
 @pytest.mark.parametrize("impl", [p for p in CPU_IMPLS if p.values[0] == "cpp-cpu"])
 def test_gradcheck_float64_cpp(impl, check):
     # the C++ kernels take fp64: their backward (and the backward of that: double backward, a

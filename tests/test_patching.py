@@ -206,6 +206,7 @@ def test_hf_interpolate_pos_encoding_falls_back_with_one_warning():
     assert_close(out.loss, r.loss, **LOSS_TOL[torch.float32])
 
 
+@pytest.mark.slow
 def test_hf_training_converges_like_the_unpatched_model():
     cfg = (32, 4, 3, False, 0.75)
     ref, model = _hf(*cfg), umae.patch(_hf(*cfg))
@@ -228,6 +229,7 @@ def test_hf_training_converges_like_the_unpatched_model():
     assert max(abs(a - b) / b for a, b in zip(*curves)) < 0.02, curves  # and tracks the unpatched run
 
 
+@pytest.mark.slow
 def test_hf_compile():
     ref, model = _hf(*HF_CONFIGS[0]), umae.patch(_hf(*HF_CONFIGS[0]))
     x, noise = _hf_inputs(model)
@@ -242,6 +244,7 @@ def _umae_ops_run(fn) -> set:
     return {e.name for e in prof.events() if e.name.startswith("umae::")}
 
 
+@pytest.mark.slow
 def test_patching_a_compiled_model_patches_the_module_under_it():
     model = _hf(*HF_CONFIGS[0])
     x, noise = _hf_inputs(model)
@@ -447,6 +450,7 @@ def _official_grad_worker(rank, world, store, out_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_official_ddp_gradient_option(tmp_path):
     # 2 gloo ranks: exact_ddp_grad=False gives the official loop's gradient (its term scaled by 1 / world size
     # after DDP's averaging); the default gives the exact global-batch gradient, twice the official term's
@@ -515,6 +519,7 @@ def _ddp_worker(rank, world, store, out_path, wrap="ddp"):
     dist.destroy_process_group()
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
 def test_hf_uniformity_over_the_global_batch_under_ddp_and_fsdp(tmp_path, wrap):
     # two gloo ranks of 4 images each: the uniformity term is the 8-image batch's on every rank

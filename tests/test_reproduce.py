@@ -3,7 +3,11 @@ import argparse
 import json
 import os
 
+import pytest
+
 from umae import evaluate, reproduce
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the trainer and the evaluator (each tested on its own)
 
 
 def test_reproduce_writes_the_report(tmp_path):

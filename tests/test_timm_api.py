@@ -11,7 +11,7 @@ import timm.loss
 import timm.optim
 import torch
 from PIL import Image
-from utils import TOL, assert_close
+from utils import HANG_GUARD, TOL, assert_close
 
 import umae
 from umae.models import MAEOutput
@@ -26,7 +26,7 @@ def _input(model):
 
 def test_import_umae_registers_the_models():
     code = "import timm, umae\nprint(type(timm.create_model('umae_vit_micro_patch4_32')).__name__)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD)
     assert r.returncode == 0 and r.stdout.strip() == "MaskedAutoencoderViT", r.stderr
 
 

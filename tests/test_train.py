@@ -24,6 +24,7 @@ def _args(out, **kw):
     return TrainConfig(out=str(out), **{**micro, **kw})
 
 
+@pytest.mark.slow
 def test_convergence_fused_vs_reference(tmp_path):
     fused = train.train(_args(tmp_path / "f", steps=16, fused=True))
     ref = train.train(_args(tmp_path / "r", steps=16, fused=False))
@@ -59,6 +60,7 @@ def _ddp_worker(rank, world, port, out, kw=None):
     dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_ddp_two_processes_match_single_process(tmp_path):
     out = str(tmp_path / "ddp")
     os.makedirs(out)
@@ -100,6 +102,7 @@ def _two_processes(*runs) -> list[list[dict]]:
     return [json.load(open(os.path.join(out, "recs.json"))) for out, _ in runs]
 
 
+@pytest.mark.dist
 def test_fsdp_two_processes_match_single_process_and_resume_exactly(tmp_path):
     # FSDP2 (fully_shard per block) on 2 gloo processes: the single process's losses and, after AdamW, its
     # parameters within the rounding bound; a resumed FSDP run continues bit for bit

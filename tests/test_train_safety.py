@@ -94,6 +94,7 @@ def _ddp_locked_worker(rank, world, port, out, results):
         results.put((rank, str(e)))
 
 
+@pytest.mark.dist
 def test_second_writer_is_refused_on_every_ddp_rank(tmp_path):
     # rank 0 is refused the lock: rank 1 must stop too, not wait for rank 0 at the first collective
     import socket
@@ -114,13 +115,13 @@ def test_second_writer_is_refused_on_every_ddp_rank(tmp_path):
         for p in procs:
             p.start()
         for p in procs:
-            p.join(timeout=90)
+            p.join(timeout=300)  # a rank that waits for the refused rank 0 waits for ever
         assert not any(p.is_alive() for p in procs), "a rank still waits for the refused rank 0"
     finally:
         for p in procs:
             p.kill()
         os.close(fd)
-    got = dict(results.get(timeout=5) for _ in procs)
+    got = dict(results.get(timeout=60) for _ in procs)
     assert "in use by another umae train run" in got[0], got
     assert "rank 0 stopped the run: --out" in got[1] and "in use by another umae train run" in got[1], got
 

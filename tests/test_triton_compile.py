@@ -36,6 +36,7 @@ print("compiled", len(specs))
 TRITON_OPS = [name for name, op in registry.OPS.items() if op.kernels]
 
 
+@pytest.mark.gpucheck
 @pytest.mark.parametrize("op", TRITON_OPS)
 def test_kernels_compile_for_sm90(op):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

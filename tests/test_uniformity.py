@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 from utils import (DTYPES, LOSS_TOL, MATMUL_TOL, assert_close, assert_runs, cpu_impls, cuda_only, fused_impls, randn,
-                   triton_cpu)
+                   sampled, triton_cpu)
 
 import umae
 from umae import ops
@@ -27,11 +27,8 @@ def _grad_tol(dtype):
     return MATMUL_TOL[dtype]
 
 
-@pytest.mark.parametrize("device,impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,D", SHAPES)
-@pytest.mark.parametrize("exclude_diagonal", [False, True])
-@pytest.mark.parametrize("normalize", [True, False])
+@sampled(key={"device,impl": IMPLS, "dtype": DTYPES}, crossed={"B,D": SHAPES},
+         paired={"exclude_diagonal": [False, True], "normalize": [True, False]})
 def test_parity(device, impl, dtype, B, D, exclude_diagonal, normalize):
     if exclude_diagonal and B < 2:
         pytest.skip("exclude_diagonal needs B >= 2 (tested in test_bad_input)")
@@ -50,9 +47,8 @@ def test_parity(device, impl, dtype, B, D, exclude_diagonal, normalize):
     assert_close(g.float() / scale, gr.float() / scale, name="grad", **_grad_tol(dtype))
 
 
-@pytest.mark.parametrize("device,impl", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("B,D", [(2, 192), (2, 1000), (3, 300)])
+@sampled(key={"device,impl": IMPLS, "dtype": [torch.bfloat16, torch.float16]},
+         crossed={"B,D": [(2, 192), (2, 1000), (3, 300)]})
 def test_small_batch_grad_not_dominated_by_the_diagonal(device, impl, dtype, B, D):
     # At small B each row's own term |z_i|^2 z_i is most of Z G; it is radial, and the projection
     # of the normalized gradient cancels it. Multiplied from z rounded to bf16 (the tensor cores'
@@ -218,6 +214,7 @@ def _worker(rank, world, store, backend, exact, out_path, impl):
     dist.destroy_process_group()
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("backend,exact,impl", [("reference", True, None), ("reference", False, None)] +
                          [("fused", e, i.values[0]) for e in (True, False) for i in CPU_IMPLS])
 def test_distributed_matches_single_process(tmp_path, backend, exact, impl):
@@ -297,6 +294,7 @@ def test_forward_keeps_the_gram_for_the_backward(monkeypatch, requires_grad):
                          **MATMUL_TOL[torch.float32])
 
 
+@pytest.mark.slow
 @triton_cpu
 def test_fp16_gram_of_a_collapsed_batch_does_not_overflow():
     # 90000 nearly identical rows: G[0, 0] ~ 0.87 B > 65504, fp16's largest value. The backward's

@@ -1,4 +1,5 @@
-"""Shared test helpers. Tolerances are written once here, per dtype."""
+"""Shared test helpers: the op tolerances (the library's, umae/_tolerance.py), the model-level
+gradient bound, the sampled parameter grids of the quick tier."""
 from __future__ import annotations
 
 import pytest
@@ -6,38 +7,12 @@ import torch
 
 from umae import _backend, ops, registry
 from umae._backend import triton_interpreted
+# The op tolerances, per dtype, are the library's (umae/_tolerance.py: what each allows and why):
+# `umae check` and these tests compare at the same ones.
+from umae._tolerance import EXACT, LOSS_TOL, MATMUL_TOL, SUM_TERMS, TOL, U, UNIT_ROUNDOFF  # noqa: F401
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-# Every tolerance below is a multiple of the dtype's unit roundoff u (the largest relative error of
-# one rounding), set by what the compared paths do differently; none is tuned to one machine.
-UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
-                 torch.float16: 2.0 ** -11}
-U = UNIT_ROUNDOFF
-# A sum of up to 2^8 terms (a patch's pixels, a token's features, the op tests' batch) in another
-# order differs by up to 2^8 ulps of fp32 relative to the terms' magnitude.
-SUM_TERMS = 2 ** 8
-
-
-def _tol(t: float) -> dict:
-    return dict(atol=t, rtol=t)
-
-
-# Outputs stored in the input dtype (gradients, tokens): in bf16/fp16 each path rounds its fp32
-# result once (u each), and a path may round one intermediate more (x + pos stored before the
-# gather): 4u, plus the fp32 summation order (< u): 5u. In fp32 and fp64: the summation order.
-TOL = {torch.float64: _tol(SUM_TERMS * U[torch.float64]), torch.float32: _tol(SUM_TERMS * U[torch.float32]),
-       torch.bfloat16: _tol(5 * U[torch.bfloat16]), torch.float16: _tol(5 * U[torch.float16])}
-# Scalars both paths accumulate in fp32 from the same input values (losses): the summation order
-# alone, whatever the input dtype.
-LOSS_TOL = {torch.float64: TOL[torch.float64],
-            **{dt: _tol(SUM_TERMS * U[torch.float32]) for dt in (torch.float32, torch.bfloat16, torch.float16)}}
-# Where the fused path also rounds operands to the input dtype before a matrix product (tensor
-# cores) while the reference multiplies in fp32: one more rounding of each operand (2u) on top of
-# TOL's 5u; in fp32, the product's sums over up to 2^12 terms (B, D).
-MATMUL_TOL = {torch.float64: TOL[torch.float64], torch.float32: _tol(2 ** 12 * U[torch.float32]),
-              torch.bfloat16: _tol(7 * U[torch.bfloat16]), torch.float16: _tol(7 * U[torch.float16])}
 
 # Model-level gradients (a whole backward, fused vs reference) are not compared elementwise at a
 # fixed tolerance: how far two fp32 backwards drift apart depends on the machine's matmul kernels
@@ -91,6 +66,10 @@ def adam_tolerance(param: torch.Tensor, exp_avg_sq: torch.Tensor, global_rms: fl
     g = (exp_avg_sq / (1 - beta2 ** steps)).sqrt()
     return steps * lr * (terms * u * global_rms / g).clamp(max=2.0) + 2 * steps * u * param.abs()
 
+
+# The limit on a spawned process or subprocess: a guard against a hang, not a speed limit (a test must
+# not depend on how fast the machine is; a busy 2-core machine runs minutes behind a quiet one).
+HANG_GUARD = 1800
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -154,3 +133,43 @@ def assert_runs(op: str, impl: str, *tensors):
     """The parity test runs the implementation it names (else it would compare the reference with itself)."""
     got = ops.implementation(op, *tensors)
     assert got == impl or (impl == "triton" and got == "triton-interpreter"), f"{op}: {got} runs, not {impl}"
+
+
+def sampled(key: dict, crossed: dict, paired: dict = None):
+    """pytest.mark.parametrize over a parity grid, in two tiers. Dims are {argnames: values}
+    ("a,b" for tuples; values may be pytest.params).
+
+    The full run (every tier) crosses the `key` dims (e.g. implementation x dtype) with the
+    `crossed` dims (the shapes: each selects other block sizes and tails), and pairs the `paired`
+    dims (flags) with those rows: row j takes the paired combination j mod their count, so each
+    key combination meets every paired combination once there are as many crossed rows as
+    paired combinations (paired sampling: each value covered, not crossed again). The quick tier
+    runs one row per key combination, cycling through the crossed values so each is in it; the
+    other rows are marked `slow`."""
+    import itertools
+
+    paired = paired or {}
+
+    def norm(v, arity):  # (values, id, marks)
+        if isinstance(v, type(pytest.param(0))):
+            return tuple(v.values), v.id, tuple(v.marks)
+        return (tuple(v) if arity > 1 else (v,)), None, ()
+
+    def product(dims):
+        return list(itertools.product(*([norm(v, len(k.split(","))) for v in vals] for k, vals in dims.items())))
+
+    names = [n.strip() for k in (*key, *crossed, *paired) for n in k.split(",")]
+    keys, cross, pairs = product(key), product(crossed), product(paired)
+    quick = {(j % len(keys), j % len(cross)) for j in range(max(len(keys), len(cross)))}
+    params = []
+    for j, (ki, ci) in enumerate(itertools.product(range(len(keys)), range(len(cross)))):
+        parts = keys[ki] + cross[ci] + pairs[j % len(pairs)]
+        values = tuple(x for p in parts for x in p[0])
+        ids = "-".join(p[1] if p[1] is not None else "-".join(_id(x) for x in p[0]) for p in parts)
+        marks = tuple(m for p in parts for m in p[2]) + (() if (ki, ci) in quick else (pytest.mark.slow,))
+        params.append(pytest.param(*values, id=ids, marks=marks))
+    return pytest.mark.parametrize(",".join(names), params)
+
+
+def _id(x) -> str:
+    return str(x).replace("torch.", "")

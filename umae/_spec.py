@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from ._checks import FLOATS
+from ._tolerance import Parity
 
 F32, BF16, F16, F64 = FLOATS
 HALF_AND_FP32 = frozenset({F32, BF16, F16})
@@ -55,7 +56,8 @@ class Op:
     `bench(shape_set, dtype, device) -> Case`, the parity test file, and for Triton ops the
     kernel module, the launchers registered at the CUDA key ({op name: launcher}), the (L, D)
     test shapes of their sm_90 compile check, and whether the static audit holds their tile
-    loads / stores to 128-bit accesses (`memory_bound`: row copies)."""
+    loads / stores to 128-bit accesses (`memory_bound`: row copies); `parity`: the tolerances its
+    fused outputs and gradients meet against the reference (`umae check`, the parity tests)."""
     name: str
     schema: str
     public: Callable
@@ -68,6 +70,7 @@ class Op:
     triton_kernels: dict | None = None
     token_shapes: tuple = ()
     memory_bound: bool = False
+    parity: Parity | None = None
     # the devices whose C++/CUDA kernel of `schema` the extension registered, read once here (a
     # dispatcher query cannot be traced by torch.compile; the entry is built after the extension loads)
     cpp_devices: frozenset = dataclasses.field(init=False, default=frozenset())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _checks, _library
+from ._tolerance import LOSS_TOL, TOL, Parity
 from ._spec import CPP_CUDA_NO_FP64, Case, Op, elt, rand, vit_shape
 from ._checks import acc_dtype, first_order_only
 from .patchify_op import patchify_reference
@@ -165,6 +166,7 @@ def bench_masked_mse_loss(s, dtype, device):
 
 
 MASKED_MSE_LOSS = Op("masked_mse_loss", "umae::patch_mse", masked_mse_loss, masked_mse_loss_reference,
-                     masked_mse_loss_fused, CPP_CUDA_NO_FP64, bench_masked_mse_loss, tests="tests/test_masked_mse.py")
+                     masked_mse_loss_fused, CPP_CUDA_NO_FP64, bench_masked_mse_loss, tests="tests/test_masked_mse.py",
+                     parity=Parity(LOSS_TOL, TOL))
 MAE_LOSS = Op("mae_loss", "umae::patch_mse", mae_loss, mae_loss_reference, mae_loss_fused, CPP_CUDA_NO_FP64,
-              bench_mae_loss, tests="tests/test_masked_mse.py")
+              bench_mae_loss, tests="tests/test_masked_mse.py", parity=Parity(LOSS_TOL, TOL))

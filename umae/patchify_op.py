@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _checks, _library
+from ._tolerance import EXACT, Parity
 from ._spec import CPP, Case, Op, elt, rand, vit_shape
 
 
@@ -111,6 +112,6 @@ def bench_unpatchify(s, dtype, device):
 
 
 PATCHIFY = Op("patchify", "umae::patchify", patchify, patchify_reference, patchify_fused, CPP, bench_patchify,
-              tests="tests/test_patchify.py")
+              tests="tests/test_patchify.py", parity=Parity(EXACT, EXACT))
 UNPATCHIFY = Op("unpatchify", "umae::unpatchify", unpatchify, unpatchify_reference, unpatchify_fused, CPP,
-                bench_unpatchify, tests="tests/test_patchify.py")
+                bench_unpatchify, tests="tests/test_patchify.py", parity=Parity(EXACT, EXACT))

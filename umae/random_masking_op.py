@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _checks, _library
+from ._tolerance import EXACT, TOL, Parity
 from ._spec import CPP_CPU_TRITON_CUDA, Case, Op, elt, rand, vit_shape
 from ._checks import acc_dtype, result_dtype
 
@@ -177,4 +178,5 @@ TOKEN_SHAPES = ((49, 64), (196, 768), (197, 384), (256, 192), (1024, 1000), (64,
 
 RANDOM_MASKING = Op("random_masking", "umae::random_masking", random_masking, random_masking_reference,
                     random_masking_fused, CPP_CPU_TRITON_CUDA, bench_random_masking, tests="tests/test_masking.py",
-                    kernels=KERNELS, triton_kernels=TRITON_KERNELS, token_shapes=TOKEN_SHAPES, memory_bound=True)
+                    kernels=KERNELS, triton_kernels=TRITON_KERNELS, token_shapes=TOKEN_SHAPES, memory_bound=True,
+                    parity=Parity(EXACT, TOL))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _checks, _library
+from ._tolerance import EXACT, TOL, Parity
 from ._spec import CPP_CPU_TRITON_CUDA, Case, Op, elt, rand, vit_shape
 from .random_masking_op import TOKEN_SHAPES, len_keep_for
 from ._checks import acc_dtype, result_dtype
@@ -156,4 +157,5 @@ def bench_restore_tokens(s, dtype, device):
 
 RESTORE_TOKENS = Op("restore_tokens", "umae::restore_tokens", restore_tokens, restore_tokens_reference,
                     restore_tokens_fused, CPP_CPU_TRITON_CUDA, bench_restore_tokens, tests="tests/test_masking.py",
-                    kernels=KERNELS, triton_kernels=TRITON_KERNELS, token_shapes=TOKEN_SHAPES, memory_bound=True)
+                    kernels=KERNELS, triton_kernels=TRITON_KERNELS, token_shapes=TOKEN_SHAPES, memory_bound=True,
+                    parity=Parity(EXACT, TOL))

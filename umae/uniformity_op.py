@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, _checks, _library
+from ._tolerance import MATMUL_TOL, Parity
 from ._spec import CPP_CPU_TRITON_CUDA, Case, Op, elt, rand
 from ._checks import acc_dtype, first_order_only
 
@@ -294,4 +295,5 @@ def bench_uniformity_loss(s, dtype, device):
 
 UNIFORMITY_LOSS = Op("uniformity_loss", "umae::uniformity_loss", uniformity_loss, uniformity_loss_reference,
                      uniformity_loss_fused, CPP_CPU_TRITON_CUDA, bench_uniformity_loss, tests="tests/test_uniformity.py",
-                     kernels=KERNELS, triton_kernels=TRITON_KERNELS)
+                     kernels=KERNELS, triton_kernels=TRITON_KERNELS,
+                     parity=Parity(MATMUL_TOL, MATMUL_TOL, grad_scaled=True))

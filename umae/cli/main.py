@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": "umae.evaluate",
     "reproduce": "umae.reproduce",
     "info": "umae.bench.info",
+    "check": "umae.bench.check",
     "convert": "umae.convert",
 }
 

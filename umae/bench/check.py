@@ -1,0 +1,223 @@
+"""`umae check`: the parity check a user runs in their own CI, on their machine's devices. Every op x
+fused implementation that runs there x dtype, forward and backward, against its reference at the
+tolerances the test suite uses (umae/_tolerance.py, named per op by its registry entry's `parity`),
+plus torch.library.opcheck of each custom op the fused call reaches. Prints a table, exits 1 on any
+failure; --junit FILE writes the rows as JUnit XML.
+
+The inputs are each op's benchmark case (umae/<op>_op.py bench_<op>) at awkward sizes: fresh
+random values, the same for the fused and the reference call.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+HELP = "parity of each fused op with its reference on this machine's devices (exit 1 on a mismatch)"
+
+# awkward sizes: 25 patches of 8x8 (L not a power of two), 3 images, a 37-row feature batch; widths a
+# multiple of 16 as encoder widths are
+TOKENS = dict(N=3, img=40, p=8, C=3, D=80, Dd=48)
+ROWS = dict(B=37, D=80)
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from .. import registry
+
+    p.add_argument("--device", nargs="+", choices=["cpu", "cuda"],
+                   help="default: cpu, and cuda when a GPU is visible")
+    p.add_argument("--ops", nargs="+", choices=list(registry.OPS), metavar="OP",
+                   help=f"default: all ({', '.join(registry.OPS)})")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, help="default: every dtype each implementation takes")
+    p.add_argument("--junit", metavar="FILE", help="also write the rows as JUnit XML (for CI systems)")
+    p.add_argument("--no-opcheck", action="store_true", help="leave out torch.library.opcheck")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(args) -> int:
+    import torch
+
+    from .. import _backend, registry
+    from .._table import Col, format_table
+
+    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to torch")
+    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
+    t0 = time.perf_counter()
+    rows = []
+    for op in (registry.get(n) for n in (args.ops or registry.OPS)):
+        for device in devices:
+            for impl in op.impls_for(device):
+                ok, why = _backend._runnable(op, impl)
+                if not ok:
+                    rows.append(dict(op=op.name, device=device, impl=impl.name, dtype="-", check="-", ratio=None,
+                                     status="skipped", note=why))
+                    continue
+                rows += check_impl(op, impl, device, dtypes, args.seed, opcheck=not args.no_opcheck)
+    print(format_table(rows, [Col("op", "op", width=16, align="<"), Col("device", "device", width=6, align="<"),
+                              Col("impl", "impl", width=18, align="<"), Col("dtype", "dtype", width=8, align="<"),
+                              Col("check", "check", width=8, align="<"),
+                              Col("err/tol", lambda r: "-" if r["ratio"] is None else f"{r['ratio']:.3g}", width=8),
+                              Col("result", "status", width=7, align="<"),
+                              Col("", lambda r: r.get("note", ""), align="<")]))
+    failed = [r for r in rows if r["status"] == "FAIL"]
+    passed = sum(r["status"] == "pass" for r in rows)
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    secs = time.perf_counter() - t0
+    print(f"{len(failed)} failed, {passed} passed, {skipped} skipped in {secs:.1f} s "
+          "(err/tol: the worst element's error over its tolerance, umae/_tolerance.py; pass at <= 1)")
+    if args.junit:
+        write_junit(args.junit, rows, secs)
+    return 1 if failed else 0
+
+
+def check_impl(op, impl, device, dtypes, seed, opcheck=True) -> list[dict]:
+    """The rows of one implementation: forward and backward per dtype, then opcheck (first dtype)."""
+    import torch
+
+    from .. import ops
+    from .._checks import FLOATS
+    from .._spec import dtype_name
+
+    rows = []
+    want = [d for d in FLOATS if d in impl.dtypes and (dtypes is None or d in dtypes)]
+    for i, dtype in enumerate(want):
+        base = dict(op=op.name, device=device, impl=impl.name, dtype=dtype_name(dtype))
+        torch.manual_seed(seed)
+        try:
+            with ops.use_impl(impl.name):
+                runs = ops.choose(op.name, device, (dtype,))[0]
+                if runs != impl.name:  # the implementation would not run: a comparison would be reference vs itself
+                    rows.append(dict(base, check="-", ratio=None, status="skipped", note=f"{runs} runs here"))
+                    continue
+                fwd, bwd, calls = compare(op, dtype, device, record=opcheck and i == 0)
+            rows.append(dict(base, check="forward", ratio=fwd, status=_status(fwd)))
+            rows.append(dict(base, check="backward", ratio=bwd, status=_status(bwd)))
+            for func, a, kw in calls:
+                with ops.use_impl(impl.name):
+                    torch.library.opcheck(func, a, kw)
+                rows.append(dict(base, check="opcheck", ratio=None, status="pass", note=str(func)))
+        except Exception as e:  # a crash is a failed row, with its message
+            rows.append(dict(base, check="error", ratio=None, status="FAIL", note=f"{type(e).__name__}: {e}"[:300]))
+    return rows
+
+
+def _status(ratio: float) -> str:
+    return "pass" if ratio <= 1.0 else "FAIL"
+
+
+def compare(op, dtype, device, record=False):
+    """(forward err/tol, backward err/tol, the custom-op calls the fused forward made) of one
+    case: the fused call and the reference on the same inputs and the same output gradients."""
+    import torch
+
+    from .. import _backend
+    from .._spec import NotApplicable
+    from . import cases
+
+    for shape in (ROWS, TOKENS):
+        try:
+            case = cases.case(op.name, shape, dtype, device)
+            break
+        except (NotApplicable, KeyError):
+            continue
+    else:
+        raise NotApplicable(f"{op.name}: no check shape describes its inputs")
+    calls: list = []
+    with _backend.use_backend("fused"), (_Recorder(calls) if record else _nothing()):
+        got = _outputs(case.forward())
+    with _backend.use_backend("reference"):
+        ref = _outputs(case.forward())
+    fwd = max(_ratio(a, b, op.parity.out[dtype]) for a, b in zip(got, ref))
+    grads_of = [(a, b) for a, b in zip(got, ref) if a.requires_grad and b.requires_grad]
+    gs = [torch.randn(b.shape, device=device).to(b.dtype) for _, b in grads_of]
+    ga = torch.autograd.grad([a for a, _ in grads_of], case.grad_inputs, gs, allow_unused=True)
+    gb = torch.autograd.grad([b for _, b in grads_of], case.grad_inputs, gs, allow_unused=True)
+    bwd = 0.0
+    for a, b in zip(ga, gb):
+        if a is None or b is None:
+            bwd = max(bwd, 0.0 if a is b else float("inf"))
+            continue
+        scale = b.detach().float().abs().max().item() if op.parity.grad_scaled else 1.0
+        scale = scale if scale > 1e-4 else 1.0
+        bwd = max(bwd, _ratio(a.float() / scale, b.float() / scale, op.parity.grad[dtype]))
+    return fwd, bwd, [(f, a, kw) for f, a, kw in calls]
+
+
+def _outputs(out) -> list:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _ratio(a, b, tol: dict) -> float:
+    """max |a - b| / (atol + rtol |b|) over the elements (0 where equal, inf on a shape, dtype-kind or NaN
+    mismatch); integer outputs compare bitwise."""
+    import torch
+
+    if a.shape != b.shape or a.dtype.is_floating_point != b.dtype.is_floating_point:
+        return float("inf")
+    if not a.dtype.is_floating_point:
+        return 0.0 if torch.equal(a, b) else float("inf")
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.equal(torch.isnan(a), torch.isnan(b)):
+        return float("inf")
+    a, b = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)
+    diff = (a - b).abs()
+    if not diff.numel():
+        return 0.0
+    bound = tol["atol"] + tol["rtol"] * b.abs()
+    r = torch.where(diff == 0, torch.zeros_like(diff), diff / bound)
+    return r.max().item()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _Recorder(calls: list):
+    """A torch-function mode that records each umae custom op the public call reaches (its args
+    cloned, requires_grad kept), for opcheck: what the fused call really runs, not a hand-written
+    list. A function mode sees the op as called, above its autograd (a dispatch mode would see the
+    ops its autograd kernel calls instead)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    def copy(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone().requires_grad_(x.requires_grad)
+        return x
+
+    class Recorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if isinstance(func, torch._ops.OpOverloadPacket):
+                func = func.default
+            if isinstance(func, torch._ops.OpOverload) and func.namespace == "umae" \
+                    and not any(f is func for f, _, _ in calls):
+                calls.append((func, tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}))
+            return func(*args, **kwargs)
+
+    return Recorder()
+
+
+def write_junit(path: str, rows: list[dict], secs: float) -> None:
+    """The rows as one JUnit testsuite: a testcase per row, a failure or skipped element where due."""
+    from xml.etree import ElementTree as ET
+
+    suite = ET.Element("testsuite", name="umae check", tests=str(len(rows)),
+                       failures=str(sum(r["status"] == "FAIL" for r in rows)),
+                       skipped=str(sum(r["status"] == "skipped" for r in rows)), time=f"{secs:.3f}")
+    for r in rows:
+        tc = ET.SubElement(suite, "testcase", classname=f"umae.check.{r['op']}",
+                           name=f"{r['device']}-{r['impl']}-{r['dtype']}-{r['check']}")
+        what = "" if r["ratio"] is None else f"err/tol {r['ratio']:.3g}"
+        if r["status"] == "FAIL":
+            ET.SubElement(tc, "failure", message=(what + " " + r.get("note", "")).strip() or "failed")
+        elif r["status"] == "skipped":
+            ET.SubElement(tc, "skipped", message=r.get("note", ""))
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+

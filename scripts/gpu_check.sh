@@ -23,9 +23,9 @@
 # STAGES="tests unif" (say) runs only those stages, TEST_ARGS="tests/test_x.py -k cuda" other tests.
 # Without a GPU (or with --dry-run) the same stages run at tiny sizes on CPU, about 2 minutes on 2
 # cores (CI runs it: tests/test_gpu_check.py): the extension is rebuilt only if csrc/ changed, the
-# tests are a CPU subset, compute-sanitizer is reported skipped, the ops run one mode, and the
-# compile stage compiles an op instead of a model (Inductor's CPU compile of a model takes minutes
-# here). A dry run has no time boxes: the boxes are sized for the GPU machine, and a busy CPU would
+# tests are a CPU subset, compute-sanitizer is reported skipped, the ops run one mode, fused and
+# eager, and the compile stage compiles two ops (one C++, one Triton; compile and fused+compile)
+# instead of a model (Inductor's CPU compile of a model takes minutes here). A dry run has no time boxes: the boxes are sized for the GPU machine, and a busy CPU would
 # hit them; the test checks each stage's output instead.
 # After a run, here: copy $OUT into bench/results/<gpu>/<date>/ and run `umae report`.
 set -uo pipefail
@@ -44,13 +44,15 @@ $PY -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || DRY=1
 if [ $DRY = 1 ]; then
   # tiny sizes; the CUDA build is left to setup.py's default (a CPU machine still compiles it)
   OPS_SHAPES="tiny"; UNIF_SHAPES="unif_tiny"; E2E_SHAPES="tiny"; MODE="dry run (CPU, tiny sizes)"
-  OPS_MODES="fwd+bwd"  # every provider, one mode: Inductor's CPU compiles are the slow part here
-  COMPILE_ARGS=(--ops uniformity_loss --shapes unif_tiny)  # a model's CPU compile takes minutes on 2 cores
+  # one mode, and the compiled providers in the compile stage for one C++ op and one Triton op:
+  # Inductor's CPU compiles are the slow part here (a model's takes minutes on 2 cores)
+  OPS_MODES="fwd+bwd"; OPS_PROVIDERS="fused eager"
+  COMPILE_ARGS=(--ops patchify uniformity_loss --shapes tiny unif_tiny --providers compile fused+compile)
   TEST_SEL=(tests/test_patchify.py tests/test_masked_mse.py -k cpu)
 else
   OPS_SHAPES="vit_b16"; UNIF_SHAPES="unif_b16384 unif_b65536 unif_b131072"; E2E_SHAPES="vit_b16"; MODE="GPU"
-  OPS_MODES="fwd bwd fwd+bwd"
-  COMPILE_ARGS=(--ops hf_train_step --shapes vit_b16)
+  OPS_MODES="fwd bwd fwd+bwd"; OPS_PROVIDERS="fused eager compile fused+compile"
+  COMPILE_ARGS=(--ops hf_train_step --shapes vit_b16 --providers compile)
   TEST_SEL=(tests -k cuda)
 fi
 # STAGES="build tests ..." runs those alone (env always runs): a second call within a lease
@@ -133,11 +135,11 @@ bench() {  # bench <stage> <box s> <args...>: time-boxed, its rows appended to $
   grep -vE "^  [a-z_]+ +(cpu|cuda) |^backend =|^wrote " /tmp/umae_bench_$name.log | tee -a "$OUT/bench.log" | tail -40
 }
 bench ops 80 --ops patchify unpatchify masked_mse_loss mae_loss random_masking restore_tokens uniformity_loss \
-  --shapes $OPS_SHAPES --dtypes bfloat16 --modes $OPS_MODES
+  --shapes $OPS_SHAPES --dtypes bfloat16 --modes $OPS_MODES --providers $OPS_PROVIDERS
 # eager and compile at 65,536 rows took the whole of a 35 s box on an H200 (bench/results/h200/2026-11-27-2)
 bench unif 45 --ops uniformity_loss --shapes $UNIF_SHAPES --dtypes bfloat16 --modes fwd+bwd \
   --providers fused eager
 bench train 50 --ops train_step mae_train_step hf_train_step --shapes $E2E_SHAPES --providers fused eager
-bench compile 40 "${COMPILE_ARGS[@]}" --providers compile
+bench compile 40 "${COMPILE_ARGS[@]}"
 stage "done (status $status)"
 exit $status

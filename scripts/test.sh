@@ -1,18 +1,43 @@
 #!/usr/bin/env bash
-# The test command: set up (scripts/setup.sh), run the tests, then the same suite on the GPU
-# machine's versions (scripts/compat.sh; UMAE_SKIP_COMPAT=1 skips it). On a machine without a
-# GPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it) and are also
-# compiled for sm_90 in a separate process (tests/test_triton_compile.py). Arguments go to pytest.
+# The test command (what .ci/run calls): set up (scripts/setup.sh), run every tier of the suite
+# (quick, slow, dist, gpucheck: pyproject.toml) on this stack, then the tests that depend on the
+# stack on the GPU machine's versions (scripts/compat.sh, set up in the background meanwhile;
+# UMAE_SKIP_COMPAT=1 skips it). On a machine without a GPU the Triton kernels run under
+# TRITON_INTERPRET=1 (tests/conftest.py sets it); the sm_90 compile of the Triton kernels runs
+# once, on the GPU machine's triton, in compat.sh (here when compat is skipped).
+#
+#   bash scripts/test.sh            everything (CI)
+#   bash scripts/test.sh --quick    the quick tier on this stack: a contributor's loop
+# Further arguments go to pytest. UMAE_TEST_WORKERS: pytest-xdist workers (default 2, the cores here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+QUICK=0
+if [ "${1:-}" = "--quick" ]; then QUICK=1; shift; fi
+COMPAT=1
+if [ $QUICK = 1 ] || [ "${UMAE_SKIP_COMPAT:-0}" = 1 ]; then COMPAT=0; fi
+t0=$SECONDS
+if [ $COMPAT = 1 ]; then
+  mkdir -p .compat
+  # pip's downloads and the second build overlap the main set-up and suite (the suite's Triton
+  # interpreter runs keep a core's worth of Python busy, not both cores)
+  bash scripts/compat.sh --setup-only > .compat/setup.log 2>&1 &
+  compat_setup=$!
+fi
 bash scripts/setup.sh
-# The sm_90 compile check of the Triton kernels (tests/test_triton_compile.py, minutes on 2 cores)
-# runs once, in compat.sh, on the triton the GPU machine runs; with UMAE_SKIP_COMPAT=1, here.
-once=()
-[ "${UMAE_SKIP_COMPAT:-0}" = 1 ] || once=(--ignore=tests/test_triton_compile.py)
+echo "set-up: $((SECONDS - t0)) s"
+sel=(-m "")  # every tier
+if [ $QUICK = 1 ]; then
+  sel=()  # pyproject's default: the quick tier
+elif [ $COMPAT = 1 ]; then
+  sel+=(--deselect tests/test_triton_compile.py::test_kernels_compile_for_sm90)
+fi
 # a compiled-kernel cache of this stack's own (see scripts/compat.sh: another torch's kernels crash)
 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.venv/torchinductor} \
-  .venv/bin/python -m pytest tests -q -p no:cacheprovider "${once[@]}" "$@"
-if [ "${UMAE_SKIP_COMPAT:-0}" != 1 ]; then
-  bash scripts/compat.sh -q -p no:cacheprovider "$@"
+  .venv/bin/python -m pytest tests -q -p no:cacheprovider "${sel[@]}" -n "${UMAE_TEST_WORKERS:-2}" \
+  --dist worksteal --durations=15 "$@"
+echo "main suite done: $((SECONDS - t0)) s"
+if [ $COMPAT = 1 ]; then
+  wait $compat_setup || { echo "compat set-up failed:"; tail -40 .compat/setup.log; exit 1; }
+  bash scripts/compat.sh --tests-only -q -p no:cacheprovider --durations=15 "$@"
+  echo "compat suite done: $((SECONDS - t0)) s"
 fi

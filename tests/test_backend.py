@@ -279,3 +279,23 @@ print("unchanged")
 """
     r = _run(code)
     assert r.returncode == 0 and "unchanged" in r.stdout, r.stderr[-3000:]
+
+
+def test_the_kernels_folder_does_not_shadow_pypi_kernels():
+    # kernels/ is umae.kernels; in a process started in the repo root (python -c, python -m) it is
+    # also a top-level `kernels`, PyPI's name, which transformers imports when it is installed
+    import importlib.metadata
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import kernels, umae.kernels; print(kernels.__file__); print(umae.kernels.__file__)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=HANG_GUARD)
+    assert r.returncode == 0, r.stderr
+    top, ours = (os.path.realpath(p) for p in r.stdout.split())
+    folder = os.path.realpath(os.path.join(root, "kernels", "__init__.py"))
+    assert ours == folder
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        assert top == folder  # nothing to hand over to: the folder is what `import kernels` finds
+    else:
+        assert top != folder  # PyPI's package

@@ -34,11 +34,15 @@ def test_gpu_check_dry_run(tmp_path):
     timed = {(r["op"], r["shape"], r["provider"]) for r in rows if "ms" in r}
     for op in ("patchify", "unpatchify", "masked_mse_loss", "mae_loss", "random_masking", "restore_tokens",
                "uniformity_loss"):
-        for provider in ("fused", "eager", "compile", "fused+compile"):
+        for provider in ("fused", "eager"):
             assert (op, "tiny", provider) in timed, (op, provider)
+    # the compiled providers: one C++ op and one Triton op (the dry run's compile stage)
+    for op, shape in (("patchify", "tiny"), ("uniformity_loss", "unif_tiny")):
+        for provider in ("compile", "fused+compile"):
+            assert (op, shape, provider) in timed, (op, provider)
     for op in ("train_step", "mae_train_step", "hf_train_step"):
         for provider in ("fused", "eager"):
             assert (op, "tiny", provider) in timed, (op, provider)
-    assert ("uniformity_loss", "unif_tiny", "eager") in timed and ("uniformity_loss", "unif_tiny", "compile") in timed
+    assert ("uniformity_loss", "unif_tiny", "eager") in timed
     steps = [r for r in rows if r.get("mode") == "step" and "ms" in r]
     assert all(r["img_per_s"] > 0 and r["step_flops"] > 0 for r in steps), steps

@@ -9,6 +9,7 @@ from utils import LOSS_TOL
 
 from umae import _backend, bench
 from umae.bench import report
+from umae.bench.timing import MODES, PROVIDERS
 
 
 def test_bench_rows_and_outputs(tmp_path):
@@ -186,3 +187,24 @@ def test_mfu_only_against_a_bf16_ceiling():
     on_cpu = bench.add_fractions([dict(step)], dict(copy_gbps=1.0, matmul_tflops=0.1, matmul_dtype="fp32"))
     assert on_gpu[0]["mfu"] == 0.5 and "mfu" not in on_cpu[0]
     assert "MFU 50%" in bench.format_table(on_gpu) and "MFU" not in bench.format_table(on_cpu).split("\n", 2)[2]
+
+
+def test_bench_defaults_quick_and_full():
+    # `umae bench` alone: each op fwd+bwd at one shape set vs eager and compile, and the U-MAE
+    # training step (on CPU fused vs eager: a model's Inductor compile takes minutes); --full: all
+    from umae import registry
+    from umae.bench import command
+    from umae.cli.main import build_parser
+
+    for device, shapes, dtypes, e2e in (("cpu", ["cpu_small"], ["float32"], ["fused", "eager"]),
+                                        ("cuda", ["vit_b16", "unif_b16384"], ["bfloat16"], list(PROVIDERS))):
+        a = build_parser().parse_args(["bench"])
+        command.quick(a, device)
+        assert a.ops == list(registry.OPS) + ["train_step"] and a.modes == ["fwd+bwd"]
+        assert a.shapes == shapes and a.dtypes == dtypes and a.providers == list(PROVIDERS) and a.e2e_providers == e2e
+    a = build_parser().parse_args(["bench", "--full"])
+    command.quick(a, "cpu")
+    assert a.ops is None and a.shapes is None and a.dtypes is None and a.modes == list(MODES)
+    a = build_parser().parse_args(["bench", "--ops", "patchify", "--modes", "fwd", "--shapes", "cpu_large"])
+    command.quick(a, "cpu")  # what a flag names is run as named
+    assert a.ops == ["patchify"] and a.modes == ["fwd"] and a.shapes == ["cpu_large"]

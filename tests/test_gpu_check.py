@@ -18,7 +18,8 @@ STAGES = ["env", "build", "tests", "sanitize", "ops", "unif", "train", "compile"
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script is run for real, not as a test")
 def test_gpu_check_dry_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user's shell has it
-    env.update(OUT=str(tmp_path), PY=sys.executable)
+    # the tests stage's code with one small file (the suite itself runs around this test)
+    env.update(OUT=str(tmp_path), PY=sys.executable, TEST_ARGS="tests/test_patchify.py -k opcheck")
     r = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=HANG_GUARD)
     log = r.stdout + r.stderr

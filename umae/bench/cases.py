@@ -29,6 +29,10 @@ for _n in (32, 64, 128, 256, 512):
     SWEEP += (f"vit_b16_n{_n}",)
     SHAPES[SWEEP[-1]] = dict(SHAPES["vit_b16"], N=_n)
 
+# `umae bench` without --full: each op fwd+bwd at one shape set (the uniformity loss also at a batch
+# where its Gram is the cost), and the U-MAE training step; --full: DEFAULT_SHAPES, every mode
+QUICK_SHAPES = {"cuda": ["vit_b16", "unif_b16384"], "cpu": ["cpu_small"]}
+QUICK_DTYPES = {"cuda": [torch.bfloat16], "cpu": [torch.float32]}
 DEFAULT_SHAPES = {"cuda": ["vit_b16", "vit_l16", "vit_tiny32", "unif_b1024", "unif_b4096", "unif_b16384"],
                   "cpu": ["cpu_small", "cpu_large"]}
 DEFAULT_DTYPES = {"cuda": [torch.bfloat16, torch.float32], "cpu": [torch.float32]}

@@ -16,10 +16,17 @@ def add_args(b: argparse.ArgumentParser) -> None:
     from .runner import E2E_OPS
     from .timing import MODES, PROVIDERS
 
-    b.add_argument("--ops", nargs="+", help=f"default: all ({', '.join(registry.OPS)}, {', '.join(E2E_OPS)}, loader)")
+    b.add_argument("--full", action="store_true",
+                   help="the whole set: every op and training step and the input pipeline, at every default shape "
+                        "set, mode and dtype (without it: each op fwd+bwd at one shape set, and the U-MAE training "
+                        "step; what a flag below names is run as named)")
+    b.add_argument("--ops", nargs="+", help=f"default: the ops and train_step; --full: all ({', '.join(registry.OPS)}, "
+                                           f"{', '.join(E2E_OPS)}, loader)")
     b.add_argument("--shapes", nargs="+", help=f"shape sets ({', '.join(SHAPES)})")
-    b.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    b.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    b.add_argument("--modes", nargs="+", choices=MODES, help="default: fwd+bwd; --full: all")
+    b.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS,
+                   help="default: all (the training step on CPU without --full: fused and eager, as a model's "
+                        "Inductor compile takes minutes on a CPU)")
     b.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--device", choices=["cpu", "cuda"])
     b.add_argument("--out", help="folder for results.json / results.csv")
@@ -43,6 +50,7 @@ def main(args) -> int:
     from . import loader
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quick(args, device)
     dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
     shapes = args.shapes
     if args.sweep:
@@ -67,6 +75,28 @@ def main(args) -> int:
     if args.profile:
         write_profile(args.out, kernel_ops, shapes, dtypes, device)
     return 0
+
+
+def quick(args, device: str) -> None:
+    """Without --full, what the flags leave open is the quick set: the ops and the U-MAE training
+    step, fwd+bwd, at QUICK_SHAPES / QUICK_DTYPES (the training step on CPU: fused vs eager)."""
+    from .. import registry
+    from .cases import QUICK_DTYPES, QUICK_SHAPES
+    from .timing import MODES, PROVIDERS
+
+    args.e2e_providers = args.providers
+    if args.full or args.traffic:
+        args.modes = args.modes or list(MODES)
+        return
+    if args.ops is None:
+        args.ops = list(registry.OPS) + ["train_step"]
+        if device == "cpu" and args.providers == list(PROVIDERS):
+            args.e2e_providers = ["fused", "eager"]
+    args.modes = args.modes or ["fwd+bwd"]
+    if args.shapes is None and not args.sweep:
+        args.shapes = list(QUICK_SHAPES[device])
+    if args.dtypes is None:
+        args.dtypes = [str(d).replace("torch.", "") for d in QUICK_DTYPES[device]]
 
 
 def all_ops() -> list[str]:
@@ -127,7 +157,8 @@ def run_rows(args, ops, shapes, dtypes, device, ceil) -> tuple[list[dict], list[
     op_rows = list(run(kernel_ops, shapes, args.modes, args.providers, dtypes, device,
                        progress=not args.no_progress)) if kernel_ops else []
     e2e_ops = [o for o in E2E_OPS if o in ops]
-    e2e_rows = list(run_e2e(shapes or E2E_DEFAULT[device], device, args.providers, ops=e2e_ops)) if e2e_ops else []
+    e2e_rows = list(run_e2e(shapes or E2E_DEFAULT[device], device, getattr(args, "e2e_providers", args.providers),
+                            ops=e2e_ops)) if e2e_ops else []
     rows = add_fractions(speedups(op_rows + e2e_rows), ceil)
     print(format_table(rows))
     return rows, kernel_ops

@@ -21,12 +21,13 @@
 #   compile    40 s  the same ViTMAE step under torch.compile (unpatched)        (appended)
 #
 # STAGES="tests unif" (say) runs only those stages, TEST_ARGS="tests/test_x.py -k cuda" other tests.
-# Without a GPU (or with --dry-run) the same stages run at tiny sizes on CPU, about 2 minutes on 2
+# Without a GPU (or with --dry-run) the same stages run at tiny sizes on CPU, about a minute on 2
 # cores (CI runs it: tests/test_gpu_check.py): the extension is rebuilt only if csrc/ changed, the
 # tests are a CPU subset, compute-sanitizer is reported skipped, the ops run one mode, fused and
-# eager, and the compile stage compiles two ops (one C++, one Triton; compile and fused+compile)
-# instead of a model (Inductor's CPU compile of a model takes minutes here). A dry run has no time boxes: the boxes are sized for the GPU machine, and a busy CPU would
-# hit them; the test checks each stage's output instead.
+# eager, and the compile stage compiles one op (compile and fused+compile) instead of a model
+# (Inductor's CPU compile of a model takes minutes here). A dry run has no time boxes: the boxes
+# are sized for the GPU machine, and a busy CPU would hit them; the test checks each stage's
+# output instead.
 # After a run, here: copy $OUT into bench/results/<gpu>/<date>/ and run `umae report`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,10 +45,10 @@ $PY -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || DRY=1
 if [ $DRY = 1 ]; then
   # tiny sizes; the CUDA build is left to setup.py's default (a CPU machine still compiles it)
   OPS_SHAPES="tiny"; UNIF_SHAPES="unif_tiny"; E2E_SHAPES="tiny"; MODE="dry run (CPU, tiny sizes)"
-  # one mode, and the compiled providers in the compile stage for one C++ op and one Triton op:
-  # Inductor's CPU compiles are the slow part here (a model's takes minutes on 2 cores)
+  # one mode, and the compiled providers in the compile stage for one op: Inductor's CPU compiles
+  # are the slow part here (a model's takes minutes on 2 cores)
   OPS_MODES="fwd+bwd"; OPS_PROVIDERS="fused eager"
-  COMPILE_ARGS=(--ops patchify uniformity_loss --shapes tiny unif_tiny --providers compile fused+compile)
+  COMPILE_ARGS=(--ops uniformity_loss --shapes unif_tiny --providers compile fused+compile)
   TEST_SEL=(tests/test_patchify.py tests/test_masked_mse.py -k cpu)
 else
   OPS_SHAPES="vit_b16"; UNIF_SHAPES="unif_b16384 unif_b65536 unif_b131072"; E2E_SHAPES="vit_b16"; MODE="GPU"

@@ -34,3 +34,10 @@ def pytest_configure(config):
     # resets warning filters per test, so say it here too
     config.addinivalue_line("filterwarnings",
                             "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+
+
+def pytest_collection_modifyitems(config, items):
+    # the long tests (the GPU machine's checks, the spawned runs) first: with pytest-xdist a long
+    # test started last keeps one worker busy while the other has nothing left to take
+    first = {"gpucheck": 0, "dist": 1}
+    items.sort(key=lambda item: min([first.get(m.name, 2) for m in item.iter_markers()] + [2]))

@@ -47,7 +47,7 @@ def test_check_fails_on_a_wrong_forward_and_names_the_row(tmp_path, capsys):
         return out
 
     with _cpu_kernel("patchify", wrong):
-        rc = main(["check", "--ops", "patchify", "--dtypes", "float32", "--no-opcheck",
+        rc = main(["check", "--ops", "patchify", "--impls", "cpp-cpu", "--dtypes", "float32", "--no-opcheck",
                    "--junit", str(tmp_path / "j.xml")])
     out = capsys.readouterr().out
     assert rc == 1
@@ -74,7 +74,7 @@ def test_check_fails_on_a_gradient_off_by_a_few_percent(capsys, factor):
         return (gram.pow(2).sum() / f.shape[0] ** 2).float(), (df * factor).to(features.dtype)
 
     with _cpu_kernel("uniformity_loss_with_grad", wrong):
-        rc = main(["check", "--ops", "uniformity_loss", "--dtypes", "float32", "--no-opcheck"])
+        rc = main(["check", "--ops", "uniformity_loss", "--impls", "cpp-cpu", "--dtypes", "float32", "--no-opcheck"])
     out = capsys.readouterr().out
     assert rc == (factor != 1.0)
     rows = {tuple(line.split()[:5]): line for line in out.splitlines() if line.startswith("uniformity_loss")}

@@ -28,6 +28,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="default: cpu, and cuda when a GPU is visible")
     p.add_argument("--ops", nargs="+", choices=list(registry.OPS), metavar="OP",
                    help=f"default: all ({', '.join(registry.OPS)})")
+    p.add_argument("--impls", nargs="+", choices=sorted({i.name for op in registry.OPS.values() for i in op.impls}),
+                   metavar="IMPL", help="default: every implementation of each op on each device")
     p.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, help="default: every dtype each implementation takes")
     p.add_argument("--junit", metavar="FILE", help="also write the rows as JUnit XML (for CI systems)")
     p.add_argument("--no-opcheck", action="store_true", help="leave out torch.library.opcheck")
@@ -49,6 +51,8 @@ def main(args) -> int:
     for op in (registry.get(n) for n in (args.ops or registry.OPS)):
         for device in devices:
             for impl in op.impls_for(device):
+                if args.impls and impl.name not in args.impls:
+                    continue
                 ok, why = _backend._runnable(op, impl)
                 if not ok:
                     rows.append(dict(op=op.name, device=device, impl=impl.name, dtype="-", check="-", ratio=None,

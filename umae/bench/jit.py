@@ -96,38 +96,42 @@ def _fwd_bwd(out, inputs):
     torch.autograd.grad(outs, inputs, [torch.ones_like(t) for t in outs], allow_unused=True)
 
 
-def collect_launches(op_name: str, shapes=None, models=None):
-    """Every launch of op `op_name`'s Triton kernels at: its benchmark cases (the registry's bench
-    shape sets, fp32/bf16/fp16, forward and backward, and forward without grad), its test token
-    shapes (contiguous and strided x), and one training step of each umae model (their real
-    strides, under bf16 autocast)."""
+def collect_launches(op_names, shapes=None, models=None):
+    """Every launch of the Triton kernels of op `op_names` (a name or a list: one pass records
+    them all) at: their benchmark cases (the registry's bench shape sets, fp32/bf16/fp16, forward
+    and backward, and forward without grad), their test token shapes (contiguous and strided x),
+    and one training step of each umae model (their real strides, under bf16 autocast)."""
     import timm
 
     from .. import models as _registers  # noqa: F401  (registers the models with timm)
     from .. import registry
     from . import cases
 
-    op = registry.get(op_name)
-    mine = kernels_of(op.kernels)
-    # the model runs every op: all Triton kernels are intercepted, this op's are kept
+    names = [op_names] if isinstance(op_names, str) else list(op_names)
+    chosen = [registry.get(n) for n in names]
+    mine = {f for op in chosen for f in kernels_of(op.kernels)}
+    # the model runs every op: all Triton kernels are intercepted, the chosen ops' are kept
     fns = [f for o in registry.OPS.values() if o.kernels for f in kernels_of(o.kernels)]
     shapes = cases.SHAPES if shapes is None else shapes
     # every model but large and huge (their widths are the vit_l16 bench shapes'; CPU time)
     models = [m for m in timm.list_models("umae_*") if "large" not in m and "huge" not in m] if models is None else models
     with recording(fns) as launches, triton_on_cpu():
-        for name, s in shapes.items():
-            for dt in (torch.float32, torch.bfloat16, torch.float16):
-                try:
-                    c = cases.case(op_name, s, dt, "cpu")
-                except cases.NotApplicable:
-                    continue
-                _fwd_bwd(c.forward(), c.grad_inputs)
-                with torch.no_grad():  # inference launches (uniformity: no Gram kept for a backward)
-                    c.forward()
-        for L, D in op.token_shapes:
-            _token_launches(L, D)  # both token ops run; this op's launches are kept
+        for op in chosen:
+            for name, s in shapes.items():
+                for dt in (torch.float32, torch.bfloat16, torch.float16):
+                    try:
+                        c = cases.case(op.name, s, dt, "cpu")
+                    except cases.NotApplicable:
+                        continue
+                    _fwd_bwd(c.forward(), c.grad_inputs)
+                    with torch.no_grad():  # inference launches (uniformity: no Gram kept for a backward)
+                        c.forward()
+        for L, D in sorted({s for op in chosen for s in op.token_shapes}):
+            _token_launches(L, D)  # both token ops run; the chosen ops' launches are kept
         for m in models:
-            model = timm.create_model(m, fused=True)
+            # one encoder and one decoder block: the glue ops' launches depend on the widths, the
+            # token counts and the strides, not on the depth (a ViT-B step on CPU takes seconds)
+            model = timm.create_model(m, fused=True, depth=1, decoder_depth=1)
             x = torch.randn(2, 3, model.img_size, model.img_size)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(x).loss

@@ -23,10 +23,11 @@ if [ $COMPAT = 1 ]; then
   bash scripts/compat.sh --setup-only > .compat/setup.log 2>&1 &
   compat_setup=$!
 fi
-# With the compat run, the CUDA sources compile there, against the GPU machine's torch (the compile
-# check that protects a lease); the main stack then builds its CPU sources only (the CUDA tests of
-# this build skip), which setup.sh alone, the main job's set-up, does not do.
-if [ $COMPAT = 1 ] && ! nvidia-smi -L >/dev/null 2>&1; then
+# Without a GPU the CUDA sources compile in the compat build, against the GPU machine's torch (the
+# compile check that protects a lease); the main stack then builds its CPU sources only (the CUDA
+# tests of this build skip), in both tiers, so that they share one build. setup.sh alone, the main
+# job's set-up, builds the CUDA sources too.
+if [ "${UMAE_SKIP_COMPAT:-0}" != 1 ] && ! nvidia-smi -L >/dev/null 2>&1; then
   export UMAE_NO_CUDA=1
 fi
 bash scripts/setup.sh

@@ -17,10 +17,11 @@ if __name__ == "kernels":
     import importlib.machinery as _machinery
     import importlib.util as _util
 
-    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
+    # by real path: the repo root may stand on sys.path under several spellings (a symlink)
     _spec = _machinery.PathFinder.find_spec(
-        "kernels", [p for p in _sys.path if _os.path.abspath(p or ".") != _root])
-    if _spec is not None:
+        "kernels", [p for p in _sys.path if _os.path.realpath(p or ".") != _root])
+    if _spec is not None and _spec.origin and _os.path.realpath(_spec.origin) != _os.path.realpath(__file__):
         _real = _util.module_from_spec(_spec)
         _sys.modules["kernels"] = _real  # the import statement returns what sys.modules holds
         _spec.loader.exec_module(_real)

@@ -99,7 +99,7 @@ if want tests; then
 stage tests
 # every tier of the selected tests (-m ""); a per-test box only on the GPU machine
 per_test=(--timeout 60); [ $DRY = 1 ] && per_test=()
-box 100 $PY -m pytest "${TEST_SEL[@]}" -m "" -q -p no:cacheprovider -rfE "${per_test[@]}" \
+box 100 $PY -m pytest -m "" "${TEST_SEL[@]}" -q -p no:cacheprovider -rfE "${per_test[@]}" \
   --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1 || fail "tests (rc $?)"
 tail -15 "$OUT/tests.log"
 fi

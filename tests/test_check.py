@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
+import umae
 from umae import registry
 from umae.cli.main import main
 from umae.patchify_op import patchify_reference
@@ -88,3 +89,29 @@ def test_check_refuses_a_device_it_does_not_have(capsys):
         pytest.skip("this machine has a GPU")
     assert main(["check", "--device", "cuda"]) == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_check_fails_on_a_zero_loss_gradient_in_every_dtype(capsys, dtype):
+    # a mean's gradient is small (1 / the removed pixels): compared at a tolerance of absolute size
+    # it could be 0 and pass; the check compares it relative to its own size
+    def zero(grad_rows, pred, target, patch_size, norm_pix, eps):
+        return torch.zeros_like(pred)
+
+    with _cpu_kernel("patch_mse_backward", zero):
+        rc = main(["check", "--ops", "mae_loss", "--impls", "cpp-cpu", "--dtypes", dtype, "--no-opcheck"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    rows = {tuple(line.split()[:5]): line for line in out.splitlines() if line.startswith("mae_loss")}
+    assert "pass" in rows[("mae_loss", "cpu", "cpp-cpu", dtype, "forward")], out
+    assert "FAIL" in rows[("mae_loss", "cpu", "cpp-cpu", dtype, "backward")], out
+
+
+def test_check_fails_when_nothing_fused_ran(capsys, monkeypatch):
+    # UMAE_BACKEND=reference in the environment does not make the check compare the reference with
+    # itself; with no implementation to compare (--impls of another device) it exits 1, not 0
+    with umae.use_backend("reference"):
+        assert main(["check", "--ops", "patchify", "--dtypes", "float32", "--no-opcheck"]) == 0
+    assert "cpp-cpu" in capsys.readouterr().out
+    assert main(["check", "--ops", "patchify", "--impls", "triton", "--no-opcheck"]) == 1
+    assert "nothing passed" in capsys.readouterr().err

@@ -28,7 +28,11 @@ def _check(fused_fn, ref_fn, pred, dtype):
     g = torch.autograd.grad(loss, pred)[0]
     gr = torch.autograd.grad(ref, pred)[0]
     assert g.dtype == dtype
-    assert_close(g, gr, name="grad pred", **TOL[dtype])
+    # relative to the gradient's own size: a mean's gradient is ~1 / the removed pixels, where a
+    # tolerance of absolute size would pass a zero gradient in bf16 (umae/_tolerance.py: Parity)
+    scale = gr.float().abs().max()
+    assert scale > 0
+    assert_close(g.float() / scale, gr.float() / scale, name="grad pred / max|grad|", **TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)

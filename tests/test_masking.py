@@ -2,8 +2,8 @@
 kernels, interpreted on CPU, native on CUDA) vs the references."""
 import pytest
 import torch
-from utils import (DTYPES, TOL, assert_close, assert_rounding_matters, assert_runs, cpu_impls, cuda_only, fused_impls, randn,
-                   sampled)
+from utils import (DTYPES, TOL, assert_close, assert_rounding_matters, assert_runs, cpu_impls, cuda_only, fused_impls,
+                   randn, sampled)
 
 from umae import _backend, registry
 
@@ -204,7 +204,8 @@ def test_compile_fullgraph(impl):
     out.backward()
 
 
-@pytest.mark.parametrize("check", [torch.autograd.gradcheck, pytest.param(torch.autograd.gradgradcheck, marks=pytest.mark.slow)],
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck,
+                                   pytest.param(torch.autograd.gradgradcheck, marks=pytest.mark.slow)],
                          ids=lambda c: c.__name__)
 @pytest.mark.parametrize("impl", [p for p in CPU_IMPLS if p.values[0] == "cpp-cpu"])
 def test_gradcheck_float64_cpp(impl, check):

@@ -30,10 +30,22 @@ def test_sampled_grid_quick_covers_every_key_and_value_and_full_crosses():
     assert {v[:3] for v in quick} == set(itertools.product(("cpu",), ("cpp", "tri"), ("f32", "bf16", "f16")))
     assert {v[3:5] for v in quick} == {(1, 16), (7, 1000), (255, 16), (300, 257)}
     assert len(quick) == 6
-    # each implementation x dtype meets every flag combination in the full run
+    # each implementation x dtype, and each shape, meets every flag combination in the full run
+    flags = set(itertools.product((False, True), (True, False)))
     for key in itertools.product(("cpu",), ("cpp", "tri"), ("f32", "bf16", "f16")):
-        assert {v[5:] for v in (r for r, _ in rows) if v[:3] == key} == set(itertools.product((False, True),
-                                                                                              (True, False)))
+        assert {v[5:] for v, _ in rows if v[:3] == key} == flags, key
+    for shape in ((1, 16), (7, 1000), (255, 16), (300, 257)):
+        assert {v[5:] for v, _ in rows if v[3:5] == shape} == flags, shape
+
+
+def test_sampled_grid_pairs_every_flag_with_every_shape_when_counts_share_a_factor():
+    # 6 shapes, 2 flag values: a pairing by row index alone gave each shape one value for ever
+    mark = sampled(key={"impl": ["a", "b", "c", "d", "e", "f"], "dtype": ["f32", "bf16", "f16"]},
+                   crossed={"L": [49, 196, 197, 256, 1024, 37]}, paired={"has_cls": [True, False]})
+    rows = _rows(mark)
+    for L in (49, 196, 197, 256, 1024, 37):
+        assert {v[3] for v, _ in rows if v[2] == L} == {True, False}, L
+    assert sampled(key={"impl": []}, crossed={"L": [1]}).args[1] == []  # no implementation: nothing, no error
 
 
 def test_the_default_run_is_the_quick_tier():

@@ -41,9 +41,12 @@ MATMUL_TOL = {torch.float64: TOL[torch.float64], torch.float32: _tol(2 ** 12 * U
 @dataclasses.dataclass(frozen=True)
 class Parity:
     """How an op's fused outputs and gradients compare with its reference's: the tolerance table
-    (by input dtype) of its floating outputs and of its gradients; `grad_scaled`: the gradient is
-    compared relative to its largest element (a matrix product's sums: its error scales with the
-    whole row, not the element). Integer outputs (masks, ids) always compare bitwise."""
+    (by input dtype) of its floating outputs and of its gradients. `out_scaled` / `grad_scaled`:
+    compared relative to the reference's largest element, not to 1 (a loss and its gradient are a
+    mean: their size is set by the batch, and a tolerance with atol ~ rtol would let a small one
+    be wrong by 100%; a matrix product's error scales with the whole row, not the element).
+    Integer outputs (masks, ids) always compare bitwise."""
     out: dict
     grad: dict
+    out_scaled: bool = False
     grad_scaled: bool = False

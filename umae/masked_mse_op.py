@@ -167,6 +167,7 @@ def bench_masked_mse_loss(s, dtype, device):
 
 MASKED_MSE_LOSS = Op("masked_mse_loss", "umae::patch_mse", masked_mse_loss, masked_mse_loss_reference,
                      masked_mse_loss_fused, CPP_CUDA_NO_FP64, bench_masked_mse_loss, tests="tests/test_masked_mse.py",
-                     parity=Parity(LOSS_TOL, TOL))
+                     parity=Parity(LOSS_TOL, TOL, out_scaled=True, grad_scaled=True))
 MAE_LOSS = Op("mae_loss", "umae::patch_mse", mae_loss, mae_loss_reference, mae_loss_fused, CPP_CUDA_NO_FP64,
-              bench_mae_loss, tests="tests/test_masked_mse.py", parity=Parity(LOSS_TOL, TOL))
+              bench_mae_loss, tests="tests/test_masked_mse.py",
+              parity=Parity(LOSS_TOL, TOL, out_scaled=True, grad_scaled=True))

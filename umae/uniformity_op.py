@@ -296,4 +296,4 @@ def bench_uniformity_loss(s, dtype, device):
 UNIFORMITY_LOSS = Op("uniformity_loss", "umae::uniformity_loss", uniformity_loss, uniformity_loss_reference,
                      uniformity_loss_fused, CPP_CPU_TRITON_CUDA, bench_uniformity_loss, tests="tests/test_uniformity.py",
                      kernels=KERNELS, triton_kernels=TRITON_KERNELS,
-                     parity=Parity(MATMUL_TOL, MATMUL_TOL, grad_scaled=True))
+                     parity=Parity(MATMUL_TOL, MATMUL_TOL, out_scaled=True, grad_scaled=True))

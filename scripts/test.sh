@@ -39,9 +39,9 @@ if [ $QUICK = 1 ]; then
 elif [ $COMPAT = 1 ]; then
   sel+=(--deselect tests/test_triton_compile.py::test_kernels_compile_for_sm90)
 fi
-# a compiled-kernel cache of this stack's own (see scripts/compat.sh: another torch's kernels crash)
 # a failing main suite still lets the compat set-up finish and its suite run (both results, one status)
 rc=0
+# a compiled-kernel cache of this stack's own (see scripts/compat.sh: another torch's kernels crash)
 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.venv/torchinductor} \
   .venv/bin/python -m pytest tests -q -p no:cacheprovider "${sel[@]}" -n "${UMAE_TEST_WORKERS:-2}" \
   --dist worksteal --durations=15 "$@" || rc=$?

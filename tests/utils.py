@@ -145,9 +145,8 @@ def sampled(key: dict, crossed: dict, paired: dict = None):
     paired combination (k + c) mod their count, so each key combination meets every paired
     combination once there are as many crossed combinations as paired ones, and each crossed
     combination does once there are as many key combinations (paired sampling: each value
-    covered, not crossed again). The quick tier
-    runs one row per key combination, cycling through the crossed values so each is in it; the
-    other rows are marked `slow`."""
+    covered, not crossed again). The quick tier runs one row per key combination, cycling
+    through the crossed values so each is in it; the other rows are marked `slow`."""
     import itertools
 
     paired = paired or {}

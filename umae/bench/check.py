@@ -10,6 +10,7 @@ random values, the same for the fused and the reference call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -135,7 +136,7 @@ def compare(op, dtype, device, record=False):
     else:
         raise NotApplicable(f"{op.name}: no check shape describes its inputs")
     calls: list = []
-    with _backend.use_backend("fused"), (_Recorder(calls) if record else _nothing()):
+    with _backend.use_backend("fused"), (_Recorder(calls) if record else contextlib.nullcontext()):
         got = _outputs(case.forward())
     with _backend.use_backend("reference"):
         ref = _outputs(case.forward())
@@ -187,14 +188,6 @@ def _ratio(a, b, tol: dict, scaled: bool = False) -> float:
     bound = tol["atol"] + tol["rtol"] * b.abs()
     r = torch.where(diff == 0, torch.zeros_like(diff), diff / bound)
     return r.max().item()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _Recorder(calls: list):

@@ -85,7 +85,7 @@ def quick(args, device: str) -> None:
     from .timing import MODES, PROVIDERS
 
     args.e2e_providers = args.providers
-    if args.full or args.traffic:
+    if args.full:
         args.modes = args.modes or list(MODES)
         return
     if args.ops is None:
@@ -157,8 +157,7 @@ def run_rows(args, ops, shapes, dtypes, device, ceil) -> tuple[list[dict], list[
     op_rows = list(run(kernel_ops, shapes, args.modes, args.providers, dtypes, device,
                        progress=not args.no_progress)) if kernel_ops else []
     e2e_ops = [o for o in E2E_OPS if o in ops]
-    e2e_rows = list(run_e2e(shapes or E2E_DEFAULT[device], device, getattr(args, "e2e_providers", args.providers),
-                            ops=e2e_ops)) if e2e_ops else []
+    e2e_rows = list(run_e2e(shapes or E2E_DEFAULT[device], device, args.e2e_providers, ops=e2e_ops)) if e2e_ops else []
     rows = add_fractions(speedups(op_rows + e2e_rows), ceil)
     print(format_table(rows))
     return rows, kernel_ops

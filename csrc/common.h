@@ -3,6 +3,9 @@
 // (csrc/cpu/patch_strip.h; the CUDA strips have theirs in csrc/cuda/patch_strip.cuh).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 
 namespace umae {
 
@@ -17,6 +20,21 @@ inline ImageIndex image_index(const at::Tensor& imgs, int64_t p) {
   const int64_t h = imgs.size(2) / p, w = imgs.size(3) / p;
   return ImageIndex{imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3),
                     h * w, w, p, imgs.size(1)};
+}
+
+// The grain of a parallel_for over items of `work` values each: a task gets at least ATen's GRAIN_SIZE
+// values, so a small call runs inline on the caller's thread. Waking the pool costs more than a tiny
+// op's whole work (tens of microseconds on a 2-core machine).
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work, 1));
+}
+
+// One value broadcast (every stride 0, as the backward of a sum or mean gives a gradient).
+inline bool broadcast_value(const at::Tensor& t) {
+  if (t.numel() == 0) return false;
+  for (const int64_t s : t.strides())
+    if (s != 0) return false;
+  return true;
 }
 
 inline bool is_float_type(at::ScalarType t) {
@@ -74,6 +92,15 @@ inline void check_patch_mse_args(const at::Tensor& pred, const at::Tensor& targe
   TORCH_CHECK(!norm_pix || pred.size(2) >= 2,
               "patch_mse: norm_pix needs at least 2 values per patch (unbiased variance), got K=",
               pred.size(2));
+}
+
+// mask (N, L) of pred, floating or bool (1 = removed), on pred's device.
+inline void check_patch_mask(const at::Tensor& mask, const at::Tensor& pred) {
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == pred.size(0) && mask.size(1) == pred.size(1),
+              "patch_mse: mask must be (N, L) = (", pred.size(0), ", ", pred.size(1), "), got ", mask.sizes());
+  TORCH_CHECK(is_float_type(mask.scalar_type()) || mask.scalar_type() == at::kBool,
+              "patch_mse: mask must be a floating or bool tensor, got ", mask.scalar_type());
+  check_same_device(pred, mask, "patch_mse", "mask");
 }
 
 }  // namespace umae

@@ -3,7 +3,7 @@
 # It uses that machine's python3 and packages (nothing installed: no registry there), builds in
 # place without pip, and writes under $OUT (default out/gpu) as each stage ends, so a stop at
 # any point still returns what was done. Every stage runs under its own `timeout`; the boxes
-# add up to 460 s, inside the 8 minutes a first call may take (540 s limit, start-up apart).
+# add up to 490 s, inside the 540 s limit of a call (start-up apart).
 #
 #   stage     box    what                                                       -> $OUT/
 #   env        15 s  nvidia-smi, clocks, versions, pip list, the tree's hash    env.txt
@@ -19,6 +19,9 @@
 #   train      50 s  training step, bf16 autocast, ViT-B/16 batch 64: umae U-MAE (lamb 0.01),   (appended)
 #                    umae MAE, transformers ViTMAEForPreTraining patched vs not; img/s, MFU, peak MB
 #   compile    40 s  the same ViTMAE step under torch.compile (unpatched)        (appended)
+#   host       30 s  host time per call, each op at tiny sizes, fwd and fwd+bwd, fused vs      host.json (+ bench.log)
+#                    reference vs one aten op, the GPU held behind a sleep kernel; a training step of
+#                    the smallest model (umae bench --host)
 #
 # STAGES="tests unif" (say) runs only those stages, TEST_ARGS="tests/test_x.py -k cuda" other tests.
 # Without a GPU (or with --dry-run) the same stages run at tiny sizes on CPU, about a minute on 2
@@ -57,7 +60,7 @@ else
   TEST_SEL=(tests -k cuda)
 fi
 # STAGES="build tests ..." runs those alone (env always runs): a second call within a lease
-STAGES=${STAGES:-build tests sanitize ops unif train compile}
+STAGES=${STAGES:-build tests sanitize ops unif train compile host}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 [ -n "${TEST_ARGS:-}" ] && read -r -a TEST_SEL <<< "$TEST_ARGS"
 status=0
@@ -132,7 +135,8 @@ bench() {  # bench <stage> <box s> <args...>: time-boxed, its rows appended to $
   echo "=== $name: umae bench $*" >> "$OUT/bench.log"
   box "$box" $PY -m umae.cli.main bench --no-progress --append --out "$OUT" "$@" > /tmp/umae_bench_$name.log 2>&1 \
     || fail "bench $name (rc $?)"
-  rm -f "$OUT"/*.png  # the charts: 8 files at most come back, and results.json holds their numbers
+  # the charts and the csv: 8 files at most come back, and results.json holds their numbers
+  rm -f "$OUT"/*.png "$OUT"/results.csv
   grep -vE "^  [a-z_]+ +(cpu|cuda) |^backend =|^wrote " /tmp/umae_bench_$name.log | tee -a "$OUT/bench.log" | tail -40
 }
 bench ops 80 --ops patchify unpatchify masked_mse_loss mae_loss random_masking restore_tokens uniformity_loss \
@@ -142,5 +146,11 @@ bench unif 45 --ops uniformity_loss --shapes $UNIF_SHAPES --dtypes bfloat16 --mo
   --providers fused eager
 bench train 50 --ops train_step mae_train_step hf_train_step --shapes $E2E_SHAPES --providers fused eager
 bench compile 40 "${COMPILE_ARGS[@]}"
+if want host; then
+stage host
+echo "=== host: umae bench --host" >> "$OUT/bench.log"
+box 30 $PY -m umae.cli.main bench --host --out "$OUT" > /tmp/umae_bench_host.log 2>&1 || fail "bench host (rc $?)"
+grep -v "^wrote " /tmp/umae_bench_host.log | tee -a "$OUT/bench.log" | tail -12
+fi
 stage "done (status $status)"
 exit $status

@@ -89,7 +89,7 @@ def test_cuda_sources_compiled_for_sm90():
     # (no GPU needed), so on our CPU machines this is the compile check of the CUDA kernels.
     if os.environ.get("UMAE_NO_CUDA") == "1":
         pytest.skip("UMAE_NO_CUDA=1 build")
-    for op in ("patchify", "unpatchify", "patch_mse", "patch_mse_backward"):
+    for op in ("patchify", "unpatchify", "patch_mse", "patch_mse_with_rows", "patch_mse_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"umae::{op}", "CUDA"), f"no CUDA kernel for {op}"
     (so,) = glob.glob(os.path.join(os.path.dirname(umae.__file__), "_C*.so"))
     blob = open(so, "rb").read()
@@ -242,7 +242,8 @@ def test_model_fused_false_runs_only_references():
     m.fused = True
     with _UmaeOps() as rec:
         m(torch.randn(2, 3, 32, 32)).loss.backward()
-    assert {name for name, _ in rec.ran} >= {"umae::patch_mse", "umae::patch_mse_backward"}
+    # below the C++ autograd: the loss's kernel with the rows it saves, and its backward
+    assert {name for name, _ in rec.ran} >= {"umae::patch_mse_with_rows", "umae::patch_mse_backward"}
 
 
 def test_registry_entries_are_complete():

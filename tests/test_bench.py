@@ -208,3 +208,33 @@ def test_bench_defaults_quick_and_full():
     a = build_parser().parse_args(["bench", "--ops", "patchify", "--modes", "fwd", "--shapes", "cpu_large"])
     command.quick(a, "cpu")  # what a flag names is run as named
     assert a.ops == ["patchify"] and a.modes == ["fwd"] and a.shapes == ["cpu_large"]
+
+
+def test_host_view_rows_and_verdicts(tmp_path, capsys):
+    # the numbers are not checked (speed is claimed from benchmarks only): the rows, the ratios, the file
+    from umae.bench import host
+    from umae.cli.main import main
+
+    rows = host.op_rows(["patchify", "random_masking"], "cpu", n=3, rounds=3)
+    assert [r["op"] for r in rows] == ["patchify", "random_masking"]
+    for r in rows:
+        assert r["impl"] == "cpp-cpu"
+        assert all(r[m][p] > 0 for m in host.MODES for p in ("fused", "reference", "unit"))
+    step = host.step_row("cpu", n=1, rounds=1)
+    assert step["step"]["fused"] > 0 and step["step"]["reference"] > 0
+    table = host.format_rows(rows, step)
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3 and "training step" in table
+    # a verdict can fail: each target on its own
+    t = lambda f, r, u: dict(fused=f, reference=r, unit=u)  # noqa: E731
+    ok = dict(op="x", impl="cpp-cpu", **{"fwd": t(4, 10, 2), "fwd+bwd": t(10, 10, 10)})
+    assert all(v[2] for v in host.verdicts(ok).values())
+    slow_fwd = dict(ok, fwd=t(6, 10, 2))  # more than half the reference
+    assert [m for m, v in host.verdicts(slow_fwd).items() if not v[2]] == ["fwd"]
+    many_units = dict(ok, **{"fwd+bwd": t(14, 20, 10)})  # 1.4 units
+    assert [m for m, v in host.verdicts(many_units).items() if not v[2]] == ["fwd+bwd"]
+    assert "missed: fwd+bwd" in host.format_rows([many_units])
+    capsys.readouterr()
+    assert main(["bench", "--host", "--device", "cpu", "--ops", "uniformity_loss", "--out", str(tmp_path)]) == 0
+    saved = json.load(open(tmp_path / "host.json"))
+    assert [r["op"] for r in saved["rows"]] == ["uniformity_loss"] and saved["step"] is None
+    assert "| uniformity_loss | cpp-cpu |" in capsys.readouterr().out

@@ -95,7 +95,7 @@ def test_check_refuses_a_device_it_does_not_have(capsys):
 def test_check_fails_on_a_zero_loss_gradient_in_every_dtype(capsys, dtype):
     # a mean's gradient is small (1 / the removed pixels): compared at a tolerance of absolute size
     # it could be 0 and pass; the check compares it relative to its own size
-    def zero(grad_rows, pred, target, patch_size, norm_pix, eps):
+    def zero(grad, mask, pred, target, patch_size, norm_pix, eps):
         return torch.zeros_like(pred)
 
     with _cpu_kernel("patch_mse_backward", zero):

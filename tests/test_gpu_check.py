@@ -8,10 +8,12 @@ import sys
 
 import pytest
 import torch
+
+import umae
 from utils import HANG_GUARD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["env", "build", "tests", "sanitize", "ops", "unif", "train", "compile", "done (status 0)"]
+STAGES = ["env", "build", "tests", "sanitize", "ops", "unif", "train", "compile", "host", "done (status 0)"]
 
 
 @pytest.mark.gpucheck
@@ -29,7 +31,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "!!" not in r.stdout, log[-4000:]
     files = set(os.listdir(tmp_path))
     assert {"env.txt", "build.log", "tests.log", "junit.xml", "sanitizer.log", "bench.log", "results.json",
-            "results.csv"} <= files and len(files) <= 8, files  # the device tool returns 8 files at most
+            "host.json"} <= files and len(files) <= 8, files  # the device tool returns 8 files at most
     assert "tree: " in open(tmp_path / "env.txt").read()
     rows = json.load(open(tmp_path / "results.json"))["rows"]
     timed = {(r["op"], r["shape"], r["provider"]) for r in rows if "ms" in r}
@@ -46,3 +48,6 @@ def test_gpu_check_dry_run(tmp_path):
     assert ("uniformity_loss", "unif_tiny", "eager") in timed
     steps = [r for r in rows if r.get("mode") == "step" and "ms" in r]
     assert all(r["img_per_s"] > 0 and r["step_flops"] > 0 for r in steps), steps
+    host = json.load(open(tmp_path / "host.json"))
+    assert [r["op"] for r in host["rows"]] == list(umae.registry.OPS) and host["step"]["step"]["fused"] > 0
+    assert "| uniformity_loss |" in open(tmp_path / "bench.log").read()

@@ -90,7 +90,7 @@ def test_decoder_pred_view_is_read_in_place(device, dtype):
     pred = full[:, 1:, :]
     assert not pred.is_contiguous()
     with torch.profiler.profile() as prof:
-        torch.ops.umae.patch_mse(pred.detach(), imgs, p, True, NORM_PIX_EPS)
+        torch.ops.umae.patch_mse(pred.detach(), imgs, mask, p, True, NORM_PIX_EPS)
     copies = [e.name for e in prof.events() if e.name in ("aten::contiguous", "aten::clone", "aten::copy_")]
     assert not copies, copies
     _check(lambda x: umae.mae_loss(x[:, 1:, :], imgs, mask, p), lambda x: mae_loss_reference(x[:, 1:, :], imgs, mask, p),
@@ -112,8 +112,10 @@ def test_gradcheck_float64(norm_pix):
 def test_opcheck(device):
     pred = randn(3, 6, 48, device=device, requires_grad=True)
     imgs = randn(3, 3, 12, 8, device=device)
-    torch.library.opcheck(torch.ops.umae.patch_mse.default, (pred, imgs, 4, True, NORM_PIX_EPS))
-    torch.library.opcheck(torch.ops.umae.patch_mse.default, (pred, patchify_reference(imgs, 4), 0, False, NORM_PIX_EPS))
+    mask = random_mask(3, 6, device=device)
+    torch.library.opcheck(torch.ops.umae.patch_mse.default, (pred, imgs, mask, 4, True, NORM_PIX_EPS))
+    torch.library.opcheck(torch.ops.umae.patch_mse.default,
+                          (pred, patchify_reference(imgs, 4), mask, 0, False, NORM_PIX_EPS))
 
 
 def test_no_removed_patch_gives_zero_and_zero_grad():

@@ -169,6 +169,21 @@ def implementation(spec: Op, *tensors, backend: str | None = None) -> str:
     return choose(spec, first.device.type, dtypes, backend)[0]
 
 
+# (op, backend argument, global backend, preferred implementation, device type, the tensors' dtypes) ->
+# whether the fused function runs: `choose` walks the registry, which costs more than a small op's
+# kernel; the answer changes only with what the key holds (set_backend and prefer change the key).
+_decided: dict = {}
+
+
 def fused(spec: Op, tensors: tuple, backend: str | None) -> bool:
-    """Whether a call of op `spec` on `tensors` runs its fused function (else its reference)."""
-    return implementation(spec, *tensors, backend=backend) != "reference"
+    """Whether a call of op `spec` on `tensors` (the first one not None; None for an absent optional
+    tensor) runs its fused function (else its reference)."""
+    x = tensors[0]
+    dev = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None
+    if dev is None or torch.compiler.is_compiling():  # a trace reads the registry itself, not this cache
+        return implementation(spec, *tensors, backend=backend) != "reference"
+    key = (spec.name, backend, _backend, _preferred, dev, *[t.dtype if t is not None else None for t in tensors])
+    hit = _decided.get(key)
+    if hit is None:
+        hit = _decided[key] = implementation(spec, *tensors, backend=backend) != "reference"
+    return hit

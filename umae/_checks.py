@@ -11,27 +11,37 @@ from .kernels import promoted as result_dtype  # noqa: F401  (one rule for kerne
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # the floating dtypes umae's ops take
 
 
+# On the way of every call: the checks cost attribute reads when the arguments are right, and build
+# their messages only when they are not.
+_FLOAT_SET = frozenset(FLOATS)
+
+
 def tensor(x, name: str, dims: int | tuple[int, ...] | None = None, floating: bool = True) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if dims is not None:
+    if dims is not None and (x.dim() != dims if type(dims) is int else x.dim() not in dims):
         dims_t = (dims,) if isinstance(dims, int) else dims
-        if x.dim() not in dims_t:
-            raise ValueError(f"{name} must have {' or '.join(map(str, dims_t))} dims, got shape {tuple(x.shape)}")
-    if floating and x.dtype not in FLOATS:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims_t))} dims, got shape {tuple(x.shape)}")
+    if floating and x.dtype not in _FLOAT_SET:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
-def same_device(**tensors) -> None:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    k0, v0 = items[0]
-    for k, v in items[1:]:
-        if v.device != v0.device:
-            raise ValueError(f"{k} is on {v.device} but {k0} is on {v0.device}")
+def same_device(a, a_name: str, b, b_name: str) -> None:
+    """b (skipped when None) on a's device."""
+    if b is None:
+        return
+    if a.is_cpu:
+        same = b.is_cpu
+    elif a.is_cuda:
+        same = b.is_cuda and a.get_device() == b.get_device()
+    else:
+        same = a.device == b.device
+    if not same:
+        raise ValueError(f"{b_name} is on {b.device} but {a_name} is on {a.device}")
 
 
 def shape(x, name: str, expected: tuple, what: str = "") -> None:
-    if tuple(x.shape) != tuple(expected):
+    if x.shape != expected:
         raise ValueError(f"{name} must have shape {tuple(expected)}{' ' + what if what else ''}, got {tuple(x.shape)}")
 
 
@@ -99,6 +109,8 @@ def _is_bool(v) -> bool:
 def as_int(v):
     """v as a Python int if it is an integer (int, numpy integer: operator.index), not a bool (numpy's
     may have __index__) nor a tensor (whose value may live on a GPU); else None."""
+    if type(v) is int:
+        return v
     if _is_bool(v) or isinstance(v, torch.Tensor):
         return None
     try:
@@ -110,6 +122,8 @@ def as_int(v):
 def as_float(v):
     """v as a Python float if it is a real number (int, float, numpy scalar), not a bool nor a tensor;
     else None."""
+    if type(v) is float:
+        return v
     if _is_bool(v) or isinstance(v, torch.Tensor):
         return None
     if isinstance(v, numbers.Real):
@@ -119,6 +133,8 @@ def as_float(v):
 
 def pair(v, name: str) -> tuple[int, int]:
     """image_size: a positive int H or a pair (H, W) of positive ints (numpy integers too)."""
+    if type(v) is int and v > 0:
+        return v, v
     vals = (v, v) if as_int(v) is not None else tuple(v) if isinstance(v, (tuple, list)) else ()
     ints = tuple(as_int(i) for i in vals)
     if len(ints) != 2 or any(i is None for i in ints):
@@ -139,7 +155,7 @@ def patch_size_int(p) -> int:
 def images(imgs: torch.Tensor, p, name: str = "imgs") -> int:
     tensor(imgs, name, dims=4)
     p = patch_size_int(p)
-    H, W = imgs.shape[2:]
+    H, W = imgs.size(2), imgs.size(3)
     if H % p or W % p:
         raise ValueError(f"{name} height and width ({H}, {W}) must be divisible by patch_size {p}")
     return p
@@ -152,4 +168,4 @@ def param(t, name: str, expected: tuple, ref: torch.Tensor) -> None:
         return
     tensor(t, name)
     shape(t, name, expected)
-    same_device(x=ref, **{name: t})
+    same_device(ref, "x", t, name)

@@ -56,15 +56,6 @@ def register_kernels(kernels: dict, key: str, *, for_process: bool = True) -> to
     return lib
 
 
-def register_glue(op: str, fake, backward_fake, backward, setup_context) -> None:
-    """The fake tensors of custom op umae::`op` and of its `<op>_backward`, and the op's autograd
-    (which calls that backward op); nothing without the extension, which defines them."""
-    if EXT_LOADED:
-        torch.library.register_fake(f"umae::{op}")(fake)
-        torch.library.register_fake(f"umae::{op}_backward")(backward_fake)
-        torch.library.register_autograd(f"umae::{op}", backward, setup_context=setup_context)
-
-
 _triton_on_cpu = False  # while use_triton_on_cpu holds
 
 

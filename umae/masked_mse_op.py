@@ -1,11 +1,10 @@
 """MAE's reconstruction loss: the public ops, the references (facebookresearch/mae
-`forward_loss`, math in fp32), the fused functions and the torch.library glue of the C++/CUDA
-per-patch kernels (csrc/cpu/masked_mse.cpp, csrc/cuda/masked_mse.cu), the benchmark cases, the
-registry entries.
+`forward_loss`, math in fp32), the fused functions and the fake tensors of the one custom op
+umae::patch_mse (csrc/cpu/masked_mse.cpp, with its autograd; csrc/cuda/masked_mse.cu), the
+benchmark cases, the registry entries.
 
-The kernels compute the per-patch error (N, L); the masked mean over removed patches
-is a few (N, L)-sized torch ops shared by both paths, so both define the edge cases
-the same way.
+The kernels compute the per-patch error (N, L) and its masked mean over the removed patches, with
+the reference's edge cases: a mask with no removed patch gives 0 (and zero gradient), NaN propagates.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import torch
 from . import _backend, _checks, _library
 from ._tolerance import LOSS_TOL, TOL, Parity
 from ._spec import CPP_CUDA_NO_FP64, Case, Op, elt, rand, vit_shape
-from ._checks import acc_dtype, first_order_only
+from ._checks import acc_dtype
 from .patchify_op import patchify_reference
 
 NORM_PIX_EPS = 1e-6  # MAE's; the kernels take it as an argument
@@ -26,11 +25,12 @@ def _check_loss_args(pred, target, mask, target_name: str, expected_target_shape
     _checks.tensor(mask, "mask", dims=2, floating=False)
     if not (mask.dtype.is_floating_point or mask.dtype == torch.bool):
         raise TypeError(f"mask must be a floating or bool tensor (1 = removed), got {mask.dtype}")
-    _checks.same_device(pred=pred, **{target_name: target}, mask=mask)
+    _checks.same_device(pred, "pred", target, target_name)
+    _checks.same_device(pred, "pred", mask, "mask")
     _checks.nonempty_batch(pred, "pred")
     if expected_target_shape is not None:
         _checks.shape(target, target_name, expected_target_shape, "(the shape of pred)")
-    _checks.shape(mask, "mask", pred.shape[:2], "(N, L of pred)")
+    _checks.shape(mask, "mask", (pred.size(0), pred.size(1)), "(N, L of pred)")
     if (pred.dtype == torch.float64) != (target.dtype == torch.float64):
         raise TypeError(f"pred ({pred.dtype}) and {target_name} ({target.dtype}): float64 goes with float64 only")
 
@@ -50,9 +50,9 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     NaN in pred or target propagates to the loss, as in the reference.
     """
     _check_loss_args(pred, target, mask, "target", pred.shape)
-    _check_norm_pix(norm_pix, pred.shape[2])
+    _check_norm_pix(norm_pix, pred.size(2))
     if _backend.fused(MASKED_MSE_LOSS, (pred, target), backend):
-        return masked_mse_loss_fused(pred, target, mask, norm_pix=norm_pix)
+        return masked_mse_loss_fused(pred, target, mask, norm_pix)
     return masked_mse_loss_reference(pred, target, mask, norm_pix=norm_pix)
 
 
@@ -66,9 +66,9 @@ def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_s
     if pred.shape != (N, (H // p) * (W // p), p * p * C):
         raise ValueError(f"pred must have shape (N, L, p*p*C) = {(N, (H // p) * (W // p), p * p * C)} "
                          f"for imgs {tuple(imgs.shape)} and patch_size {p}, got {tuple(pred.shape)}")
-    _check_norm_pix(norm_pix, pred.shape[2])
+    _check_norm_pix(norm_pix, pred.size(2))
     if _backend.fused(MAE_LOSS, (pred, imgs), backend):
-        return mae_loss_fused(pred, imgs, mask, p, norm_pix=norm_pix)
+        return mae_loss_fused(pred, imgs, mask, p, norm_pix)
     return mae_loss_reference(pred, imgs, mask, p, norm_pix=norm_pix)
 
 
@@ -99,45 +99,33 @@ def mae_loss_reference(pred, imgs, mask, patch_size, norm_pix=True):
     return masked_mean(patch_mse_reference(pred, patchify_reference(imgs, patch_size), norm_pix), mask)
 
 
-def _refuse_target_grad(target: torch.Tensor, name: str) -> None:
-    # MAE's target is data; the fused kernels give no gradient to it, so say so instead of returning None.
-    if target.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{name} requires grad, but the fused loss differentiates pred only; "
-                         f"detach {name} or use umae.use_backend('reference')")
-
-
 def masked_mse_loss_fused(pred, target, mask, norm_pix=True):
-    _refuse_target_grad(target, "target")
-    return masked_mean(torch.ops.umae.patch_mse(pred, target, 0, norm_pix, NORM_PIX_EPS), mask)
+    """umae::patch_mse on a patchified target: the C++ kernel on CPU (csrc/cpu/masked_mse.cpp, with the
+    autograd, which refuses a target that requires grad), the CUDA kernel (csrc/cuda/masked_mse.cu)."""
+    return _PATCH_MSE(pred, target, mask, 0, norm_pix, NORM_PIX_EPS)
 
 
 def mae_loss_fused(pred, imgs, mask, patch_size, norm_pix=True):
-    _refuse_target_grad(imgs, "imgs")
-    return masked_mean(torch.ops.umae.patch_mse(pred, imgs, patch_size, norm_pix, NORM_PIX_EPS), mask)
+    """umae::patch_mse on the images, patchified by the kernel as it reads them."""
+    return _PATCH_MSE(pred, imgs, mask, patch_size, norm_pix, NORM_PIX_EPS)
 
 
+_PATCH_MSE = None
 if _library.EXT_LOADED:
+    _PATCH_MSE = torch.ops.umae.patch_mse.default
 
     @torch.library.register_fake("umae::patch_mse")
-    def _patch_mse_fake(pred, target, patch_size, norm_pix, eps):
-        return pred.new_empty(pred.shape[:2], dtype=acc_dtype(pred.dtype))
+    def _patch_mse_fake(pred, target, mask, patch_size, norm_pix, eps):
+        return pred.new_empty((), dtype=acc_dtype(pred.dtype))
+
+    @torch.library.register_fake("umae::patch_mse_with_rows")
+    def _patch_mse_with_rows_fake(pred, target, mask, patch_size, norm_pix, eps):
+        acc = acc_dtype(pred.dtype)
+        return pred.new_empty((), dtype=acc), pred.new_empty(pred.shape[:2], dtype=acc)
 
     @torch.library.register_fake("umae::patch_mse_backward")
-    def _patch_mse_backward_fake(grad_rows, pred, target, patch_size, norm_pix, eps):
+    def _patch_mse_backward_fake(grad, mask, pred, target, patch_size, norm_pix, eps):
         return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
-
-    def _setup(ctx, inputs, output):
-        pred, target, ctx.patch_size, ctx.norm_pix, ctx.eps = inputs
-        ctx.save_for_backward(pred, target)
-
-    def _backward(ctx, grad_rows):
-        pred, target = ctx.saved_tensors
-        # the kernel's gradient is not differentiable again: a second-order gradient raises (umae/_checks.py)
-        grad = first_order_only("patch_mse (mae_loss, masked_mse_loss)", torch.ops.umae.patch_mse_backward,
-                                grad_rows, pred, target, ctx.patch_size, ctx.norm_pix, ctx.eps)
-        return grad, None, None, None, None
-
-    torch.library.register_autograd("umae::patch_mse", _backward, setup_context=_setup)
 
 
 def _loss_inputs(s, dtype, device):

@@ -1,6 +1,6 @@
 """patchify / unpatchify: the public ops, the references (facebookresearch/mae's, for any C and
-H != W), the fused functions and the torch.library glue (fake tensors, autograd) of the C++/CUDA
-kernels (csrc/cpu/patchify.cpp, csrc/cuda/patchify.cu), the benchmark cases, the registry entries."""
+H != W), the fused functions and the fake tensors of the C++/CUDA kernels (csrc/cpu/patchify.cpp, with the
+ops' autograd; csrc/cuda/patchify.cu), the benchmark cases, the registry entries."""
 from __future__ import annotations
 
 import torch
@@ -60,14 +60,16 @@ def unpatchify_reference(x: torch.Tensor, p: int, h: int, w: int, c: int) -> tor
 
 
 def patchify_fused(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    return torch.ops.umae.patchify(imgs, p)
+    return _PATCHIFY(imgs, p)
 
 
 def unpatchify_fused(x: torch.Tensor, p: int, h: int, w: int, c: int) -> torch.Tensor:
-    return torch.ops.umae.unpatchify(x, p, h, w, c)
+    return _UNPATCHIFY(x, p, h, w, c)
 
 
-if _library.EXT_LOADED:
+_PATCHIFY = _UNPATCHIFY = None
+if _library.EXT_LOADED:  # the autograd is C++ (csrc/cpu/patchify.cpp): each op is the other's backward
+    _PATCHIFY, _UNPATCHIFY = torch.ops.umae.patchify.default, torch.ops.umae.unpatchify.default
 
     @torch.library.register_fake("umae::patchify")
     def _patchify_fake(imgs, p):
@@ -79,22 +81,6 @@ if _library.EXT_LOADED:
     def _unpatchify_fake(x, p, h, w, c):
         torch._check(x.dim() == 3, lambda: "unpatchify: x must be (N, L, K)")
         return x.new_empty((x.shape[0], c, h * p, w * p))
-
-    def _patchify_setup(ctx, inputs, output):
-        imgs, ctx.p = inputs
-        ctx.hwc = (imgs.shape[2] // ctx.p, imgs.shape[3] // ctx.p, imgs.shape[1])
-
-    def _patchify_backward(ctx, grad):
-        return torch.ops.umae.unpatchify(grad, ctx.p, *ctx.hwc), None
-
-    def _unpatchify_setup(ctx, inputs, output):
-        ctx.p = inputs[1]
-
-    def _unpatchify_backward(ctx, grad):
-        return torch.ops.umae.patchify(grad, ctx.p), None, None, None, None
-
-    torch.library.register_autograd("umae::patchify", _patchify_backward, setup_context=_patchify_setup)
-    torch.library.register_autograd("umae::unpatchify", _unpatchify_backward, setup_context=_unpatchify_setup)
 
 
 def bench_patchify(s, dtype, device):

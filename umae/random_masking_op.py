@@ -1,7 +1,7 @@
 """Random masking: the public op, the reference (facebookresearch/mae `random_masking`, with the
 positional embedding add and cls prepend that surround it in `forward_encoder`), the fused op
-umae::random_masking: its fake, its autograd, and its Triton kernels (kernels/random_masking.py),
-registered at the CUDA key beside the C++ CPU kernel (csrc/cpu/random_masking.cpp), the
+umae::random_masking: its fakes and its Triton kernels (kernels/random_masking.py), registered at
+the CUDA key beside the C++ CPU kernel and the C++ autograd (csrc/cpu/random_masking.cpp), the
 benchmark case, the registry entry."""
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     if noise is not None:
         _checks.tensor(noise, "noise", dims=2)
         _checks.shape(noise, "noise", (N, L), "(N, L of x)")
-        _checks.same_device(x=x, noise=noise)
+        _checks.same_device(x, "x", noise, "noise")
     _checks.param(pos_embed, "pos_embed", (1, L, D), x)
     _checks.param(cls_token, "cls_token", (1, 1, D), x)
     if _backend.fused(RANDOM_MASKING, (x, pos_embed, cls_token), backend):
@@ -76,8 +76,7 @@ def _noise(x, noise):
 def random_masking_fused(x, mask_ratio, noise=None, pos_embed=None, cls_token=None):
     """umae::random_masking: the C++ kernel on CPU (csrc/cpu/random_masking.cpp), the Triton kernel on
     CUDA (kernels/random_masking.py)."""
-    return torch.ops.umae.random_masking(x, _noise(x, noise), pos_embed, cls_token,
-                                         len_keep_for(x.shape[1], mask_ratio))
+    return _RANDOM_MASKING(x, _noise(x, noise), pos_embed, cls_token, len_keep_for(x.shape[1], mask_ratio))
 
 
 def _masking_fake(x, noise, pos_embed, cls_token, len_keep):
@@ -86,72 +85,40 @@ def _masking_fake(x, noise, pos_embed, cls_token, len_keep):
     return out, x.new_empty((N, L), dtype=torch.float32), x.new_empty((N, L), dtype=torch.int64)
 
 
-def _masking_setup(ctx, inputs, output):
-    x, noise, pos_embed, cls_token, len_keep = inputs
-    ctx.save_for_backward(output[2])
-    ctx.x_dtype = x.dtype
-    ctx.has_cls = cls_token is not None
-    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
-    ctx.cls_dtype = cls_token.dtype if cls_token is not None else None
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _cls_grad(ctx, grad_out):
-    # sums in fp32 from the unrounded gradient, as autograd of the reference does
-    return grad_out[:, :1].to(acc_dtype(grad_out.dtype)).sum(0, keepdim=True).to(ctx.cls_dtype)
-
-
-def _backward_differentiable(ctx, grad_out):
-    """The backward by differentiable torch ops, run when the backward itself is recorded
-    (create_graph=True): the op is linear, so its gradient's own gradient (double backward, a
-    gradient penalty through it) is a gather again, and autograd derives it from these ops."""
-    (ids_restore,) = ctx.saved_tensors
-    need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
+def _backward_fake(grad_out, ids_restore, has_cls, need_x, need_pos, need_cls, x_dtype, pos_dtype, cls_dtype):
     N, L = ids_restore.shape
     D = grad_out.shape[2]
-    body = grad_out[:, int(ctx.has_cls):]  # row j: the gradient of the token of rank j
-    padded = torch.cat([body, body.new_zeros((N, L - body.shape[1], D))], dim=1)  # removed ranks: 0
-    g = torch.gather(padded, 1, ids_restore.unsqueeze(-1).expand(N, L, D))  # back to positions
-    gx = g.to(ctx.x_dtype) if need_x else None
-    gpos = g.to(acc_dtype(g.dtype)).sum(0, keepdim=True).to(ctx.pos_dtype) if need_pos else None
-    gcls = _cls_grad(ctx, grad_out) if need_cls else None
-    return gx, None, gpos, gcls, None
+    return (grad_out.new_empty((N, L, D) if need_x else (0,), dtype=x_dtype),
+            grad_out.new_empty((1, L, D) if need_pos else (0,), dtype=pos_dtype),
+            grad_out.new_empty((1, 1, D) if need_cls else (0,), dtype=cls_dtype))
 
 
-def _backward(ctx, grad_out, _grad_mask, _grad_ids):
-    if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
-        return _backward_differentiable(ctx, grad_out)
-    (ids_restore,) = ctx.saved_tensors
-    need_x, _, need_pos, need_cls, _ = ctx.needs_input_grad
-    gx = gpos = None
-    if need_x or need_pos:  # the pos sum rides along the scatter of grad x
-        gx, gpos = torch.ops.umae.random_masking_backward(grad_out, ids_restore, ctx.has_cls, need_pos, ctx.x_dtype)
-        gx = gx if need_x else None
-        gpos = gpos.unsqueeze(0).to(ctx.pos_dtype) if need_pos else None
-    gcls = _cls_grad(ctx, grad_out) if need_cls else None
-    return gx, None, gpos, gcls, None
-
-
-def _backward_fake(grad_out, ids_restore, has_cls, need_pos, dtype):
-    N, L = ids_restore.shape
-    D = grad_out.shape[2]
-    return grad_out.new_empty((N, L, D), dtype=dtype), grad_out.new_empty((L if need_pos else 0, D),
-                                                                          dtype=acc_dtype(grad_out.dtype))
-
-
-_library.register_glue("random_masking", _masking_fake, _backward_fake, _backward, _masking_setup)
+_RANDOM_MASKING = None
+if _library.EXT_LOADED:  # the autograd is C++ (csrc/cpu/random_masking.cpp), for every device
+    _RANDOM_MASKING = torch.ops.umae.random_masking.default
+    torch.library.register_fake("umae::random_masking")(_masking_fake)
+    torch.library.register_fake("umae::random_masking_backward")(_backward_fake)
 
 # the Triton kernel module and its launchers ({op name: launcher}) for the CUDA key; None without Triton
 KERNELS = TRITON_KERNELS = None
 if _library.TRITON_USABLE:
     from .kernels import random_masking as KERNELS
 
-    def _triton_backward(grad_out, ids_restore, has_cls, need_pos, dtype):
+    def _triton_backward(grad_out, ids_restore, has_cls, need_x, need_pos, need_cls, x_dtype, pos_dtype, cls_dtype):
         # pos's gradient sums the unrounded gradient; without it (MAE's fixed pos_embed) the kernel
         # stores x's dtype directly (no fp32 copy to convert under autocast)
-        g = KERNELS.backward(grad_out, ids_restore, has_cls=has_cls, dtype=grad_out.dtype if need_pos else dtype)
-        gpos = g.float().sum(0) if need_pos else g.new_empty((0, g.shape[2]), dtype=torch.float32)
-        return g.to(dtype), gpos
+        N, L = ids_restore.shape
+        gx = gpos = gcls = None
+        if need_x or need_pos:
+            g = KERNELS.backward(grad_out, ids_restore, has_cls=has_cls, dtype=grad_out.dtype if need_pos else x_dtype)
+            gx = g.to(x_dtype) if need_x else None
+            gpos = g.to(acc_dtype(g.dtype)).sum(0, keepdim=True).to(pos_dtype) if need_pos else None
+        if need_cls:
+            gcls = grad_out[:, :1].to(acc_dtype(grad_out.dtype)).sum(0, keepdim=True).to(cls_dtype)
+        empty = grad_out.new_empty
+        return (gx if gx is not None else empty((0,), dtype=x_dtype),
+                gpos if gpos is not None else empty((0,), dtype=pos_dtype),
+                gcls if gcls is not None else empty((0,), dtype=cls_dtype))
 
     TRITON_KERNELS = {"random_masking": KERNELS.forward, "random_masking_backward": _triton_backward}
     _library.register_kernels(TRITON_KERNELS, "CUDA")

@@ -1,7 +1,7 @@
 """The decoder's restore: the public op, the reference (facebookresearch/mae `forward_decoder`,
 from the mask-token cat to the positional embedding add), the fused op umae::restore_tokens: its
-fake, its autograd, and its Triton kernels (kernels/restore_tokens.py), registered at the CUDA
-key beside the C++ CPU kernel (csrc/cpu/restore_tokens.cpp), the benchmark case, the registry
+fakes and its Triton kernels (kernels/restore_tokens.py), registered at the CUDA key beside the C++
+CPU kernel and the C++ autograd (csrc/cpu/restore_tokens.cpp), the benchmark case, the registry
 entry."""
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch
     if not c <= x.shape[1] <= L + c:
         raise ValueError(f"x must have between {c} and {L + c} tokens for ids_restore with L={L}"
                          f"{' and a cls token' if c else ''}, got {x.shape[1]}")
-    _checks.same_device(x=x, ids_restore=ids_restore)
+    _checks.same_device(x, "x", ids_restore, "ids_restore")
     _checks.param(mask_token, "mask_token", (1, 1, D), x)
     _checks.param(pos_embed, "pos_embed", (1, L + c, D), x)
     has_cls = bool(has_cls)
@@ -63,7 +63,7 @@ def restore_tokens_reference(x, ids_restore, mask_token, pos_embed=None, has_cls
 def restore_tokens_fused(x, ids_restore, mask_token, pos_embed=None, has_cls=True):
     """umae::restore_tokens: the C++ kernel on CPU (csrc/cpu/restore_tokens.cpp), the Triton kernel on
     CUDA (kernels/restore_tokens.py)."""
-    return torch.ops.umae.restore_tokens(x, ids_restore, mask_token, pos_embed, has_cls)
+    return _RESTORE_TOKENS(x, ids_restore, mask_token, pos_embed, has_cls)
 
 
 def _restore_fake(x, ids_restore, mask_token, pos_embed, has_cls):
@@ -71,69 +71,31 @@ def _restore_fake(x, ids_restore, mask_token, pos_embed, has_cls):
     return x.new_empty((N, L + int(has_cls), x.shape[2]), dtype=result_dtype(x, mask_token, pos_embed))
 
 
-def _restore_setup(ctx, inputs, output):
-    x, ids_restore, mask_token, pos_embed, has_cls = inputs
-    ctx.save_for_backward(ids_restore)
-    ctx.len_x, ctx.x_dtype, ctx.has_cls = x.shape[1], x.dtype, has_cls
-    ctx.tok_dtype = mask_token.dtype
-    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
-
-
-def _backward_differentiable(ctx, grad_out):
-    """The backward by differentiable torch ops, run when the backward itself is recorded
-    (create_graph=True): the op is linear, so its gradient's own gradient (double backward, a
-    gradient penalty through it) is a gather again, and autograd derives it from these ops.
-    ids_restore is a permutation (both kernels check it in the forward)."""
-    (ids_restore,) = ctx.saved_tensors
-    need_x, _, need_tok, need_pos, _ = ctx.needs_input_grad
+def _backward_fake(grad_out, ids_restore, len_x, has_cls, need_pos, x_dtype, tok_dtype, pos_dtype):
     N, L = ids_restore.shape
     D = grad_out.shape[2]
-    c = int(ctx.has_cls)
-    keep = ctx.len_x - c
-    acc = acc_dtype(grad_out.dtype)
-    # output row c + l came from row ids_restore[l] of (x[:, c:] ++ mask tokens): scatter it back there
-    src = torch.zeros_like(grad_out[:, c:]).scatter(1, ids_restore.unsqueeze(-1).expand(N, L, D), grad_out[:, c:])
-    gx = torch.cat([grad_out[:, :c], src[:, :keep]], dim=1).to(ctx.x_dtype) if need_x else None
-    gtok = src[:, keep:].to(acc).sum((0, 1)).view(1, 1, D).to(ctx.tok_dtype) if need_tok else None
-    gpos = grad_out.to(acc).sum(0, keepdim=True).to(ctx.pos_dtype) if need_pos else None
-    return gx, None, gtok, gpos, None
+    return (grad_out.new_empty((N, len_x, D), dtype=x_dtype), grad_out.new_empty((1, 1, D), dtype=tok_dtype),
+            grad_out.new_empty((1, L + int(has_cls), D) if need_pos else (0,), dtype=pos_dtype))
 
 
-def _backward(ctx, grad_out):
-    if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
-        return _backward_differentiable(ctx, grad_out)
-    (ids_restore,) = ctx.saved_tensors
-    need_x, _, need_tok, need_pos, _ = ctx.needs_input_grad
-    if not (need_x or need_tok or need_pos):
-        return None, None, None, None, None
-    gx, gtok, gpos = torch.ops.umae.restore_tokens_backward(grad_out, ids_restore, ctx.len_x, ctx.has_cls, need_pos,
-                                                            ctx.x_dtype)
-    return (gx if need_x else None, None,
-            gtok.to(ctx.tok_dtype).view(1, 1, -1) if need_tok else None,
-            gpos.unsqueeze(0).to(ctx.pos_dtype) if need_pos else None, None)
-
-
-def _backward_fake(grad_out, ids_restore, len_x, has_cls, need_pos, dtype):
-    N, L = ids_restore.shape
-    D = grad_out.shape[2]
-    acc = acc_dtype(grad_out.dtype)
-    return (grad_out.new_empty((N, len_x, D), dtype=dtype), grad_out.new_empty((D,), dtype=acc),
-            grad_out.new_empty((L + int(has_cls) if need_pos else 0, D), dtype=acc))
-
-
-_library.register_glue("restore_tokens", _restore_fake, _backward_fake, _backward, _restore_setup)
+_RESTORE_TOKENS = None
+if _library.EXT_LOADED:  # the autograd is C++ (csrc/cpu/restore_tokens.cpp), for every device
+    _RESTORE_TOKENS = torch.ops.umae.restore_tokens.default
+    torch.library.register_fake("umae::restore_tokens")(_restore_fake)
+    torch.library.register_fake("umae::restore_tokens_backward")(_backward_fake)
 
 # the Triton kernel module and its launchers ({op name: launcher}) for the CUDA key; None without Triton
 KERNELS = TRITON_KERNELS = None
 if _library.TRITON_USABLE:
     from .kernels import restore_tokens as KERNELS
 
-    def _triton_backward(grad_out, ids_restore, len_x, has_cls, need_pos, dtype):
+    def _triton_backward(grad_out, ids_restore, len_x, has_cls, need_pos, x_dtype, tok_dtype, pos_dtype):
         # x's gradient is stored in x's dtype by the kernel: no fp32 copy to convert under autocast
         N, D = ids_restore.shape[0], grad_out.shape[2]
-        gx, gtok = KERNELS.backward(grad_out, ids_restore, (N, len_x, D), dtype, has_cls=has_cls)
-        gpos = grad_out.float().sum(0) if need_pos else grad_out.new_empty((0, D), dtype=torch.float32)
-        return gx, gtok, gpos
+        gx, gtok = KERNELS.backward(grad_out, ids_restore, (N, len_x, D), x_dtype, has_cls=has_cls)
+        gpos = (grad_out.to(acc_dtype(grad_out.dtype)).sum(0, keepdim=True).to(pos_dtype) if need_pos
+                else grad_out.new_empty((0,), dtype=pos_dtype))
+        return gx, gtok.to(tok_dtype).view(1, 1, D), gpos
 
     def _triton_forward(x, ids_restore, mask_token, pos_embed, has_cls):
         return KERNELS.forward(x, ids_restore, mask_token, pos_embed, has_cls=has_cls)

@@ -82,7 +82,7 @@ def uniformity_loss_fused(features, normalize=True, exclude_diagonal=False, proc
     (kernels/uniformity.py), one autograd in C++. Across ranks: the Gram all-reduce of
     DistributedFused, its D x D products by the same device's kernels."""
     if process_group is None:
-        return torch.ops.umae.uniformity_loss(features, normalize, exclude_diagonal, NORM_EPS)
+        return _UNIFORMITY_LOSS(features, normalize, exclude_diagonal, NORM_EPS)
     gram_ops = KERNELS if _library.triton_runs_on(features.device.type) else TorchGram
     return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
                                   ddp_grad_scale(process_group, exact_ddp_grad), gram_ops)
@@ -203,8 +203,10 @@ def _with_grad_fake(features, normalize, exclude_diagonal, eps):
     return features.new_empty((), dtype=acc), features.new_empty(features.shape, dtype=acc)
 
 
+_UNIFORMITY_LOSS = None
 if _library.EXT_LOADED:
     # the autograd is registered in C++ (csrc/cpu/uniformity.cpp): a Python wrapper would cost as much as the op
+    _UNIFORMITY_LOSS = torch.ops.umae.uniformity_loss.default
     torch.library.register_fake("umae::uniformity_loss")(_loss_fake)
     torch.library.register_fake("umae::uniformity_loss_with_grad")(_with_grad_fake)
 

@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace umae {
@@ -22,6 +23,28 @@ inline void add_row(out_t* dst, const src_t* src, int64_t s, const out_t* pos, i
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<out_t>(src[d]);
   } else {
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<out_t>(src[d * s]);
+  }
+}
+
+// dst = the D values of src strided by `s` (a gradient of any layout: the backward of a sum is one
+// value broadcast, every stride 0).
+template <typename T>
+inline void copy_row(T* dst, const T* src, int64_t s, int64_t D) {
+  if (s == 1) {
+    std::copy(src, src + D, dst);
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = src[d * s];
+  }
+}
+
+// acc += src strided by `s`, in acc_t.
+template <typename acc_t, typename T>
+inline void add_row_to(acc_t* acc, const T* src, int64_t s, int64_t D) {
+  if (s == 1) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(src[d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(src[d * s]);
   }
 }
 

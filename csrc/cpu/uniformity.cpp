@@ -15,6 +15,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../autograd.h"
 #include "../common.h"
 
 namespace umae {
@@ -38,7 +39,7 @@ Normalized normalize_rows(const at::Tensor& features, bool normalize, double eps
     const int64_t sb = features.stride(0), sd = features.stride(1);
     acc_t* Z = r.z.mutable_data_ptr<acc_t>();
     acc_t* NR = r.norms.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, grain_for(D), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         acc_t* z = Z + b * D;
         const scalar_t* f = F + b * sb;
@@ -91,7 +92,6 @@ bool uses_gram(int64_t B, int64_t D) { return B > D; }
 // Small batches: S from its upper triangle by direct dot products, with no BLAS call or ATen
 // temporaries (at B = 16 those cost more than the arithmetic).
 constexpr int64_t kSmallBatch = 64;
-constexpr int64_t kSmallGrain = 8;  // rows of S per task
 
 // 16 independent partial sums: a single accumulator would wait on each add's latency.
 template <typename acc_t>
@@ -109,7 +109,7 @@ acc_t dot(const acc_t* a, const acc_t* b, int64_t D) {
 template <typename acc_t>
 std::vector<acc_t> small_similarity(const acc_t* Z, int64_t B, int64_t D, bool exclude_diagonal) {
   std::vector<acc_t> S(B * B);
-  at::parallel_for(0, B, kSmallGrain, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B, grain_for(B * D), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       for (int64_t j = i; j < B; ++j)
         S[i * B + j] = S[j * B + i] = (exclude_diagonal && i == j) ? acc_t(0) : dot(Z + i * D, Z + j * D, D);
@@ -132,7 +132,7 @@ at::Tensor through_normalization(const Normalized& nz, const at::Tensor& dz, dou
     const acc_t* NR = nz.norms.const_data_ptr<acc_t>();
     acc_t* DF = df.mutable_data_ptr<acc_t>();
     const acc_t cc = static_cast<acc_t>(c);
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, grain_for(D), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const acc_t* zr = Z + b * D;
         const acc_t* g = DZ + b * D;
@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(const at::Tensor& features, boo
       total = ss;
       if (want_grad) {
         scalar_t* DZ = dz.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, B, kSmallGrain, [&](int64_t i0, int64_t i1) {
+        at::parallel_for(0, B, grain_for(B * D), [&](int64_t i0, int64_t i1) {
           for (int64_t i = i0; i < i1; ++i) {
             scalar_t* out = DZ + i * D;
             std::fill(out, out + D, scalar_t(0));
@@ -224,27 +224,6 @@ std::tuple<at::Tensor, at::Tensor> uniformity_with_grad_cpu(const at::Tensor& fe
   return loss_and_grad(features, normalize, exclude_diagonal, eps, true);
 }
 
-// The first-order gradient when the backward runs with create_graph=True: a copy of it, made a function
-// of what it depends on (the features, the incoming gradient), whose own backward raises. The gradient
-// is computed by the kernel, not by differentiable ops, so without this a gradient of the gradient (a
-// gradient penalty) would treat it as a constant: silently 0, or "not used in the graph". Raising here,
-// at the second backward, leaves create_graph=True usable when the first-order gradient is only read.
-class RefuseDoubleBackward : public torch::autograd::Function<RefuseDoubleBackward> {
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& grad, const at::Tensor& /*features*/,
-                            const at::Tensor& /*upstream*/) {
-    return grad.clone();
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*, torch::autograd::variable_list) {
-    TORCH_CHECK(false,
-                "umae::uniformity_loss: double backward (a gradient of its gradient, e.g. a gradient penalty through "
-                "torch.autograd.grad(..., create_graph=True)) is not supported by the fused kernels; use the "
-                "reference: umae.use_backend(\"reference\"), backend=\"reference\" or UMAE_BACKEND=reference");
-    return {};
-  }
-};
-
 // Autograd in C++, for every device (the CUDA kernels are Triton's, registered from Python at the
 // CUDA key of the same two ops): at the small batches U-MAE sees per rank the op costs tens of microseconds,
 // as much as a Python autograd wrapper would add. A scalar loss's gradient is a B x D tensor, so the
@@ -254,9 +233,8 @@ class UniformityFunction : public torch::autograd::Function<UniformityFunction> 
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& features, bool normalize,
                             bool exclude_diagonal, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("umae::uniformity_loss_with_grad", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool, bool, double)>();
+    static const auto op =
+        find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool, bool, double)>("umae::uniformity_loss_with_grad");
     auto [loss, grad] = op.call(features, normalize, exclude_diagonal, eps);
     ctx->save_for_backward({grad, features});
     ctx->saved_data["dtype"] = features.scalar_type();
@@ -266,21 +244,25 @@ class UniformityFunction : public torch::autograd::Function<UniformityFunction> 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    at::Tensor df = grads[0].mul(saved[0]).to(ctx->saved_data["dtype"].toScalarType());
-    if (at::GradMode::is_enabled())  // create_graph=True
-      df = RefuseDoubleBackward::apply(df.detach(), saved[1], grads[0]);
-    return {df, at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto dtype = ctx->saved_data["dtype"].toScalarType();
+    at::Tensor df;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      df = grads[0].mul(saved[0]);
+      if (df.scalar_type() != dtype) df = df.to(dtype);
+    }
+    // G and the norms are constants of the saved gradient: differentiated again it would miss their terms
+    return {first_order_only("uniformity_loss", {df}, {saved[1], grads[0]})[0], at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
 at::Tensor uniformity_autograd(const at::Tensor& features, bool normalize, bool exclude_diagonal, double eps) {
-  if (features.requires_grad() && at::GradMode::is_enabled())
+  if (records(features))
     return UniformityFunction::apply(features, normalize, exclude_diagonal, eps);
   // no gradient will follow (e.g. plain MAE logging the term detached): the loss alone
   at::AutoDispatchBelowADInplaceOrView guard;
-  static auto plain = c10::Dispatcher::singleton()
-                          .findSchemaOrThrow("umae::uniformity_loss", "")
-                          .typed<at::Tensor(const at::Tensor&, bool, bool, double)>();
+  static const auto plain = find_op<at::Tensor(const at::Tensor&, bool, bool, double)>("umae::uniformity_loss");
   return plain.call(features, normalize, exclude_diagonal, eps);
 }
 

@@ -2,7 +2,8 @@
 // (patch_strip.cuh). The target strip is staged in shared memory in patchified order (gathered
 // from the images with 16-byte accesses along W, or copied from the patchified target), so the
 // mean / variance / loss passes read it from there; pred is read once, 16 bytes per access, one
-// warp per patch row. Forward and backward share the kernel.
+// warp per patch row. Forward and backward share the kernel; the masked mean over the (N, L) errors is
+// a few ATen reductions on the device (no host sync).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -136,9 +137,8 @@ void run(const Launch& a, const float* grad_rows, float* out, at::Tensor* grad, 
   });
 }
 
-at::Tensor patch_mse_cuda(const at::Tensor& pred, const at::Tensor& target, int64_t patch_size, bool norm_pix,
-                          double eps) {
-  c10::cuda::CUDAGuard guard(pred.device());
+at::Tensor patch_rows_cuda(const at::Tensor& pred, const at::Tensor& target, int64_t patch_size, bool norm_pix,
+                           double eps) {
   const Launch a = prepare(pred, target, patch_size, norm_pix);
   at::Tensor out = at::empty({pred.size(0), pred.size(1)}, pred.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
@@ -146,24 +146,47 @@ at::Tensor patch_mse_cuda(const at::Tensor& pred, const at::Tensor& target, int6
   return out;
 }
 
-at::Tensor patch_mse_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& pred, const at::Tensor& target,
-                                   int64_t patch_size, bool norm_pix, double eps) {
+// The mask in fp32 and its sum, or 1 where that is 0 (the loss is then 0, not 0/0), on the device: no sync.
+std::pair<at::Tensor, at::Tensor> mask_and_denominator(const at::Tensor& mask, const at::Tensor& pred) {
+  check_patch_mask(mask, pred);
+  at::Tensor m = mask.to(at::kFloat);
+  at::Tensor den = m.sum();
+  return {m, at::where(den.ne(0), den, at::ones_like(den))};
+}
+
+std::tuple<at::Tensor, at::Tensor> patch_mse_with_rows_cuda(const at::Tensor& pred, const at::Tensor& target,
+                                                            const at::Tensor& mask, int64_t patch_size, bool norm_pix,
+                                                            double eps) {
+  c10::cuda::CUDAGuard guard(pred.device());
+  at::Tensor rows = patch_rows_cuda(pred, target, patch_size, norm_pix, eps);
+  auto [m, den] = mask_and_denominator(mask, pred);
+  return {rows.mul(m).sum().div_(den), rows};
+}
+
+at::Tensor patch_mse_cuda(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask,
+                          int64_t patch_size, bool norm_pix, double eps) {
+  return std::get<0>(patch_mse_with_rows_cuda(pred, target, mask, patch_size, norm_pix, eps));
+}
+
+at::Tensor patch_mse_backward_cuda(const at::Tensor& grad, const at::Tensor& mask, const at::Tensor& pred,
+                                   const at::Tensor& target, int64_t patch_size, bool norm_pix, double eps) {
   c10::cuda::CUDAGuard guard(pred.device());
   const Launch a = prepare(pred, target, patch_size, norm_pix);
-  TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == pred.size(0) && grad_rows.size(1) == pred.size(1),
-              "patch_mse_backward: grad_rows must be (N, L), got ", grad_rows.sizes());
-  check_same_device(pred, grad_rows, "patch_mse_backward", "grad_rows");
-  at::Tensor g = grad_rows.to(at::kFloat).contiguous();
-  at::Tensor grad = at::empty(a.pred.sizes(), a.pred.options());
-  if (grad.numel() == 0) return grad;
-  run<true>(a, g.const_data_ptr<float>(), nullptr, &grad, norm_pix, eps, "patch_mse_backward");
-  return grad;
+  TORCH_CHECK(grad.numel() == 1, "patch_mse_backward: grad must be a scalar, got ", grad.sizes());
+  check_same_device(pred, grad, "patch_mse_backward", "grad");
+  auto [m, den] = mask_and_denominator(mask, pred);
+  const at::Tensor g = m.mul(grad.to(at::kFloat).div(den)).contiguous();  // each row's weight
+  at::Tensor out = at::empty(a.pred.sizes(), a.pred.options());
+  if (out.numel() == 0) return out;
+  run<true>(a, g.const_data_ptr<float>(), nullptr, &out, norm_pix, eps, "patch_mse_backward");
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(umae, CUDA, m) {
   m.impl("patch_mse", &patch_mse_cuda);
+  m.impl("patch_mse_with_rows", &patch_mse_with_rows_cuda);
   m.impl("patch_mse_backward", &patch_mse_backward_cuda);
 }
 

@@ -1,6 +1,6 @@
 """`umae bench`: its flags and the run they ask for (the kernels, the training steps, the input
-pipeline, or with --traffic the counted bytes); prints the tables, writes results.json / .csv and
-the plots with --out."""
+pipeline, with --host the host time per call, or with --traffic the counted bytes); prints the
+tables, writes results.json / .csv and the plots (or host.json) with --out."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,10 @@ def add_args(b: argparse.ArgumentParser) -> None:
                         "replacing it")
     b.add_argument("--sweep", action="store_true", help="add the batch-size sweep at ViT-B/16 shapes")
     b.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace (NVTX ranges per op)")
+    b.add_argument("--host", action="store_true",
+                   help="instead of timing kernels: the host time of one call of each op at tiny sizes (Python, checks, "
+                        "dispatch, autograd, launches), forward and forward + backward, fused vs reference vs one aten "
+                        "op, and a training step of the smallest model; with --out, host.json")
     b.add_argument("--traffic", action="store_true",
                    help="instead of timing: count the bytes each op moves, fused (kernels counted in the Triton "
                         "interpreter) vs eager (every aten op) vs the minimum, at ViT-B/16 and ViT-Tiny/32")
@@ -46,6 +50,17 @@ def main(args) -> int:
     if args.traffic:
         return traffic(args)
     import torch
+
+    if args.host:
+        from . import host
+
+        bad = unknown_names(args.ops, None)
+        if bad:
+            print(f"umae bench: {bad}", file=sys.stderr)
+            return 2
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        ops = list(host.registry.OPS) if args.ops is None else [o for o in args.ops if o in host.registry.OPS]
+        return host.main(ops, device, args.out, step=args.ops is None or "train_step" in args.ops)
 
     from . import loader
 

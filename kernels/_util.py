@@ -59,10 +59,16 @@ def sm_count(device) -> int:
     return H100_SM_COUNT
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
 def on_device(t: torch.Tensor):
     """The device guard every launch needs: Triton launches on the current CUDA device, so a tensor
-    on cuda:1 needs cuda:1 current (`umae train --device cuda:1` does not make it so)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    on cuda:1 needs cuda:1 current (`umae train --device cuda:1` does not make it so). None where it
+    is current already (the common case: a guard's two device switches cost more than the check)."""
+    if not t.is_cuda or t.get_device() == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(t.device)
 
 
 def pow2_clamp(n: int, lo: int, hi: int) -> int:

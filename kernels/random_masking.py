@@ -99,7 +99,8 @@ def forward(x, noise, pos_embed, cls_token, len_keep: int):
     if N == 0:
         return out, mask, ids_restore
     # fp64 noise stays fp64 (fp32 would create ties the reference does not have); others are exact in fp32
-    noise = noise.to(torch.promote_types(noise.dtype, torch.float32)).contiguous()
+    if noise.dtype not in (torch.float32, torch.float64) or not noise.is_contiguous():
+        noise = noise.to(torch.promote_types(noise.dtype, torch.float32)).contiguous()
     pos = pos_embed if pos_embed is not None else x
     cls = cls_token if has_cls else x
     cfg, warps = _config(L, D)

@@ -11,7 +11,8 @@ from utils import (DEVICES, HANG_GUARD, TOL, assert_close, assert_runs, cpu_impl
                    random_mask, triton_cpu)
 
 import umae
-from umae import _backend, ops
+from umae import _backend, ops, registry
+from umae._backend import triton_interpreted
 from umae.random_masking_op import random_masking_reference
 
 MASKING_IMPLS = fused_impls("random_masking")
@@ -316,3 +317,86 @@ def test_numpy_scalars_are_accepted(backend):
 def test_bad_scalars_are_refused(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+# ---- gradients of any layout, and the mask's gradient ------------------------------------------
+
+# every op's case at sizes where the CPU kernels run inline (their grain) and where most split into tasks
+LAYOUT_SHAPES = [dict(N=2, img=16, p=8, C=3, D=16, Dd=16, B=5), dict(N=9, img=48, p=8, C=3, D=200, Dd=136, B=70)]
+
+
+@pytest.mark.parametrize("shape", LAYOUT_SHAPES, ids=["tiny", "larger"])
+@pytest.mark.parametrize("op", list(registry.OPS))
+@pytest.mark.parametrize("layout", ["sum", "strided"])
+def test_backward_reads_any_gradient_layout(op, shape, layout):
+    # the backward kernels read the incoming gradient by its strides: a .sum()'s is one value broadcast
+    # (every stride 0), a transposed one has no unit stride; both gave copies before, now neither does
+    torch.manual_seed(0)
+    case = registry.get(op).bench(shape, torch.float32, "cpu")
+    assert ops.implementation(op, *case.grad_inputs) == "cpp-cpu"
+
+    def grads(backend):
+        with umae.use_backend(backend):
+            out = case.forward()
+        out = out[0] if isinstance(out, tuple) else out
+        if layout == "sum":
+            return torch.autograd.grad(out.sum(), case.grad_inputs)
+        g = torch.randn(tuple(reversed(out.shape)), generator=torch.Generator().manual_seed(1))
+        if out.dim():  # out's shape, no unit stride (a loss's gradient is one number)
+            g = g.permute(*reversed(range(out.dim())))
+            assert g.stride(-1) != 1
+        return torch.autograd.grad(out, case.grad_inputs, g)
+
+    for got, ref, x in zip(grads("fused"), grads("reference"), case.grad_inputs):
+        tol = registry.get(op).parity.grad[torch.float32]
+        scale = float(ref.abs().max()) if registry.get(op).parity.grad_scaled else 1.0
+        assert_close(got, ref, name=f"{op} grad of {tuple(x.shape)}", atol=tol["atol"] * max(scale, 1e-30),
+                     rtol=tol["rtol"])
+
+
+@pytest.mark.parametrize("op", ["mae_loss", "masked_mse_loss"])
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float64])
+def test_loss_gradient_of_a_float_mask(op, mask_dtype):
+    # the masked mean is in the kernel: a float mask that requires grad gets the reference's gradient
+    # from the saved per-patch errors, (rows - loss) / sum(mask); a soft mask too
+    dtype = torch.float64 if mask_dtype == torch.float64 else torch.float32
+    imgs = randn(2, 3, 8, 8, dtype=dtype)
+    pred = randn(2, 4, 48, dtype=dtype, requires_grad=True)
+    mask = torch.rand(2, 4, dtype=mask_dtype).requires_grad_()
+    target = umae.patchify(imgs, 4)
+    fn = (lambda p, m: umae.mae_loss(p, imgs, m, 4)) if op == "mae_loss" else \
+        (lambda p, m: umae.masked_mse_loss(p, target, m))
+    assert ops.implementation(op, pred, imgs) == "cpp-cpu"
+    got = torch.autograd.grad(fn(pred, mask), (pred, mask))
+    with umae.use_backend("reference"):
+        ref = torch.autograd.grad(fn(pred, mask), (pred, mask))
+    for g, r, name in zip(got, ref, ("pred", "mask")):
+        assert g.dtype == r.dtype, name
+        assert_close(g, r, name=f"grad {name}", **TOL[dtype])
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(fn, (pred.detach().requires_grad_(), mask.detach().requires_grad_()))
+    # a mask with nothing removed: loss 0, the reference's gradient (the rows, divided by 1)
+    zero = torch.zeros(2, 4, dtype=mask_dtype, requires_grad=True)
+    got = torch.autograd.grad(fn(pred, zero), zero)[0]
+    with umae.use_backend("reference"):
+        ref = torch.autograd.grad(fn(pred, zero), zero)[0]
+    assert_close(got, ref, name="grad of an all-zero mask", **TOL[dtype])
+
+
+def test_the_cached_decision_follows_the_switch():
+    # the fused-or-reference decision is cached per call key: set_backend / use_impl / backend= change it
+    x = randn(2, 3, 8, 8)
+    with umae.use_backend("fused"):
+        assert _backend.fused(registry.get("patchify"), (x,), None)
+        with umae.use_backend("reference"):
+            assert not _backend.fused(registry.get("patchify"), (x,), None)
+            assert _backend.fused(registry.get("patchify"), (x,), "fused")
+        assert not _backend.fused(registry.get("patchify"), (x,), "reference")
+        assert _backend.fused(registry.get("patchify"), (x,), None)
+        spec, f = registry.get("uniformity_loss"), randn(5, 4, dtype=torch.float64)
+        assert _backend.fused(spec, (f,), None)
+        if triton_interpreted():
+            with ops.use_impl("triton-interpreter"):
+                assert not _backend.fused(spec, (f,), None)  # the Triton kernel takes no fp64
+                assert _backend.fused(spec, (f.float(),), None)
+            assert _backend.fused(spec, (f,), None)

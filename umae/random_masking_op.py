@@ -106,19 +106,22 @@ if _library.TRITON_USABLE:
 
     def _triton_backward(grad_out, ids_restore, has_cls, need_x, need_pos, need_cls, x_dtype, pos_dtype, cls_dtype):
         # pos's gradient sums the unrounded gradient; without it (MAE's fixed pos_embed) the kernel
-        # stores x's dtype directly (no fp32 copy to convert under autocast)
-        N, L = ids_restore.shape
-        gx = gpos = gcls = None
+        # stores x's dtype directly (no fp32 copy to convert under autocast). The sums accumulate in
+        # fp32 as they read (sum's dtype=): no fp32 copy of the gradient.
+        acc, empty = acc_dtype(grad_out.dtype), grad_out.new_empty
+        gx, gpos, gcls = empty((0,), dtype=x_dtype), empty((0,), dtype=pos_dtype), empty((0,), dtype=cls_dtype)
         if need_x or need_pos:
             g = KERNELS.backward(grad_out, ids_restore, has_cls=has_cls, dtype=grad_out.dtype if need_pos else x_dtype)
-            gx = g.to(x_dtype) if need_x else None
-            gpos = g.to(acc_dtype(g.dtype)).sum(0, keepdim=True).to(pos_dtype) if need_pos else None
+            if need_x:
+                gx = g if g.dtype == x_dtype else g.to(x_dtype)
+            if need_pos:
+                gpos = _as(g.sum(0, keepdim=True, dtype=acc), pos_dtype)
         if need_cls:
-            gcls = grad_out[:, :1].to(acc_dtype(grad_out.dtype)).sum(0, keepdim=True).to(cls_dtype)
-        empty = grad_out.new_empty
-        return (gx if gx is not None else empty((0,), dtype=x_dtype),
-                gpos if gpos is not None else empty((0,), dtype=pos_dtype),
-                gcls if gcls is not None else empty((0,), dtype=cls_dtype))
+            gcls = _as(grad_out[:, :1].sum(0, keepdim=True, dtype=acc), cls_dtype)
+        return gx, gpos, gcls
+
+    def _as(t, dtype):
+        return t if t.dtype == dtype else t.to(dtype)
 
     TRITON_KERNELS = {"random_masking": KERNELS.forward, "random_masking_backward": _triton_backward}
     _library.register_kernels(TRITON_KERNELS, "CUDA")

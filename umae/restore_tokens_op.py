@@ -93,9 +93,11 @@ if _library.TRITON_USABLE:
         # x's gradient is stored in x's dtype by the kernel: no fp32 copy to convert under autocast
         N, D = ids_restore.shape[0], grad_out.shape[2]
         gx, gtok = KERNELS.backward(grad_out, ids_restore, (N, len_x, D), x_dtype, has_cls=has_cls)
-        gpos = (grad_out.to(acc_dtype(grad_out.dtype)).sum(0, keepdim=True).to(pos_dtype) if need_pos
-                else grad_out.new_empty((0,), dtype=pos_dtype))
-        return gx, gtok.to(tok_dtype).view(1, 1, D), gpos
+        gpos = grad_out.new_empty((0,), dtype=pos_dtype)
+        if need_pos:  # accumulated in fp32 as it reads (sum's dtype=): no fp32 copy of the gradient
+            gpos = grad_out.sum(0, keepdim=True, dtype=acc_dtype(grad_out.dtype))
+            gpos = gpos if gpos.dtype == pos_dtype else gpos.to(pos_dtype)
+        return gx, (gtok if gtok.dtype == tok_dtype else gtok.to(tok_dtype)).view(1, 1, D), gpos
 
     def _triton_forward(x, ids_restore, mask_token, pos_embed, has_cls):
         return KERNELS.forward(x, ids_restore, mask_token, pos_embed, has_cls=has_cls)

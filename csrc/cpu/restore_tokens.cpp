@@ -206,7 +206,7 @@ class RestoreTokensFunction : public torch::autograd::Function<RestoreTokensFunc
       // output row c + l came from row ids_restore[l] of (x[:, c:] ++ mask tokens): scatter it back there
       const at::Tensor src = at::zeros_like(body).scatter(1, ids.unsqueeze(-1).expand({N, L, D}), body);
       if (need_x) gx = at::cat({grad_out.narrow(1, 0, c0), src.narrow(1, 0, keep)}, 1).to(x_dtype);
-      if (need_tok) gtok = src.narrow(1, keep, L - keep).to(acc).sum({0, 1}).view({1, 1, D}).to(tok_dtype);
+      if (need_tok) gtok = src.narrow(1, keep, L - keep).to(acc).sum(at::IntArrayRef{0, 1}).view({1, 1, D}).to(tok_dtype);
       if (need_pos) gpos = grad_out.to(acc).sum(0, true).to(pos_dtype);
     } else if (need_x || need_tok || need_pos) {
       at::AutoDispatchBelowADInplaceOrView guard;

@@ -83,7 +83,7 @@ def test_audit_arithmetic():
     assert audit.problems(dict(good, tile_narrow=1), "uniformity_loss") == []  # not held to 128-bit
 
 
-def test_every_launch_is_device_guarded():
+def test_every_launch_is_device_guarded(monkeypatch):
     # Triton launches on the current CUDA device: each launch must sit in `with on_device(t)`,
     # or a tensor on cuda:1 is launched on GPU 0 with GPU 1 pointers
     import ast
@@ -111,8 +111,14 @@ def test_every_launch_is_device_guarded():
     guard = on_device(torch.empty(0, device="meta").new_empty(0).to("meta"))  # not CUDA: no guard
     assert not isinstance(guard, torch.cuda.device)
 
-    class _T:  # a cuda:1 tensor's device, without a GPU
-        device = torch.device("cuda", 1)
+    class _T:  # a cuda:1 tensor, without a GPU
+        device, is_cuda = torch.device("cuda", 1), True
 
+        def get_device(self):
+            return 1
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     guard = on_device(_T())
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # its device is current: no switch
+    assert not isinstance(on_device(_T()), torch.cuda.device)

@@ -128,12 +128,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tens
   return {out, mask, ids_restore};
 }
 
-// A kernel's sum or gradient, held in the accumulation dtype or the gradient's, as the parameter's dtype
-// (a copy only where they differ).
-inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
-}
-
 // grad_out (N, c + keep, D) -> (grad x (N, L, D) in x_dtype, grad pos_embed (1, L, D) in pos_dtype, grad
 // cls_token (1, 1, D) in cls_dtype); each one empty (0,) where not needed. The pos and cls sums run over
 // the unrounded gradient in the accumulation dtype. With the pos sum: parallel over token positions l, so

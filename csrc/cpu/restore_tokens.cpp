@@ -90,10 +90,6 @@ at::Tensor restore_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_restore
   return out;
 }
 
-inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);  // a copy only where the dtypes differ
-}
-
 // grad_out (N, L + c, D) -> (grad x (N, len_x, D) in x_dtype, grad mask_token (1, 1, D) in tok_dtype, grad
 // pos_embed (1, L + c, D) in pos_dtype, or empty (0,) without need_pos); both sums over the unrounded
 // gradient in the accumulation dtype. Parallel over blocks of token positions: each block sums its

@@ -1,7 +1,9 @@
+// Token rows as the token ops' CPU kernels (random_masking, restore_tokens) read and write them.
 // A token row of D values written by the token ops' CPU kernels (random_masking's kept rows,
 // restore_tokens' rows): dst = out_t(src + pos), the add in out_t's opmath type and one rounding
 // to out_t, as the references' `x + pos_embed` in the promoted dtype; without pos, a cast.
 #pragma once
+#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
@@ -46,6 +48,12 @@ inline void add_row_to(acc_t* acc, const T* src, int64_t s, int64_t D) {
   } else {
     for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(src[d * s]);
   }
+}
+
+// A backward kernel's sum or gradient (held in the accumulation dtype or the gradient's) as its
+// input's dtype: a copy only where they differ.
+inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
 }  // namespace umae

@@ -238,3 +238,28 @@ def test_host_view_rows_and_verdicts(tmp_path, capsys):
     saved = json.load(open(tmp_path / "host.json"))
     assert [r["op"] for r in saved["rows"]] == ["uniformity_loss"] and saved["step"] is None
     assert "| uniformity_loss | cpp-cpu |" in capsys.readouterr().out
+
+
+def test_device_time_columns_and_fractions():
+    # CUDA rows carry a device time (a CUDA graph's replay): fractions of the ceilings come from it,
+    # the row says whether the host's work dominates, and a call that could not be captured says so
+    from umae.bench.runner import with_device_time
+    from umae.bench import timing
+
+    ceil = dict(copy_gbps=1000.0, matmul_tflops=100.0, matmul_dtype="bf16")
+    row = dict(op="mae_loss", shape="vit_b16", dtype="bfloat16", mode="fwd+bwd", provider="fused", ms=1.0,
+               gbps=100.0, tflops=None, parity_max_abs=0.0, ms_device=0.2, gbps_device=500.0, bound="host")
+    (row,) = bench.add_fractions([row], ceil)
+    assert row["frac_copy_bw"] == 0.5  # 500 GB/s of device time, not the host-bound 100
+    failed = {k: v for k, v in row.items() if k not in ("ms_device", "gbps_device", "bound")}
+    text = bench.format_table([row, dict(failed, provider="eager", device_error="not capturable: x")])
+    assert "0.200 h" in text and "n/c" in text and "host-bound" in text
+    cpu_row = {k: v for k, v in failed.items() if k != "frac_copy_bw"}
+    assert "host-bound" not in bench.format_table(bench.add_fractions([cpu_row], ceil))  # CPU rows: no legend
+    assert cpu_row["frac_copy_bw"] == 0.1  # and the fraction of their own time
+    if torch.cuda.is_available():
+        x = torch.randn(1 << 20, device="cuda")
+        got = with_device_time(lambda: x.mul(2), 1.0, 8 << 20, 0)
+        assert got["ms_device"] > 0 and got["bound"] in ("host", "device")
+    else:
+        assert timing.HOST_BOUND > 1

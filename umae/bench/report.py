@@ -11,7 +11,7 @@ import os
 
 from .._table import Col, format_table as _format_table
 from .runner import E2E_OPS
-from .timing import FUSED_PROVIDERS
+from .timing import FUSED_PROVIDERS, HOST_BOUND
 
 
 def add_fractions(rows, ceil):
@@ -21,11 +21,13 @@ def add_fractions(rows, ceil):
         # bf16 autocast: the CPU's ceiling is fp32, which its bf16 matmuls exceed)
         if "ms" in r and r["op"] in E2E_OPS and r.get("tflops") and ceil.get("matmul_dtype") == "bf16":
             r["mfu"] = r["tflops"] / ceil["matmul_tflops"]
-        # fused rows only: the other providers' work differs from the counted bytes / FLOPs
+        # fused rows only: the other providers' work differs from the counted bytes / FLOPs. From the
+        # device time where a CUDA graph measured it: the kernels' share of the ceiling, not the host's
         if "ms" in r and r["provider"] in FUSED_PROVIDERS and r["op"] not in E2E_OPS:
-            r["frac_copy_bw"] = r["gbps"] / ceil["copy_gbps"]
-            if r.get("tflops"):
-                r["frac_matmul_peak"] = r["tflops"] / ceil["matmul_tflops"]
+            r["frac_copy_bw"] = r.get("gbps_device", r["gbps"]) / ceil["copy_gbps"]
+            tflops = r.get("tflops_device", r.get("tflops"))
+            if tflops:
+                r["frac_matmul_peak"] = tflops / ceil["matmul_tflops"]
     return rows
 
 
@@ -49,7 +51,11 @@ def _formatted(key, fmt):
 # `umae bench`'s printed table; a skipped or failed row shows its reason after the provider
 TABLE = [Col("op", "op", width=16, align="<"), Col("shape", "shape", width=10, align="<"),
          Col("dtype", "dtype", width=8, align="<"), Col("mode", "mode", width=7, align="<"),
-         Col("provider", "provider", width=13, align="<"), Col("ms", "ms", ".3f", 9), Col("GB/s", "gbps", ".1f", 8),
+         Col("provider", "provider", width=13, align="<"), Col("ms", "ms", ".3f", 9),
+         # CUDA: the kernels' time replayed from a CUDA graph, and whether the host's work dominates
+         Col("device ms", lambda r: f"{r['ms_device']:.3f} {r['bound'][0]}" if "ms_device" in r else (
+             "n/c" if "device_error" in r else ""), width=11),
+         Col("GB/s", "gbps", ".1f", 8),
          Col("TFLOP/s", lambda r: "%.0f img/s" % r["img_per_s"] if "img_per_s" in r else (
              f"{r['tflops']:.2f}" if r.get("tflops") else "-"), width=8),
          Col("x eager", _formatted("speedup_vs_eager", ".2f"), width=8),
@@ -64,8 +70,13 @@ TABLE = [Col("op", "op", width=16, align="<"), Col("shape", "shape", width=10, a
 
 
 def format_table(rows) -> str:
-    return _format_table(rows, TABLE, note_after=5, note=lambda r: f"skipped: {r['skipped']}" if "skipped" in r else (
+    text = _format_table(rows, TABLE, note_after=5, note=lambda r: f"skipped: {r['skipped']}" if "skipped" in r else (
         f"ERROR {r['error']}" if "error" in r else None))
+    if any("ms_device" in r or "device_error" in r for r in rows):
+        text += ("\ndevice ms: one call replayed from a CUDA graph (no host work); h: host-bound (ms >= "
+                 f"{HOST_BOUND} x device ms), d: device-bound; n/c: the call could not be captured (results.json "
+                 "says why). %copyBW and %mmPeak are of the device time where there is one.")
+    return text
 
 
 def write(rows, env, out_dir, ceil=None):

@@ -15,8 +15,8 @@ import umae
 from .. import _backend, ops, registry
 from .._spec import dtype_name
 from .cases import DEFAULT_DTYPES, DEFAULT_SHAPES, SHAPES, NotApplicable, case
-from .timing import (COMPILED_PROVIDERS, FUSED_PROVIDERS, MODES, PROVIDERS, mode_fn, outputs, peak_mb,
-                     provider_forward, time_ms)
+from .timing import (COMPILED_PROVIDERS, FUSED_PROVIDERS, HOST_BOUND, MODES, PROVIDERS, device_ms, mode_fn,
+                     outputs, peak_mb, provider_forward, time_ms)
 
 
 @contextlib.contextmanager
@@ -89,9 +89,23 @@ def _run_one(op, shape, dtype, modes, providers, device):
                 continue
             nbytes = {"fwd": c.bytes_fwd, "bwd": c.bytes_bwd, "fwd+bwd": c.bytes_fwd + c.bytes_bwd}[mode]
             flops = {"fwd": c.flops_fwd, "bwd": c.flops_bwd, "fwd+bwd": c.flops_fwd + c.flops_bwd}[mode]
-            yield dict(key, mode=mode, provider=provider, impl=impl if provider in FUSED_PROVIDERS else "reference",
+            row = dict(key, mode=mode, provider=provider, impl=impl if provider in FUSED_PROVIDERS else "reference",
                        ms=ms, ms_p20=lo, ms_p80=hi, gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9 if flops else None,
                        parity_max_abs=err, peak_mb=peak)
+            if device == "cuda":
+                row.update(with_device_time(fn, ms, nbytes, flops))
+            yield row
+
+
+def with_device_time(fn, ms, nbytes, flops) -> dict:
+    """A CUDA row's device time (replayed from a CUDA graph), the GB/s and TFLOP/s of that time, and
+    whether the row is host-bound (its time with the host's work HOST_BOUND x its device time or more);
+    or why the call could not be captured."""
+    dev, why = device_ms(fn)
+    if dev is None:
+        return dict(device_error=why)
+    return dict(ms_device=dev, gbps_device=nbytes / dev / 1e6, tflops_device=flops / dev / 1e9 if flops else None,
+                bound="host" if ms >= HOST_BOUND * dev else "device")
 
 
 E2E = {  # shape set -> (model, batch)

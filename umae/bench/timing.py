@@ -45,6 +45,23 @@ def time_ms(fn, device):
     return _time_cuda(fn) if device == "cuda" else _time_cpu(fn)
 
 
+# a row is host-bound when its time with the host's work is this much above its device time
+HOST_BOUND = 1.25
+
+
+def device_ms(fn):
+    """(ms, None) of one call replayed from a CUDA graph (`do_bench_cudagraph`: the calls captured
+    once, so no Python, dispatch or launch cost: the kernels' own time), or (None, why) where the
+    call cannot be captured (a host sync, a host-side read of a tensor: what the capture refuses)."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"), None
+    except Exception as e:  # reported in the row: that the call is not capturable is a finding
+        torch.cuda.synchronize()
+        return None, f"not capturable: {type(e).__name__}: {e}"[:160]
+
+
 def peak_mb(fn, device):
     """Peak memory of one call above what was allocated before it (CUDA only)."""
     if device != "cuda":

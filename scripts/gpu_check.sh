@@ -3,23 +3,27 @@
 # It uses that machine's python3 and packages (nothing installed: no registry there), builds in
 # place without pip, and writes under $OUT (default out/gpu) as each stage ends, so a stop at
 # any point still returns what was done. Every stage runs under its own `timeout`; the boxes
-# add up to 490 s, inside the 540 s limit of a call (start-up apart).
+# add up to 515 s, inside the 540 s limit of a call (start-up apart).
 #
 #   stage     box    what                                                       -> $OUT/
 #   env        15 s  nvidia-smi, clocks, versions, pip list, the tree's hash    env.txt
 #   build      90 s  python3 setup.py build_ext --inplace, this GPU's arch+PTX  build.log (+ `umae info` in env.txt)
-#   tests     100 s  pytest -k cuda: every op x dtype, fwd+bwd vs reference,    tests.log, junit.xml
+#   tests     100 s  pytest -k cuda: every op x dtype, fwd+bwd vs reference,    tests.log
 #                    opcheck, compile(fullgraph), fused vs reference model, umae.patch on ViTMAE,
 #                    the interpreter-vs-GPU rounding claims (bitwise where docs/design.md says so)
 #   sanitize   40 s  compute-sanitizer memcheck + racecheck, scripts/gpu_small.py   sanitizer.log
-#   ops        80 s  every op, bf16, ViT-B/16 N=256, fwd / bwd / fwd+bwd,        bench.log, results.json/.csv
-#                    fused vs eager vs compile vs fused+compile, GB/s, % of copy BW, peak MB
-#   unif       45 s  uniformity fwd+bwd, B = 16,384 / 65,536 / 131,072 x 768,     (appended)
+#   profile    40 s  U-MAE ViT-B/16 training steps, batch 64 and 256, fused and       profile.json (+ bench.log)
+#                    reference model, under torch.profiler: host and wall ms per step, device-busy
+#                    fraction, kernel launches, top kernels (umae bench --profile-steps)
+#   ops        80 s  every op, bf16, ViT-B/16 N=256, fwd / bwd / fwd+bwd,        bench.log, results.json
+#                    fused vs eager vs compile vs fused+compile, device time (CUDA graph replay),
+#                    host- or device-bound, GB/s, % of copy BW, peak MB
+#   unif       35 s  uniformity fwd+bwd, B = 16,384 / 65,536 / 131,072 x 768,     (appended)
 #                    fused vs eager: eager's B x B runs out of memory where the fused D x D does not
 #   train      50 s  training step, bf16 autocast, ViT-B/16 batch 64: umae U-MAE (lamb 0.01),   (appended)
 #                    umae MAE, transformers ViTMAEForPreTraining patched vs not; img/s, MFU, peak MB
 #   compile    40 s  the same ViTMAE step under torch.compile (unpatched)        (appended)
-#   host       30 s  host time per call, each op at tiny sizes, fwd and fwd+bwd, fused vs      host.json (+ bench.log)
+#   host       25 s  host time per call, each op at tiny sizes, fwd and fwd+bwd, fused vs      host.json (+ bench.log)
 #                    reference vs one aten op, the GPU held behind a sleep kernel; a training step of
 #                    the smallest model (umae bench --host)
 #
@@ -60,7 +64,7 @@ else
   TEST_SEL=(tests -k cuda)
 fi
 # STAGES="build tests ..." runs those alone (env always runs): a second call within a lease
-STAGES=${STAGES:-build tests sanitize ops unif train compile host}
+STAGES=${STAGES:-build tests sanitize profile ops unif train compile host}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 [ -n "${TEST_ARGS:-}" ] && read -r -a TEST_SEL <<< "$TEST_ARGS"
 status=0
@@ -103,7 +107,7 @@ stage tests
 # every tier of the selected tests (-m ""); a per-test box only on the GPU machine
 per_test=(--timeout 60); [ $DRY = 1 ] && per_test=()
 box 100 $PY -m pytest -m "" "${TEST_SEL[@]}" -q -p no:cacheprovider -rfE "${per_test[@]}" \
-  --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1 || fail "tests (rc $?)"
+  > "$OUT/tests.log" 2>&1 || fail "tests (rc $?)"
 tail -15 "$OUT/tests.log"
 fi
 
@@ -128,6 +132,14 @@ else
 fi
 fi
 
+if want profile; then
+stage profile
+echo "=== profile: umae bench --profile-steps --providers fused eager" >> "$OUT/bench.log"
+box 40 $PY -m umae.cli.main bench --profile-steps --providers fused eager --out "$OUT" > /tmp/umae_profile.log 2>&1 \
+  || fail "profile (rc $?)"
+grep -v "^wrote " /tmp/umae_profile.log | tee -a "$OUT/bench.log" | head -12
+fi
+
 bench() {  # bench <stage> <box s> <args...>: time-boxed, its rows appended to $OUT/results.json
   local name=$1 box=$2; shift 2
   want "$name" || return 0
@@ -142,14 +154,14 @@ bench() {  # bench <stage> <box s> <args...>: time-boxed, its rows appended to $
 bench ops 80 --ops patchify unpatchify masked_mse_loss mae_loss random_masking restore_tokens uniformity_loss \
   --shapes $OPS_SHAPES --dtypes bfloat16 --modes $OPS_MODES --providers $OPS_PROVIDERS
 # eager and compile at 65,536 rows took the whole of a 35 s box on an H200 (bench/results/h200/2026-11-27-2)
-bench unif 45 --ops uniformity_loss --shapes $UNIF_SHAPES --dtypes bfloat16 --modes fwd+bwd \
+bench unif 35 --ops uniformity_loss --shapes $UNIF_SHAPES --dtypes bfloat16 --modes fwd+bwd \
   --providers fused eager
 bench train 50 --ops train_step mae_train_step hf_train_step --shapes $E2E_SHAPES --providers fused eager
 bench compile 40 "${COMPILE_ARGS[@]}"
 if want host; then
 stage host
 echo "=== host: umae bench --host" >> "$OUT/bench.log"
-box 30 $PY -m umae.cli.main bench --host --out "$OUT" > /tmp/umae_bench_host.log 2>&1 || fail "bench host (rc $?)"
+box 25 $PY -m umae.cli.main bench --host --out "$OUT" > /tmp/umae_bench_host.log 2>&1 || fail "bench host (rc $?)"
 grep -v "^wrote " /tmp/umae_bench_host.log | tee -a "$OUT/bench.log" | tail -12
 fi
 stage "done (status $status)"

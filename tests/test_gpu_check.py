@@ -13,7 +13,7 @@ import umae
 from utils import HANG_GUARD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["env", "build", "tests", "sanitize", "ops", "unif", "train", "compile", "host", "done (status 0)"]
+STAGES = ["env", "build", "tests", "sanitize", "profile", "ops", "unif", "train", "compile", "host", "done (status 0)"]
 
 
 @pytest.mark.gpucheck
@@ -30,8 +30,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert heads == ["env: dry run (CPU, tiny sizes)"] + STAGES[1:], heads
     assert "!!" not in r.stdout, log[-4000:]
     files = set(os.listdir(tmp_path))
-    assert {"env.txt", "build.log", "tests.log", "junit.xml", "sanitizer.log", "bench.log", "results.json",
-            "host.json"} <= files and len(files) <= 8, files  # the device tool returns 8 files at most
+    assert {"env.txt", "build.log", "tests.log", "sanitizer.log", "bench.log", "results.json", "host.json",
+            "profile.json"} <= files and len(files) <= 8, files  # the device tool returns 8 files at most
     assert "tree: " in open(tmp_path / "env.txt").read()
     rows = json.load(open(tmp_path / "results.json"))["rows"]
     timed = {(r["op"], r["shape"], r["provider"]) for r in rows if "ms" in r}
@@ -51,3 +51,5 @@ def test_gpu_check_dry_run(tmp_path):
     host = json.load(open(tmp_path / "host.json"))
     assert [r["op"] for r in host["rows"]] == list(umae.registry.OPS) and host["step"]["step"]["fused"] > 0
     assert "| uniformity_loss |" in open(tmp_path / "bench.log").read()
+    prof = json.load(open(tmp_path / "profile.json"))["rows"]
+    assert [r["provider"] for r in prof] == ["fused", "eager"] and all(r["launches"] > 0 and r["top"] for r in prof)

@@ -40,6 +40,10 @@ def add_args(b: argparse.ArgumentParser) -> None:
                    help="instead of timing kernels: the host time of one call of each op at tiny sizes (Python, checks, "
                         "dispatch, autograd, launches), forward and forward + backward, fused vs reference vs one aten "
                         "op, and a training step of the smallest model; with --out, host.json")
+    b.add_argument("--profile-steps", action="store_true",
+                   help="instead of timing ops: a few U-MAE training steps under torch.profiler per batch and provider "
+                        "(--providers; CUDA: ViT-B/16 at batch 64 and 256): host and wall ms per step, device-busy "
+                        "fraction, kernel launches, top kernels; with --out, profile.json")
     b.add_argument("--traffic", action="store_true",
                    help="instead of timing: count the bytes each op moves, fused (kernels counted in the Triton "
                         "interpreter) vs eager (every aten op) vs the minimum, at ViT-B/16 and ViT-Tiny/32")
@@ -51,6 +55,11 @@ def main(args) -> int:
         return traffic(args)
     import torch
 
+    if args.profile_steps:
+        from . import profile_steps
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return profile_steps.main(device, args.providers, args.out)
     if args.host:
         from . import host
 

@@ -3,7 +3,7 @@
 # It uses that machine's python3 and packages (nothing installed: no registry there), builds in
 # place without pip, and writes under $OUT (default out/gpu) as each stage ends, so a stop at
 # any point still returns what was done. Every stage runs under its own `timeout`; the boxes
-# add up to 515 s, inside the 540 s limit of a call (start-up apart).
+# add up to 520 s, inside the 540 s limit of a call (start-up apart).
 #
 #   stage     box    what                                                       -> $OUT/
 #   env        15 s  nvidia-smi, clocks, versions, pip list, the tree's hash    env.txt
@@ -15,14 +15,15 @@
 #   profile    40 s  U-MAE ViT-B/16 training steps, batch 64 and 256, fused and       profile.json (+ bench.log)
 #                    reference model, under torch.profiler: host and wall ms per step, device-busy
 #                    fraction, kernel launches, top kernels (umae bench --profile-steps)
-#   ops        80 s  every op, bf16, ViT-B/16 N=256, fwd / bwd / fwd+bwd,        bench.log, results.json
+#   ops        75 s  every op, bf16, ViT-B/16 N=256, fwd+bwd,                     bench.log, results.json
 #                    fused vs eager vs compile vs fused+compile, device time (CUDA graph replay),
 #                    host- or device-bound, GB/s, % of copy BW, peak MB
-#   unif       35 s  uniformity fwd+bwd, B = 16,384 / 65,536 / 131,072 x 768,     (appended)
+#   unif       25 s  uniformity fwd+bwd, B = 16,384 / 65,536 / 131,072 x 768,     (appended)
 #                    fused vs eager: eager's B x B runs out of memory where the fused D x D does not
 #   train      50 s  training step, bf16 autocast, ViT-B/16 batch 64: umae U-MAE (lamb 0.01),   (appended)
 #                    umae MAE, transformers ViTMAEForPreTraining patched vs not; img/s, MFU, peak MB
-#   compile    40 s  the same ViTMAE step under torch.compile (unpatched)        (appended)
+#   compile    60 s  the U-MAE ViT-B/16 step at batch 256 under torch.compile's CUDA-graph   (appended)
+#                    mode (reduce-overhead), reference model vs fused: the step goal
 #   host       25 s  host time per call, each op at tiny sizes, fwd and fwd+bwd, fused vs      host.json (+ bench.log)
 #                    reference vs one aten op, the GPU held behind a sleep kernel; a training step of
 #                    the smallest model (umae bench --host)
@@ -59,8 +60,9 @@ if [ $DRY = 1 ]; then
   TEST_SEL=(tests/test_patchify.py tests/test_masked_mse.py -k cpu)
 else
   OPS_SHAPES="vit_b16"; UNIF_SHAPES="unif_b16384 unif_b65536 unif_b131072"; E2E_SHAPES="vit_b16"; MODE="GPU"
-  OPS_MODES="fwd bwd fwd+bwd"; OPS_PROVIDERS="fused eager compile fused+compile"
-  COMPILE_ARGS=(--ops hf_train_step --shapes vit_b16 --providers compile)
+  # fwd+bwd only: each row now also replays from a CUDA graph for its device time (fwd / bwd: --modes)
+  OPS_MODES="fwd+bwd"; OPS_PROVIDERS="fused eager compile fused+compile"
+  COMPILE_ARGS=(--ops train_step --shapes vit_b16_b256 --providers compile-cg fused+compile-cg)
   TEST_SEL=(tests -k cuda)
 fi
 # STAGES="build tests ..." runs those alone (env always runs): a second call within a lease
@@ -151,13 +153,13 @@ bench() {  # bench <stage> <box s> <args...>: time-boxed, its rows appended to $
   rm -f "$OUT"/*.png "$OUT"/results.csv
   grep -vE "^  [a-z_]+ +(cpu|cuda) |^backend =|^wrote " /tmp/umae_bench_$name.log | tee -a "$OUT/bench.log" | tail -40
 }
-bench ops 80 --ops patchify unpatchify masked_mse_loss mae_loss random_masking restore_tokens uniformity_loss \
+bench ops 75 --ops patchify unpatchify masked_mse_loss mae_loss random_masking restore_tokens uniformity_loss \
   --shapes $OPS_SHAPES --dtypes bfloat16 --modes $OPS_MODES --providers $OPS_PROVIDERS
 # eager and compile at 65,536 rows took the whole of a 35 s box on an H200 (bench/results/h200/2026-11-27-2)
-bench unif 35 --ops uniformity_loss --shapes $UNIF_SHAPES --dtypes bfloat16 --modes fwd+bwd \
+bench unif 25 --ops uniformity_loss --shapes $UNIF_SHAPES --dtypes bfloat16 --modes fwd+bwd \
   --providers fused eager
 bench train 50 --ops train_step mae_train_step hf_train_step --shapes $E2E_SHAPES --providers fused eager
-bench compile 40 "${COMPILE_ARGS[@]}"
+bench compile 60 "${COMPILE_ARGS[@]}"
 if want host; then
 stage host
 echo "=== host: umae bench --host" >> "$OUT/bench.log"

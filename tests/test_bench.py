@@ -263,3 +263,16 @@ def test_device_time_columns_and_fractions():
         assert got["ms_device"] > 0 and got["bound"] in ("host", "device")
     else:
         assert timing.HOST_BOUND > 1
+
+
+def test_cuda_graph_providers_time_training_steps_and_compare_like_with_like():
+    rows = list(bench.run(["patchify"], ["tiny"], ["fwd"], ["fused", "compile-cg"], [torch.float32], "cpu",
+                          progress=False))
+    assert [r.get("skipped", "") for r in rows if r["provider"] == "compile-cg"] == [
+        "the CUDA-graph providers time training steps"]
+    key = dict(op="train_step", shape="vit_b16_b256", dtype="bfloat16-autocast", mode="step")
+    steps = [dict(key, provider=p, ms=ms) for p, ms in (("eager", 10.0), ("compile", 8.0), ("compile-cg", 5.0),
+                                                          ("fused+compile-cg", 4.0))]
+    cg = [r for r in bench.speedups(steps) if r["provider"] == "fused+compile-cg"][0]
+    assert cg["speedup_vs_compile"] == 5.0 / 4.0 and cg["speedup_vs_eager"] == 10.0 / 4.0  # vs compile-cg
+    assert bench.E2E["vit_b16_b256"] == ("umae_vit_base_patch16_224", 256)

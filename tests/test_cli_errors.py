@@ -43,6 +43,7 @@ def _err(capsys, argv, rc=2):
     (["train", "--mask-ratio", "inf"], "--mask-ratio must be in [0, 1), got inf"),
     (["reproduce", "--lambdas", "0", "inf"], "--lambdas must be finite and >= 0, got inf"),
     (["train", "--resume-override", "lamb"], "--resume-override 'lamb' needs --resume"),
+    (["train", "--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
     (["reproduce", "--steps", "-1"], "--steps must be >= 1, got -1"),
     (["reproduce", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["reproduce", "--device", "bogus"], "--device 'bogus' is not a device"),

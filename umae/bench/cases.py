@@ -23,6 +23,8 @@ SHAPES = {
     # scripts/gpu_check.sh --dry-run: every stage's code at sizes a CPU runs in seconds
     "tiny": dict(N=3, img=32, p=8, C=3, D=64, Dd=48), "unif_tiny": dict(B=70, D=96),  # D % 16 == 0, as encoder widths are
 }
+# the ViT-B/16 training step at batch 256 (runner.E2E; the ops at this name are vit_b16's)
+SHAPES["vit_b16_b256"] = dict(SHAPES["vit_b16"])
 # the batch sweep: how cost grows with N at ViT-B/16 shapes
 SWEEP = ()
 for _n in (32, 64, 128, 256, 512):

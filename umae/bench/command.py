@@ -14,7 +14,7 @@ def add_args(b: argparse.ArgumentParser) -> None:
     from .. import registry
     from .cases import SHAPES
     from .runner import E2E_OPS
-    from .timing import MODES, PROVIDERS
+    from .timing import CG_PROVIDERS, MODES, PROVIDERS
 
     b.add_argument("--full", action="store_true",
                    help="the whole set: every op and training step and the input pipeline, at every default shape "
@@ -24,7 +24,7 @@ def add_args(b: argparse.ArgumentParser) -> None:
                                            f"{', '.join(E2E_OPS)}, loader)")
     b.add_argument("--shapes", nargs="+", help=f"shape sets ({', '.join(SHAPES)})")
     b.add_argument("--modes", nargs="+", choices=MODES, help="default: fwd+bwd; --full: all")
-    b.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS,
+    b.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + CG_PROVIDERS,
                    help="default: all (the training step on CPU without --full: fused and eager, as a model's "
                         "Inductor compile takes minutes on a CPU)")
     b.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])

@@ -11,7 +11,7 @@ import os
 
 from .._table import Col, format_table as _format_table
 from .runner import E2E_OPS
-from .timing import FUSED_PROVIDERS, HOST_BOUND
+from .timing import CG_PROVIDERS, FUSED_PROVIDERS, HOST_BOUND
 
 
 def add_fractions(rows, ceil):
@@ -38,8 +38,9 @@ def speedups(rows):
     for r in rows:
         if r.get("provider") in FUSED_PROVIDERS and "ms" in r:
             for p in ("eager", "compile"):
-                if (key(r), p) in base:
-                    r[f"speedup_vs_{p}"] = base[(key(r), p)] / r["ms"]
+                q = "compile-cg" if p == "compile" and r["provider"] in CG_PROVIDERS else p  # like against like
+                if (key(r), q) in base:
+                    r[f"speedup_vs_{p}"] = base[(key(r), q)] / r["ms"]
     return rows
 
 

@@ -15,8 +15,8 @@ import umae
 from .. import _backend, ops, registry
 from .._spec import dtype_name
 from .cases import DEFAULT_DTYPES, DEFAULT_SHAPES, SHAPES, NotApplicable, case
-from .timing import (COMPILED_PROVIDERS, FUSED_PROVIDERS, HOST_BOUND, MODES, PROVIDERS, device_ms, mode_fn,
-                     outputs, peak_mb, provider_forward, time_ms)
+from .timing import (CG_PROVIDERS, COMPILED_PROVIDERS, FUSED_PROVIDERS, HOST_BOUND, MODES, PROVIDERS, device_ms,
+                     mode_fn, outputs, peak_mb, provider_forward, time_ms)
 
 
 @contextlib.contextmanager
@@ -80,6 +80,9 @@ def _run_one(op, shape, dtype, modes, providers, device):
             if provider in FUSED_PROVIDERS and impl == "skipped":
                 yield dict(key, mode=mode, provider=provider, skipped=why)
                 continue
+            if provider in CG_PROVIDERS:  # an op's own device time is its CUDA-graph column
+                yield dict(key, mode=mode, provider=provider, skipped="the CUDA-graph providers time training steps")
+                continue
             try:
                 fn = mode_fn(provider_forward(c.forward, provider), c.grad_inputs, mode)
                 peak = peak_mb(fn, device)
@@ -111,6 +114,7 @@ def with_device_time(fn, ms, nbytes, flops) -> dict:
 E2E = {  # shape set -> (model, batch)
     "vit_tiny32": ("umae_vit_tiny_patch4_32", 512),
     "vit_b16": ("umae_vit_base_patch16_224", 64),
+    "vit_b16_b256": ("umae_vit_base_patch16_224", 256),  # the step goal's batch
     "cpu_small": ("umae_vit_micro_patch4_32", 64),
     "cpu_tiny32": ("umae_vit_tiny_patch4_32", 64),
     "tiny": ("umae_vit_micro_patch4_32", 4),
@@ -180,12 +184,15 @@ def _train_step_row(op, model, impl, batch, shape, provider, device, amp, flops)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **adamw_impl(torch.device(device)))
     if provider in COMPILED_PROVIDERS:
         torch._dynamo.reset()  # as provider_forward: no model runs past the recompile limit
-    net = torch.compile(model) if provider in COMPILED_PROVIDERS else model
+    cg = provider in CG_PROVIDERS
+    net = torch.compile(model, mode="reduce-overhead" if cg else "default") if provider in COMPILED_PROVIDERS else model
     size = model.config.image_size if hasattr(model, "config") else model.img_size
     chans = model.config.num_channels if hasattr(model, "config") else model.in_chans
     imgs = torch.randn(batch, chans, size, size, device=device)
 
     def step():
+        if cg:  # a new step: the previous replay's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device, dtype=amp):
             loss = net(imgs).loss
         loss.backward()

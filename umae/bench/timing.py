@@ -12,8 +12,11 @@ import umae
 # fused: umae's ops eagerly; eager: the reference; compile: torch.compile(reference);
 # fused+compile: torch.compile of the fused op or model (umae's custom ops trace as single calls)
 PROVIDERS = ("fused", "eager", "compile", "fused+compile")
-FUSED_PROVIDERS = ("fused", "fused+compile")
-COMPILED_PROVIDERS = ("compile", "fused+compile")
+# the training steps also as torch.compile(mode="reduce-overhead"): their kernels replayed from CUDA
+# graphs, so no host work per launch (on CPU it compiles as the default mode)
+CG_PROVIDERS = ("compile-cg", "fused+compile-cg")
+FUSED_PROVIDERS = ("fused", "fused+compile", "fused+compile-cg")
+COMPILED_PROVIDERS = ("compile", "fused+compile") + CG_PROVIDERS
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 CPU_MAX_REPS = 200
@@ -56,7 +59,8 @@ def device_ms(fn):
     import triton.testing
 
     try:
-        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"), None
+        # rep: the graph replays about 10 ms of calls per measurement (ten measurements, the median)
+        return triton.testing.do_bench_cudagraph(fn, rep=10, return_mode="median"), None
     except Exception as e:  # reported in the row: that the call is not capturable is a finding
         torch.cuda.synchronize()
         return None, f"not capturable: {type(e).__name__}: {e}"[:160]

@@ -63,6 +63,10 @@ class TrainConfig:
     amp: str = _opt("auto", "auto: bf16 on a GPU that supports it, none (fp32) otherwise",
                     choices=["auto", "none", "bf16", "fp16"])
     compile: bool = _opt(False, "torch.compile the model")
+    compile_mode: str = _opt("default", "with --compile: torch.compile's mode; reduce-overhead replays the step's "
+                             "kernels from CUDA graphs (no host work per launch; MAE's shapes are static, and every "
+                             "umae op is capturable); on CPU it compiles as default",
+                             choices=["default", "reduce-overhead", "max-autotune"])
     fsdp: bool = _opt(False, "with several processes (torchrun), shard the parameters, gradients and optimizer "
                       "state over them (FSDP2's fully_shard per block) instead of DDP; checkpoints are the same "
                       "either way")
@@ -187,6 +191,8 @@ def validate(cfg: TrainConfig) -> None:
     parse_device(cfg.device)
     if cfg.overrides() and not cfg.resume:
         raise ValueError(f"--resume-override {cfg.resume_override!r} needs --resume")
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise ValueError(f"--compile-mode {cfg.compile_mode} needs --compile")
     if cfg.overwrite and cfg.resume:
         raise ValueError(f"--overwrite is for a fresh run; with --resume {cfg.resume!r} the run's log and "
                          "checkpoints are continued (drop --overwrite)")

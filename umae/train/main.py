@@ -302,7 +302,7 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
         del ck
         for group in opt.param_groups:  # the saved groups carry the saving machine's choice
             group.update(adamw_impl(device))
-    loop = Loop(cfg=cfg, model=model, fwd=torch.compile(net) if cfg.compile else net, net=net, opt=opt,
+    loop = Loop(cfg=cfg, model=model, fwd=torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net, net=net, opt=opt,
                 scaler=scaler, device=device, rank=rank, world=world, num_patches=model.patch_embed.num_patches,
                 total=total, warmup=cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20),
                 lr=lr, batches_per_epoch=batches_per_epoch,

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import INTERPRETED, on_device, sm_count
+from ._util import INTERPRETED, cast_rn, on_device, sm_count
 
 # DOT_DTYPE: the dtype z is rounded to before the products. FP32: IEEE fp32 products (fp32
 # features, and every input under the interpreter, whose bf16 arithmetic is unreliable);
@@ -109,6 +109,38 @@ def _z_times_gram_kernel(f_ptr, rinv_ptr, g_ptr, out_ptr, B, D, stride_f_b, stri
             acc += tl.dot(z, g.to(tl.float16))
     m = (rows < B)[:, None] & (cols < D)[None, :]
     tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], acc, mask=m)
+
+
+@triton.jit
+def _grad_rows_kernel(f_ptr, rinv_ptr, norms_ptr, zg_ptr, scale_ptr, out_ptr, B, D, stride_f_b, stride_f_d, c, eps,
+                      HAS_SCALE: tl.constexpr, CORRECT: tl.constexpr, EXCLUDE: tl.constexpr, NORMALIZE: tl.constexpr,
+                      ROUND_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # dL/df of rows [pid * BLOCK_R, ...) from zg = Z G (as z_times_gram left it): dz = c zg (zg / scale
+    # where G was scaled), the diagonal terms (CORRECT: the rounded z's |zr|^2 zr out, and back unrounded
+    # unless EXCLUDE), then through the normalization. What _grad_from_gram does in torch ops, in one pass.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < B
+    m = rmask[:, None] & (cols < D)[None, :]
+    f = tl.load(f_ptr + rows[:, None].to(tl.int64) * stride_f_b + cols[None, :] * stride_f_d, mask=m, other=0.0)
+    rinv = tl.load(rinv_ptr + rows, mask=rmask, other=0.0)
+    z = f.to(tl.float32) * rinv[:, None]
+    off = rows[:, None].to(tl.int64) * D + cols[None, :]
+    cz = c
+    if HAS_SCALE:
+        cz = c / tl.load(scale_ptr)
+    dz = tl.load(zg_ptr + off, mask=m, other=0.0) * cz
+    if CORRECT:
+        zr = cast_rn(z, ROUND_DTYPE).to(tl.float32)
+        dz -= (c * tl.sum(zr * zr, axis=1))[:, None] * zr
+        if not EXCLUDE:
+            dz += (c * tl.sum(z * z, axis=1))[:, None] * z
+    if NORMALIZE:
+        # the Jacobian of z = f / max(|f|, eps): (I - z z^T) / |f| above eps, I / eps below
+        big = tl.load(norms_ptr + rows, mask=rmask, other=0.0) > eps
+        radial = tl.where(big, tl.sum(z * dz, axis=1), 0.0)
+        dz = rinv[:, None] * (dz - z * radial[:, None])
+    tl.store(out_ptr + off, dz, mask=m)
 
 
 GRAM_CFG = dict(BLOCK_D=64, BLOCK_B=32)  # BLOCK_B=64: 66-98 KB of pipelined operands, 12-19% occupancy
@@ -214,6 +246,28 @@ def z_times_gram(f, rinv, g):
     return out
 
 
+def grad_rows(f, rinv, norms, g, c: float, *, exclude_diagonal: bool, normalize: bool, eps: float):
+    """dL/df (B, D) fp32 of L = c/4 (||G||^2 - [exclude] sum_i |z_i|^4), G = Z^T Z given: Z G by
+    z_times_gram, the rest in one pass (_grad_rows_kernel), where torch ops took a dozen launches."""
+    scale = gram_scale(g, f.dtype)  # fp16: G scaled to <= 1 before its rounding
+    zg = z_times_gram(f, rinv, g if scale is None else g * scale)
+    B, D = f.shape
+    out = torch.empty((B, D), device=f.device, dtype=torch.float32)
+    if B * D == 0:
+        return out
+    round_dtype = rounding_dtype(f.dtype)
+    block_d = triton.next_power_of_2(D)
+    block_r = max(1, min(triton.next_power_of_2(B), 4096 // block_d))
+    tl_round = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[round_dtype]
+    with on_device(f):
+        _grad_rows_kernel[(triton.cdiv(B, block_r),)](
+            f, rinv, norms, zg, scale if scale is not None else rinv, out, B, D, f.stride(0), f.stride(1), c, eps,
+            HAS_SCALE=scale is not None, CORRECT=exclude_diagonal or round_dtype != torch.float32,
+            EXCLUDE=exclude_diagonal, NORMALIZE=normalize, ROUND_DTYPE=tl_round, BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=NUM_WARPS)
+    return out
+
+
 def requested_bytes(kernel: str, a: dict, grid) -> int:
     """Bytes a launch's masked loads and stores request, from its grid, block shapes and
     arguments `a` (by name); umae bench --traffic checks it against the interpreter's count."""
@@ -227,6 +281,9 @@ def requested_bytes(kernel: str, a: dict, grid) -> int:
         if a["STORE_GRAM"]:
             out += n_split * sum(w[i] * w[j] * e("gram_ptr") * (1 if i == j else 2) for i, j in tiles)
         return out + (nt * nt * e("sq_ptr") if a["SQUARE"] else 0)
+    if kernel == "_grad_rows_kernel":  # f, zg in, out; rinv (and norms) per row
+        return B * D * (e("f_ptr") + e("zg_ptr") + e("out_ptr")) + B * e("rinv_ptr") + (
+            B * e("norms_ptr") if a["NORMALIZE"] else 0) + (e("scale_ptr") * grid[0] if a["HAS_SCALE"] else 0)
     assert kernel == "_z_times_gram_kernel", kernel
     n_m, n_n, n_k = grid[0], grid[1], triton.cdiv(D, a["BLOCK_K"])
     return (n_n * B * (D * e("f_ptr") + n_k * e("rinv_ptr")) + n_m * D * D * e("g_ptr")

@@ -226,11 +226,12 @@ if _library.TRITON_USABLE:
         return _triton_loss_and_gram(features, normalize, exclude_diagonal, eps, keep_gram=False)[0]
 
     def _triton_with_grad(features, normalize, exclude_diagonal, eps):
-        # G = Z^T Z (D x D) comes from the same launch as the loss; dL/dF = 4c Z G through the normalization
+        # G = Z^T Z (D x D) comes from the same launch as the loss; dL/dF = 4c Z G through the normalization:
+        # _grad_from_gram's math, in two launches (Z G, then the rows' epilogue)
         loss, norms, rinv, g = _triton_loss_and_gram(features, normalize, exclude_diagonal, eps, keep_gram=True)
-        df = _grad_from_gram(KERNELS, loss.new_ones(()), features, norms, rinv, g,
-                             _denominator(features.shape[0], exclude_diagonal), exclude_diagonal=exclude_diagonal,
-                             normalize=normalize, eps=eps)
+        c = 4.0 / _denominator(features.shape[0], exclude_diagonal)
+        df = KERNELS.grad_rows(features, rinv, norms, g, c, exclude_diagonal=exclude_diagonal, normalize=normalize,
+                               eps=eps)
         return loss, df
 
     TRITON_KERNELS = {"uniformity_loss": _triton_loss, "uniformity_loss_with_grad": _triton_with_grad}

@@ -10,8 +10,11 @@ The B x B similarity matrix S = Z Z^T is never formed: sum_ij S_ij^2 = ||S||_F^2
 - backward: dL/dZ = 4 c Z G (c = 1/B^2). When a gradient will be needed the forward's tile
   kernel also stores G (D x D fp32, which the backward gets saved with the row norms), so the
   backward is one more kernel, Z G tile by tile, and a few B x D elementwise ops.
-Cost is 2 B D^2 FLOPs instead of 2 B^2 D: B/D times fewer at the batch sizes U-MAE uses, and
-memory is O(B D + D^2), never O(B^2).
+Cost is 2 B D^2 FLOPs instead of 2 B^2 D, and memory O(B D + D^2), never O(B^2). Where the batch
+is the smaller (B < D: U-MAE's per-rank batches of 64-256 at D = 768) the loss is summed from
+the B x B similarity S = Z Z^T instead (||S||_F = ||G||_F), tile by tile in the same way, and the
+backward is S Z: B/D of the Gram's FLOPs (`uses_similarity`, the C++ CPU kernel's rule). Either
+way the gradient's epilogue (the diagonal terms, the normalization's Jacobian) is one kernel.
 
 Precision: fp32 features use fp32 (IEEE) products; bf16 / fp16 features are normalized in
 fp32, rounded once to their dtype and multiplied on the tensor cores with fp32 accumulation.
@@ -112,6 +115,56 @@ def _z_times_gram_kernel(f_ptr, rinv_ptr, g_ptr, out_ptr, B, D, stride_f_b, stri
 
 
 @triton.jit
+def _sim_kernel(f_ptr, rinv_ptr, sim_ptr, sq_ptr, B, D, stride_f_b, stride_f_d,
+                STORE_SIM: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program (pi, pj): tile (I, J) of S = Z Z^T, the contraction over D in registers
+    pi = tl.program_id(0)
+    pj = tl.program_id(1)
+    nt = tl.num_programs(0)
+    if pi <= pj:
+        bi = pi * BLOCK_B + tl.arange(0, BLOCK_B)
+        bj = pj * BLOCK_B + tl.arange(0, BLOCK_B)
+        acc = tl.zeros([BLOCK_B, BLOCK_B], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            a = _load_z(f_ptr, rinv_ptr, bi, k, B, D, stride_f_b, stride_f_d, DOT_DTYPE)
+            c = _load_z(f_ptr, rinv_ptr, bj, k, B, D, stride_f_b, stride_f_d, DOT_DTYPE)
+            if DOT_DTYPE == DOT_IN_FP32:
+                acc += tl.dot(a, tl.trans(c), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(c))
+        if STORE_SIM:  # S[I, J] and its mirror S[J, I]
+            m = (bi < B)[:, None] & (bj < B)[None, :]
+            tl.store(sim_ptr + bi[:, None].to(tl.int64) * B + bj[None, :], acc, mask=m)
+            if pi != pj:
+                tl.store(sim_ptr + bi[:, None] + bj[None, :].to(tl.int64) * B, acc, mask=m)
+        w = tl.where(pi == pj, 1.0, 2.0)  # S is symmetric: off-diagonal tiles twice
+        tl.store(sq_ptr + pi * nt + pj, tl.sum(tl.sum(acc * acc, axis=1), axis=0) * w)
+    else:
+        tl.store(sq_ptr + pi * nt + pj, 0.0)
+
+
+@triton.jit
+def _sim_times_z_kernel(s_ptr, z_ptr, out_ptr, B, D,
+                        DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out[I, J] = sum_k S[I, k] z[k, J], fp32; z (B, D) as the dot takes it, S rounded to that dtype as G
+    # is in Z G. B < D: B * B and B * D fit int32
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, B, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        sv = tl.load(s_ptr + rows[:, None] * B + k[None, :], mask=(rows < B)[:, None] & (k < B)[None, :], other=0.0)
+        z = tl.load(z_ptr + k[:, None] * D + cols[None, :], mask=(k < B)[:, None] & (cols < D)[None, :], other=0.0)
+        if DOT_DTYPE == DOT_IN_FP32:
+            acc += tl.dot(sv, z, input_precision="ieee")
+        else:
+            acc += tl.dot(sv.to(z.dtype), z)
+    m = (rows < B)[:, None] & (cols < D)[None, :]
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc, mask=m)
+
+
+@triton.jit
 def _grad_rows_kernel(f_ptr, rinv_ptr, norms_ptr, zg_ptr, scale_ptr, out_ptr, B, D, stride_f_b, stride_f_d, c, eps,
                       HAS_SCALE: tl.constexpr, CORRECT: tl.constexpr, EXCLUDE: tl.constexpr, NORMALIZE: tl.constexpr,
                       ROUND_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -145,6 +198,8 @@ def _grad_rows_kernel(f_ptr, rinv_ptr, norms_ptr, zg_ptr, scale_ptr, out_ptr, B,
 
 GRAM_CFG = dict(BLOCK_D=64, BLOCK_B=32)  # BLOCK_B=64: 66-98 KB of pipelined operands, 12-19% occupancy
 ZG_CFG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+SIM_CFG = dict(BLOCK_B=32, BLOCK_K=32)  # the similarity's tiles (sm_90 audit: 64 x 64 tiles fell under 25% occupancy)
+SZ_CFG = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)  # S Z (fp32 64 x 64: 19% occupancy on the sm_90 audit)
 NUM_WARPS = 4
 
 
@@ -198,6 +253,59 @@ def _gram_launch(f, rinv, gram, sq, *, n_split: int):
                                         DOT_DTYPE=dot_kind(f.dtype), num_warps=NUM_WARPS, **GRAM_CFG)
 
 
+def uses_similarity(B: int, D: int) -> bool:
+    """Whether the loss is summed from the B x B similarity S = Z Z^T rather than the D x D Gram: where
+    S is the smaller (B < D), as the C++ CPU kernel chooses. ||S||_F = ||G||_F; S costs 2 B^2 D FLOPs
+    to G's 2 B D^2 (U-MAE's per-rank batches of 64-256 at D = 768: 3-12x fewer), and its backward
+    dZ = 4c S Z the same factor."""
+    return B < D
+
+
+def square_sum(f, rinv, *, keep: bool = False):
+    """(sum_ij (z_i . z_j)^2 as an fp32 scalar, the product the backward needs if `keep` else None: S
+    (B, B) where uses_similarity, else G (D, D), fp32); z = f * rinv[:, None]. One launch."""
+    B, D = f.shape
+    if uses_similarity(B, D):
+        return _sim_square_sum(f, rinv, keep=keep)
+    return gram_square_sum(f, rinv, keep_gram=keep)
+
+
+def _sim_launch(f, rinv, sim, sq):
+    """sq: (nt * nt,) fp32 partials of ||S||^2; sim: (B, B) fp32 or None (sq's pointer, not written)."""
+    f, rinv, _ = _as_on_gpu(f, rinv)
+    B, D = f.shape
+    nt = triton.cdiv(B, SIM_CFG["BLOCK_B"])
+    with on_device(f):
+        _sim_kernel[(nt, nt)](f, rinv, sim if sim is not None else sq, sq, B, D, f.stride(0), f.stride(1),
+                              STORE_SIM=sim is not None, DOT_DTYPE=dot_kind(f.dtype), num_warps=NUM_WARPS, **SIM_CFG)
+
+
+def _sim_square_sum(f, rinv, *, keep: bool):
+    B = f.shape[0]
+    nt = triton.cdiv(B, SIM_CFG["BLOCK_B"])
+    sq = torch.empty((nt * nt,), device=f.device, dtype=torch.float32)
+    sim = torch.empty((B, B), device=f.device, dtype=torch.float32) if keep else None
+    _sim_launch(f, rinv, sim, sq)
+    return sq.sum(), sim
+
+
+def sim_times_z(f, rinv, s):
+    """S @ Z (B, D) fp32. z is formed once, in the dtype the dot takes (the features' on the tensor
+    cores, rounded as _load_z rounds it; fp32 otherwise): a row-scaled operand computed in the kernel
+    cost it a quarter of its occupancy and spilled (the sm_90 audit)."""
+    f, rinv, s = _as_on_gpu(f, rinv, s)
+    B, D = f.shape
+    kind = dot_kind(f.dtype)
+    z = f.to(torch.float32) * rinv[:, None]
+    if kind != DOT_IN_FP32.value:
+        z = z.to(f.dtype)
+    out = torch.empty((B, D), device=f.device, dtype=torch.float32)
+    grid = (triton.cdiv(B, SZ_CFG["BLOCK_M"]), triton.cdiv(D, SZ_CFG["BLOCK_N"]))
+    with on_device(f):
+        _sim_times_z_kernel[grid](s, z, out, B, D, DOT_DTYPE=kind, num_warps=NUM_WARPS, **SZ_CFG)
+    return out
+
+
 def gram_square_sum(f, rinv, *, keep_gram: bool = False):
     """(sum_ij (z_i . z_j)^2 = ||Z^T Z||_F^2 as an fp32 scalar, G = Z^T Z (D, D) fp32 if keep_gram
     else None); z = f * rinv[:, None]. One launch.
@@ -246,12 +354,14 @@ def z_times_gram(f, rinv, g):
     return out
 
 
-def grad_rows(f, rinv, norms, g, c: float, *, exclude_diagonal: bool, normalize: bool, eps: float):
-    """dL/df (B, D) fp32 of L = c/4 (||G||^2 - [exclude] sum_i |z_i|^4), G = Z^T Z given: Z G by
-    z_times_gram, the rest in one pass (_grad_rows_kernel), where torch ops took a dozen launches."""
-    scale = gram_scale(g, f.dtype)  # fp16: G scaled to <= 1 before its rounding
-    zg = z_times_gram(f, rinv, g if scale is None else g * scale)
+def grad_rows(f, rinv, norms, m, c: float, *, exclude_diagonal: bool, normalize: bool, eps: float):
+    """dL/df (B, D) fp32 of L = c/4 (||G||^2 - [exclude] sum_i |z_i|^4) from square_sum's kept product
+    m: Z G (z_times_gram) or S Z (sim_times_z), the same rows, then the rest in one pass
+    (_grad_rows_kernel), where torch ops took a dozen launches."""
+    scale = gram_scale(m, f.dtype)  # fp16: G (or S) scaled to <= 1 before its rounding
+    m = m if scale is None else m * scale
     B, D = f.shape
+    zg = sim_times_z(f, rinv, m) if uses_similarity(B, D) else z_times_gram(f, rinv, m)
     out = torch.empty((B, D), device=f.device, dtype=torch.float32)
     if B * D == 0:
         return out
@@ -281,6 +391,18 @@ def requested_bytes(kernel: str, a: dict, grid) -> int:
         if a["STORE_GRAM"]:
             out += n_split * sum(w[i] * w[j] * e("gram_ptr") * (1 if i == j else 2) for i, j in tiles)
         return out + (nt * nt * e("sq_ptr") if a["SQUARE"] else 0)
+    if kernel == "_sim_kernel":
+        nt, bb = grid[0], a["BLOCK_B"]
+        w = [min(bb, B - t * bb) for t in range(nt)]
+        tiles = [(i, j) for i in range(nt) for j in range(i, nt)]
+        out = sum(D * (w[i] + w[j]) * e("f_ptr") + (w[i] + w[j]) * triton.cdiv(D, a["BLOCK_K"]) * e("rinv_ptr")
+                  for i, j in tiles)
+        if a["STORE_SIM"]:
+            out += sum(w[i] * w[j] * e("sim_ptr") * (1 if i == j else 2) for i, j in tiles)
+        return out + nt * nt * e("sq_ptr")
+    if kernel == "_sim_times_z_kernel":  # each row block of S once per column block, z once per row block
+        n_m, n_n = grid[0], grid[1]
+        return n_n * B * B * e("s_ptr") + n_m * B * D * e("z_ptr") + B * D * e("out_ptr")
     if kernel == "_grad_rows_kernel":  # f, zg in, out; rinv (and norms) per row
         return B * D * (e("f_ptr") + e("zg_ptr") + e("out_ptr")) + B * e("rinv_ptr") + (
             B * e("norms_ptr") if a["NORMALIZE"] else 0) + (e("scale_ptr") * grid[0] if a["HAS_SCALE"] else 0)

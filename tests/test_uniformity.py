@@ -273,22 +273,25 @@ def test_batch_split_gram_is_exercised_and_exact():
 
 @triton_cpu
 @pytest.mark.parametrize("requires_grad", [True, False])
-def test_forward_keeps_the_gram_for_the_backward(monkeypatch, requires_grad):
-    # one Gram launch per forward + backward: the forward stores G (and the norms) for the
-    # backward when a gradient will follow, and stores no D x D when none will
+@pytest.mark.parametrize("B,D,kind", [(70, 130, "sim"), (130, 70, "gram")])
+def test_forward_keeps_the_product_for_the_backward(monkeypatch, requires_grad, B, D, kind):
+    # one square-sum launch per forward + backward: the forward stores the product the backward needs (S
+    # = Z Z^T where B < D, the smaller; else G = Z^T Z) when a gradient will follow, and none when none will
     from umae.kernels import uniformity as k
 
     launches = []
-    real = k._gram_launch
-    monkeypatch.setattr(k, "_gram_launch", lambda f, rinv, gram, sq, **kw: (launches.append(gram is not None),
-                                                                           real(f, rinv, gram, sq, **kw)))
-    f = randn(70, 130, requires_grad=requires_grad)
+    real_gram, real_sim = k._gram_launch, k._sim_launch
+    monkeypatch.setattr(k, "_gram_launch", lambda f, rinv, gram, sq, **kw: (
+        launches.append(("gram", gram is not None)), real_gram(f, rinv, gram, sq, **kw)))
+    monkeypatch.setattr(k, "_sim_launch", lambda f, rinv, sim, sq: (
+        launches.append(("sim", sim is not None)), real_sim(f, rinv, sim, sq)))
+    f = randn(B, D, requires_grad=requires_grad)
     with ops.use_impl("triton-interpreter"):
         loss = umae.uniformity_loss(f)
-        assert launches == [requires_grad]
+        assert launches == [(kind, requires_grad)]
         if requires_grad:
             (grad,) = torch.autograd.grad(loss, f)
-            assert launches == [True]
+            assert launches == [(kind, True)]
             ref = f.detach().requires_grad_()
             assert_close(grad, torch.autograd.grad(uniformity_loss_reference(ref), ref)[0],
                          **MATMUL_TOL[torch.float32])

@@ -217,7 +217,7 @@ if _library.TRITON_USABLE:
 
     def _triton_loss_and_gram(features, normalize, exclude_diagonal, eps, keep_gram):
         norms, rinv = _prep(features, normalize=normalize, eps=eps)
-        total, g = KERNELS.gram_square_sum(features, rinv, keep_gram=keep_gram)
+        total, g = KERNELS.square_sum(features, rinv, keep=keep_gram)  # G, or S where B < D
         if exclude_diagonal:
             total = total - _diag_sum(KERNELS, features, rinv)
         return total / _denominator(features.shape[0], exclude_diagonal), norms, rinv, g
@@ -226,8 +226,9 @@ if _library.TRITON_USABLE:
         return _triton_loss_and_gram(features, normalize, exclude_diagonal, eps, keep_gram=False)[0]
 
     def _triton_with_grad(features, normalize, exclude_diagonal, eps):
-        # G = Z^T Z (D x D) comes from the same launch as the loss; dL/dF = 4c Z G through the normalization:
-        # _grad_from_gram's math, in two launches (Z G, then the rows' epilogue)
+        # G = Z^T Z (D x D; or S = Z Z^T, B x B, where B < D) comes from the same launch as the loss; dL/dF =
+        # 4c Z G = 4c S Z through the normalization: _grad_from_gram's math in two launches (the product, then
+        # the rows' epilogue)
         loss, norms, rinv, g = _triton_loss_and_gram(features, normalize, exclude_diagonal, eps, keep_gram=True)
         c = 4.0 / _denominator(features.shape[0], exclude_diagonal)
         df = KERNELS.grad_rows(features, rinv, norms, g, c, exclude_diagonal=exclude_diagonal, normalize=normalize,

@@ -28,6 +28,8 @@ rounding and the product scaled back in fp32 (exact for bf16, which has fp32's r
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -196,11 +198,35 @@ def _grad_rows_kernel(f_ptr, rinv_ptr, norms_ptr, zg_ptr, scale_ptr, out_ptr, B,
     tl.store(out_ptr + off, dz, mask=m)
 
 
-GRAM_CFG = dict(BLOCK_D=64, BLOCK_B=32)  # BLOCK_B=64: 66-98 KB of pipelined operands, 12-19% occupancy
-ZG_CFG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-SIM_CFG = dict(BLOCK_B=32, BLOCK_K=32)  # the similarity's tiles (sm_90 audit: 64 x 64 tiles fell under 25% occupancy)
-SZ_CFG = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)  # S Z (fp32 64 x 64: 19% occupancy on the sm_90 audit)
-NUM_WARPS = 4
+# tile configurations, with their warps: the defaults, then the candidates the GPU check times at
+# U-MAE's shapes in bf16 (`umae bench --tune`; each compiled for sm_90 and audited by the tests)
+GRAM_CFG = dict(BLOCK_D=64, BLOCK_B=32, num_warps=4)  # BLOCK_B=64: 66-98 KB of pipelined operands, 12-19% occupancy
+ZG_CFG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4)
+SIM_CFG = dict(BLOCK_B=32, BLOCK_K=32, num_warps=4)  # the similarity's tiles (fp32 64 x 32: 19% occupancy on sm_90)
+SZ_CFG = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4)  # S Z (fp32 64 x 64: 19% occupancy on sm_90)
+NUM_WARPS = 4  # the gradient epilogue's
+CANDIDATES = {
+    # (BLOCK_D=128 at 8 warps: 12% occupancy on the audit)
+    "GRAM_CFG": [GRAM_CFG, dict(BLOCK_D=64, BLOCK_B=32, num_warps=4, num_stages=4),
+                 dict(BLOCK_D=64, BLOCK_B=64, num_warps=4, num_stages=2)],
+    "ZG_CFG": [ZG_CFG, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8)],
+    "SIM_CFG": [SIM_CFG, dict(BLOCK_B=64, BLOCK_K=32, num_warps=4), dict(BLOCK_B=64, BLOCK_K=64, num_warps=8)],
+    "SZ_CFG": [SZ_CFG, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4)],
+}
+# which configurations serve which product: the forward's square sum and the backward's
+PRODUCTS = {"gram": ("GRAM_CFG", "ZG_CFG"), "sim": ("SIM_CFG", "SZ_CFG")}
+
+
+@contextlib.contextmanager
+def configured(**cfgs):
+    """The launchers use `cfgs` ({"GRAM_CFG": dict(...), ...}) while this holds (the tuning runs)."""
+    g = globals()
+    old = {k: g[k] for k in cfgs}
+    g.update(cfgs)
+    try:
+        yield
+    finally:
+        g.update(old)
 
 
 WAVES = 2  # Gram programs per SM the batch split aims for
@@ -250,7 +276,7 @@ def _gram_launch(f, rinv, gram, sq, *, n_split: int):
     with on_device(f):
         _gram_kernel[(nt, nt, n_split)](f, rinv, gram if store_gram else sq, sq if square else gram, B, D,
                                         f.stride(0), f.stride(1), rows, STORE_GRAM=store_gram, SQUARE=square,
-                                        DOT_DTYPE=dot_kind(f.dtype), num_warps=NUM_WARPS, **GRAM_CFG)
+                                        DOT_DTYPE=dot_kind(f.dtype), **GRAM_CFG)
 
 
 def uses_similarity(B: int, D: int) -> bool:
@@ -277,7 +303,7 @@ def _sim_launch(f, rinv, sim, sq):
     nt = triton.cdiv(B, SIM_CFG["BLOCK_B"])
     with on_device(f):
         _sim_kernel[(nt, nt)](f, rinv, sim if sim is not None else sq, sq, B, D, f.stride(0), f.stride(1),
-                              STORE_SIM=sim is not None, DOT_DTYPE=dot_kind(f.dtype), num_warps=NUM_WARPS, **SIM_CFG)
+                              STORE_SIM=sim is not None, DOT_DTYPE=dot_kind(f.dtype), **SIM_CFG)
 
 
 def _sim_square_sum(f, rinv, *, keep: bool):
@@ -302,7 +328,7 @@ def sim_times_z(f, rinv, s):
     out = torch.empty((B, D), device=f.device, dtype=torch.float32)
     grid = (triton.cdiv(B, SZ_CFG["BLOCK_M"]), triton.cdiv(D, SZ_CFG["BLOCK_N"]))
     with on_device(f):
-        _sim_times_z_kernel[grid](s, z, out, B, D, DOT_DTYPE=kind, num_warps=NUM_WARPS, **SZ_CFG)
+        _sim_times_z_kernel[grid](s, z, out, B, D, DOT_DTYPE=kind, **SZ_CFG)
     return out
 
 
@@ -350,7 +376,7 @@ def z_times_gram(f, rinv, g):
     grid = (triton.cdiv(B, ZG_CFG["BLOCK_M"]), triton.cdiv(D, ZG_CFG["BLOCK_N"]))
     with on_device(f):
         _z_times_gram_kernel[grid](f, rinv, g, out, B, D, f.stride(0), f.stride(1), DOT_DTYPE=dot_kind(f.dtype),
-                                   num_warps=NUM_WARPS, **ZG_CFG)
+                                   **ZG_CFG)
     return out
 
 

@@ -3,7 +3,8 @@
 # It uses that machine's python3 and packages (nothing installed: no registry there), builds in
 # place without pip, and writes under $OUT (default out/gpu) as each stage ends, so a stop at
 # any point still returns what was done. Every stage runs under its own `timeout`; the boxes
-# add up to 520 s, inside the 540 s limit of a call (start-up apart).
+# add up to 535 s, inside the 540 s limit of a call (start-up apart; the stages seldom fill their
+# boxes, and a stage that outruns its box loses only its own rows).
 #
 #   stage     box    what                                                       -> $OUT/
 #   env        15 s  nvidia-smi, clocks, versions, pip list, the tree's hash    env.txt
@@ -11,8 +12,8 @@
 #   tests     100 s  pytest -k cuda: every op x dtype, fwd+bwd vs reference,    tests.log
 #                    opcheck, compile(fullgraph), fused vs reference model, umae.patch on ViTMAE,
 #                    the interpreter-vs-GPU rounding claims (bitwise where docs/design.md says so)
-#   sanitize   40 s  compute-sanitizer memcheck + racecheck, scripts/gpu_small.py   sanitizer.log
-#   profile    40 s  U-MAE ViT-B/16 training steps, batch 64 and 256, fused and       profile.json (+ bench.log)
+#   sanitize   40 s  compute-sanitizer memcheck + racecheck, scripts/gpu_small.py   (tests.log)
+#   profile    35 s  U-MAE ViT-B/16 training steps, batch 64 and 256, fused and       profile.json (+ bench.log)
 #                    reference model, under torch.profiler: host and wall ms per step, device-busy
 #                    fraction, kernel launches, top kernels (umae bench --profile-steps)
 #   ops        75 s  every op, bf16, ViT-B/16 N=256, fwd+bwd,                     bench.log, results.json
@@ -22,11 +23,13 @@
 #                    fused vs eager: eager's B x B runs out of memory where the fused D x D does not
 #   train      50 s  training step, bf16 autocast, ViT-B/16 batch 64: umae U-MAE (lamb 0.01),   (appended)
 #                    umae MAE, transformers ViTMAEForPreTraining patched vs not; img/s, MFU, peak MB
-#   compile    60 s  the U-MAE ViT-B/16 step at batch 256 under torch.compile's CUDA-graph   (appended)
+#   compile    55 s  the U-MAE ViT-B/16 step at batch 256 under torch.compile's CUDA-graph   (appended)
 #                    mode (reduce-overhead), reference model vs fused: the step goal
-#   host       25 s  host time per call, each op at tiny sizes, fwd and fwd+bwd, fused vs      host.json (+ bench.log)
+#   host       20 s  host time per call, each op at tiny sizes, fwd and fwd+bwd, fused vs      host.json (+ bench.log)
 #                    reference vs one aten op, the GPU held behind a sleep kernel; a training step of
 #                    the smallest model (umae bench --host)
+#   tune       30 s  the uniformity kernels' candidate tile configurations, B = 256 and        tune.json (+ bench.log)
+#                    16,384 x 768 bf16, fwd+bwd device time, the winners (umae bench --tune)
 #
 # STAGES="tests unif" (say) runs only those stages, TEST_ARGS="tests/test_x.py -k cuda" other tests.
 # Without a GPU (or with --dry-run) the same stages run at tiny sizes on CPU, about a minute on 2
@@ -66,7 +69,7 @@ else
   TEST_SEL=(tests -k cuda)
 fi
 # STAGES="build tests ..." runs those alone (env always runs): a second call within a lease
-STAGES=${STAGES:-build tests sanitize profile ops unif train compile host}
+STAGES=${STAGES:-build tests sanitize profile ops unif train compile host tune}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 [ -n "${TEST_ARGS:-}" ] && read -r -a TEST_SEL <<< "$TEST_ARGS"
 status=0
@@ -115,29 +118,32 @@ fi
 
 if want sanitize; then
 stage sanitize
+# its log goes into tests.log (8 files at most come back)
+SAN=/tmp/umae_sanitizer.log
+: > "$SAN"
 if [ $DRY = 1 ]; then
-  box 40 $PY scripts/gpu_small.py > "$OUT/sanitizer.log" 2>&1 || fail "gpu_small.py"
-  echo "compute-sanitizer skipped: no CUDA device (scripts/gpu_small.py ran on CPU)" | tee -a "$OUT/sanitizer.log"
+  box 40 $PY scripts/gpu_small.py > "$SAN" 2>&1 || fail "gpu_small.py"
+  echo "compute-sanitizer skipped: no CUDA device (scripts/gpu_small.py ran on CPU)" | tee -a "$SAN"
 elif ! command -v compute-sanitizer >/dev/null; then
-  echo "compute-sanitizer skipped: not on the PATH" | tee "$OUT/sanitizer.log"
+  echo "compute-sanitizer skipped: not on the PATH" | tee "$SAN"
 else
-  : > "$OUT/sanitizer.log"
   for tool in memcheck racecheck; do
-    echo "--- $tool" >> "$OUT/sanitizer.log"
-    timeout 20 compute-sanitizer --tool $tool --error-exitcode 3 $PY scripts/gpu_small.py >> "$OUT/sanitizer.log" 2>&1
+    echo "--- $tool" >> "$SAN"
+    timeout 20 compute-sanitizer --tool $tool --error-exitcode 3 $PY scripts/gpu_small.py >> "$SAN" 2>&1
     rc=$?
-    if grep -q "Device not supported\|error 999" "$OUT/sanitizer.log"; then
+    if grep -q "Device not supported\|error 999" "$SAN"; then
       echo "$tool skipped: this runtime refuses the device (KINDS.md: gVisor)"; break
     fi
     [ $rc = 0 ] && echo "$tool: clean" || fail "$tool rc $rc"
   done
 fi
+{ echo "=== sanitize"; cat "$SAN"; } >> "$OUT/tests.log"
 fi
 
 if want profile; then
 stage profile
 echo "=== profile: umae bench --profile-steps --providers fused eager" >> "$OUT/bench.log"
-box 40 $PY -m umae.cli.main bench --profile-steps --providers fused eager --out "$OUT" > /tmp/umae_profile.log 2>&1 \
+box 35 $PY -m umae.cli.main bench --profile-steps --providers fused eager --out "$OUT" > /tmp/umae_profile.log 2>&1 \
   || fail "profile (rc $?)"
 grep -v "^wrote " /tmp/umae_profile.log | tee -a "$OUT/bench.log" | head -12
 fi
@@ -159,12 +165,18 @@ bench ops 75 --ops patchify unpatchify masked_mse_loss mae_loss random_masking r
 bench unif 25 --ops uniformity_loss --shapes $UNIF_SHAPES --dtypes bfloat16 --modes fwd+bwd \
   --providers fused eager
 bench train 50 --ops train_step mae_train_step hf_train_step --shapes $E2E_SHAPES --providers fused eager
-bench compile 60 "${COMPILE_ARGS[@]}"
+bench compile 55 "${COMPILE_ARGS[@]}"
 if want host; then
 stage host
 echo "=== host: umae bench --host" >> "$OUT/bench.log"
-box 25 $PY -m umae.cli.main bench --host --out "$OUT" > /tmp/umae_bench_host.log 2>&1 || fail "bench host (rc $?)"
+box 20 $PY -m umae.cli.main bench --host --out "$OUT" > /tmp/umae_bench_host.log 2>&1 || fail "bench host (rc $?)"
 grep -v "^wrote " /tmp/umae_bench_host.log | tee -a "$OUT/bench.log" | tail -12
+fi
+if want tune; then
+stage tune
+echo "=== tune: umae bench --tune" >> "$OUT/bench.log"
+box 30 $PY -m umae.cli.main bench --tune --out "$OUT" > /tmp/umae_tune.log 2>&1 || fail "tune (rc $?)"
+grep -v "^wrote " /tmp/umae_tune.log | tee -a "$OUT/bench.log" | tail -14
 fi
 stage "done (status $status)"
 exit $status

@@ -13,7 +13,8 @@ import umae
 from utils import HANG_GUARD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["env", "build", "tests", "sanitize", "profile", "ops", "unif", "train", "compile", "host", "done (status 0)"]
+STAGES = ["env", "build", "tests", "sanitize", "profile", "ops", "unif", "train", "compile", "host", "tune",
+          "done (status 0)"]
 
 
 @pytest.mark.gpucheck
@@ -30,8 +31,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert heads == ["env: dry run (CPU, tiny sizes)"] + STAGES[1:], heads
     assert "!!" not in r.stdout, log[-4000:]
     files = set(os.listdir(tmp_path))
-    assert {"env.txt", "build.log", "tests.log", "sanitizer.log", "bench.log", "results.json", "host.json",
+    assert {"env.txt", "build.log", "tests.log", "bench.log", "results.json", "host.json",
             "profile.json"} <= files and len(files) <= 8, files  # the device tool returns 8 files at most
+    assert "=== sanitize" in open(tmp_path / "tests.log").read()  # its log, in tests.log
+    assert "on a GPU only" in open(tmp_path / "bench.log").read()  # the tune stage: nothing to time on CPU
     assert "tree: " in open(tmp_path / "env.txt").read()
     rows = json.load(open(tmp_path / "results.json"))["rows"]
     timed = {(r["op"], r["shape"], r["provider"]) for r in rows if "ms" in r}

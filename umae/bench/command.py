@@ -44,6 +44,10 @@ def add_args(b: argparse.ArgumentParser) -> None:
                    help="instead of timing ops: a few U-MAE training steps under torch.profiler per batch and provider "
                         "(--providers; CUDA: ViT-B/16 at batch 64 and 256): host and wall ms per step, device-busy "
                         "fraction, kernel launches, top kernels; with --out, profile.json")
+    b.add_argument("--tune", action="store_true",
+                   help="on a GPU: time each candidate tile configuration of the Triton kernels (uniformity_loss at "
+                        "B = 256 and 16,384 x 768, bf16, fwd+bwd, device time) and report the winners; with --out, "
+                        "tune.json")
     b.add_argument("--traffic", action="store_true",
                    help="instead of timing: count the bytes each op moves, fused (kernels counted in the Triton "
                         "interpreter) vs eager (every aten op) vs the minimum, at ViT-B/16 and ViT-Tiny/32")
@@ -55,6 +59,10 @@ def main(args) -> int:
         return traffic(args)
     import torch
 
+    if args.tune:
+        from . import tune
+
+        return tune.main(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.out)
     if args.profile_steps:
         from . import profile_steps
 

@@ -126,6 +126,8 @@ def collect_launches(op_names, shapes=None, models=None):
                     _fwd_bwd(c.forward(), c.grad_inputs)
                     with torch.no_grad():  # inference launches (uniformity: no Gram kept for a backward)
                         c.forward()
+        for op in chosen:  # every tuning candidate, as `umae bench --tune` launches it
+            _candidate_launches(op.name)
         for L, D in sorted({s for op in chosen for s in op.token_shapes}):
             _token_launches(L, D)  # both token ops run; the chosen ops' launches are kept
         for m in models:
@@ -137,6 +139,26 @@ def collect_launches(op_names, shapes=None, models=None):
                 loss = model(x).loss
             loss.backward()
     return [launch for launch in launches if launch[0] in mine]
+
+
+def _candidate_launches(op: str) -> None:
+    from . import cases, tune
+
+    if op not in tune.TUNED:
+        return
+    k = registry_kernels(op)
+    for shape, _product, group, i, cfg in tune.runs(op):
+        if i == 0:  # the default: launched above
+            continue
+        with k.configured(**{group: cfg}):
+            c = cases.case(op, shape, tune.TUNED[op][1], "cpu")
+            _fwd_bwd(c.forward(), c.grad_inputs)
+
+
+def registry_kernels(op: str):
+    from .. import registry
+
+    return registry.get(op).kernels
 
 
 def _token_launches(L, D):

@@ -1,0 +1,88 @@
+"""`umae bench --tune`: the candidate tile configurations of a Triton op's kernels
+(`CANDIDATES` in its kernel module: the default first), each timed on the GPU in one call at the
+shapes where it matters, forward + backward, by device time (CUDA-graph replay) and with the host;
+the winner per (shape, product) is reported and written to tune.json. The defaults are not
+changed here: a winner becomes the default in a commit, after the sm_90 audit has passed it (the
+compile check compiles every candidate: umae/bench/jit.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .. import registry
+from .cases import SHAPES, case
+from .timing import device_ms, mode_fn, provider_forward, time_ms
+
+# op -> the shape sets its candidates are timed (and compiled) at, and the dtype: U-MAE's per-rank
+# batch (B < D: the similarity) and a large batch (the Gram)
+TUNED = {"uniformity_loss": (("unif_b256", "unif_b16384"), torch.bfloat16)}
+
+
+def runs(op: str):
+    """(shape, product, group, index, config) of every candidate to time for `op`: per shape, the groups
+    of the product its launches use, each candidate with the other groups at their defaults."""
+    k = registry.get(op).kernels
+    shapes, _ = TUNED[op]
+    for shape in shapes:
+        B, D = SHAPES[shape]["B"], SHAPES[shape]["D"]
+        product = "sim" if k.uses_similarity(B, D) else "gram"
+        for group in k.PRODUCTS[product]:
+            for i, cfg in enumerate(k.CANDIDATES[group]):
+                yield shape, product, group, i, cfg
+
+
+def tune(op: str, device: str) -> list[dict]:
+    k = registry.get(op).kernels
+    _, dtype = TUNED[op]
+    rows = []
+    for shape, product, group, i, cfg in runs(op):
+        torch.manual_seed(0)
+        c = case(op, shape, dtype, device)
+        with k.configured(**{group: cfg}):
+            fn = mode_fn(provider_forward(c.forward, "fused"), c.grad_inputs, "fwd+bwd")
+            ms = time_ms(fn, device)[0]
+            dev, why = device_ms(fn) if device == "cuda" else (None, "no GPU")
+        rows.append(dict(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), product=product, group=group,
+                         candidate=i, config=cfg, ms=ms, ms_device=dev, **({"device_error": why} if dev is None else {})))
+    return rows
+
+
+def winners(rows) -> dict:
+    """{(shape, group): the row with the least device time (host-inclusive time where none)}."""
+    best: dict = {}
+    for r in rows:
+        t = r["ms_device"] if r["ms_device"] is not None else r["ms"]
+        key = (r["shape"], r["group"])
+        if key not in best or t < best[key][0]:
+            best[key] = (t, r)
+    return {key: r for key, (_, r) in best.items()}
+
+
+def format_rows(rows) -> str:
+    win = {id(r) for r in winners(rows).values()}
+    lines = ["| shape | product | group | candidate | config | ms | device ms | |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dev = f"{r['ms_device']:.4f}" if r["ms_device"] is not None else "-"
+        cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
+        lines.append(f"| {r['shape']} | {r['product']} | {r['group']} | {r['candidate']}{' (default)' if r['candidate'] == 0 else ''} "
+                     f"| {cfg} | {r['ms']:.4f} | {dev} | {'winner' if id(r) in win else ''} |")
+    return "\n".join(lines)
+
+
+def main(device: str, out: str | None) -> int:
+    if device != "cuda":
+        print("umae bench --tune: the candidates are Triton kernels, timed on a GPU only; on CPU the C++ kernels "
+              "run (nothing to tune here)")
+        return 0
+    rows = [r for op in TUNED for r in tune(op, device)]
+    print("Candidate tile configurations, fused fwd+bwd (umae/bench/tune.py); winner: least device time")
+    print(format_rows(rows))
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "tune.json"), "w") as f:
+            json.dump(dict(rows=rows), f, indent=1)
+        print(f"wrote {out}/tune.json")
+    return 0

@@ -5,6 +5,7 @@
 #pragma once
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
 #include <string>
 #include <vector>
@@ -23,6 +24,15 @@ c10::TypedOperatorHandle<Sig> find_op(const char* name) {
 // Whether a call records a node: a forward that does not skips Function::apply (and its bookkeeping).
 inline bool records(const at::Tensor& t) { return t.requires_grad() && at::GradMode::is_enabled(); }
 inline bool records(const std::optional<at::Tensor>& t) { return t.has_value() && records(*t); }
+
+// Forward-mode AD (dual tensors: torch.func.jvp, torch.autograd.forward_ad) has no rule in the fused
+// ops: refused, naming the op, where it gave a zero tangent without a word.
+template <typename... Ts>
+inline void refuse_forward_ad(const char* op, const Ts&... tensors) {
+  TORCH_CHECK(!(torch::autograd::isFwGradDefined(tensors) || ...), "umae::", op,
+              ": forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported by the fused kernel; "
+              "use the reference: umae.use_backend(\"reference\"), backend=\"reference\" or UMAE_BACKEND=reference");
+}
 
 inline std::string double_backward_message(const std::string& op) {
   return "umae::" + op +

@@ -400,3 +400,46 @@ def test_the_cached_decision_follows_the_switch():
                 assert not _backend.fused(spec, (f,), None)  # the Triton kernel takes no fp64
                 assert _backend.fused(spec, (f.float(),), None)
             assert _backend.fused(spec, (f,), None)
+
+
+# ---- forward-mode AD ----------------------------------------------------------------------------
+
+FORWARD_AD = r"umae::.*forward-mode AD \(torch.func.jvp, torch.autograd.forward_ad\) is not supported by the fused"
+
+
+def _jvp_cases():
+    """op -> (its input, a function of it through the public op), fp64 (the C++ kernels take it)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    imgs, mask, noise = r(2, 3, 8, 8), (torch.rand(2, 4, generator=g) < 0.5).double(), torch.rand(2, 4, generator=g)
+    target, ids = umae.patchify(imgs, 4, backend="reference"), torch.argsort(torch.rand(2, 4, generator=g), 1)
+    pos, cls, tok, pos2 = r(1, 4, 16), r(1, 1, 16), r(1, 1, 16), r(1, 5, 16)
+    return {"patchify": (imgs, lambda v: umae.patchify(v, 4)),
+            "unpatchify": (r(2, 4, 48), lambda v: umae.unpatchify(v, 4, 8, 3)),
+            "masked_mse_loss": (r(2, 4, 48), lambda v: umae.masked_mse_loss(v, target, mask)),
+            "mae_loss": (r(2, 4, 48), lambda v: umae.mae_loss(v, imgs, mask, 4)),
+            "random_masking": (r(2, 4, 16), lambda v: umae.random_masking(v, 0.5, noise, pos, cls)[0]),
+            "restore_tokens": (r(2, 3, 16), lambda v: umae.restore_tokens(v, ids, tok, pos2)),
+            "uniformity_loss": (r(5, 16), lambda v: umae.uniformity_loss(v))}
+
+
+@pytest.mark.parametrize("op", list(registry.OPS))
+@pytest.mark.parametrize("api", ["func.jvp", "forward_ad"])
+def test_forward_mode_ad_is_refused_not_zero(op, api):
+    # was: zero tangents (func.jvp) or none (forward_ad) from every fused op, without a word
+    import torch.autograd.forward_ad as fwAD
+
+    x, fn = _jvp_cases()[op]
+    assert ops.implementation(op, x) == "cpp-cpu"
+    tan = torch.randn_like(x)
+
+    def tangent(backend):
+        with umae.use_backend(backend):
+            if api == "func.jvp":
+                return torch.func.jvp(fn, (x,), (tan,))[1]
+            with fwAD.dual_level():
+                return fwAD.unpack_dual(fn(fwAD.make_dual(x, tan))).tangent
+    ref = tangent("reference")
+    assert ref is not None and ref.abs().max() > 0  # the reference's tangent exists
+    with pytest.raises(RuntimeError, match=FORWARD_AD):
+        tangent("fused")

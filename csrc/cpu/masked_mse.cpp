@@ -229,6 +229,7 @@ void refuse_target_grad(const at::Tensor& target, int64_t patch_size) {
 at::Tensor patch_mse_autograd(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask,
                               int64_t patch_size, bool norm_pix, double eps) {
   refuse_target_grad(target, patch_size);
+  refuse_forward_ad("patch_mse (mae_loss, masked_mse_loss)", pred, target, mask);
   if (records(pred) || records(mask)) return PatchMseFunction::apply(pred, target, mask, patch_size, norm_pix, eps);
   at::AutoDispatchBelowADInplaceOrView guard;
   static const auto op = find_op<LossSig>("umae::patch_mse");

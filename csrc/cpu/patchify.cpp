@@ -98,12 +98,14 @@ class UnpatchifyFunction : public torch::autograd::Function<UnpatchifyFunction> 
 };
 
 at::Tensor patchify_autograd(const at::Tensor& imgs, int64_t p) {
+  refuse_forward_ad("patchify", imgs);
   if (records(imgs)) return PatchifyFunction::apply(imgs, p);
   at::AutoDispatchBelowADInplaceOrView guard;
   return call_patchify(imgs, p);
 }
 
 at::Tensor unpatchify_autograd(const at::Tensor& x, int64_t p, int64_t h, int64_t w, int64_t c) {
+  refuse_forward_ad("unpatchify", x);
   if (records(x)) return UnpatchifyFunction::apply(x, p, h, w, c);
   at::AutoDispatchBelowADInplaceOrView guard;
   return call_unpatchify(x, p, h, w, c);

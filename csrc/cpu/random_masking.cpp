@@ -259,6 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_autograd(const at:
                                                                        const std::optional<at::Tensor>& pos,
                                                                        const std::optional<at::Tensor>& cls,
                                                                        int64_t len_keep) {
+  refuse_forward_ad("random_masking", x, pos, cls);
   if (!(records(x) || records(pos) || records(cls))) return call_masking(x, noise, pos, cls, len_keep);
   auto out = RandomMaskingFunction::apply(x, noise, pos, cls, len_keep);
   return {out[0], out[1], out[2]};

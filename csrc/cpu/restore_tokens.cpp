@@ -216,6 +216,7 @@ class RestoreTokensFunction : public torch::autograd::Function<RestoreTokensFunc
 
 at::Tensor restore_tokens_autograd(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& tok,
                                    const std::optional<at::Tensor>& pos, bool has_cls) {
+  refuse_forward_ad("restore_tokens", x, tok, pos);
   if (!(records(x) || records(tok) || records(pos))) return call_restore(x, ids, tok, pos, has_cls);
   return RestoreTokensFunction::apply(x, ids, tok, pos, has_cls);
 }

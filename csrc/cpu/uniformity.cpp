@@ -258,6 +258,7 @@ class UniformityFunction : public torch::autograd::Function<UniformityFunction> 
 };
 
 at::Tensor uniformity_autograd(const at::Tensor& features, bool normalize, bool exclude_diagonal, double eps) {
+  refuse_forward_ad("uniformity_loss", features);
   if (records(features))
     return UniformityFunction::apply(features, normalize, exclude_diagonal, eps);
   // no gradient will follow (e.g. plain MAE logging the term detached): the loss alone

@@ -102,3 +102,18 @@ def test_image_folder_decoding(tmp_path):
             assert torch.equal(img, pil), path  # lossless: the same pixels
         else:
             assert diff.max() <= 2 and diff.float().mean() < 0.5, (path, int(diff.max()))  # two JPEG decoders
+
+
+@pytest.mark.parametrize("ext", ["png", "tif"])
+def test_16_bit_images_are_read_at_their_scale(tmp_path, ext):
+    # a 16-bit PNG decoded as uint16 was divided by 255 downstream: inputs up to 257x too large (1145 seen)
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 65536, size=(20, 24), dtype=np.uint16)
+    path = str(tmp_path / f"g16.{ext}")
+    Image.fromarray(arr).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    got = D._decode(path)
+    want = torch.from_numpy(((arr.astype(np.int64) + 128) // 257).astype(np.uint8))  # round(v / 257)
+    assert got.dtype == torch.uint8 and got.shape == (3, 20, 24)
+    assert torch.equal(got, want.expand(3, -1, -1))
+    assert int(got.max()) > 200 and int(got.min()) < 50  # the values span the 8-bit range

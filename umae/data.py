@@ -138,17 +138,28 @@ def _decode_file(path: str) -> torch.Tensor:
         raise BadImage(f"cannot read the image {path!r} in --data: {why}") from None
 
 
+def _to_8_bit(img: torch.Tensor) -> torch.Tensor:
+    """A 16-bit image (0..65535) as the pipeline's 8 bits, by its real scale: round(v / 257), 257 =
+    65535 / 255 (read as if 8-bit, its values were 257 times too large)."""
+    return torch.div(img.to(torch.int32) + 128, 257, rounding_mode="floor").to(torch.uint8)
+
+
 def _decode(path: str) -> torch.Tensor:
-    """torchvision's decode_image (libjpeg-turbo / libpng, no PIL object) for JPEG and PNG, which
-    is where it is faster (umae bench --ops loader); PIL for the rest."""
+    """uint8 (3, H, W). torchvision's decode_image (libjpeg-turbo / libpng, no PIL object) for JPEG and
+    PNG, which is where it is faster (umae bench --ops loader); PIL for the rest. 16-bit images are
+    scaled to 8 bits (_to_8_bit), not read as if they were 8-bit."""
     tv = _tv_decode()
     if tv is not None and path.lower().endswith((".jpg", ".jpeg", ".png")):
         decode_image, read_file, rgb = tv
-        return decode_image(read_file(path), mode=rgb)
+        img = decode_image(read_file(path), mode=rgb)
+        return img if img.dtype == torch.uint8 else _to_8_bit(img)
     import numpy as np
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.mode.startswith("I;16"):  # PIL's convert("RGB") clips 16-bit values at 255
+            gray = _to_8_bit(torch.from_numpy(np.asarray(im, dtype=np.uint16).astype(np.int32)))
+            return gray.expand(3, -1, -1).contiguous()
         return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
 
 

@@ -414,3 +414,31 @@ def test_official_ddp_grad_flag_reaches_the_model_and_a_resume_compares_it(tmp_p
     assert torch.load(ck, weights_only=False)["run"]["exact_ddp_grad"] is False
     rc = main(["train", *TINY, "--steps", "2", "--resume", str(ck), "--out", str(tmp_path / "b")])
     assert rc == 2 and "--resume-override exact_ddp_grad" in capsys.readouterr().err
+
+
+def test_nan_gradient_with_a_finite_loss_stops_before_checkpoint(tmp_path, monkeypatch, capsys):
+    # was: only the loss was checked: a NaN gradient turned the weights NaN, the run said "done", exit 0,
+    # and checkpoint-last.pt held NaNs
+    from umae.models import MaskedAutoencoderViT
+
+    class NanGrad(torch.autograd.Function):  # the identity, whose gradient is NaN
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("nan")
+
+    calls = []
+    real = MaskedAutoencoderViT.forward_loss
+
+    def poisoned(self, imgs, pred, mask):  # step 3's gradient only; the losses read at step 3 are finite
+        calls.append(1)
+        return real(self, imgs, NanGrad.apply(pred) if len(calls) == 3 else pred, mask)
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    out = tmp_path / "nangrad"
+    rc = main(["train", *TINY, "--steps", "4", "--ckpt-every", "3", "--log-every", "3", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "the gradient is not finite" in err and "at a step in 1..3" in err, err
+    assert not any(f.startswith("checkpoint") for f in os.listdir(out)), os.listdir(out)

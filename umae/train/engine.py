@@ -61,8 +61,13 @@ def last_checkpoint(loop: Loop) -> str:
             "none (the run saved no checkpoint before this)")
 
 
-def check_finite(loop: Loop, step: int, stats: dict) -> None:
+def check_finite(loop: Loop, step: int, stats: dict, grads_finite: bool = True) -> None:
     bad = [k for k in LOSS_FIELDS if k in stats and not math.isfinite(stats[k])]
+    if not bad and not grads_finite:  # a finite loss, a NaN or inf gradient: the weights went non-finite
+        raise NonFiniteLoss(
+            f"the gradient is not finite (a NaN or inf in some parameter's gradient, the loss finite) at a step in "
+            f"{loop.last_read + 1}..{step}. Stopped without saving; the last checkpoint: {last_checkpoint(loop)}. "
+            "Resume from it with a lower --blr or --lr, --clip-grad (e.g. 1.0), or --amp bf16 instead of fp16.")
     if not bad:
         return
     terms = ", ".join(f"{k} {stats[k]:.4g}" for k in LOSS_FIELDS if k in stats)
@@ -116,6 +121,8 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
             grad_norm = torch.nn.utils.clip_grad_norm_(loop.model.parameters(), a.clip_grad)
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
                 grad_norm = grad_norm.full_tensor()
+        if not loop.scaler.is_enabled():  # fp16's scaler skips a step whose gradient is not finite itself
+            loop.stats.add_grads([p.grad for p in loop.model.parameters() if p.grad is not None])
         loop.scaler.step(loop.opt)
         loop.scaler.update()
         loop.opt.zero_grad(set_to_none=True)
@@ -125,8 +132,9 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
         save = (a.ckpt_every and step % a.ckpt_every == 0) or step == loop.total
         if step % a.log_every == 0 or save:  # every rank reads (all-reduced): all stop together
             stats = loop.stats.read(loop.world)
+            grads_finite = stats.pop("grads_finite")
             loop.logger.log(step, epoch, loop.opt.param_groups[0]["lr"], stats)
-            check_finite(loop, step, stats)
+            check_finite(loop, step, stats, grads_finite)
             loop.last_read = step
         states = checkpoint.full_states(loop.model, loop.opt, a.fsdp and loop.world > 1) if save else None  # FSDP: every rank
         if save and loop.rank == 0:

@@ -4,6 +4,7 @@ TensorBoard scalars (when installed) and a progress bar."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -23,6 +24,9 @@ class DeviceStats:
     def __init__(self, device, probe: bool = False, grad_norm: bool = False):
         self.fields = FIELDS + (PROBE_FIELDS if probe else ()) + (("grad_norm",) if grad_norm else ())
         self.sum = torch.zeros(len(self.fields), device=device)
+        # 0, or NaN once a step's gradient had a NaN or inf (with a finite loss: the weights would turn
+        # non-finite unseen): read with the sums, not logged
+        self.grad_check = torch.zeros((), device=device)
         self.count = 0
         self._grad = "grad_norm" in self.fields
 
@@ -40,6 +44,13 @@ class DeviceStats:
             self.sum[-1] += grad_norm.detach().float()
         self.count += 1
 
+    def add_grads(self, grads) -> None:
+        """A step's gradients (before the optimizer step): 0 * their total norm makes grad_check NaN if
+        any is not finite, on the device (one fused norm; no host sync)."""
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP: this rank's shards
+        if grads:
+            self.grad_check += torch.stack(torch._foreach_norm(grads)).float().sum() * 0
+
     def add(self, out, batch: int, grad_norm=None) -> None:
         """A step of one micro-batch."""
         self.add_micro(out, batch)
@@ -47,7 +58,7 @@ class DeviceStats:
 
     def read(self, world: int) -> dict:
         """Means since the last read, over steps and ranks: the one host sync of a log step."""
-        s = self.sum / max(self.count, 1)
+        s = torch.cat([self.sum / max(self.count, 1), self.grad_check.view(1)])
         if world > 1:
             import torch.distributed as dist
 
@@ -55,8 +66,9 @@ class DeviceStats:
             s /= world
         vals = s.tolist()
         self.sum.zero_()
+        self.grad_check.zero_()
         self.count = 0
-        return dict(zip(self.fields, vals))
+        return dict(zip(self.fields, vals[:-1]), grads_finite=math.isfinite(vals[-1]))
 
 
 def keep_until(path: str, step: int) -> None:

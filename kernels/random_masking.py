@@ -19,8 +19,10 @@ def _rank_gather_kernel(noise_ptr, x_ptr, pos_ptr, cls_ptr, out_ptr, mask_ptr, i
                         L, D, len_keep,
                         stride_x_n, stride_x_l, stride_x_d, stride_pos_l, stride_pos_d, stride_cls_d,
                         stride_out_n, stride_out_l,
-                        HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr,
+                        HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr, XP_DTYPE: tl.constexpr,
                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    # a kept row is x + pos rounded to XP_DTYPE (promote(x, pos), where the reference's add rounds), then
+    # stored in out's dtype (wider where cls is: exact)
     n = tl.program_id(0).to(tl.int64)
     ib = tl.program_id(1)
     i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -55,6 +57,7 @@ def _rank_gather_kernel(noise_ptr, x_ptr, pos_ptr, cls_ptr, out_ptr, mask_ptr, i
             pos_off = i[:, None] * stride_pos_l + d[None, :] * stride_pos_d
             v += tl.load(pos_ptr + pos_off, mask=m, other=0.0).to(tl.float32)
         out_off = n * stride_out_n + dst[:, None] * stride_out_l + d[None, :]
+        v = cast_rn(v, XP_DTYPE).to(tl.float32)
         tl.store(out_ptr + out_off, cast_rn(v, out_ptr.dtype.element_ty), mask=m)
     if HAS_CLS:
         if ib == 0:
@@ -81,6 +84,9 @@ def _scatter_grad_kernel(grad_ptr, ids_ptr, gx_ptr, L, D, len_keep, stride_grad_
         g = tl.load(grad_ptr + grad_off, mask=keep[:, None] & dm, other=0.0)
         tl.store(gx_ptr + (n * L + i[:, None]) * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
                  mask=i_ok[:, None] & dm)
+
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _config(L: int, D: int):
@@ -110,7 +116,8 @@ def forward(x, noise, pos_embed, cls_token, len_keep: int):
         _rank_gather_kernel[grid](noise, x, pos, cls, out, mask, ids_restore, L, D, len_keep,
                                   x.stride(0), x.stride(1), x.stride(2), pos.stride(-2), pos.stride(-1),
                                   cls.stride(-1), out.stride(0), out.stride(1),
-                                  HAS_POS=pos_embed is not None, HAS_CLS=has_cls, num_warps=warps, **cfg)
+                                  HAS_POS=pos_embed is not None, HAS_CLS=has_cls,
+                                  XP_DTYPE=_TL[promoted(x, pos_embed)], num_warps=warps, **cfg)
     return out, mask, ids_restore
 
 

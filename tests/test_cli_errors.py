@@ -56,6 +56,15 @@ def test_invalid_values_are_refused(tmp_path, capsys, argv, msg):
     assert not (tmp_path / "o").exists()  # refused before anything ran
 
 
+@pytest.mark.parametrize("ratio,shown", [("nan", "nan"), ("inf", "inf"), ("-1", "-1.0"), ("2", "2.0"), ("1", "1.0")])
+def test_convert_refuses_a_mask_ratio_out_of_range(tmp_path, capsys, ratio, shown):
+    # was: accepted, and written into the transformers config
+    out = tmp_path / "hf"
+    assert f"--mask-ratio must be in [0, 1), got {shown}" in _err(
+        capsys, ["convert", str(tmp_path / "x.pth"), str(out), "--to", "hf", "--mask-ratio", ratio])
+    assert not out.exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_gpu(tmp_path, capsys):
     assert "--device 'cuda': no CUDA GPU is available" in _err(capsys, ["train", "--device", "cuda", "--out",

@@ -173,6 +173,8 @@ def add_args(p) -> None:
 
 
 def main(args) -> int:
+    if not 0 <= args.mask_ratio < 1:  # also NaN: not in range
+        raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     is_hf = os.path.isdir(args.src)
     if not is_hf and not os.path.isfile(args.src):
         raise ValueError(f"src {args.src!r}: no such file or folder")

@@ -44,6 +44,8 @@ def _err(capsys, argv, rc=2):
     (["reproduce", "--lambdas", "0", "inf"], "--lambdas must be finite and >= 0, got inf"),
     (["train", "--resume-override", "lamb"], "--resume-override 'lamb' needs --resume"),
     (["train", "--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
+    (["train", "--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+    (["train", "--seed", str(1 << 63)], f"--seed must be in [0, 2**63), got {1 << 63}"),
     (["reproduce", "--steps", "-1"], "--steps must be >= 1, got -1"),
     (["reproduce", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["reproduce", "--device", "bogus"], "--device 'bogus' is not a device"),

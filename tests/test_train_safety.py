@@ -442,3 +442,9 @@ def test_nan_gradient_with_a_finite_loss_stops_before_checkpoint(tmp_path, monke
     err = capsys.readouterr().err
     assert rc == 1 and "the gradient is not finite" in err and "at a step in 1..3" in err, err
     assert not any(f.startswith("checkpoint") for f in os.listdir(out)), os.listdir(out)
+
+
+def test_a_large_seed_trains(tmp_path, capsys):
+    # was: "Overflow when unpacking long long", naming no flag: the data order's seed products left 64 bits
+    assert main(["train", *TINY, "--seed", "10000000", "--steps", "1", "--out", str(tmp_path / "s")]) == 0
+    assert main(["train", *TINY, "--seed", str((1 << 63) - 1), "--steps", "1", "--out", str(tmp_path / "t")]) == 0

@@ -281,7 +281,8 @@ class Augmented(Dataset):
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         img, label = _load(self.ds, i)
         if self.train:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+            # folded into the generator's 64 bits (a large --seed overflowed); unchanged below 2^63
+            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % (1 << 63))
             t, l, h, w = random_resized_crop_params(img.shape[1], img.shape[2], g)
             img = img[:, t:t + h, l:l + w]
             if bool(torch.rand((), generator=g) < 0.5):
@@ -312,7 +313,8 @@ class ResumableSampler(Sampler):
         b = self.gb // self.world
         epoch, k, left = self.epoch, self.start_batch, self._remaining()
         while left > 0:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)).tolist()
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                (self.seed * 7919 + epoch) % (1 << 63))).tolist()
             for k in range(k, min(self.batches_per_epoch(), k + left)):
                 for i in perm[k * self.gb + self.rank * b:k * self.gb + (self.rank + 1) * b]:
                     yield epoch, i

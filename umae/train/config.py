@@ -189,6 +189,8 @@ def validate(cfg: TrainConfig) -> None:
     check_range(cfg, ("blr",), 0, strict=True)
     check_range(cfg, ("lr", "clip_grad"), 0, strict=True, optional=True)
     parse_device(cfg.device)
+    if not 0 <= cfg.seed < 1 << 63:  # a generator's seed is 64 bits; the data order folds products of it in
+        raise ValueError(f"--seed must be in [0, 2**63), got {cfg.seed}")
     if cfg.overrides() and not cfg.resume:
         raise ValueError(f"--resume-override {cfg.resume_override!r} needs --resume")
     if cfg.compile_mode != "default" and not cfg.compile:

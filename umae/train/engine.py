@@ -51,7 +51,7 @@ def masking_noise(loop: Loop, micro: int) -> torch.Tensor:
     """Noise per global batch from (seed, micro step); each rank takes its slice, so a DDP run
     masks as one process would and a resumed run as an unbroken one."""
     a = loop.cfg
-    g = torch.Generator().manual_seed(a.seed * NOISE_SEED_STRIDE + micro)
+    g = torch.Generator().manual_seed((a.seed * NOISE_SEED_STRIDE + micro) % (1 << 63))  # any --seed fits
     noise = torch.rand(a.batch_size * loop.world, loop.num_patches, generator=g)
     return noise[loop.rank * a.batch_size:(loop.rank + 1) * a.batch_size]
 

@@ -42,6 +42,8 @@ def _err(capsys, argv, rc=2):
     (["train", "--clip-grad", "inf"], "--clip-grad must be a finite number, got inf"),
     (["train", "--mask-ratio", "inf"], "--mask-ratio must be in [0, 1), got inf"),
     (["reproduce", "--lambdas", "0", "inf"], "--lambdas must be finite and >= 0, got inf"),
+    (["reproduce", "--lambdas", "0.1", "0.1000001"], "--lambdas 0.1 and 0.1000001 are the same run (lamb_0.1)"),
+    (["reproduce", "--lambdas", "0", "0"], "--lambdas 0.0 and 0.0 are the same run (lamb_0)"),
     (["train", "--resume-override", "lamb"], "--resume-override 'lamb' needs --resume"),
     (["train", "--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
     (["train", "--seed", "-1"], "--seed must be in [0, 2**63), got -1"),

@@ -97,6 +97,12 @@ def validate(a) -> None:
     bad = [v for v in a.lambdas if not 0 <= v < float("inf")]
     if bad:
         raise ValueError(f"--lambdas must be finite and >= 0, got {bad[0]}")
+    named: dict = {}  # run folders and report rows name a lambda by 6 significant digits
+    for v in a.lambdas:
+        if f"{v:g}" in named:
+            raise ValueError(f"--lambdas {named[f'{v:g}']!r} and {v!r} are the same run (lamb_{v:g}): give values "
+                             "distinct to 6 significant digits")
+        named[f"{v:g}"] = v
     parse_device(a.device)
     check_out(a.out)  # before the runs whose report goes there
     if not getattr(a, "overwrite", False):  # before any run: a later lambda's old run would stop it midway

@@ -448,3 +448,11 @@ def test_a_large_seed_trains(tmp_path, capsys):
     # was: "Overflow when unpacking long long", naming no flag: the data order's seed products left 64 bits
     assert main(["train", *TINY, "--seed", "10000000", "--steps", "1", "--out", str(tmp_path / "s")]) == 0
     assert main(["train", *TINY, "--seed", str((1 << 63) - 1), "--steps", "1", "--out", str(tmp_path / "t")]) == 0
+
+
+def test_epochs_that_make_no_step_are_refused(tmp_path, capsys):
+    # was: 0 steps trained, exit 0: 64 images at batch 8 are 8 batches, 16 per optimizer step
+    out = tmp_path / "none"
+    assert main(["train", *TINY, "--steps", "0", "--epochs", "1", "--accum-iter", "16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs 1 of 8 batches at --accum-iter 16 make no optimizer step" in err, err

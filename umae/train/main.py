@@ -286,6 +286,9 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
     sampler = D.ResumableSampler(len(ds), gb, cfg.seed, rank, world)
     batches_per_epoch = sampler.batches_per_epoch()
     total = cfg.steps if cfg.steps > 0 else cfg.epochs * batches_per_epoch // cfg.accum_iter
+    if total == 0:  # was: a run of no step, exit 0
+        raise ValueError(f"--epochs {cfg.epochs} of {batches_per_epoch} batches at --accum-iter {cfg.accum_iter} make no "
+                         "optimizer step: raise --epochs, lower --accum-iter, or give --steps")
     lr = cfg.lr if cfg.lr is not None else cfg.blr * gb * cfg.accum_iter / 256
     run_info = _run_info(cfg, probe_classes)
 

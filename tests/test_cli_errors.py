@@ -224,3 +224,12 @@ def test_resume_malformed_checkpoint_entries(tmp_path, capsys):
     # a checkpoint without its run record resumes with the choice it was trained with
     assert main(["train", *TINY, "--steps", "2", "--decay-tokens", "--resume", str(tmp_path / "no_run.pt"),
                  "--out", str(tmp_path / "no_run2")]) == 0, capsys.readouterr().err
+
+
+def test_convert_to_hf_onto_a_file_is_refused(tmp_path, capsys):
+    # was: transformers' save_pretrained logged and returned; convert printed "wrote" over nothing written
+    out = tmp_path / "model.bin"
+    out.write_text("keep me")
+    assert "is a file; --to hf writes a folder" in _err(capsys, ["convert", str(tmp_path / "x.pth"), str(out),
+                                                                "--to", "hf"])
+    assert out.read_text() == "keep me"

@@ -175,6 +175,9 @@ def add_args(p) -> None:
 def main(args) -> int:
     if not 0 <= args.mask_ratio < 1:  # also NaN: not in range
         raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.to == "hf" and os.path.exists(args.out) and not os.path.isdir(args.out):
+        # save_pretrained logs this and returns: "wrote" was printed over nothing written
+        raise ValueError(f"out {args.out!r} is a file; --to hf writes a folder")
     is_hf = os.path.isdir(args.src)
     if not is_hf and not os.path.isfile(args.src):
         raise ValueError(f"src {args.src!r}: no such file or folder")

@@ -117,8 +117,8 @@ def _z_times_gram_kernel(f_ptr, rinv_ptr, g_ptr, out_ptr, B, D, stride_f_b, stri
 
 
 @triton.jit
-def _sim_kernel(f_ptr, rinv_ptr, sim_ptr, sq_ptr, B, D, stride_f_b, stride_f_d,
-                STORE_SIM: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def _sim_kernel(f_ptr, rinv_ptr, sim_ptr, sq_ptr, B, D, stride_f_b, stride_f_d, STORE_SIM: tl.constexpr,
+                EXCLUDE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     # program (pi, pj): tile (I, J) of S = Z Z^T, the contraction over D in registers
     pi = tl.program_id(0)
     pj = tl.program_id(1)
@@ -135,6 +135,8 @@ def _sim_kernel(f_ptr, rinv_ptr, sim_ptr, sq_ptr, B, D, stride_f_b, stride_f_d,
                 acc += tl.dot(a, tl.trans(c), input_precision="ieee")
             else:
                 acc += tl.dot(a, tl.trans(c))
+        if EXCLUDE:  # the diagonal dropped exactly, in S itself (its backward then has no diagonal term)
+            acc = tl.where(bi[:, None] == bj[None, :], 0.0, acc)
         if STORE_SIM:  # S[I, J] and its mirror S[J, I]
             m = (bi < B)[:, None] & (bj < B)[None, :]
             tl.store(sim_ptr + bi[:, None].to(tl.int64) * B + bj[None, :], acc, mask=m)
@@ -279,39 +281,43 @@ def _gram_launch(f, rinv, gram, sq, *, n_split: int):
                                         DOT_DTYPE=dot_kind(f.dtype), **GRAM_CFG)
 
 
-def uses_similarity(B: int, D: int) -> bool:
+def uses_similarity(B: int, D: int, exact_offdiagonal: bool = False) -> bool:
     """Whether the loss is summed from the B x B similarity S = Z Z^T rather than the D x D Gram: where
     S is the smaller (B < D), as the C++ CPU kernel chooses. ||S||_F = ||G||_F; S costs 2 B^2 D FLOPs
     to G's 2 B D^2 (U-MAE's per-rank batches of 64-256 at D = 768: 3-12x fewer), and its backward
-    dZ = 4c S Z the same factor."""
-    return B < D
+    dZ = 4c S Z the same factor. Always for `exact_offdiagonal` (the diagonal-free loss of unnormalized
+    rows): ||G||^2 - sum_i |z_i|^4 cancels catastrophically when one row's norm dominates; S drops
+    its diagonal exactly (B x B, as the reference's)."""
+    return B < D or exact_offdiagonal
 
 
-def square_sum(f, rinv, *, keep: bool = False):
-    """(sum_ij (z_i . z_j)^2 as an fp32 scalar, the product the backward needs if `keep` else None: S
-    (B, B) where uses_similarity, else G (D, D), fp32); z = f * rinv[:, None]. One launch."""
+def square_sum(f, rinv, *, keep: bool = False, exact_offdiagonal: bool = False):
+    """(sum_ij (z_i . z_j)^2 as an fp32 scalar -- over i != j only with exact_offdiagonal --, the product
+    the backward needs if `keep` else None: S (B, B) where uses_similarity, else G (D, D), fp32);
+    z = f * rinv[:, None]. One launch."""
     B, D = f.shape
-    if uses_similarity(B, D):
-        return _sim_square_sum(f, rinv, keep=keep)
+    if uses_similarity(B, D, exact_offdiagonal):
+        return _sim_square_sum(f, rinv, keep=keep, exclude=exact_offdiagonal)
     return gram_square_sum(f, rinv, keep_gram=keep)
 
 
-def _sim_launch(f, rinv, sim, sq):
-    """sq: (nt * nt,) fp32 partials of ||S||^2; sim: (B, B) fp32 or None (sq's pointer, not written)."""
+def _sim_launch(f, rinv, sim, sq, exclude: bool = False):
+    """sq: (nt * nt,) fp32 partials of ||S||^2 (its diagonal dropped with `exclude`); sim: (B, B) fp32 or
+    None (sq's pointer, not written)."""
     f, rinv, _ = _as_on_gpu(f, rinv)
     B, D = f.shape
     nt = triton.cdiv(B, SIM_CFG["BLOCK_B"])
     with on_device(f):
         _sim_kernel[(nt, nt)](f, rinv, sim if sim is not None else sq, sq, B, D, f.stride(0), f.stride(1),
-                              STORE_SIM=sim is not None, DOT_DTYPE=dot_kind(f.dtype), **SIM_CFG)
+                              STORE_SIM=sim is not None, EXCLUDE=exclude, DOT_DTYPE=dot_kind(f.dtype), **SIM_CFG)
 
 
-def _sim_square_sum(f, rinv, *, keep: bool):
+def _sim_square_sum(f, rinv, *, keep: bool, exclude: bool = False):
     B = f.shape[0]
     nt = triton.cdiv(B, SIM_CFG["BLOCK_B"])
     sq = torch.empty((nt * nt,), device=f.device, dtype=torch.float32)
     sim = torch.empty((B, B), device=f.device, dtype=torch.float32) if keep else None
-    _sim_launch(f, rinv, sim, sq)
+    _sim_launch(f, rinv, sim, sq, exclude)
     return sq.sum(), sim
 
 
@@ -380,14 +386,15 @@ def z_times_gram(f, rinv, g):
     return out
 
 
-def grad_rows(f, rinv, norms, m, c: float, *, exclude_diagonal: bool, normalize: bool, eps: float):
+def grad_rows(f, rinv, norms, m, c: float, *, exclude_diagonal: bool, normalize: bool, eps: float,
+              exact_offdiagonal: bool = False):
     """dL/df (B, D) fp32 of L = c/4 (||G||^2 - [exclude] sum_i |z_i|^4) from square_sum's kept product
     m: Z G (z_times_gram) or S Z (sim_times_z), the same rows, then the rest in one pass
     (_grad_rows_kernel), where torch ops took a dozen launches."""
     scale = gram_scale(m, f.dtype)  # fp16: G (or S) scaled to <= 1 before its rounding
     m = m if scale is None else m * scale
     B, D = f.shape
-    zg = sim_times_z(f, rinv, m) if uses_similarity(B, D) else z_times_gram(f, rinv, m)
+    zg = sim_times_z(f, rinv, m) if uses_similarity(B, D, exact_offdiagonal) else z_times_gram(f, rinv, m)
     out = torch.empty((B, D), device=f.device, dtype=torch.float32)
     if B * D == 0:
         return out
@@ -398,7 +405,9 @@ def grad_rows(f, rinv, norms, m, c: float, *, exclude_diagonal: bool, normalize:
     with on_device(f):
         _grad_rows_kernel[(triton.cdiv(B, block_r),)](
             f, rinv, norms, zg, scale if scale is not None else rinv, out, B, D, f.stride(0), f.stride(1), c, eps,
-            HAS_SCALE=scale is not None, CORRECT=exclude_diagonal or round_dtype != torch.float32,
+            # S without its diagonal (exact_offdiagonal) leaves no diagonal term to correct
+            HAS_SCALE=scale is not None,
+            CORRECT=not exact_offdiagonal and (exclude_diagonal or round_dtype != torch.float32),
             EXCLUDE=exclude_diagonal, NORMALIZE=normalize, ROUND_DTYPE=tl_round, BLOCK_R=block_r, BLOCK_D=block_d,
             num_warps=NUM_WARPS)
     return out

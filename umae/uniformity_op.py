@@ -83,6 +83,10 @@ def uniformity_loss_fused(features, normalize=True, exclude_diagonal=False, proc
     DistributedFused, its D x D products by the same device's kernels."""
     if process_group is None:
         return _UNIFORMITY_LOSS(features, normalize, exclude_diagonal, NORM_EPS)
+    if exclude_diagonal and not normalize:
+        # the global Gram's diagonal subtraction cancels for unnormalized rows (one dominant norm: 40x off);
+        # the exact pairs need every rank's rows: the all-gather of the reference
+        return uniformity_loss_reference(features, normalize, exclude_diagonal, process_group, exact_ddp_grad)
     gram_ops = KERNELS if _library.triton_runs_on(features.device.type) else TorchGram
     return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
                                   ddp_grad_scale(process_group, exact_ddp_grad), gram_ops)
@@ -217,8 +221,9 @@ if _library.TRITON_USABLE:
 
     def _triton_loss_and_gram(features, normalize, exclude_diagonal, eps, keep_gram):
         norms, rinv = _prep(features, normalize=normalize, eps=eps)
-        total, g = KERNELS.square_sum(features, rinv, keep=keep_gram)  # G, or S where B < D
-        if exclude_diagonal:
+        exact = exclude_diagonal and not normalize  # unnormalized rows: S drops its diagonal (no cancellation)
+        total, g = KERNELS.square_sum(features, rinv, keep=keep_gram, exact_offdiagonal=exact)  # G, or S
+        if exclude_diagonal and not exact:
             total = total - _diag_sum(KERNELS, features, rinv)
         return total / _denominator(features.shape[0], exclude_diagonal), norms, rinv, g
 
@@ -232,7 +237,7 @@ if _library.TRITON_USABLE:
         loss, norms, rinv, g = _triton_loss_and_gram(features, normalize, exclude_diagonal, eps, keep_gram=True)
         c = 4.0 / _denominator(features.shape[0], exclude_diagonal)
         df = KERNELS.grad_rows(features, rinv, norms, g, c, exclude_diagonal=exclude_diagonal, normalize=normalize,
-                               eps=eps)
+                               eps=eps, exact_offdiagonal=exclude_diagonal and not normalize)
         return loss, df
 
     TRITON_KERNELS = {"uniformity_loss": _triton_loss, "uniformity_loss_with_grad": _triton_with_grad}

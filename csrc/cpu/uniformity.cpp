@@ -87,7 +87,10 @@ at::Tensor similarity_block(const at::Tensor& z, int64_t b0, int64_t rows, bool 
   return s;
 }
 
-bool uses_gram(int64_t B, int64_t D) { return B > D; }
+// The D x D Gram where it is the smaller, but never for the diagonal-free loss of unnormalized rows:
+// ||G||^2 - sum_i |z_i|^4 cancels catastrophically when one row's norm dominates (40x off, or negative);
+// S's blocks drop the diagonal exactly (B^2 D FLOPs, as the reference's B x B).
+bool uses_gram(int64_t B, int64_t D, bool exact_offdiagonal) { return B > D && !exact_offdiagonal; }
 
 // Small batches: S from its upper triangle by direct dot products, with no BLAS call or ATen
 // temporaries (at B = 16 those cost more than the arithmetic).
@@ -185,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(const at::Tensor& features, boo
           }
         });
       }
-    } else if (uses_gram(B, D)) {
+    } else if (uses_gram(B, D, exclude_diagonal && !normalize)) {
       const at::Tensor G = at::mm(z.t(), z);
       total = sum_squares<scalar_t>(G);
       at::Tensor sq = exclude_diagonal ? z.mul(z).sum(1, true) : at::Tensor();

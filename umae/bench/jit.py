@@ -128,6 +128,8 @@ def collect_launches(op_names, shapes=None, models=None):
                         c.forward()
         for op in chosen:  # every tuning candidate, as `umae bench --tune` launches it
             _candidate_launches(op.name)
+        if "uniformity_loss" in names:  # the loss's variants: each picks its own kernels and flags
+            _uniformity_variant_launches()
         for L, D in sorted({s for op in chosen for s in op.token_shapes}):
             _token_launches(L, D)  # both token ops run; the chosen ops' launches are kept
         for m in models:
@@ -153,6 +155,17 @@ def _candidate_launches(op: str) -> None:
         with k.configured(**{group: cfg}):
             c = cases.case(op, shape, tune.TUNED[op][1], "cpu")
             _fwd_bwd(c.forward(), c.grad_inputs)
+
+
+def _uniformity_variant_launches() -> None:
+    import umae
+
+    for B, D in ((70, 96), (130, 64)):  # the similarity and the Gram
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            for normalize in (True, False):
+                for exclude in (True, False):
+                    f = torch.randn(B, D).to(dt).requires_grad_()
+                    _fwd_bwd(umae.uniformity_loss(f, normalize=normalize, exclude_diagonal=exclude), [f])
 
 
 def registry_kernels(op: str):

@@ -456,3 +456,20 @@ def test_epochs_that_make_no_step_are_refused(tmp_path, capsys):
     assert main(["train", *TINY, "--steps", "0", "--epochs", "1", "--accum-iter", "16", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--epochs 1 of 8 batches at --accum-iter 16 make no optimizer step" in err, err
+
+
+def test_resume_into_another_runs_folder_is_refused(tmp_path, capsys):
+    # was: exit 0, B's log lost 3 of its 4 records and its checkpoints mixed A's and B's
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert main(["train", *TINY, "--steps", "2", "--ckpt-every", "1", "--out", str(a)]) == 0
+    assert main(["train", *TINY, "--steps", "4", "--seed", "1", "--out", str(b)]) == 0
+    before = {f: (b / f).read_bytes() for f in os.listdir(b) if f != ".lock"}
+    capsys.readouterr()
+    rc = main(["train", *TINY, "--steps", "4", "--resume", str(a / "checkpoint-1.pt"), "--out", str(b)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds another run" in err and "is not one of its checkpoints" in err, err
+    assert {f: (b / f).read_bytes() for f in os.listdir(b) if f != ".lock"} == before  # nothing touched
+    # its own folder, and an empty one, still resume
+    assert main(["train", *TINY, "--steps", "3", "--resume", str(a / "checkpoint-1.pt"), "--out", str(a)]) == 0
+    assert main(["train", *TINY, "--steps", "3", "--resume", str(a / "checkpoint-1.pt"),
+                 "--out", str(tmp_path / "C")]) == 0

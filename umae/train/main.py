@@ -67,12 +67,21 @@ def _held(out: str) -> list[str]:
 def check_fresh_out(cfg: TrainConfig) -> None:
     """A fresh run (no --resume) into an --out that holds another run's checkpoints or log.jsonl
     is refused (it would truncate that log and mix the two runs' checkpoints), unless --overwrite:
-    then they (and its TensorBoard events) are removed first. Rank 0 only: it writes the folder."""
-    held = [] if cfg.resume else _held(cfg.out)
+    then they (and its TensorBoard events) are removed first. A resumed run continues in the folder of
+    its checkpoint: into an --out that holds a run and is not that folder, it is refused too (its log
+    would lose records and the two runs' checkpoints would mix). Rank 0 only: it writes the folder."""
+    held = _held(cfg.out)
     if not held:
         return
+    shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+    if cfg.resume:
+        home = os.path.dirname(os.path.abspath(cfg.resume))
+        if os.path.realpath(home) != os.path.realpath(cfg.out):
+            raise ValueError(f"--out {cfg.out!r} holds another run ({shown}), and --resume {cfg.resume!r} is not one "
+                             f"of its checkpoints: resume into the checkpoint's own folder (--out {home}) or choose an "
+                             "empty --out")
+        return
     if not cfg.overwrite:
-        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
         raise ValueError(f"--out {cfg.out!r} holds another run ({shown}): continue it with --resume "
                          f"{os.path.join(cfg.out, checkpoint.LAST)}, choose another --out, or pass --overwrite "
                          "to delete its log and checkpoints first")

@@ -215,6 +215,9 @@ CANDIDATES = {
     "SIM_CFG": [SIM_CFG, dict(BLOCK_B=64, BLOCK_K=32, num_warps=4), dict(BLOCK_B=64, BLOCK_K=64, num_warps=8)],
     "SZ_CFG": [SZ_CFG, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4)],
 }
+# (B, D) the candidates are timed (and compiled) at: U-MAE's per-rank batch (the similarity) and a large
+# one (the Gram)
+TUNE_AT = ((256, 768), (16384, 768))
 # which configurations serve which product: the forward's square sum and the backward's
 PRODUCTS = {"gram": ("GRAM_CFG", "ZG_CFG"), "sim": ("SIM_CFG", "SZ_CFG")}
 

@@ -280,22 +280,22 @@ def test_cuda_graph_providers_time_training_steps_and_compare_like_with_like():
 
 def test_tune_runs_every_candidate_of_the_product_each_shape_uses(capsys):
     # B < D (256 x 768): the similarity's configurations; B >= D (16,384 x 768): the Gram's
+    from umae import registry
     from umae.bench import tune
     from umae.kernels import uniformity as k
 
-    runs = list(tune.runs("uniformity_loss"))
-    groups = {(shape, group) for shape, _p, group, _i, _c in runs}
-    assert groups == {("unif_b256", "SIM_CFG"), ("unif_b256", "SZ_CFG"), ("unif_b16384", "GRAM_CFG"),
-                      ("unif_b16384", "ZG_CFG")}
-    assert len(runs) == len(k.CANDIDATES["SIM_CFG"]) + len(k.CANDIDATES["SZ_CFG"]) + len(
-        k.CANDIDATES["GRAM_CFG"]) + len(k.CANDIDATES["ZG_CFG"])
+    assert [op.name for op in tune.tuned()] == ["uniformity_loss"]
+    runs = list(tune.runs(registry.get("uniformity_loss")))
+    groups = {(shape["B"], group) for shape, _p, group, _i, _c in runs}
+    assert groups == {(256, "SIM_CFG"), (256, "SZ_CFG"), (16384, "GRAM_CFG"), (16384, "ZG_CFG")}
+    assert len(runs) == sum(len(k.CANDIDATES[g]) for g in ("SIM_CFG", "SZ_CFG", "GRAM_CFG", "ZG_CFG"))
     assert all(k.CANDIDATES[g][0] is getattr(k, g) for g in k.CANDIDATES)  # the default first
     with k.configured(SIM_CFG=k.CANDIDATES["SIM_CFG"][1]):
         assert k.SIM_CFG is k.CANDIDATES["SIM_CFG"][1]
     assert k.SIM_CFG is k.CANDIDATES["SIM_CFG"][0]
-    row = lambda i, dev, ms: dict(shape="unif_b256", group="SIM_CFG", product="sim", candidate=i,  # noqa: E731
+    row = lambda i, dev, ms: dict(shape="B=256 D=768", group="SIM_CFG", product="sim", candidate=i,  # noqa: E731
                                   config=k.CANDIDATES["SIM_CFG"][i], ms=ms, ms_device=dev)
     rows = [row(0, 0.05, 0.2), row(1, 0.03, 0.3), row(2, None, 0.1)]
-    assert tune.winners(rows)[("unif_b256", "SIM_CFG")]["candidate"] == 1  # least device time
+    assert tune.winners(rows)[("B=256 D=768", "SIM_CFG")]["candidate"] == 1  # least device time
     assert "winner" in tune.format_rows(rows).splitlines()[3]
     assert tune.main("cpu", None) == 0 and "on a GPU only" in capsys.readouterr().out

@@ -57,7 +57,9 @@ class Op:
     kernel module, the launchers registered at the CUDA key ({op name: launcher}), the (L, D)
     test shapes of their sm_90 compile check, and whether the static audit holds their tile
     loads / stores to 128-bit accesses (`memory_bound`: row copies); `parity`: the tolerances its
-    fused outputs and gradients meet against the reference (`umae check`, the parity tests)."""
+    fused outputs and gradients meet against the reference (`umae check`, the parity tests);
+    `launch_variants`: a function making the launches its cases do not (other flags), for the
+    compile check."""
     name: str
     schema: str
     public: Callable
@@ -71,6 +73,8 @@ class Op:
     token_shapes: tuple = ()
     memory_bound: bool = False
     parity: Parity | None = None
+    # launches beyond its benchmark cases that the sm_90 compile check must see (flags the cases do not set)
+    launch_variants: Callable | None = None
     # the devices whose C++/CUDA kernel of `schema` the extension registered, read once here (a
     # dispatcher query cannot be traced by torch.compile; the entry is built after the extension loads)
     cpp_devices: frozenset = dataclasses.field(init=False, default=frozenset())

@@ -302,7 +302,19 @@ def bench_uniformity_loss(s, dtype, device):
                 flops_fwd=B * D * m, flops_bwd=3 * B * D * m)
 
 
+def launch_variants() -> None:
+    """Forward and backward at every flag combination, the similarity's and the Gram's shapes, each
+    dtype: each combination picks its own kernels and constexprs (the compile check compiles them)."""
+    for B, D in ((70, 96), (130, 64)):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            for normalize in (True, False):
+                for exclude in (True, False):
+                    f = torch.randn(B, D).to(dt).requires_grad_()
+                    uniformity_loss(f, normalize=normalize, exclude_diagonal=exclude).backward()
+
+
 UNIFORMITY_LOSS = Op("uniformity_loss", "umae::uniformity_loss", uniformity_loss, uniformity_loss_reference,
                      uniformity_loss_fused, CPP_CPU_TRITON_CUDA, bench_uniformity_loss, tests="tests/test_uniformity.py",
                      kernels=KERNELS, triton_kernels=TRITON_KERNELS,
-                     parity=Parity(MATMUL_TOL, MATMUL_TOL, out_scaled=True, grad_scaled=True))
+                     parity=Parity(MATMUL_TOL, MATMUL_TOL, out_scaled=True, grad_scaled=True),
+                     launch_variants=launch_variants)

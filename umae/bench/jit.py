@@ -126,10 +126,11 @@ def collect_launches(op_names, shapes=None, models=None):
                     _fwd_bwd(c.forward(), c.grad_inputs)
                     with torch.no_grad():  # inference launches (uniformity: no Gram kept for a backward)
                         c.forward()
-        for op in chosen:  # every tuning candidate, as `umae bench --tune` launches it
-            _candidate_launches(op.name)
-        if "uniformity_loss" in names:  # the loss's variants: each picks its own kernels and flags
-            _uniformity_variant_launches()
+        for op in chosen:
+            if getattr(op.kernels, "CANDIDATES", None):  # every tuning candidate, as `umae bench --tune` launches it
+                _candidate_launches(op)
+            if op.launch_variants:  # the flags its cases do not set
+                op.launch_variants()
         for L, D in sorted({s for op in chosen for s in op.token_shapes}):
             _token_launches(L, D)  # both token ops run; the chosen ops' launches are kept
         for m in models:
@@ -143,35 +144,15 @@ def collect_launches(op_names, shapes=None, models=None):
     return [launch for launch in launches if launch[0] in mine]
 
 
-def _candidate_launches(op: str) -> None:
+def _candidate_launches(op) -> None:
     from . import cases, tune
 
-    if op not in tune.TUNED:
-        return
-    k = registry_kernels(op)
     for shape, _product, group, i, cfg in tune.runs(op):
         if i == 0:  # the default: launched above
             continue
-        with k.configured(**{group: cfg}):
-            c = cases.case(op, shape, tune.TUNED[op][1], "cpu")
+        with op.kernels.configured(**{group: cfg}):
+            c = cases.case(op.name, shape, tune.DTYPE, "cpu")
             _fwd_bwd(c.forward(), c.grad_inputs)
-
-
-def _uniformity_variant_launches() -> None:
-    import umae
-
-    for B, D in ((70, 96), (130, 64)):  # the similarity and the Gram
-        for dt in (torch.float32, torch.bfloat16, torch.float16):
-            for normalize in (True, False):
-                for exclude in (True, False):
-                    f = torch.randn(B, D).to(dt).requires_grad_()
-                    _fwd_bwd(umae.uniformity_loss(f, normalize=normalize, exclude_diagonal=exclude), [f])
-
-
-def registry_kernels(op: str):
-    from .. import registry
-
-    return registry.get(op).kernels
 
 
 def _token_launches(L, D):

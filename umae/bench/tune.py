@@ -13,39 +13,40 @@ import os
 import torch
 
 from .. import registry
-from .cases import SHAPES, case
+from .cases import case
 from .timing import device_ms, mode_fn, provider_forward, time_ms
 
-# op -> the shape sets its candidates are timed (and compiled) at, and the dtype: U-MAE's per-rank
-# batch (B < D: the similarity) and a large batch (the Gram)
-TUNED = {"uniformity_loss": (("unif_b256", "unif_b16384"), torch.bfloat16)}
+DTYPE = torch.bfloat16  # what the GPU trains in
 
 
-def runs(op: str):
-    """(shape, product, group, index, config) of every candidate to time for `op`: per shape, the groups
-    of the product its launches use, each candidate with the other groups at their defaults."""
-    k = registry.get(op).kernels
-    shapes, _ = TUNED[op]
-    for shape in shapes:
-        B, D = SHAPES[shape]["B"], SHAPES[shape]["D"]
+def tuned():
+    """The ops whose kernel module declares candidates (CANDIDATES) and the sizes to time them at
+    (TUNE_AT: the similarity's and the Gram's, U-MAE's per-rank batch and a large one)."""
+    return [op for op in registry.OPS.values() if getattr(op.kernels, "CANDIDATES", None)]
+
+
+def runs(op):
+    """(shape, product, group, index, config) of every candidate to time for `op` (an entry): per size,
+    the groups of the product its launches use, each candidate with the other groups at their defaults."""
+    k = op.kernels
+    for B, D in k.TUNE_AT:
         product = "sim" if k.uses_similarity(B, D) else "gram"
         for group in k.PRODUCTS[product]:
             for i, cfg in enumerate(k.CANDIDATES[group]):
-                yield shape, product, group, i, cfg
+                yield dict(B=B, D=D), product, group, i, cfg
 
 
-def tune(op: str, device: str) -> list[dict]:
-    k = registry.get(op).kernels
-    _, dtype = TUNED[op]
+def tune(op, device: str) -> list[dict]:
     rows = []
     for shape, product, group, i, cfg in runs(op):
         torch.manual_seed(0)
-        c = case(op, shape, dtype, device)
-        with k.configured(**{group: cfg}):
+        c = case(op.name, shape, DTYPE, device)
+        with op.kernels.configured(**{group: cfg}):
             fn = mode_fn(provider_forward(c.forward, "fused"), c.grad_inputs, "fwd+bwd")
             ms = time_ms(fn, device)[0]
             dev, why = device_ms(fn) if device == "cuda" else (None, "no GPU")
-        rows.append(dict(op=op, shape=shape, dtype=str(dtype).replace("torch.", ""), product=product, group=group,
+        rows.append(dict(op=op.name, shape=f"B={shape['B']} D={shape['D']}", dtype=str(DTYPE).replace("torch.", ""),
+                         product=product, group=group,
                          candidate=i, config=cfg, ms=ms, ms_device=dev, **({"device_error": why} if dev is None else {})))
     return rows
 
@@ -77,7 +78,7 @@ def main(device: str, out: str | None) -> int:
         print("umae bench --tune: the candidates are Triton kernels, timed on a GPU only; on CPU the C++ kernels "
               "run (nothing to tune here)")
         return 0
-    rows = [r for op in TUNED for r in tune(op, device)]
+    rows = [r for op in tuned() for r in tune(op, device)]
     print("Candidate tile configurations, fused fwd+bwd (umae/bench/tune.py); winner: least device time")
     print(format_rows(rows))
     if out:

@@ -47,6 +47,11 @@ def _err(capsys, argv, rc=2):
     (["train", "--resume-override", "lamb"], "--resume-override 'lamb' needs --resume"),
     (["train", "--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
     (["train", "--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+    (["train", "--device", "meta"], "--device 'meta': umae runs on cpu or cuda, not meta"),
+    (["train", "--model", "resnet18"], "--model 'resnet18' is a timm model, not a umae MAE model"),
+    (["train", "--lr", "1e39"], "--lr must be at most 1e30, got 1e+39"),
+    (["train", "--blr", "1e39"], "--blr must be at most 1e30, got 1e+39"),
+    (["train", "--builtin-size", "1000000000000"], "--builtin-size must be at most 1,000,000, got 1,000,000,000,000"),
     (["train", "--seed", str(1 << 63)], f"--seed must be in [0, 2**63), got {1 << 63}"),
     (["reproduce", "--steps", "-1"], "--steps must be >= 1, got -1"),
     (["reproduce", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
@@ -73,6 +78,8 @@ def test_convert_refuses_a_mask_ratio_out_of_range(tmp_path, capsys, ratio, show
 def test_device_cuda_without_gpu(tmp_path, capsys):
     assert "--device 'cuda': no CUDA GPU is available" in _err(capsys, ["train", "--device", "cuda", "--out",
                                                                          str(tmp_path)])
+    # was: torch's "Found no NVIDIA driver" traceback
+    assert "umae bench: --device cuda: no CUDA GPU is available here" in _err(capsys, ["bench", "--device", "cuda"])
 
 
 def _image_folder(root, bad_name, bad_bytes):

@@ -59,6 +59,9 @@ def main(args) -> int:
         return traffic(args)
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("umae bench: --device cuda: no CUDA GPU is available here", file=sys.stderr)
+        return 2
     if args.tune:
         from . import tune
 

@@ -165,6 +165,8 @@ def parse_device(name: str | None, flag: str = "--device"):
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"{flag} {name!r} is not a device (e.g. cpu, cuda, cuda:1): "
                          f"{str(e).splitlines()[0]}") from None
+    if device.type not in ("cpu", "cuda"):  # meta, mps, xla...: umae's kernels and training run on these two
+        raise ValueError(f"{flag} {name!r}: umae runs on cpu or cuda, not {device.type}")
     if device.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
@@ -174,13 +176,18 @@ def parse_device(name: str | None, flag: str = "--device"):
     return device
 
 
+MAX_BUILTIN = 1_000_000  # images of the generated sets (3 GB of uint8 32 x 32 RGB)
+
+
 def validate(cfg: TrainConfig) -> None:
     """ValueError (FileNotFoundError for --resume) naming the flag of the first bad setting."""
     import timm
 
-    if not timm.is_model(cfg.model):
-        from ..models import CONFIGS
-        raise ValueError(f"--model {cfg.model!r} is not registered; umae models: {', '.join(CONFIGS)}")
+    from ..models import CONFIGS
+
+    if cfg.model not in CONFIGS:  # timm knows other models (resnet18): not MAE models
+        known = "is a timm model, not a umae MAE model" if timm.is_model(cfg.model) else "is not registered"
+        raise ValueError(f"--model {cfg.model!r} {known}; umae models: {', '.join(CONFIGS)}")
     if not 0 <= cfg.mask_ratio < 1:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
     check_range(cfg, ("batch_size", "accum_iter", "epochs", "log_every", "builtin_size"), 1)
@@ -188,6 +195,12 @@ def validate(cfg: TrainConfig) -> None:
     check_range(cfg, ("warmup_steps", "num_workers"), 0, optional=True)
     check_range(cfg, ("blr",), 0, strict=True)
     check_range(cfg, ("lr", "clip_grad"), 0, strict=True, optional=True)
+    for k in ("lr", "blr"):  # past fp32's range the optimizer's update overflows (a traceback from AdamW)
+        v = getattr(cfg, k)
+        if v is not None and v > 1e30:
+            raise ValueError(f"--{k} must be at most 1e30, got {v:g}")
+    if cfg.builtin_size > MAX_BUILTIN:  # the generated set is held in memory, 3 KB per image
+        raise ValueError(f"--builtin-size must be at most {MAX_BUILTIN:,}, got {cfg.builtin_size:,}")
     parse_device(cfg.device)
     if not 0 <= cfg.seed < 1 << 63:  # a generator's seed is 64 bits; the data order folds products of it in
         raise ValueError(f"--seed must be in [0, 2**63), got {cfg.seed}")

@@ -83,6 +83,21 @@ def test_fused_forward_and_backward_dispatch_no_host_read(op):
 
 # ---- on a GPU: capture and replay --------------------------------------------------------------
 
+def _captured(step, warmups: int):
+    """(a CUDA graph of `step`, what its capture returned), after `warmups` calls on a side stream (off the
+    capture stream, as torch.cuda.graph wants)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (the CPU tests above stand in)")
 @pytest.mark.parametrize("op", list(registry.OPS))
 def test_op_captured_in_a_cuda_graph_replays_as_eager(op):
@@ -97,15 +112,7 @@ def test_op_captured_in_a_cuda_graph_replays_as_eager(op):
                                                                      [torch.ones_like(t) for t in outs]))
     with umae.use_backend("fused"):
         eager = step()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph wants
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = step()
+        graph, static = _captured(step, warmups=2)
         graph.replay()
         torch.cuda.synchronize()
     for got, ref in zip(static, eager):
@@ -132,15 +139,7 @@ def test_training_step_captured_in_a_cuda_graph():
         loss.backward()
         opt.step()
         return loss.detach()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
+    graph, loss = _captured(step, warmups=3)
     losses = []
     for _ in range(3):
         graph.replay()

@@ -10,8 +10,6 @@ alike); the median round, per call. The backend is set once around a loop, not p
 from __future__ import annotations
 
 import gc
-import json
-import os
 import statistics
 import time
 
@@ -115,22 +113,14 @@ def step_row(device: str = "cpu", n: int = 10, rounds: int = 9) -> dict:
     import timm
 
     from .. import models  # noqa: F401  (registers the models with timm)
-    from ..runtime import adamw_impl
+    from .runner import train_step_fn
 
     fns = {}
     for provider in ("fused", "reference"):
         torch.manual_seed(0)
         model = timm.create_model(STEP_MODEL, fused=provider == "fused", lamb=0.01).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw_impl(torch.device(device)))
-        imgs = torch.randn(STEP_BATCH, model.in_chans, model.img_size, model.img_size, device=device)
-
-        def step(model=model, opt=opt, imgs=imgs):
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = model(imgs).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        fns[provider] = (step, provider)
+        fns[provider] = (train_step_fn(model, STEP_BATCH, device, provider,
+                                       torch.bfloat16 if device == "cuda" else None), provider)
     return dict(op="train_step", model=STEP_MODEL, batch=STEP_BATCH, device=device,
                 step=measure(fns, device, n, rounds))
 
@@ -177,6 +167,7 @@ def header(device: str) -> str:
 
 
 def main(ops, device: str, out: str | None, step: bool = True, rounds: int = 15) -> int:
+    from .report import write_json
     from .runner import environment
 
     rows = op_rows(ops, device, rounds=rounds)
@@ -184,8 +175,5 @@ def main(ops, device: str, out: str | None, step: bool = True, rounds: int = 15)
     print(header(device))
     print(format_rows(rows, srow))
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "host.json"), "w") as f:
-            json.dump(dict(environment=environment(device), targets=TARGETS, rows=rows, step=srow), f, indent=1)
-        print(f"wrote {out}/host.json")
+        write_json(out, "host.json", dict(environment=environment(device), targets=TARGETS, rows=rows, step=srow))
     return 0

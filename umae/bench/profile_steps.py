@@ -8,35 +8,17 @@ self CPU time.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import torch
 
 from .._spec import dtype_name
-from .runner import E2E, _umae_model, bench_settings
-from .timing import COMPILED_PROVIDERS
+from .report import write_json
+from .runner import E2E, _umae_model, bench_settings, train_step_fn
 
 # (shape set of runner.E2E, batch) per device; the steps profiled after two warm-up steps
 BATCHES = {"cuda": [("vit_b16", 64), ("vit_b16", 256)], "cpu": [("tiny", 4)]}
 STEPS, TOP = 3, 8
-
-
-def _step_fn(model, batch: int, device: str, compiled: bool):
-    from ..runtime import adamw_impl
-
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **adamw_impl(torch.device(device)))
-    net = torch.compile(model) if compiled else model
-    imgs = torch.randn(batch, model.in_chans, model.img_size, model.img_size, device=device)
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = net(imgs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
 
 
 def _sync(device: str) -> None:
@@ -58,9 +40,7 @@ def _merged_us(intervals) -> float:
 def profile_one(shape: str, batch: int, provider: str, device: str, steps: int = STEPS) -> dict:
     torch.manual_seed(0)
     model = _umae_model(shape, provider, 0.01).to(device)
-    if provider in COMPILED_PROVIDERS:
-        torch._dynamo.reset()
-    step = _step_fn(model, batch, device, provider in COMPILED_PROVIDERS)
+    step = train_step_fn(model, batch, device, provider, torch.bfloat16 if device == "cuda" else None)
     for _ in range(2):
         step()
     _sync(device)
@@ -126,8 +106,5 @@ def main(device: str, providers, out: str | None, batches=None) -> int:
           f"{STEPS} steps after 2 warm-up steps")
     print(format_rows(rows))
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "profile.json"), "w") as f:
-            json.dump(dict(rows=rows), f, indent=1)
-        print(f"wrote {out}/profile.json")
+        write_json(out, "profile.json", dict(rows=rows))
     return 0 if rows else 1

@@ -80,6 +80,14 @@ def format_table(rows) -> str:
     return text
 
 
+def write_json(out_dir: str, name: str, data: dict) -> None:
+    """`data` as out_dir/name (the host, profile and tune views' files), said on stdout."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote {out_dir}/{name}")
+
+
 def write(rows, env, out_dir, ceil=None):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:

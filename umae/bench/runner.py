@@ -179,25 +179,7 @@ def _train_step_row(op, model, impl, batch, shape, provider, device, amp, flops)
     """(the row, the step's counted FLOPs: `flops` if given, else counted now on this model)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..runtime import adamw_impl
-
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **adamw_impl(torch.device(device)))
-    if provider in COMPILED_PROVIDERS:
-        torch._dynamo.reset()  # as provider_forward: no model runs past the recompile limit
-    cg = provider in CG_PROVIDERS
-    net = torch.compile(model, mode="reduce-overhead" if cg else "default") if provider in COMPILED_PROVIDERS else model
-    size = model.config.image_size if hasattr(model, "config") else model.img_size
-    chans = model.config.num_channels if hasattr(model, "config") else model.in_chans
-    imgs = torch.randn(batch, chans, size, size, device=device)
-
-    def step():
-        if cg:  # a new step: the previous replay's outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device, dtype=amp):
-            loss = net(imgs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = train_step_fn(model, batch, device, provider, amp)
     row = dict(op=op, shape=shape, dtype=dtype_name(amp) + "-autocast", mode="step", provider=provider)
     try:
         if flops is None and provider not in COMPILED_PROVIDERS:  # eager ops: what the counter sees
@@ -210,6 +192,33 @@ def _train_step_row(op, model, impl, batch, shape, provider, device, amp, flops)
         return dict(row, error=f"{type(e).__name__}: {e}"[:200]), flops
     return dict(row, impl=impl, ms=ms, ms_p20=lo, ms_p80=hi, gbps=0.0, tflops=flops / ms / 1e9 if flops else None,
                 step_flops=flops, img_per_s=batch / ms * 1e3, parity_max_abs=float("nan"), peak_mb=peak), flops
+
+
+def train_step_fn(model, batch: int, device: str, provider: str, amp):
+    """One training step (forward, backward, AdamW) of `model` on a random batch, as `provider` runs it
+    (compiled providers: torch.compile, the CUDA-graph ones in reduce-overhead mode), under `amp`
+    autocast (None: none). The benchmark's, the host-time view's and the profile's step."""
+    from ..runtime import adamw_impl
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **adamw_impl(torch.device(device)))
+    cg = provider in CG_PROVIDERS
+    net = model
+    if provider in COMPILED_PROVIDERS:
+        torch._dynamo.reset()  # as provider_forward: no model runs past the recompile limit
+        net = torch.compile(model, mode="reduce-overhead" if cg else "default")
+    size = model.config.image_size if hasattr(model, "config") else model.img_size
+    chans = model.config.num_channels if hasattr(model, "config") else model.in_chans
+    imgs = torch.randn(batch, chans, size, size, device=device)
+
+    def step():
+        if cg:  # a new step: the previous replay's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device, dtype=amp, enabled=amp is not None):
+            loss = net(imgs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def profile(ops, shapes, dtypes, device, path):

@@ -7,13 +7,11 @@ compile check compiles every candidate: umae/bench/jit.py).
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
 from .. import registry
 from .cases import case
+from .report import write_json
 from .timing import device_ms, mode_fn, provider_forward, time_ms
 
 DTYPE = torch.bfloat16  # what the GPU trains in
@@ -82,8 +80,5 @@ def main(device: str, out: str | None) -> int:
     print("Candidate tile configurations, fused fwd+bwd (umae/bench/tune.py); winner: least device time")
     print(format_rows(rows))
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "tune.json"), "w") as f:
-            json.dump(dict(rows=rows), f, indent=1)
-        print(f"wrote {out}/tune.json")
+        write_json(out, "tune.json", dict(rows=rows))
     return 0

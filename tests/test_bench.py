@@ -31,6 +31,10 @@ def test_report_regenerates_readme_table(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- perf-table:start -->\nold\n<!-- perf-table:end -->\nrest\n")
     res = tmp_path / "results"
+    with pytest.raises(ValueError, match="--results .* is not a folder"):  # was: the tables replaced by "No GPU results"
+        report.update_readme(str(res), str(readme))
+    assert "old" in readme.read_text()
+    res.mkdir()
     assert "No GPU results" in report.update_readme(str(res), str(readme))
     run = res / "NVIDIA_H100" / "2026-11-23"
     os.makedirs(run)

@@ -237,6 +237,199 @@ def test_convert_to_hf_onto_a_file_is_refused(tmp_path, capsys):
     # was: transformers' save_pretrained logged and returned; convert printed "wrote" over nothing written
     out = tmp_path / "model.bin"
     out.write_text("keep me")
-    assert "is a file; --to hf writes a folder" in _err(capsys, ["convert", str(tmp_path / "x.pth"), str(out),
+    assert "is a file, not a folder; --to hf writes a folder" in _err(capsys, ["convert", str(tmp_path / "x.pth"), str(out),
                                                                 "--to", "hf"])
     assert out.read_text() == "keep me"
+
+
+# ---- the grid: every subcommand, every flag that takes a value, invalid values and malformed files ----
+
+BAD_NUMBERS = ("nan", "inf", "-1", "1e39", "x")
+# values a flag takes with a meaning (not refused): clip at 1e39 is no clipping; torch seeds any int
+VALID = {("train", "--clip-grad", "1e39"), ("check", "--seed", "-1")}
+# the value flags that name a file or folder to read, and those that name one to write
+READS = {("train", "--resume"), ("train", "--data"), ("eval", "--ckpt"), ("eval", "--data"), ("reproduce", "--data"),
+         ("report", "--results"), ("report", "--readme"), ("convert", "src")}
+WRITES = {("train", "--out"): "folder", ("eval", "--out"): "folder", ("reproduce", "--out"): "folder",
+          ("bench", "--out"): "folder", ("check", "--junit"): "file", ("convert", "out"): "file"}
+
+
+@pytest.fixture(scope="module")
+def grid_files(tmp_path_factory):
+    """A valid checkpoint, and malformed files of every kind a flag may be given."""
+    root = tmp_path_factory.mktemp("grid")
+    assert main(["train", *TINY, "--steps", "1", "--out", str(root / "run")]) == 0
+    good = root / "run" / "checkpoint-1.pt"
+    flipped = bytearray(good.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x10  # one bit, inside a tensor: torch.load alone loads it
+    (root / "folder").mkdir()
+    bad = {"missing": root / "missing.pt", "folder": root / "folder", "empty": b"", "garbage": b"\x00garbage" * 100,
+           "truncated": good.read_bytes()[:5000], "bit-flipped": bytes(flipped), "bad json": b"{not json",
+           "json list": b"[1, 2]", "not utf-8": b"\x80\x81" * 10}
+    (root / "README.md").write_text("<!-- perf-table:start -->\n<!-- perf-table:end -->\n")  # report's, valid
+    files = {}
+    for k, v in bad.items():
+        files[k] = v if isinstance(v, type(root)) else root / k.replace(" ", "_")
+        if isinstance(v, bytes):
+            files[k].write_bytes(v)
+    return root, good, files
+
+
+def _bases(root, good):
+    return {"train": ["train", *TINY, "--steps", "1"], "eval": ["eval", "--ckpt", str(good), "--max-images", "16"],
+            "reproduce": ["reproduce", "--steps", "1"],
+            "report": ["report", "--results", str(root / "folder"), "--readme", str(root / "README.md")],
+            "check": ["check", "--ops", "patchify", "--dtypes", "float32"],
+            "bench": ["bench", "--ops", "patchify", "--providers", "fused", "--no-progress"],
+            "convert": ["convert", str(good), str(root / "converted.pth"), "--to", "mae"], "info": ["info"]}
+
+
+def _grid(root, good, files):
+    """(subcommand, flag, value, argv) of every case: each must end in one line naming the flag, the value
+    or the file, and a non-zero exit."""
+    import argparse
+
+    from umae.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bases = _bases(root, good)
+    for cmd, p in sub.choices.items():
+        assert cmd in bases, f"umae {cmd} is not in the grid"
+        for a in p._actions:
+            if a.nargs == 0 or isinstance(a, argparse._HelpAction):
+                continue
+            flag = a.option_strings[-1] if a.option_strings else a.dest
+            if a.choices is not None:
+                values = ["bogus"]
+            elif a.type in (int, float):
+                values = [v for v in BAD_NUMBERS if (cmd, flag, v) not in VALID]
+            elif (cmd, flag) in READS:
+                values = [str(f) for k, f in files.items() if not (k == "folder" and flag in ("--data", "src",
+                                                                                           "--results"))]
+                if flag in ("--data", "--results"):  # a folder is wanted: files, and a folder of nothing
+                    values = [str(files["folder"]) + "/missing", str(files["empty"])]
+            elif (cmd, flag) in WRITES:
+                values = [str(root / "no" / "parent" / "x")] if flag in ("out", "--junit") else []
+                values.append(str(files["empty"]) if WRITES[cmd, flag] == "folder" else str(files["folder"]))
+            else:  # a name: of a model, a device, an op
+                values = ["bogus"]
+            for v in values:
+                if a.option_strings:
+                    argv = [*bases[cmd], flag, v]
+                else:  # a positional: replace it in the base
+                    argv = list(bases[cmd])
+                    argv[[x.dest for x in p._actions if not x.option_strings].index(a.dest) + 1] = v
+                if "--out" in p._option_string_actions and flag != "--out":
+                    argv += ["--out", str(root / f"out-{cmd}")]
+                yield cmd, flag, v, argv
+
+
+def test_every_flag_refuses_invalid_values_and_malformed_files(grid_files, capsys):
+    root, good, files = grid_files
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    wrong, n = [], 0
+    for cmd, flag, value, argv in _grid(root, good, files):
+        n += 1
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse: usage and one error line naming the flag
+            rc = e.code
+        except Exception as e:  # a traceback
+            capsys.readouterr()
+            wrong.append(f"{cmd} {flag} {value!r}: raised {type(e).__name__}: {e}")
+            continue
+        err = capsys.readouterr().err.strip().splitlines()
+        last = err[-1] if err else ""
+        named = flag in last or value in last or (flag in ("src", "out") and f"{flag} " in last)
+        if rc == 0 or not named or "Traceback" in "\n".join(err) or (len(err) > 1 and not err[0].startswith("usage")):
+            wrong.append(f"{cmd} {flag} {value!r}: exit {rc}, stderr {err[-3:]}")
+    assert n > 150, n  # the grid reaches every subcommand's flags
+    print(f"{n} cases")
+    assert not wrong, f"{len(wrong)} of {n} cases:\n" + "\n".join(wrong)
+    # refused before writing: every file as it was (the bit-flipped checkpoint was not resumed into a run)
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (root / "converted.pth").exists()
+    assert not [p.name for p in root.glob("out-*/*") if p.suffix in (".pt", ".jsonl")]  # no run began
+
+
+def test_a_bit_flipped_checkpoint_is_refused_by_its_checksum(grid_files, capsys):
+    # was: torch.load loaded the damaged tensor; the run resumed (and eval, convert read it) silently
+    root, good, files = grid_files
+    p = str(files["bit-flipped"])
+    for argv, flag in ((["train", *TINY, "--steps", "2", "--resume", p, "--out", str(root / "flip")], "--resume"),
+                       (["eval", "--ckpt", p, "--out", str(root / "flip-eval")], "--ckpt"),
+                       (["convert", p, str(root / "flip.pth"), "--to", "mae"], "src")):
+        err = _err(capsys, argv)
+        assert f"{flag} {p!r} is damaged: its record" in err and "fails its CRC-32 checksum" in err, err
+
+
+def test_eval_refuses_what_it_cannot_measure(grid_files, capsys):
+    root, good, _ = grid_files
+    ck = torch.load(good, weights_only=False)
+    nan = dict(ck, model={k: v.clone().fill_(float("nan")) if v.is_floating_point() else v
+                          for k, v in ck["model"].items()})
+    cases = {"nan": (nan, "holds non-finite weights"),  # was: a LinAlgError traceback
+             "run_str": (dict(ck, run="x"), "its run record is a str, not a dict"),  # was: TypeError
+             "run_lamb": (dict(ck, run=dict(ck["run"], lamb="x")), "its run record is malformed: 'lamb' is 'x'"),
+             "run_empty": (dict(ck, run={}), "its run record names no model"),  # was: KeyError
+             "run_model": (dict(ck, run=dict(ck["run"], model="nope")), "'s recorded model 'nope' is not registered")}
+    for name, (c, msg) in cases.items():
+        p = root / f"eval-{name}.pt"
+        torch.save(c, p)
+        assert msg in _err(capsys, ["eval", "--ckpt", str(p), "--out", str(root / "e")]), name
+    # one image: the probes' standardization divided by a NaN spread (was: a traceback)
+    assert "--max-images must be >= 2, got 1" in _err(capsys, ["eval", "--ckpt", str(good), "--max-images", "1",
+                                                              "--out", str(root / "e")])
+
+
+def test_convert_writes_whole_or_not_at_all(grid_files, capsys, monkeypatch):
+    from umae import convert
+
+    root, good, _ = grid_files
+    out, hf = root / "whole.pth", root / "whole-hf"
+    out.write_bytes(b"the previous file")
+    (hf).mkdir()
+    (hf / "config.json").write_text("{}")
+
+    def dies(obj, f, *a, **k):  # a full disk halfway through the file
+        (f.write if hasattr(f, "write") else open(f, "wb").write)(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", dies)
+    assert "disk full while writing" in _err(capsys, ["convert", str(good), str(out), "--to", "mae"])
+    monkeypatch.undo()
+    assert out.read_bytes() == b"the previous file"  # was: a partial file in its place
+    assert sorted(p.name for p in root.iterdir() if ".tmp" in p.name) == []
+    assert main(["convert", str(good), str(out), "--to", "mae"]) == 0
+    assert convert.load_mae(out, "umae_vit_micro_patch4_32").state_dict().keys()
+    # a folder is replaced as a whole: nothing of the old one is left beside the new
+    (hf / "stale.bin").write_bytes(b"x")
+    assert main(["convert", str(good), str(hf), "--to", "hf"]) == 0
+    assert not (hf / "stale.bin").exists() and (hf / "config.json").read_text() != "{}"
+    capsys.readouterr()
+
+
+def test_malformed_results_files_are_named(tmp_path, capsys):
+    run = tmp_path / "results" / "dev" / "2026-01-01"
+    run.mkdir(parents=True)
+    (tmp_path / "README.md").write_text("<!-- perf-table:start -->\nkeep\n<!-- perf-table:end -->\n")
+    for text, msg in (("{bad", "is not valid JSON"), ("[1]", "holds a JSON list, not an object"),
+                      ('{"rows": 1}', "is not a umae bench results file")):
+        (run / "results.json").write_text(text)
+        err = _err(capsys, ["report", "--results", str(tmp_path / "results"), "--readme", str(tmp_path / "README.md")])
+        assert f"--results' {str(run / 'results.json')!r}" in err and msg in err, err
+        # --append finds it before the run, not after it
+        err = _err(capsys, ["bench", "--ops", "patchify", "--append", "--out", str(run), "--no-progress"])
+        assert f"--append's {str(run / 'results.json')!r}" in err and msg in err, err
+    assert "keep" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("damage", ["empty", "corrupt"])
+def test_a_damaged_cifar_folder_is_named(tmp_path, capsys, damage):
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    if damage == "corrupt":
+        for f in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                  "batches.meta"):
+            (folder / f).write_bytes(b"\x80\x04garbage")
+    err = _err(capsys, ["train", *TINY, "--data", str(tmp_path / "cifar"), "--out", str(tmp_path / "o")])
+    assert f"--data {str(tmp_path / 'cifar')!r}: cifar-10-batches-py is not a complete, intact copy" in err, err

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     ("kernels", ["umae.kernels"]),
     ("library", ["umae._library", "umae._build", "umae._C", "umae._checks", "umae._tolerance", "umae._spec",
-                 "umae._backend"]),
+                 "umae._backend", "umae._files"]),
     ("op modules", ["umae.patchify_op", "umae.masked_mse_op", "umae.random_masking_op", "umae.restore_tokens_op",
                     "umae.uniformity_op"]),
     ("registry", ["umae.registry"]),

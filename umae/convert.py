@@ -21,7 +21,8 @@ import re
 import torch
 from torch import nn
 
-from .models import CONFIGS, MaskedAutoencoderViT, build
+from ._files import check_target, read_checkpoint, read_json, write_whole
+from .models import CONFIGS, MaskedAutoencoderViT, build, check_name
 
 # (umae key suffix, transformers key suffix) of one transformer block
 _BLOCK = (("norm1", "layernorm_before"), ("attn.proj", "attention.o_proj"), ("norm2", "layernorm_after"),
@@ -141,22 +142,43 @@ def from_hf(source, **model_kwargs) -> MaskedAutoencoderViT:
     return model
 
 
-def load_mae(path, model: str | None = None, **model_kwargs) -> MaskedAutoencoderViT:
+def load_mae(path, model: str | None = None, what: str = "src", **model_kwargs) -> MaskedAutoencoderViT:
     """An umae model from a facebookresearch/mae `.pth` (`{"model": state_dict}`) or an umae checkpoint;
     `model` names umae's config (umae checkpoints record theirs; MAE's number of heads is not in the weights)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    name = model or (ck.get("run", {}).get("model") if isinstance(ck, dict) else None)
+    ck = read_checkpoint(os.fspath(path), what)
+    if not isinstance(ck, dict):
+        raise ValueError(f"{what} {os.fspath(path)!r} is not a checkpoint: it holds a {type(ck).__name__}, not a dict")
+    run = ck.get("run")
+    name = model or (run.get("model") if isinstance(run, dict) else None)
     if name is None:
-        raise ValueError(f"{path}: name the model's config (--model, one of {', '.join(CONFIGS)}): a "
-                         f"facebookresearch/mae checkpoint does not record its number of heads")
+        raise ValueError(f"{what} {os.fspath(path)!r}: name the model's config (--model, one of "
+                         f"{', '.join(CONFIGS)}): a facebookresearch/mae checkpoint does not record its number of heads")
+    check_name(name, "--model" if model else f"{what} {os.fspath(path)!r}'s recorded model")
     m = build(name, **model_kwargs)
-    m.load_state_dict(ck)  # unwraps {"model": ...}, names any mismatch
+    try:
+        m.load_state_dict(ck)  # unwraps {"model": ...}, names any mismatch
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        why = " ".join(str(e).split())
+        raise ValueError(f"{what} {os.fspath(path)!r} does not fit the model {name}: "
+                         f"{why[:300] + ' ...' if len(why) > 300 else why}") from None
     return m
 
 
 def save_mae(model: MaskedAutoencoderViT, path) -> None:
     """facebookresearch/mae's checkpoint layout: {"model": state_dict}."""
     torch.save({"model": model.state_dict()}, path)
+
+
+def _read_hf(folder: str) -> MaskedAutoencoderViT:
+    """from_hf of a save_pretrained folder, or a ValueError naming it."""
+    config = read_json(os.path.join(folder, "config.json"), "src")
+    if config.get("model_type") != "vit_mae":
+        raise ValueError(f"src {folder!r} holds a transformers {config.get('model_type')!r} model, not a ViTMAE")
+    try:
+        return from_hf(folder)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"src {folder!r} is not a readable ViTMAE folder: {why[:300]}") from None
 
 
 # ---- umae convert -----------------------------------------------------------------------
@@ -172,19 +194,27 @@ def add_args(p) -> None:
     p.add_argument("--mask-ratio", type=float, default=0.75, help="the transformers config's mask_ratio")
 
 
+def _check_out(out: str, to: str) -> None:
+    try:
+        check_target(out, "out", folder=to == "hf")
+    except ValueError as e:  # save_pretrained onto a file logs and returns: "wrote" was printed over nothing
+        raise ValueError(f"{e}; --to {to} writes {'a folder' if to == 'hf' else 'a .pth file'}") from None
+
+
 def main(args) -> int:
     if not 0 <= args.mask_ratio < 1:  # also NaN: not in range
         raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
-    if args.to == "hf" and os.path.exists(args.out) and not os.path.isdir(args.out):
-        # save_pretrained logs this and returns: "wrote" was printed over nothing written
-        raise ValueError(f"out {args.out!r} is a file; --to hf writes a folder")
+    if args.model is not None:
+        check_name(args.model)
+    _check_out(args.out, args.to)
     is_hf = os.path.isdir(args.src)
     if not is_hf and not os.path.isfile(args.src):
         raise ValueError(f"src {args.src!r}: no such file or folder")
-    model = from_hf(args.src) if is_hf else load_mae(args.src, args.model)
+    model = _read_hf(args.src) if is_hf else load_mae(args.src, args.model)
     if args.to == "hf":
-        to_hf(model, args.mask_ratio).save_pretrained(args.out)
+        hf = to_hf(model, args.mask_ratio)
+        write_whole(args.out, hf.save_pretrained)
     else:
-        save_mae(model, args.out)
+        write_whole(args.out, lambda tmp: save_mae(model, tmp))
     print(f"wrote {args.out} ({'transformers folder' if args.to == 'hf' else 'facebookresearch/mae .pth'})")
     return 0

@@ -200,10 +200,14 @@ def open_dataset(path: str | None, train: bool = True, seed: int = 0, builtin_si
                                 "that ship offline)")
     import torchvision
 
-    if os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
-        return FolderImages(torchvision.datasets.CIFAR10(path, train=train, download=False))
-    if os.path.isdir(os.path.join(path, "cifar-100-python")):
-        return FolderImages(torchvision.datasets.CIFAR100(path, train=train, download=False))
+    for sub, cifar in (("cifar-10-batches-py", torchvision.datasets.CIFAR10),
+                       ("cifar-100-python", torchvision.datasets.CIFAR100)):
+        if os.path.isdir(os.path.join(path, sub)):
+            try:  # torchvision checks each batch file's md5 first: a missing or damaged one fails here
+                return FolderImages(cifar(path, train=train, download=False))
+            except Exception as e:  # RuntimeError, UnpicklingError, ... of a bad copy
+                raise ValueError(f"--data {path!r}: {sub} is not a complete, intact copy of torchvision's "
+                                 f"{cifar.__name__} ({' '.join(str(e).split()) or type(e).__name__})") from None
     try:
         ds = torchvision.datasets.ImageFolder(path)
     except (FileNotFoundError, RuntimeError) as e:

@@ -4,13 +4,14 @@ effective rank), as numbers and as a PNG comparing runs."""
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 
 from . import data as D
+from ._files import write_json
 
 HELP = "linear probe, kNN and the feature spectrum of checkpoints"
 
@@ -93,33 +94,65 @@ def spectrum(x):
     return s.float(), _erank(s), _erank(s.square())
 
 
+# a run record's entries eval reads, with their types, and the defaults of those it may lack
+_RUN = dict(model=str, lamb=(int, float), fused=bool, data=(str, type(None)), seed=int, builtin_size=int,
+            probe_classes=int, cls_double_norm=bool)
+_RUN_DEFAULTS = dict(lamb=0.0, fused=False, data=None, seed=0, probe_classes=0, cls_double_norm=True)
+
+
+def _run_record(ck: dict, path: str, model_name) -> dict:
+    """The checkpoint's run record (MAE's checkpoints have none: `model_name`'s defaults), its
+    entries checked; a ValueError naming --ckpt for one that is malformed."""
+    run = ck.get("run")
+    if run is None and model_name is None:
+        raise ValueError(f"--ckpt {path!r} records no model (a facebookresearch/mae checkpoint?): pass --model, "
+                         "e.g. --model umae_vit_base_patch16_224, and --data")
+    if not isinstance(run, (dict, type(None))):
+        raise ValueError(f"--ckpt {path!r}: its run record is a {type(run).__name__}, not a dict")
+    out = {**_RUN_DEFAULTS, **(run or {})}
+    if model_name is not None:
+        out["model"] = model_name
+    if "model" not in out:
+        raise ValueError(f"--ckpt {path!r}: its run record names no model: pass --model")
+    for k, types in _RUN.items():
+        v = out.get(k)
+        if k in out and (not isinstance(v, types) or (isinstance(v, bool) and types is not bool)
+                         or (k == "lamb" and not math.isfinite(v))):
+            raise ValueError(f"--ckpt {path!r}: its run record is malformed: {k!r} is {v!r}")
+    return out
+
+
 def load_model(path, device, model_name=None):
     """(model, run record, step) of a `umae train` checkpoint, or of a facebookresearch/mae one
     ({"model": state_dict}, no run record: `model_name` says which umae model it fits)."""
     import timm
 
-    from . import models  # noqa: F401
-
+    from .models import check_name
     from .train import checkpoint
 
     ck = checkpoint.read(path, "--ckpt")
-    run = ck.get("run")
-    if run is None:
-        if model_name is None:
-            raise ValueError(f"--ckpt {path!r} records no model (a facebookresearch/mae checkpoint?): pass --model, "
-                             "e.g. --model umae_vit_base_patch16_224, and --data")
-        run = dict(model=model_name, lamb=0.0, fused=False, data=None, seed=0)
-    model = timm.create_model(model_name or run["model"], fused=False, lamb=run["lamb"],
+    run = _run_record(ck, path, model_name)
+    check_name(run["model"], "--model" if model_name else f"--ckpt {path!r}'s recorded model")
+    model = timm.create_model(run["model"], fused=False, lamb=run["lamb"],
                               probe_classes=run.get("probe_classes", 0), cls_double_norm=run.get("cls_double_norm", True))
     # a train checkpoint's "model" entry, or MAE's (encoder-only loads with a warning)
     checkpoint.load_weights(model, ck, path, "--ckpt")
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # a diverged run's weights: every feature NaN, and the probes' numbers meaningless
+        raise ValueError(f"--ckpt {path!r} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
+                         "the run diverged before it was saved")
     return model.to(device).eval(), run, ck.get("step")
 
 
 def validate(args) -> None:
     from .train.config import check_out, check_range, parse_device
 
-    check_range(args, ("knn_k", "max_images", "batch_size"), 1)
+    check_range(args, ("knn_k", "batch_size"), 1)
+    check_range(args, ("max_images",), 2)  # the probes standardize by the features' spread: two images at least
+    if args.model is not None:
+        from .models import check_name
+
+        check_name(args.model)
     if not 0 < args.holdout < 1:
         raise ValueError(f"--holdout must be in (0, 1), got {args.holdout}")
     parse_device(args.device)
@@ -162,9 +195,9 @@ def evaluate(args) -> dict:
                                 effective_rank_cov=erank_cov, feature_dim=xtr.shape[1], n_train=len(xtr),
                                 n_test=len(xte), **_latent_recovery(tr, te, xtr, ytr, xte, yte)))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(dict(effective_rank=SPECTRUM, effective_rank_cov=SPECTRUM_COV, results=results,
-                       spectra={k: v.tolist() for k, v in spectra.items()}), f, indent=1)
+    write_json(os.path.join(args.out, "eval.json"), dict(effective_rank=SPECTRUM, effective_rank_cov=SPECTRUM_COV,
+                                                         results=results,
+                                                         spectra={k: v.tolist() for k, v in spectra.items()}))
     plot_spectra(spectra, {r["name"]: r["effective_rank"] for r in results}, os.path.join(args.out, "spectrum.png"))
     return dict(results=results)
 

@@ -14,6 +14,8 @@ import contextlib
 import sys
 import time
 
+from .._files import check_target, write_whole
+
 HELP = "parity of each fused op with its reference on this machine's devices (exit 1 on a mismatch)"
 
 # awkward sizes: 25 patches of 8x8 (L not a power of two), 3 images, a 37-row feature batch; widths a
@@ -44,6 +46,8 @@ def main(args) -> int:
     from .. import _backend, registry
     from .._table import Col, format_table
 
+    if args.junit:
+        check_target(args.junit, "--junit")
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     if "cuda" in devices and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to torch")
@@ -231,5 +235,5 @@ def write_junit(path: str, rows: list[dict], secs: float) -> None:
             ET.SubElement(tc, "failure", message=(what + " " + r.get("note", "")).strip() or "failed")
         elif r["status"] == "skipped":
             ET.SubElement(tc, "skipped", message=r.get("note", ""))
-    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+    write_whole(path, lambda tmp: ET.ElementTree(suite).write(tmp, encoding="utf-8", xml_declaration=True))
 

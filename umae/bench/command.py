@@ -55,6 +55,8 @@ def add_args(b: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     """`umae bench`: 0, or 2 for an unknown op or shape set."""
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):  # before the run, not after it
+        raise ValueError(f"--out {args.out!r} is a file, not a folder")
     if args.traffic:
         return traffic(args)
     import torch
@@ -96,6 +98,7 @@ def main(args) -> int:
     if bad:
         print(f"umae bench: {bad}", file=sys.stderr)
         return 2
+    previous(args.out, args.append)
     env, ceil = print_environment(device)
     ops = args.ops or all_ops()
     if loader.OP in ops:  # the input pipeline alone, on the host
@@ -198,19 +201,30 @@ def run_rows(args, ops, shapes, dtypes, device, ceil) -> tuple[list[dict], list[
     return rows, kernel_ops
 
 
+def previous(out, append: bool) -> dict | None:
+    """With --append, --out's results.json when there is one (checked before the run, not after it);
+    a ValueError naming it when it is not a results file."""
+    prev = os.path.join(out, "results.json") if out and append else None
+    if prev is None or not os.path.exists(prev):
+        return None
+    from .._files import read_json
+
+    old = read_json(prev, "--append's")
+    if not (isinstance(old.get("rows"), list) and isinstance(old.get("environment"), dict)):
+        raise ValueError(f"--append's {prev!r} is not a umae bench results file (no 'rows' list and "
+                         "'environment' object)")
+    return old
+
+
 def write_results(out: str, rows, env, ceil, append: bool) -> None:
     """results.json, results.csv and the plots in `out`; with `append`, the rows added to its
     results.json's (one file from several time-boxed runs: scripts/gpu_check.sh)."""
     from .plots import plot
     from .report import write
 
-    prev = os.path.join(out, "results.json")
-    if append and os.path.exists(prev):
-        import json
-
-        with open(prev) as f:
-            old = json.load(f)
-        rows, env, ceil = old["rows"] + rows, old["environment"], old["ceilings"] or ceil
+    old = previous(out, append)
+    if old is not None:
+        rows, env, ceil = old["rows"] + rows, old["environment"], old.get("ceilings") or ceil
     write(rows, env, out, ceil)
     charts = plot(rows, ceil, out)
     print(f"wrote {out}/results.json, results.csv" + "".join(f", {os.path.basename(c)}" for c in charts))

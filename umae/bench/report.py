@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
+import io
 import os
 
+from .. import _files as files
 from .._table import Col, format_table as _format_table
 from .runner import E2E_OPS
 from .timing import CG_PROVIDERS, FUSED_PROVIDERS, HOST_BOUND
@@ -83,21 +84,20 @@ def format_table(rows) -> str:
 def write_json(out_dir: str, name: str, data: dict) -> None:
     """`data` as out_dir/name (the host, profile and tune views' files), said on stdout."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, name), "w") as f:
-        json.dump(data, f, indent=1)
+    files.write_json(os.path.join(out_dir, name), data)
     print(f"wrote {out_dir}/{name}")
 
 
 def write(rows, env, out_dir, ceil=None):
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(dict(environment=env, ceilings=ceil, rows=rows), f, indent=1)
+    files.write_json(os.path.join(out_dir, "results.json"), dict(environment=env, ceilings=ceil, rows=rows))
     fields = sorted({k for r in rows for k in r})
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(env) + fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**env, **r})
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(env) + fields)
+    w.writeheader()
+    for r in rows:
+        w.writerow({**env, **r})
+    files.write_text(os.path.join(out_dir, "results.csv"), text.getvalue())
 
 
 # ---- the tables from bench/results/<device>/<date>/results.json -----------------------
@@ -110,11 +110,16 @@ NO_RESULTS = ("No GPU results are recorded yet: `bash scripts/gpu_check.sh` on a
 
 
 def load(results_dir):
+    if not os.path.isdir(results_dir):
+        raise ValueError(f"--results {results_dir!r} is not a folder (bench/results/<device>/<date>/results.json)")
     runs = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*", "*", "results.json"))):
-        with open(path) as f:
-            d = json.load(f)
-        if d["environment"].get("device_type") == "cuda":
+        d = files.read_json(path, "--results'")
+        env = d.get("environment")
+        if not (isinstance(env, dict) and isinstance(d.get("rows"), list) and isinstance(env.get("date"), str)):
+            raise ValueError(f"--results' {path!r} is not a umae bench results file (no 'rows' list and "
+                             "'environment' object with its date)")
+        if env.get("device_type") == "cuda":
             runs.append((path, d))
     return sorted(runs, key=lambda run: run[1]["environment"]["date"])  # oldest first
 
@@ -232,9 +237,7 @@ def update_readme(results_dir, readme, docs=None) -> str:
         paths = [readme, docs]
     new = {}
     for path in paths:
-        with open(path) as f:
-            new[path] = _replace(f.read(), path, blocks)
+        new[path] = _replace(files.read_text(path, "--readme" if path == readme else "docs"), path, blocks)
     for path, text in new.items():
-        with open(path, "w") as f:
-            f.write(text)
+        files.write_text(path, text)
     return blocks[(START, END)]

@@ -31,6 +31,16 @@ CONFIGS = {
 _TIMM_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
+def check_name(name, flag: str = "--model") -> None:
+    """A ValueError naming `flag` unless `name` is one of umae's models."""
+    if name not in CONFIGS:  # timm knows other models (resnet18): not MAE models
+        import timm
+
+        known = ("is a timm model, not a umae MAE model" if isinstance(name, str) and timm.is_model(name)
+                 else "is not registered")
+        raise ValueError(f"{flag} {name!r} {known}; umae models: {', '.join(CONFIGS)}")
+
+
 def build(name: str, **kwargs) -> MaskedAutoencoderViT:
     for k in _TIMM_KWARGS:
         if kwargs.pop(k, None) and k == "pretrained":
@@ -49,4 +59,4 @@ for _name in CONFIGS:
     _fn.__doc__ = f"{_name}: {CONFIGS[_name]} (img, patch, dim, depth, heads, dec dim, dec depth, dec heads)"
     globals()[_name] = register_model(_fn)
 
-__all__ = ["MAEOutput", "MaskedAutoencoderViT", "get_2d_sincos_pos_embed", "CONFIGS", "build", *CONFIGS]
+__all__ = ["MAEOutput", "MaskedAutoencoderViT", "get_2d_sincos_pos_embed", "CONFIGS", "build", "check_name", *CONFIGS]

@@ -1,49 +1,19 @@
 """Checkpoints: model, optimizer, grad scaler, step and the run's settings, serialized once
 per save; checkpoint-last.pt is a hard link to (or, where links fail, a copy of) that file.
 Each file is written to a .tmp and renamed: a crash or a full disk leaves the previous
-checkpoint intact and no partial file."""
+checkpoint intact and no partial file. Every record in the file carries torch's CRC-32, verified
+before a checkpoint is loaded (umae._files)."""
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import shutil
 
 import torch
 
+from .._files import read_checkpoint, write_whole
+
 LAST = "checkpoint-last.pt"
 RESUME_ENTRIES = ("model", "optimizer", "scaler", "step")
-
-
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind e: e itself, or one in its __cause__/__context__ chain. torch.save's zip
-    writer turns its file's OSError (ENOSPC: disk full) into a bare RuntimeError ('[enforce fail
-    at inline_container.cc] unexpected pos ...') raised while that OSError is handled."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError) and e.errno is not None:
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _write(tmp: str, dst: str, write) -> None:
-    """write(tmp), then rename it to dst; on failure no tmp is left, and an OSError (disk full, I/O
-    error, ...), raised as it is or behind the zip writer's RuntimeError, is raised as an OSError
-    naming dst."""
-    try:
-        write(tmp)
-        os.replace(tmp, dst)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        cause = _os_error(e) if isinstance(e, Exception) else None
-        if cause is not None and cause.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, "No space left on device", dst) from e
-        if cause is not None and cause is not e:  # an OSError behind torch's RuntimeError
-            raise OSError(cause.errno, cause.strerror or os.strerror(cause.errno), dst) from e
-        raise
 
 
 def _torch_save(obj, path: str) -> None:
@@ -93,7 +63,7 @@ def save(out: str, step: int, states: tuple[dict, dict], scaler, run: dict) -> s
     """Writes checkpoint-<step>.pt (and checkpoint-last.pt) from `full_states`'s (model, optimizer) states."""
     ck = dict(model=states[0], optimizer=states[1], scaler=scaler.state_dict(), step=step, run=run)
     path = os.path.join(out, f"checkpoint-{step}.pt")
-    _write(path + ".tmp", path, lambda tmp: _torch_save(ck, tmp))
+    write_whole(path, lambda tmp: _torch_save(ck, tmp), tmp=path + ".tmp")
     last = os.path.join(out, LAST)
 
     def link(tmp):
@@ -103,21 +73,14 @@ def save(out: str, step: int, states: tuple[dict, dict], scaler, run: dict) -> s
             os.link(path, tmp)
         except OSError:  # a file system without hard links
             shutil.copyfile(path, tmp)
-    _write(last + ".tmp", last, link)
+    write_whole(last, link, tmp=last + ".tmp")
     return path
 
 
 def read(path: str, what: str = "--resume") -> dict:
-    """A checkpoint file as a dict; a file torch cannot read (corrupt, truncated, empty, not a
-    checkpoint) raises ValueError naming it. OSError (missing, unreadable) passes as it is."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except OSError:
-        raise
-    except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
-        why = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{what} {path!r} is not a readable checkpoint (corrupt, truncated or empty?): "
-                         f"{type(e).__name__}: {why}") from None
+    """A checkpoint file as a dict, its checksums verified; a ValueError naming `what` and the file
+    for one that is missing, damaged or not a checkpoint."""
+    ck = read_checkpoint(path, what)
     if not isinstance(ck, dict):  # a state dict, or a checkpoint's dict holding one
         raise ValueError(f"{what} {path!r} is not a checkpoint: it holds a {type(ck).__name__}, not a dict")
     return ck

@@ -181,13 +181,9 @@ MAX_BUILTIN = 1_000_000  # images of the generated sets (3 GB of uint8 32 x 32 R
 
 def validate(cfg: TrainConfig) -> None:
     """ValueError (FileNotFoundError for --resume) naming the flag of the first bad setting."""
-    import timm
+    from ..models import check_name
 
-    from ..models import CONFIGS
-
-    if cfg.model not in CONFIGS:  # timm knows other models (resnet18): not MAE models
-        known = "is a timm model, not a umae MAE model" if timm.is_model(cfg.model) else "is not registered"
-        raise ValueError(f"--model {cfg.model!r} {known}; umae models: {', '.join(CONFIGS)}")
+    check_name(cfg.model)
     if not 0 <= cfg.mask_ratio < 1:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
     check_range(cfg, ("batch_size", "accum_iter", "epochs", "log_every", "builtin_size"), 1)
@@ -195,10 +191,10 @@ def validate(cfg: TrainConfig) -> None:
     check_range(cfg, ("warmup_steps", "num_workers"), 0, optional=True)
     check_range(cfg, ("blr",), 0, strict=True)
     check_range(cfg, ("lr", "clip_grad"), 0, strict=True, optional=True)
-    for k in ("lr", "blr"):  # past fp32's range the optimizer's update overflows (a traceback from AdamW)
+    for k in ("lr", "blr", "min_lr", "weight_decay", "lamb"):  # past fp32's range the update or the loss overflows
         v = getattr(cfg, k)
         if v is not None and v > 1e30:
-            raise ValueError(f"--{k} must be at most 1e30, got {v:g}")
+            raise ValueError(f"--{k.replace('_', '-')} must be at most 1e30, got {v:g}")
     if cfg.builtin_size > MAX_BUILTIN:  # the generated set is held in memory, 3 KB per image
         raise ValueError(f"--builtin-size must be at most {MAX_BUILTIN:,}, got {cfg.builtin_size:,}")
     parse_device(cfg.device)

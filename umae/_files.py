@@ -1,0 +1,145 @@
+"""The files umae writes and reads. Each is written whole or not at all (to a temporary beside it,
+then renamed: a crash or a full disk leaves the previous file and no partial one), and a file that
+cannot be read raises a ValueError naming the flag and the file, on one line."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import zipfile
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind e: e itself, or one in its __cause__/__context__ chain. torch.save's zip
+    writer turns its file's OSError (ENOSPC: disk full) into a bare RuntimeError ('[enforce fail
+    at inline_container.cc] unexpected pos ...') raised while that OSError is handled."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+def write_whole(dst: str, write, tmp: str | None = None) -> None:
+    """write(tmp) (a file or a folder), then tmp renamed to dst; a folder replaces dst's folder as a
+    whole. On failure no tmp is left and dst is as it was; an OSError (disk full, I/O error, ...),
+    raised as it is or behind torch's RuntimeError, is raised as an OSError naming dst."""
+    tmp = tmp or os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+    try:
+        _remove(tmp)
+        write(tmp)
+        if os.path.isdir(tmp) and os.path.isdir(dst):  # a folder cannot be renamed over a non-empty one
+            old = tmp + "-old"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            _remove(old)
+        else:
+            os.replace(tmp, dst)
+    except BaseException as e:
+        _remove(tmp)
+        cause = _os_error(e) if isinstance(e, Exception) else None
+        if cause is not None and cause.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, "No space left on device", dst) from e
+        if cause is not None and cause is not e:  # an OSError behind torch's RuntimeError
+            raise OSError(cause.errno, cause.strerror or os.strerror(cause.errno), dst) from e
+        raise
+
+
+def check_target(dst: str, what: str, folder: bool = False) -> None:
+    """Before the work whose result goes to dst: a ValueError naming `what` when dst's folder does
+    not exist, or dst is a folder where a file goes (or a file where a folder goes)."""
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{what} {dst!r}: its folder {parent!r} does not exist")
+    if not folder and os.path.isdir(dst):
+        raise ValueError(f"{what} {dst!r} is a folder, not a file")
+    if folder and os.path.exists(dst) and not os.path.isdir(dst):
+        raise ValueError(f"{what} {dst!r} is a file, not a folder")
+
+
+def write_text(dst: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_whole(dst, write)
+
+
+def write_json(dst: str, data) -> None:
+    write_text(dst, json.dumps(data, indent=1))
+
+
+def _readable(path: str, what: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder, not a file")
+    if not os.path.exists(path):
+        raise ValueError(f"{what} {path!r}: no such file")
+
+
+def verify_checksums(path: str, what: str) -> None:
+    """A torch.save file is a zip whose every record carries its CRC-32: a bit flipped on disk or in
+    a copy fails it (torch.load itself does not check: it would load the damaged tensor). A file
+    that is not a zip (torch's legacy format, or not a checkpoint at all) is left to torch.load."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, NotImplementedError):
+        return
+    if bad is not None:
+        raise ValueError(f"{what} {path!r} is damaged: its record {bad!r} fails its CRC-32 checksum (the file "
+                         "changed after it was written: a disk or copy error?)")
+
+
+def read_checkpoint(path: str, what: str):
+    """torch.load of a checkpoint file after its checksums are verified; a ValueError naming `what`
+    and the file when it is missing, a folder, damaged, or not something torch can read."""
+    import torch
+
+    _readable(path, what)
+    verify_checksums(path, what)
+    try:
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=False)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise ValueError(f"{what} {path!r} cannot be read: {e.strerror}") from None
+        if e.errno is not None and e.errno != errno.EINVAL:  # torch's zip reader says EINVAL for a truncated file
+            raise
+        why = e.strerror or str(e)
+    except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
+        why = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+        why = f"{type(e).__name__}: {why}" if why else type(e).__name__
+    raise ValueError(f"{what} {path!r} is not a readable checkpoint (corrupt, truncated or empty?): {why}")
+
+
+def read_json(path: str, what: str) -> dict:
+    """A JSON file holding an object; a ValueError naming `what` and the file otherwise."""
+    _readable(path, what)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path!r} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def read_text(path: str, what: str) -> str:
+    _readable(path, what)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path!r} is not a UTF-8 text file ({e.reason} at byte {e.start})") from None

@@ -437,11 +437,44 @@ def test_nan_gradient_with_a_finite_loss_stops_before_checkpoint(tmp_path, monke
         calls.append(1)
         return real(self, imgs, NanGrad.apply(pred) if len(calls) == 3 else pred, mask)
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    steps, seen = [], []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        steps.append(1)
+        out = real_step(self, *a, **k)
+        seen[:] = [[p for g in self.param_groups for p in g["params"]]]
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
     out = tmp_path / "nangrad"
     rc = main(["train", *TINY, "--steps", "4", "--ckpt-every", "3", "--log-every", "3", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 1 and "the gradient is not finite" in err and "at a step in 1..3" in err, err
+    assert len(steps) == 3 and all(torch.isfinite(p).all() for p in seen[0]), steps  # step 3's skipped on the device
     assert not any(f.startswith("checkpoint") for f in os.listdir(out)), os.listdir(out)
+
+
+def test_fused_adamw_skips_a_nonfinite_step_on_the_device():
+    # no host sync: the update is skipped where the step's flag is 1
+    from types import SimpleNamespace
+
+    from umae.train.engine import skip_nonfinite_step
+    from umae.train.log import DeviceStats
+
+    w = torch.nn.Parameter(torch.randn(5))
+    opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.05, fused=True)
+    loop = SimpleNamespace(opt=opt)
+    stats = DeviceStats("cpu")
+    before = w.detach().clone()
+    w.grad = torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0])
+    skip_nonfinite_step(loop, stats.add_grads([w.grad]))
+    opt.step()
+    assert torch.equal(w.detach(), before) and float(opt.state[w]["step"]) == 0  # untouched, no step counted
+    w.grad = torch.ones(5)
+    skip_nonfinite_step(loop, stats.add_grads([w.grad]))
+    opt.step()
+    assert not torch.equal(w.detach(), before) and torch.isfinite(w).all()
+    assert not stats.read(1)["grads_finite"]  # the run still stops at its next read
 
 
 def test_a_large_seed_trains(tmp_path, capsys):

@@ -63,7 +63,7 @@ def last_checkpoint(loop: Loop) -> str:
 
 def check_finite(loop: Loop, step: int, stats: dict, grads_finite: bool = True) -> None:
     bad = [k for k in LOSS_FIELDS if k in stats and not math.isfinite(stats[k])]
-    if not bad and not grads_finite:  # a finite loss, a NaN or inf gradient: the weights went non-finite
+    if not bad and not grads_finite:  # a finite loss, a NaN or inf gradient
         raise NonFiniteLoss(
             f"the gradient is not finite (a NaN or inf in some parameter's gradient, the loss finite) at a step in "
             f"{loop.last_read + 1}..{step}. Stopped without saving; the last checkpoint: {last_checkpoint(loop)}. "
@@ -90,6 +90,14 @@ def _no_sync(net):
         yield
     finally:
         net.set_requires_gradient_sync(True)
+
+
+def skip_nonfinite_step(loop: Loop, nonfinite) -> None:
+    """A step whose gradient is not finite does not reach the weights: the fused AdamW skips its
+    update on the device where `found_inf` is 1 (GradScaler's mechanism, no host sync); the run
+    stops at the next read, with the loss's or the gradient's message."""
+    if nonfinite is not None and loop.opt.defaults.get("fused"):
+        loop.opt.found_inf = nonfinite
 
 
 def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
@@ -122,7 +130,8 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
                 grad_norm = grad_norm.full_tensor()
         if not loop.scaler.is_enabled():  # fp16's scaler skips a step whose gradient is not finite itself
-            loop.stats.add_grads([p.grad for p in loop.model.parameters() if p.grad is not None])
+            skip_nonfinite_step(loop, loop.stats.add_grads([p.grad for p in loop.model.parameters()
+                                                           if p.grad is not None]))
         loop.scaler.step(loop.opt)
         loop.scaler.update()
         loop.opt.zero_grad(set_to_none=True)

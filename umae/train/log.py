@@ -44,12 +44,16 @@ class DeviceStats:
             self.sum[-1] += grad_norm.detach().float()
         self.count += 1
 
-    def add_grads(self, grads) -> None:
+    def add_grads(self, grads):
         """A step's gradients (before the optimizer step): 0 * their total norm makes grad_check NaN if
-        any is not finite, on the device (one fused norm; no host sync)."""
+        any is not finite, on the device (one fused norm; no host sync). Returns the step's flag, a
+        0-d float tensor: 1 when its gradient is not finite (None without gradients)."""
         grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP: this rank's shards
-        if grads:
-            self.grad_check += torch.stack(torch._foreach_norm(grads)).float().sum() * 0
+        if not grads:
+            return None
+        total = torch.stack(torch._foreach_norm(grads)).float().sum()
+        self.grad_check += total * 0
+        return (~torch.isfinite(total)).float()
 
     def add(self, out, batch: int, grad_norm=None) -> None:
         """A step of one micro-batch."""

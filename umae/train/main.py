@@ -2,7 +2,7 @@
 and devices, model, data, optimizer and resume, then the epochs; `umae train`'s `main`.
 
 AdamW (betas 0.9/0.95, weight decay 0.05 except 1-d parameters and biases, MAE's rule, through
-timm's param_groups_weight_decay; fused on CUDA, foreach on CPU), lr = blr * effective batch /
+timm's param_groups_weight_decay; fused: a non-finite step skipped on the device), lr = blr * effective batch /
 256, gradient accumulation, optional gradient clipping, AMP (bf16 by default on GPUs that have
 it, or fp16 with a grad scaler; TF32 matmuls on CUDA), torchrun DDP with the uniformity loss
 over the global batch, U-MAE's online linear probe, a stop on a non-finite loss, exact resume.

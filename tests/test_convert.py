@@ -75,7 +75,7 @@ def test_same_noise_same_mask_and_loss(source):
 def test_cli_mae_pth_to_hf_folder_and_back(tmp_path, capsys):
     hf = _hf(legacy_eps=False)
     model = convert.from_hf(hf, fused=False)
-    convert.save_mae(model, tmp_path / "mae.pth")  # facebookresearch/mae's {"model": state_dict}
+    torch.save({"model": model.state_dict()}, tmp_path / "mae.pth")  # facebookresearch/mae's own file
     # a facebookresearch/mae .pth does not record its heads: the config is named
     assert main(["convert", str(tmp_path / "mae.pth"), str(tmp_path / "hf"), "--to", "hf"]) == 2
     assert "name the model's config" in capsys.readouterr().err
@@ -92,6 +92,9 @@ def test_cli_mae_pth_to_hf_folder_and_back(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back.pth"), "--to", "mae"]) == 0
     back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
     _same_state(back, model.state_dict())
+    # umae's .pth records the architecture beside the weights: back to HF without --model
+    assert main(["convert", str(tmp_path / "back.pth"), str(tmp_path / "hf2"), "--to", "hf"]) == 0
+    _same_state(transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf2").state_dict(), hf.state_dict())
 
 
 def test_unrepresentable_configs_are_refused():

@@ -1,6 +1,6 @@
 """umae's models as timm models, tested the way timm's own tests/test_models.py tests a model
-(forward, default cfgs, classifier reset, backward, forward_intermediates), plus a timm
-fine-tune / linear-probe script run unchanged on an umae encoder."""
+(forward, default cfgs, classifier reset, backward, forward_intermediates), plus a linear probe
+on an umae encoder (the fine-tune: tests/test_finetune.py)."""
 import subprocess
 import sys
 
@@ -108,36 +108,6 @@ def test_grad_checkpointing_same_values():
 def _images(n, seed=0):
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def test_a_timm_fine_tune_script_runs_unchanged(tmp_path):
-    # pretrain checkpoint (MAE's {"model": state_dict}), then timm's usual fine-tune recipe
-    src = timm.create_model("umae_vit_micro_patch4_32")
-    torch.save({"model": src.state_dict()}, tmp_path / "pretrain.pth")
-    with pytest.warns(UserWarning, match="head keep their initialization"):
-        model = timm.create_model("umae_vit_micro_patch4_32", num_classes=10, global_pool="avg", drop_path_rate=0.1,
-                                  checkpoint_path=str(tmp_path / "pretrain.pth"))
-    assert torch.equal(model.cls_token, src.cls_token)
-    data_config = timm.data.resolve_data_config({}, model=model)
-    train_tf = timm.data.create_transform(**data_config, is_training=True)
-    eval_tf = timm.data.create_transform(**data_config)
-    x = torch.stack([train_tf(im) for im in _images(8)])
-    y = torch.arange(8) % 10
-    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
-    crit = timm.loss.LabelSmoothingCrossEntropy(smoothing=0.1)
-    decoder = model.decoder_pred.weight.clone()
-    model.train()
-    losses = []
-    for _ in range(5):
-        opt.zero_grad()
-        loss = crit(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] and torch.equal(model.decoder_pred.weight, decoder)
-    model.eval()
-    with torch.no_grad():
-        assert model(torch.stack([eval_tf(im) for im in _images(3, 1)])).shape == (3, 10)
 
 
 def test_a_linear_probe_on_the_encoder():

@@ -144,17 +144,26 @@ def from_hf(source, **model_kwargs) -> MaskedAutoencoderViT:
 
 def load_mae(path, model: str | None = None, what: str = "src", **model_kwargs) -> MaskedAutoencoderViT:
     """An umae model from a facebookresearch/mae `.pth` (`{"model": state_dict}`) or an umae checkpoint;
-    `model` names umae's config (umae checkpoints record theirs; MAE's number of heads is not in the weights)."""
+    `model` names umae's config; without it the file's recorded architecture ("config": umae writes
+    it in every checkpoint) or its run's model (MAE's own files record neither: its number of heads
+    is not in the weights)."""
     ck = read_checkpoint(os.fspath(path), what)
     if not isinstance(ck, dict):
         raise ValueError(f"{what} {os.fspath(path)!r} is not a checkpoint: it holds a {type(ck).__name__}, not a dict")
-    run = ck.get("run")
+    run, config = ck.get("run"), ck.get("config")
     name = model or (run.get("model") if isinstance(run, dict) else None)
-    if name is None:
+    if model is None and isinstance(config, dict):  # the architecture as written: any shape, its norm eps
+        try:
+            m = MaskedAutoencoderViT.from_config(config, **model_kwargs)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{what} {os.fspath(path)!r}: its recorded config does not make a model: {e}") from None
+        name = "its recorded config"
+    elif name is None:
         raise ValueError(f"{what} {os.fspath(path)!r}: name the model's config (--model, one of "
                          f"{', '.join(CONFIGS)}): a facebookresearch/mae checkpoint does not record its number of heads")
-    check_name(name, "--model" if model else f"{what} {os.fspath(path)!r}'s recorded model")
-    m = build(name, **model_kwargs)
+    else:
+        check_name(name, "--model" if model else f"{what} {os.fspath(path)!r}'s recorded model")
+        m = build(name, **model_kwargs)
     try:
         m.load_state_dict(ck)  # unwraps {"model": ...}, names any mismatch
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
@@ -165,8 +174,9 @@ def load_mae(path, model: str | None = None, what: str = "src", **model_kwargs) 
 
 
 def save_mae(model: MaskedAutoencoderViT, path) -> None:
-    """facebookresearch/mae's checkpoint layout: {"model": state_dict}."""
-    torch.save({"model": model.state_dict()}, path)
+    """facebookresearch/mae's checkpoint layout, {"model": state_dict}, with the architecture beside
+    it ("config": MAE's loaders read "model" only), so the file loads back without --model."""
+    torch.save({"model": model.state_dict(), "config": model.config()}, path)
 
 
 def _read_hf(folder: str) -> MaskedAutoencoderViT:

@@ -151,7 +151,8 @@ def _patch_size(model) -> int:
 
 def _global_pool_norm(model):
     """The official U-MAE model's fc_norm when it pools globally (global_pool=True), else None."""
-    return model.fc_norm if getattr(model, "global_pool", False) and hasattr(model, "fc_norm") else None
+    # its global_pool is a bool; timm's ViTs and umae's models name theirs ('token', 'avg')
+    return model.fc_norm if getattr(model, "global_pool", None) is True and hasattr(model, "fc_norm") else None
 
 
 def _mae_forward_encoder(self, x, mask_ratio, noise=None):

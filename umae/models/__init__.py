@@ -28,7 +28,7 @@ CONFIGS = {
     "umae_vit_micro_patch4_32": (32, 4, 64, 2, 2, 64, 1, 2),
 }
 
-_TIMM_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+_TIMM_KWARGS = ("cache_dir", "pretrained_model_args")  # create_model's, for its own use
 
 
 def check_name(name, flag: str = "--model") -> None:
@@ -41,15 +41,41 @@ def check_name(name, flag: str = "--model") -> None:
         raise ValueError(f"{flag} {name!r} {known}; umae models: {', '.join(CONFIGS)}")
 
 
-def build(name: str, **kwargs) -> MaskedAutoencoderViT:
+def build(name: str, pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,
+          features_only: bool = False, out_indices=3, feature_cls: str = "getter", **kwargs):
+    """The named config, with any of its values overridden by keyword (as timm's own ViTs).
+    timm's create_model options: pretrained (weights from a pretrained_cfg's file, folder or Hub
+    id, e.g. create_model("local-dir:<save_for_hf folder>", pretrained=True); umae registers no
+    weights of its own), pretrained_cfg / _overlay, and features_only (timm's FeatureGetterNet over
+    forward_intermediates, out_indices as timm's ViTs: the last 3 blocks by default)."""
+    from timm.models import load_pretrained
+
     for k in _TIMM_KWARGS:
-        if kwargs.pop(k, None) and k == "pretrained":
-            raise ValueError("umae models have no pretrained weights")
+        kwargs.pop(k, None)
     img, p, d, depth, heads, dd, ddepth, dheads = CONFIGS[name]
-    # the named config, with any of its values overridden by keyword (as timm's own ViTs)
     cfg = dict(img_size=img, patch_size=p, embed_dim=d, depth=depth, num_heads=heads, decoder_embed_dim=dd,
                decoder_depth=ddepth, decoder_num_heads=dheads)
-    return MaskedAutoencoderViT(**{**cfg, **kwargs})
+    model = MaskedAutoencoderViT(**{**cfg, **kwargs})
+    given = pretrained_cfg if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, "__dict__", None) or {}
+    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **given, **(pretrained_cfg_overlay or {}),
+                                                "architecture": name}
+    if pretrained:
+        src = model.pretrained_cfg
+        if not any(src.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
+            raise ValueError(f"{name} has no pretrained weights of its own: pass them with pretrained_cfg_overlay="
+                             "dict(file=...), or create the model from a save_for_hf folder ('local-dir:<folder>')")
+        load_pretrained(model, pretrained_cfg=src, num_classes=model.num_classes, in_chans=model.in_chans)
+    if features_only:
+        from timm.models._features import FeatureGetterNet
+
+        return FeatureGetterNet(model, out_indices=out_indices, **({} if feature_cls == "getter" else
+                                                                   _refuse_feature_cls(feature_cls)))
+    return model
+
+
+def _refuse_feature_cls(feature_cls):
+    raise ValueError(f"feature_cls {feature_cls!r}: umae models give their features as timm's ViTs do, through "
+                     "'getter' (forward_intermediates)")
 
 
 for _name in CONFIGS:

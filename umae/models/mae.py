@@ -17,7 +17,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from .. import _mae, ops
-from .timm_api import TimmEncoderAPI
+from .timm_api import TimmEncoderAPI, check_timm_kwargs
 
 
 class MAEOutput(NamedTuple):
@@ -52,15 +52,20 @@ class MaskedAutoencoderViT(TimmEncoderAPI, nn.Module):
 
     Every glue op goes through umae's public ops. fused=True: the fused kernels, obeying
     umae.set_backend / use_backend; fused=False: this model's ops run the references.
-    timm's keywords: num_classes (a classifier: model(x) gives logits, umae/models/timm_api.py),
-    global_pool ('token', 'avg', ''), drop_path_rate (the encoder's stochastic depth), qkv_bias.
+    timm's VisionTransformer keywords, with its meaning (umae/models/timm_api.py): num_classes (a
+    classifier: model(x) gives logits), global_pool ('token'; 'avg': fc_norm of the mean patch
+    token, the final norm dropped; ''), fc_norm, drop_rate (before the head), pos_drop_rate,
+    proj_drop_rate, attn_drop_rate, drop_path_rate (the encoder's), qkv_bias; those of its options
+    this architecture cannot honour are refused by name.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True, lamb=0.01, fused=True,
                  exclude_diagonal=False, exact_ddp_grad=True, cls_double_norm=True, probe_classes=0,
-                 num_classes=None, global_pool="token", drop_path_rate=0.0, qkv_bias=True):
+                 num_classes=None, global_pool="token", drop_path_rate=0.0, qkv_bias=True, drop_rate=0.0,
+                 pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, fc_norm=None, **timm_kwargs):
+        check_timm_kwargs(timm_kwargs)
         super().__init__()
         self.embed_dim = embed_dim
         # U-MAE's official forward takes its cls feature as norm(latent)[:, 0], the encoder norm
@@ -81,6 +86,7 @@ class MaskedAutoencoderViT(TimmEncoderAPI, nn.Module):
         # timm's stochastic depth rule (linspace from 0 to the rate), in Python: no tensor read on the host
         dpr = [float(drop_path_rate) * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=bool(qkv_bias), drop_path=dpr[i],
+                                           proj_drop=float(proj_drop_rate), attn_drop=float(attn_drop_rate),
                                            norm_layer=norm_layer) for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         # decoder
@@ -94,7 +100,8 @@ class MaskedAutoencoderViT(TimmEncoderAPI, nn.Module):
         self.initialize_weights()
         # U-MAE's online linear probe (its `fc`, nn.Linear's own init) on the detached cls feature
         self.fc = nn.Linear(embed_dim, probe_classes) if probe_classes else None
-        self._init_timm(num_classes, global_pool, img_size, in_chans, patch_size)
+        self._init_timm(num_classes, global_pool, img_size, in_chans, patch_size, norm_layer, fc_norm, drop_rate,
+                        pos_drop_rate)
 
     DECODER_KEYS = ("decoder_", "mask_token")  # what an encoder-only checkpoint lacks
     PROBE_KEYS = ("fc.", "fc_norm.")  # U-MAE's online probe: optional in a checkpoint and in the model
@@ -142,12 +149,33 @@ class MaskedAutoencoderViT(TimmEncoderAPI, nn.Module):
         """The per-call backend of this model's ops: None follows umae's global switch."""
         return None if self.fused else "reference"
 
-    def initialize_weights(self):
+    def config(self) -> dict:
+        """The architecture as plain values (what every checkpoint umae writes records beside the
+        weights, so that any shape loads back without naming a config): `from_config` rebuilds it."""
+        blk, dblk = self.blocks[0], self.decoder_blocks[0]
+        return dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
+                    embed_dim=self.embed_dim, depth=len(self.blocks), num_heads=blk.attn.num_heads,
+                    decoder_embed_dim=self.decoder_embed.out_features, decoder_depth=len(self.decoder_blocks),
+                    decoder_num_heads=dblk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / self.embed_dim,
+                    norm_eps=self.norm.eps if hasattr(self.norm, "eps") else blk.norm1.eps,
+                    norm_pix_loss=bool(self.norm_pix_loss))
+
+    @classmethod
+    def from_config(cls, config: dict, **kwargs) -> "MaskedAutoencoderViT":
+        """A model of `config`'s architecture (`config()`'s dict); kwargs: fused, lamb, ..."""
+        config = dict(config)
+        eps = config.pop("norm_eps", 1e-6)
+        return cls(**config, norm_layer=partial(nn.LayerNorm, eps=eps), **kwargs)
+
+    def fill_pos_embeds(self):
+        """MAE's fixed sin-cos position embeddings for the current grid, encoder's and decoder's."""
         gh, gw = self.grid
-        self.pos_embed.data.copy_(torch.from_numpy(
-            get_2d_sincos_pos_embed(self.pos_embed.shape[-1], gh, gw, cls_token=True)).float().unsqueeze(0))
-        self.decoder_pos_embed.data.copy_(torch.from_numpy(
-            get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], gh, gw, cls_token=True)).float().unsqueeze(0))
+        for pe in (self.pos_embed, self.decoder_pos_embed):
+            pe.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(pe.shape[-1], gh, gw, cls_token=True)).to(pe)
+                          .unsqueeze(0))
+
+    def initialize_weights(self):
+        self.fill_pos_embeds()
         w = self.patch_embed.proj.weight.data
         torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         torch.nn.init.normal_(self.cls_token, std=0.02)

@@ -59,9 +59,10 @@ def load_optimizer(model, opt, state: dict, sharded: bool) -> None:
     set_optimizer_state_dict(model, opt, named, options=StateDictOptions(full_state_dict=True))
 
 
-def save(out: str, step: int, states: tuple[dict, dict], scaler, run: dict) -> str:
-    """Writes checkpoint-<step>.pt (and checkpoint-last.pt) from `full_states`'s (model, optimizer) states."""
-    ck = dict(model=states[0], optimizer=states[1], scaler=scaler.state_dict(), step=step, run=run)
+def save(out: str, step: int, states: tuple[dict, dict], scaler, run: dict, config: dict | None = None) -> str:
+    """Writes checkpoint-<step>.pt (and checkpoint-last.pt) from `full_states`'s (model, optimizer)
+    states; `config`: the model's architecture (MaskedAutoencoderViT.config)."""
+    ck = dict(model=states[0], optimizer=states[1], scaler=scaler.state_dict(), step=step, run=run, config=config)
     path = os.path.join(out, f"checkpoint-{step}.pt")
     write_whole(path, lambda tmp: _torch_save(ck, tmp), tmp=path + ".tmp")
     last = os.path.join(out, LAST)

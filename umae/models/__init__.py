@@ -52,13 +52,19 @@ def build(name: str, pretrained: bool = False, pretrained_cfg=None, pretrained_c
 
     for k in _TIMM_KWARGS:
         kwargs.pop(k, None)
+    given = pretrained_cfg if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, "__dict__", None) or {}
+    # timm's rule (build_model_with_cfg): a given cfg's classes and pool are the defaults (a save_for_hf folder's)
+    if given.get("num_classes"):
+        kwargs.setdefault("num_classes", given["num_classes"])
+    if given.get("global_pool") is not None:
+        kwargs.setdefault("global_pool", given["global_pool"])
     img, p, d, depth, heads, dd, ddepth, dheads = CONFIGS[name]
     cfg = dict(img_size=img, patch_size=p, embed_dim=d, depth=depth, num_heads=heads, decoder_embed_dim=dd,
                decoder_depth=ddepth, decoder_num_heads=dheads)
     model = MaskedAutoencoderViT(**{**cfg, **kwargs})
-    given = pretrained_cfg if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, "__dict__", None) or {}
     model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **given, **(pretrained_cfg_overlay or {}),
-                                                "architecture": name}
+                                                "architecture": name, "num_classes": model.num_classes,
+                                                "global_pool": model.global_pool}
     if pretrained:
         src = model.pretrained_cfg
         if not any(src.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):

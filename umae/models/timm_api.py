@@ -73,7 +73,8 @@ class TimmEncoderAPI:
         self.head = nn.Identity()
         if num_classes is not None:
             self.reset_classifier(num_classes)
-        self.pretrained_cfg = self.default_cfg = default_cfg("umae", img_size, in_chans, self.num_classes)
+        self.pretrained_cfg = self.default_cfg = dict(default_cfg("umae", img_size, in_chans, self.num_classes),
+                                                      global_pool=self.global_pool)
 
     def no_weight_decay(self) -> set:
         """timm's VisionTransformer's: what layer-decay optimizers (timm's create_optimizer_v2, MAE's
@@ -103,7 +104,8 @@ class TimmEncoderAPI:
             nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's fine-tuning head init
             nn.init.zeros_(self.head.bias)
         if hasattr(self, "pretrained_cfg"):
-            self.pretrained_cfg = self.default_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
+            self.pretrained_cfg = self.default_cfg = dict(self.pretrained_cfg, num_classes=num_classes,
+                                                          global_pool=self.global_pool)
         self.is_classifier = True
         for name, p in self.named_parameters():
             if name.startswith(self.DECODER_KEYS) or (self.use_fc_norm and name.startswith("norm.")):

@@ -5,14 +5,12 @@ that defines its semantics; `set_backend` / `use_backend` / UMAE_BACKEND choose.
 are listed once, in umae/registry.py.
 """
 from ._backend import get_backend, set_backend, use_backend
-from .ops import backend_info, format_backend_info
+from .ops import (backend_info, format_backend_info, mae_loss, masked_mse_loss, patchify, random_masking, restore_tokens,
+                  uniformity_loss, unpatchify)
 from . import models  # noqa: F401  (registers umae's models with timm: timm.create_model("umae_vit_..."))
 from .patching import patch, unpatch
-from .registry import OPS as _OPS
 
 __version__ = "0.1.0"
 
-globals().update({name: op.public for name, op in _OPS.items()})
-
-__all__ = ["backend_info", "format_backend_info", "get_backend", "set_backend", "use_backend", "patch", "unpatch",
-           *_OPS]
+__all__ = ["backend_info", "format_backend_info", "get_backend", "set_backend", "use_backend", "patch", "unpatch"] + [
+    f.__name__ for f in (patchify, unpatchify, masked_mse_loss, mae_loss, random_masking, restore_tokens, uniformity_loss)]

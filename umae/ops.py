@@ -23,9 +23,12 @@ import torch
 from . import _backend, _library, registry
 from ._backend import get_backend
 from ._spec import FLOATS, dtype_name
-
-# the public ops, as their modules define them (umae.ops.mae_loss is umae.masked_mse_op.mae_loss)
-globals().update({name: op.public for name, op in registry.OPS.items()})
+# the public ops, each defined in its module (checks, then its fused function or its reference)
+from .masked_mse_op import mae_loss, masked_mse_loss
+from .patchify_op import patchify, unpatchify
+from .random_masking_op import random_masking
+from .restore_tokens_op import restore_tokens
+from .uniformity_op import uniformity_loss
 
 
 def choose(op: str, device_type: str, dtypes=(torch.float32,), backend: str | None = None) -> tuple[str, str]:
@@ -84,4 +87,5 @@ def format_backend_info(devices=None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["choose", "implementation", "use_impl", "backend_info", "format_backend_info", *registry.OPS]
+__all__ = ["choose", "implementation", "use_impl", "backend_info", "format_backend_info"] + [
+    f.__name__ for f in (patchify, unpatchify, masked_mse_loss, mae_loss, random_masking, restore_tokens, uniformity_loss)]

@@ -63,8 +63,8 @@ def _extension():
     if with_cuda:
         os.environ["CUDA_HOME"] = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_archs(torch))
-    # what umae._backend reads to pick a CUDA kernel only for a GPU the extension holds code for
-    with open(os.path.join(HERE, "umae", "_build.py"), "w") as f:
+    # what umae.ops._backend reads to pick a CUDA kernel only for a GPU the extension holds code for
+    with open(os.path.join(HERE, "umae", "ops", "_build.py"), "w") as f:
         f.write('"""Written by setup.py at build time."""\n'
                 f"CUDA_ARCHS = {os.environ['TORCH_CUDA_ARCH_LIST'].replace(';', ' ').split() if with_cuda else []!r}\n")
     from torch.utils import cpp_extension
@@ -101,7 +101,8 @@ setup(
     name="umae",
     version="0.1.0",
     description="Fused kernels for Masked Autoencoder and U-MAE training",
-    packages=["umae", "umae.models", "umae.kernels", "umae.cli", "umae.bench", "umae.train"],
+    packages=["umae", "umae.ops", "umae.models", "umae.data", "umae.train", "umae.research", "umae.bench", "umae.cli",
+              "umae.kernels"],
     ext_modules=[ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

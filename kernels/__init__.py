@@ -31,11 +31,11 @@ import torch as _torch  # noqa: E402
 
 def interpreted() -> bool:
     """The one place that decides whether Triton kernels run under the interpreter (importing
-    umae.kernels loads no Triton: umae._backend asks this on machines without it)."""
+    umae.kernels loads no Triton: umae.ops._backend asks this on machines without it)."""
     return _os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def promoted(*tensors) -> _torch.dtype:
     """torch's type promotion over the given tensors (None skipped): the token ops' output dtype,
-    as their references' adds and cats give it (umae._checks.result_dtype is this)."""
+    as their references' adds and cats give it (umae.ops._checks.result_dtype is this)."""
     return _functools.reduce(_torch.promote_types, [t.dtype for t in tensors if t is not None])

@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from utils import DEVICES, HANG_GUARD
 
 import umae
-from umae import _backend, bench, ops, registry
+from umae import bench, ops
+from umae.ops import _backend, registry
 from umae.bench import cases
 
 
@@ -74,7 +75,7 @@ def test_cuda_kernels_chosen_only_for_an_arch_the_extension_holds():
     assert ok((9, 0), ["9.0"]) and not ok((8, 0), ["9.0"]) and not ok((10, 0), ["9.0"]) and not ok((12, 0), ["9.0"])
     assert ok((8, 6), ["8.0"]) and not ok((8, 0), ["8.6"])  # SASS runs on later minors of its major
     assert ok((10, 0), ["9.0+PTX"]) and ok((9, 0), ["8.0", "9.0a"])  # PTX runs on later archs
-    from umae import _build
+    from umae.ops import _build
 
     assert isinstance(_build.CUDA_ARCHS, list)  # setup.py records what it built
 

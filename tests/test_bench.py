@@ -7,7 +7,9 @@ import pytest
 import torch
 from utils import LOSS_TOL
 
-from umae import _backend, bench
+from umae import bench
+
+from umae.ops import _backend
 from umae.bench import report
 from umae.bench.timing import MODES, PROVIDERS
 
@@ -196,7 +198,7 @@ def test_mfu_only_against_a_bf16_ceiling():
 def test_bench_defaults_quick_and_full():
     # `umae bench` alone: each op fwd+bwd at one shape set vs eager and compile, and the U-MAE
     # training step (on CPU fused vs eager: a model's Inductor compile takes minutes); --full: all
-    from umae import registry
+    from umae.ops import registry
     from umae.bench import command
     from umae.cli.main import build_parser
 
@@ -284,7 +286,7 @@ def test_cuda_graph_providers_time_training_steps_and_compare_like_with_like():
 
 def test_tune_runs_every_candidate_of_the_product_each_shape_uses(capsys):
     # B < D (256 x 768): the similarity's configurations; B >= D (16,384 x 768): the Gram's
-    from umae import registry
+    from umae.ops import registry
     from umae.bench import tune
     from umae.kernels import uniformity as k
 

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from utils import TOL, assert_close
 
 import umae
-from umae import registry
+from umae.ops import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # calls that wait for the device or read a tensor on the host
@@ -19,11 +19,11 @@ SYNCING = {"item", "tolist", "cpu", "numpy", "synchronize"}
 # host-side by design, and why: (file, function)
 HOST_SIDE = {
     ("kernels/restore_tokens.py", "check_ids"),  # its CPU branch (the interpreter); CUDA returns before it
-    ("umae/uniformity_op.py", "check_equal_batches_once"),  # once per process group, before training
+    ("umae/ops/uniformity_op.py", "check_equal_batches_once"),  # once per process group, before training
 }
 # what an op's forward and backward run, besides its kernels
-OP_PATH = ["umae/_backend.py", "umae/_checks.py", "umae/_mae.py", "umae/models/mae.py"] + sorted(
-    {f"umae/{op.public.__module__.split('.')[-1]}.py" for op in registry.OPS.values()}) + sorted(
+OP_PATH = ["umae/ops/_backend.py", "umae/ops/_checks.py", "umae/_mae.py", "umae/models/mae.py"] + sorted(
+    {f"umae/ops/{op.public.__module__.split('.')[-1]}.py" for op in registry.OPS.values()}) + sorted(
     f"kernels/{f}" for f in os.listdir(os.path.join(ROOT, "kernels")) if f.endswith(".py"))
 
 

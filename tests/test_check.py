@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import umae
-from umae import registry
+from umae.ops import registry
 from umae.cli.main import main
-from umae.patchify_op import patchify_reference
+from umae.ops.patchify_op import patchify_reference
 
 
 @contextlib.contextmanager

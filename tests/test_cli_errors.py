@@ -191,7 +191,7 @@ def test_bogus_backend_env(tmp_path):
 def test_reproduce_refuses_an_out_holding_previous_runs(tmp_path, capsys):
     import argparse
 
-    from umae import reproduce
+    from umae.research import reproduce
 
     (tmp_path / "lamb_0.1").mkdir()
     (tmp_path / "lamb_0.1" / "checkpoint-4.pt").write_bytes(b"x")  # the last lambda's: found before any run

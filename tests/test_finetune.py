@@ -188,7 +188,7 @@ def test_checkpoints_record_the_architecture_and_hf_roundtrips(tmp_path, capsys)
     assert main(["train", "--model", NAME, "--builtin-size", "16", "--batch-size", "8", "--steps", "1",
                  "--num-workers", "0", "--no-progress", "--out", str(tmp_path / "run")]) == 0
     rec = torch.load(tmp_path / "run" / "checkpoint-1.pt", weights_only=False)["config"]
-    assert rec == timm.create_model(NAME).config()
+    assert rec == timm.create_model(NAME).arch_config()
     capsys.readouterr()
 
 

@@ -52,7 +52,7 @@ def test_gpu_check_dry_run(tmp_path):
     steps = [r for r in rows if r.get("mode") == "step" and "ms" in r]
     assert all(r["img_per_s"] > 0 and r["step_flops"] > 0 for r in steps), steps
     host = json.load(open(tmp_path / "host.json"))
-    assert [r["op"] for r in host["rows"]] == list(umae.registry.OPS) and host["step"]["step"]["fused"] > 0
+    assert [r["op"] for r in host["rows"]] == list(umae.ops.registry.OPS) and host["step"]["step"]["fused"] > 0
     assert "| uniformity_loss |" in open(tmp_path / "bench.log").read()
     prof = json.load(open(tmp_path / "profile.json"))["rows"]
     assert [r["provider"] for r in prof] == ["fused", "eager"] and all(r["launches"] > 0 and r["top"] for r in prof)

@@ -1,4 +1,4 @@
-"""umae.hierarchical (images with known latents at three levels), the per-level recovery metric,
+"""umae.data.hierarchical (images with known latents at three levels), the per-level recovery metric,
 `umae eval` on it, and a CI-sized `umae reproduce --preset hierarchical` sweep."""
 import json
 import math
@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from umae import hierarchical as H
-from umae import sweep
+from umae.data import hierarchical as H
+from umae.research import sweep
 from umae.cli.main import main
-from umae.evaluate import linear_probe
+from umae.research.evaluate import linear_probe
 
 
 def test_generator_is_deterministic_and_sized():

@@ -1,25 +1,24 @@
-"""The code's shape, checked from its imports: every import runs down the layers (what the process
-can run, op modules, registry and switch, ops, models, train / eval, bench, CLI), kernels/ imports
-nothing of umae, no circle."""
+"""The code's shape, checked from its imports: the folders are the floors (kernels, the op library,
+the models, the data, training, the research tools, the benchmarks, the CLI), every import runs
+down them, kernels/ imports nothing of umae, no circle, at most 8 floors."""
 import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# lowest first; a module may import its own layer's and lower layers' modules only
+# the floors, lowest first: a module may import its own floor's and lower floors' modules only
 LAYERS = [
-    ("kernels", ["umae.kernels"]),
-    ("library", ["umae._library", "umae._build", "umae._C", "umae._checks", "umae._tolerance", "umae._spec",
-                 "umae._backend", "umae._files"]),
-    ("op modules", ["umae.patchify_op", "umae.masked_mse_op", "umae.random_masking_op", "umae.restore_tokens_op",
-                    "umae.uniformity_op"]),
-    ("registry", ["umae.registry"]),
-    ("ops", ["umae.ops"]),
-    ("models", ["umae._mae", "umae.models", "umae.patching", "umae.convert", "umae"]),
-    ("train / eval", ["umae.data", "umae.hierarchical", "umae.train", "umae.evaluate", "umae.sweep", "umae.reproduce"]),
+    ("kernels", ["umae.kernels"]),  # Triton kernels (kernels/), nothing of umae
+    ("ops", ["umae.ops", "umae._C"]),  # the op library: the switch, each op's module, the registry, the C++ extension
+    ("models", ["umae", "umae.models", "umae._mae", "umae.patching", "umae.convert", "umae._files", "umae._table",
+                "umae.runtime"]),  # the public package: MAE models, umae.patch, checkpoint conversion, file helpers
+    ("data", ["umae.data"]),  # the input pipeline and the generated data sets
+    ("train", ["umae.train"]),
+    ("research", ["umae.research"]),  # evaluate, sweep, reproduce: one app calling another
     ("bench", ["umae.bench"]),
     ("cli", ["umae.cli"]),
 ]
+MAX_FLOORS = 8
 
 EXTENSIONS = {"umae._C"}  # compiled, no .py file
 
@@ -66,6 +65,18 @@ def layer(mod: str) -> int:
     return best[0]
 
 
+def test_the_floors_are_folders():
+    # each floor is one folder of umae/ (the models floor: the package's own files and umae/models/)
+    assert len(LAYERS) <= MAX_FLOORS
+    for mod in modules():
+        name, prefixes = LAYERS[layer(mod)]
+        top = mod.split(".")[1] if mod.count(".") else ""
+        if name != "models":
+            assert os.path.isdir(os.path.join(ROOT, "umae", name)) and top == name, (mod, name)
+        else:
+            assert top in ("", "models") or os.path.isfile(os.path.join(ROOT, "umae", top + ".py")), mod
+
+
 def test_imports_run_down_the_layers():
     known = modules()
     up = []
@@ -105,13 +116,13 @@ def test_no_import_circle():
 
 
 def test_the_checker_sees_an_import_back_up(tmp_path):
-    # what kernels/_util.py had: a relative import of umae._backend from a kernel module
+    # what kernels/_util.py had: a relative import of umae.ops._backend from a kernel module
     src = tmp_path / "fake.py"
-    src.write_text("from .._backend import triton_interpreted\nfrom . import _util\nimport umae.ops\n")
+    src.write_text("from ..ops._backend import triton_interpreted\nfrom . import _util\nimport umae.ops\n")
     known = modules()
     found = imports("umae.kernels.fake", str(src), known)
-    assert found == {"umae._backend", "umae.kernels._util", "umae.ops"}, found
-    assert layer("umae._backend") > layer("umae.kernels.fake") and layer("umae.ops") > layer("umae._backend")
+    assert found == {"umae.ops._backend", "umae.kernels._util", "umae.ops"}, found
+    assert layer("umae.ops._backend") > layer("umae.kernels.fake") and layer("umae.models") > layer("umae.ops._backend")
 
 
 def _op_files(op, roots=(ROOT,)) -> set:
@@ -122,7 +133,7 @@ def _op_files(op, roots=(ROOT,)) -> set:
     import inspect
     import re
 
-    from umae import registry
+    from umae.ops import registry
 
     files = {inspect.getsourcefile(f) for f in (op.public, op.reference, op.fused, op.bench)}
     files |= {inspect.getsourcefile(registry), os.path.join(ROOT, op.tests)}
@@ -143,17 +154,17 @@ def _op_files(op, roots=(ROOT,)) -> set:
 
 
 def test_an_op_lives_in_five_files():
-    from umae import registry
+    from umae.ops import registry
 
     for name, op in registry.OPS.items():
         files = _op_files(op)
         assert len(files) <= 5, f"{name} lives in {len(files)} files: {sorted(files)}"
-        assert f"umae/{op.public.__module__.split('.')[-1]}.py" in files, name
+        assert f"umae/ops/{op.public.__module__.split('.')[-1]}.py" in files, name
 
 
 def test_op_files_sees_a_branch_on_the_name_and_a_schema(tmp_path):
     # the check itself can fail: a quoted op name or a kernel registration elsewhere is counted
-    from umae import registry
+    from umae.ops import registry
 
     op = registry.get("random_masking")
     (tmp_path / "umae").mkdir()
@@ -167,9 +178,9 @@ def test_op_files_sees_a_branch_on_the_name_and_a_schema(tmp_path):
 
 def test_public_names_are_imported_explicitly():
     # a reader, an IDE and a static walk follow umae.mae_loss to its module: no names built at run time
-    from umae import registry
+    from umae.ops import registry
 
-    for path in ("umae/__init__.py", "umae/ops.py"):
+    for path in ("umae/__init__.py", "umae/ops/__init__.py"):
         src = open(os.path.join(ROOT, path)).read()
         assert "globals()" not in src, path
         tree = ast.parse(src)

@@ -6,8 +6,8 @@ import torch
 from utils import DEVICES, DTYPES, LOSS_TOL, TOL, assert_close, cuda_only, randn, random_mask
 
 import umae
-from umae.masked_mse_op import NORM_PIX_EPS, mae_loss_reference, masked_mse_loss_reference
-from umae.patchify_op import patchify_reference
+from umae.ops.masked_mse_op import NORM_PIX_EPS, mae_loss_reference, masked_mse_loss_reference
+from umae.ops.patchify_op import patchify_reference
 
 SHAPES = [(3, 3, 32, 48, 4), (1, 1, 28, 28, 14), (5, 3, 16, 16, 2), (2, 3, 64, 48, 16), (9, 3, 20, 12, 4)]
 
@@ -29,7 +29,7 @@ def _check(fused_fn, ref_fn, pred, dtype):
     gr = torch.autograd.grad(ref, pred)[0]
     assert g.dtype == dtype
     # relative to the gradient's own size: a mean's gradient is ~1 / the removed pixels, where a
-    # tolerance of absolute size would pass a zero gradient in bf16 (umae/_tolerance.py: Parity)
+    # tolerance of absolute size would pass a zero gradient in bf16 (umae/ops/_tolerance.py: Parity)
     scale = gr.float().abs().max()
     assert scale > 0
     assert_close(g.float() / scale, gr.float() / scale, name="grad pred / max|grad|", **TOL[dtype])

@@ -5,11 +5,11 @@ import torch
 from utils import (DTYPES, TOL, assert_close, assert_rounding_matters, assert_runs, cpu_impls, cuda_only, fused_impls,
                    randn, sampled)
 
-from umae import _backend, registry
+from umae.ops import _backend, registry
 
 import umae
-from umae.random_masking_op import len_keep_for, random_masking_reference
-from umae.restore_tokens_op import restore_tokens_reference
+from umae.ops.random_masking_op import len_keep_for, random_masking_reference
+from umae.ops.restore_tokens_op import restore_tokens_reference
 
 # (N, L, D): L = 49, 196, 197, 256, 1024 and D = 64, 192, 384, 768, 1000 (kept small in N: the
 # interpreter costs ~1 ms per program).

@@ -94,7 +94,7 @@ def test_fused_patch_embedding_gives_contiguous_tokens(monkeypatch):
 
 
 def test_global_backend_switch_routes_a_fused_model_to_the_reference(monkeypatch):
-    import umae.uniformity_op as uniformity_op
+    import umae.ops.uniformity_op as uniformity_op
 
     calls = []
     real = uniformity_op.uniformity_loss_reference
@@ -201,7 +201,7 @@ def _trained_norm(norm, seed=3):
 
 @pytest.mark.parametrize("double", [True, False])
 def test_uniformity_cls_feature_as_the_official_forward(double):
-    from umae.uniformity_op import uniformity_loss_reference
+    from umae.ops.uniformity_op import uniformity_loss_reference
 
     fused, ref = _pair("cpu", lamb=0.1, cls_double_norm=double)
     for m in (fused, ref):

@@ -11,9 +11,10 @@ from utils import (DEVICES, HANG_GUARD, TOL, assert_close, assert_runs, cpu_impl
                    random_mask, triton_cpu)
 
 import umae
-from umae import _backend, ops, registry
-from umae._backend import triton_interpreted
-from umae.random_masking_op import random_masking_reference
+from umae import ops
+from umae.ops import _backend, registry
+from umae.ops._backend import triton_interpreted
+from umae.ops.random_masking_op import random_masking_reference
 
 MASKING_IMPLS = fused_impls("random_masking")
 RESTORE_IMPLS = fused_impls("restore_tokens")

@@ -4,7 +4,7 @@ import torch
 from utils import DEVICES, DTYPES, cuda_only, randn
 
 import umae
-from umae.patchify_op import patchify_reference, unpatchify_reference
+from umae.ops.patchify_op import patchify_reference, unpatchify_reference
 
 SHAPES = [  # (N, C, H, W, p): odd batches, C 1 and 3, H != W, L not a power of two
     (3, 3, 32, 48, 4), (1, 1, 28, 14, 14), (5, 3, 16, 16, 2), (2, 3, 64, 48, 16), (7, 1, 6, 10, 2),
@@ -74,7 +74,7 @@ def test_empty_batch_is_empty():
 
 
 def test_reference_backend_uses_reference(monkeypatch):
-    import umae.patchify_op as mod
+    import umae.ops.patchify_op as mod
 
     calls = []
     monkeypatch.setattr(mod, "patchify_reference", lambda *a: calls.append(a) or patchify_reference(*a))

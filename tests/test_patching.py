@@ -12,8 +12,8 @@ from utils import LOSS_TOL, TOL, assert_close, assert_grads_close
 
 import umae
 import umae.models  # noqa: F401  (registers with timm)
-from umae.masked_mse_op import mae_loss_reference
-from umae.uniformity_op import uniformity_loss_reference
+from umae.ops.masked_mse_op import mae_loss_reference
+from umae.ops.uniformity_op import uniformity_loss_reference
 
 transformers = pytest.importorskip("transformers")
 

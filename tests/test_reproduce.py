@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from umae import evaluate, reproduce
+from umae.research import evaluate, reproduce
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the trainer and the evaluator (each tested on its own)
 

@@ -14,11 +14,11 @@ import sys
 import pytest
 from utils import HANG_GUARD
 
-from umae import registry
+from umae.ops import registry
 
 SCRIPT = r"""
 import json
-from umae import registry
+from umae.ops import registry
 from umae.bench import audit, jit
 ops = {ops!r}
 owner = {{f: o for o in ops for f in jit.kernels_of(registry.get(o).kernels)}}

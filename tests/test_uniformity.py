@@ -12,7 +12,7 @@ from utils import (DTYPES, LOSS_TOL, MATMUL_TOL, assert_close, assert_runs, cpu_
 
 import umae
 from umae import ops
-from umae.uniformity_op import uniformity_loss_reference
+from umae.ops.uniformity_op import uniformity_loss_reference
 
 BS = [1, 2, 7, 64, 255, 1024]
 DS = [16, 192, 384, 768, 1000]
@@ -106,7 +106,7 @@ def test_non_contiguous(device, impl):
 @pytest.mark.parametrize("device,impl", IMPLS)
 def test_opcheck(device, impl):
     f = randn(20, 24, device=device, requires_grad=True)
-    from umae.uniformity_op import NORM_EPS
+    from umae.ops.uniformity_op import NORM_EPS
 
     if impl == "cpp-cpu":
         op, extra = torch.ops.umae.uniformity_loss, [(NORM_EPS,)]
@@ -143,7 +143,7 @@ class _MaxAlloc(TorchDispatchMode):
 def test_fused_allocates_O_BD_not_O_B2():
     # Every tensor the fused launchers allocate (through torch; the kernels allocate nothing)
     # is recorded: at B=2048, D=16 the largest must be ~B*D, where the reference makes B*B.
-    from umae import uniformity_op as u
+    from umae.ops import uniformity_op as u
 
     B, D = 2048, 16
     f = randn(B, D, requires_grad=True)

@@ -1,15 +1,17 @@
-"""Shared test helpers: the op tolerances (the library's, umae/_tolerance.py), the model-level
+"""Shared test helpers: the op tolerances (the library's, umae/ops/_tolerance.py), the model-level
 gradient bound, the sampled parameter grids of the quick tier."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from umae import _backend, ops, registry
-from umae._backend import triton_interpreted
-# The op tolerances, per dtype, are the library's (umae/_tolerance.py: what each allows and why):
+from umae import ops
+
+from umae.ops import _backend, registry
+from umae.ops._backend import triton_interpreted
+# The op tolerances, per dtype, are the library's (umae/ops/_tolerance.py: what each allows and why):
 # `umae check` and these tests compare at the same ones.
-from umae._tolerance import EXACT, LOSS_TOL, MATMUL_TOL, SUM_TERMS, TOL, U, UNIT_ROUNDOFF  # noqa: F401
+from umae.ops._tolerance import EXACT, LOSS_TOL, MATMUL_TOL, SUM_TERMS, TOL, U, UNIT_ROUNDOFF  # noqa: F401
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

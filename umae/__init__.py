@@ -2,11 +2,10 @@
 
 Every op has a fused implementation (C++/CUDA or Triton) and a pure-PyTorch reference
 that defines its semantics; `set_backend` / `use_backend` / UMAE_BACKEND choose. The ops
-are listed once, in umae/registry.py.
+are listed once, in umae/ops/registry.py.
 """
-from ._backend import get_backend, set_backend, use_backend
-from .ops import (backend_info, format_backend_info, mae_loss, masked_mse_loss, patchify, random_masking, restore_tokens,
-                  uniformity_loss, unpatchify)
+from .ops._backend import get_backend, set_backend, use_backend
+from .ops import (backend_info, format_backend_info, mae_loss, masked_mse_loss, patchify, random_masking, restore_tokens, uniformity_loss, unpatchify)
 from . import models  # noqa: F401  (registers umae's models with timm: timm.create_model("umae_vit_..."))
 from .patching import patch, unpatch
 

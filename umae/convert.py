@@ -176,7 +176,7 @@ def load_mae(path, model: str | None = None, what: str = "src", **model_kwargs) 
 def save_mae(model: MaskedAutoencoderViT, path) -> None:
     """facebookresearch/mae's checkpoint layout, {"model": state_dict}, with the architecture beside
     it ("config": MAE's loaders read "model" only), so the file loads back without --model."""
-    torch.save({"model": model.state_dict(), "config": model.config()}, path)
+    torch.save({"model": model.state_dict(), "config": model.arch_config()}, path)
 
 
 def _read_hf(folder: str) -> MaskedAutoencoderViT:

@@ -245,7 +245,7 @@ TORCH_LIBRARY_FRAGMENT(umae, m) {
   // (N, L, K) and the (optionally per-patch normalized) target, averaged over K, then over the patches
   // where mask (N, L) is nonzero, weighted by it (0 when the mask is all 0). patch_size == 0: target is
   // patchified (N, L, K); patch_size > 0: target is the image batch (N, C, H, W), patchified on the fly.
-  // norm_pix divides by sqrt(unbiased var + eps); eps is given by the caller (umae/masked_mse_op.py).
+  // norm_pix divides by sqrt(unbiased var + eps); eps is given by the caller (umae/ops/masked_mse_op.py).
   // Autograd: csrc/cpu/masked_mse.cpp, every device.
   m.def("patch_mse(Tensor pred, Tensor target, Tensor mask, int patch_size, bool norm_pix, float eps) -> Tensor");
   // -> (the loss, the per-patch errors (N, L)), as the autograd saves them.

@@ -277,7 +277,7 @@ at::Tensor uniformity_autograd(const at::Tensor& features, bool normalize, bool 
 TORCH_LIBRARY_FRAGMENT(umae, m) {
   // features (B, D) -> the uniformity loss, a 0-dim fp32 (fp64 for fp64 features) tensor. Its autograd
   // (csrc/cpu/uniformity.cpp, every device) runs uniformity_loss_with_grad when features need a gradient.
-  // eps: the normalization's (F.normalize's), given by the caller (umae/uniformity_op.py).
+  // eps: the normalization's (F.normalize's), given by the caller (umae/ops/uniformity_op.py).
   m.def("uniformity_loss(Tensor features, bool normalize, bool exclude_diagonal, float eps) -> Tensor");
   // -> (the loss, dL/dfeatures for an upstream gradient of 1 in the accumulation dtype (B, D)).
   m.def("uniformity_loss_with_grad(Tensor features, bool normalize, bool exclude_diagonal, float eps) "

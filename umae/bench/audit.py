@@ -155,7 +155,7 @@ def _resource_problems(spill: str, smem: int, occupancy: float) -> list[str]:
 def problems(row, op_name: str) -> list[str]:
     """What the audit requires of a compiled Triton kernel and this row does not hold (issue 12)."""
     spill = f"{row['spill_stores']}+{row['spill_loads']} bytes" if row["spill_stores"] or row["spill_loads"] else ""
-    from .. import registry
+    from ..ops import registry
 
     out = _resource_problems(spill, row["smem"], row["occupancy"])
     if registry.get(op_name).memory_bound and row["vec_ok"] and row["tile_narrow"]:

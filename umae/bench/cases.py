@@ -1,12 +1,12 @@
 """The named shape sets and each op's benchmark case (`bench_<op>` in the op's module, listed in
-CASES by op name): `case(op, shape, dtype, device)`. What a case is: umae/_spec.py `Case`.
+CASES by op name): `case(op, shape, dtype, device)`. What a case is: umae/ops/_spec.py `Case`.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import registry
-from .._spec import Case, NotApplicable, elt, rand, vit_shape  # noqa: F401  (what the bench reads from here)
+from ..ops import registry
+from ..ops._spec import Case, NotApplicable, elt, rand, vit_shape  # noqa: F401  (what the bench reads from here)
 
 
 # name -> (N, image size, patch, channels, encoder dim, decoder dim); unif_*: B rows of D features
@@ -49,5 +49,5 @@ def case(op: str, shape: str | dict, dtype, device) -> Case:
     return c
 
 
-# each op's case, as its module defines it (umae/<op>_op.py bench_<op>)
+# each op's case, as its module defines it (umae/ops/<op>_op.py bench_<op>)
 CASES = {name: op.bench for name, op in registry.OPS.items()}

@@ -1,10 +1,10 @@
 """`umae check`: the parity check a user runs in their own CI, on their machine's devices. Every op x
 fused implementation that runs there x dtype, forward and backward, against its reference at the
-tolerances the test suite uses (umae/_tolerance.py, named per op by its registry entry's `parity`),
+tolerances the test suite uses (umae/ops/_tolerance.py, named per op by its registry entry's `parity`),
 plus torch.library.opcheck of each custom op the fused call reaches. Prints a table, exits 1 on any
 failure; --junit FILE writes the rows as JUnit XML.
 
-The inputs are each op's benchmark case (umae/<op>_op.py bench_<op>) at awkward sizes: fresh
+The inputs are each op's benchmark case (umae/ops/<op>_op.py bench_<op>) at awkward sizes: fresh
 random values, the same for the fused and the reference call.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from .. import registry
+    from ..ops import registry
 
     p.add_argument("--device", nargs="+", choices=["cpu", "cuda"],
                    help="default: cpu, and cuda when a GPU is visible")
@@ -43,7 +43,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     import torch
 
-    from .. import _backend, registry
+    from ..ops import _backend, registry
     from .._table import Col, format_table
 
     if args.junit:
@@ -76,7 +76,7 @@ def main(args) -> int:
     skipped = sum(r["status"] == "skipped" for r in rows)
     secs = time.perf_counter() - t0
     print(f"{len(failed)} failed, {passed} passed, {skipped} skipped in {secs:.1f} s "
-          "(err/tol: the worst element's error over its tolerance, umae/_tolerance.py; pass at <= 1)")
+          "(err/tol: the worst element's error over its tolerance, umae/ops/_tolerance.py; pass at <= 1)")
     if not passed:  # nothing fused ran here (extension not built, no implementation for this machine)
         print("umae check: no fused implementation was compared on this machine: nothing passed", file=sys.stderr)
     if args.junit:
@@ -89,8 +89,8 @@ def check_impl(op, impl, device, dtypes, seed, opcheck=True) -> list[dict]:
     import torch
 
     from .. import ops
-    from .._checks import FLOATS
-    from .._spec import dtype_name
+    from ..ops._checks import FLOATS
+    from ..ops._spec import dtype_name
 
     rows = []
     want = [d for d in FLOATS if d in impl.dtypes and (dtypes is None or d in dtypes)]
@@ -127,8 +127,8 @@ def compare(op, dtype, device, record=False):
     case: the fused call and the reference on the same inputs and the same output gradients."""
     import torch
 
-    from .. import _backend
-    from .._spec import NotApplicable
+    from ..ops import _backend
+    from ..ops._spec import NotApplicable
     from . import cases
 
     for shape in (ROWS, TOKENS):

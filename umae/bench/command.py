@@ -11,7 +11,7 @@ HELP = "fused vs eager reference vs torch.compile(reference), per op"
 
 
 def add_args(b: argparse.ArgumentParser) -> None:
-    from .. import registry
+    from ..ops import registry
     from .cases import SHAPES
     from .runner import E2E_OPS
     from .timing import CG_PROVIDERS, MODES, PROVIDERS
@@ -118,7 +118,7 @@ def main(args) -> int:
 def quick(args, device: str) -> None:
     """Without --full, what the flags leave open is the quick set: the ops and the U-MAE training
     step, fwd+bwd, at QUICK_SHAPES / QUICK_DTYPES (the training step on CPU: fused vs eager)."""
-    from .. import registry
+    from ..ops import registry
     from .cases import QUICK_DTYPES, QUICK_SHAPES
     from .timing import MODES, PROVIDERS
 
@@ -139,7 +139,7 @@ def quick(args, device: str) -> None:
 
 def all_ops() -> list[str]:
     """What `--ops` defaults to: every registered op, the training steps, the loader."""
-    from .. import registry
+    from ..ops import registry
     from . import loader
     from .runner import E2E_OPS
 
@@ -244,7 +244,7 @@ def write_profile(out, kernel_ops, shapes, dtypes, device) -> None:
 
 def traffic(args) -> int:
     """`umae bench --traffic`: the counted bytes table."""
-    from .. import _backend
+    from ..ops import _backend
 
     # the kernels are counted in Triton's interpreter: become a process that has it (exec: no orphan child)
     if not _backend.triton_interpreted():

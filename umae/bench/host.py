@@ -17,8 +17,9 @@ import torch
 
 import umae
 
-from .. import ops as umae_ops, registry
-from .._spec import dtype_name
+from .. import ops as umae_ops
+from ..ops import registry
+from ..ops._spec import dtype_name
 
 # kernel time ~0: four 8x8x3 patches per image, 16-wide tokens, a 4-row uniformity batch
 HOST_SHAPE = dict(N=2, img=16, p=8, C=3, D=16, Dd=16, B=4)

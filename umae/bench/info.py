@@ -27,7 +27,7 @@ def main(args) -> int:
 def kernel_audit() -> int:
     """Every Triton kernel specialization the launches make, compiled for sm_90 as the JIT would,
     with its static audit (umae/bench/audit.py). Counted from compiled code, not measured."""
-    from .. import _backend, registry
+    from ..ops import _backend, registry
 
     if _backend.triton_interpreted():
         print("umae info --kernels: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)",

@@ -104,7 +104,7 @@ def collect_launches(op_names, shapes=None, models=None):
     import timm
 
     from .. import models as _registers  # noqa: F401  (registers the models with timm)
-    from .. import registry
+    from ..ops import registry
     from . import cases
 
     names = [op_names] if isinstance(op_names, str) else list(op_names)
@@ -157,7 +157,7 @@ def _candidate_launches(op) -> None:
 
 def _token_launches(L, D):
     import umae
-    from ..random_masking_op import len_keep_for
+    from ..ops.random_masking_op import len_keep_for
 
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         for strided in (False, True):

@@ -12,11 +12,11 @@ import torch
 
 import umae
 
-from .. import _backend, ops, registry
-from .._spec import dtype_name
+from ..ops import _backend, registry
+from .. import ops
+from ..ops._spec import dtype_name
 from .cases import DEFAULT_DTYPES, DEFAULT_SHAPES, SHAPES, NotApplicable, case
-from .timing import (CG_PROVIDERS, COMPILED_PROVIDERS, FUSED_PROVIDERS, HOST_BOUND, MODES, PROVIDERS, device_ms,
-                     mode_fn, outputs, peak_mb, provider_forward, time_ms)
+from .timing import (CG_PROVIDERS, COMPILED_PROVIDERS, FUSED_PROVIDERS, HOST_BOUND, MODES, PROVIDERS, device_ms, mode_fn, outputs, peak_mb, provider_forward, time_ms)
 
 
 @contextlib.contextmanager
@@ -206,8 +206,8 @@ def train_step_fn(model, batch: int, device: str, provider: str, amp):
     if provider in COMPILED_PROVIDERS:
         torch._dynamo.reset()  # as provider_forward: no model runs past the recompile limit
         net = torch.compile(model, mode="reduce-overhead" if cg else "default")
-    size = model.config.image_size if hasattr(model, "config") else model.img_size
-    chans = model.config.num_channels if hasattr(model, "config") else model.in_chans
+    size = model.img_size if hasattr(model, "img_size") else model.config.image_size  # umae's, or transformers'
+    chans = model.in_chans if hasattr(model, "in_chans") else model.config.num_channels
     imgs = torch.randn(batch, chans, size, size, device=device)
 
     def step():

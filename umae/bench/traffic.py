@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .. import _backend, ops, registry
+from ..ops import _backend, registry
+from .. import ops
 from .._table import Col, format_table
 from . import jit
 from . import cases

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import registry
+from ..ops import registry
 from .cases import case
 from .report import write_json
 from .timing import device_ms, mode_fn, provider_forward, time_ms

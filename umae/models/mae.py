@@ -149,7 +149,7 @@ class MaskedAutoencoderViT(TimmEncoderAPI, nn.Module):
         """The per-call backend of this model's ops: None follows umae's global switch."""
         return None if self.fused else "reference"
 
-    def config(self) -> dict:
+    def arch_config(self) -> dict:
         """The architecture as plain values (what every checkpoint umae writes records beside the
         weights, so that any shape loads back without naming a config): `from_config` rebuilds it."""
         blk, dblk = self.blocks[0], self.decoder_blocks[0]
@@ -162,7 +162,7 @@ class MaskedAutoencoderViT(TimmEncoderAPI, nn.Module):
 
     @classmethod
     def from_config(cls, config: dict, **kwargs) -> "MaskedAutoencoderViT":
-        """A model of `config`'s architecture (`config()`'s dict); kwargs: fused, lamb, ..."""
+        """A model of `config`'s architecture (`arch_config()`'s dict); kwargs: fused, lamb, ..."""
         config = dict(config)
         eps = config.pop("norm_eps", 1e-6)
         return cls(**config, norm_layer=partial(nn.LayerNorm, eps=eps), **kwargs)

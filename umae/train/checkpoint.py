@@ -61,7 +61,7 @@ def load_optimizer(model, opt, state: dict, sharded: bool) -> None:
 
 def save(out: str, step: int, states: tuple[dict, dict], scaler, run: dict, config: dict | None = None) -> str:
     """Writes checkpoint-<step>.pt (and checkpoint-last.pt) from `full_states`'s (model, optimizer)
-    states; `config`: the model's architecture (MaskedAutoencoderViT.config)."""
+    states; `config`: the model's architecture (MaskedAutoencoderViT.arch_config)."""
     ck = dict(model=states[0], optimizer=states[1], scaler=scaler.state_dict(), step=step, run=run, config=config)
     path = os.path.join(out, f"checkpoint-{step}.pt")
     write_whole(path, lambda tmp: _torch_save(ck, tmp), tmp=path + ".tmp")

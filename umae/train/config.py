@@ -33,7 +33,7 @@ def _opt(default, help=None, **argparse_kw):
 class TrainConfig:
     data: str = _opt("builtin", "'builtin' (procedurally generated shapes10, no download), 'digits' (scikit-learn's "
                      "real handwritten digits, no download), 'hierarchical' (generated images with known latents at "
-                     "three levels, umae.hierarchical), a CIFAR-10/100 folder in torchvision's format, or an "
+                     "three levels, umae.data.hierarchical), a CIFAR-10/100 folder in torchvision's format, or an "
                      "ImageFolder directory")
     builtin_size: int = _opt(BUILTIN_SIZE, "images in the builtin (or hierarchical) training set")
     model: str = _opt("umae_vit_tiny_patch4_32")

@@ -148,7 +148,7 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
         states = checkpoint.full_states(loop.model, loop.opt, a.fsdp and loop.world > 1) if save else None  # FSDP: every rank
         if save and loop.rank == 0:
             try:
-                path = checkpoint.save(a.out, step, states, loop.scaler, loop.run_info, loop.model.config())
+                path = checkpoint.save(a.out, step, states, loop.scaler, loop.run_info, loop.model.arch_config())
             except OSError as e:  # disk full, ...: say which checkpoint is still the last good one
                 raise OSError(e.errno, f"{e.strerror}; the last checkpoint, intact: {last_checkpoint(loop)}",
                               e.filename) from e

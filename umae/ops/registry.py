@@ -1,4 +1,4 @@
-"""The one list of umae's ops. Each op module (umae/<op>_op.py) builds its entry (umae/_spec.py
+"""The one list of umae's ops. Each op module (umae/ops/<op>_op.py) builds its entry (umae/ops/_spec.py
 `Op`) by reference: the public function, the reference, the fused function and the custom op it
 calls, the implementations per device with their dtypes, the benchmark case, the parity test
 file, and for Triton ops the kernel module and the launchers registered at the CUDA key.

@@ -102,7 +102,7 @@ if _library.EXT_LOADED:  # the autograd is C++ (csrc/cpu/random_masking.cpp), fo
 # the Triton kernel module and its launchers ({op name: launcher}) for the CUDA key; None without Triton
 KERNELS = TRITON_KERNELS = None
 if _library.TRITON_USABLE:
-    from .kernels import random_masking as KERNELS
+    from ..kernels import random_masking as KERNELS
 
     def _triton_backward(grad_out, ids_restore, has_cls, need_x, need_pos, need_cls, x_dtype, pos_dtype, cls_dtype):
         # pos's gradient sums the unrounded gradient; without it (MAE's fixed pos_embed) the kernel

@@ -123,7 +123,7 @@ def ridge_r2(xtr, ztr, xte, zte, alpha: float = 1e-2) -> float:
 
 def recovery(xtr, ltr, ztr: dict, xte, lte, zte: dict, probe) -> dict:
     """Per level: R^2 of the continuous latents (ridge), and for the top level also the class
-    probe accuracy (`probe`: umae.evaluate.linear_probe); with each level's true dimension."""
+    probe accuracy (`probe`: umae.research.evaluate.linear_probe); with each level's true dimension."""
     out = {f"r2_{lv}": ridge_r2(xtr, ztr[lv], xte, zte[lv]) for lv in LEVELS}
     out["class_acc"] = probe(xtr, ltr, xte, lte)
     out["true_dims"] = dict(LEVEL_DIMS, top_classes=CLASSES)

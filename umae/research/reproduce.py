@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from . import data as D
+from .. import data as D
 from . import evaluate, sweep
-from .train import TrainConfig, train
+from ..train import TrainConfig, train
 
 HELP = "U-MAE's effect in one command: MAE vs U-MAE trained and evaluated alike, one report folder"
 
@@ -34,8 +34,8 @@ PRESETS = {
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted([*PRESETS, "hierarchical"]), default="digits-mini",
-                   help="hierarchical: MAE over mask ratios and patch sizes and U-MAE on umae.hierarchical's images, "
-                        "each latent level's recovery measured (umae/sweep.py)")
+                   help="hierarchical: MAE over mask ratios and patch sizes and U-MAE on umae.data.hierarchical's images, "
+                        "each latent level's recovery measured (umae/research/sweep.py)")
     p.add_argument("--full", action="store_true", help="--preset hierarchical: the GPU-sized sweep")
     p.add_argument("--seeds", type=int, default=1, help="run every arm over this many seeds (from --seed); the "
                    "report gives the mean and spread")
@@ -90,7 +90,7 @@ def _rank_curve(run_dir: str, ds, a, known: dict) -> list[tuple[int, float]]:
 
 
 def validate(a) -> None:
-    from .train.config import check_out, check_range, parse_device
+    from ..train.config import check_out, check_range, parse_device
 
     check_range(a, ("steps", "batch_size"), 1, optional=True)  # None: the preset's
     check_range(a, ("seeds",), 1)
@@ -98,7 +98,7 @@ def validate(a) -> None:
     if not 0 <= a.seed < 1 << 63:
         raise ValueError(f"--seed must be in [0, 2**63), got {a.seed}")
     if a.model is not None:
-        from .models import check_name
+        from ..models import check_name
 
         check_name(a.model)
     if a.data is not None and a.data not in ("builtin", "digits", "hierarchical") and not os.path.isdir(a.data):
@@ -119,7 +119,7 @@ def validate(a) -> None:
     parse_device(a.device)
     check_out(a.out)  # before the runs whose report goes there
     if not getattr(a, "overwrite", False):  # before any run: a later lambda's old run would stop it midway
-        from .train.main import _held
+        from ..train.main import _held
 
         for lamb, seed in _runs(a):
             run_dir = _run_dir(a, lamb, seed)

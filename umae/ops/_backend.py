@@ -3,7 +3,7 @@
 `UMAE_BACKEND` is read once, at import; `set_backend` / `use_backend` change it later, and a
 per-call `backend=` argument of the public ops overrides it for that call (a `fused=False`
 model passes "reference"). Every public op asks `fused(op, tensors, backend)` whether its fused
-function runs, from its entry's declarations (umae/_spec.py `Op`); `choose` gives the
+function runs, from its entry's declarations (umae/ops/_spec.py `Op`); `choose` gives the
 implementation and the reason, which `umae.ops.backend_info` reports.
 """
 from __future__ import annotations

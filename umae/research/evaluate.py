@@ -10,8 +10,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import data as D
-from ._files import write_json
+from .. import data as D
+from .._files import write_json
 
 HELP = "linear probe, kNN and the feature spectrum of checkpoints"
 
@@ -127,8 +127,8 @@ def load_model(path, device, model_name=None):
     ({"model": state_dict}, no run record: `model_name` says which umae model it fits)."""
     import timm
 
-    from .models import check_name
-    from .train import checkpoint
+    from ..models import check_name
+    from ..train import checkpoint
 
     ck = checkpoint.read(path, "--ckpt")
     run = _run_record(ck, path, model_name)
@@ -145,12 +145,12 @@ def load_model(path, device, model_name=None):
 
 
 def validate(args) -> None:
-    from .train.config import check_out, check_range, parse_device
+    from ..train.config import check_out, check_range, parse_device
 
     check_range(args, ("knn_k", "batch_size"), 1)
     check_range(args, ("max_images",), 2)  # the probes standardize by the features' spread: two images at least
     if args.model is not None:
-        from .models import check_name
+        from ..models import check_name
 
         check_name(args.model)
     if not 0 < args.holdout < 1:
@@ -203,11 +203,11 @@ def evaluate(args) -> dict:
 
 
 def _latent_recovery(tr, te, xtr, ytr, xte, yte) -> dict:
-    """For a data set with known latents (umae.hierarchical): how linearly the features recover each
+    """For a data set with known latents (umae.data.hierarchical): how linearly the features recover each
     level (held-out ridge R^2; the class by the linear probe), beside each level's true dimension."""
     if not hasattr(tr, "latents"):
         return {}
-    from .hierarchical import recovery
+    from ..data.hierarchical import recovery
 
     cut = lambda ds, n: {k: v[:n] for k, v in ds.latents.items()}  # noqa: E731  (extract's first n images)
     rec = recovery(xtr, ytr, cut(tr, len(xtr)), xte, yte, cut(te, len(xte)), linear_probe)

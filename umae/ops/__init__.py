@@ -1,7 +1,7 @@
 """The public ops and what runs them.
 
-Each op lives in its module (umae/<op>_op.py): its public function checks the arguments (errors
-name the argument), asks `umae._backend.fused` whether the fused function runs for its inputs'
+Each op lives in its module (umae/ops/<op>_op.py): its public function checks the arguments (errors
+name the argument), asks `umae.ops._backend.fused` whether the fused function runs for its inputs'
 device and dtypes (the one switch; `backend=` "fused" / "reference" overrides it for one call),
 and calls its fused function (the op's custom op, whose dispatcher picks the device's kernel: C++
 on CPU, CUDA or Triton on GPU) or its reference. This module gives them by name from the registry,
@@ -33,7 +33,7 @@ from .uniformity_op import uniformity_loss
 
 def choose(op: str, device_type: str, dtypes=(torch.float32,), backend: str | None = None) -> tuple[str, str]:
     """(implementation, reason) for op `op` on tensors of `device_type` with floating `dtypes`
-    (umae._backend.choose: "cpp-cpu", "cuda", "triton", "triton-interpreter" or "reference")."""
+    (umae.ops._backend.choose: "cpp-cpu", "cuda", "triton", "triton-interpreter" or "reference")."""
     return _backend.choose(registry.get(op), device_type, dtypes, backend)
 
 

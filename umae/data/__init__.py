@@ -185,7 +185,7 @@ class FolderImages(Dataset):
 
 def open_dataset(path: str | None, train: bool = True, seed: int = 0, builtin_size: int = BUILTIN_SIZE):
     """'builtin' / None: shapes10 (train: builtin_size images, test: a quarter as many, other seed);
-    'hierarchical': umae.hierarchical's images with known latents, sized and seeded alike.
+    'hierarchical': umae.data.hierarchical's images with known latents, sized and seeded alike.
     'digits': scikit-learn's handwritten digits at 32x32 (make_digits). A folder with
     cifar-10-batches-py or cifar-100-python: that CIFAR split. Any other folder: an ImageFolder
     (class sub-folders of images); `train` is ignored, split it with `split`."""
@@ -219,7 +219,7 @@ def open_dataset(path: str | None, train: bool = True, seed: int = 0, builtin_si
 
 @functools.lru_cache(maxsize=4)  # a sweep opens the same sets for each of its runs
 def _hierarchical(n: int, seed: int) -> TensorImages:
-    """umae.hierarchical's images with their latents (`ds.latents`: {"top", "mid", "low"}, row i of
+    """umae.data.hierarchical's images with their latents (`ds.latents`: {"top", "mid", "low"}, row i of
     each is image i's)."""
     from .hierarchical import make
 

@@ -191,7 +191,7 @@ class DistributedFused(torch.autograd.Function):
         features, norms, rinv, g, denom = ctx.saved_tensors
         exclude_diagonal, normalize, grad_scale, gram_ops = ctx.args
         # G, the norms and rinv are constants here: differentiated again, this gradient would miss their
-        # terms, so a second-order gradient raises instead (umae/_checks.py)
+        # terms, so a second-order gradient raises instead (umae/ops/_checks.py)
         df = first_order_only("uniformity_loss", lambda grad, features: (_grad_from_gram(
             gram_ops, grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
             normalize=normalize) * grad_scale).to(features.dtype), grad, features)
@@ -217,7 +217,7 @@ if _library.EXT_LOADED:
 # the Triton kernel module and its launchers ({op name: launcher}) for the CUDA key; None without Triton
 KERNELS = TRITON_KERNELS = None
 if _library.TRITON_USABLE:
-    from .kernels import uniformity as KERNELS
+    from ..kernels import uniformity as KERNELS
 
     def _triton_loss_and_gram(features, normalize, exclude_diagonal, eps, keep_gram):
         norms, rinv = _prep(features, normalize=normalize, eps=eps)

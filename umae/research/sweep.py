@@ -1,6 +1,6 @@
 """`umae reproduce --preset hierarchical`: what MAE recovers of a known latent hierarchy, by mask
 ratio and patch size (Kong et al. 2023), and what U-MAE's uniformity term changes ("How Mask
-Matters", Zhang et al. 2022). MAE is trained on umae.hierarchical's images at each mask ratio and
+Matters", Zhang et al. 2022). MAE is trained on umae.data.hierarchical's images at each mask ratio and
 patch size, and U-MAE at the paper's ratio, all from the same seed (same images, batches and
 augmentation), over one or more seeds; every run's encoder is evaluated with `umae eval`'s code
 (the linear recoverability of each latent level, the class probe, the effective rank). Writes
@@ -15,8 +15,8 @@ import statistics
 import time
 
 from . import evaluate
-from .hierarchical import LEVEL_DIMS, LEVELS
-from .train import TrainConfig, train
+from ..data.hierarchical import LEVEL_DIMS, LEVELS
+from ..train import TrainConfig, train
 
 # default: within 10 minutes on a 2-core CPU; full: for a GPU
 SWEEPS = {
@@ -81,7 +81,7 @@ def untrained(a, s: dict, seed: int) -> list[dict]:
     import timm
     import torch
 
-    from . import data as D
+    from .. import data as D
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tr, te = (D.open_dataset("hierarchical", t, seed, s["builtin_size"]) for t in (True, False))
@@ -122,7 +122,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def report_md(summary: list[dict], settings: dict) -> str:
     lines = ["# umae reproduce --preset hierarchical", "",
-             "Linear recoverability of each latent level of umae.hierarchical's images from the frozen encoder "
+             "Linear recoverability of each latent level of umae.data.hierarchical's images from the frozen encoder "
              "(held-out ridge R^2, averaged over the level's dimensions; the class by the linear probe), and the "
              f"features' effective rank ({evaluate.SPECTRUM}). True latent dimensions: "
              + ", ".join(f"{lv} {LEVEL_DIMS[lv]}" for lv in LEVELS) + " (top: plus the class of 10). "

@@ -1,7 +1,7 @@
 """What this process can run, and where the kernels register: the C++ extension (`umae._C`: every
 op's schema, the C++ CPU and CUDA kernels) and Triton, whose launchers register here at the CUDA
-key of the same ops (`register_kernels`). The switch (umae/_backend.py) sits beside it, the op
-modules (umae/<op>_op.py) above both, and the reports of what runs (umae/ops.py) above those.
+key of the same ops (`register_kernels`). The switch (umae/ops/_backend.py) sits beside it, the op
+modules (umae/ops/<op>_op.py) above both, and the reports of what runs (umae/ops/__init__.py) above those.
 """
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import warnings
 
 import torch
 
-from .kernels import interpreted
+from ..kernels import interpreted
 
 
 def _load_ext():
     try:
-        from . import _C  # noqa: F401  (registers the umae:: schemas and kernels; torch is loaded first)
+        from .. import _C  # noqa: F401  (registers the umae:: schemas and kernels; torch is loaded first)
         return True, "C++ extension umae._C loaded"
     except ImportError as e:  # not built: references only, said plainly
         return False, f"C++ extension not built ({e}); run `pip install -e . --no-build-isolation`"

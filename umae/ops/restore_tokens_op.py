@@ -87,7 +87,7 @@ if _library.EXT_LOADED:  # the autograd is C++ (csrc/cpu/restore_tokens.cpp), fo
 # the Triton kernel module and its launchers ({op name: launcher}) for the CUDA key; None without Triton
 KERNELS = TRITON_KERNELS = None
 if _library.TRITON_USABLE:
-    from .kernels import restore_tokens as KERNELS
+    from ..kernels import restore_tokens as KERNELS
 
     def _triton_backward(grad_out, ids_restore, len_x, has_cls, need_pos, x_dtype, tok_dtype, pos_dtype):
         # x's gradient is stored in x's dtype by the kernel: no fp32 copy to convert under autocast

@@ -1,6 +1,6 @@
 """What an op declares: its fused implementations (`Impl`), its registry entry (`Op`), and its
-benchmark case (`Case`). Each op module (umae/<op>_op.py) builds its own entry from these, by
-reference; umae/registry.py lists the entries.
+benchmark case (`Case`). Each op module (umae/ops/<op>_op.py) builds its own entry from these, by
+reference; umae/ops/registry.py lists the entries.
 """
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The research tools: `umae eval` (evaluate), the sweeps (sweep) and `umae reproduce`."""

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from utils import DEVICES, HANG_GUARD
+from utils import DEVICES, HANG_GUARD, OP_TESTS
 
 import umae
 from umae import bench, ops
@@ -253,7 +253,7 @@ def test_registry_entries_are_complete():
     for name, op in registry.OPS.items():
         assert callable(getattr(umae, name)) and callable(op.reference) and callable(op.fused)
         assert callable(cases.CASES[name]), name
-        assert os.path.isfile(os.path.join(root, op.tests)), op.tests
+        assert os.path.isfile(os.path.join(root, OP_TESTS[name])), name
         assert {i.device for i in op.impls} == {"cpu", "cuda"}, name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.schema, "CPU"), op.schema
         if op.kernels:  # Triton: its launchers are the CUDA kernels of the op (and of its backward)

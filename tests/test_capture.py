@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from utils import TOL, assert_close
 
 import umae
+from umae.bench.cases import CASES
 from umae.ops import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +69,7 @@ SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.maske
 @pytest.mark.parametrize("op", list(registry.OPS))
 def test_fused_forward_and_backward_dispatch_no_host_read(op):
     torch.manual_seed(0)
-    case = registry.get(op).bench(dict(N=2, img=16, p=8, C=3, D=16, Dd=16, B=5), torch.float32, "cpu")
+    case = CASES[op](dict(N=2, img=16, p=8, C=3, D=16, Dd=16, B=5), torch.float32, "cpu")
     with umae.use_backend("fused"), _Dispatched() as seen:
         out = case.forward()
         outs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.requires_grad]
@@ -102,7 +103,7 @@ def _captured(step, warmups: int):
 @pytest.mark.parametrize("op", list(registry.OPS))
 def test_op_captured_in_a_cuda_graph_replays_as_eager(op):
     torch.manual_seed(0)
-    case = registry.get(op).bench(dict(N=3, img=32, p=8, C=3, D=64, Dd=48, B=70), torch.bfloat16, "cuda")
+    case = CASES[op](dict(N=3, img=32, p=8, C=3, D=64, Dd=48, B=70), torch.bfloat16, "cuda")
     assert umae.ops.implementation(op, *case.grad_inputs) in ("cuda", "triton")
 
     def step():

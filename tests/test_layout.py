@@ -4,6 +4,8 @@ down them, kernels/ imports nothing of umae, no circle, at most 8 floors."""
 import ast
 import os
 
+from utils import OP_TESTS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # the floors, lowest first: a module may import its own floor's and lower floors' modules only
@@ -127,16 +129,16 @@ def test_the_checker_sees_an_import_back_up(tmp_path):
 
 def _op_files(op, roots=(ROOT,)) -> set:
     """The files holding op's faces, found from its registry entry: its functions' and kernels'
-    modules, the C++/CUDA files that define its schemas or register kernels for them, its tests,
-    the registry, and any file of umae/, kernels/ or csrc/ that names the op in quotes (a branch
-    on its name elsewhere would be a face to edit too)."""
+    modules, the C++/CUDA files that define its schemas or register kernels for them, its
+    benchmark case, its tests, and any file of umae/, kernels/ or csrc/ that names the op in quotes
+    (a branch on its name elsewhere would be a face to edit too)."""
     import inspect
     import re
 
-    from umae.ops import registry
+    from umae.bench.cases import CASES
 
-    files = {inspect.getsourcefile(f) for f in (op.public, op.reference, op.fused, op.bench)}
-    files |= {inspect.getsourcefile(registry), os.path.join(ROOT, op.tests)}
+    files = {inspect.getsourcefile(f) for f in (op.public, op.reference, op.fused, CASES[op.name])}
+    files.add(os.path.join(ROOT, OP_TESTS[op.name]))
     if op.kernels is not None:
         files.add(inspect.getsourcefile(op.kernels))
     names = {op.schema.split("::")[1]} | set(op.triton_kernels or ())

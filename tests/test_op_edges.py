@@ -11,6 +11,7 @@ from utils import (DEVICES, HANG_GUARD, TOL, assert_close, assert_runs, cpu_impl
                    random_mask, triton_cpu)
 
 import umae
+from umae.bench.cases import CASES
 from umae import ops
 from umae.ops import _backend, registry
 from umae.ops._backend import triton_interpreted
@@ -333,7 +334,7 @@ def test_backward_reads_any_gradient_layout(op, shape, layout):
     # the backward kernels read the incoming gradient by its strides: a .sum()'s is one value broadcast
     # (every stride 0), a transposed one has no unit stride; both gave copies before, now neither does
     torch.manual_seed(0)
-    case = registry.get(op).bench(shape, torch.float32, "cpu")
+    case = CASES[op](shape, torch.float32, "cpu")
     assert ops.implementation(op, *case.grad_inputs) == "cpp-cpu"
 
     def grads(backend):

@@ -15,6 +15,11 @@ from umae.ops._tolerance import EXACT, LOSS_TOL, MATMUL_TOL, SUM_TERMS, TOL, U, 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# each op's parity tests
+OP_TESTS = {"patchify": "tests/test_patchify.py", "unpatchify": "tests/test_patchify.py",
+            "masked_mse_loss": "tests/test_masked_mse.py", "mae_loss": "tests/test_masked_mse.py",
+            "random_masking": "tests/test_masking.py", "restore_tokens": "tests/test_masking.py",
+            "uniformity_loss": "tests/test_uniformity.py"}
 
 # Model-level gradients (a whole backward, fused vs reference) are not compared elementwise at a
 # fixed tolerance: how far two fp32 backwards drift apart depends on the machine's matmul kernels

@@ -20,6 +20,7 @@ import umae
 from .. import ops as umae_ops
 from ..ops import registry
 from ..ops._spec import dtype_name
+from .cases import CASES
 
 # kernel time ~0: four 8x8x3 patches per image, 16-wide tokens, a 4-row uniformity batch
 HOST_SHAPE = dict(N=2, img=16, p=8, C=3, D=16, Dd=16, B=4)
@@ -97,7 +98,7 @@ def op_rows(ops=None, device: str = "cpu", dtype=torch.float32, n: int = 50, rou
     rows = []
     for op in list(registry.OPS) if ops is None else ops:
         torch.manual_seed(0)
-        c = registry.get(op).bench(HOST_SHAPE, dtype, device)
+        c = CASES[op](HOST_SHAPE, dtype, device)
         impl = umae_ops.choose(op, device, (dtype,), "fused")[0]
         row = dict(op=op, dtype=dtype_name(dtype), device=device, impl=impl)
         for mode in MODES:

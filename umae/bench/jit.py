@@ -16,6 +16,8 @@ import os
 import torch
 import triton
 
+from ..ops import random_masking_op, restore_tokens_op, uniformity_op
+
 
 @contextlib.contextmanager
 def recording(fns, run: bool = False):
@@ -42,6 +44,29 @@ def recording(fns, run: bool = False):
         KERNELS_RUN.pop()
         for fn in fns:
             del fn.run
+
+
+# (L, D) of the masking / restore tests (tests/test_masking.py), as the compile check launches them
+# (the models' and benchmarks' shapes it takes from their own launches).
+TOKEN_SHAPES = ((49, 64), (196, 768), (197, 384), (256, 192), (1024, 1000), (64, 192), (196, 512), (64, 128),
+                (256, 1024))
+# the token kernels' ops: both run at each of TOKEN_SHAPES
+TOKEN_OPS = {random_masking_op.RANDOM_MASKING.name, restore_tokens_op.RESTORE_TOKENS.name}
+
+
+def _uniformity_variants() -> None:
+    """Forward and backward at every flag combination, the similarity's and the Gram's shapes, each
+    dtype: each combination picks its own kernels and constexprs (the compile check compiles them)."""
+    for B, D in ((70, 96), (130, 64)):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            for normalize in (True, False):
+                for exclude in (True, False):
+                    f = torch.randn(B, D).to(dt).requires_grad_()
+                    uniformity_op.uniformity_loss(f, normalize=normalize, exclude_diagonal=exclude).backward()
+
+
+# launches beyond an op's benchmark cases that the compile check must see (flags the cases do not set)
+LAUNCH_VARIANTS = {uniformity_op.UNIFORMITY_LOSS.name: _uniformity_variants}
 
 
 def h100():
@@ -129,9 +154,9 @@ def collect_launches(op_names, shapes=None, models=None):
         for op in chosen:
             if getattr(op.kernels, "CANDIDATES", None):  # every tuning candidate, as `umae bench --tune` launches it
                 _candidate_launches(op)
-            if op.launch_variants:  # the flags its cases do not set
-                op.launch_variants()
-        for L, D in sorted({s for op in chosen for s in op.token_shapes}):
+            if op.name in LAUNCH_VARIANTS:  # the flags its cases do not set
+                LAUNCH_VARIANTS[op.name]()
+        for L, D in sorted({s for op in chosen if op.name in TOKEN_OPS for s in TOKEN_SHAPES}):
             _token_launches(L, D)  # both token ops run; the chosen ops' launches are kept
         for m in models:
             # one encoder and one decoder block: the glue ops' launches depend on the widths, the

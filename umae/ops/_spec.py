@@ -1,6 +1,7 @@
-"""What an op declares: its fused implementations (`Impl`), its registry entry (`Op`), and its
-benchmark case (`Case`). Each op module (umae/ops/<op>_op.py) builds its own entry from these, by
-reference; umae/ops/registry.py lists the entries.
+"""What an op is: its fused implementations (`Impl`) and its registry entry (`Op`). Each op module
+(umae/ops/<op>_op.py) builds its own entry from these, by reference; umae/ops/registry.py lists
+the entries. What the benchmarks and tests do with an op lives with them (umae/bench/cases.py,
+umae/bench/jit.py, tests/).
 """
 from __future__ import annotations
 
@@ -50,31 +51,21 @@ def _has_kernel(schema: str, device: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Op:
-    """An op's every face, by reference: the public function (checks, then fused or reference),
-    the reference (the semantics), the fused function (calls the custom op `schema`, whose
-    dispatcher picks the device's kernel), the implementations per device, the benchmark case
-    `bench(shape_set, dtype, device) -> Case`, the parity test file, and for Triton ops the
-    kernel module, the launchers registered at the CUDA key ({op name: launcher}), the (L, D)
-    test shapes of their sm_90 compile check, and whether the static audit holds their tile
-    loads / stores to 128-bit accesses (`memory_bound`: row copies); `parity`: the tolerances its
-    fused outputs and gradients meet against the reference (`umae check`, the parity tests);
-    `launch_variants`: a function making the launches its cases do not (other flags), for the
-    compile check."""
+    """What an op is, by reference: the public function (checks, then fused or reference), the
+    reference (the semantics), the fused function (calls the custom op `schema`, whose dispatcher
+    picks the device's kernel), the implementations per device, and for Triton ops the kernel
+    module and the launchers registered at the CUDA key ({op name: launcher}); `parity`: the
+    tolerances its fused outputs and gradients meet against the reference (`umae check`, the
+    parity tests)."""
     name: str
     schema: str
     public: Callable
     reference: Callable
     fused: Callable
     impls: tuple[Impl, ...]
-    bench: Callable
-    tests: str
     kernels: ModuleType | None = None
     triton_kernels: dict | None = None
-    token_shapes: tuple = ()
-    memory_bound: bool = False
     parity: Parity | None = None
-    # launches beyond its benchmark cases that the sm_90 compile check must see (flags the cases do not set)
-    launch_variants: Callable | None = None
     # the devices whose C++/CUDA kernel of `schema` the extension registered, read once here (a
     # dispatcher query cannot be traced by torch.compile; the entry is built after the extension loads)
     cpp_devices: frozenset = dataclasses.field(init=False, default=frozenset())
@@ -86,40 +77,3 @@ class Op:
     def impls_for(self, device: str) -> tuple[Impl, ...]:
         """The implementations for `device`, in the order `choose` prefers them."""
         return tuple(i for i in self.impls if i.device == device)
-
-
-# ---- benchmark cases ---------------------------------------------------------------
-
-@dataclasses.dataclass
-class Case:
-    """One op at one shape: `forward()` calls the public op (the backend is set around it), the
-    tensors that receive gradients, bytes the op must move and FLOPs of forward and backward."""
-    op: str
-    dtype: torch.dtype
-    forward: Callable[[], object]
-    grad_inputs: list
-    bytes_fwd: float
-    bytes_bwd: float
-    flops_fwd: float = 0.0
-    flops_bwd: float = 0.0
-    shape: str = ""
-
-
-class NotApplicable(Exception):
-    """A shape set that does not describe this op's inputs."""
-
-
-def vit_shape(s: dict) -> dict:
-    """A ViT shape set with its patch count L and patch length K = p*p*C; NotApplicable otherwise."""
-    if "img" not in s:
-        raise NotApplicable
-    return dict(s, L=(s["img"] // s["p"]) ** 2, K=s["p"] ** 2 * s["C"])
-
-
-def elt(dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def rand(*shape, dtype, device, grad=False):
-    """Fresh random values made in fp32 and rounded once to dtype (never zeros)."""
-    return torch.randn(*shape, device=device).to(dtype).requires_grad_(grad)

@@ -12,7 +12,7 @@ import torch
 
 from . import _backend, _checks, _library
 from ._tolerance import LOSS_TOL, TOL, Parity
-from ._spec import CPP_CUDA_NO_FP64, Case, Op, elt, rand, vit_shape
+from ._spec import CPP_CUDA_NO_FP64, Op
 from ._checks import acc_dtype
 from .patchify_op import patchify_reference
 
@@ -128,34 +128,8 @@ if _library.EXT_LOADED:
         return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
 
 
-def _loss_inputs(s, dtype, device):
-    s = vit_shape(s)
-    img_dtype = acc_dtype(dtype)  # fp64 goes with fp64 only
-    imgs = rand(s["N"], s["C"], s["img"], s["img"], dtype=img_dtype, device=device)
-    pred = rand(s["N"], s["L"], s["K"], dtype=dtype, device=device, grad=True)
-    mask = (torch.rand(s["N"], s["L"], device=device) < 0.75).float()
-    return s, imgs, pred, mask
-
-
-def bench_mae_loss(s, dtype, device):
-    s, imgs, pred, mask = _loss_inputs(s, dtype, device)
-    # forward reads pred and imgs; backward reads them again and writes grad pred
-    fwd = pred.numel() * elt(dtype) + imgs.numel() * imgs.element_size()
-    return Case("mae_loss", dtype, lambda: mae_loss(pred, imgs, mask, s["p"]), [pred], fwd,
-                fwd + pred.numel() * elt(dtype))
-
-
-def bench_masked_mse_loss(s, dtype, device):
-    s, imgs, pred, mask = _loss_inputs(s, dtype, device)
-    target = patchify_reference(imgs, s["p"]).contiguous()
-    fwd = pred.numel() * elt(dtype) + target.numel() * target.element_size()
-    return Case("masked_mse_loss", dtype, lambda: masked_mse_loss(pred, target, mask), [pred], fwd,
-                fwd + pred.numel() * elt(dtype))
-
-
 MASKED_MSE_LOSS = Op("masked_mse_loss", "umae::patch_mse", masked_mse_loss, masked_mse_loss_reference,
-                     masked_mse_loss_fused, CPP_CUDA_NO_FP64, bench_masked_mse_loss, tests="tests/test_masked_mse.py",
+                     masked_mse_loss_fused, CPP_CUDA_NO_FP64,
                      parity=Parity(LOSS_TOL, TOL, out_scaled=True, grad_scaled=True))
 MAE_LOSS = Op("mae_loss", "umae::patch_mse", mae_loss, mae_loss_reference, mae_loss_fused, CPP_CUDA_NO_FP64,
-              bench_mae_loss, tests="tests/test_masked_mse.py",
               parity=Parity(LOSS_TOL, TOL, out_scaled=True, grad_scaled=True))

@@ -7,7 +7,7 @@ import torch
 
 from . import _backend, _checks, _library
 from ._tolerance import EXACT, Parity
-from ._spec import CPP, Case, Op, elt, rand, vit_shape
+from ._spec import CPP, Op
 
 
 def patchify(imgs: torch.Tensor, patch_size: int, *, backend: str | None = None) -> torch.Tensor:
@@ -83,21 +83,7 @@ if _library.EXT_LOADED:  # the autograd is C++ (csrc/cpu/patchify.cpp): each op 
         return x.new_empty((x.shape[0], c, h * p, w * p))
 
 
-def bench_patchify(s, dtype, device):
-    s = vit_shape(s)
-    imgs = rand(s["N"], s["C"], s["img"], s["img"], dtype=dtype, device=device, grad=True)
-    nbytes = 2 * imgs.numel() * elt(dtype)  # one read, one write
-    return Case("patchify", dtype, lambda: patchify(imgs, s["p"]), [imgs], nbytes, nbytes)
-
-
-def bench_unpatchify(s, dtype, device):
-    s = vit_shape(s)
-    x = rand(s["N"], s["L"], s["K"], dtype=dtype, device=device, grad=True)
-    nbytes = 2 * x.numel() * elt(dtype)
-    return Case("unpatchify", dtype, lambda: unpatchify(x, s["p"], s["img"], s["C"]), [x], nbytes, nbytes)
-
-
-PATCHIFY = Op("patchify", "umae::patchify", patchify, patchify_reference, patchify_fused, CPP, bench_patchify,
-              tests="tests/test_patchify.py", parity=Parity(EXACT, EXACT))
+PATCHIFY = Op("patchify", "umae::patchify", patchify, patchify_reference, patchify_fused, CPP,
+              parity=Parity(EXACT, EXACT))
 UNPATCHIFY = Op("unpatchify", "umae::unpatchify", unpatchify, unpatchify_reference, unpatchify_fused, CPP,
-                bench_unpatchify, tests="tests/test_patchify.py", parity=Parity(EXACT, EXACT))
+                parity=Parity(EXACT, EXACT))

@@ -9,7 +9,7 @@ import torch
 
 from . import _backend, _checks, _library
 from ._tolerance import EXACT, TOL, Parity
-from ._spec import CPP_CPU_TRITON_CUDA, Case, Op, elt, rand, vit_shape
+from ._spec import CPP_CPU_TRITON_CUDA, Op
 from ._checks import acc_dtype, result_dtype
 
 
@@ -127,26 +127,7 @@ if _library.TRITON_USABLE:
     _library.register_kernels(TRITON_KERNELS, "CUDA")
 
 
-def bench_random_masking(s, dtype, device):
-    s = vit_shape(s)
-    N, L, D = s["N"], s["L"], s["D"]
-    x = rand(N, L, D, dtype=dtype, device=device, grad=True)
-    pos = rand(1, L, D, dtype=dtype, device=device)
-    cls = rand(1, 1, D, dtype=dtype, device=device, grad=True)
-    noise = torch.rand(N, L, device=device)
-    keep, e = len_keep_for(L, 0.75), elt(dtype)
-    # must move: noise, kept rows of x, pos once, outputs (tokens, mask, ids_restore)
-    fwd = N * L * 4 + N * keep * D * e + L * D * e + N * (keep + 1) * D * e + N * L * (4 + 8)
-    bwd = N * (keep + 1) * D * e + N * L * 8 + N * L * D * e  # grad in, ids, grad x out
-    return Case("random_masking", dtype, lambda: random_masking(x, 0.75, noise, pos, cls), [x, cls], fwd, bwd)
-
-
-# (L, D) of the masking / restore tests (tests/test_masking.py), as the compile check launches them
-# (the models' and benchmarks' shapes it takes from their own launches).
-TOKEN_SHAPES = ((49, 64), (196, 768), (197, 384), (256, 192), (1024, 1000), (64, 192), (196, 512), (64, 128),
-                (256, 1024))
-
 RANDOM_MASKING = Op("random_masking", "umae::random_masking", random_masking, random_masking_reference,
-                    random_masking_fused, CPP_CPU_TRITON_CUDA, bench_random_masking, tests="tests/test_masking.py",
-                    kernels=KERNELS, triton_kernels=TRITON_KERNELS, token_shapes=TOKEN_SHAPES, memory_bound=True,
+                    random_masking_fused, CPP_CPU_TRITON_CUDA,
+                    kernels=KERNELS, triton_kernels=TRITON_KERNELS,
                     parity=Parity(EXACT, TOL))

@@ -9,8 +9,8 @@ import torch
 
 from . import _backend, _checks, _library
 from ._tolerance import EXACT, TOL, Parity
-from ._spec import CPP_CPU_TRITON_CUDA, Case, Op, elt, rand, vit_shape
-from .random_masking_op import TOKEN_SHAPES, len_keep_for
+from ._spec import CPP_CPU_TRITON_CUDA, Op
+from .random_masking_op import len_keep_for
 from ._checks import acc_dtype, result_dtype
 
 
@@ -106,20 +106,7 @@ if _library.TRITON_USABLE:
     _library.register_kernels(TRITON_KERNELS, "CUDA")
 
 
-def bench_restore_tokens(s, dtype, device):
-    s = vit_shape(s)
-    N, L, D = s["N"], s["L"], s["Dd"]
-    keep, e = len_keep_for(L, 0.75), elt(dtype)
-    ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
-    x = rand(N, keep + 1, D, dtype=dtype, device=device, grad=True)
-    tok = rand(1, 1, D, dtype=dtype, device=device, grad=True)
-    pos = rand(1, L + 1, D, dtype=dtype, device=device)
-    fwd = N * (keep + 1) * D * e + N * L * 8 + (L + 1) * D * e + N * (L + 1) * D * e
-    bwd = N * (L + 1) * D * e + N * L * 8 + N * (keep + 1) * D * e
-    return Case("restore_tokens", dtype, lambda: restore_tokens(x, ids, tok, pos), [x, tok], fwd, bwd)
-
-
 RESTORE_TOKENS = Op("restore_tokens", "umae::restore_tokens", restore_tokens, restore_tokens_reference,
-                    restore_tokens_fused, CPP_CPU_TRITON_CUDA, bench_restore_tokens, tests="tests/test_masking.py",
-                    kernels=KERNELS, triton_kernels=TRITON_KERNELS, token_shapes=TOKEN_SHAPES, memory_bound=True,
+                    restore_tokens_fused, CPP_CPU_TRITON_CUDA,
+                    kernels=KERNELS, triton_kernels=TRITON_KERNELS,
                     parity=Parity(EXACT, TOL))

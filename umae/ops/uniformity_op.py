@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from . import _backend, _checks, _library
 from ._tolerance import MATMUL_TOL, Parity
-from ._spec import CPP_CPU_TRITON_CUDA, Case, Op, elt, rand
+from ._spec import CPP_CPU_TRITON_CUDA, Op
 from ._checks import acc_dtype, first_order_only
 
 NORM_EPS = 1e-12  # F.normalize's; the kernels take it as an argument
@@ -290,31 +290,7 @@ def check_equal_batches_once(features, group):
     _checked_groups.add(key)
 
 
-def bench_uniformity_loss(s, dtype, device):
-    B, D = s.get("B", s.get("N")), s["D"]
-    f = rand(B, D, dtype=dtype, device=device, grad=True)
-    e = elt(dtype)
-    # must move: F once (norms may re-read it); backward reads F, writes dF (+ B x D fp32 temporaries)
-    # FLOPs of the fused algorithm over its contraction dim m (Triton: the D x D Gram; C++ CPU: the
-    # smaller of S = Z Z^T and G = Z^T Z): the symmetric product B*D*m forward, 3 B D m backward
-    m = min(B, D) if device == "cpu" else D
-    return Case("uniformity_loss", dtype, lambda: uniformity_loss(f), [f], B * D * e, 2 * B * D * e,
-                flops_fwd=B * D * m, flops_bwd=3 * B * D * m)
-
-
-def launch_variants() -> None:
-    """Forward and backward at every flag combination, the similarity's and the Gram's shapes, each
-    dtype: each combination picks its own kernels and constexprs (the compile check compiles them)."""
-    for B, D in ((70, 96), (130, 64)):
-        for dt in (torch.float32, torch.bfloat16, torch.float16):
-            for normalize in (True, False):
-                for exclude in (True, False):
-                    f = torch.randn(B, D).to(dt).requires_grad_()
-                    uniformity_loss(f, normalize=normalize, exclude_diagonal=exclude).backward()
-
-
 UNIFORMITY_LOSS = Op("uniformity_loss", "umae::uniformity_loss", uniformity_loss, uniformity_loss_reference,
-                     uniformity_loss_fused, CPP_CPU_TRITON_CUDA, bench_uniformity_loss, tests="tests/test_uniformity.py",
+                     uniformity_loss_fused, CPP_CPU_TRITON_CUDA,
                      kernels=KERNELS, triton_kernels=TRITON_KERNELS,
-                     parity=Parity(MATMUL_TOL, MATMUL_TOL, out_scaled=True, grad_scaled=True),
-                     launch_variants=launch_variants)
+                     parity=Parity(MATMUL_TOL, MATMUL_TOL, out_scaled=True, grad_scaled=True))

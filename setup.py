@@ -101,6 +101,7 @@ setup(
     name="umae",
     version="0.1.0",
     description="Fused kernels for Masked Autoencoder and U-MAE training",
+    license="BSD-3-Clause",
     packages=["umae", "umae.ops", "umae.models", "umae.data", "umae.train", "umae.research", "umae.bench", "umae.cli",
               "umae.kernels"],
     ext_modules=[ext],

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine (issue 22): `bash scripts/gpu_check.sh` in the repo root.
+# One command for a lent GPU machine: `bash scripts/gpu_check.sh` in the repo root.
 # It uses that machine's python3 and packages (nothing installed: no registry there), builds in
 # place without pip, and writes under $OUT (default out/gpu) as each stage ends, so a stop at
 # any point still returns what was done. Every stage runs under its own `timeout`; the boxes

@@ -1,4 +1,4 @@
-"""Issue 23, section 4: bad input gets one line naming the problem and a non-zero exit, not a
+"""Bad input gets one line naming the problem and a non-zero exit, not a
 traceback and not exit 0."""
 import errno
 import os

@@ -188,3 +188,20 @@ def test_public_names_are_imported_explicitly():
         tree = ast.parse(src)
         imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
         assert set(registry.OPS) <= imported, (path, set(registry.OPS) - imported)
+
+
+def test_no_issue_numbers_in_the_code():
+    # the history lives in git; a comment says why, not which ticket
+    import re
+
+    rx = re.compile(r"\b[Ii]ssues? ?#?\d+")
+    found = []
+    for folder in ("umae", "kernels", "csrc", "tests", "scripts"):
+        for dirpath, _, fs in os.walk(os.path.join(ROOT, folder)):
+            for f in fs:
+                if f.endswith((".py", ".cpp", ".cu", ".h", ".cuh", ".sh")):
+                    path = os.path.join(dirpath, f)
+                    found += [f"{os.path.relpath(path, ROOT)}:{i}" for i, line in enumerate(open(path), 1)
+                              if rx.search(line)]
+    assert not found, found
+    assert os.path.isfile(os.path.join(ROOT, "LICENSE"))

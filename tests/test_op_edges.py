@@ -1,4 +1,4 @@
-"""Edges of the ops where a backend returned a silent wrong result or crashed (issue 23, section 3):
+"""Edges of the ops where a backend returned a silent wrong result or crashed:
 random_masking with L = 0, double backward, bad ids_restore on the Triton path, non-floating
 targets, D = 0 features, numpy scalars as arguments, a negative unpatchify image_size."""
 import subprocess

@@ -1,4 +1,4 @@
-"""Issue 23, section 2: no data loss or silent corruption in `umae train` -- a NaN in any
+"""No data loss or silent corruption in `umae train` -- a NaN in any
 micro-batch stops the run before a checkpoint, a second writer into --out is refused, a resume
 refuses changed settings unless overridden, and a resumed log has each step once."""
 import errno

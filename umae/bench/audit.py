@@ -153,7 +153,7 @@ def _resource_problems(spill: str, smem: int, occupancy: float) -> list[str]:
 
 
 def problems(row, op_name: str) -> list[str]:
-    """What the audit requires of a compiled Triton kernel and this row does not hold (issue 12)."""
+    """What the audit requires of a compiled Triton kernel and this row does not hold."""
     spill = f"{row['spill_stores']}+{row['spill_loads']} bytes" if row["spill_stores"] or row["spill_loads"] else ""
     from .jit import TOKEN_OPS  # row copies: their tile loads and stores are held to 128-bit accesses
 

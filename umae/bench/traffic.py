@@ -1,4 +1,4 @@
-"""Counted memory traffic (issue 12): for each op at the ViT-B/16 and ViT-Tiny/32 shapes, forward
+"""Counted memory traffic: for each op at the ViT-B/16 and ViT-Tiny/32 shapes, forward
 plus backward, bf16 activations (images fp32):
 
 - minimum: what the op must move (each input read once, each output written once: the bench

@@ -46,7 +46,7 @@ def default_cfg(name: str, img_size: int, in_chans: int, num_classes: int) -> di
     return dict(url="", num_classes=num_classes, input_size=(in_chans, img_size, img_size), pool_size=None,
                 crop_pct=1.0 if img_size <= 64 else 0.875, interpolation="bicubic", fixed_input_size=True,
                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj",
-                classifier="head", license="apache-2.0", architecture=name)
+                classifier="head", license="bsd-3-clause", architecture=name)
 
 
 class TimmEncoderAPI:

@@ -87,7 +87,7 @@ def _erank(v):
 def spectrum(x):
     """Singular values of the centered features (descending), their effective rank and the
     covariance eigenvalues' effective rank. The covariance's squares the singular values, so it
-    weighs the leading directions more and reads lower on the same features (issue 15: both are
+    weighs the leading directions more and reads lower on the same features (both are
     reported; `effective_rank` is over the features' own singular values)."""
     x = x.double() - x.double().mean(0)
     s = torch.linalg.svdvals(x)

@@ -21,7 +21,7 @@ HELP = "U-MAE's effect in one command: MAE vs U-MAE trained and evaluated alike,
 # name -> settings. "digits-mini" is measured on the 2-core CPU machine (docs/training.md, "Reproduce");
 # "cifar10-vit-tiny" is for a GPU with CIFAR-10 on disk (--data /path/to/cifar10).
 PRESETS = {
-    # lr 1e-3 with 30 warmup steps: the best probe and rank of docs/training.md's recipe table (issue 26)
+    # lr 1e-3 with 30 warmup steps: the best probe and rank of docs/training.md's recipe table
     "digits-mini": dict(data="digits", model="umae_vit_mini_patch4_32", steps=300, epochs=None, batch_size=128,
                         lr=1e-3, blr=None, warmup_steps=30, warmup_epochs=None, amp="none", curve_points=10),
     # U-MAE's published recipe is its ImageNet script (zhangq327/U-MAE pretrain.sh: blr 1.5e-4,

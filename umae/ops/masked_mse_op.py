@@ -47,7 +47,11 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     With norm_pix, each target patch is normalized by its mean and unbiased variance
     (eps NORM_PIX_EPS = 1e-6). The squared error is averaged over K, then over the removed
     patches (mask == 1). A mask with no removed patch gives 0 (and zero gradient), not NaN.
-    NaN in pred or target propagates to the loss, as in the reference.
+    NaN in pred or target propagates to the loss, as in the reference. The math runs in fp32 for
+    fp32 / bf16 / fp16 inputs (fp64 stays fp64); the gradient reaches `pred` in its dtype, and a
+    float `mask` that requires grad gets the reference's. norm_pix needs 2 values per patch at
+    least; an empty batch is an error. A `target` that requires grad is refused by the fused
+    loss (it differentiates `pred` only: detach it, or use the reference).
     """
     _check_loss_args(pred, target, mask, "target", pred.shape)
     _check_norm_pix(norm_pix, pred.size(2))

@@ -13,7 +13,8 @@ from ._spec import CPP, Op
 def patchify(imgs: torch.Tensor, patch_size: int, *, backend: str | None = None) -> torch.Tensor:
     """(N, C, H, W) -> (N, L, p*p*C), ordered as facebookresearch/mae's `patchify`.
 
-    Any strides are accepted (no copy); the output is contiguous.
+    Any C, any H and W divisible by p; any strides are accepted (no copy); the output is
+    contiguous. An empty batch gives an empty result.
     """
     patch_size = _checks.images(imgs, patch_size)
     if _backend.fused(PATCHIFY, (imgs,), backend):

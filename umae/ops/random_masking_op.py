@@ -29,7 +29,9 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     cls_token (1, 1, D), its own positional embedding already added, is prepended. Output dtype
     follows type promotion of x, pos_embed and cls_token, as in the reference. Without noise,
     noise = torch.rand(N, L) from torch's default generator (same seed, same mask; no host sync).
-    len_keep may round to 0 (x_masked then holds only the cls token, or no token).
+    len_keep may round to 0 (x_masked then holds only the cls token, or no token). The order is
+    torch.argsort(stable=True)'s: NaN noise after +inf, fp64 noise compared in fp64. mask_ratio
+    must be in [0, 1). Given noise, fused and reference agree bitwise.
     """
     _checks.tensor(x, "x", dims=3)
     r = _checks.as_float(mask_ratio)

@@ -21,7 +21,8 @@ def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch
 
     Kept tokens go back to their original positions (ids_restore (N, L) int64 from
     `random_masking`), mask_token (1, 1, D) fills the removed ones, the cls token (x[:, 0] when
-    has_cls) stays in front, and pos_embed (1, [1 +] L, D) is added, in one pass.
+    has_cls) stays in front, and pos_embed (1, [1 +] L, D) is added, in one pass. Gradients reach
+    x, mask_token and pos_embed; the mask token's is a deterministic two-level sum (no atomics).
     ids_restore must be a permutation per row: the C++ CPU kernel checks it on the host; the Triton
     kernel never addresses memory by a bad id, and its launcher checks the ids on the device (on
     CUDA a device-side assert, no host sync: kernels/restore_tokens.py check_ids says why).

@@ -433,3 +433,66 @@ def test_a_damaged_cifar_folder_is_named(tmp_path, capsys, damage):
             (folder / f).write_bytes(b"\x80\x04garbage")
     err = _err(capsys, ["train", *TINY, "--data", str(tmp_path / "cifar"), "--out", str(tmp_path / "o")])
     assert f"--data {str(tmp_path / 'cifar')!r}: cifar-10-batches-py is not a complete, intact copy" in err, err
+
+
+def test_whole_writes_survive_a_failure_between_the_two_renames(tmp_path, monkeypatch):
+    # a folder is replaced by renaming the old one aside, then the new one in: a failure between the two
+    # puts the old one back (was: the output folder gone, the old one left hidden)
+    from umae import _files
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    real, calls = os.replace, []
+
+    def second_fails(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error", str(b))
+        return real(a, b)
+    monkeypatch.setattr(os, "replace", second_fails)
+
+    def write(tmp):
+        os.makedirs(tmp)
+        open(os.path.join(tmp, "config.json"), "w").write("new")
+    with pytest.raises(OSError):
+        _files.write_whole(str(out), write)
+    monkeypatch.undo()
+    assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    _files.write_whole(str(out), write)  # and the next write goes through
+    assert (out / "config.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_damaged_zip_directory_is_one_line_and_a_checksum_free_file_loads(grid_files, tmp_path, capsys):
+    import zipfile
+
+    root, good, _ = grid_files
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as z:
+        first = z.infolist()[0]
+    cd = data.find(b"PK\x01\x02")  # the first central directory entry
+    for name, offset, value in (("method", 10, 8), ("encrypted", 8, 1)):  # compression 0 -> 8; the encryption flag
+        bad = bytearray(data)
+        bad[cd + offset] = value
+        p = tmp_path / f"{name}.pt"
+        p.write_bytes(bytes(bad))
+        err = _err(capsys, ["eval", "--ckpt", str(p), "--out", str(tmp_path / "e")])
+        assert f"--ckpt {str(p)!r} is" in err, (name, err)  # was: zlib.error / RuntimeError tracebacks
+    assert first.CRC != 0
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(torch.load(good, weights_only=False), tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    from umae import _files
+
+    assert _files.read_checkpoint(str(tmp_path / "nocrc.pt"), "--ckpt")["step"] == 1  # no checksums: not "damaged"
+
+
+def test_convert_to_hf_does_not_replace_a_folder_of_other_files(grid_files, tmp_path, capsys):
+    _, good, _ = grid_files
+    home = tmp_path / "models"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    err = _err(capsys, ["convert", str(good), str(home), "--to", "hf"])
+    assert "holding other files" in err and (home / "notes.txt").read_text() == "mine"

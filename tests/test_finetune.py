@@ -234,3 +234,18 @@ def test_a_fine_tune_as_timm_train_py_runs_it(tmp_path):
     with torch.no_grad():
         assert model(eval_tf(Image.open(tmp_path / "data" / "c0" / "0.png").convert("RGB"))[None]).shape == (1, 3)
     assert os.path.isdir(tmp_path / "data")
+
+
+def test_a_saved_classifier_is_reheaded_and_a_frozen_one_resized(tmp_path):
+    # timm re-heads pretrained weights for another class count; set_input_size resamples a classifier's
+    # trained position embedding even when it is frozen (a linear probe), as timm's ViT does
+    from timm.models import save_for_hf
+
+    u, v = _pair("token", num_classes=7)
+    save_for_hf(u, str(tmp_path / "hf"))
+    re = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True, num_classes=3)
+    assert re.num_classes == 3 and torch.equal(re.blocks[0].mlp.fc1.weight, u.blocks[0].mlp.fc1.weight)
+    u.requires_grad_(False)
+    u.set_input_size(img_size=48)
+    v.set_input_size(img_size=(48, 48))
+    assert torch.allclose(u.pos_embed, v.pos_embed, **TOL[torch.float32])

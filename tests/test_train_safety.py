@@ -463,7 +463,7 @@ def test_fused_adamw_skips_a_nonfinite_step_on_the_device():
 
     w = torch.nn.Parameter(torch.randn(5))
     opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.05, fused=True)
-    loop = SimpleNamespace(opt=opt)
+    loop = SimpleNamespace(opt=opt, world=1, cfg=None)
     stats = DeviceStats("cpu")
     before = w.detach().clone()
     w.grad = torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0])

@@ -36,18 +36,23 @@ def write_whole(dst: str, write, tmp: str | None = None) -> None:
     """write(tmp) (a file or a folder), then tmp renamed to dst; a folder replaces dst's folder as a
     whole. On failure no tmp is left and dst is as it was; an OSError (disk full, I/O error, ...),
     raised as it is or behind torch's RuntimeError, is raised as an OSError naming dst."""
-    tmp = tmp or os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+    dst = os.path.abspath(dst)
+    tmp = tmp or os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+    old = tmp + "-old"
     try:
         _remove(tmp)
+        _remove(old)
         write(tmp)
         if os.path.isdir(tmp) and os.path.isdir(dst):  # a folder cannot be renamed over a non-empty one
-            old = tmp + "-old"
             os.replace(dst, old)
             os.replace(tmp, dst)
             _remove(old)
         else:
             os.replace(tmp, dst)
     except BaseException as e:
+        if os.path.isdir(old) and not os.path.exists(dst):  # failed between the two renames: put it back
+            with contextlib.suppress(OSError):
+                os.replace(old, dst)
         _remove(tmp)
         cause = _os_error(e) if isinstance(e, Exception) else None
         if cause is not None and cause.errno == errno.ENOSPC:
@@ -71,7 +76,7 @@ def check_target(dst: str, what: str, folder: bool = False) -> None:
 
 def write_text(dst: str, text: str) -> None:
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     write_whole(dst, write)
 
@@ -92,10 +97,17 @@ def verify_checksums(path: str, what: str) -> None:
     a copy fails it (torch.load itself does not check: it would load the damaged tensor). A file
     that is not a zip (torch's legacy format, or not a checkpoint at all) is left to torch.load."""
     try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
+        z = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, NotImplementedError):
-        return
+        return  # not a zip: torch.load says what it is
+    with z:
+        if all(info.CRC == 0 for info in z.infolist()):  # saved without checksums (torch's set_crc32_options)
+            return
+        try:
+            bad = z.testzip()
+        except Exception as e:  # a flipped bit in the directory: zlib.error, "is encrypted", ...
+            raise ValueError(f"{what} {path!r} is damaged: its zip directory cannot be read ({type(e).__name__}: "
+                             f"{e})") from None
     if bad is not None:
         raise ValueError(f"{what} {path!r} is damaged: its record {bad!r} fails its CRC-32 checksum (the file "
                          "changed after it was written: a disk or copy error?)")

@@ -209,6 +209,10 @@ def _check_out(out: str, to: str) -> None:
         check_target(out, "out", folder=to == "hf")
     except ValueError as e:  # save_pretrained onto a file logs and returns: "wrote" was printed over nothing
         raise ValueError(f"{e}; --to {to} writes {'a folder' if to == 'hf' else 'a .pth file'}") from None
+    # the folder is replaced as a whole: only one that holds a model (or nothing) may be
+    if to == "hf" and os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "config.json")):
+        raise ValueError(f"out {out!r} is a folder holding other files (no config.json): --to hf replaces the "
+                         "folder as a whole; give a new or a model's folder")
 
 
 def main(args) -> int:

@@ -70,7 +70,9 @@ def build(name: str, pretrained: bool = False, pretrained_cfg=None, pretrained_c
         if not any(src.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
             raise ValueError(f"{name} has no pretrained weights of its own: pass them with pretrained_cfg_overlay="
                              "dict(file=...), or create the model from a save_for_hf folder ('local-dir:<folder>')")
-        load_pretrained(model, pretrained_cfg=src, num_classes=model.num_classes, in_chans=model.in_chans)
+        # the weights' own class count: timm drops their head when the model's differs (re-heading)
+        load_pretrained(model, pretrained_cfg={**src, "num_classes": given.get("num_classes", model.num_classes)},
+                        num_classes=model.num_classes, in_chans=model.in_chans)
     if features_only:
         from timm.models._features import FeatureGetterNet
 

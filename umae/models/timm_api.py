@@ -195,7 +195,8 @@ class TimmEncoderAPI:
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
         """timm's: a new input resolution. MAE's fixed 2-D sin-cos position embeddings are computed
-        again for the new grid; a classifier's, trained, are resampled as timm's ViT resamples its own."""
+        again for the new grid; a classifier's (trained, or frozen after training) are resampled as
+        timm's ViT resamples its own."""
         if patch_size is not None and tuple(_pair(patch_size)) != tuple(self.patch_embed.patch_size):
             raise ValueError(f"set_input_size: patch_size {patch_size!r}: umae models keep their patch size "
                              f"({self.patch_size}), whose pixels the decoder predicts")
@@ -206,7 +207,7 @@ class TimmEncoderAPI:
             raise ValueError(f"set_input_size: umae models take square images, got img_size {img_size!r}")
         from timm.layers import resample_abs_pos_embed
 
-        old_grid, learned = self.grid, self.pos_embed.detach().clone() if self.pos_embed.requires_grad else None
+        old_grid, learned = self.grid, self.pos_embed.detach().clone() if self.is_classifier else None
         self.patch_embed.set_input_size(img_size=size)
         self.img_size = size[0]
         self.grid = self.patch_embed.grid_size

@@ -96,8 +96,13 @@ def skip_nonfinite_step(loop: Loop, nonfinite) -> None:
     """A step whose gradient is not finite does not reach the weights: the fused AdamW skips its
     update on the device where `found_inf` is 1 (GradScaler's mechanism, no host sync); the run
     stops at the next read, with the loss's or the gradient's message."""
-    if nonfinite is not None and loop.opt.defaults.get("fused"):
-        loop.opt.found_inf = nonfinite
+    if nonfinite is None or not loop.opt.defaults.get("fused"):
+        return
+    if loop.world > 1 and getattr(loop.cfg, "fsdp", False):  # each rank holds shards: all skip together
+        import torch.distributed as dist
+
+        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+    loop.opt.found_inf = nonfinite
 
 
 def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
@@ -133,6 +138,7 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
             skip_nonfinite_step(loop, loop.stats.add_grads([p.grad for p in loop.model.parameters()
                                                            if p.grad is not None]))
         loop.scaler.step(loop.opt)
+        loop.opt.__dict__.pop("found_inf", None)  # this step's flag only
         loop.scaler.update()
         loop.opt.zero_grad(set_to_none=True)
         step += 1

@@ -371,7 +371,7 @@ def test_disk_full_on_a_real_small_tmpfs(tmp_path, capsys):
 
 
 def test_sigkill_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path):
-    from umae.train import checkpoint
+    from umae._files import read_checkpoint
 
     out = tmp_path / "killed"
     argv = [*TINY, "--steps", "12", "--ckpt-every", "2", "--log-every", "1", "--out", str(out)]
@@ -390,7 +390,7 @@ def test_sigkill_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    step = checkpoint.read(str(out / "checkpoint-last.pt"))["step"]  # loadable
+    step = read_checkpoint(str(out / "checkpoint-last.pt"), "--resume")["step"]  # loadable
     assert 4 <= step < 12
     train.train(_args(out, steps=12, ckpt_every=2, resume=str(out / "checkpoint-last.pt")))
     unbroken = train.train(_args(tmp_path / "u", steps=12, ckpt_every=2))

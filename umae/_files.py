@@ -113,16 +113,17 @@ def verify_checksums(path: str, what: str) -> None:
                          "changed after it was written: a disk or copy error?)")
 
 
-def read_checkpoint(path: str, what: str):
-    """torch.load of a checkpoint file after its checksums are verified; a ValueError naming `what`
-    and the file when it is missing, a folder, damaged, or not something torch can read."""
+def read_checkpoint(path: str, what: str) -> dict:
+    """torch.load of a checkpoint file (a dict) after its checksums are verified; a ValueError
+    naming `what` and the file when it is missing, a folder, damaged, not something torch can read,
+    or not a dict."""
     import torch
 
     _readable(path, what)
     verify_checksums(path, what)
     try:
         with open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=False)
+            ck = torch.load(f, map_location="cpu", weights_only=False)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM):
             raise ValueError(f"{what} {path!r} cannot be read: {e.strerror}") from None
@@ -132,7 +133,32 @@ def read_checkpoint(path: str, what: str):
     except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
         why = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
         why = f"{type(e).__name__}: {why}" if why else type(e).__name__
+    else:
+        if not isinstance(ck, dict):  # a state dict, or a checkpoint's dict holding one
+            raise ValueError(f"{what} {path!r} is not a checkpoint: it holds a {type(ck).__name__}, not a dict")
+        return ck
     raise ValueError(f"{what} {path!r} is not a readable checkpoint (corrupt, truncated or empty?): {why}")
+
+
+def reason(e: BaseException) -> str:
+    """An exception's message on one line, at most 300 characters."""
+    why = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, KeyError):
+        why = f"no entry {why}"
+    return why[:300] + " ..." if len(why) > 300 else why
+
+
+# what a load_state_dict raises for a state dict of the wrong shape or content
+LOAD_ERRORS = (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError)
+
+
+def load_weights(model, state: dict, path: str, what: str, name: str | None = None) -> None:
+    """model.load_state_dict, or a ValueError naming the file when the weights do not fit `name`
+    (default: the model's class)."""
+    try:
+        model.load_state_dict(state)
+    except LOAD_ERRORS as e:
+        raise ValueError(f"{what} {path!r} does not fit the model {name or type(model).__name__}: {reason(e)}") from None
 
 
 def read_json(path: str, what: str) -> dict:

@@ -21,7 +21,7 @@ import re
 import torch
 from torch import nn
 
-from ._files import check_target, read_checkpoint, read_json, write_whole
+from ._files import LOAD_ERRORS, check_target, load_weights, read_checkpoint, read_json, reason, write_whole
 from .models import CONFIGS, MaskedAutoencoderViT, build, check_name
 
 # (umae key suffix, transformers key suffix) of one transformer block
@@ -147,29 +147,23 @@ def load_mae(path, model: str | None = None, what: str = "src", **model_kwargs) 
     `model` names umae's config; without it the file's recorded architecture ("config": umae writes
     it in every checkpoint) or its run's model (MAE's own files record neither: its number of heads
     is not in the weights)."""
-    ck = read_checkpoint(os.fspath(path), what)
-    if not isinstance(ck, dict):
-        raise ValueError(f"{what} {os.fspath(path)!r} is not a checkpoint: it holds a {type(ck).__name__}, not a dict")
+    path = os.fspath(path)
+    ck = read_checkpoint(path, what)
     run, config = ck.get("run"), ck.get("config")
     name = model or (run.get("model") if isinstance(run, dict) else None)
     if model is None and isinstance(config, dict):  # the architecture as written: any shape, its norm eps
         try:
             m = MaskedAutoencoderViT.from_config(config, **model_kwargs)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{what} {os.fspath(path)!r}: its recorded config does not make a model: {e}") from None
+            raise ValueError(f"{what} {path!r}: its recorded config does not make a model: {e}") from None
         name = "its recorded config"
     elif name is None:
-        raise ValueError(f"{what} {os.fspath(path)!r}: name the model's config (--model, one of "
+        raise ValueError(f"{what} {path!r}: name the model's config (--model, one of "
                          f"{', '.join(CONFIGS)}): a facebookresearch/mae checkpoint does not record its number of heads")
     else:
-        check_name(name, "--model" if model else f"{what} {os.fspath(path)!r}'s recorded model")
+        check_name(name, "--model" if model else f"{what} {path!r}'s recorded model")
         m = build(name, **model_kwargs)
-    try:
-        m.load_state_dict(ck)  # unwraps {"model": ...}, names any mismatch
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-        why = " ".join(str(e).split())
-        raise ValueError(f"{what} {os.fspath(path)!r} does not fit the model {name}: "
-                         f"{why[:300] + ' ...' if len(why) > 300 else why}") from None
+    load_weights(m, ck, path, what, name)  # unwraps {"model": ...}, names any mismatch
     return m
 
 
@@ -186,9 +180,8 @@ def _read_hf(folder: str) -> MaskedAutoencoderViT:
         raise ValueError(f"src {folder!r} holds a transformers {config.get('model_type')!r} model, not a ViTMAE")
     try:
         return from_hf(folder)
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-        why = " ".join(str(e).split()) or type(e).__name__
-        raise ValueError(f"src {folder!r} is not a readable ViTMAE folder: {why[:300]}") from None
+    except (OSError, *LOAD_ERRORS) as e:
+        raise ValueError(f"src {folder!r} is not a readable ViTMAE folder: {reason(e)}") from None
 
 
 # ---- umae convert -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import data as D
-from .._files import write_json
+from .._files import load_weights, read_checkpoint, write_json
 
 HELP = "linear probe, kNN and the feature spectrum of checkpoints"
 
@@ -128,15 +128,14 @@ def load_model(path, device, model_name=None):
     import timm
 
     from ..models import check_name
-    from ..train import checkpoint
 
-    ck = checkpoint.read(path, "--ckpt")
+    ck = read_checkpoint(path, "--ckpt")
     run = _run_record(ck, path, model_name)
     check_name(run["model"], "--model" if model_name else f"--ckpt {path!r}'s recorded model")
     model = timm.create_model(run["model"], fused=False, lamb=run["lamb"],
                               probe_classes=run.get("probe_classes", 0), cls_double_norm=run.get("cls_double_norm", True))
     # a train checkpoint's "model" entry, or MAE's (encoder-only loads with a warning)
-    checkpoint.load_weights(model, ck, path, "--ckpt")
+    load_weights(model, ck, path, "--ckpt")
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # a diverged run's weights: every feature NaN, and the probes' numbers meaningless
         raise ValueError(f"--ckpt {path!r} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "

@@ -2,7 +2,7 @@
 per save; checkpoint-last.pt is a hard link to (or, where links fail, a copy of) that file.
 Each file is written to a .tmp and renamed: a crash or a full disk leaves the previous
 checkpoint intact and no partial file. Every record in the file carries torch's CRC-32, verified
-before a checkpoint is loaded (umae._files)."""
+before a checkpoint is loaded (umae._files: read_checkpoint, load_weights)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import shutil
 
 import torch
 
-from .._files import read_checkpoint, write_whole
+from .._files import LOAD_ERRORS, reason, write_whole
 
 LAST = "checkpoint-last.pt"
 RESUME_ENTRIES = ("model", "optimizer", "scaler", "step")
@@ -78,34 +78,6 @@ def save(out: str, step: int, states: tuple[dict, dict], scaler, run: dict, conf
     return path
 
 
-def read(path: str, what: str = "--resume") -> dict:
-    """A checkpoint file as a dict, its checksums verified; a ValueError naming `what` and the file
-    for one that is missing, damaged or not a checkpoint."""
-    ck = read_checkpoint(path, what)
-    if not isinstance(ck, dict):  # a state dict, or a checkpoint's dict holding one
-        raise ValueError(f"{what} {path!r} is not a checkpoint: it holds a {type(ck).__name__}, not a dict")
-    return ck
-
-
-def _why(e: BaseException) -> str:
-    why = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, KeyError):
-        why = f"no entry {why}"
-    return why[:300] + " ..." if len(why) > 300 else why
-
-
-# what a load_state_dict raises for a state dict of the wrong shape or content
-LOAD_ERRORS = (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError)
-
-
-def load_weights(model, state: dict, path: str, what: str = "--resume") -> None:
-    """model.load_state_dict, or a ValueError naming the file when the weights do not fit."""
-    try:
-        model.load_state_dict(state)
-    except LOAD_ERRORS as e:
-        raise ValueError(f"{what} {path!r} does not fit the model {type(model).__name__}: {_why(e)}") from None
-
-
 def check_resumable(ck: dict, path: str) -> None:
     """A ValueError naming --resume and the file unless ck has a train checkpoint's entries, of their types."""
     missing = [k for k in RESUME_ENTRIES if k not in ck]
@@ -133,10 +105,10 @@ def restore(ck: dict, opt, scaler, path: str = "", *, model, sharded: bool = Fal
         hint = ("; its parameter groups follow the model and --decay-tokens (a checkpoint that records no "
                 "run settings is taken as --no-decay-tokens): try --decay-tokens or --no-decay-tokens"
                 if "parameter group" in str(e) else "")
-        raise ValueError(f"--resume {path!r}: its optimizer state does not fit this run's AdamW: {_why(e)}"
+        raise ValueError(f"--resume {path!r}: its optimizer state does not fit this run's AdamW: {reason(e)}"
                          + hint) from None
     try:
         scaler.load_state_dict(ck["scaler"])
     except LOAD_ERRORS as e:
-        raise ValueError(f"--resume {path!r}: its grad scaler state does not fit: {_why(e)}") from None
+        raise ValueError(f"--resume {path!r}: its grad scaler state does not fit: {reason(e)}") from None
     return ck["step"]

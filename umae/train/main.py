@@ -15,6 +15,7 @@ import os
 import torch
 
 from .. import data as D
+from .._files import load_weights, read_checkpoint
 from ..runtime import adamw_impl, default_workers
 from . import checkpoint
 from .config import CHANGEABLE, RESUME_KEYS, TrainConfig, add_args, check_range, open_out, parse_device, validate
@@ -220,7 +221,7 @@ def _check_resume(cfg: TrainConfig, prev: dict, run_info: dict, step: int, total
 def _read_resume(cfg: TrainConfig, device: torch.device):
     """(the checkpoint to resume from or None, its run record, the config with `amp` and
     `decay_tokens` resolved: auto amp for the device, decay_tokens as the checkpoint chose)."""
-    ck = checkpoint.read(cfg.resume) if cfg.resume else None
+    ck = read_checkpoint(cfg.resume, "--resume") if cfg.resume else None
     if ck:
         checkpoint.check_resumable(ck, cfg.resume)
     prev = (ck.get("run") or {}) if ck else {}
@@ -303,7 +304,7 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
 
     if ck:  # the weights into the whole model, before any sharding
         _check_resume(cfg, prev, run_info, ck["step"], total)
-        checkpoint.load_weights(model, ck["model"], cfg.resume)
+        load_weights(model, ck["model"], cfg.resume, "--resume")
     sharded = cfg.fsdp and world > 1
     net = _distributed(model, world, device, sharded)
     opt = make_optimizer(model, cfg, lr, device)  # over the sharded parameters under FSDP

@@ -183,6 +183,13 @@ class FolderImages(Dataset):
         return torch.from_numpy(self.ds.data[i]).permute(2, 0, 1), int(self.ds.targets[i])  # CIFAR: HWC uint8
 
 
+def check_folder(path: str) -> None:
+    """--data names one of NAMED_SETS or a folder; FileNotFoundError naming --data otherwise."""
+    if path not in NAMED_SETS and not os.path.isdir(path):
+        raise FileNotFoundError(f"--data {path!r} is not a directory (use 'builtin' or 'digits' for the data sets "
+                                "that ship offline)")
+
+
 def open_dataset(path: str | None, train: bool = True, seed: int = 0, builtin_size: int = BUILTIN_SIZE):
     """'builtin' / None: shapes10 (train: builtin_size images, test: a quarter as many, other seed);
     'hierarchical': umae.data.hierarchical's images with known latents, sized and seeded alike.
@@ -195,9 +202,7 @@ def open_dataset(path: str | None, train: bool = True, seed: int = 0, builtin_si
         return _hierarchical(n, seed) if path == "hierarchical" else TensorImages(*make_shapes(n, seed=seed))
     if path == "digits":
         return TensorImages(*make_digits(train))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--data {path!r} is not a directory (use 'builtin' or 'digits' for the data sets "
-                                "that ship offline)")
+    check_folder(path)
     import torchvision
 
     for sub, cifar in (("cifar-10-batches-py", torchvision.datasets.CIFAR10),

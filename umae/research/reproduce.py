@@ -90,26 +90,22 @@ def _rank_curve(run_dir: str, ds, a, known: dict) -> list[tuple[int, float]]:
 
 
 def validate(a) -> None:
-    from ..train.config import check_out, check_range, parse_device
+    from ..train.config import check_at_most, check_out, check_range, check_seed, parse_device
 
     check_range(a, ("steps", "batch_size"), 1, optional=True)  # None: the preset's
     check_range(a, ("seeds",), 1)
     check_range(a, ("eval_images",), 2)  # eval's --max-images
-    if not 0 <= a.seed < 1 << 63:
-        raise ValueError(f"--seed must be in [0, 2**63), got {a.seed}")
+    check_seed(a.seed)
     if a.model is not None:
         from ..models import check_name
 
         check_name(a.model)
-    if a.data is not None and a.data not in ("builtin", "digits", "hierarchical") and not os.path.isdir(a.data):
-        raise ValueError(f"--data {a.data!r} is not a directory (use 'builtin' or 'digits' for the data sets that "
-                         "ship offline)")
+    if a.data is not None:
+        D.check_folder(a.data)
     bad = [v for v in a.lambdas if not 0 <= v < float("inf")]
     if bad:
         raise ValueError(f"--lambdas must be finite and >= 0, got {bad[0]}")
-    bad = [v for v in a.lambdas if v > 1e30]  # train's --lamb: past fp32's range the loss overflows
-    if bad:
-        raise ValueError(f"--lambdas must be at most 1e30, got {bad[0]:g}")
+    check_at_most("--lambdas", a.lambdas)  # train's --lamb
     named: dict = {}  # run folders and report rows name a lambda by 6 significant digits
     for v in a.lambdas:
         if f"{v:g}" in named:

@@ -179,6 +179,22 @@ def parse_device(name: str | None, flag: str = "--device"):
 MAX_BUILTIN = 1_000_000  # images of the generated sets (3 GB of uint8 32 x 32 RGB)
 
 
+MAX_SCALE = 1e30  # past fp32's range an lr, a weight decay or a loss weight overflows the update or the loss
+
+
+def check_at_most(flag: str, values) -> None:
+    """ValueError naming the flag for the first of `values` above MAX_SCALE (None passes)."""
+    for v in values:
+        if v is not None and v > MAX_SCALE:
+            raise ValueError(f"{flag} must be at most 1e30, got {v:g}")
+
+
+def check_seed(seed: int) -> None:
+    # a generator's seed is 64 bits; the data order folds products of it in
+    if not 0 <= seed < 1 << 63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {seed}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """ValueError (FileNotFoundError for --resume) naming the flag of the first bad setting."""
     from ..models import check_name
@@ -191,15 +207,12 @@ def validate(cfg: TrainConfig) -> None:
     check_range(cfg, ("warmup_steps", "num_workers"), 0, optional=True)
     check_range(cfg, ("blr",), 0, strict=True)
     check_range(cfg, ("lr", "clip_grad"), 0, strict=True, optional=True)
-    for k in ("lr", "blr", "min_lr", "weight_decay", "lamb"):  # past fp32's range the update or the loss overflows
-        v = getattr(cfg, k)
-        if v is not None and v > 1e30:
-            raise ValueError(f"--{k.replace('_', '-')} must be at most 1e30, got {v:g}")
+    for k in ("lr", "blr", "min_lr", "weight_decay", "lamb"):
+        check_at_most(f"--{k.replace('_', '-')}", [getattr(cfg, k)])
     if cfg.builtin_size > MAX_BUILTIN:  # the generated set is held in memory, 3 KB per image
         raise ValueError(f"--builtin-size must be at most {MAX_BUILTIN:,}, got {cfg.builtin_size:,}")
     parse_device(cfg.device)
-    if not 0 <= cfg.seed < 1 << 63:  # a generator's seed is 64 bits; the data order folds products of it in
-        raise ValueError(f"--seed must be in [0, 2**63), got {cfg.seed}")
+    check_seed(cfg.seed)
     if cfg.overrides() and not cfg.resume:
         raise ValueError(f"--resume-override {cfg.resume_override!r} needs --resume")
     if cfg.compile_mode != "default" and not cfg.compile:

@@ -98,7 +98,7 @@ def main(args) -> int:
     if bad:
         print(f"umae bench: {bad}", file=sys.stderr)
         return 2
-    previous(args.out, args.append)
+    old = previous(args.out, args.append)
     env, ceil = print_environment(device)
     ops = args.ops or all_ops()
     if loader.OP in ops:  # the input pipeline alone, on the host
@@ -109,7 +109,7 @@ def main(args) -> int:
             return 0
     rows, kernel_ops = run_rows(args, ops, shapes, dtypes, device, ceil)
     if args.out:
-        write_results(args.out, rows, env, ceil, args.append)
+        write_results(args.out, rows, env, ceil, old)
     if args.profile:
         write_profile(args.out, kernel_ops, shapes, dtypes, device)
     return 0
@@ -207,22 +207,17 @@ def previous(out, append: bool) -> dict | None:
     prev = os.path.join(out, "results.json") if out and append else None
     if prev is None or not os.path.exists(prev):
         return None
-    from .._files import read_json
+    from .report import read_results
 
-    old = read_json(prev, "--append's")
-    if not (isinstance(old.get("rows"), list) and isinstance(old.get("environment"), dict)):
-        raise ValueError(f"--append's {prev!r} is not a umae bench results file (no 'rows' list and "
-                         "'environment' object)")
-    return old
+    return read_results(prev, "--append's")
 
 
-def write_results(out: str, rows, env, ceil, append: bool) -> None:
-    """results.json, results.csv and the plots in `out`; with `append`, the rows added to its
-    results.json's (one file from several time-boxed runs: scripts/gpu_check.sh)."""
+def write_results(out: str, rows, env, ceil, old: dict | None) -> None:
+    """results.json, results.csv and the plots in `out`; with `old` (`previous`'s), the rows added
+    to its rows (one file from several time-boxed runs: scripts/gpu_check.sh)."""
     from .plots import plot
     from .report import write
 
-    old = previous(out, append)
     if old is not None:
         rows, env, ceil = old["rows"] + rows, old["environment"], old.get("ceilings") or ceil
     write(rows, env, out, ceil)

@@ -109,16 +109,24 @@ NO_RESULTS = ("No GPU results are recorded yet: `bash scripts/gpu_check.sh` on a
               "`bench/results/<device>/<date>/`, and `umae report` regenerates this table from them.")
 
 
+def read_results(path: str, what: str) -> dict:
+    """A results.json `write` wrote; a ValueError naming `what` and the file otherwise."""
+    d = files.read_json(path, what)
+    if not (isinstance(d.get("rows"), list) and isinstance(d.get("environment"), dict)):
+        raise ValueError(f"{what} {path!r} is not a umae bench results file (no 'rows' list and "
+                         "'environment' object)")
+    return d
+
+
 def load(results_dir):
     if not os.path.isdir(results_dir):
         raise ValueError(f"--results {results_dir!r} is not a folder (bench/results/<device>/<date>/results.json)")
     runs = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*", "*", "results.json"))):
-        d = files.read_json(path, "--results'")
-        env = d.get("environment")
-        if not (isinstance(env, dict) and isinstance(d.get("rows"), list) and isinstance(env.get("date"), str)):
-            raise ValueError(f"--results' {path!r} is not a umae bench results file (no 'rows' list and "
-                             "'environment' object with its date)")
+        d = read_results(path, "--results'")
+        env = d["environment"]
+        if not isinstance(env.get("date"), str):  # the runs are ordered by it
+            raise ValueError(f"--results' {path!r} is not a umae bench results file (its environment has no date)")
         if env.get("device_type") == "cuda":
             runs.append((path, d))
     return sorted(runs, key=lambda run: run[1]["environment"]["date"])  # oldest first
@@ -158,9 +166,8 @@ def _roof(f) -> tuple[str, str, str]:
     return f"{f['gbps']:.0f}", f"{(f.get('tflops') or 0):.1f}", f"{100 * frac:.0f}%"
 
 
-def table(results_dir) -> str:
-    """The full table: every run with its environment, every fwd+bwd / step row."""
-    runs = load(results_dir)
+def table(runs) -> str:
+    """The full table of `load`'s runs: every run with its environment, every fwd+bwd / step row."""
     if not runs:
         return NO_RESULTS
     lines = []
@@ -185,10 +192,9 @@ def table(results_dir) -> str:
     return "\n".join(lines)
 
 
-def headline(results_dir) -> str:
-    """The README's rows of the full table: bf16 at ViT-B/16 and the uniformity loss at the largest
-    batch measured, fewer columns, and a link to the rest."""
-    runs = load(results_dir)
+def headline(runs) -> str:
+    """The README's rows of the full table of `load`'s runs: bf16 at ViT-B/16 and the uniformity
+    loss at the largest batch measured, fewer columns, and a link to the rest."""
     if not runs:
         return NO_RESULTS
     rows = {k: v for k, v in measured(runs).items() if k[2] in HEADLINE_DTYPES}
@@ -229,7 +235,8 @@ def update_readme(results_dir, readme, docs=None) -> str:
     the headline between the perf-headline markers, in `readme` and in `docs` (default:
     docs/benchmarks.md beside `readme`, where that file exists). Every file must hold one pair at
     least; nothing is written unless all do. Returns the full table."""
-    blocks = {(START, END): table(results_dir), (HEAD_START, HEAD_END): headline(results_dir)}
+    runs = load(results_dir)
+    blocks = {(START, END): table(runs), (HEAD_START, HEAD_END): headline(runs)}
     if docs is None:
         docs = os.path.join(os.path.dirname(os.path.abspath(readme)), "docs", "benchmarks.md")
         paths = [readme] + ([docs] if os.path.isfile(docs) else [])

@@ -62,9 +62,8 @@ def build(name: str, pretrained: bool = False, pretrained_cfg=None, pretrained_c
     cfg = dict(img_size=img, patch_size=p, embed_dim=d, depth=depth, num_heads=heads, decoder_embed_dim=dd,
                decoder_depth=ddepth, decoder_num_heads=dheads)
     model = MaskedAutoencoderViT(**{**cfg, **kwargs})
-    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **given, **(pretrained_cfg_overlay or {}),
-                                                "architecture": name, "num_classes": model.num_classes,
-                                                "global_pool": model.global_pool}
+    model.pretrained_cfg = {**model.pretrained_cfg, **given, **(pretrained_cfg_overlay or {}),
+                            "architecture": name, "num_classes": model.num_classes, "global_pool": model.global_pool}
     if pretrained:
         src = model.pretrained_cfg
         if not any(src.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
@@ -76,14 +75,11 @@ def build(name: str, pretrained: bool = False, pretrained_cfg=None, pretrained_c
     if features_only:
         from timm.models._features import FeatureGetterNet
 
-        return FeatureGetterNet(model, out_indices=out_indices, **({} if feature_cls == "getter" else
-                                                                   _refuse_feature_cls(feature_cls)))
+        if feature_cls != "getter":
+            raise ValueError(f"feature_cls {feature_cls!r}: umae models give their features as timm's ViTs do, "
+                             "through 'getter' (forward_intermediates)")
+        return FeatureGetterNet(model, out_indices=out_indices)
     return model
-
-
-def _refuse_feature_cls(feature_cls):
-    raise ValueError(f"feature_cls {feature_cls!r}: umae models give their features as timm's ViTs do, through "
-                     "'getter' (forward_intermediates)")
 
 
 for _name in CONFIGS:

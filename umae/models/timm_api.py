@@ -73,8 +73,17 @@ class TimmEncoderAPI:
         self.head = nn.Identity()
         if num_classes is not None:
             self.reset_classifier(num_classes)
-        self.pretrained_cfg = self.default_cfg = dict(default_cfg("umae", img_size, in_chans, self.num_classes),
+        self.pretrained_cfg = dict(default_cfg("umae", img_size, in_chans, self.num_classes),
                                                       global_pool=self.global_pool)
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of pretrained_cfg."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict) -> None:
+        self.pretrained_cfg = cfg
 
     def no_weight_decay(self) -> set:
         """timm's VisionTransformer's: what layer-decay optimizers (timm's create_optimizer_v2, MAE's
@@ -104,7 +113,7 @@ class TimmEncoderAPI:
             nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's fine-tuning head init
             nn.init.zeros_(self.head.bias)
         if hasattr(self, "pretrained_cfg"):
-            self.pretrained_cfg = self.default_cfg = dict(self.pretrained_cfg, num_classes=num_classes,
+            self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes,
                                                           global_pool=self.global_pool)
         self.is_classifier = True
         for name, p in self.named_parameters():
@@ -219,7 +228,7 @@ class TimmEncoderAPI:
         if learned is not None:
             self.pos_embed = nn.Parameter(resample_abs_pos_embed(learned, new_size=self.grid, old_size=old_grid,
                                                                  num_prefix_tokens=1))
-        self.pretrained_cfg = self.default_cfg = dict(self.pretrained_cfg,
+        self.pretrained_cfg = dict(self.pretrained_cfg,
                                                       input_size=(self.in_chans, self.img_size, self.img_size))
 
 

@@ -62,11 +62,12 @@ def write_whole(dst: str, write, tmp: str | None = None) -> None:
         raise
 
 
-def check_target(dst: str, what: str, folder: bool = False) -> None:
-    """Before the work whose result goes to dst: a ValueError naming `what` when dst's folder does
-    not exist, or dst is a folder where a file goes (or a file where a folder goes)."""
+def check_target(dst: str, what: str, folder: bool = False, make_parents: bool = False) -> None:
+    """Before the work whose result goes to dst: a ValueError naming `what` when dst is a folder
+    where a file goes (or a file where a folder goes), or its folder does not exist (unless the
+    writer makes it: `make_parents`)."""
     parent = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(parent):
+    if not make_parents and not os.path.isdir(parent):
         raise ValueError(f"{what} {dst!r}: its folder {parent!r} does not exist")
     if not folder and os.path.isdir(dst):
         raise ValueError(f"{what} {dst!r} is a folder, not a file")

@@ -55,8 +55,10 @@ def add_args(b: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     """`umae bench`: 0, or 2 for an unknown op or shape set."""
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):  # before the run, not after it
-        raise ValueError(f"--out {args.out!r} is a file, not a folder")
+    if args.out:  # before the run, not after it
+        from .._files import check_target
+
+        check_target(args.out, "--out", folder=True, make_parents=True)
     if args.traffic:
         return traffic(args)
     import torch

@@ -1,11 +1,14 @@
-// What every op's C++ autograd shares (each op's Function lives beside its CPU kernel, in
-// csrc/cpu/<op>.cpp, and serves every device). A call is one dispatcher entry: the Autograd kernel
-// records the node and calls the device kernel below autograd; no Python runs between the public
-// function and the kernel, nor in the backward.
+// What every op's C++ autograd and autocast kernels share (each op's Function lives beside its CPU
+// kernel, in csrc/cpu/<op>.cpp, and serves every device). A call is one dispatcher entry: the Autograd
+// kernel records the node and calls the device kernel below autograd; no Python runs between the
+// public function and the kernel, nor in the backward.
 #pragma once
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/library.h>
 
 #include <string>
 #include <vector>
@@ -82,4 +85,23 @@ inline variable_list first_order_only(const std::string& op, variable_list grads
   return grads;
 }
 
+// Autocast. The fused kernels compute in their own precision (fp32 accumulation whatever the input
+// dtype), so autocast must not re-cast the ATen calls inside them: the default fallthrough leaves it on
+// there, and an at::mm inside a kernel then returned bf16 where the kernel read fp32. Every op of the
+// namespace registers this at the Autocast keys (UMAE_AUTOCAST_OFF), except where its reference has
+// an op autocast changes (uniformity_loss's matmul): that op registers its own cast.
+inline void autocast_off(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+inline void register_autocast_off(torch::Library& m, std::initializer_list<const char*> ops) {
+  for (const char* op : ops) m.impl(op, torch::CppFunction::makeFromBoxedFunction<&autocast_off>());
+}
+
 }  // namespace umae
+
+// The ops named (string literals) run with autocast off inside, on CPU and CUDA.
+#define UMAE_AUTOCAST_OFF(...)                                                                      \
+  TORCH_LIBRARY_IMPL(umae, AutocastCPU, m) { umae::register_autocast_off(m, {__VA_ARGS__}); }       \
+  TORCH_LIBRARY_IMPL(umae, AutocastCUDA, m) { umae::register_autocast_off(m, {__VA_ARGS__}); }

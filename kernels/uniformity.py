@@ -149,17 +149,19 @@ def _sim_kernel(f_ptr, rinv_ptr, sim_ptr, sq_ptr, B, D, stride_f_b, stride_f_d, 
 
 
 @triton.jit
-def _sim_times_z_kernel(s_ptr, z_ptr, out_ptr, B, D,
+def _sim_times_z_kernel(s_ptr, z_ptr, out_ptr, B, D, stride_z_b, stride_z_d,
                         DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # out[I, J] = sum_k S[I, k] z[k, J], fp32; z (B, D) as the dot takes it, S rounded to that dtype as G
-    # is in Z G. B < D: B * B and B * D fit int32
+    # out[I, J] = sum_k S[I, k] z[k, J], fp32; z (B, D) as the dot takes it, read by its strides (formed from
+    # f, it keeps f's layout: a transposed f gives a column-major z), S rounded to that dtype as G is in Z G.
+    # B < D: B * B and B * D fit int32
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, B, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         sv = tl.load(s_ptr + rows[:, None] * B + k[None, :], mask=(rows < B)[:, None] & (k < B)[None, :], other=0.0)
-        z = tl.load(z_ptr + k[:, None] * D + cols[None, :], mask=(k < B)[:, None] & (cols < D)[None, :], other=0.0)
+        z = tl.load(z_ptr + k[:, None] * stride_z_b + cols[None, :] * stride_z_d,
+                    mask=(k < B)[:, None] & (cols < D)[None, :], other=0.0)
         if DOT_DTYPE == DOT_IN_FP32:
             acc += tl.dot(sv, z, input_precision="ieee")
         else:
@@ -337,7 +339,7 @@ def sim_times_z(f, rinv, s):
     out = torch.empty((B, D), device=f.device, dtype=torch.float32)
     grid = (triton.cdiv(B, SZ_CFG["BLOCK_M"]), triton.cdiv(D, SZ_CFG["BLOCK_N"]))
     with on_device(f):
-        _sim_times_z_kernel[grid](s, z, out, B, D, DOT_DTYPE=kind, **SZ_CFG)
+        _sim_times_z_kernel[grid](s, z, out, B, D, z.stride(0), z.stride(1), DOT_DTYPE=kind, **SZ_CFG)
     return out
 
 

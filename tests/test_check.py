@@ -26,9 +26,116 @@ def _cpu_kernel(name, fn):
         lib._destroy()
 
 
+# ---- kernels wrong in one place: the check's grid reaches each --------------------------------
+
+def _uniformity(read=lambda f: f, wrong=lambda f, normalize, exclude_diagonal: False, loss_factor=1.05,
+                grad_factor=1.05):
+    """A CPU kernel pair for umae::uniformity_loss(_with_grad), below autograd (so by hand): the loss and
+    its gradient in float64 on the features as `read` reads them, scaled by the factors where `wrong` says."""
+
+    def with_grad(features, normalize, exclude_diagonal, eps):
+        acc = torch.promote_types(features.dtype, torch.float32)
+        f = read(features).double()
+        B = f.shape[0]
+        n = f.norm(dim=1, keepdim=True).clamp_min(eps) if normalize else torch.ones(B, 1, dtype=f.dtype)
+        z = f / n
+        s = z @ z.T
+        if exclude_diagonal:
+            s.fill_diagonal_(0)
+        c = 1.0 / (B * (B - 1) if exclude_diagonal else B * B)
+        dz = 4 * c * s @ z
+        df = (dz - z * (z * dz).sum(1, keepdim=True)) / n if normalize else dz
+        k = wrong(features, normalize, exclude_diagonal)
+        return ((s.pow(2).sum() * c) * (loss_factor if k else 1)).to(acc), (df * (grad_factor if k else 1)).to(acc)
+
+    return {"uniformity_loss_with_grad": with_grad, "uniformity_loss": lambda *a: with_grad(*a)[0]}
+
+
+def _row_major(f):
+    # reads f as if it were row-major: what the Triton S Z product did with a transposed z (B <= D)
+    return f.as_strided(f.shape, (f.shape[1], 1)) if f.shape[0] <= f.shape[1] else f
+
+
+def _gram_under_autocast(features, normalize, exclude_diagonal, eps):
+    # the C++ Gram path before autocast was excluded inside the kernel: at::mm came back in bf16
+    z = torch.nn.functional.normalize(features.float(), dim=1)
+    g = z.T @ z
+    if g.dtype != torch.float32:
+        raise RuntimeError(f"expected scalar type Float but found {g.dtype}")
+    return _uniformity()["uniformity_loss_with_grad"](features, normalize, exclude_diagonal, eps)
+
+
+def _masking_backward(double_pos=False):
+    def backward(grad_out, ids_restore, has_cls, need_x, need_pos, need_cls, x_dtype, pos_dtype, cls_dtype):
+        # x + pos's gradient: kept row i (rank ids_restore[n, i] < len_keep) gets its output row's, the rest 0
+        N, L = ids_restore.shape
+        c = int(has_cls)
+        keep = grad_out.shape[1] - c
+        g = grad_out.double()
+        src = (ids_restore.clamp(max=max(keep - 1, 0)) + c)[..., None].expand(N, L, g.shape[2])
+        gx = torch.where((ids_restore < keep)[..., None], g.gather(1, src), 0.0)
+        empty = grad_out.new_empty((0,))
+        return (gx.to(x_dtype) if need_x else empty.to(x_dtype),
+                (gx.sum(0, keepdim=True) * (2 if double_pos else 1)).to(pos_dtype) if need_pos else empty.to(pos_dtype),
+                g[:, :1].sum(0, keepdim=True).to(cls_dtype) if need_cls else empty.to(cls_dtype))
+
+    return {"random_masking_backward": backward}
+
+
+def _masking_wrong_from_the_4th_sample():
+    from umae.ops.random_masking_op import random_masking_reference
+
+    def forward(x, noise, pos_embed, cls_token, len_keep):
+        out, mask, ids = random_masking_reference(x, 1 - (len_keep + 0.5) / x.shape[1], noise, pos_embed, cls_token)
+        out = out.clone()
+        out[3:] = out[3:].roll(1, dims=1)
+        return out, mask, ids
+
+    return {"random_masking": forward}
+
+
+def _restore_backward(double_pos=False):
+    def backward(grad_out, ids_restore, len_x, has_cls, need_pos, x_dtype, tok_dtype, pos_dtype):
+        # output row c + i is x's row c + ids_restore[n, i] where that is < len_x - c, the mask token elsewhere
+        N, L = ids_restore.shape
+        c, D = int(has_cls), grad_out.shape[2]
+        keep = len_x - c
+        g = grad_out.double()
+        kept = ids_restore < keep
+        gx = torch.zeros(N, len_x, D, dtype=torch.float64)
+        gx[:, :c] = g[:, :c]
+        rows = g[:, c:]
+        n_idx, i_idx = kept.nonzero(as_tuple=True)
+        gx[n_idx, c + ids_restore[n_idx, i_idx]] = rows[n_idx, i_idx]
+        gtok = rows[~kept].sum(0).view(1, 1, D)
+        gpos = g.sum(0, keepdim=True) * (2 if double_pos else 1)
+        return (gx.to(x_dtype), gtok.to(tok_dtype),
+                gpos.to(pos_dtype) if need_pos else grad_out.new_empty((0,)).to(pos_dtype))
+
+    return {"restore_tokens_backward": backward}
+
+
+@contextlib.contextmanager
+def _cpu_kernels(kernels: dict, autocast_fallthrough=()):
+    """`kernels` ({op: fn}) at the CPU key while the block runs; the ops in `autocast_fallthrough` pass
+    autocast through to their kernels (as every op did before the kernels excluded it)."""
+    lib = torch.library.Library("umae", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+            for name, fn in kernels.items():
+                lib.impl(name, fn, "CPU")
+            for name in autocast_fallthrough:
+                lib.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")
+        yield
+    finally:
+        lib._destroy()
+
+
 def test_check_passes_here_with_a_row_per_op_impl_dtype_and_junit(tmp_path, capsys):
     junit = tmp_path / "check.xml"
-    assert main(["check", "--junit", str(junit)]) == 0
+    # the C++ kernels (the interpreted Triton ones: each op's test_grid runs the same rows)
+    assert main(["check", "--impls", "cpp-cpu", "--junit", str(junit)]) == 0
     out = capsys.readouterr().out
     assert "0 failed" in out and "FAIL" not in out
     cases = ET.parse(junit).getroot()
@@ -63,18 +170,7 @@ def test_check_fails_on_a_wrong_forward_and_names_the_row(tmp_path, capsys):
 def test_check_fails_on_a_gradient_off_by_a_few_percent(capsys, factor):
     # the uniformity loss's autograd asks one kernel for the loss and its gradient: the loss right,
     # the gradient right (it passes) or 3% large (it fails)
-    def wrong(features, normalize, exclude_diagonal, eps):
-        # below autograd, so by hand: L = |Z^T Z|_F^2 / B^2 of the rows z = f / |f| (the default call)
-        assert normalize and not exclude_diagonal
-        f = features.double()
-        n = f.norm(dim=1, keepdim=True)
-        z = f / n
-        gram = z.T @ z
-        dz = 4 * z @ gram / f.shape[0] ** 2
-        df = (dz - z * (z * dz).sum(1, keepdim=True)) / n
-        return (gram.pow(2).sum() / f.shape[0] ** 2).float(), (df * factor).to(features.dtype)
-
-    with _cpu_kernel("uniformity_loss_with_grad", wrong):
+    with _cpu_kernels(_uniformity(wrong=lambda *a: True, loss_factor=1.0, grad_factor=factor)):
         rc = main(["check", "--ops", "uniformity_loss", "--impls", "cpp-cpu", "--dtypes", "float32", "--no-opcheck"])
     out = capsys.readouterr().out
     assert rc == (factor != 1.0)
@@ -115,3 +211,46 @@ def test_check_fails_when_nothing_fused_ran(capsys, monkeypatch):
     assert "cpp-cpu" in capsys.readouterr().out
     assert main(["check", "--ops", "patchify", "--impls", "triton", "--no-opcheck"]) == 1
     assert "nothing passed" in capsys.readouterr().err
+
+
+WRONG = {  # what is wrong -> (op, its kernels, what the failing input's name must show)
+    "uniformity only with exclude_diagonal": (
+        "uniformity_loss", _uniformity(wrong=lambda f, n, e: e), "exclude_diagonal=1"),
+    "uniformity only with normalize=False": (
+        "uniformity_loss", _uniformity(wrong=lambda f, n, e: not n), "normalize=0"),
+    "uniformity only for B > D": (
+        "uniformity_loss", _uniformity(wrong=lambda f, n, e: f.shape[0] > f.shape[1]), "B=70,D=16"),
+    "uniformity only for non-row-major input": (
+        "uniformity_loss", _uniformity(wrong=lambda f, n, e: not f.is_contiguous()), ""),
+    "uniformity reads a transposed input as row-major (B <= D)": (
+        "uniformity_loss", _uniformity(read=_row_major), ""),
+    "uniformity's Gram re-cast by autocast (B > D)": (
+        "uniformity_loss", dict(_uniformity(), uniformity_loss_with_grad=_gram_under_autocast), ""),
+    "random_masking doubles pos_embed's gradient": (
+        "random_masking", _masking_backward(double_pos=True), "pos_embed=1"),
+    "random_masking wrong from the 4th sample on": (
+        "random_masking", _masking_wrong_from_the_4th_sample(), ""),
+    "restore_tokens doubles pos_embed's gradient": (
+        "restore_tokens", _restore_backward(double_pos=True), "pos_embed=1"),
+}
+
+
+@pytest.mark.parametrize("what", list(WRONG))
+def test_check_fails_a_kernel_wrong_in_one_place(capsys, what):
+    op, kernels, shown = WRONG[what]
+    fallthrough = ("uniformity_loss", "uniformity_loss_with_grad") if "autocast" in what else ()
+    with _cpu_kernels(kernels, fallthrough):
+        rc = main(["check", "--ops", op, "--impls", "cpp-cpu", "--dtypes", "float32", "--no-opcheck"])
+    out = capsys.readouterr().out
+    bad = [line for line in out.splitlines() if "FAIL" in line]
+    assert rc == 1 and bad, out
+    assert all(shown in line for line in bad), out
+
+
+@pytest.mark.parametrize("op,kernels", [("uniformity_loss", _uniformity()), ("random_masking", _masking_backward()),
+                                        ("restore_tokens", _restore_backward())])
+def test_the_wrong_kernels_are_right_without_their_fault(capsys, op, kernels):
+    # the harness of the test above: the same Python kernels without the fault pass the check
+    with _cpu_kernels(kernels):
+        rc = main(["check", "--ops", op, "--impls", "cpp-cpu", "--dtypes", "float32", "--no-opcheck"])
+    assert rc == 0, capsys.readouterr().out

@@ -3,7 +3,8 @@ import math
 
 import pytest
 import torch
-from utils import DEVICES, DTYPES, LOSS_TOL, TOL, assert_close, cuda_only, randn, random_mask
+from utils import (DEVICES, DTYPES, LOSS_TOL, TOL, assert_close, assert_grid_row, cuda_only, grid_params, randn,
+                   random_mask)
 
 import umae
 from umae.ops.masked_mse_op import NORM_PIX_EPS, mae_loss_reference, masked_mse_loss_reference
@@ -201,3 +202,15 @@ def test_cuda_fp16_large_values_norm_pix():
     pred, imgs, mask = _inputs(4, 3, 32, 32, 8, torch.float16, "cuda")
     imgs = (imgs * 3000).half()
     _check(lambda x: umae.mae_loss(x, imgs, mask, 8), lambda x: mae_loss_reference(x, imgs, mask, 8), pred, torch.float16)
+
+
+@pytest.mark.parametrize("device,impl,dtype,variant", grid_params("masked_mse_loss"))
+def test_masked_mse_loss_grid(device, impl, dtype, variant):
+    # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
+    assert_grid_row("masked_mse_loss", device, impl, dtype, variant)
+
+
+@pytest.mark.parametrize("device,impl,dtype,variant", grid_params("mae_loss"))
+def test_mae_loss_grid(device, impl, dtype, variant):
+    # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
+    assert_grid_row("mae_loss", device, impl, dtype, variant)

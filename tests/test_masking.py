@@ -2,8 +2,8 @@
 kernels, interpreted on CPU, native on CUDA) vs the references."""
 import pytest
 import torch
-from utils import (DTYPES, TOL, assert_close, assert_rounding_matters, assert_runs, cpu_impls, cuda_only, fused_impls,
-                   randn, sampled)
+from utils import (DTYPES, TOL, assert_close, assert_grid_row, assert_rounding_matters, assert_runs, cpu_impls, cuda_only,
+                   fused_impls, grid_params, randn, sampled)
 
 from umae.ops import _backend, registry
 
@@ -297,3 +297,15 @@ def test_random_masking_rounds_kept_rows_as_the_reference_in_every_dtype_mix(dev
                 got = umae.random_masking(x, 0.6, noise, pos, cls)[0]
                 ref = random_masking_reference(x, 0.6, noise, pos, cls)[0]
                 assert got.dtype == ref.dtype and torch.equal(got, ref), (xd, pd, cd, (got.float() - ref.float()).abs().max())
+
+
+@pytest.mark.parametrize("device,impl,dtype,variant", grid_params("random_masking"))
+def test_random_masking_grid(device, impl, dtype, variant):
+    # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
+    assert_grid_row("random_masking", device, impl, dtype, variant)
+
+
+@pytest.mark.parametrize("device,impl,dtype,variant", grid_params("restore_tokens"))
+def test_restore_tokens_grid(device, impl, dtype, variant):
+    # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
+    assert_grid_row("restore_tokens", device, impl, dtype, variant)

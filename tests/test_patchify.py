@@ -1,7 +1,7 @@
 """patchify / unpatchify: fused (C++ CPU, CUDA) vs the reference, forward and backward."""
 import pytest
 import torch
-from utils import DEVICES, DTYPES, cuda_only, randn
+from utils import DEVICES, DTYPES, assert_grid_row, cuda_only, grid_params, randn
 
 import umae
 from umae.ops.patchify_op import patchify_reference, unpatchify_reference
@@ -108,3 +108,15 @@ def test_cuda_large_offsets_int64():
     out = umae.patchify(imgs, 16)
     assert out.numel() > 2**31
     assert torch.equal(out[-1], patchify_reference(imgs[-1:], 16)[0])
+
+
+@pytest.mark.parametrize("device,impl,dtype,variant", grid_params("patchify"))
+def test_patchify_grid(device, impl, dtype, variant):
+    # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
+    assert_grid_row("patchify", device, impl, dtype, variant)
+
+
+@pytest.mark.parametrize("device,impl,dtype,variant", grid_params("unpatchify"))
+def test_unpatchify_grid(device, impl, dtype, variant):
+    # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
+    assert_grid_row("unpatchify", device, impl, dtype, variant)

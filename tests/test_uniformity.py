@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
-from utils import (DTYPES, LOSS_TOL, MATMUL_TOL, assert_close, assert_runs, cpu_impls, cuda_only, fused_impls, randn,
-                   sampled, triton_cpu)
+from utils import (DTYPES, LOSS_TOL, MATMUL_TOL, assert_close, assert_grid_row, assert_runs, cpu_impls, cuda_only,
+                   fused_impls, grid_params, randn, sampled, triton_cpu)
 
 import umae
 from umae import ops
@@ -340,3 +340,9 @@ def test_diagonal_free_loss_of_unnormalized_rows_keeps_its_accuracy(device, impl
     (g,) = torch.autograd.grad(got, f)
     (r,) = torch.autograd.grad(ref, f64)
     assert_close(g.double(), r, atol=tol * float(r.abs().max()), rtol=tol, name="grad")
+
+
+@pytest.mark.parametrize("device,impl,dtype,variant", grid_params("uniformity_loss"))
+def test_uniformity_loss_grid(device, impl, dtype, variant):
+    # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
+    assert_grid_row("uniformity_loss", device, impl, dtype, variant)

@@ -183,3 +183,32 @@ def sampled(key: dict, crossed: dict, paired: dict = None):
 
 def _id(x) -> str:
     return str(x).replace("torch.", "")
+
+
+def grid_params(op: str):
+    """pytest params (device, impl, dtype, variant): every row of `op`'s parity grid (umae/bench/grid.py,
+    what `umae check` runs) for each fused implementation here and each dtype it takes. The quick tier
+    runs every k-th row (k = the number of (implementation, dtype) pairs: about one row per grid
+    variant, the variants spread over the pairs); the rest are marked slow."""
+    from umae.bench import grid
+    from umae.ops._checks import FLOATS
+
+    spec = registry.get(op)
+    keys = [(p.values[0], p.values[1], dt) for p in fused_impls(op) for dt in FLOATS
+            if dt in next(i for i in spec.impls if i.name == p.values[1]).dtypes]
+    rows = [(k, v) for k in keys for v in grid.variants(op) if grid.applies(v, k[2])]
+    return [pytest.param(*k, v, id=f"{k[0]}-{k[1]}-{_id(k[2])}-{v.name.replace(' ', '-')}",
+                         marks=() if j % max(len(keys), 1) == 0 else (pytest.mark.slow,))
+            for j, (k, v) in enumerate(rows)]
+
+
+def assert_grid_row(op: str, device: str, impl: str, dtype, variant):
+    """The fused call against the reference on one grid row, forward and backward, at the op's tolerances
+    (the comparison `umae check` makes)."""
+    from umae.bench import check
+
+    got = ops.choose(op, device, (dtype,), backend="fused")[0]
+    assert got == impl or (impl == "triton" and got == "triton-interpreter"), f"{op}: {got} runs, not {impl}"
+    fwd, bwd = check.compare(registry.get(op), variant, dtype, device)
+    assert fwd <= 1 and bwd <= 1, (f"{op} [{variant.name}] {dtype}: err/tol forward {fwd:.3g}, backward {bwd:.3g} "
+                                   "(umae/ops/_tolerance.py; pass at <= 1)")

@@ -258,6 +258,8 @@ TORCH_LIBRARY_FRAGMENT(umae, m) {
 
 TORCH_LIBRARY_IMPL(umae, Autograd, m) { m.impl("patch_mse", &patch_mse_autograd); }
 
+UMAE_AUTOCAST_OFF("patch_mse", "patch_mse_with_rows", "patch_mse_backward")
+
 TORCH_LIBRARY_IMPL(umae, CPU, m) {
   m.impl("patch_mse", &patch_mse_cpu);
   m.impl("patch_mse_with_rows", &patch_mse_with_rows_cpu);

@@ -127,6 +127,8 @@ TORCH_LIBRARY_IMPL(umae, Autograd, m) {
   m.impl("unpatchify", &unpatchify_autograd);
 }
 
+UMAE_AUTOCAST_OFF("patchify", "unpatchify")
+
 TORCH_LIBRARY_IMPL(umae, CPU, m) {
   m.impl("patchify", &patchify_cpu);
   m.impl("unpatchify", &unpatchify_cpu);

@@ -281,6 +281,8 @@ TORCH_LIBRARY_FRAGMENT(umae, m) {
 
 TORCH_LIBRARY_IMPL(umae, Autograd, m) { m.impl("random_masking", &random_masking_autograd); }
 
+UMAE_AUTOCAST_OFF("random_masking", "random_masking_backward")
+
 TORCH_LIBRARY_IMPL(umae, CPU, m) {
   m.impl("random_masking", &random_masking_cpu);
   m.impl("random_masking_backward", &random_masking_backward_cpu);

@@ -237,6 +237,8 @@ TORCH_LIBRARY_FRAGMENT(umae, m) {
 
 TORCH_LIBRARY_IMPL(umae, Autograd, m) { m.impl("restore_tokens", &restore_tokens_autograd); }
 
+UMAE_AUTOCAST_OFF("restore_tokens", "restore_tokens_backward")
+
 TORCH_LIBRARY_IMPL(umae, CPU, m) {
   m.impl("restore_tokens", &restore_tokens_cpu);
   m.impl("restore_tokens_backward", &restore_tokens_backward_cpu);

@@ -70,13 +70,34 @@ double denominator(int64_t B, bool exclude_diagonal) {
   return exclude_diagonal ? double(B) * double(B - 1) : double(B) * double(B);
 }
 
+// Summed in double: a block of S holds up to 256 x B squares (4M at B = 16,384), and one fp32
+// accumulator per SIMD lane lost 2e-3 of them for nearly parallel rows.
 template <typename acc_t>
-acc_t sum_squares(const at::Tensor& t) {
+double sum_squares(const at::Tensor& t) {
   const acc_t* v = t.const_data_ptr<acc_t>();
-  acc_t s = 0;
+  double s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < t.numel(); ++i) s += v[i] * v[i];
+  for (int64_t i = 0; i < t.numel(); ++i) s += static_cast<double>(v[i]) * static_cast<double>(v[i]);
   return s;
+}
+
+// G = Z^T Z with each fp32 entry summing at most kGramRows products, the partial Grams summed in double:
+// nearly parallel rows add the same product B times, and a BLAS that accumulates them in one fp32 sum
+// (MKL's generic path on AMD CPUs) erred by 2e-4 at B = 65,536. The reference's S sums D products per
+// entry; at most 1,024 per entry here, whatever the BLAS. Returns G in double.
+constexpr int64_t kGramRows = 1024;
+
+at::Tensor gram_double(const at::Tensor& z) {
+  const int64_t B = z.size(0), D = z.size(1);
+  if (B <= kGramRows) return at::mm(z.t(), z).to(at::kDouble);
+  at::Tensor acc = at::zeros({D, D}, z.options().dtype(at::kDouble));
+  at::Tensor part = at::empty({D, D}, z.options());
+  for (int64_t b0 = 0; b0 < B; b0 += kGramRows) {
+    const at::Tensor zb = z.narrow(0, b0, std::min(kGramRows, B - b0));
+    at::mm_out(part, zb.t(), zb);
+    acc.add_(part);
+  }
+  return acc;
 }
 
 // S rows [b0, b0 + rows) against every row, its diagonal entries zeroed when excluded.
@@ -170,9 +191,7 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(const at::Tensor& features, boo
     double total = 0;  // block partials added in a fixed order
     if (uses_small_path(B, D)) {
       const std::vector<scalar_t> S = small_similarity(Z, B, D, exclude_diagonal);
-      scalar_t ss = 0;
-      for (const scalar_t v : S) ss += v * v;
-      total = ss;
+      for (const scalar_t v : S) total += static_cast<double>(v) * static_cast<double>(v);
       if (want_grad) {
         scalar_t* DZ = dz.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, B, grain_for(B * D), [&](int64_t i0, int64_t i1) {
@@ -189,10 +208,11 @@ std::tuple<at::Tensor, at::Tensor> loss_and_grad(const at::Tensor& features, boo
         });
       }
     } else if (uses_gram(B, D, exclude_diagonal && !normalize)) {
-      const at::Tensor G = at::mm(z.t(), z);
-      total = sum_squares<scalar_t>(G);
+      const at::Tensor Gd = gram_double(z);
+      total = sum_squares<double>(Gd);
       at::Tensor sq = exclude_diagonal ? z.mul(z).sum(1, true) : at::Tensor();
       if (exclude_diagonal) total -= sum_squares<scalar_t>(sq);
+      const at::Tensor G = want_grad ? Gd.to(z.scalar_type()) : at::Tensor();
       if (want_grad) {
         at::mm_out(dz, z, G);
         if (exclude_diagonal) dz.sub_(sq.mul(z));
@@ -270,6 +290,18 @@ at::Tensor uniformity_autograd(const at::Tensor& features, bool normalize, bool 
   return plain.call(features, normalize, exclude_diagonal, eps);
 }
 
+// Under autocast the reference's similarity matmul runs in the autocast dtype (z rounded to it, fp32
+// accumulation): the op takes the features in that dtype, cast as autocast casts a matmul's operands
+// (fp64 stays), and its kernels run with autocast off (their own ATen calls are not re-cast).
+template <c10::DeviceType device>
+at::Tensor uniformity_autocast(const at::Tensor& features, bool normalize, bool exclude_diagonal, double eps) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  static const auto op = find_op<at::Tensor(const at::Tensor&, bool, bool, double)>("umae::uniformity_loss");
+  const at::Tensor f =
+      at::autocast::cached_cast(at::autocast::get_lower_precision_fp_from_device_type(device), features, device);
+  return op.call(f, normalize, exclude_diagonal, eps);
+}
+
 }  // namespace
 
 // The op's schemas (its kernels register below, and at the CUDA key in csrc/cuda/ or, for the Triton
@@ -285,6 +317,16 @@ TORCH_LIBRARY_FRAGMENT(umae, m) {
 }
 
 TORCH_LIBRARY_IMPL(umae, Autograd, m) { m.impl("uniformity_loss", &uniformity_autograd); }
+
+TORCH_LIBRARY_IMPL(umae, AutocastCPU, m) {
+  m.impl("uniformity_loss", &uniformity_autocast<c10::DeviceType::CPU>);
+  register_autocast_off(m, {"uniformity_loss_with_grad"});
+}
+
+TORCH_LIBRARY_IMPL(umae, AutocastCUDA, m) {
+  m.impl("uniformity_loss", &uniformity_autocast<c10::DeviceType::CUDA>);
+  register_autocast_off(m, {"uniformity_loss_with_grad"});
+}
 
 TORCH_LIBRARY_IMPL(umae, CPU, m) {
   m.impl("uniformity_loss", &uniformity_cpu);

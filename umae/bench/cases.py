@@ -1,5 +1,6 @@
-"""The named shape sets and each op's benchmark case: the inputs at a shape set, the call, and the
-bytes and FLOPs it must move and do: `case(op, shape, dtype, device)`.
+"""Each op's inputs: its benchmark case (the inputs at a named shape set, the call, and the bytes and
+FLOPs it must move and do: `case(op, shape, dtype, device)`) and its parity grid (the shapes, flags
+and memory layouts `umae check` and the tests compare it on: GRIDS, rows made by umae/bench/grid.py).
 """
 from __future__ import annotations
 
@@ -136,6 +137,140 @@ def bench_uniformity_loss(s, dtype, device):
                 flops_fwd=B * D * m, flops_bwd=3 * B * D * m)
 
 
+# ---- each op's parity grid (umae/bench/grid.py makes its rows; umae check and the tests run them) ----
+
+LAYOUTS = ("contiguous", "transposed", "strided", "expanded")
+
+
+@dataclasses.dataclass
+class Inputs:
+    """A variant's call: `forward()` calls the public op (the backend is set around it) and the
+    leaves whose gradients are compared."""
+    forward: Callable[[], object]
+    grad_inputs: list
+
+
+def laid_out(values: torch.Tensor, layout: str, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, leaf): x holds `values` in `layout` (expanded: the first sample, repeated); leaf is what
+    takes the gradient (x itself, or the one sample x expands)."""
+    if layout == "expanded":
+        leaf = values[:1].clone().requires_grad_(grad)
+        return leaf.expand(values.shape), leaf
+    if layout == "contiguous":
+        x = values.clone()
+    elif layout == "transposed":  # images: channels-last; else the last two dims swapped in memory
+        x = (values.contiguous(memory_format=torch.channels_last) if values.dim() == 4
+             else values.transpose(-1, -2).contiguous().transpose(-1, -2))
+    elif layout == "strided":
+        x = values.new_empty(*values.shape[:-1], 2 * values.shape[-1])[..., ::2]
+        x.copy_(values)
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return x.requires_grad_(grad), x
+
+
+def _rand(*shape, dtype, device, scale=1.0, shift=0.0):
+    """Fresh random values made in fp32 and rounded once to dtype (never zeros)."""
+    return (torch.randn(*shape, device=device) * scale + shift).to(dtype)
+
+
+# ---- each op's inputs: (sizes, flags, layout, dtype, device) -> Inputs ---------------------------
+
+def _patchify(s, f, layout, dtype, device):
+    imgs, leaf = laid_out(_rand(s["N"], s["C"], s["H"], s["W"], dtype=dtype, device=device), layout, grad=True)
+    return Inputs(lambda: patchify(imgs, s["p"]), [leaf])
+
+
+def _unpatchify(s, f, layout, dtype, device):
+    L, K = (s["H"] // s["p"]) * (s["W"] // s["p"]), s["p"] ** 2 * s["C"]
+    x, leaf = laid_out(_rand(s["N"], L, K, dtype=dtype, device=device), layout, grad=True)
+    return Inputs(lambda: unpatchify(x, s["p"], (s["H"], s["W"]), s["C"]), [leaf])
+
+
+def _loss_values(s, dtype, device):
+    L, K = (s["H"] // s["p"]) * (s["W"] // s["p"]), s["p"] ** 2 * s["C"]
+    pred = _rand(s["N"], L, K, dtype=dtype, device=device)
+    imgs = _rand(s["N"], s["C"], s["H"], s["W"], dtype=acc_dtype(dtype), device=device)  # fp64 with fp64 only
+    mask = (torch.rand(s["N"], L, device=device) < 0.75).float()
+    return pred, imgs, mask
+
+
+def _mae_loss(s, f, layout, dtype, device):
+    pred, imgs, mask = _loss_values(s, dtype, device)
+    pred, leaf = laid_out(pred, layout, grad=True)
+    imgs, _ = laid_out(imgs, layout)
+    return Inputs(lambda: mae_loss(pred, imgs, mask, s["p"], norm_pix=f["norm_pix"]), [leaf])
+
+
+def _masked_mse_loss(s, f, layout, dtype, device):
+    pred, imgs, mask = _loss_values(s, dtype, device)
+    pred, leaf = laid_out(pred, layout, grad=True)
+    target, _ = laid_out(patchify_reference(imgs, s["p"]), layout)
+    return Inputs(lambda: masked_mse_loss(pred, target, mask, norm_pix=f["norm_pix"]), [leaf])
+
+
+def _random_masking(s, f, layout, dtype, device):
+    N, L, D = s["N"], s["L"], s["D"]
+    x, leaf = laid_out(_rand(N, L, D, dtype=dtype, device=device), layout, grad=True)
+    noise = torch.rand(N, L, device=device)
+    pos = _rand(1, L, D, dtype=dtype, device=device).requires_grad_() if f["pos_embed"] else None
+    cls = _rand(1, 1, D, dtype=dtype, device=device).requires_grad_() if f["cls_token"] else None
+    return Inputs(lambda: random_masking(x, 0.75, noise, pos, cls), [t for t in (leaf, pos, cls) if t is not None])
+
+
+def _restore_tokens(s, f, layout, dtype, device):
+    N, L, D, c = s["N"], s["L"], s["D"], int(f["has_cls"])
+    keep = int(L * 0.25)
+    x, leaf = laid_out(_rand(N, c + keep, D, dtype=dtype, device=device), layout, grad=True)
+    ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
+    tok = _rand(1, 1, D, dtype=dtype, device=device).requires_grad_()
+    pos = _rand(1, c + L, D, dtype=dtype, device=device).requires_grad_() if f["pos_embed"] else None
+    return Inputs(lambda: restore_tokens(x, ids, tok, pos, has_cls=bool(c)),
+                  [t for t in (leaf, tok, pos) if t is not None])
+
+
+def _uniformity_loss(s, f, layout, dtype, device):
+    # a nonzero mean: the rows are correlated, the loss well above its floor of 1/D. Unnormalized rows
+    # of norm ~0.3: the reference's sum of B^2 squared similarities stays finite in fp16 under autocast
+    scale = 1.0 if f["normalize"] else 1.0 / s["D"] ** 0.5
+    feats, leaf = laid_out(_rand(s["B"], s["D"], dtype=dtype, device=device, scale=0.3 * scale, shift=0.1 * scale),
+                           layout, grad=True)
+    return Inputs(lambda: uniformity_loss(feats, f["normalize"], f["exclude_diagonal"]), [leaf])
+
+
+def _expanded_rows_are_not_one_direction(f, layout):
+    # one row repeated, normalized: every pair's similarity is 1, the loss constant, its gradient 0
+    # (rounding noise, no comparison); unnormalized the loss is |f|^4 with a gradient
+    return layout != "expanded" or not f["normalize"]
+
+
+_IMG = (dict(N=5, C=3, H=24, W=40, p=8), dict(N=4, C=1, H=12, W=12, p=4))
+_TOK = (dict(N=5, L=25, D=80), dict(N=6, L=15, D=48))
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """An op's grid: its inputs' builder (sizes, flags, layout, dtype, device) -> Inputs, the shapes,
+    the flags (each value list crossed), and which (flags, layout) pairs make a row."""
+    build: Callable
+    shapes: tuple
+    flags: dict = dataclasses.field(default_factory=dict)
+    valid: Callable = lambda f, layout: True
+
+
+GRIDS = {f.__name__: g for f, g in (
+    (patchify, Grid(_patchify, _IMG)),
+    (unpatchify, Grid(_unpatchify, _IMG)),
+    (mae_loss, Grid(_mae_loss, _IMG[:1], dict(norm_pix=(True, False)))),
+    (masked_mse_loss, Grid(_masked_mse_loss, _IMG[:1], dict(norm_pix=(True, False)))),
+    (random_masking, Grid(_random_masking, _TOK, dict(pos_embed=(True, False), cls_token=(True, False)))),
+    (restore_tokens, Grid(_restore_tokens, _TOK, dict(pos_embed=(True, False), has_cls=(True, False)))),
+    # B < D (the similarity S: C++ by direct dots, then by BLAS blocks; Triton's S tiles) and B > D (the Gram)
+    (uniformity_loss, Grid(_uniformity_loss, (dict(B=19, D=48), dict(B=80, D=96), dict(B=70, D=16)),
+                           dict(normalize=(True, False), exclude_diagonal=(False, True)),
+                           _expanded_rows_are_not_one_direction)))}
+
+
 # name -> (N, image size, patch, channels, encoder dim, decoder dim); unif_*: B rows of D features
 SHAPES = {
     "vit_b16": dict(N=256, img=224, p=16, C=3, D=768, Dd=512),
@@ -182,3 +317,4 @@ CASES = {f.__name__: bench for f, bench in (
     (mae_loss, bench_mae_loss), (random_masking, bench_random_masking), (restore_tokens, bench_restore_tokens),
     (uniformity_loss, bench_uniformity_loss))}
 assert set(CASES) == set(registry.OPS), "every op has a benchmark case"
+assert set(GRIDS) == set(registry.OPS), "every op has a parity grid"

@@ -4,8 +4,10 @@ tolerances the test suite uses (umae/ops/_tolerance.py, named per op by its regi
 plus torch.library.opcheck of each custom op the fused call reaches. Prints a table, exits 1 on any
 failure; --junit FILE writes the rows as JUnit XML.
 
-The inputs are each op's benchmark case (umae/ops/<op>_op.py bench_<op>) at awkward sizes: fresh
-random values, the same for the fused and the reference call.
+The inputs are each op's parity grid (umae/bench/grid.py): several shapes (B below and above D, batches
+past the 3rd sample), every flag combination, row-major, transposed, strided and expanded inputs,
+autocast off, bf16 and fp16: fresh random values, the same for the fused and the reference call. A
+row of the table is the worst over the grid, and names the input that failed.
 """
 from __future__ import annotations
 
@@ -18,10 +20,6 @@ from .._files import check_target, write_whole
 
 HELP = "parity of each fused op with its reference on this machine's devices (exit 1 on a mismatch)"
 
-# awkward sizes: 25 patches of 8x8 (L not a power of two), 3 images, a 37-row feature batch; widths a
-# multiple of 16 as encoder widths are
-TOKENS = dict(N=3, img=40, p=8, C=3, D=80, Dd=48)
-ROWS = dict(B=37, D=80)
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -85,84 +83,125 @@ def main(args) -> int:
 
 
 def check_impl(op, impl, device, dtypes, seed, opcheck=True) -> list[dict]:
-    """The rows of one implementation: forward and backward per dtype, then opcheck (first dtype)."""
+    """The rows of one implementation: per dtype, the worst forward and backward over the op's
+    parity grid (umae/bench/grid.py), then opcheck of the custom ops the first row's call reached."""
     import torch
 
     from .. import ops
     from ..ops._checks import FLOATS
     from ..ops._spec import dtype_name
+    from . import grid
 
     rows = []
     want = [d for d in FLOATS if d in impl.dtypes and (dtypes is None or d in dtypes)]
+    variants = grid.variants(op.name)
     for i, dtype in enumerate(want):
         base = dict(op=op.name, device=device, impl=impl.name, dtype=dtype_name(dtype))
-        torch.manual_seed(seed)
-        try:
-            with ops.use_impl(impl.name):
-                runs = ops.choose(op.name, device, (dtype,), backend="fused")[0]
-                if runs != impl.name:  # the implementation would not run: a comparison would be reference vs itself
-                    rows.append(dict(base, check="-", ratio=None, status="skipped", note=f"{runs} runs here"))
-                    continue
-                fwd, bwd, calls = compare(op, dtype, device, record=opcheck and i == 0)
-            rows.append(dict(base, check="forward", ratio=fwd, status=_status(fwd)))
-            rows.append(dict(base, check="backward", ratio=bwd, status=_status(bwd)))
-            if opcheck and i == 0 and not calls:
-                rows.append(dict(base, check="opcheck", ratio=None, status="FAIL",
-                                 note="the fused call reached no umae custom op"))
-            for func, a, kw in calls:
+        with ops.use_impl(impl.name):
+            runs = ops.choose(op.name, device, (dtype,), backend="fused")[0]
+        if runs != impl.name:  # the implementation would not run: a comparison would be reference vs itself
+            rows.append(dict(base, check="-", ratio=None, status="skipped", note=f"{runs} runs here"))
+            continue
+        worst = {"forward": [], "backward": []}  # (ratio, variant name) per row
+        calls: list = []
+        error = None
+        for k, v in enumerate(variants):
+            if not grid.applies(v, dtype):
+                continue
+            torch.manual_seed(seed + k)
+            try:
+                with ops.use_impl(impl.name):
+                    fwd, bwd = compare(op, v, dtype, device, calls if opcheck and i == 0 and k == 0 else None)
+            except Exception as e:  # a crash is a failed row, with its message and the input that made it
+                error = error or f"{v.name}: {type(e).__name__}: {e}"
+                continue
+            worst["forward"].append((fwd, v.name))
+            worst["backward"].append((bwd, v.name))
+        for check, results in worst.items():
+            if results:
+                rows.append(dict(base, check=check, **_summary(results)))
+        if error is not None:
+            rows.append(dict(base, check="error", ratio=None, status="FAIL", note=" ".join(error.split())[:300]))
+        if opcheck and i == 0 and not calls and error is None:
+            rows.append(dict(base, check="opcheck", ratio=None, status="FAIL",
+                             note="the fused call reached no umae custom op"))
+        for func, a, kw in calls:
+            try:
                 with ops.use_impl(impl.name):
                     torch.library.opcheck(func, a, kw)
-                rows.append(dict(base, check="opcheck", ratio=None, status="pass", note=str(func)))
-        except Exception as e:  # a crash is a failed row, with its message
-            rows.append(dict(base, check="error", ratio=None, status="FAIL", note=f"{type(e).__name__}: {e}"[:300]))
+            except Exception as e:
+                rows.append(dict(base, check="opcheck", ratio=None, status="FAIL",
+                                 note=f"{func}: {type(e).__name__}: {e}"[:300]))
+                continue
+            rows.append(dict(base, check="opcheck", ratio=None, status="pass", note=str(func)))
     return rows
+
+
+def _summary(results: list) -> dict:
+    """A check's row over the grid: the worst ratio, and which rows failed."""
+    ratio, name = max(results, key=lambda r: r[0])
+    bad = [n for r, n in results if not r <= 1.0]
+    if not bad:
+        return dict(ratio=ratio, status="pass", note=f"{len(results)} inputs")
+    return dict(ratio=ratio, status="FAIL", note=f"{len(bad)} of {len(results)} inputs fail; worst: {name}")
 
 
 def _status(ratio: float) -> str:
     return "pass" if ratio <= 1.0 else "FAIL"
 
 
-def compare(op, dtype, device, record=False):
-    """(forward err/tol, backward err/tol, the custom-op calls the fused forward made) of one
-    case: the fused call and the reference on the same inputs and the same output gradients."""
+def compare(op, v, dtype, device, calls: list | None = None):
+    """(forward err/tol, backward err/tol) of one grid row (umae/bench/grid.py `Variant`): the fused
+    call and the reference on the same inputs, under the row's autocast, and their gradients for the
+    same output gradients (the backward outside autocast, as a training step runs it). `calls`: a
+    list that receives the custom-op calls the fused forward made (for opcheck)."""
     import torch
 
     from ..ops import _backend
-    from .cases import NotApplicable
-    from . import cases
+    from ..ops._tolerance import UNIT_ROUNDOFF
+    from . import grid
 
-    for shape in (ROWS, TOKENS):
-        try:
-            case = cases.case(op.name, shape, dtype, device)
-            break
-        except (NotApplicable, KeyError):
-            continue
-    else:
-        raise NotApplicable(f"{op.name}: no check shape describes its inputs")
-    calls: list = []
-    with _backend.use_backend("fused"), (_Recorder(calls) if record else contextlib.nullcontext()):
-        got = _outputs(case.forward())
-    with _backend.use_backend("reference"):
-        ref = _outputs(case.forward())
-    if len(got) != len(ref) or any(a.dtype != b.dtype for a, b in zip(got, ref)):
-        return float("inf"), float("inf"), calls
+    inp = grid.inputs(v, dtype, device)
+    with _backend.use_backend("fused"), grid.autocast(v, device), \
+            (_Recorder(calls) if calls is not None else contextlib.nullcontext()):
+        got = _outputs(inp.forward())
+    with _backend.use_backend("reference"), grid.autocast(v, device):
+        ref = _outputs(inp.forward())
+    # under autocast an op whose reference autocast casts returns its own documented dtype (fp32 for a
+    # loss), where the reference's follows the cast
+    recast = v.autocast is not None and op.parity.autocast
+    if len(got) != len(ref) or any(a.dtype != b.dtype and not (recast and a.dtype.is_floating_point
+                                                               and b.dtype == v.autocast)
+                                   for a, b in zip(got, ref)):
+        return float("inf"), float("inf")
+    tdt = grid.tolerance_dtype(op, v, dtype)
     par = op.parity
-    fwd = max(_ratio(a, b, par.out[dtype], par.out_scaled) for a, b in zip(got, ref))
+    fwd = max(_ratio(a, b, par.out[tdt], par.out_scaled) for a, b in zip(got, ref))
     if any(a.requires_grad != b.requires_grad for a, b in zip(got, ref)):  # a fused path that drops the graph
-        return fwd, float("inf"), calls
+        return fwd, float("inf")
     grads_of = [(a, b) for a, b in zip(got, ref) if b.requires_grad]
     if not grads_of:  # nothing to differentiate: the case's inputs take no gradient through this op
-        return fwd, float("inf") if case.grad_inputs else 0.0, calls
-    gs = [torch.randn(b.shape, device=device).to(b.dtype) for _, b in grads_of]
-    ga = torch.autograd.grad([a for a, _ in grads_of], case.grad_inputs, gs, allow_unused=True)
-    gb = torch.autograd.grad([b for _, b in grads_of], case.grad_inputs, gs, allow_unused=True)
+        return fwd, float("inf") if inp.grad_inputs else 0.0
+    # one output gradient for both paths, made in fp32 and rounded to the coarser of their dtypes: of
+    # magnitudes in [0.5, 1.5], times 2^10 for a scalar (a loss is a mean of ~10^3-10^4 terms here: its
+    # backward divides by their count, and a reference running it in fp16 under autocast would otherwise
+    # compute in subnormals, whose rounding is relative to nothing)
+    gs = []
+    for a, b in grads_of:
+        g = torch.randn(b.shape, device=device)
+        g = g.sign() * (0.5 + g.abs().clamp(max=1.0)) * (1024.0 if b.dim() == 0 else 1.0)
+        gs.append(g.to(max(a.dtype, b.dtype, key=UNIT_ROUNDOFF.get)))
+    ga = torch.autograd.grad([a for a, _ in grads_of], inp.grad_inputs, [g.to(a.dtype) for g, (a, _) in
+                                                                          zip(gs, grads_of)], allow_unused=True)
+    gb = torch.autograd.grad([b for _, b in grads_of], inp.grad_inputs, [g.to(b.dtype) for g, (_, b) in
+                                                                          zip(gs, grads_of)], allow_unused=True)
     bwd = 0.0
     for a, b in zip(ga, gb):
         if a is None or b is None:
             bwd = max(bwd, 0.0 if a is b else float("inf"))
             continue
-        bwd = max(bwd, _ratio(a, b, par.grad[dtype], par.grad_scaled))
-    return fwd, bwd, calls
+        bwd = max(bwd, _ratio(a, b, par.grad[tdt], par.grad_scaled))
+    return fwd, bwd
 
 
 def _outputs(out) -> list:
@@ -180,9 +219,11 @@ def _ratio(a, b, tol: dict, scaled: bool = False) -> float:
     if not a.dtype.is_floating_point:
         return 0.0 if torch.equal(a, b) else float("inf")
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    if not torch.equal(torch.isnan(a), torch.isnan(b)):
+    if not (torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a[torch.isinf(a)], b[torch.isinf(a)])
+            and torch.equal(torch.isinf(a), torch.isinf(b))):
         return float("inf")
-    a, b = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)
+    finite = torch.isfinite(b)
+    a, b = torch.where(finite, a, 0.0), torch.where(finite, b, 0.0)
     if not a.numel():
         return 0.0
     if scaled:

@@ -45,8 +45,12 @@ class Parity:
     compared relative to the reference's largest element, not to 1 (a loss and its gradient are a
     mean: their size is set by the batch, and a tolerance with atol ~ rtol would let a small one
     be wrong by 100%; a matrix product's error scales with the whole row, not the element).
-    Integer outputs (masks, ids) always compare bitwise."""
+    Integer outputs (masks, ids) always compare bitwise. `autocast`: the reference holds an op
+    autocast casts (a matmul), so under autocast both paths round to the autocast dtype and are
+    compared at the coarser of its tolerance and the input dtype's; the other ops' references keep
+    their precision under autocast, as their kernels do."""
     out: dict
     grad: dict
     out_scaled: bool = False
     grad_scaled: bool = False
+    autocast: bool = False

@@ -87,9 +87,18 @@ def uniformity_loss_fused(features, normalize=True, exclude_diagonal=False, proc
         # the global Gram's diagonal subtraction cancels for unnormalized rows (one dominant norm: 40x off);
         # the exact pairs need every rank's rows: the all-gather of the reference
         return uniformity_loss_reference(features, normalize, exclude_diagonal, process_group, exact_ddp_grad)
-    gram_ops = KERNELS if _library.triton_runs_on(features.device.type) else TorchGram
-    return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
-                                  ddp_grad_scale(process_group, exact_ddp_grad), gram_ops)
+    device = features.device.type
+    gram_ops = KERNELS if _library.triton_runs_on(device) else TorchGram
+    if not torch.is_autocast_enabled(device):
+        return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
+                                      ddp_grad_scale(process_group, exact_ddp_grad), gram_ops)
+    # as the single-process op's autocast kernel (csrc/cpu/uniformity.cpp): the features in the autocast
+    # dtype, as the reference's matmul takes them (fp64 stays), and no autocast inside
+    if features.dtype != torch.float64:
+        features = features.to(torch.get_autocast_dtype(device))
+    with torch.autocast(device, enabled=False):
+        return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
+                                      ddp_grad_scale(process_group, exact_ddp_grad), gram_ops)
 
 
 class TorchGram:
@@ -293,4 +302,4 @@ def check_equal_batches_once(features, group):
 UNIFORMITY_LOSS = Op("uniformity_loss", "umae::uniformity_loss", uniformity_loss, uniformity_loss_reference,
                      uniformity_loss_fused, CPP_CPU_TRITON_CUDA,
                      kernels=KERNELS, triton_kernels=TRITON_KERNELS,
-                     parity=Parity(MATMUL_TOL, MATMUL_TOL, out_scaled=True, grad_scaled=True))
+                     parity=Parity(MATMUL_TOL, MATMUL_TOL, out_scaled=True, grad_scaled=True, autocast=True))

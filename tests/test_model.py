@@ -47,19 +47,23 @@ def _truth(ref, imgs, noise):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_matches_reference_bf16_autocast(device):
+@pytest.mark.parametrize("batch,dtype", [(6, torch.bfloat16), (70, torch.bfloat16), (70, torch.float16)])
+def test_fused_matches_reference_under_autocast(device, batch, dtype):
+    # batch 70 > the embedding width 64: the uniformity loss's Gram path (it crashed under CPU autocast)
     fused, ref = _pair(device)
-    imgs = torch.randn(6, 3, 32, 32, device=device)
-    noise = torch.rand(6, 64, device=device)
+    imgs = torch.randn(batch, 3, 32, 32, device=device)
+    noise = torch.rand(batch, 64, device=device)
     outs = []
     for m in (fused, ref):
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             out = m(imgs, noise=noise)
         out.loss.backward()
         outs.append(out)
     assert outs[0].loss.dtype == torch.float32
-    assert_close(outs[0].loss, outs[1].loss, **TOL[torch.bfloat16])
-    assert_grads_close(_grads(fused), _grads(ref), _truth(ref, imgs, noise), torch.bfloat16)
+    assert_close(outs[0].loss, outs[1].loss, **TOL[dtype])
+    # the uniformity term's matmul in the autocast dtype on both paths (its reference's, cast by autocast)
+    assert_close(outs[0].loss_unif, outs[1].loss_unif, **MATMUL_TOL[dtype])
+    assert_grads_close(_grads(fused), _grads(ref), _truth(ref, imgs, noise), dtype)
 
 
 def test_fused_patch_embedding_gives_contiguous_tokens(monkeypatch):

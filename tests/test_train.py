@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from utils import adam_tolerance
+from utils import MATMUL_TOL, adam_tolerance
 
 import umae.models  # noqa: F401  (registers with timm: some tests create models before any training)
 from umae import train
@@ -126,6 +126,18 @@ def test_fsdp_two_processes_match_single_process_and_resume_exactly(tmp_path):
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(full[2:], resumed):
         assert a["loss"] == b["loss"] and a["loss_unif"] == b["loss_unif"], (full, resumed)
+
+
+@pytest.mark.dist
+def test_ddp_under_bf16_autocast_with_a_global_batch_above_the_width(tmp_path):
+    # U-MAE across 2 processes under CPU bf16 autocast (it crashed at any batch): the global batch of 80 >
+    # the embedding width 64 (the Gram path), its first step's loss as one process's on the same 80 images
+    (ddp,) = _two_processes((tmp_path / "ddp", dict(steps=2, batch_size=40, amp="bf16")))
+    single = train.train(_args(tmp_path / "one", steps=2, batch_size=80, amp="bf16"))
+    assert [r["step"] for r in ddp] == [1, 2] and all(r["loss_unif"] > 0 for r in ddp)
+    tol = MATMUL_TOL[torch.bfloat16]["rtol"]  # the Gram summed across ranks vs one process's, both rounded
+    assert abs(ddp[0]["loss_unif"] - single[0]["loss_unif"]) <= tol * single[0]["loss_unif"], (ddp, single)
+    assert abs(ddp[0]["loss"] - single[0]["loss"]) <= tol * single[0]["loss"], (ddp, single)
 
 
 def _second_moments(ck) -> dict:

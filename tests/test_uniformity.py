@@ -346,3 +346,21 @@ def test_diagonal_free_loss_of_unnormalized_rows_keeps_its_accuracy(device, impl
 def test_uniformity_loss_grid(device, impl, dtype, variant):
     # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
     assert_grid_row("uniformity_loss", device, impl, dtype, variant)
+
+
+@pytest.mark.parametrize("B,normalize,exclude_diagonal", [(16384, False, True), (65536, True, False),
+                                                          (65536, True, True)])
+def test_cpp_keeps_its_accuracy_for_nearly_parallel_rows_at_large_batches(B, normalize, exclude_diagonal):
+    # was 2e-3 off at B = 16,384 (fp32 sums of 4M squared similarities) and 9e-3 at 65,536; and a BLAS that
+    # sums a 65,536-row Gram entry in one fp32 accumulator (MKL's generic path on AMD) returned 1.000185 > 1.
+    # Each fp32 sum now holds at most 1,024 terms (the Gram's partials) or D (S), the rest in double: the
+    # loss within LOSS_TOL (the summation order), against float64
+    D = 8
+    f = torch.randn(1, D) + 1e-3 * torch.randn(B, D)
+    assert_runs("uniformity_loss", "cpp-cpu", f)
+    got = umae.uniformity_loss(f, normalize, exclude_diagonal)
+    z = torch.nn.functional.normalize(f.double(), dim=1) if normalize else f.double()
+    sq = z.pow(2).sum(1)
+    truth = ((z.T @ z).pow(2).sum() - exclude_diagonal * sq.pow(2).sum()) / (B * (B - 1) if exclude_diagonal else B * B)
+    assert_close(got, truth, **LOSS_TOL[torch.float32])
+    assert not normalize or got <= 1.0

@@ -59,6 +59,7 @@ def _err(capsys, argv, rc=2):
     (["eval", "--ckpt", "x.pt", "--knn-k", "0"], "--knn-k must be >= 1, got 0"),
     (["eval", "--ckpt", "x.pt", "--holdout", "0"], "--holdout must be in (0, 1), got 0.0"),
     (["eval", "--ckpt", "x.pt", "--device", "bogus"], "--device 'bogus' is not a device"),
+    (["train", "--device", "cpu:1"], "--device 'cpu:1': there is one CPU device (cpu, or cpu:0)"),
 ])
 def test_invalid_values_are_refused(tmp_path, capsys, argv, msg):
     assert msg in _err(capsys, argv + ["--out", str(tmp_path / "o")])
@@ -496,3 +497,154 @@ def test_convert_to_hf_does_not_replace_a_folder_of_other_files(grid_files, tmp_
     (home / "notes.txt").write_text("mine")
     err = _err(capsys, ["convert", str(good), str(home), "--to", "hf"])
     assert "holding other files" in err and (home / "notes.txt").read_text() == "mine"
+
+
+
+# ---- files that are not regular, kills between renames, records that disagree ---------------------------
+
+@pytest.mark.parametrize("kind", ["fifo", "devnull"])
+def test_writers_never_replace_a_special_file(grid_files, tmp_path, capsys, kind):
+    # was: convert and check --junit replaced a FIFO (as root: /dev/null) with a regular file, exit 0
+    root, good, _ = grid_files
+    target = tmp_path / "fifo"
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target = "/dev/null"
+    for argv in (["convert", str(good), str(target), "--to", "mae"],
+                 ["check", "--ops", "patchify", "--dtypes", "float32", "--junit", str(target)]):
+        err = _err(capsys, argv)
+        assert "not a regular file" in err and str(target) in err, err
+    assert os.path.exists(target) and not os.path.isfile(target)
+
+
+def test_an_empty_junit_path_is_refused(capsys):
+    # was: check --junit "" wrote nothing and said nothing
+    assert "--junit is an empty path" in _err(capsys, ["check", "--ops", "patchify", "--junit", ""])
+
+
+def test_a_symlink_is_written_through(grid_files, tmp_path, capsys):
+    root, good, _ = grid_files
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "m.pth").write_bytes(b"old")
+    os.symlink(tmp_path / "real" / "m.pth", tmp_path / "link.pth")
+    assert main(["convert", str(good), str(tmp_path / "link.pth"), "--to", "mae"]) == 0
+    assert os.path.islink(tmp_path / "link.pth")  # still the link, the file it names replaced
+    assert torch.load(tmp_path / "real" / "m.pth", weights_only=False)["model"].keys()
+    assert sorted(os.listdir(tmp_path / "real")) == ["m.pth"]
+    capsys.readouterr()
+
+
+_KILLED = """
+import os, signal, sys
+from umae import _files
+out, when = sys.argv[1], sys.argv[2]
+real, calls = os.replace, []
+def replace(a, b):
+    calls.append(a)
+    if when == "between" and len(calls) == 2:  # the old folder is aside, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(a, b)
+os.replace = replace
+def write(tmp):
+    os.makedirs(tmp)
+    open(os.path.join(tmp, "config.json"), "w").write("new")
+    if when == "mid-write":
+        os.kill(os.getpid(), signal.SIGKILL)
+_files.write_whole(out, write)
+"""
+
+
+@pytest.mark.parametrize("when", ["between", "mid-write"])
+def test_a_kill_during_a_folder_swap_is_put_right_by_the_next_run(tmp_path, when):
+    # was: a SIGKILL between the two renames left nothing at OUT (the old model only in a hidden .OUT.tmp-PID-old
+    # nothing restores), and one mid-write left .OUT.tmp-PID forever
+    from umae import _files
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    r = subprocess.run([sys.executable, "-c", _KILLED, str(out), when], timeout=HANG_GUARD)
+    assert r.returncode == -9
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left != ["model"]  # the kill left something to put right (the test can fail)
+    _files.check_target(str(out), "out", folder=True)  # what a later run does first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (out / "config.json").read_text() == "old"
+
+
+def test_a_damaged_log_line_is_named_on_resume(tmp_path, capsys):
+    # was: an invalid UTF-8 byte in log.jsonl stopped --resume with a codec error naming no file
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "1", "--out", str(out)]) == 0
+    with open(out / "log.jsonl", "ab") as f:
+        f.write(b'{"step": 1, "loss": \xff}\n')
+    before = (out / "log.jsonl").read_bytes()
+    err = _err(capsys, ["train", *TINY, "--steps", "2", "--resume", str(out / "checkpoint-1.pt"), "--out", str(out)])
+    assert f"{str(out / 'log.jsonl')!r} is damaged: line 2 is not UTF-8" in err, err
+    assert (out / "log.jsonl").read_bytes() == before
+
+
+def test_a_recorded_architecture_is_never_replaced(grid_files, tmp_path, capsys):
+    # was: convert --model replaced the .pth's recorded layer norm eps (1e-12 -> 1e-6: outputs moved 2.7e-5);
+    # eval and train --resume built the model from the record's name and ignored its config
+    root, good, _ = grid_files
+    ck = torch.load(good, weights_only=False)
+    ck["config"] = dict(ck["config"], norm_eps=1e-12)
+    torch.save(ck, tmp_path / "eps.pt")
+    src = str(tmp_path / "eps.pt")
+    err = _err(capsys, ["convert", src, str(tmp_path / "o.pth"), "--to", "mae", "--model", "umae_vit_micro_patch4_32"])
+    assert "records norm_eps=1e-12 where --model umae_vit_micro_patch4_32 has norm_eps=1e-06" in err
+    assert "drop --model" in err and not (tmp_path / "o.pth").exists()
+    assert main(["convert", src, str(tmp_path / "o.pth"), "--to", "mae"]) == 0  # the record's own
+    assert torch.load(tmp_path / "o.pth", weights_only=False)["config"]["norm_eps"] == 1e-12
+    capsys.readouterr()
+    err = _err(capsys, ["eval", "--ckpt", src, "--max-images", "16", "--out", str(tmp_path / "e")])
+    assert "records norm_eps=1e-12 where umae_vit_micro_patch4_32 has norm_eps=1e-06" in err
+    err = _err(capsys, ["train", *TINY, "--steps", "2", "--resume", src, "--out", str(tmp_path / "r")])
+    assert "records norm_eps=1e-12" in err
+
+
+def test_convert_refuses_non_finite_weights_as_eval_does(grid_files, tmp_path, capsys):
+    root, good, _ = grid_files
+    ck = torch.load(good, weights_only=False)
+    ck["model"]["cls_token"] = ck["model"]["cls_token"] * float("nan")
+    torch.save(ck, tmp_path / "nan.pt")
+    for to in ("mae", "hf"):
+        err = _err(capsys, ["convert", str(tmp_path / "nan.pt"), str(tmp_path / f"out-{to}"), "--to", to])
+        assert "holds non-finite weights (1 tensors, e.g. cls_token)" in err and not (tmp_path / f"out-{to}").exists()
+
+
+def test_convert_onto_a_full_disk_or_from_a_truncated_folder_is_one_line(grid_files, tmp_path, capsys):
+    # was: tracebacks: "inline_container.cc ... unexpected pos" (.pth), SafetensorError (HF), and for a
+    # truncated safetensors file
+    root, good, _ = grid_files
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True)
+    except OSError:
+        r = None
+    if r is not None and r.returncode == 0:
+        try:
+            for to, name in (("mae", "m.pth"), ("hf", "hf")):
+                err = _err(capsys, ["convert", str(good), str(mnt / name), "--to", to])
+                assert f"disk full while writing {mnt / name}" in err, err
+                assert os.listdir(mnt) == []
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+    assert main(["convert", str(good), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    st = tmp_path / "hf" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    capsys.readouterr()
+    err = _err(capsys, ["convert", str(tmp_path / "hf"), str(tmp_path / "back.pth"), "--to", "mae"])
+    assert "is not a readable ViTMAE folder: SafetensorError" in err, err
+
+
+def test_patchify_of_no_channel_or_no_pixel_is_refused_by_name():
+    # was: the forward ran and the backward failed naming unpatchify
+    import umae
+
+    for shape in ((2, 0, 8, 8), (2, 3, 0, 8), (2, 3, 8, 0)):
+        with pytest.raises(ValueError, match="imgs must have at least one channel, row and column"):
+            umae.patchify(torch.randn(*shape, requires_grad=True), 4)

@@ -249,3 +249,41 @@ def test_a_saved_classifier_is_reheaded_and_a_frozen_one_resized(tmp_path):
     u.set_input_size(img_size=48)
     v.set_input_size(img_size=(48, 48))
     assert torch.allclose(u.pos_embed, v.pos_embed, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("saved,loaded", [("avg", "token"), ("token", "avg")])
+def test_a_classifier_into_another_pool_raises_as_timm_vit(tmp_path, saved, loaded):
+    # was: 'avg' weights loaded into a 'token' model with a warning only (fc_norm dropped as if U-MAE's probe's),
+    # so timm's validate.py without --gp scored another network; timm's ViT raises on the same keys
+    u, v = _pair(saved, num_classes=5)
+    torch.save({"model": u.state_dict()}, tmp_path / "ft.pth")
+    with pytest.raises(RuntimeError, match="fc_norm"):
+        timm.create_model(NAME, num_classes=5, global_pool=loaded, checkpoint_path=str(tmp_path / "ft.pth"))
+    w = VisionTransformer(num_classes=5, global_pool=loaded, **TIMM_VIT)
+    with pytest.raises(RuntimeError, match="fc_norm"):
+        w.load_state_dict(v.state_dict())
+    same = timm.create_model(NAME, num_classes=5, global_pool=saved, checkpoint_path=str(tmp_path / "ft.pth")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(same(x), u(x))
+
+
+def test_pretrained_path_with_another_class_count_reheads_as_timm_train_py(tmp_path):
+    # timm's train.py --pretrained-path: pretrained_cfg_overlay=dict(file=..., num_classes=-1), "force head
+    # adaptation" (was: a head shape error for any other class count)
+    u, _ = _pair("token", num_classes=7)
+    torch.save(u.state_dict(), tmp_path / "ft.pth")
+    m = timm.create_model(NAME, pretrained=True, num_classes=3,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "ft.pth"), num_classes=-1))
+    assert m.head.out_features == 3 and torch.equal(m.blocks[1].attn.qkv.weight, u.blocks[1].attn.qkv.weight)
+    assert m.pretrained_cfg["num_classes"] == 3
+
+
+@pytest.mark.parametrize("pool", ["token", "avg", "max", "avgmax", ""])
+def test_pool_is_timm_vits(pool):
+    u, v = _pair("avg", num_classes=4)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = v.forward_features(x)
+        assert torch.equal(u.pool(feats, pool), v.pool(feats, pool))
+        assert torch.equal(u.pool(feats), v.pool(feats))  # the model's own: 'avg'

@@ -259,10 +259,6 @@ def test_fresh_run_into_another_runs_out_is_refused_unless_overwrite(tmp_path, c
     assert main(["train", *TINY, "--steps", "2", "--overwrite", "--out", str(out)]) == 0
     assert _steps(out) == [2]  # its own log only (TINY logs at the last step)
     assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == ["checkpoint-2.pt", "checkpoint-last.pt"]
-    capsys.readouterr()
-    assert main(["train", *TINY, "--steps", "3", "--overwrite", "--resume", str(out / "checkpoint-2.pt"),
-                 "--out", str(out)]) == 2
-    assert "--overwrite is for a fresh run" in capsys.readouterr().err
     assert main(["train", *TINY, "--steps", "3", "--resume", str(out / "checkpoint-2.pt"), "--out", str(out)]) == 0
 
 
@@ -502,7 +498,100 @@ def test_resume_into_another_runs_folder_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "holds another run" in err and "is not one of its checkpoints" in err, err
     assert {f: (b / f).read_bytes() for f in os.listdir(b) if f != ".lock"} == before  # nothing touched
-    # its own folder, and an empty one, still resume
-    assert main(["train", *TINY, "--steps", "3", "--resume", str(a / "checkpoint-1.pt"), "--out", str(a)]) == 0
+    # its own folder (from its last checkpoint: an earlier one would replace the later), and an empty one, still resume
+    assert main(["train", *TINY, "--steps", "3", "--resume", str(a / "checkpoint-2.pt"), "--out", str(a)]) == 0
     assert main(["train", *TINY, "--steps", "3", "--resume", str(a / "checkpoint-1.pt"),
                  "--out", str(tmp_path / "C")]) == 0
+
+
+def test_resume_from_an_earlier_checkpoint_into_its_folder_keeps_the_later_ones(tmp_path, capsys):
+    # was: --resume checkpoint-2.pt --resume-override lamb into the run's own folder replaced its checkpoints
+    # 3 and 4, checkpoint-last and log records 3-4, exit 0
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "4", "--ckpt-every", "1", "--log-every", "1", "--out", str(out)]) == 0
+    before = {f: (out / f).read_bytes() for f in os.listdir(out) if f != ".lock"}
+    capsys.readouterr()
+    branch = ["train", *TINY, "--steps", "4", "--log-every", "1", "--resume", str(out / "checkpoint-2.pt"),
+              "--lamb", "0.5", "--resume-override", "lamb"]
+    assert main([*branch, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the run's later checkpoints (checkpoint-3.pt, checkpoint-4.pt)" in err and "--overwrite" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert {f: (out / f).read_bytes() for f in os.listdir(out) if f != ".lock"} == before  # untouched
+    assert main([*branch, "--out", str(tmp_path / "branch")]) == 0  # into a new folder: a branch
+    assert _steps(tmp_path / "branch") == [3, 4]
+    assert main([*branch, "--overwrite", "--out", str(out)]) == 0  # asked for: the later ones replaced
+    assert _steps(out) == [1, 2, 3, 4]
+    assert torch.load(out / "checkpoint-4.pt", weights_only=False)["run"]["lamb"] == 0.5
+    # a resume refused for another reason removes nothing, --overwrite or not
+    assert main(["train", *TINY, "--steps", "1", "--resume", str(out / "checkpoint-1.pt"), "--overwrite",
+                 "--lamb", "0.5", "--resume-override", "lamb", "--out", str(out)]) == 2
+    assert "nothing left to train" in capsys.readouterr().err
+    assert {f"checkpoint-{k}.pt" for k in (1, 2, 4)} <= set(os.listdir(out))  # (3: replaced, not saved again)
+
+
+def test_stale_checkpoint_temporaries_are_removed_by_the_next_run(tmp_path):
+    out = tmp_path / "run"
+    train.train(_args(out, steps=1))
+    (out / "checkpoint-2.pt.tmp").write_bytes(b"a kill mid-write")
+    train.train(_args(out, steps=2, resume=str(out / "checkpoint-1.pt")))
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def _with_world(ck_path, dst, world):
+    """A copy of a checkpoint whose record says it was trained by `world` processes of the same per-process batch."""
+    ck = torch.load(ck_path, weights_only=False)
+    ck["run"].update(world_size=world, global_batch=ck["run"]["batch_size"] * world * ck["run"]["accum_iter"])
+    torch.save(ck, dst)
+    return str(dst)
+
+
+def test_resume_with_another_number_of_processes_keeps_the_global_batch_or_is_refused(tmp_path, capsys):
+    # was: a 2-process run resumed in 1 process exited 0 with half the global batch and half --blr's lr
+    train.train(_args(tmp_path / "a", steps=2, ckpt_every=1, lr=None, blr=1e-3))
+    run = torch.load(tmp_path / "a" / "checkpoint-1.pt", weights_only=False)["run"]
+    assert (run["world_size"], run["global_batch"], run["lr"]) == (1, 8, 1e-3 * 8 / 256)
+    ck = _with_world(tmp_path / "a" / "checkpoint-1.pt", tmp_path / "two.pt", 2)  # as if from torchrun -nproc 2
+    args = ["train", *[a for a in TINY if a not in ("--lr", "1e-3")], "--blr", "1e-3", "--steps", "2", "--resume", ck]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint's run has 2 processes (this run: 1), a global batch of 16 (this run: 8)" in err, err
+    assert "keep the global batch with --batch-size 16" in err and "--resume-override world_size" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert main([*args, "--batch-size", "16", "--out", str(tmp_path / "c")]) == 0  # the global batch kept
+    err = capsys.readouterr().err
+    assert "resuming a 2-process run in 1: its global batch of 16 kept (--batch-size 16 x 1 processes" in err, err
+    run = torch.load(tmp_path / "c" / "checkpoint-last.pt", weights_only=False)["run"]
+    assert run["lr"] == 1e-3 * 16 / 256 and run["global_batch"] == 16
+    assert run["resume_overrides"] == [dict(step=1, batch_size=[8, 16], world_size=[2, 1])]
+    assert main([*args, "--resume-override", "world_size", "--out", str(tmp_path / "d")]) == 0  # asked for
+
+
+def test_weights_overflowed_by_an_update_stop_before_the_checkpoint(tmp_path, monkeypatch, capsys):
+    # was: --lr 1e30 --weight-decay 1e10 saved +-inf weights, exit 0 (now refused first: the next test); any
+    # update that leaves a weight non-finite with a finite loss and gradient is caught at the checkpoint
+    real = torch.optim.AdamW.step
+
+    def step(self, *a, **kw):
+        out = real(self, *a, **kw)
+        self.param_groups[0]["params"][0].data.view(-1)[0] = float("inf")
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "2", "--ckpt-every", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "the weights are not finite after the update of step 1" in err and len(err.strip().splitlines()) == 1, err
+    assert not [f for f in os.listdir(out) if f.startswith("checkpoint")]
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--lr", "1e30", "--weight-decay", "1e10"], "--weight-decay 1e+10 with the peak lr 1e+30 (--lr)"),
+    (["--blr", "1", "--weight-decay", "100"], "--weight-decay 100 with the peak lr 0.03125 (--blr's lr"),
+    (["--lr", "1e-3", "--min-lr", "1"], "--min-lr 1 is above the peak lr 0.001 (--lr)"),
+])
+def test_flags_whose_joint_effect_is_certain_to_fail_are_refused(tmp_path, capsys, flags, msg):
+    tiny = [a for a in TINY if a not in ("--lr", "1e-3")]
+    assert main(["train", *tiny, "--steps", "1", *flags, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run" / "log.jsonl").exists() or not (tmp_path / "run" / "log.jsonl").read_text()

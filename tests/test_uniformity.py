@@ -364,3 +364,19 @@ def test_cpp_keeps_its_accuracy_for_nearly_parallel_rows_at_large_batches(B, nor
     truth = ((z.T @ z).pow(2).sum() - exclude_diagonal * sq.pow(2).sum()) / (B * (B - 1) if exclude_diagonal else B * B)
     assert_close(got, truth, **LOSS_TOL[torch.float32])
     assert not normalize or got <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("B", [10, 70])  # the similarity and the Gram of the C++ kernel
+def test_compiles_fullgraph_under_autocast(B):
+    # the Autocast kernel (the features cast to the autocast dtype, autocast off inside) traces without a break
+    f = randn(B, 16, requires_grad=True)
+
+    def fn(f):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return umae.uniformity_loss(f, exclude_diagonal=True)
+
+    got = torch.compile(fn, fullgraph=True)(f)
+    ref = fn(f)
+    assert_close(got, ref, **MATMUL_TOL[torch.bfloat16])
+    assert_close(torch.autograd.grad(got, f)[0], torch.autograd.grad(ref, f)[0], **MATMUL_TOL[torch.bfloat16])

@@ -14,14 +14,18 @@ import zipfile
 def _os_error(e: BaseException) -> OSError | None:
     """The OSError behind e: e itself, or one in its __cause__/__context__ chain. torch.save's zip
     writer turns its file's OSError (ENOSPC: disk full) into a bare RuntimeError ('[enforce fail
-    at inline_container.cc] unexpected pos ...') raised while that OSError is handled."""
-    seen = set()
+    at inline_container.cc] unexpected pos ...') raised while that OSError is handled; safetensors'
+    writer (Rust) says it in its message only ('No space left on device (os error 28)')."""
+    import re
+
+    seen, first = set(), e
     while e is not None and id(e) not in seen:
         if isinstance(e, OSError) and e.errno is not None:
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
-    return None
+    m = re.search(r"\(os error (\d+)\)", str(first))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
 
 
 def _remove(path: str) -> None:
@@ -32,11 +36,63 @@ def _remove(path: str) -> None:
             os.remove(path)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's process
+        pass
+    return True
+
+
+def _kind(path: str) -> str | None:
+    """What is at path (links followed) when it is neither a regular file nor a folder, else None."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode) else
+            "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+
+
+def recover(dst: str) -> None:
+    """Puts right what a killed write_whole left beside dst (its process gone): a folder swap cut
+    between its two renames (dst missing, the old folder aside as .<dst>.tmp-PID-old) gets the old
+    one back; every other leftover (.<dst>.tmp-PID, a completed swap's aside) is removed."""
+    dst = os.path.abspath(dst)
+    folder, base = os.path.split(dst)
+    prefix = f".{base}.tmp-"
+    try:
+        names = sorted(os.listdir(folder), key=lambda n: not n.endswith("-old"))  # the asides first
+    except OSError:
+        return
+    for name in names:
+        pid, _, suffix = name[len(prefix):].partition("-")
+        if not name.startswith(prefix) or not pid.isdigit() or suffix not in ("", "old") or _alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            if suffix == "old" and not os.path.lexists(dst):
+                os.replace(path, dst)
+            else:
+                _remove(path)
+
+
 def write_whole(dst: str, write, tmp: str | None = None) -> None:
     """write(tmp) (a file or a folder), then tmp renamed to dst; a folder replaces dst's folder as a
     whole. On failure no tmp is left and dst is as it was; an OSError (disk full, I/O error, ...),
-    raised as it is or behind torch's RuntimeError, is raised as an OSError naming dst."""
-    dst = os.path.abspath(dst)
+    raised as it is or behind torch's RuntimeError, is raised as an OSError naming dst. A symlink at
+    dst is written through (its target replaced); a FIFO, device or socket is never replaced (a
+    ValueError). What a killed earlier write left beside dst is put right first (`recover`)."""
+    dst = os.path.realpath(dst)
+    if (kind := _kind(dst)) is not None:
+        raise ValueError(f"{dst!r} is {kind}, not a regular file: umae writes only files and folders, nothing written")
+    recover(dst)
     tmp = tmp or os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
     old = tmp + "-old"
     try:
@@ -57,16 +113,21 @@ def write_whole(dst: str, write, tmp: str | None = None) -> None:
         cause = _os_error(e) if isinstance(e, Exception) else None
         if cause is not None and cause.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, "No space left on device", dst) from e
-        if cause is not None and cause is not e:  # an OSError behind torch's RuntimeError
+        if cause is not None:  # named by dst, not its temporary (or an OSError behind torch's RuntimeError)
             raise OSError(cause.errno, cause.strerror or os.strerror(cause.errno), dst) from e
         raise
 
 
 def check_target(dst: str, what: str, folder: bool = False, make_parents: bool = False) -> None:
-    """Before the work whose result goes to dst: a ValueError naming `what` when dst is a folder
-    where a file goes (or a file where a folder goes), or its folder does not exist (unless the
-    writer makes it: `make_parents`)."""
-    parent = os.path.dirname(os.path.abspath(dst))
+    """Before the work whose result goes to dst: a ValueError naming `what` when dst is empty, a FIFO,
+    a device or a socket (never replaced), a folder where a file goes (or a file where a folder goes),
+    or its folder does not exist (unless the writer makes it: `make_parents`)."""
+    if not dst:
+        raise ValueError(f"{what} is an empty path: name a file")
+    if (kind := _kind(dst)) is not None:  # /dev/null, a FIFO: replacing it would break what uses it
+        raise ValueError(f"{what} {dst!r} is {kind}, not a regular file: umae writes only files and folders")
+    recover(os.path.realpath(dst))
+    parent = os.path.dirname(os.path.realpath(dst))
     if not make_parents and not os.path.isdir(parent):
         raise ValueError(f"{what} {dst!r}: its folder {parent!r} does not exist")
     if not folder and os.path.isdir(dst):
@@ -87,6 +148,7 @@ def write_json(dst: str, data) -> None:
 
 
 def _readable(path: str, what: str) -> None:
+    recover(path)
     if os.path.isdir(path):
         raise ValueError(f"{what} {path!r} is a folder, not a file")
     if not os.path.exists(path):
@@ -160,6 +222,31 @@ def load_weights(model, state: dict, path: str, what: str, name: str | None = No
         model.load_state_dict(state)
     except LOAD_ERRORS as e:
         raise ValueError(f"{what} {path!r} does not fit the model {name or type(model).__name__}: {reason(e)}") from None
+
+
+def check_finite_weights(model, path: str, what: str) -> None:
+    """A ValueError naming the file when a loaded model holds a NaN or inf weight (a diverged run's:
+    every feature NaN, every number computed from it meaningless)."""
+    import torch
+
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{what} {path!r} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
+                         "diverged before it was saved")
+
+
+def check_recorded_config(model, ck: dict, path: str, what: str, name: str) -> None:
+    """A ValueError naming both values where the architecture the checkpoint records ("config": every
+    umae checkpoint has it) differs from the model built for it (`name`): its weights would load into
+    another model (a LayerNorm eps, a head count) without a word."""
+    config = ck.get("config")
+    if not isinstance(config, dict):
+        return
+    ours = model.arch_config()
+    differ = [k for k in config if k in ours and config[k] != ours[k]]
+    if differ:
+        raise ValueError(f"{what} {path!r} records " + ", ".join(f"{k}={config[k]!r}" for k in differ)
+                         + f" where {name} has " + ", ".join(f"{k}={ours[k]!r}" for k in differ))
 
 
 def read_json(path: str, what: str) -> dict:

@@ -21,7 +21,8 @@ import re
 import torch
 from torch import nn
 
-from ._files import LOAD_ERRORS, check_target, load_weights, read_checkpoint, read_json, reason, write_whole
+from ._files import (check_finite_weights, check_recorded_config, check_target, load_weights, read_checkpoint, read_json,
+                     reason, write_whole)
 from .models import CONFIGS, MaskedAutoencoderViT, build, check_name
 
 # (umae key suffix, transformers key suffix) of one transformer block
@@ -163,6 +164,11 @@ def load_mae(path, model: str | None = None, what: str = "src", **model_kwargs) 
     else:
         check_name(name, "--model" if model else f"{what} {path!r}'s recorded model")
         m = build(name, **model_kwargs)
+        # --model never replaces a recorded architecture (a LayerNorm eps of 1e-12 would become 1e-6)
+        try:
+            check_recorded_config(m, ck, path, what, f"--model {name}" if model else name)
+        except ValueError as e:
+            raise ValueError(f"{e}: drop --model to convert the recorded architecture" if model else str(e)) from None
     load_weights(m, ck, path, what, name)  # unwraps {"model": ...}, names any mismatch
     return m
 
@@ -170,7 +176,10 @@ def load_mae(path, model: str | None = None, what: str = "src", **model_kwargs) 
 def save_mae(model: MaskedAutoencoderViT, path) -> None:
     """facebookresearch/mae's checkpoint layout, {"model": state_dict}, with the architecture beside
     it ("config": MAE's loaders read "model" only), so the file loads back without --model."""
-    torch.save({"model": model.state_dict(), "config": model.arch_config()}, path)
+    # the file opened here: a disk error is then an OSError with its errno (torch's own writer says
+    # "unexpected pos" and nothing else)
+    with open(path, "wb") as f:
+        torch.save({"model": model.state_dict(), "config": model.arch_config()}, f)
 
 
 def _read_hf(folder: str) -> MaskedAutoencoderViT:
@@ -180,8 +189,8 @@ def _read_hf(folder: str) -> MaskedAutoencoderViT:
         raise ValueError(f"src {folder!r} holds a transformers {config.get('model_type')!r} model, not a ViTMAE")
     try:
         return from_hf(folder)
-    except (OSError, *LOAD_ERRORS) as e:
-        raise ValueError(f"src {folder!r} is not a readable ViTMAE folder: {reason(e)}") from None
+    except Exception as e:  # OSError, load errors, safetensors' SafetensorError for a truncated file, ...
+        raise ValueError(f"src {folder!r} is not a readable ViTMAE folder: {type(e).__name__}: {reason(e)}") from None
 
 
 # ---- umae convert -----------------------------------------------------------------------
@@ -218,8 +227,12 @@ def main(args) -> int:
     if not is_hf and not os.path.isfile(args.src):
         raise ValueError(f"src {args.src!r}: no such file or folder")
     model = _read_hf(args.src) if is_hf else load_mae(args.src, args.model)
+    check_finite_weights(model, args.src, "src")  # as eval refuses them: a diverged run's weights
     if args.to == "hf":
+        from transformers.utils import logging as hf_logging
+
         hf = to_hf(model, args.mask_ratio)
+        hf_logging.disable_progress_bar()  # one line of output, as every umae command
         write_whole(args.out, hf.save_pretrained)
     else:
         write_whole(args.out, lambda tmp: save_mae(model, tmp))

@@ -44,7 +44,7 @@ def main(args) -> int:
     from ..ops import _backend, registry
     from .._table import Col, format_table
 
-    if args.junit:
+    if args.junit is not None:
         check_target(args.junit, "--junit")
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     if "cuda" in devices and not torch.cuda.is_available():
@@ -77,7 +77,7 @@ def main(args) -> int:
           "(err/tol: the worst element's error over its tolerance, umae/ops/_tolerance.py; pass at <= 1)")
     if not passed:  # nothing fused ran here (extension not built, no implementation for this machine)
         print("umae check: no fused implementation was compared on this machine: nothing passed", file=sys.stderr)
-    if args.junit:
+    if args.junit is not None:
         write_junit(args.junit, rows, secs)
     return 1 if failed or not passed else 0
 

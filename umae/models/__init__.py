@@ -69,9 +69,11 @@ def build(name: str, pretrained: bool = False, pretrained_cfg=None, pretrained_c
         if not any(src.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
             raise ValueError(f"{name} has no pretrained weights of its own: pass them with pretrained_cfg_overlay="
                              "dict(file=...), or create the model from a save_for_hf folder ('local-dir:<folder>')")
-        # the weights' own class count: timm drops their head when the model's differs (re-heading)
-        load_pretrained(model, pretrained_cfg={**src, "num_classes": given.get("num_classes", model.num_classes)},
-                        num_classes=model.num_classes, in_chans=model.in_chans)
+        # the weights' own class count: timm drops their head when the model's differs (re-heading); an
+        # overlay's num_classes says it (timm's train.py --pretrained-path passes -1: any head is re-made)
+        classes = (pretrained_cfg_overlay or {}).get("num_classes", given.get("num_classes", model.num_classes))
+        load_pretrained(model, pretrained_cfg={**src, "num_classes": classes}, num_classes=model.num_classes,
+                        in_chans=model.in_chans)
     if features_only:
         from timm.models._features import FeatureGetterNet
 

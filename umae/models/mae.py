@@ -118,6 +118,7 @@ class MaskedAutoencoderViT(TimmEncoderAPI, nn.Module):
         if "model" in state_dict and isinstance(state_dict["model"], dict):
             state_dict = state_dict["model"]
         own = self.state_dict()
+        _check_pool_of(state_dict, own)
         optional = self.PROBE_KEYS + self.HEAD_KEYS
         extra = sorted(k for k in state_dict if k.startswith(optional) and k not in own)
         if extra:  # a U-MAE checkpoint's probe or a classifier's head, into a model without one
@@ -236,6 +237,24 @@ class MaskedAutoencoderViT(TimmEncoderAPI, nn.Module):
         """Encoder features of unmasked images, for probing: 'cls' token or 'mean' of patch tokens."""
         x = self.forward_features(imgs)
         return x[:, 0] if pool == "cls" else x[:, 1:].mean(1)
+
+
+def _check_pool_of(state: dict, own: dict) -> None:
+    """A classifier's checkpoint pooled otherwise than the model raises, as timm's VisionTransformer
+    does (its fc_norm is unexpected or missing): loaded anyway, 'avg' weights in a 'token' model score
+    another network. U-MAE's online probe has an fc_norm too, beside its fc: those stay optional."""
+    def keys(d, prefix):
+        return any(k.startswith(prefix) for k in d)
+
+    probe = keys(state, "fc.")
+    if keys(state, "fc_norm.") and not probe and not keys(own, "fc_norm."):
+        raise RuntimeError("the checkpoint is a classifier pooled through fc_norm (global_pool='avg'), the model "
+                           "has none (global_pool='token' or fc_norm=False): unexpected keys fc_norm.*; create it "
+                           "with global_pool='avg'")
+    if keys(state, "head.") and keys(own, "fc_norm.") and not keys(state, "fc_norm."):
+        raise RuntimeError("the checkpoint is a classifier without fc_norm (global_pool='token'), the model pools "
+                           "through one (global_pool='avg'): missing keys fc_norm.*; create it with "
+                           "global_pool='token'")
 
 
 def _warn(msg: str) -> None:

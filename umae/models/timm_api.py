@@ -1,7 +1,7 @@
 """The encoder of umae's MAE / U-MAE models, as timm's VisionTransformer presents one, so that
 timm's and MAE's fine-tune and feature-extraction scripts take it unchanged: create_model's
 keywords, `forward_features`, `forward_head`, `reset_classifier`, `get_classifier`,
-`no_weight_decay` and `group_matcher` (layer-wise lr decay), `set_grad_checkpointing`,
+`pool`, `no_weight_decay` and `group_matcher` (layer-wise lr decay), `set_grad_checkpointing`,
 `forward_intermediates` (with `output_dict`), `get_intermediate_layers`,
 `prune_intermediate_layers`, `set_input_size`, `feature_info` and `pretrained_cfg` (which
 `timm.data.resolve_data_config` reads and `save_for_hf` records).
@@ -137,14 +137,27 @@ class TimmEncoderAPI:
         fc_norm: global_pool 'avg')."""
         return self._final_norm(run_blocks(self, self.blocks, self._embed(imgs)))
 
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        """timm's VisionTransformer.pool: 'token' the cls token, 'avg' / 'max' / 'avgmax' over the patch
+        tokens, '' none; the model's global_pool by default."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if not pool_type:
+            return x
+        if pool_type == "token":
+            return x[:, 0]
+        patches = x[:, self.num_prefix_tokens:]
+        if pool_type == "avg":
+            return patches.mean(dim=1)
+        if pool_type == "max":
+            return patches.amax(dim=1)
+        if pool_type == "avgmax":
+            return 0.5 * (patches.amax(dim=1) + patches.mean(dim=1))
+        raise ValueError(f"pool_type must be one of 'token', 'avg', 'max', 'avgmax', '', got {pool_type!r}")
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool ('token': the cls token; 'avg': the mean patch token; '': no pooling), fc_norm,
         dropout, then the head."""
-        if self.global_pool == "token":
-            x = x[:, 0]
-        elif self.global_pool == "avg":
-            x = x[:, 1:].mean(dim=1)
-        x = self.head_drop(self.fc_norm(x))
+        x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
     def forward_intermediates(self, x, indices=None, return_prefix_tokens: bool = False, norm: bool = False,

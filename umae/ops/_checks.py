@@ -155,7 +155,9 @@ def patch_size_int(p) -> int:
 def images(imgs: torch.Tensor, p, name: str = "imgs") -> int:
     tensor(imgs, name, dims=4)
     p = patch_size_int(p)
-    H, W = imgs.size(2), imgs.size(3)
+    C, H, W = imgs.shape[1:]
+    if 0 in (C, H, W):  # no patch, or patches of no values: nothing unpatchify (its backward) could invert
+        raise ValueError(f"{name} must have at least one channel, row and column, got shape {tuple(imgs.shape)}")
     if H % p or W % p:
         raise ValueError(f"{name} height and width ({H}, {W}) must be divisible by patch_size {p}")
     return p

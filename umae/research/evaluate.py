@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import data as D
-from .._files import load_weights, read_checkpoint, write_json
+from .._files import check_finite_weights, check_recorded_config, load_weights, read_checkpoint, write_json
 
 HELP = "linear probe, kNN and the feature spectrum of checkpoints"
 
@@ -134,12 +134,10 @@ def load_model(path, device, model_name=None):
     check_name(run["model"], "--model" if model_name else f"--ckpt {path!r}'s recorded model")
     model = timm.create_model(run["model"], fused=False, lamb=run["lamb"],
                               probe_classes=run.get("probe_classes", 0), cls_double_norm=run.get("cls_double_norm", True))
+    check_recorded_config(model, ck, path, "--ckpt", run["model"])
     # a train checkpoint's "model" entry, or MAE's (encoder-only loads with a warning)
     load_weights(model, ck, path, "--ckpt")
-    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:  # a diverged run's weights: every feature NaN, and the probes' numbers meaningless
-        raise ValueError(f"--ckpt {path!r} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
-                         "the run diverged before it was saved")
+    check_finite_weights(model, path, "--ckpt")
     return model.to(device).eval(), run, ck.get("step")
 
 

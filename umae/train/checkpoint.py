@@ -65,6 +65,12 @@ def save(out: str, step: int, states: tuple[dict, dict], scaler, run: dict, conf
     ck = dict(model=states[0], optimizer=states[1], scaler=scaler.state_dict(), step=step, run=run, config=config)
     path = os.path.join(out, f"checkpoint-{step}.pt")
     write_whole(path, lambda tmp: _torch_save(ck, tmp), tmp=path + ".tmp")
+    link_last(out, path)
+    return path
+
+
+def link_last(out: str, path: str) -> None:
+    """checkpoint-last.pt as a hard link to (where links fail, a copy of) the checkpoint at path."""
     last = os.path.join(out, LAST)
 
     def link(tmp):
@@ -75,7 +81,6 @@ def save(out: str, step: int, states: tuple[dict, dict], scaler, run: dict, conf
         except OSError:  # a file system without hard links
             shutil.copyfile(path, tmp)
     write_whole(last, link, tmp=last + ".tmp")
-    return path
 
 
 def check_resumable(ck: dict, path: str) -> None:

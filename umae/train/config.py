@@ -16,10 +16,12 @@ from ..data import BUILTIN_SIZE
 # what a resumed run must share with its checkpoint (the model's structure and the optimizer's groups)
 RESUME_KEYS = ("model", "probe_classes", "decay_tokens")
 # what it must share unless --resume-override names it: a change makes the run another experiment
-# (batch_size, accum_iter: the data position continues at micro step = step * accum_iter over the
-# new batches per epoch, and the effective batch sets --blr's lr: a change is a shift of both)
+# (batch_size, accum_iter, world_size: the data position continues at micro step = step * accum_iter
+# over the new batches per epoch, and the global batch sets --blr's lr: a change is a shift of both).
+# A resume in another number of processes that keeps the global batch (batch_size x processes x
+# accum_iter) changes none of that: it needs no override.
 CHANGEABLE = ("lamb", "mask_ratio", "seed", "data", "builtin_size", "norm_pix_loss", "cls_double_norm", "batch_size",
-              "accum_iter", "exact_ddp_grad")
+              "accum_iter", "world_size", "exact_ddp_grad")
 
 
 def _opt(default, help=None, **argparse_kw):
@@ -78,7 +80,8 @@ class TrainConfig:
                                         "unless named in --resume-override; --lr, --blr, --steps, --amp, --clip-grad "
                                         "and the like may change")
     overwrite: bool = _opt(False, "a fresh run (no --resume) into an --out that holds another run's log.jsonl or "
-                           "checkpoint-*.pt deletes them first (default: such a run is refused)")
+                           "checkpoint-*.pt deletes them first; a --resume from an earlier checkpoint into its "
+                           "run's folder deletes the run's later checkpoints (default: either is refused)")
     resume_override: str = _opt("", "with --resume: settings that may differ from the checkpoint's, e.g. "
                                 "lamb,mask_ratio (the checkpoint records each change). With batch_size or accum_iter "
                                 "the data position is recomputed from the step (micro step = step * the new "
@@ -167,6 +170,8 @@ def parse_device(name: str | None, flag: str = "--device"):
                          f"{str(e).splitlines()[0]}") from None
     if device.type not in ("cpu", "cuda"):  # meta, mps, xla...: umae's kernels and training run on these two
         raise ValueError(f"{flag} {name!r}: umae runs on cpu or cuda, not {device.type}")
+    if device.type == "cpu" and device.index not in (None, 0):  # torch takes cpu:1 and runs on the one CPU device
+        raise ValueError(f"{flag} {name!r}: there is one CPU device (cpu, or cpu:0)")
     if device.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
@@ -217,9 +222,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--resume-override {cfg.resume_override!r} needs --resume")
     if cfg.compile_mode != "default" and not cfg.compile:
         raise ValueError(f"--compile-mode {cfg.compile_mode} needs --compile")
-    if cfg.overwrite and cfg.resume:
-        raise ValueError(f"--overwrite is for a fresh run; with --resume {cfg.resume!r} the run's log and "
-                         "checkpoints are continued (drop --overwrite)")
     bad = set(cfg.overrides()) - set(CHANGEABLE)
     if bad:
         raise ValueError(f"--resume-override {cfg.resume_override!r}: {', '.join(sorted(bad))} cannot be "

@@ -61,8 +61,13 @@ def last_checkpoint(loop: Loop) -> str:
             "none (the run saved no checkpoint before this)")
 
 
-def check_finite(loop: Loop, step: int, stats: dict, grads_finite: bool = True) -> None:
+def check_finite(loop: Loop, step: int, stats: dict, grads_finite: bool = True, weights_finite: bool = True) -> None:
     bad = [k for k in LOSS_FIELDS if k in stats and not math.isfinite(stats[k])]
+    if not bad and grads_finite and not weights_finite:  # finite losses and gradients, an update that overflowed
+        raise NonFiniteLoss(
+            f"the weights are not finite after the update of step {step} (the loss and the gradient were finite: the "
+            f"lr or the weight decay overflowed them). Stopped without saving; the last checkpoint: "
+            f"{last_checkpoint(loop)}. Resume from it with a lower --lr / --blr or --weight-decay.")
     if not bad and not grads_finite:  # a finite loss, a NaN or inf gradient
         raise NonFiniteLoss(
             f"the gradient is not finite (a NaN or inf in some parameter's gradient, the loss finite) at a step in "
@@ -145,11 +150,13 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
         loop.logger.step()
         loop.stats.add_step(grad_norm)
         save = (a.ckpt_every and step % a.ckpt_every == 0) or step == loop.total
+        if save:  # what is saved must be finite: read with the losses below
+            loop.stats.add_weights(list(loop.model.parameters()))
         if step % a.log_every == 0 or save:  # every rank reads (all-reduced): all stop together
             stats = loop.stats.read(loop.world)
-            grads_finite = stats.pop("grads_finite")
+            grads_finite, weights_finite = stats.pop("grads_finite"), stats.pop("weights_finite")
             loop.logger.log(step, epoch, loop.opt.param_groups[0]["lr"], stats)
-            check_finite(loop, step, stats, grads_finite)
+            check_finite(loop, step, stats, grads_finite, weights_finite)
             loop.last_read = step
         states = checkpoint.full_states(loop.model, loop.opt, a.fsdp and loop.world > 1) if save else None  # FSDP: every rank
         if save and loop.rank == 0:

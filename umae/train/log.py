@@ -27,6 +27,8 @@ class DeviceStats:
         # 0, or NaN once a step's gradient had a NaN or inf (with a finite loss: the weights would turn
         # non-finite unseen): read with the sums, not logged
         self.grad_check = torch.zeros((), device=device)
+        # the same for the weights, checked after the update of a step that saves a checkpoint
+        self.weight_check = torch.zeros((), device=device)
         self.count = 0
         self._grad = "grad_norm" in self.fields
 
@@ -55,6 +57,13 @@ class DeviceStats:
         self.grad_check += total * 0
         return (~torch.isfinite(total)).float()
 
+    def add_weights(self, params) -> None:
+        """The weights after an update: 0 * their total norm makes weight_check NaN if any is not finite
+        (an lr or a weight decay that overflowed them with a finite gradient), on the device."""
+        params = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP: this rank's shards
+        if params:
+            self.weight_check += torch.stack(torch._foreach_norm([p.detach() for p in params])).float().sum() * 0
+
     def add(self, out, batch: int, grad_norm=None) -> None:
         """A step of one micro-batch."""
         self.add_micro(out, batch)
@@ -62,7 +71,7 @@ class DeviceStats:
 
     def read(self, world: int) -> dict:
         """Means since the last read, over steps and ranks: the one host sync of a log step."""
-        s = torch.cat([self.sum / max(self.count, 1), self.grad_check.view(1)])
+        s = torch.cat([self.sum / max(self.count, 1), self.grad_check.view(1), self.weight_check.view(1)])
         if world > 1:
             import torch.distributed as dist
 
@@ -71,8 +80,10 @@ class DeviceStats:
         vals = s.tolist()
         self.sum.zero_()
         self.grad_check.zero_()
+        self.weight_check.zero_()
         self.count = 0
-        return dict(zip(self.fields, vals[:-1]), grads_finite=math.isfinite(vals[-1]))
+        return dict(zip(self.fields, vals[:-2]), grads_finite=math.isfinite(vals[-2]),
+                    weights_finite=math.isfinite(vals[-1]))
 
 
 def keep_until(path: str, step: int) -> None:
@@ -83,14 +94,19 @@ def keep_until(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     keep = []
-    with open(path) as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # not a torn line: a damaged record, which this rewrite would lose
+                raise ValueError(f"the run's log {path!r} is damaged: line {n} is not UTF-8 text ({e.reason} at "
+                                 f"byte {e.start}); mend or delete that line to continue the run") from None
             try:
                 if json.loads(line)["step"] <= step:
                     keep.append(line if line.endswith("\n") else line + "\n")
             except (ValueError, KeyError, TypeError):  # a torn last line
                 pass
-    with open(path + ".tmp", "w") as f:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
 
@@ -102,7 +118,7 @@ class Logger:
         if rank == 0:
             path = os.path.join(out, "log.jsonl")
             keep_until(path, start_step)
-            self.file = open(path, "a")
+            self.file = open(path, "a", encoding="utf-8")
         self.tb = None
         if rank == 0:
             try:

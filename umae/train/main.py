@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import torch
 
 from .. import data as D
-from .._files import load_weights, read_checkpoint
+from .._files import check_recorded_config, load_weights, read_checkpoint
 from ..runtime import adamw_impl, default_workers
 from . import checkpoint
 from .config import CHANGEABLE, RESUME_KEYS, TrainConfig, add_args, check_range, open_out, parse_device, validate
@@ -53,6 +54,9 @@ def lock_out(out: str) -> int:
                          + (f" (pid {holder})" if holder else "") + "; wait for it or choose another --out") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
+    for f in os.listdir(out):  # a checkpoint a killed run was writing: under the lock, no one is
+        if f.startswith("checkpoint-") and f.endswith(".pt.tmp"):
+            os.remove(os.path.join(out, f))
     return fd
 
 
@@ -94,6 +98,40 @@ def check_fresh_out(cfg: TrainConfig) -> None:
         for f in os.listdir(tb):
             if f.startswith("events.out.tfevents."):
                 os.remove(os.path.join(tb, f))
+
+
+def _numbered(out: str) -> dict[int, str]:
+    """{step: path} of the numbered checkpoints in out."""
+    import re
+
+    found = (re.fullmatch(r"checkpoint-(\d+)\.pt", f) for f in (os.listdir(out) if os.path.isdir(out) else ()))
+    return {int(m.group(1)): os.path.join(out, m.group(0)) for m in found if m}
+
+
+def later_checkpoints(cfg: TrainConfig, step: int) -> list[str]:
+    """A resume from step `step` into its own run's folder, which holds checkpoints of later steps:
+    the resumed run would replace them (and the log's records after `step`). Refused unless
+    --overwrite; with it, returns them (rank 0 removes them once every check has passed:
+    drop_later). Every rank decides alike (they read the same folder): all stop, or none."""
+    if os.path.realpath(os.path.dirname(os.path.abspath(cfg.resume))) != os.path.realpath(cfg.out):
+        return []
+    numbered = _numbered(cfg.out)
+    later = [numbered[k] for k in sorted(numbered) if k > step]
+    if later and not cfg.overwrite:
+        raise ValueError(f"--resume {cfg.resume!r} is at step {step}, and --out {cfg.out!r} holds the run's later "
+                         f"checkpoints ({', '.join(map(os.path.basename, later))}): resuming there would replace them "
+                         f"and its log after step {step}. Resume from {os.path.join(cfg.out, checkpoint.LAST)} to "
+                         "continue the run, give another --out to branch from this step, or pass --overwrite to "
+                         "replace them")
+    return later
+
+
+def drop_later(cfg: TrainConfig, later: list[str]) -> None:
+    """Removes the later checkpoints of an --overwrite resume; checkpoint-last.pt then is the resumed one."""
+    if later:
+        for path in later:
+            os.remove(path)
+        checkpoint.link_last(cfg.out, os.path.realpath(cfg.resume))
 
 
 def _lock_on_rank0(cfg: TrainConfig, rank: int, world: int):
@@ -193,6 +231,20 @@ def main(args) -> int:
     return 0
 
 
+def check_lr(cfg: TrainConfig, lr: float) -> None:
+    """The peak lr (--lr, or --blr's) with --min-lr and --weight-decay: the schedule anneals from lr down to
+    min_lr (above it, it would climb), and AdamW's decoupled decay multiplies every weight by
+    1 - lr x weight_decay per step (above 1 it flips their signs; at 1e40 it overflowed them at once)."""
+    source = "--lr" if cfg.lr is not None else f"--blr's lr ({cfg.blr:g} x global batch / 256)"
+    if cfg.min_lr > lr:
+        raise ValueError(f"--min-lr {cfg.min_lr:g} is above the peak lr {lr:g} ({source}): the schedule anneals "
+                         "from the lr down to --min-lr")
+    if lr * cfg.weight_decay > 1:
+        raise ValueError(f"--weight-decay {cfg.weight_decay:g} with the peak lr {lr:g} ({source}): AdamW multiplies "
+                         f"every weight by 1 - lr x weight_decay = {1 - lr * cfg.weight_decay:.3g} per step, which "
+                         "flips (and past 2 grows) them; lr x weight_decay must be at most 1")
+
+
 def _check_resume(cfg: TrainConfig, prev: dict, run_info: dict, step: int, total: int) -> None:
     """Refuses a resume that would change the model's structure, or (unless --resume-override
     names them) the run's settings, or that has nothing left to train; records the overrides."""
@@ -203,13 +255,27 @@ def _check_resume(cfg: TrainConfig, prev: dict, run_info: dict, step: int, total
                          + ", ".join(f"{k}={run_info[k]!r}" for k in differ))
     allowed = cfg.overrides()
     changed = [k for k in CHANGEABLE if k in prev and _canonical(k, prev[k]) != _canonical(k, run_info[k])]
+    if "world_size" in changed and prev.get("global_batch") == run_info["global_batch"]:
+        # another number of processes with the same global batch (and so the same lr and data per step)
+        allowed = allowed + ["world_size", "batch_size", "accum_iter"]
+        run_info["resume_note"] = (
+            f"resuming a {prev['world_size']}-process run in {run_info['world_size']}: its global batch of "
+            f"{run_info['global_batch']} kept (--batch-size {run_info['batch_size']} x {run_info['world_size']} "
+            f"processes x --accum-iter {run_info['accum_iter']}), lr {run_info['lr']:g}")
     refused = [k for k in changed if k not in allowed]
     if refused:
-        raise ValueError(f"--resume {cfg.resume!r}: the checkpoint's run has "
-                         + ", ".join(f"--{k.replace('_', '-')} {prev[k]!r} (this run: {run_info[k]!r})"
-                                     for k in refused)
-                         + "; pass the checkpoint's values, or --resume-override " + ",".join(refused)
-                         + " to change them")
+        said = [f"{prev[k]} processes (this run: {run_info[k]})" if k == "world_size" else
+                f"--{k.replace('_', '-')} {prev[k]!r} (this run: {run_info[k]!r})" for k in refused]
+        how = "pass the checkpoint's values"
+        if "world_size" in refused:
+            said[refused.index("world_size")] += (f", a global batch of {prev.get('global_batch', '?')} (this run: "
+                                                  f"{run_info['global_batch']})")
+            per = run_info["world_size"] * run_info["accum_iter"]
+            how = f"run {prev['world_size']} processes" + (
+                f", keep the global batch with --batch-size {prev['global_batch'] // per}"
+                if prev.get("global_batch", 0) % per == 0 else "")
+        raise ValueError(f"--resume {cfg.resume!r}: the checkpoint's run has " + ", ".join(said) + f"; {how}, or "
+                         "pass --resume-override " + ",".join(refused) + " to change them")
     run_info["resume_overrides"] = list(prev.get("resume_overrides", [])) + (
         [dict(step=step, **{k: [prev[k], run_info[k]] for k in changed})] if changed else [])
     if step >= total:
@@ -231,13 +297,15 @@ def _read_resume(cfg: TrainConfig, device: torch.device):
     return ck, prev, dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, device), decay_tokens=decay_tokens)
 
 
-def _run_info(cfg: TrainConfig, probe_classes: int) -> dict:
-    """What the checkpoints record of the run (and a resume compares)."""
+def _run_info(cfg: TrainConfig, probe_classes: int, world: int, lr: float) -> dict:
+    """What the checkpoints record of the run (and a resume compares): its settings, the number of
+    processes and what derives from it, the global batch per optimizer step and the peak lr."""
     return dict(model=cfg.model, fused=cfg.fused, lamb=cfg.lamb, mask_ratio=cfg.mask_ratio,
                 data=_canonical("data", cfg.data),
                 builtin_size=cfg.builtin_size, seed=cfg.seed, norm_pix_loss=cfg.norm_pix_loss,
                 cls_double_norm=cfg.cls_double_norm, probe_classes=probe_classes,
                 decay_tokens=cfg.decay_tokens, amp=cfg.amp, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
+                world_size=world, global_batch=cfg.batch_size * world * cfg.accum_iter, lr=lr,
                 exact_ddp_grad=cfg.exact_ddp_grad, fsdp=cfg.fsdp)
 
 
@@ -282,6 +350,7 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ck, prev, cfg = _read_resume(cfg, device)
+    later = later_checkpoints(cfg, ck["step"]) if ck else []
 
     ds = D.open_dataset(cfg.data, train=True, seed=cfg.seed, builtin_size=cfg.builtin_size)
     probe_classes = D.num_classes(ds) if cfg.online_probe else 0
@@ -300,10 +369,15 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
         raise ValueError(f"--epochs {cfg.epochs} of {batches_per_epoch} batches at --accum-iter {cfg.accum_iter} make no "
                          "optimizer step: raise --epochs, lower --accum-iter, or give --steps")
     lr = cfg.lr if cfg.lr is not None else cfg.blr * gb * cfg.accum_iter / 256
-    run_info = _run_info(cfg, probe_classes)
+    check_lr(cfg, lr)
+    run_info = _run_info(cfg, probe_classes, world, lr)
 
     if ck:  # the weights into the whole model, before any sharding
         _check_resume(cfg, prev, run_info, ck["step"], total)
+        if rank == 0 and run_info.get("resume_note"):
+            print(f"umae train: {run_info.pop('resume_note')}", file=sys.stderr)
+        run_info.pop("resume_note", None)
+        check_recorded_config(model, ck, cfg.resume, "--resume", cfg.model)
         load_weights(model, ck["model"], cfg.resume, "--resume")
     sharded = cfg.fsdp and world > 1
     net = _distributed(model, world, device, sharded)
@@ -323,6 +397,8 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
                 logger=Logger(cfg.out, rank, total, step, progress=not cfg.no_progress, desc=cfg.progress_desc),
                 stats=DeviceStats(device, probe=bool(probe_classes), grad_norm=cfg.clip_grad is not None),
                 run_info=run_info, last_ckpt=(cfg.resume, step) if cfg.resume else None, last_read=step)
+    if rank == 0:  # every check has passed (the log's too, read by the Logger): what --overwrite replaces goes now
+        drop_later(cfg, later)
     loader, micro = _make_loader(cfg, aug, sampler, step, total, device)
     try:
         train_steps(loop, loader, step, micro)

@@ -587,7 +587,8 @@ def test_a_damaged_log_line_is_named_on_resume(tmp_path, capsys):
 
 def test_a_recorded_architecture_is_never_replaced(grid_files, tmp_path, capsys):
     # was: convert --model replaced the .pth's recorded layer norm eps (1e-12 -> 1e-6: outputs moved 2.7e-5);
-    # eval and train --resume built the model from the record's name and ignored its config
+    # eval and train --resume built the model from the record's name and ignored its config. Now eval builds
+    # the recorded architecture; --model, or a resume's name, that disagrees with it is refused
     root, good, _ = grid_files
     ck = torch.load(good, weights_only=False)
     ck["config"] = dict(ck["config"], norm_eps=1e-12)
@@ -599,10 +600,20 @@ def test_a_recorded_architecture_is_never_replaced(grid_files, tmp_path, capsys)
     assert main(["convert", src, str(tmp_path / "o.pth"), "--to", "mae"]) == 0  # the record's own
     assert torch.load(tmp_path / "o.pth", weights_only=False)["config"]["norm_eps"] == 1e-12
     capsys.readouterr()
-    err = _err(capsys, ["eval", "--ckpt", src, "--max-images", "16", "--out", str(tmp_path / "e")])
-    assert "records norm_eps=1e-12 where umae_vit_micro_patch4_32 has norm_eps=1e-06" in err
+    from umae.research.evaluate import load_model
+
+    model, _, _ = load_model(src, "cpu")  # eval keeps the record: the model of the recorded architecture
+    assert model.norm.eps == 1e-12
+    model, _, _ = load_model(str(tmp_path / "o.pth"), "cpu")  # a converted file: no run record, no --model needed
+    assert model.norm.eps == 1e-12
+    err = _err(capsys, ["eval", "--ckpt", src, "--model", "umae_vit_micro_patch4_32", "--max-images", "16",
+                        "--out", str(tmp_path / "e")])
+    assert "records norm_eps=1e-12 where --model umae_vit_micro_patch4_32 has norm_eps=1e-06" in err
     err = _err(capsys, ["train", *TINY, "--steps", "2", "--resume", src, "--out", str(tmp_path / "r")])
     assert "records norm_eps=1e-12" in err
+    ck["config"] = dict(ck["config"], norm_eps=1e-6, norm_pix_loss=False)  # a loss setting, not the architecture
+    torch.save(ck, tmp_path / "nopix.pt")
+    assert load_model(str(tmp_path / "nopix.pt"), "cpu", "umae_vit_micro_patch4_32")[0].norm.eps == 1e-6
 
 
 def test_convert_refuses_non_finite_weights_as_eval_does(grid_files, tmp_path, capsys):

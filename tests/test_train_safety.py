@@ -565,6 +565,17 @@ def test_resume_with_another_number_of_processes_keeps_the_global_batch_or_is_re
     assert run["lr"] == 1e-3 * 16 / 256 and run["global_batch"] == 16
     assert run["resume_overrides"] == [dict(step=1, batch_size=[8, 16], world_size=[2, 1])]
     assert main([*args, "--resume-override", "world_size", "--out", str(tmp_path / "d")]) == 0  # asked for
+    # the same global batch through accumulation moves the data position (the batch per micro step differs)
+    # and, with U-MAE's official gradient (--no-exact-ddp-grad), the term's weight scales with 1 / processes
+    capsys.readouterr()
+    assert main([*args, "--accum-iter", "2", "--out", str(tmp_path / "e")]) == 2
+    assert "keep the global batch with --batch-size 16 --accum-iter 1" in capsys.readouterr().err
+    official = _with_world(tmp_path / "a" / "checkpoint-1.pt", tmp_path / "official.pt", 2)
+    ck = torch.load(official, weights_only=False)
+    ck["run"]["exact_ddp_grad"] = False
+    torch.save(ck, official)
+    assert main([*args[:-1], official, "--no-exact-ddp-grad", "--batch-size", "16", "--out", str(tmp_path / "f")]) == 2
+    assert "--resume-override batch_size,world_size" in capsys.readouterr().err
 
 
 def test_weights_overflowed_by_an_update_stop_before_the_checkpoint(tmp_path, monkeypatch, capsys):

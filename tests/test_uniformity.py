@@ -380,3 +380,21 @@ def test_compiles_fullgraph_under_autocast(B):
     ref = fn(f)
     assert_close(got, ref, **MATMUL_TOL[torch.bfloat16])
     assert_close(torch.autograd.grad(got, f)[0], torch.autograd.grad(ref, f)[0], **MATMUL_TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("ac", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B", [19, 70])  # the similarity and the Gram
+def test_under_autocast_is_the_op_on_features_in_the_autocast_dtype(impl, ac, B):
+    # the exact semantics (the grid compares with the reference at the autocast dtype's tolerance): the op
+    # casts the features as autocast casts a matmul's operands, and nothing else changes; fp64 is not cast
+    f = randn(B, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=ac):
+        got = umae.uniformity_loss(f, exclude_diagonal=True)
+    want = umae.uniformity_loss(f.to(ac), exclude_diagonal=True)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(torch.autograd.grad(got, f)[0], torch.autograd.grad(want, f)[0])
+    f64 = randn(B, 16, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=ac):
+        got = umae.uniformity_loss(f64)
+    assert got.dtype == torch.float64 and torch.equal(got, umae.uniformity_loss(f64))

@@ -188,18 +188,19 @@ def _id(x) -> str:
 def grid_params(op: str):
     """pytest params (device, impl, dtype, variant): every row of `op`'s parity grid (umae/bench/grid.py,
     what `umae check` runs) for each fused implementation here and each dtype it takes. The quick tier
-    runs every k-th row (k = the number of (implementation, dtype) pairs: about one row per grid
-    variant, the variants spread over the pairs); the rest are marked slow."""
+    runs the variants whose index is the (implementation, dtype) pair's modulo the number of pairs:
+    each pair a different share, every variant once over the pairs (where its dtype applies); the rest
+    are marked slow."""
     from umae.bench import grid
     from umae.ops._checks import FLOATS
 
     spec = registry.get(op)
     keys = [(p.values[0], p.values[1], dt) for p in fused_impls(op) for dt in FLOATS
             if dt in next(i for i in spec.impls if i.name == p.values[1]).dtypes]
-    rows = [(k, v) for k in keys for v in grid.variants(op) if grid.applies(v, k[2])]
-    return [pytest.param(*k, v, id=f"{k[0]}-{k[1]}-{_id(k[2])}-{v.name.replace(' ', '-')}",
-                         marks=() if j % max(len(keys), 1) == 0 else (pytest.mark.slow,))
-            for j, (k, v) in enumerate(rows)]
+    k = max(len(keys), 1)
+    return [pytest.param(*key, v, id=f"{key[0]}-{key[1]}-{_id(key[2])}-{v.name.replace(' ', '-')}",
+                         marks=() if vi % k == ki % k else (pytest.mark.slow,))
+            for ki, key in enumerate(keys) for vi, v in enumerate(grid.variants(op)) if grid.applies(v, key[2])]
 
 
 def assert_grid_row(op: str, device: str, impl: str, dtype, variant):

@@ -37,11 +37,13 @@ def _remove(path: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process of this PID namespace runs (a temporary's writer on another host or in another
+    container looks dead: umae's outputs are one machine's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: another user's process
+    except (OSError, OverflowError):  # EPERM: another user's process
         pass
     return True
 
@@ -73,7 +75,8 @@ def recover(dst: str) -> None:
         return
     for name in names:
         pid, _, suffix = name[len(prefix):].partition("-")
-        if not name.startswith(prefix) or not pid.isdigit() or suffix not in ("", "old") or _alive(int(pid)):
+        if not (name.startswith(prefix) and pid.isascii() and pid.isdigit() and len(pid) <= 10
+                and suffix in ("", "old")) or _alive(int(pid)):
             continue
         path = os.path.join(folder, name)
         with contextlib.suppress(OSError):
@@ -87,11 +90,14 @@ def write_whole(dst: str, write, tmp: str | None = None) -> None:
     """write(tmp) (a file or a folder), then tmp renamed to dst; a folder replaces dst's folder as a
     whole. On failure no tmp is left and dst is as it was; an OSError (disk full, I/O error, ...),
     raised as it is or behind torch's RuntimeError, is raised as an OSError naming dst. A symlink at
-    dst is written through (its target replaced); a FIFO, device or socket is never replaced (a
-    ValueError). What a killed earlier write left beside dst is put right first (`recover`)."""
-    dst = os.path.realpath(dst)
+    dst is written through (its target replaced) unless `tmp` is given; a FIFO, device or socket is
+    never replaced (a ValueError). What a killed earlier write left beside dst is put right first
+    (`recover`)."""
     if (kind := _kind(dst)) is not None:
         raise ValueError(f"{dst!r} is {kind}, not a regular file: umae writes only files and folders, nothing written")
+    # a target the user named (no tmp given) is written through a symlink; one of umae's own files with its
+    # tmp beside it (a checkpoint, checkpoint-last.pt) replaces a link there, never the file it points to
+    dst = os.path.realpath(dst) if tmp is None else os.path.abspath(dst)
     recover(dst)
     tmp = tmp or os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
     old = tmp + "-old"
@@ -148,7 +154,6 @@ def write_json(dst: str, data) -> None:
 
 
 def _readable(path: str, what: str) -> None:
-    recover(path)
     if os.path.isdir(path):
         raise ValueError(f"{what} {path!r} is a folder, not a file")
     if not os.path.exists(path):
@@ -243,7 +248,8 @@ def check_recorded_config(model, ck: dict, path: str, what: str, name: str) -> N
     if not isinstance(config, dict):
         return
     ours = model.arch_config()
-    differ = [k for k in config if k in ours and config[k] != ours[k]]
+    # norm_pix_loss is recorded beside the architecture (HF's config holds it) but is a loss setting
+    differ = [k for k in config if k in ours and k != "norm_pix_loss" and config[k] != ours[k]]
     if differ:
         raise ValueError(f"{what} {path!r} records " + ", ".join(f"{k}={config[k]!r}" for k in differ)
                          + f" where {name} has " + ", ".join(f"{k}={ours[k]!r}" for k in differ))

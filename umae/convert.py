@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._files import (check_finite_weights, check_recorded_config, check_target, load_weights, read_checkpoint, read_json,
-                     reason, write_whole)
+                     reason, recover, write_whole)
 from .models import CONFIGS, MaskedAutoencoderViT, build, check_name
 
 # (umae key suffix, transformers key suffix) of one transformer block
@@ -223,6 +223,7 @@ def main(args) -> int:
     if args.model is not None:
         check_name(args.model)
     _check_out(args.out, args.to)
+    recover(args.src)  # a folder a killed convert was swapping: its old model back first
     is_hf = os.path.isdir(args.src)
     if not is_hf and not os.path.isfile(args.src):
         raise ValueError(f"src {args.src!r}: no such file or folder")

@@ -97,8 +97,12 @@ def check_impl(op, impl, device, dtypes, seed, opcheck=True) -> list[dict]:
     variants = grid.variants(op.name)
     for i, dtype in enumerate(want):
         base = dict(op=op.name, device=device, impl=impl.name, dtype=dtype_name(dtype))
-        with ops.use_impl(impl.name):
-            runs = ops.choose(op.name, device, (dtype,), backend="fused")[0]
+        try:
+            with ops.use_impl(impl.name):
+                runs = ops.choose(op.name, device, (dtype,), backend="fused")[0]
+        except Exception as e:  # a crash is a failed row, with its message
+            rows.append(dict(base, check="error", ratio=None, status="FAIL", note=f"{type(e).__name__}: {e}"[:300]))
+            continue
         if runs != impl.name:  # the implementation would not run: a comparison would be reference vs itself
             rows.append(dict(base, check="-", ratio=None, status="skipped", note=f"{runs} runs here"))
             continue

@@ -118,7 +118,8 @@ class MaskedAutoencoderViT(TimmEncoderAPI, nn.Module):
         if "model" in state_dict and isinstance(state_dict["model"], dict):
             state_dict = state_dict["model"]
         own = self.state_dict()
-        _check_pool_of(state_dict, own)
+        if strict:  # as timm's ViT, whose strict load names the fc_norm keys (a re-heading load is not strict)
+            _check_pool_of(state_dict, own)
         optional = self.PROBE_KEYS + self.HEAD_KEYS
         extra = sorted(k for k in state_dict if k.startswith(optional) and k not in own)
         if extra:  # a U-MAE checkpoint's probe or a classifier's head, into a model without one
@@ -250,10 +251,10 @@ def _check_pool_of(state: dict, own: dict) -> None:
     if keys(state, "fc_norm.") and not probe and not keys(own, "fc_norm."):
         raise RuntimeError("the checkpoint is a classifier pooled through fc_norm (global_pool='avg'), the model "
                            "has none (global_pool='token' or fc_norm=False): unexpected keys fc_norm.*; create it "
-                           "with global_pool='avg'")
+                           "with global_pool='avg' (and fc_norm left at its default)")
     if keys(state, "head.") and keys(own, "fc_norm.") and not keys(state, "fc_norm."):
         raise RuntimeError("the checkpoint is a classifier without fc_norm (global_pool='token'), the model pools "
-                           "through one (global_pool='avg'): missing keys fc_norm.*; create it with "
+                           "through one (global_pool='avg' or fc_norm=True): missing keys fc_norm.*; create it with "
                            "global_pool='token'")
 
 

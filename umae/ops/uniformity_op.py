@@ -200,10 +200,12 @@ class DistributedFused(torch.autograd.Function):
         features, norms, rinv, g, denom = ctx.saved_tensors
         exclude_diagonal, normalize, grad_scale, gram_ops = ctx.args
         # G, the norms and rinv are constants here: differentiated again, this gradient would miss their
-        # terms, so a second-order gradient raises instead (umae/ops/_checks.py)
-        df = first_order_only("uniformity_loss", lambda grad, features: (_grad_from_gram(
-            gram_ops, grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
-            normalize=normalize) * grad_scale).to(features.dtype), grad, features)
+        # terms, so a second-order gradient raises instead (umae/ops/_checks.py). No autocast inside, as in
+        # the forward (a backward() called under autocast would re-cast the products)
+        with torch.autocast(features.device.type, enabled=False):
+            df = first_order_only("uniformity_loss", lambda grad, features: (_grad_from_gram(
+                gram_ops, grad, features, norms, rinv, g, denom, exclude_diagonal=exclude_diagonal,
+                normalize=normalize) * grad_scale).to(features.dtype), grad, features)
         return df, None, None, None, None, None
 
 

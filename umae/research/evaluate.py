@@ -102,8 +102,11 @@ _RUN_DEFAULTS = dict(lamb=0.0, fused=False, data=None, seed=0, probe_classes=0, 
 
 def _run_record(ck: dict, path: str, model_name) -> dict:
     """The checkpoint's run record (MAE's checkpoints have none: `model_name`'s defaults), its
-    entries checked; a ValueError naming --ckpt for one that is malformed."""
+    entries checked; a ValueError naming --ckpt for one that is malformed. A file that records its
+    architecture ("config": `umae convert` writes it) needs no model name."""
     run = ck.get("run")
+    if run is None and model_name is None and isinstance(ck.get("config"), dict):
+        run = dict(model="its recorded config")
     if run is None and model_name is None:
         raise ValueError(f"--ckpt {path!r} records no model (a facebookresearch/mae checkpoint?): pass --model, "
                          "e.g. --model umae_vit_base_patch16_224, and --data")
@@ -127,14 +130,24 @@ def load_model(path, device, model_name=None):
     ({"model": state_dict}, no run record: `model_name` says which umae model it fits)."""
     import timm
 
-    from ..models import check_name
+    from ..models import MaskedAutoencoderViT, check_name
 
     ck = read_checkpoint(path, "--ckpt")
     run = _run_record(ck, path, model_name)
-    check_name(run["model"], "--model" if model_name else f"--ckpt {path!r}'s recorded model")
-    model = timm.create_model(run["model"], fused=False, lamb=run["lamb"],
-                              probe_classes=run.get("probe_classes", 0), cls_double_norm=run.get("cls_double_norm", True))
-    check_recorded_config(model, ck, path, "--ckpt", run["model"])
+    kw = dict(fused=False, lamb=run["lamb"], probe_classes=run.get("probe_classes", 0),
+              cls_double_norm=run.get("cls_double_norm", True))
+    config = ck.get("config")
+    if model_name is None and isinstance(config, dict):  # the architecture as recorded (a converted model's eps)
+        if ck.get("run") is not None:  # a run record names its model: a name umae knows, or a damaged record
+            check_name(run["model"], f"--ckpt {path!r}'s recorded model")
+        try:
+            model = MaskedAutoencoderViT.from_config(config, **kw)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"--ckpt {path!r}: its recorded config does not make a model: {e}") from None
+    else:
+        check_name(run["model"], "--model" if model_name else f"--ckpt {path!r}'s recorded model")
+        model = timm.create_model(run["model"], **kw)
+        check_recorded_config(model, ck, path, "--ckpt", f"--model {model_name}" if model_name else run["model"])
     # a train checkpoint's "model" entry, or MAE's (encoder-only loads with a warning)
     load_weights(model, ck, path, "--ckpt")
     check_finite_weights(model, path, "--ckpt")

@@ -18,8 +18,9 @@ RESUME_KEYS = ("model", "probe_classes", "decay_tokens")
 # what it must share unless --resume-override names it: a change makes the run another experiment
 # (batch_size, accum_iter, world_size: the data position continues at micro step = step * accum_iter
 # over the new batches per epoch, and the global batch sets --blr's lr: a change is a shift of both).
-# A resume in another number of processes that keeps the global batch (batch_size x processes x
-# accum_iter) changes none of that: it needs no override.
+# A resume in another number of processes with the same batch per micro step across them
+# (batch_size x processes) and accum_iter changes none of that: it needs no override, with
+# exact_ddp_grad (without it U-MAE's official gradient scales with 1 / processes: a change).
 CHANGEABLE = ("lamb", "mask_ratio", "seed", "data", "builtin_size", "norm_pix_loss", "cls_double_norm", "batch_size",
               "accum_iter", "world_size", "exact_ddp_grad")
 
@@ -83,7 +84,9 @@ class TrainConfig:
                            "checkpoint-*.pt deletes them first; a --resume from an earlier checkpoint into its "
                            "run's folder deletes the run's later checkpoints (default: either is refused)")
     resume_override: str = _opt("", "with --resume: settings that may differ from the checkpoint's, e.g. "
-                                "lamb,mask_ratio (the checkpoint records each change). With batch_size or accum_iter "
+                                "lamb,mask_ratio (the checkpoint records each change; world_size: another number of "
+                                "processes, which needs none where the batch across them is kept). With batch_size or "
+                                "accum_iter "
                                 "the data position is recomputed from the step (micro step = step * the new "
                                 "--accum-iter, over the new batches per epoch), not continued at the images seen, and "
                                 "--blr's lr follows the new effective batch", metavar="SETTING[,SETTING]")

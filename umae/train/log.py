@@ -86,6 +86,25 @@ class DeviceStats:
                     weights_finite=math.isfinite(vals[-1]))
 
 
+def _lines(path: str):
+    """log.jsonl's lines as text; a ValueError naming the file and line for one that is not UTF-8 (not a
+    torn line: a damaged record, which a rewrite would lose)."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"the run's log {path!r} is damaged: line {n} is not UTF-8 text ({e.reason} at "
+                                 f"byte {e.start}); mend or delete that line to continue the run") from None
+
+
+def check_log(path: str) -> None:
+    """keep_until's read of the log, before a run starts (on rank 0, whose answer every rank hears)."""
+    if os.path.exists(path):
+        for _ in _lines(path):
+            pass
+
+
 def keep_until(path: str, step: int) -> None:
     """Drops log.jsonl's records after `step` (the step a run starts from), so that a resumed run
     (or a fresh one into the same folder) logs each step once: the records a killed run wrote
@@ -94,18 +113,12 @@ def keep_until(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     keep = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:  # not a torn line: a damaged record, which this rewrite would lose
-                raise ValueError(f"the run's log {path!r} is damaged: line {n} is not UTF-8 text ({e.reason} at "
-                                 f"byte {e.start}); mend or delete that line to continue the run") from None
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):  # a torn last line
-                pass
+    for line in _lines(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a torn last line
+            pass
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)

@@ -21,7 +21,7 @@ from ..runtime import adamw_impl, default_workers
 from . import checkpoint
 from .config import CHANGEABLE, RESUME_KEYS, TrainConfig, add_args, check_range, open_out, parse_device, validate
 from .engine import Loop, train_steps
-from .log import DeviceStats, Logger
+from .log import DeviceStats, Logger, check_log
 
 __all__ = ["CHANGEABLE", "RESUME_KEYS", "TrainConfig", "add_args", "adamw_impl", "check_range", "default_workers",
            "check_fresh_out", "lock_out", "main", "param_groups", "parse_device", "resolve_amp", "train", "validate"]
@@ -118,11 +118,11 @@ def later_checkpoints(cfg: TrainConfig, step: int) -> list[str]:
     numbered = _numbered(cfg.out)
     later = [numbered[k] for k in sorted(numbered) if k > step]
     if later and not cfg.overwrite:
+        # the newest by its number: checkpoint-last.pt may lag it (a kill between the save and its link)
         raise ValueError(f"--resume {cfg.resume!r} is at step {step}, and --out {cfg.out!r} holds the run's later "
                          f"checkpoints ({', '.join(map(os.path.basename, later))}): resuming there would replace them "
-                         f"and its log after step {step}. Resume from {os.path.join(cfg.out, checkpoint.LAST)} to "
-                         "continue the run, give another --out to branch from this step, or pass --overwrite to "
-                         "replace them")
+                         f"and its log after step {step}. Resume from {later[-1]} to continue the run, give another "
+                         "--out to branch from this step, or pass --overwrite to replace them")
     return later
 
 
@@ -143,6 +143,8 @@ def _lock_on_rank0(cfg: TrainConfig, rank: int, world: int):
         try:
             lock = lock_out(cfg.out)
             check_fresh_out(cfg)
+            if cfg.resume:  # the log the resumed run rewrites: damaged, it stops every rank here
+                check_log(os.path.join(cfg.out, "log.jsonl"))
         except ValueError as e:
             err = e
             if lock is not None:
@@ -255,9 +257,11 @@ def _check_resume(cfg: TrainConfig, prev: dict, run_info: dict, step: int, total
                          + ", ".join(f"{k}={run_info[k]!r}" for k in differ))
     allowed = cfg.overrides()
     changed = [k for k in CHANGEABLE if k in prev and _canonical(k, prev[k]) != _canonical(k, run_info[k])]
-    if "world_size" in changed and prev.get("global_batch") == run_info["global_batch"]:
-        # another number of processes with the same global batch (and so the same lr and data per step)
-        allowed = allowed + ["world_size", "batch_size", "accum_iter"]
+    if ("world_size" in changed and prev.get("global_batch") == run_info["global_batch"]
+            and "accum_iter" not in changed and run_info["exact_ddp_grad"]):
+        # another number of processes, each micro step's batch across them the same (so the same data per
+        # step, epochs, lr); not with --no-exact-ddp-grad, whose uniformity gradient scales with 1 / processes
+        allowed = allowed + ["world_size", "batch_size"]
         run_info["resume_note"] = (
             f"resuming a {prev['world_size']}-process run in {run_info['world_size']}: its global batch of "
             f"{run_info['global_batch']} kept (--batch-size {run_info['batch_size']} x {run_info['world_size']} "
@@ -270,10 +274,11 @@ def _check_resume(cfg: TrainConfig, prev: dict, run_info: dict, step: int, total
         if "world_size" in refused:
             said[refused.index("world_size")] += (f", a global batch of {prev.get('global_batch', '?')} (this run: "
                                                   f"{run_info['global_batch']})")
-            per = run_info["world_size"] * run_info["accum_iter"]
+            per = run_info["world_size"] * prev.get("accum_iter", run_info["accum_iter"])
             how = f"run {prev['world_size']} processes" + (
                 f", keep the global batch with --batch-size {prev['global_batch'] // per}"
-                if prev.get("global_batch", 0) % per == 0 else "")
+                + (f" --accum-iter {prev['accum_iter']}" if prev.get("accum_iter") != run_info["accum_iter"] else "")
+                if prev.get("global_batch", 0) % per == 0 and run_info["exact_ddp_grad"] else "")
         raise ValueError(f"--resume {cfg.resume!r}: the checkpoint's run has " + ", ".join(said) + f"; {how}, or "
                          "pass --resume-override " + ",".join(refused) + " to change them")
     run_info["resume_overrides"] = list(prev.get("resume_overrides", [])) + (

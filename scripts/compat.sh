@@ -4,8 +4,8 @@
 # with wheel 0.48.0, pip 24.0, timm 1.0.29, transformers 5.17.0 -- and the tests that depend on the
 # stack run on it: the build (C++ and CUDA sources), the kernels' parity (C++, Triton interpreter),
 # opcheck and compile, umae.patch on transformers and timm models (the quick tier of those files),
-# the sm_90 compile of the Triton kernels with the GPU machine's triton and scripts/gpu_check.sh's dry
-# run (run only here when this runs). The tree is copied to .compat/ first (tracked and untracked-not-ignored files), so its
+# and the sm_90 compile of the Triton kernels with the GPU machine's triton (run only here when this
+# runs). The tree is copied to .compat/ first (tracked and untracked-not-ignored files), so its
 # build never touches the main checkout's in-place extension, and built the way the GPU machine
 # builds it (scripts/gpu_check.sh): setup.py build_ext --inplace, no pip.
 #
@@ -57,9 +57,8 @@ cd "$T"
 "$V/bin/python" -c "import torch, triton; print('compat stack: torch', torch.__version__, 'triton', triton.__version__,
       '| extension -march=$UMAE_CPU_ARCH, torch CPU dispatch', torch.backends.cpu.get_cpu_capability(),
       '| oneDNN/MKL capped at AVX2')"
-# the quick tier of what depends on the stack, plus the GPU machine's checks (gpucheck: the sm_90
-# compile, and scripts/gpu_check.sh's dry run on the versions the GPU machine runs); -n: pytest-xdist
+# the quick tier of what depends on the stack, plus the sm_90 compile (gpucheck); -n: pytest-xdist
 exec "$V/bin/python" -m pytest -m "not slow and not dist" -n "${UMAE_TEST_WORKERS:-2}" --dist worksteal \
   tests/test_patchify.py tests/test_masked_mse.py tests/test_masking.py tests/test_uniformity.py \
   tests/test_op_edges.py tests/test_check.py tests/test_backend.py tests/test_patching.py tests/test_model.py \
-  tests/test_timm_api.py tests/test_finetune.py tests/test_triton_compile.py tests/test_gpu_check.py "$@"
+  tests/test_timm_api.py tests/test_finetune.py tests/test_triton_compile.py "$@"

@@ -29,6 +29,37 @@ def test_bench_rows_and_outputs(tmp_path):
     assert bench.format_table(rows).count("\n") >= 3
 
 
+def test_rows_carry_the_exact_costs_and_the_fused_step_is_below_its_reference():
+    # aten_calls: the ops dispatched (a umae kernel's own ATen calls counted too); saved_bytes: what the
+    # forward keeps for backward. Exact on any device, so checked here
+    rows = list(bench.run(["uniformity_loss"], ["cpu_small"], ["fwd", "fwd+bwd"], ["fused", "eager", "fused+compile"],
+                          [torch.float32], "cpu", progress=False))
+    by = {(r["mode"], r["provider"]): r for r in rows}
+    assert by["fwd+bwd", "fused"]["aten_calls"] > 1  # more than the op itself: what its C++ kernel dispatches
+    assert by["fwd+bwd", "fused"]["aten_calls"] < by["fwd+bwd", "eager"]["aten_calls"]
+    assert "aten_calls" not in by["fwd", "fused"] and "aten_calls" not in by["fwd+bwd", "fused+compile"]
+    step = {r["provider"]: r for r in bench.run_e2e(["tiny"], "cpu", providers=("fused", "eager"))}
+    for k in ("aten_calls", "saved_bytes"):
+        assert 0 < step["fused"][k] < step["eager"][k], (k, step["fused"][k], step["eager"][k])
+    assert "aten calls" in bench.format_table(rows + list(step.values()))
+
+
+def test_costs_count_a_kernels_own_calls_and_saved_storages_once():
+    from umae.bench import costs
+
+    x = torch.randn(64, 32, requires_grad=True)
+
+    def fn():
+        y = x.exp()  # saves its output
+        (y * y).sum().backward()  # saves y twice: one storage
+    got = costs.measure(fn, held=[x])
+    assert got["saved_bytes"] == 64 * 32 * 4
+    assert costs.measure(lambda: (x * 2).sum().backward(), held=[x])["saved_bytes"] == 0  # x is held
+    import umae
+    plain = costs.measure(lambda: umae.uniformity_loss(x.detach()))["aten_calls"]
+    assert plain > 1  # umae::uniformity_loss and the ATen calls of its C++ kernel (the mm)
+
+
 def test_report_regenerates_readme_table(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- perf-table:start -->\nold\n<!-- perf-table:end -->\nrest\n")

@@ -68,7 +68,11 @@ TABLE = [Col("op", "op", width=16, align="<"), Col("shape", "shape", width=10, a
              f"MFU {100 * r['mfu']:.0f}%" if "mfu" in r else ""), width=8),
          Col("parity", lambda r: f"{r['parity_max_abs']:.1e}" if r["provider"] == "fused" and r["op"] not in E2E_OPS
              else "", width=9),
-         Col("peak MB", lambda r: f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "", width=9)]
+         Col("peak MB", lambda r: f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "", width=9),
+         # exact on any device (umae/bench/costs.py): ops dispatched, bytes kept for backward
+         Col("aten calls", _formatted("aten_calls", "d"), width=10),
+         Col("saved MB", lambda r: f"{r['saved_bytes'] / 2**20:.2f}" if r.get("saved_bytes") is not None else "",
+             width=9)]
 
 
 def format_table(rows) -> str:

@@ -15,6 +15,7 @@ import umae
 from ..ops import _backend, registry
 from .. import ops
 from ..ops._spec import dtype_name
+from . import costs
 from .cases import DEFAULT_DTYPES, DEFAULT_SHAPES, SHAPES, NotApplicable, case
 from .timing import (CG_PROVIDERS, COMPILED_PROVIDERS, FUSED_PROVIDERS, HOST_BOUND, MODES, PROVIDERS, device_ms, mode_fn, outputs, peak_mb, provider_forward, time_ms)
 
@@ -95,6 +96,8 @@ def _run_one(op, shape, dtype, modes, providers, device):
             row = dict(key, mode=mode, provider=provider, impl=impl if provider in FUSED_PROVIDERS else "reference",
                        ms=ms, ms_p20=lo, ms_p80=hi, gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9 if flops else None,
                        parity_max_abs=err, peak_mb=peak)
+            if mode == "fwd+bwd" and provider not in COMPILED_PROVIDERS:  # a compiled call dispatches its graph
+                row.update(costs.measure(fn, held=c.grad_inputs))
             if device == "cuda":
                 row.update(with_device_time(fn, ms, nbytes, flops))
             yield row
@@ -188,10 +191,13 @@ def _train_step_row(op, model, impl, batch, shape, provider, device, amp, flops)
             flops = counter.get_total_flops()
         peak = peak_mb(step, device)
         ms, lo, hi = time_ms(step, device)
+        # the step's exact costs (eager providers: a compiled step dispatches its graph's kernels)
+        exact = {} if provider in COMPILED_PROVIDERS else costs.measure(step, held=step.held)
     except Exception as e:
         return dict(row, error=f"{type(e).__name__}: {e}"[:200]), flops
     return dict(row, impl=impl, ms=ms, ms_p20=lo, ms_p80=hi, gbps=0.0, tflops=flops / ms / 1e9 if flops else None,
-                step_flops=flops, img_per_s=batch / ms * 1e3, parity_max_abs=float("nan"), peak_mb=peak), flops
+                step_flops=flops, img_per_s=batch / ms * 1e3, parity_max_abs=float("nan"), peak_mb=peak,
+                **exact), flops
 
 
 def train_step_fn(model, batch: int, device: str, provider: str, amp):
@@ -218,6 +224,7 @@ def train_step_fn(model, batch: int, device: str, provider: str, amp):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    step.held = [imgs, *model.parameters(), *model.buffers()]  # what the step holds before its forward
     return step
 
 

@@ -32,12 +32,12 @@ def test_bench_rows_and_outputs(tmp_path):
 def test_rows_carry_the_exact_costs_and_the_fused_step_is_below_its_reference():
     # aten_calls: the ops dispatched (a umae kernel's own ATen calls counted too); saved_bytes: what the
     # forward keeps for backward. Exact on any device, so checked here
-    rows = list(bench.run(["uniformity_loss"], ["cpu_small"], ["fwd", "fwd+bwd"], ["fused", "eager", "fused+compile"],
+    rows = list(bench.run(["uniformity_loss"], ["unif_tiny"], ["fwd", "fwd+bwd"], ["fused", "eager"],
                           [torch.float32], "cpu", progress=False))
     by = {(r["mode"], r["provider"]): r for r in rows}
     assert by["fwd+bwd", "fused"]["aten_calls"] > 1  # more than the op itself: what its C++ kernel dispatches
     assert by["fwd+bwd", "fused"]["aten_calls"] < by["fwd+bwd", "eager"]["aten_calls"]
-    assert "aten_calls" not in by["fwd", "fused"] and "aten_calls" not in by["fwd+bwd", "fused+compile"]
+    assert "aten_calls" not in by["fwd", "fused"]
     step = {r["provider"]: r for r in bench.run_e2e(["tiny"], "cpu", providers=("fused", "eager"))}
     for k in ("aten_calls", "saved_bytes"):
         assert 0 < step["fused"][k] < step["eager"][k], (k, step["fused"][k], step["eager"][k])
@@ -192,7 +192,7 @@ def test_hf_train_step_bench_rows():
     pytest.importorskip("transformers")
     from umae import bench
 
-    rows = list(bench.run_e2e(["cpu_small"], "cpu", providers=("fused", "eager"), ops=("hf_train_step",)))
+    rows = list(bench.run_e2e(["tiny"], "cpu", providers=("fused", "eager"), ops=("hf_train_step",)))
     assert [r["provider"] for r in rows] == ["fused", "eager"]
     for r in rows:
         assert "error" not in r, r

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreted, promoted  # noqa: F401  (the launchers' import of it)
+from ._env import interpreted, promoted  # noqa: F401  (the launchers' import of it)
 
 # decided at import, so a compile check (run without the interpreter) compiles the GPU branch
 INTERPRETED = tl.constexpr(interpreted())
@@ -35,13 +35,6 @@ def _interpreter_index_fix():
     interpreter._patch_lang_tensor = patched
 
 
-if INTERPRETED.value:
-    _interpreter_index_fix()
-
-# False while umae.bench.jit.recording intercepts launches without running them (the sm_90 compile
-# check): the launchers' checks of data that kernels wrote (restore_tokens' ids_restore, from
-# random_masking) then read garbage, and are skipped.
-KERNELS_RUN = [True]
 
 H100_SM_COUNT = 132  # the target GPU's, where no GPU is visible (the interpreter, compile checks)
 
@@ -62,10 +55,19 @@ def sm_count(device) -> int:
 _NO_GUARD = contextlib.nullcontext()
 
 
+_fixed = False
+
+
 def on_device(t: torch.Tensor):
     """The device guard every launch needs: Triton launches on the current CUDA device, so a tensor
     on cuda:1 needs cuda:1 current (`umae train --device cuda:1` does not make it so). None where it
-    is current already (the common case: a guard's two device switches cost more than the check)."""
+    is current already (the common case: a guard's two device switches cost more than the check).
+    Under the interpreter the first launch applies its fix (_interpreter_index_fix): where
+    interpretation runs, not at import."""
+    global _fixed
+    if INTERPRETED.value and not _fixed:
+        _interpreter_index_fix()
+        _fixed = True
     if not t.is_cuda or t.get_device() == torch.cuda.current_device():
         return _NO_GUARD
     return torch.cuda.device(t.device)

@@ -136,19 +136,3 @@ def backward(grad_out, ids_restore, *, has_cls: bool, dtype=None):
         _scatter_grad_kernel[grid](grad_out, ids_restore, gx, L, D, len_keep, grad_out.stride(0), grad_out.stride(1),
                                    grad_out.stride(2), HAS_CLS=has_cls, num_warps=warps, **cfg)
     return gx
-
-
-def requested_bytes(kernel: str, a: dict, grid) -> int:
-    """Bytes a launch's masked loads and stores request, from its grid, block shapes and
-    arguments `a` (by name), for valid inputs; umae bench --traffic checks it against the
-    interpreter's count."""
-    e = lambda name: a[name].element_size()  # noqa: E731
-    N, n_i = grid[0], grid[1]
-    L, D, K = a["L"], a["D"], a["len_keep"]
-    if kernel == "_rank_gather_kernel":
-        ranks = e("noise_ptr") * N * L * (1 + n_i)  # own noise, then the whole row per program
-        ranks += (e("ids_ptr") + e("mask_ptr")) * N * L
-        rows = N * K * D * (e("x_ptr") + e("out_ptr") + (e("pos_ptr") if a["HAS_POS"] else 0))
-        return ranks + rows + (N * D * (e("cls_ptr") + e("out_ptr")) if a["HAS_CLS"] else 0)
-    assert kernel == "_scatter_grad_kernel", kernel
-    return e("ids_ptr") * N * L + e("grad_ptr") * N * K * D + e("gx_ptr") * N * L * D

@@ -416,37 +416,3 @@ def grad_rows(f, rinv, norms, m, c: float, *, exclude_diagonal: bool, normalize:
             EXCLUDE=exclude_diagonal, NORMALIZE=normalize, ROUND_DTYPE=tl_round, BLOCK_R=block_r, BLOCK_D=block_d,
             num_warps=NUM_WARPS)
     return out
-
-
-def requested_bytes(kernel: str, a: dict, grid) -> int:
-    """Bytes a launch's masked loads and stores request, from its grid, block shapes and
-    arguments `a` (by name); umae bench --traffic checks it against the interpreter's count."""
-    e = lambda name: a[name].element_size()  # noqa: E731
-    B, D = a["B"], a["D"]
-    if kernel == "_gram_kernel":
-        nt, n_split, bd = grid[0], grid[2], a["BLOCK_D"]
-        w = [min(bd, D - t * bd) for t in range(nt)]
-        tiles = [(i, j) for i in range(nt) for j in range(i, nt)]  # upper triangle: the rest return
-        out = sum(B * (w[i] + w[j]) * e("f_ptr") + 2 * B * e("rinv_ptr") for i, j in tiles)
-        if a["STORE_GRAM"]:
-            out += n_split * sum(w[i] * w[j] * e("gram_ptr") * (1 if i == j else 2) for i, j in tiles)
-        return out + (nt * nt * e("sq_ptr") if a["SQUARE"] else 0)
-    if kernel == "_sim_kernel":
-        nt, bb = grid[0], a["BLOCK_B"]
-        w = [min(bb, B - t * bb) for t in range(nt)]
-        tiles = [(i, j) for i in range(nt) for j in range(i, nt)]
-        out = sum(D * (w[i] + w[j]) * e("f_ptr") + (w[i] + w[j]) * triton.cdiv(D, a["BLOCK_K"]) * e("rinv_ptr")
-                  for i, j in tiles)
-        if a["STORE_SIM"]:
-            out += sum(w[i] * w[j] * e("sim_ptr") * (1 if i == j else 2) for i, j in tiles)
-        return out + nt * nt * e("sq_ptr")
-    if kernel == "_sim_times_z_kernel":  # each row block of S once per column block, z once per row block
-        n_m, n_n = grid[0], grid[1]
-        return n_n * B * B * e("s_ptr") + n_m * B * D * e("z_ptr") + B * D * e("out_ptr")
-    if kernel == "_grad_rows_kernel":  # f, zg in, out; rinv (and norms) per row
-        return B * D * (e("f_ptr") + e("zg_ptr") + e("out_ptr")) + B * e("rinv_ptr") + (
-            B * e("norms_ptr") if a["NORMALIZE"] else 0) + (e("scale_ptr") * grid[0] if a["HAS_SCALE"] else 0)
-    assert kernel == "_z_times_gram_kernel", kernel
-    n_m, n_n, n_k = grid[0], grid[1], triton.cdiv(D, a["BLOCK_K"])
-    return (n_n * B * (D * e("f_ptr") + n_k * e("rinv_ptr")) + n_m * D * D * e("g_ptr")
-            + B * D * e("out_ptr"))

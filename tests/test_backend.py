@@ -285,19 +285,31 @@ print("unchanged")
 
 def test_the_kernels_folder_does_not_shadow_pypi_kernels():
     # kernels/ is umae.kernels; in a process started in the repo root (python -c, python -m) it is
-    # also a top-level `kernels`, PyPI's name, which transformers imports when it is installed
+    # also a top-level `kernels`, PyPI's name, which transformers imports when it is installed. A
+    # namespace package (no __init__.py), it yields to a regular package anywhere on sys.path: no
+    # sys.modules rewriting
     import importlib.metadata
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = "import kernels, umae.kernels; print(kernels.__file__); print(umae.kernels.__file__)"
+    code = ("import kernels, umae.kernels.uniformity as u; print(getattr(kernels, '__file__', None)); "
+            "print(list(kernels.__path__)); print(u.__file__)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=HANG_GUARD)
     assert r.returncode == 0, r.stderr
-    top, ours = (os.path.realpath(p) for p in r.stdout.split())
-    folder = os.path.realpath(os.path.join(root, "kernels", "__init__.py"))
-    assert ours == folder
+    top_file, top_path, ours = r.stdout.splitlines()
+    folder = os.path.realpath(os.path.join(root, "kernels"))
+    assert os.path.dirname(os.path.realpath(ours)) == folder
+    assert not os.path.exists(os.path.join(folder, "__init__.py"))
     try:
         importlib.metadata.version("kernels")
     except importlib.metadata.PackageNotFoundError:
-        assert top == folder  # nothing to hand over to: the folder is what `import kernels` finds
+        assert top_file == "None" and folder in top_path  # nothing else: the folder, as a namespace
     else:
-        assert top != folder  # PyPI's package
+        assert top_file != "None" and os.path.dirname(os.path.realpath(top_file)) != folder  # PyPI's package
+    import re
+
+    rewrite = re.compile(r"sys\.modules\[[^\]]*\]\s*=[^=]|sys\.modules\.(update|pop|setdefault)\(")
+    for path in (os.path.join(root, p) for p in ("umae", "kernels")):  # and nothing rewrites the module table
+        for dirpath, _, files in os.walk(path):
+            for f in files:
+                if f.endswith(".py"):
+                    assert not rewrite.search(open(os.path.join(dirpath, f)).read()), f

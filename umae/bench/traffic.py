@@ -21,6 +21,7 @@ import contextlib
 
 import numpy as np
 import torch
+import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..ops import _backend, registry
@@ -112,7 +113,7 @@ def eager_bytes(op: str, shape) -> int:
 def fused_bytes(op: str, shape) -> dict | None:
     """{requested, unique} bytes of the Triton path (kernels in the interpreter + aten glue) and
     `formula`: the kernels' requested bytes derived from their launches' grids and block shapes
-    (each kernel module's `requested_bytes`), to equal the interpreter's count of them (`kernels`).
+    (REQUESTED_BYTES), to equal the interpreter's count of them (`kernels`).
     None for an op without Triton kernels."""
     spec = registry.get(op)
     if not spec.kernels:
@@ -123,7 +124,7 @@ def fused_bytes(op: str, shape) -> dict | None:
     with (_backend.use_backend("fused"), ops.use_impl("triton-interpreter"), counting_interpreter() as k,
           jit.recording(jit.kernels_of(module), run=True) as launches):
         _fwd_bwd(c, lambda: m)
-    formula = sum(module.requested_bytes(fn.__name__, dict(zip(fn.arg_names, args), **kwargs), grid)
+    formula = sum(REQUESTED_BYTES[fn.__name__](dict(zip(fn.arg_names, args), **kwargs), grid)
                   for fn, args, kwargs, grid in launches)
     return dict(requested=k["requested"] + m.bytes, unique=k["unique"] + m.bytes, kernels=k["requested"],
                 formula=formula)
@@ -170,3 +171,92 @@ COLUMNS = [Col("op", "op"), Col("shape", "shape"), Col("minimum MB", lambda r: _
 
 def format_rows(rs) -> str:
     return format_table(rs, COLUMNS, markdown=True)
+
+
+# ---- each Triton kernel's requested bytes, from its launch: the formula `fused_bytes` checks ----
+
+def _e(a, name) -> int:
+    return a[name].element_size()
+
+
+def _rank_gather(a, grid) -> int:  # kernels/random_masking.py
+    e = lambda name: _e(a, name)  # noqa: E731
+    N, n_i = grid[0], grid[1]
+    L, D, K = a["L"], a["D"], a["len_keep"]
+    ranks = e("noise_ptr") * N * L * (1 + n_i)  # own noise, then the whole row per program
+    ranks += (e("ids_ptr") + e("mask_ptr")) * N * L
+    rows = N * K * D * (e("x_ptr") + e("out_ptr") + (e("pos_ptr") if a["HAS_POS"] else 0))
+    return ranks + rows + (N * D * (e("cls_ptr") + e("out_ptr")) if a["HAS_CLS"] else 0)
+
+
+def _scatter_grad(a, grid) -> int:
+    N, L, D, K = grid[0], a["L"], a["D"], a["len_keep"]
+    return _e(a, "ids_ptr") * N * L + _e(a, "grad_ptr") * N * K * D + _e(a, "gx_ptr") * N * L * D
+
+
+def _restore(a, grid) -> int:  # kernels/restore_tokens.py; ids a permutation
+    e = lambda name: _e(a, name)  # noqa: E731
+    c, L, D, K = int(a["HAS_CLS"]), a["L"], a["D"], a["len_keep"]
+    N, n_r, R = grid[0], grid[1], L + int(a["HAS_CLS"])
+    out = e("ids_ptr") * N * L + e("x_ptr") * N * (K + c) * D + e("out_ptr") * N * R * D
+    out += e("tok_ptr") * N * n_r * D  # the mask token, once per program
+    return out + (e("pos_ptr") * N * R * D if a["HAS_POS"] else 0)
+
+
+def _restore_bwd(a, grid) -> int:
+    e = lambda name: _e(a, name)  # noqa: E731
+    c, L, D, K = int(a["HAS_CLS"]), a["L"], a["D"], a["len_keep"]
+    N, n_d, R = grid[0], grid[1], L + int(a["HAS_CLS"])  # each column-block program reads the sample's ids
+    return (e("ids_ptr") * N * n_d * L + e("g_ptr") * N * R * D + e("gx_ptr") * N * (K + c) * D
+            + e("part_ptr") * N * D)
+
+
+def _tiles(n_t, block, total):
+    w = [min(block, total - t * block) for t in range(n_t)]
+    return w, [(i, j) for i in range(n_t) for j in range(i, n_t)]  # the upper triangle: the rest return
+
+
+def _gram(a, grid) -> int:  # kernels/uniformity.py
+    e = lambda name: _e(a, name)  # noqa: E731
+    B, D = a["B"], a["D"]
+    n_split = grid[2]
+    w, tiles = _tiles(grid[0], a["BLOCK_D"], D)
+    out = sum(B * (w[i] + w[j]) * e("f_ptr") + 2 * B * e("rinv_ptr") for i, j in tiles)
+    if a["STORE_GRAM"]:
+        out += n_split * sum(w[i] * w[j] * e("gram_ptr") * (1 if i == j else 2) for i, j in tiles)
+    return out + (grid[0] ** 2 * e("sq_ptr") if a["SQUARE"] else 0)
+
+
+def _sim(a, grid) -> int:
+    e = lambda name: _e(a, name)  # noqa: E731
+    B, D = a["B"], a["D"]
+    w, tiles = _tiles(grid[0], a["BLOCK_B"], B)
+    out = sum(D * (w[i] + w[j]) * e("f_ptr") + (w[i] + w[j]) * triton.cdiv(D, a["BLOCK_K"]) * e("rinv_ptr")
+              for i, j in tiles)
+    if a["STORE_SIM"]:
+        out += sum(w[i] * w[j] * e("sim_ptr") * (1 if i == j else 2) for i, j in tiles)
+    return out + grid[0] ** 2 * e("sq_ptr")
+
+
+def _sim_times_z(a, grid) -> int:  # each row block of S once per column block, z once per row block
+    B, D = a["B"], a["D"]
+    return grid[1] * B * B * _e(a, "s_ptr") + grid[0] * B * D * _e(a, "z_ptr") + B * D * _e(a, "out_ptr")
+
+
+def _grad_rows(a, grid) -> int:  # f, zg in, out; rinv (and norms) per row
+    B, D = a["B"], a["D"]
+    return (B * D * (_e(a, "f_ptr") + _e(a, "zg_ptr") + _e(a, "out_ptr")) + B * _e(a, "rinv_ptr")
+            + (B * _e(a, "norms_ptr") if a["NORMALIZE"] else 0) + (_e(a, "scale_ptr") * grid[0] if a["HAS_SCALE"] else 0))
+
+
+def _z_times_gram(a, grid) -> int:
+    B, D = a["B"], a["D"]
+    n_m, n_n, n_k = grid[0], grid[1], triton.cdiv(D, a["BLOCK_K"])
+    return n_n * B * (D * _e(a, "f_ptr") + n_k * _e(a, "rinv_ptr")) + n_m * D * D * _e(a, "g_ptr") + B * D * _e(a, "out_ptr")
+
+
+# kernel name -> bytes its masked loads and stores request, from its launch's grid and arguments (by name)
+REQUESTED_BYTES = {"_rank_gather_kernel": _rank_gather, "_scatter_grad_kernel": _scatter_grad,
+                   "_restore_kernel": _restore, "_restore_bwd_kernel": _restore_bwd, "_gram_kernel": _gram,
+                   "_sim_kernel": _sim, "_sim_times_z_kernel": _sim_times_z, "_grad_rows_kernel": _grad_rows,
+                   "_z_times_gram_kernel": _z_times_gram}

@@ -6,7 +6,7 @@ import operator
 
 import torch
 
-from ..kernels import promoted as result_dtype  # noqa: F401  (one rule for kernels and references)
+from ..kernels._env import promoted as result_dtype  # noqa: F401  (one rule for kernels and references)
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # the floating dtypes umae's ops take
 

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from ..kernels import interpreted
+from ..kernels._env import interpreted
 
 
 def _load_ext():

@@ -15,7 +15,7 @@
 #   sanitize   40 s  compute-sanitizer memcheck + racecheck, scripts/gpu_small.py   (tests.log)
 #   profile    35 s  U-MAE ViT-B/16 training steps, batch 64 and 256, fused and       profile.json (+ bench.log)
 #                    reference model, under torch.profiler: host and wall ms per step, device-busy
-#                    fraction, kernel launches, top kernels (umae bench --profile-steps)
+#                    fraction, kernel launches, top kernels (umae bench profile)
 #   ops        75 s  every op, bf16, ViT-B/16 N=256, fwd+bwd,                     bench.log, results.json
 #                    fused vs eager vs compile vs fused+compile, device time (CUDA graph replay),
 #                    host- or device-bound, GB/s, % of copy BW, peak MB
@@ -27,9 +27,9 @@
 #                    mode (reduce-overhead), reference model vs fused: the step goal
 #   host       20 s  host time per call, each op at tiny sizes, fwd and fwd+bwd, fused vs      host.json (+ bench.log)
 #                    reference vs one aten op, the GPU held behind a sleep kernel; a training step of
-#                    the smallest model (umae bench --host)
+#                    the smallest model (umae bench host)
 #   tune       30 s  the uniformity kernels' candidate tile configurations, B = 256 and        tune.json (+ bench.log)
-#                    16,384 x 768 bf16, fwd+bwd device time, the winners (umae bench --tune)
+#                    16,384 x 768 bf16, fwd+bwd device time, the winners (umae bench tune)
 #
 # STAGES="tests unif" (say) runs only those stages, TEST_ARGS="tests/test_x.py -k cuda" other tests.
 # Without a GPU (or with --dry-run) the same stages run at tiny sizes on CPU, about a minute on 2
@@ -142,8 +142,8 @@ fi
 
 if want profile; then
 stage profile
-echo "=== profile: umae bench --profile-steps --providers fused eager" >> "$OUT/bench.log"
-box 35 $PY -m umae.cli.main bench --profile-steps --providers fused eager --out "$OUT" > /tmp/umae_profile.log 2>&1 \
+echo "=== profile: umae bench profile --providers fused eager" >> "$OUT/bench.log"
+box 35 $PY -m umae.cli.main bench profile --providers fused eager --out "$OUT" > /tmp/umae_profile.log 2>&1 \
   || fail "profile (rc $?)"
 grep -v "^wrote " /tmp/umae_profile.log | tee -a "$OUT/bench.log" | head -12
 fi
@@ -168,14 +168,14 @@ bench train 50 --ops train_step mae_train_step hf_train_step --shapes $E2E_SHAPE
 bench compile 55 "${COMPILE_ARGS[@]}"
 if want host; then
 stage host
-echo "=== host: umae bench --host" >> "$OUT/bench.log"
-box 20 $PY -m umae.cli.main bench --host --out "$OUT" > /tmp/umae_bench_host.log 2>&1 || fail "bench host (rc $?)"
+echo "=== host: umae bench host" >> "$OUT/bench.log"
+box 20 $PY -m umae.cli.main bench host --out "$OUT" > /tmp/umae_bench_host.log 2>&1 || fail "bench host (rc $?)"
 grep -v "^wrote " /tmp/umae_bench_host.log | tee -a "$OUT/bench.log" | tail -12
 fi
 if want tune; then
 stage tune
-echo "=== tune: umae bench --tune" >> "$OUT/bench.log"
-box 30 $PY -m umae.cli.main bench --tune --out "$OUT" > /tmp/umae_tune.log 2>&1 || fail "tune (rc $?)"
+echo "=== tune: umae bench tune" >> "$OUT/bench.log"
+box 30 $PY -m umae.cli.main bench tune --out "$OUT" > /tmp/umae_tune.log 2>&1 || fail "tune (rc $?)"
 grep -v "^wrote " /tmp/umae_tune.log | tee -a "$OUT/bench.log" | tail -14
 fi
 stage "done (status $status)"

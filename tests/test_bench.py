@@ -159,7 +159,7 @@ def test_every_compiled_case_is_compiled():
     assert all(g >= 1 for g in graphs), graphs
 
 
-# ---- counted memory traffic (umae bench --traffic) ---------------------------------------
+# ---- counted memory traffic (umae bench traffic) ---------------------------------------
 
 def test_traffic_counts_bytes():
     # the dispatch count: an add reads two tensors and writes one; a view moves nothing
@@ -271,7 +271,7 @@ def test_host_view_rows_and_verdicts(tmp_path, capsys):
     assert [m for m, v in host.verdicts(many_units).items() if not v[2]] == ["fwd+bwd"]
     assert "missed: fwd+bwd" in host.format_rows([many_units])
     capsys.readouterr()
-    assert main(["bench", "--host", "--device", "cpu", "--ops", "uniformity_loss", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "host", "--device", "cpu", "--ops", "uniformity_loss", "--out", str(tmp_path)]) == 0
     saved = json.load(open(tmp_path / "host.json"))
     assert [r["op"] for r in saved["rows"]] == ["uniformity_loss"] and saved["step"] is None
     assert "| uniformity_loss | cpp-cpu |" in capsys.readouterr().out
@@ -336,3 +336,19 @@ def test_tune_runs_every_candidate_of_the_product_each_shape_uses(capsys):
     assert tune.winners(rows)[("B=256 D=768", "SIM_CFG")]["candidate"] == 1  # least device time
     assert "winner" in tune.format_rows(rows).splitlines()[3]
     assert tune.main("cpu", None) == 0 and "on a GPU only" in capsys.readouterr().out
+
+
+def test_the_measurements_are_subcommands_and_the_old_flags_their_aliases(capsys, monkeypatch):
+    from umae.bench import command
+    from umae.cli.main import main
+
+    calls = []
+    for what in ("host", "loader", "profile", "tune"):
+        monkeypatch.setattr(command, {"profile": "profile_steps"}.get(what, what),
+                            lambda args, device, what=what: calls.append(what) or 0)
+    for argv in (["host"], ["--host"], ["loader"], ["--ops", "loader"], ["profile"], ["--profile-steps"], ["tune"],
+                 ["--tune"]):
+        assert main(["bench", *argv, "--device", "cpu"]) == 0, argv
+    assert calls == ["host", "host", "loader", "loader", "profile", "profile", "tune", "tune"]
+    assert main(["bench", "host", "--tune"]) == 2
+    assert "one measurement at a time, got host and tune" in capsys.readouterr().err

@@ -6,7 +6,7 @@
 - report.py: speedups, the table, results files and the generated tables (docs/benchmarks.md, README);
 - plots.py: speedup.png and roofline.png;
 - jit.py / audit.py: the Triton kernels compiled for sm_90 as the JIT would, and their static
-  audit (with the CUDA extension's); traffic.py: counted bytes (umae bench --traffic);
+  audit (with the CUDA extension's); traffic.py: counted bytes (umae bench traffic);
 - command.py, info.py, report_command.py: `umae bench`, `umae info`, `umae report`.
 
 CPU figures are not GPU figures. Importing this package changes no global setting: what a

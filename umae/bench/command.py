@@ -1,6 +1,7 @@
-"""`umae bench`: its flags and the run they ask for (the kernels, the training steps, the input
-pipeline, with --host the host time per call, or with --traffic the counted bytes); prints the
-tables, writes results.json / .csv and the plots (or host.json) with --out."""
+"""`umae bench`: its flags and the run they ask for: the timed kernels and training steps, or one of
+the other measurements on the same flags, `umae bench host | loader | profile | tune | traffic`
+(MEASUREMENTS); prints the tables, writes results.json / .csv and the plots (or host.json, ...)
+with --out."""
 from __future__ import annotations
 
 import argparse
@@ -10,11 +11,31 @@ import sys
 HELP = "fused vs eager reference vs torch.compile(reference), per op"
 
 
+# the measurements besides the timed ops: `umae bench <what>` (the old flags --host, --profile-steps,
+# --tune, --traffic and `--ops loader` still name them)
+MEASUREMENTS = {
+    "host": "the host time of one call of each op at tiny sizes (Python, checks, dispatch, autograd, launches), "
+            "forward and forward + backward, fused vs reference vs one aten op, and a training step of the "
+            "smallest model; with --out, host.json",
+    "loader": "the input pipeline alone on the host: decode + MAE's augmentation + collate, no model",
+    "profile": "a few U-MAE training steps under torch.profiler per batch and provider (--providers; CUDA: ViT-B/16 "
+               "at batch 64 and 256): host and wall ms per step, device-busy fraction, kernel launches, top kernels; "
+               "with --out, profile.json",
+    "tune": "on a GPU: each candidate tile configuration of the Triton kernels (uniformity_loss at B = 256 and "
+            "16,384 x 768, bf16, fwd+bwd, device time) and the winners; with --out, tune.json",
+    "traffic": "the bytes each op moves, counted: fused (kernels counted in the Triton interpreter) vs eager (every "
+               "aten op) vs the minimum, at ViT-B/16 and ViT-Tiny/32",
+}
+
+
 def add_args(b: argparse.ArgumentParser) -> None:
     from ..ops import registry
     from .cases import SHAPES
     from .runner import E2E_OPS
     from .timing import CG_PROVIDERS, MODES, PROVIDERS
+
+    b.add_argument("what", nargs="?", choices=list(MEASUREMENTS), metavar="MEASUREMENT",
+                   help="instead of timing the ops: " + "; ".join(f"{k}: {v}" for k, v in MEASUREMENTS.items()))
 
     b.add_argument("--full", action="store_true",
                    help="the whole set: every op and training step and the input pipeline, at every default shape "
@@ -36,59 +57,78 @@ def add_args(b: argparse.ArgumentParser) -> None:
                         "replacing it")
     b.add_argument("--sweep", action="store_true", help="add the batch-size sweep at ViT-B/16 shapes")
     b.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace (NVTX ranges per op)")
-    b.add_argument("--host", action="store_true",
-                   help="instead of timing kernels: the host time of one call of each op at tiny sizes (Python, checks, "
-                        "dispatch, autograd, launches), forward and forward + backward, fused vs reference vs one aten "
-                        "op, and a training step of the smallest model; with --out, host.json")
-    b.add_argument("--profile-steps", action="store_true",
-                   help="instead of timing ops: a few U-MAE training steps under torch.profiler per batch and provider "
-                        "(--providers; CUDA: ViT-B/16 at batch 64 and 256): host and wall ms per step, device-busy "
-                        "fraction, kernel launches, top kernels; with --out, profile.json")
-    b.add_argument("--tune", action="store_true",
-                   help="on a GPU: time each candidate tile configuration of the Triton kernels (uniformity_loss at "
-                        "B = 256 and 16,384 x 768, bf16, fwd+bwd, device time) and report the winners; with --out, "
-                        "tune.json")
-    b.add_argument("--traffic", action="store_true",
-                   help="instead of timing: count the bytes each op moves, fused (kernels counted in the Triton "
-                        "interpreter) vs eager (every aten op) vs the minimum, at ViT-B/16 and ViT-Tiny/32")
+    for flag, what in (("--host", "host"), ("--profile-steps", "profile"), ("--tune", "tune"),
+                       ("--traffic", "traffic")):  # the flags of earlier releases
+        b.add_argument(flag, action="store_true", help=f"= umae bench {what}")
 
 
 def main(args) -> int:
-    """`umae bench`: 0, or 2 for an unknown op or shape set."""
+    """`umae bench [MEASUREMENT]`: 0, or 2 for an unknown op or shape set or an absent GPU."""
     if args.out:  # before the run, not after it
         from .._files import check_target
 
         check_target(args.out, "--out", folder=True, make_parents=True)
-    if args.traffic:
+    what = measurement(args)
+    if what == "traffic":
         return traffic(args)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("umae bench: --device cuda: no CUDA GPU is available here", file=sys.stderr)
         return 2
-    if args.tune:
-        from . import tune
-
-        return tune.main(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.out)
-    if args.profile_steps:
-        from . import profile_steps
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return profile_steps.main(device, args.providers, args.out)
-    if args.host:
-        from . import host
-
-        bad = unknown_names(args.ops, None)
-        if bad:
-            print(f"umae bench: {bad}", file=sys.stderr)
-            return 2
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        ops = list(host.registry.OPS) if args.ops is None else [o for o in args.ops if o in host.registry.OPS]
-        return host.main(ops, device, args.out, step=args.ops is None or "train_step" in args.ops)
-
-    from . import loader
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return {"host": host, "loader": loader, "profile": profile_steps, "tune": tune, None: time_ops}[what](args, device)
+
+
+def measurement(args) -> str | None:
+    """The measurement asked for (`umae bench host`, or its old flag), None for the timed ops."""
+    flags = {"host": args.host, "profile": args.profile_steps, "tune": args.tune, "traffic": args.traffic}
+    named = [w for w in [args.what, *(w for w, on in flags.items() if on)] if w]
+    if args.what is None and args.ops is not None and args.ops == ["loader"]:
+        named.append("loader")
+    if len(set(named)) > 1:
+        raise ValueError(f"umae bench: one measurement at a time, got {' and '.join(sorted(set(named)))}")
+    return named[0] if named else None
+
+
+def tune(args, device) -> int:
+    from . import tune as T
+
+    return T.main(device, args.out)
+
+
+def profile_steps(args, device) -> int:
+    from . import profile_steps as P
+
+    return P.main(device, args.providers, args.out)
+
+
+def host(args, device) -> int:
+    from . import host as H
+
+    bad = unknown_names(args.ops, None)
+    if bad:
+        print(f"umae bench: {bad}", file=sys.stderr)
+        return 2
+    ops = list(H.registry.OPS) if args.ops is None else [o for o in args.ops if o in H.registry.OPS]
+    return H.main(ops, device, args.out, step=args.ops is None or "train_step" in args.ops)
+
+
+def loader(args, device) -> int:
+    bad = unknown_names(None, args.shapes)
+    if bad:
+        print(f"umae bench: {bad}", file=sys.stderr)
+        return 2
+    print_loader(args.shapes)
+    return 0
+
+
+def time_ops(args, device) -> int:
+    """The timed ops and training steps (and, named in --ops, the input pipeline)."""
+    import torch
+
+    from . import loader as L
+
     quick(args, device)
     dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
     shapes = args.shapes
@@ -103,10 +143,10 @@ def main(args) -> int:
     old = previous(args.out, args.append)
     env, ceil = print_environment(device)
     ops = args.ops or all_ops()
-    if loader.OP in ops:  # the input pipeline alone, on the host
+    if L.OP in ops:  # the input pipeline alone, on the host
         print_loader(shapes)
-        ops = [o for o in ops if o != loader.OP]
-        shapes = [s for s in shapes or [] if s not in loader.SHAPES] or None
+        ops = [o for o in ops if o != L.OP]
+        shapes = [s for s in shapes or [] if s not in L.SHAPES] or None
         if not ops:
             return 0
     rows, kernel_ops = run_rows(args, ops, shapes, dtypes, device, ceil)
@@ -240,7 +280,7 @@ def write_profile(out, kernel_ops, shapes, dtypes, device) -> None:
 
 
 def traffic(args) -> int:
-    """`umae bench --traffic`: the counted bytes table."""
+    """`umae bench traffic`: the counted bytes table."""
     from ..ops import _backend
 
     # the kernels are counted in Triton's interpreter: become a process that has it (exec: no orphan child)

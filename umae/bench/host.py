@@ -1,4 +1,4 @@
-"""`umae bench --host`: what one call costs the host. Each op at tiny sizes (kernel time ~0), with
+"""`umae bench host`: what one call costs the host. Each op at tiny sizes (kernel time ~0), with
 autograd recording, forward and forward + `.sum().backward()`, fused vs reference vs a unit: the
 same patterns around one aten op (`torch.mul(x, 2.0)`). And a training step of the smallest model,
 fused vs reference. On CUDA each timed loop is queued behind a sleep kernel that outlasts it, so

@@ -158,7 +158,7 @@ def collect_launches(op_names, shapes=None, models=None):
                     with torch.no_grad():  # inference launches (uniformity: no Gram kept for a backward)
                         c.forward()
         for op in chosen:
-            if getattr(op.kernels, "CANDIDATES", None):  # every tuning candidate, as `umae bench --tune` launches it
+            if getattr(op.kernels, "CANDIDATES", None):  # every tuning candidate, as `umae bench tune` launches it
                 _candidate_launches(op)
             if op.name in LAUNCH_VARIANTS:  # the flags its cases do not set
                 LAUNCH_VARIANTS[op.name]()

@@ -1,4 +1,4 @@
-"""`umae bench --profile-steps`: where a training step's time goes. A few U-MAE training steps
+"""`umae bench profile`: where a training step's time goes. A few U-MAE training steps
 (forward, backward, AdamW; bf16 autocast on CUDA) per model, batch and provider, first timed
 plainly, then under torch.profiler: per step the host time (until the last launch returns), the
 wall time (until the device is done), the device-busy fraction (the kernels' merged intervals over

@@ -1,4 +1,4 @@
-"""`umae bench --tune`: the candidate tile configurations of a Triton op's kernels
+"""`umae bench tune`: the candidate tile configurations of a Triton op's kernels
 (`CANDIDATES` in its kernel module: the default first), each timed on the GPU in one call at the
 shapes where it matters, forward + backward, by device time (CUDA-graph replay) and with the host;
 the winner per (shape, product) is reported and written to tune.json. The defaults are not
@@ -73,7 +73,7 @@ def format_rows(rows) -> str:
 
 def main(device: str, out: str | None) -> int:
     if device != "cuda":
-        print("umae bench --tune: the candidates are Triton kernels, timed on a GPU only; on CPU the C++ kernels "
+        print("umae bench tune: the candidates are Triton kernels, timed on a GPU only; on CPU the C++ kernels "
               "run (nothing to tune here)")
         return 0
     rows = [r for op in tuned() for r in tune(op, device)]

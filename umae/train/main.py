@@ -346,6 +346,32 @@ def _distributed(model, world: int, device, fsdp: bool):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def _schedule(cfg: TrainConfig, n_images: int, world: int) -> tuple:
+    """(the sampler's global batch per micro step, batches per epoch, optimizer steps, peak lr), checked."""
+    gb = cfg.batch_size * world
+    if n_images < gb:
+        raise ValueError(f"the data set has {n_images} images, fewer than one global batch ({gb})")
+    batches_per_epoch = n_images // gb
+    total = cfg.steps if cfg.steps > 0 else cfg.epochs * batches_per_epoch // cfg.accum_iter
+    if total == 0:  # was: a run of no step, exit 0
+        raise ValueError(f"--epochs {cfg.epochs} of {batches_per_epoch} batches at --accum-iter {cfg.accum_iter} make no "
+                         "optimizer step: raise --epochs, lower --accum-iter, or give --steps")
+    lr = cfg.lr if cfg.lr is not None else cfg.blr * gb * cfg.accum_iter / 256
+    check_lr(cfg, lr)
+    return gb, batches_per_epoch, total, lr
+
+
+def _resume_weights(cfg: TrainConfig, ck: dict, prev: dict, run_info: dict, model, total: int, rank: int) -> None:
+    """A resumed run's checks (its settings, its recorded architecture) and the checkpoint's weights into
+    the whole model, before any sharding."""
+    _check_resume(cfg, prev, run_info, ck["step"], total)
+    note = run_info.pop("resume_note", None)
+    if rank == 0 and note:
+        print(f"umae train: {note}", file=sys.stderr)
+    check_recorded_config(model, ck, cfg.resume, "--resume", cfg.model)
+    load_weights(model, ck["model"], cfg.resume, "--resume")
+
+
 def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
     import timm
     import torch.distributed as dist
@@ -356,34 +382,15 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
         torch.backends.cudnn.allow_tf32 = True
     ck, prev, cfg = _read_resume(cfg, device)
     later = later_checkpoints(cfg, ck["step"]) if ck else []
-
     ds = D.open_dataset(cfg.data, train=True, seed=cfg.seed, builtin_size=cfg.builtin_size)
     probe_classes = D.num_classes(ds) if cfg.online_probe else 0
     model = timm.create_model(cfg.model, fused=cfg.fused, lamb=cfg.lamb, norm_pix_loss=cfg.norm_pix_loss,
                               cls_double_norm=cfg.cls_double_norm, exact_ddp_grad=cfg.exact_ddp_grad,
-                              probe_classes=probe_classes)
-    model.to(device)
-    gb = cfg.batch_size * world
-    if len(ds) < gb:
-        raise ValueError(f"the data set has {len(ds)} images, fewer than one global batch ({gb})")
-    aug = D.Augmented(ds, model.img_size, cfg.seed)
-    sampler = D.ResumableSampler(len(ds), gb, cfg.seed, rank, world)
-    batches_per_epoch = sampler.batches_per_epoch()
-    total = cfg.steps if cfg.steps > 0 else cfg.epochs * batches_per_epoch // cfg.accum_iter
-    if total == 0:  # was: a run of no step, exit 0
-        raise ValueError(f"--epochs {cfg.epochs} of {batches_per_epoch} batches at --accum-iter {cfg.accum_iter} make no "
-                         "optimizer step: raise --epochs, lower --accum-iter, or give --steps")
-    lr = cfg.lr if cfg.lr is not None else cfg.blr * gb * cfg.accum_iter / 256
-    check_lr(cfg, lr)
+                              probe_classes=probe_classes).to(device)
+    gb, batches_per_epoch, total, lr = _schedule(cfg, len(ds), world)
     run_info = _run_info(cfg, probe_classes, world, lr)
-
-    if ck:  # the weights into the whole model, before any sharding
-        _check_resume(cfg, prev, run_info, ck["step"], total)
-        if rank == 0 and run_info.get("resume_note"):
-            print(f"umae train: {run_info.pop('resume_note')}", file=sys.stderr)
-        run_info.pop("resume_note", None)
-        check_recorded_config(model, ck, cfg.resume, "--resume", cfg.model)
-        load_weights(model, ck["model"], cfg.resume, "--resume")
+    if ck:
+        _resume_weights(cfg, ck, prev, run_info, model, total, rank)
     sharded = cfg.fsdp and world > 1
     net = _distributed(model, world, device, sharded)
     opt = make_optimizer(model, cfg, lr, device)  # over the sharded parameters under FSDP
@@ -404,7 +411,8 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
                 run_info=run_info, last_ckpt=(cfg.resume, step) if cfg.resume else None, last_read=step)
     if rank == 0:  # every check has passed (the log's too, read by the Logger): what --overwrite replaces goes now
         drop_later(cfg, later)
-    loader, micro = _make_loader(cfg, aug, sampler, step, total, device)
+    sampler = D.ResumableSampler(len(ds), gb, cfg.seed, rank, world)
+    loader, micro = _make_loader(cfg, D.Augmented(ds, model.img_size, cfg.seed), sampler, step, total, device)
     try:
         train_steps(loop, loader, step, micro)
     finally:

@@ -1,6 +1,6 @@
 // The umae namespace of torch.ops, owned here; each op's schemas are defined beside its CPU kernel
 // (csrc/cpu/<op>.cpp, TORCH_LIBRARY_FRAGMENT), its CUDA kernel registers in csrc/cuda/<op>.cu or,
-// for the Triton ops, from umae/<op>_op.py; fake tensors and autograd live in umae/<op>_op.py.
+// for the Triton ops, from umae/ops/<op>_op.py; fake tensors and autograd live in umae/ops/<op>_op.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -2,7 +2,9 @@
 the models, the data, training, the research tools, the benchmarks, the CLI), every import runs
 down them, kernels/ imports nothing of umae, no circle, at most 8 floors."""
 import ast
+import glob
 import os
+import re
 
 from utils import OP_TESTS
 
@@ -205,3 +207,60 @@ def test_no_issue_numbers_in_the_code():
                               if rx.search(line)]
     assert not found, found
     assert os.path.isfile(os.path.join(ROOT, "LICENSE"))
+
+
+# ---- every repository path named in comments, docstrings and docs exists ---------------------------------
+
+_PATH = re.compile(r"(?<![\w/.-])((?:umae|kernels|csrc|scripts|tests|docs|bench|\.ci)/[\w./<>*-]*[\w>*/])")
+
+
+def _named_paths(root: str):
+    """(file, path) of each repository path a file of the tree names: `<op>` resolved against the ops'
+    module stems, any other `<...>` and `*` as wildcards; `kernels/_util.cast_rn` as the file and a name in it."""
+    pats = ("umae/**/*.py", "kernels/*.py", "csrc/**/*.cpp", "csrc/**/*.h", "csrc/**/*.cu", "csrc/**/*.cuh",
+            "scripts/*", "tests/*.py", "docs/*.md", "*.md", "bench/*.md", "setup.py", "pyproject.toml")
+    for f in sorted({f for p in pats for f in glob.glob(os.path.join(root, p), recursive=True)}):
+        for line in _prose(f):
+            for m in _PATH.finditer(line):
+                if "://" not in line[: m.start()]:  # a URL's path is another repository's
+                    yield os.path.relpath(f, root), m.group(1).rstrip(".")
+
+
+def _prose(path: str) -> list[str]:
+    """The lines of a file a reader reads as prose: a Python file's comments and docstrings, any other file whole."""
+    text = open(path, errors="replace").read()
+    if not path.endswith(".py"):
+        return text.splitlines()
+    import io
+    import tokenize
+
+    out = [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            out += (ast.get_docstring(node, clean=False) or "").splitlines()
+    return out
+
+
+def _exists(root: str, path: str, stems) -> bool:
+    cands = [path.replace("<op>", s) for s in stems] if "<op>" in path else [path]
+    cands = [re.sub(r"<[^>]+>", "*", c).rstrip("/") for c in cands]
+    cands += [c.rsplit(".", 1)[0] + ".py" for c in cands if "." in os.path.basename(c)]  # file.py's name, as file.name
+    return any(glob.glob(os.path.join(root, c)) for c in cands)
+
+
+def test_every_path_named_exists():
+    from umae.ops import registry
+
+    stems = {op.public.__module__.split(".")[-1].removesuffix("_op") for op in registry.OPS.values()}
+    stale = [f"{f}: {p}" for f, p in _named_paths(ROOT) if not _exists(ROOT, p, stems)]
+    assert not stale, "\n".join(stale)
+
+
+def test_the_path_check_can_fail(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "x.md").write_text("see umae/ops/<op>_op.py and umae/gone.py, not https://x.org/umae/no.py\n")
+    (tmp_path / "umae" / "ops").mkdir(parents=True)
+    (tmp_path / "umae" / "ops" / "patchify_op.py").write_text('"""in kernels/gone.py"""\nx = "umae/code.py"  # umae/cut.py\n')
+    named = sorted(p for _, p in _named_paths(str(tmp_path)))
+    assert named == ["kernels/gone.py", "umae/cut.py", "umae/gone.py", "umae/ops/<op>_op.py"]  # not code's strings
+    assert [_exists(str(tmp_path), p, {"patchify"}) for p in named] == [False, False, False, True]

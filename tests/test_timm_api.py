@@ -1,4 +1,4 @@
-"""umae's models as timm models, tested the way timm's own tests/test_models.py tests a model
+"""umae's models as timm models, tested the way timm's own test_models.py tests a model
 (forward, default cfgs, classifier reset, backward, forward_intermediates), plus a linear probe
 on an umae encoder (the fine-tune: tests/test_finetune.py)."""
 import subprocess

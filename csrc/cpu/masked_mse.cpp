@@ -239,7 +239,7 @@ at::Tensor patch_mse_autograd(const at::Tensor& pred, const at::Tensor& target, 
 }  // namespace
 
 // The op's schemas (its kernels register below, and at the CUDA key in csrc/cuda/ or, for the Triton
-// ops, from umae/<op>_op.py). Semantics: the reference in umae/<op>_op.py.
+// ops, from umae/ops/<op>_op.py). Semantics: the reference in umae/ops/<op>_op.py.
 TORCH_LIBRARY_FRAGMENT(umae, m) {
   // MAE's loss, a 0-dim fp32 tensor (fp64 for fp64 pred): the per-patch squared error between pred
   // (N, L, K) and the (optionally per-patch normalized) target, averaged over K, then over the patches

@@ -114,7 +114,7 @@ at::Tensor unpatchify_autograd(const at::Tensor& x, int64_t p, int64_t h, int64_
 }  // namespace
 
 // The op's schemas (its kernels register below, and at the CUDA key in csrc/cuda/ or, for the Triton
-// ops, from umae/<op>_op.py). Semantics: the reference in umae/<op>_op.py.
+// ops, from umae/ops/<op>_op.py). Semantics: the reference in umae/ops/<op>_op.py.
 TORCH_LIBRARY_FRAGMENT(umae, m) {
   // imgs (N, C, H, W) -> (N, L, p*p*C), last dim ordered (row-in-patch, col-in-patch, channel).
   m.def("patchify(Tensor imgs, int p) -> Tensor");

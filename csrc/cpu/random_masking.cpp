@@ -268,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_autograd(const at:
 }  // namespace
 
 // The op's schemas (its kernels register below, and at the CUDA key in csrc/cuda/ or, for the Triton
-// ops, from umae/<op>_op.py). Semantics: the reference in umae/<op>_op.py.
+// ops, from umae/ops/<op>_op.py). Semantics: the reference in umae/ops/<op>_op.py.
 TORCH_LIBRARY_FRAGMENT(umae, m) {
   // x (N, L, D), noise (N, L) -> (x_masked (N, c + len_keep, D), mask (N, L) fp32, ids_restore (N, L) int64).
   m.def("random_masking(Tensor x, Tensor noise, Tensor? pos_embed, Tensor? cls_token, int len_keep) "

@@ -224,7 +224,7 @@ at::Tensor restore_tokens_autograd(const at::Tensor& x, const at::Tensor& ids, c
 }  // namespace
 
 // The op's schemas (its kernels register below, and at the CUDA key in csrc/cuda/ or, for the Triton
-// ops, from umae/<op>_op.py). Semantics: the reference in umae/<op>_op.py.
+// ops, from umae/ops/<op>_op.py). Semantics: the reference in umae/ops/<op>_op.py.
 TORCH_LIBRARY_FRAGMENT(umae, m) {
   // x (N, c + len_keep, D) -> (N, c + L, D): kept tokens at their positions, the mask token elsewhere.
   m.def("restore_tokens(Tensor x, Tensor ids_restore, Tensor mask_token, Tensor? pos_embed, bool has_cls) "

@@ -305,7 +305,7 @@ at::Tensor uniformity_autocast(const at::Tensor& features, bool normalize, bool 
 }  // namespace
 
 // The op's schemas (its kernels register below, and at the CUDA key in csrc/cuda/ or, for the Triton
-// ops, from umae/<op>_op.py). Semantics: the reference in umae/<op>_op.py.
+// ops, from umae/ops/<op>_op.py). Semantics: the reference in umae/ops/<op>_op.py.
 TORCH_LIBRARY_FRAGMENT(umae, m) {
   // features (B, D) -> the uniformity loss, a 0-dim fp32 (fp64 for fp64 features) tensor. Its autograd
   // (csrc/cpu/uniformity.cpp, every device) runs uniformity_loss_with_grad when features need a gradient.

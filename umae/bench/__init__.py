@@ -1,6 +1,6 @@
 """Benchmarks: each fused op vs its eager reference vs torch.compile(reference), in one run.
 
-- cases.py: the shape sets, what a case is, and each op's case (`bench_<op>`, in CASES);
+- cases.py: the shape sets, what a case is, and each op's case (`bench_<op>`, in CASES) and parity grid (GRIDS);
 - timing.py: timers (do_bench on CUDA, a perf_counter loop on CPU) and the measured ceilings;
 - runner.py: the run over ops x shapes x dtypes x modes x providers, and the training step;
 - report.py: speedups, the table, results files and the generated tables (docs/benchmarks.md, README);

@@ -1,7 +1,8 @@
 """MAE's reconstruction loss: the public ops, the references (facebookresearch/mae
 `forward_loss`, math in fp32), the fused functions and the fake tensors of the one custom op
 umae::patch_mse (csrc/cpu/masked_mse.cpp, with its autograd; csrc/cuda/masked_mse.cu), the
-benchmark cases, the registry entries.
+the registry entries (their benchmark cases and
+parity grids: umae/bench/cases.py).
 
 The kernels compute the per-patch error (N, L) and its masked mean over the removed patches, with
 the reference's edge cases: a mask with no removed patch gives 0 (and zero gradient), NaN propagates.

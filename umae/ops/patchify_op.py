@@ -1,6 +1,6 @@
 """patchify / unpatchify: the public ops, the references (facebookresearch/mae's, for any C and
 H != W), the fused functions and the fake tensors of the C++/CUDA kernels (csrc/cpu/patchify.cpp, with the
-ops' autograd; csrc/cuda/patchify.cu), the benchmark cases, the registry entries."""
+ops' autograd; csrc/cuda/patchify.cu), the registry entries (their benchmark cases and parity grids: umae/bench/cases.py)."""
 from __future__ import annotations
 
 import torch

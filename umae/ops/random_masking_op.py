@@ -2,7 +2,7 @@
 positional embedding add and cls prepend that surround it in `forward_encoder`), the fused op
 umae::random_masking: its fakes and its Triton kernels (kernels/random_masking.py), registered at
 the CUDA key beside the C++ CPU kernel and the C++ autograd (csrc/cpu/random_masking.cpp), the
-benchmark case, the registry entry."""
+registry entry (its benchmark case and parity grid: umae/bench/cases.py)."""
 from __future__ import annotations
 
 import torch

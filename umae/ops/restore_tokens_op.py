@@ -1,7 +1,7 @@
 """The decoder's restore: the public op, the reference (facebookresearch/mae `forward_decoder`,
 from the mask-token cat to the positional embedding add), the fused op umae::restore_tokens: its
 fakes and its Triton kernels (kernels/restore_tokens.py), registered at the CUDA key beside the C++
-CPU kernel and the C++ autograd (csrc/cpu/restore_tokens.cpp), the benchmark case, the registry
+CPU kernel and the C++ autograd (csrc/cpu/restore_tokens.cpp), the registry
 entry."""
 from __future__ import annotations
 

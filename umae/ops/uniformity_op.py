@@ -2,7 +2,8 @@
 rows, sim = F F^T, mean of sim^2, diagonal included; math in fp32), and the fused op
 umae::uniformity_loss: its fakes, its Triton kernels (kernels/uniformity.py) registered at the
 CUDA key beside the C++ CPU kernel (csrc/cpu/uniformity.cpp), and its global-batch version across
-ranks (DistributedFused), the benchmark case, the registry entry."""
+ranks (DistributedFused), the registry entry (its benchmark case and parity grid:
+umae/bench/cases.py)."""
 from __future__ import annotations
 
 import torch

@@ -31,7 +31,7 @@
 #   tune       30 s  the uniformity kernels' candidate tile configurations, B = 256 and        tune.json (+ bench.log)
 #                    16,384 x 768 bf16, fwd+bwd device time, the winners (umae bench tune)
 #
-# STAGES="tests unif" (say) runs only those stages, TEST_ARGS="tests/test_masking.py -k cuda" other tests.
+# STAGES="tests unif" (say) runs only those stages, TEST_ARGS="tests/test_random_masking.py -k cuda" other tests.
 # Without a GPU (or with --dry-run) the same stages run at tiny sizes on CPU, about a minute on 2
 # cores (CI runs it: tests/test_gpu_check.py): the extension is rebuilt only if csrc/ changed, the
 # tests are a CPU subset, compute-sanitizer is reported skipped, the ops run one mode, fused and

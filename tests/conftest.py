@@ -13,19 +13,15 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_backend(request):
-    import contextlib
-
+def _seed_and_backend():
+    # every test starts from the same seed and umae's default backend; which implementation a test
+    # runs, it says itself (tests/umae_testing.py: @runs_impl)
     import umae
-    from umae import ops
 
     torch.manual_seed(0)
     prev = umae.get_backend()
     umae.set_backend("fused")
-    # a test parametrized by `impl` (tests/utils.py: fused_impls) runs that implementation first
-    impl = getattr(request.node, "callspec", None) and request.node.callspec.params.get("impl")
-    with ops.use_impl(impl) if impl else contextlib.nullcontext():
-        yield
+    yield
     umae.set_backend(prev)
 
 

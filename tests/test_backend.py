@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from utils import DEVICES, HANG_GUARD, OP_TESTS
+from umae_testing import DEVICES, HANG_GUARD, OP_TESTS, randn
 
 import umae
 from umae import bench, ops
 from umae.ops import _backend, registry
+from umae.ops._backend import triton_interpreted
 from umae.bench import cases
 
 
@@ -313,3 +314,24 @@ def test_the_kernels_folder_does_not_shadow_pypi_kernels():
             for f in files:
                 if f.endswith(".py"):
                     assert not rewrite.search(open(os.path.join(dirpath, f)).read()), f
+
+
+# ---- edges: second order, argument types, gradient layouts, forward-mode AD ----
+
+def test_the_cached_decision_follows_the_switch():
+    # the fused-or-reference decision is cached per call key: set_backend / use_impl / backend= change it
+    x = randn(2, 3, 8, 8)
+    with umae.use_backend("fused"):
+        assert _backend.fused(registry.get("patchify"), (x,), None)
+        with umae.use_backend("reference"):
+            assert not _backend.fused(registry.get("patchify"), (x,), None)
+            assert _backend.fused(registry.get("patchify"), (x,), "fused")
+        assert not _backend.fused(registry.get("patchify"), (x,), "reference")
+        assert _backend.fused(registry.get("patchify"), (x,), None)
+        spec, f = registry.get("uniformity_loss"), randn(5, 4, dtype=torch.float64)
+        assert _backend.fused(spec, (f,), None)
+        if triton_interpreted():
+            with ops.use_impl("triton-interpreter"):
+                assert not _backend.fused(spec, (f,), None)  # the Triton kernel takes no fp64
+                assert _backend.fused(spec, (f.float(),), None)
+            assert _backend.fused(spec, (f,), None)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from utils import LOSS_TOL
+from umae_testing import LOSS_TOL
 
 from umae import bench
 

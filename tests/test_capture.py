@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from utils import TOL, assert_close
+from umae_testing import TOL, assert_close
 
 import umae
 from umae.bench.cases import CASES

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from utils import HANG_GUARD
+from umae_testing import HANG_GUARD
 
 from umae.cli.main import main
 

@@ -3,7 +3,7 @@ round trips are bitwise, and the converted model gives the source's mask and los
 noise (in float64, where the two implementations' different operation orders agree to ~1e-15)."""
 import pytest
 import torch
-from utils import TOL, assert_close
+from umae_testing import TOL, assert_close
 
 from umae import convert
 from umae.cli.main import main

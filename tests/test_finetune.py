@@ -14,7 +14,7 @@ import timm.optim
 import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
-from utils import TOL
+from umae_testing import TOL
 
 import umae  # noqa: F401  (registers the models)
 from umae.cli.main import main

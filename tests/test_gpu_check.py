@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import umae
-from utils import HANG_GUARD
+from umae_testing import HANG_GUARD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["env", "build", "tests", "sanitize", "profile", "ops", "unif", "train", "compile", "host", "tune",

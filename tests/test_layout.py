@@ -1,12 +1,13 @@
-"""The code's shape, checked from its imports: the folders are the floors (kernels, the op library,
+"""The code's shape, checked from its imports: the folders are the layers (kernels, the op library,
 the models, the data, training, the research tools, the benchmarks, the CLI), every import runs
-down them, kernels/ imports nothing of umae, no circle, at most 8 floors."""
+down them, kernels/ imports nothing of umae, no circle; the longest chain of folders importing
+one another (the floors the imports make) at most 6."""
 import ast
 import glob
 import os
 import re
 
-from utils import OP_TESTS
+from umae_testing import OP_TESTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,6 +90,36 @@ def test_imports_run_down_the_layers():
             if layer(dep) > layer(mod):
                 up.append(f"{mod} ({LAYERS[layer(mod)][0]}) imports {dep} ({LAYERS[layer(dep)][0]})")
     assert not up, "imports back up the layers:\n" + "\n".join(up)
+
+
+def _floor_of_folder(mod: str) -> str:
+    return LAYERS[layer(mod)][0]
+
+
+def floors_from_imports() -> tuple[int, list[str]]:
+    """The floors the imports make: the longest chain of folders each importing the next (the CLI's
+    subcommand modules, imported by name, count as its imports); (its length, the chain)."""
+    import functools
+
+    from umae.cli.main import COMMANDS
+
+    known = modules()
+    deps: dict[str, set] = {}
+    for mod, path in known.items():
+        found = imports(mod, path, known) | (set(COMMANDS.values()) if mod == "umae.cli.main" else set())
+        deps.setdefault(_floor_of_folder(mod), set()).update(
+            f for f in map(_floor_of_folder, found) if f != _floor_of_folder(mod))
+
+    @functools.lru_cache(maxsize=None)
+    def chain(folder: str) -> tuple:
+        return (folder,) + max((chain(d) for d in deps.get(folder, ())), key=len, default=())
+    longest = max((chain(f) for f in deps), key=len)
+    return len(longest), list(longest)
+
+
+def test_at_most_six_floors_from_the_imports():
+    n, longest = floors_from_imports()
+    assert n <= 6, f"{n} floors: {' -> '.join(longest)}"
 
 
 def test_kernels_import_nothing_of_umae():

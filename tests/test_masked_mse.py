@@ -1,12 +1,16 @@
 """masked_mse_loss and mae_loss: fused (C++ CPU, CUDA) vs the reference."""
 import math
 
+import numpy as np
 import pytest
 import torch
-from utils import (DEVICES, DTYPES, LOSS_TOL, TOL, assert_close, assert_grid_row, cuda_only, grid_params, randn,
-                   random_mask)
+from umae_testing import (CREATE_GRAPH_WARNING, DEVICES, DTYPES, LAYOUT_SHAPES, LOSS_TOL, TOL,
+                          assert_backward_reads_any_gradient_layout, assert_close, assert_forward_mode_ad_refused,
+                          assert_grid_row, assert_runs, assert_second_order_refused, cuda_only, fused_impls,
+                          grid_params, randn, random_mask, runs_impl)
 
 import umae
+from umae import ops
 from umae.ops.masked_mse_op import NORM_PIX_EPS, mae_loss_reference, masked_mse_loss_reference
 from umae.ops.patchify_op import patchify_reference
 
@@ -205,12 +209,100 @@ def test_cuda_fp16_large_values_norm_pix():
 
 
 @pytest.mark.parametrize("device,impl,dtype,variant", grid_params("masked_mse_loss"))
+@runs_impl
 def test_masked_mse_loss_grid(device, impl, dtype, variant):
     # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
     assert_grid_row("masked_mse_loss", device, impl, dtype, variant)
 
 
 @pytest.mark.parametrize("device,impl,dtype,variant", grid_params("mae_loss"))
+@runs_impl
 def test_mae_loss_grid(device, impl, dtype, variant):
     # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
     assert_grid_row("mae_loss", device, impl, dtype, variant)
+
+
+# ---- edges: second order, argument types, gradient layouts, forward-mode AD ----
+
+@pytest.mark.filterwarnings(CREATE_GRAPH_WARNING)
+@pytest.mark.parametrize("device,impl", fused_impls("mae_loss"))
+@pytest.mark.parametrize("op", ["mae_loss", "masked_mse_loss"])
+@runs_impl
+def test_loss_double_backward_is_refused(device, impl, op):
+    # was: 0 where the reference gives a second derivative, and a penalty "not used in the graph"
+    imgs = randn(2, 3, 8, 8, device=device)
+    pred = randn(2, 4, 48, device=device, requires_grad=True)
+    mask = random_mask(2, 4, device, ratio=0.5)
+    mask[:, 0] = 1
+    target = umae.patchify(imgs, 4)
+    if op == "mae_loss":
+        fn = lambda p: umae.mae_loss(p, imgs, mask, 4)  # noqa: E731
+    else:
+        fn = lambda p: umae.masked_mse_loss(p, target, mask)  # noqa: E731
+    assert_runs(op, impl, pred, imgs)
+    with umae.use_backend("reference"):
+        (ref,) = torch.autograd.grad(fn(pred), pred)
+        # the reference's own second derivative exists (is what the fused path would drop)
+        (g,) = torch.autograd.grad(fn(pred), pred, create_graph=True)
+        assert torch.autograd.grad(g.pow(2).sum(), pred)[0].abs().max() > 0
+    assert_second_order_refused(fn, pred, ref)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.complex64, torch.bool])
+def test_masked_mse_refuses_non_floating_target(backend, dtype):
+    pred, mask = randn(2, 4, 12), random_mask(2, 4)
+    target = torch.ones(2, 4, 12, dtype=dtype)
+    with pytest.raises(TypeError, match=rf"target must be float32, float16, bfloat16 or float64, got {dtype}"):
+        umae.masked_mse_loss(pred, target, mask, backend=backend)
+    with pytest.raises(TypeError, match=rf"imgs must be float32, float16, bfloat16 or float64, got {dtype}"):
+        umae.mae_loss(pred, torch.ones(2, 3, 4, 4, dtype=dtype), mask, 2, backend=backend)
+
+
+@pytest.mark.parametrize("op", ["mae_loss", "masked_mse_loss"])
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float64])
+def test_loss_gradient_of_a_float_mask(op, mask_dtype):
+    # the masked mean is in the kernel: a float mask that requires grad gets the reference's gradient
+    # from the saved per-patch errors, (rows - loss) / sum(mask); a soft mask too
+    dtype = torch.float64 if mask_dtype == torch.float64 else torch.float32
+    imgs = randn(2, 3, 8, 8, dtype=dtype)
+    pred = randn(2, 4, 48, dtype=dtype, requires_grad=True)
+    mask = torch.rand(2, 4, dtype=mask_dtype).requires_grad_()
+    target = umae.patchify(imgs, 4)
+    fn = (lambda p, m: umae.mae_loss(p, imgs, m, 4)) if op == "mae_loss" else \
+        (lambda p, m: umae.masked_mse_loss(p, target, m))
+    assert ops.implementation(op, pred, imgs) == "cpp-cpu"
+    got = torch.autograd.grad(fn(pred, mask), (pred, mask))
+    with umae.use_backend("reference"):
+        ref = torch.autograd.grad(fn(pred, mask), (pred, mask))
+    for g, r, name in zip(got, ref, ("pred", "mask")):
+        assert g.dtype == r.dtype, name
+        assert_close(g, r, name=f"grad {name}", **TOL[dtype])
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(fn, (pred.detach().requires_grad_(), mask.detach().requires_grad_()))
+    # a mask with nothing removed: loss 0, the reference's gradient (the rows, divided by 1)
+    zero = torch.zeros(2, 4, dtype=mask_dtype, requires_grad=True)
+    got = torch.autograd.grad(fn(pred, zero), zero)[0]
+    with umae.use_backend("reference"):
+        ref = torch.autograd.grad(fn(pred, zero), zero)[0]
+    assert_close(got, ref, name="grad of an all-zero mask", **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_numpy_scalars_are_accepted(backend):
+    imgs, pred, mask = randn(2, 3, 8, 12), randn(2, 6, 48), random_mask(2, 6)
+    assert torch.equal(umae.mae_loss(pred, imgs, mask, np.int64(4), backend=backend),
+                       umae.mae_loss(pred, imgs, mask, 4, backend=backend))
+
+
+@pytest.mark.parametrize("shape", LAYOUT_SHAPES, ids=["tiny", "larger"])
+@pytest.mark.parametrize("op", ["masked_mse_loss", "mae_loss"])
+@pytest.mark.parametrize("layout", ["sum", "strided"])
+def test_backward_reads_any_gradient_layout(op, shape, layout):
+    assert_backward_reads_any_gradient_layout(op, shape, layout)
+
+
+@pytest.mark.parametrize("op", ["masked_mse_loss", "mae_loss"])
+@pytest.mark.parametrize("api", ["func.jvp", "forward_ad"])
+def test_forward_mode_ad_is_refused_not_zero(op, api):
+    assert_forward_mode_ad_refused(op, api)

@@ -4,7 +4,7 @@ import copy
 import pytest
 import timm
 import torch
-from utils import DEVICES, LOSS_TOL, MATMUL_TOL, TOL, UNIT_ROUNDOFF, assert_close, assert_grads_close, cuda_only
+from umae_testing import DEVICES, LOSS_TOL, MATMUL_TOL, TOL, UNIT_ROUNDOFF, assert_close, assert_grads_close, cuda_only
 
 import umae
 import umae.models  # noqa: F401  (registers with timm)

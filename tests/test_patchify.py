@@ -1,9 +1,14 @@
 """patchify / unpatchify: fused (C++ CPU, CUDA) vs the reference, forward and backward."""
+import numpy as np
 import pytest
 import torch
-from utils import DEVICES, DTYPES, assert_grid_row, cuda_only, grid_params, randn
+from umae_testing import (DEVICES, DTYPES, LAYOUT_SHAPES, TOL, assert_backward_reads_any_gradient_layout,
+                          assert_forward_mode_ad_refused, assert_grid_row, assert_second_order_matches, cuda_only,
+                          grid_params, randn, runs_impl)
 
 import umae
+from umae import ops
+from umae.ops import _backend
 from umae.ops.patchify_op import patchify_reference, unpatchify_reference
 
 SHAPES = [  # (N, C, H, W, p): odd batches, C 1 and 3, H != W, L not a power of two
@@ -111,12 +116,70 @@ def test_cuda_large_offsets_int64():
 
 
 @pytest.mark.parametrize("device,impl,dtype,variant", grid_params("patchify"))
+@runs_impl
 def test_patchify_grid(device, impl, dtype, variant):
     # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
     assert_grid_row("patchify", device, impl, dtype, variant)
 
 
 @pytest.mark.parametrize("device,impl,dtype,variant", grid_params("unpatchify"))
+@runs_impl
 def test_unpatchify_grid(device, impl, dtype, variant):
     # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
     assert_grid_row("unpatchify", device, impl, dtype, variant)
+
+
+# ---- edges: second order, argument types, gradient layouts, forward-mode AD ----
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_patchify_unpatchify_double_backward(device):
+    # linear: the backward of patchify's backward (unpatchify) is patchify again, through the C++ ops' autograd
+    imgs = randn(1, 2, 4, 6, dtype=torch.float64, device=device, requires_grad=True)
+    x = randn(1, 6, 8, dtype=torch.float64, device=device, requires_grad=True)
+    if not _backend.EXT_LOADED:
+        pytest.skip(_backend.EXT_REASON)
+    assert ops.implementation("patchify", imgs) == ops.implementation("unpatchify", x) != "reference"
+    assert torch.autograd.gradgradcheck(lambda t: umae.patchify(t, 2) ** 2, (imgs,))
+    assert torch.autograd.gradgradcheck(lambda t: umae.unpatchify(t, 2, (4, 6), 2) ** 2, (x,))
+    assert_second_order_matches(lambda t: umae.patchify(t, 2), (imgs,), TOL[torch.float64])
+    assert_second_order_matches(lambda t: umae.unpatchify(t, 2, (4, 6), 2), (x,), TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_numpy_scalars_are_accepted(backend):
+    imgs = randn(2, 3, 8, 12)
+    ref = umae.patchify(imgs, 4, backend=backend)
+    for p in (np.int64(4), np.int32(4), np.uint8(4)):
+        assert torch.equal(umae.patchify(imgs, p, backend=backend), ref)
+        assert torch.equal(umae.unpatchify(ref, p, (np.int64(8), np.int16(12)), np.int64(3), backend=backend), imgs)
+
+
+@pytest.mark.parametrize("call, err, match", [
+    (lambda: umae.patchify(randn(1, 3, 8, 8), True), ValueError, "patch_size must be a positive int, got True"),
+    (lambda: umae.patchify(randn(1, 3, 8, 8), np.True_), ValueError, "patch_size must be a positive int, got np.True_"),
+    (lambda: umae.patchify(randn(1, 3, 8, 8), np.float64(4.0)), ValueError, "patch_size must be a positive int"),
+    (lambda: umae.patchify(randn(1, 3, 8, 8), np.int64(0)), ValueError, "patch_size must be a positive int, got np"),
+    (lambda: umae.unpatchify(randn(1, 4, 12), 2, -8), ValueError, "image_size must be positive, got -8"),
+    (lambda: umae.unpatchify(randn(1, 4, 12), 2, (8, -8)), ValueError, r"image_size must be positive, got \(8, -8\)"),
+    (lambda: umae.unpatchify(randn(1, 0, 12), 2, 0), ValueError, "image_size must be positive, got 0"),
+    (lambda: umae.unpatchify(randn(1, 4, 12), 2, 4.0), TypeError, "image_size must be an int or a pair"),
+    (lambda: umae.unpatchify(randn(1, 4, 12), 2, (4, True)), TypeError, "image_size must be an int or a pair"),
+    (lambda: umae.unpatchify(randn(1, 4, 12), 2, 4, channels=True), ValueError, "channels must be a positive int"),
+])
+def test_bad_scalars_are_refused(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+@pytest.mark.parametrize("shape", LAYOUT_SHAPES, ids=["tiny", "larger"])
+@pytest.mark.parametrize("op", ["patchify", "unpatchify"])
+@pytest.mark.parametrize("layout", ["sum", "strided"])
+def test_backward_reads_any_gradient_layout(op, shape, layout):
+    assert_backward_reads_any_gradient_layout(op, shape, layout)
+
+
+@pytest.mark.parametrize("op", ["patchify", "unpatchify"])
+@pytest.mark.parametrize("api", ["func.jvp", "forward_ad"])
+def test_forward_mode_ad_is_refused_not_zero(op, api):
+    assert_forward_mode_ad_refused(op, api)

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import timm
 import torch
-from utils import LOSS_TOL, TOL, assert_close, assert_grads_close
+from umae_testing import LOSS_TOL, TOL, assert_close, assert_grads_close
 
 import umae
 import umae.models  # noqa: F401  (registers with timm)

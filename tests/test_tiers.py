@@ -7,7 +7,7 @@ import os
 import tomllib
 
 import pytest
-from utils import sampled
+from umae_testing import sampled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

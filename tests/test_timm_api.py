@@ -11,7 +11,7 @@ import timm.loss
 import timm.optim
 import torch
 from PIL import Image
-from utils import HANG_GUARD, TOL, assert_close
+from umae_testing import HANG_GUARD, TOL, assert_close
 
 import umae
 from umae.models import MAEOutput

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from utils import MATMUL_TOL, adam_tolerance
+from umae_testing import MATMUL_TOL, adam_tolerance
 
 import umae.models  # noqa: F401  (registers with timm: some tests create models before any training)
 from umae import train

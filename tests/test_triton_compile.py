@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from utils import HANG_GUARD
+from umae_testing import HANG_GUARD
 
 from umae.ops import registry
 

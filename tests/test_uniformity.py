@@ -7,11 +7,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
-from utils import (DTYPES, LOSS_TOL, MATMUL_TOL, assert_close, assert_grid_row, assert_runs, cpu_impls, cuda_only,
-                   fused_impls, grid_params, randn, sampled, triton_cpu)
+from umae_testing import (CREATE_GRAPH_WARNING, DTYPES, LAYOUT_SHAPES, LOSS_TOL, MATMUL_TOL,
+                          assert_backward_reads_any_gradient_layout, assert_close, assert_forward_mode_ad_refused,
+                          assert_grid_row, assert_runs, assert_second_order_refused, cpu_impls, cuda_only, fused_impls,
+                          grid_params, randn, runs_impl, sampled, triton_cpu)
 
 import umae
 from umae import ops
+from umae.ops import _backend
 from umae.ops.uniformity_op import uniformity_loss_reference
 
 BS = [1, 2, 7, 64, 255, 1024]
@@ -29,6 +32,7 @@ def _grad_tol(dtype):
 
 @sampled(key={"device,impl": IMPLS, "dtype": DTYPES}, crossed={"B,D": SHAPES},
          paired={"exclude_diagonal": [False, True], "normalize": [True, False]})
+@runs_impl
 def test_parity(device, impl, dtype, B, D, exclude_diagonal, normalize):
     if exclude_diagonal and B < 2:
         pytest.skip("exclude_diagonal needs B >= 2 (tested in test_bad_input)")
@@ -49,6 +53,7 @@ def test_parity(device, impl, dtype, B, D, exclude_diagonal, normalize):
 
 @sampled(key={"device,impl": IMPLS, "dtype": [torch.bfloat16, torch.float16]},
          crossed={"B,D": [(2, 192), (2, 1000), (3, 300)]})
+@runs_impl
 def test_small_batch_grad_not_dominated_by_the_diagonal(device, impl, dtype, B, D):
     # At small B each row's own term |z_i|^2 z_i is most of Z G; it is radial, and the projection
     # of the normalized gradient cancels it. Multiplied from z rounded to bf16 (the tensor cores'
@@ -65,6 +70,7 @@ def test_small_batch_grad_not_dominated_by_the_diagonal(device, impl, dtype, B, 
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
+@runs_impl
 def test_default_equals_official_semantics(impl):
     f = randn(33, 48)
     z = torch.nn.functional.normalize(f, dim=1)
@@ -84,6 +90,7 @@ def test_gradcheck_float64(B, D, exclude_diagonal):
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
+@runs_impl
 def test_zero_row_adds_nothing_and_nan_row_is_nan(impl):
     f = randn(6, 32)
     f[2] = 0
@@ -93,6 +100,7 @@ def test_zero_row_adds_nothing_and_nan_row_is_nan(impl):
 
 
 @pytest.mark.parametrize("device,impl", IMPLS)
+@runs_impl
 def test_non_contiguous(device, impl):
     f = randn(96, 2 * 40, device=device)[:, ::2].requires_grad_()
     ft = randn(40, 96, device=device).T.requires_grad_()
@@ -104,6 +112,7 @@ def test_non_contiguous(device, impl):
 
 
 @pytest.mark.parametrize("device,impl", IMPLS)
+@runs_impl
 def test_opcheck(device, impl):
     f = randn(20, 24, device=device, requires_grad=True)
     from umae.ops.uniformity_op import NORM_EPS
@@ -118,6 +127,7 @@ def test_opcheck(device, impl):
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
+@runs_impl
 def test_deterministic(impl):
     f = randn(300, 80, requires_grad=True)
     a = umae.uniformity_loss(f)
@@ -217,6 +227,7 @@ def _worker(rank, world, store, backend, exact, out_path, impl):
 @pytest.mark.dist
 @pytest.mark.parametrize("backend,exact,impl", [("reference", True, None), ("reference", False, None)] +
                          [("fused", e, i.values[0]) for e in (True, False) for i in CPU_IMPLS])
+@runs_impl
 def test_distributed_matches_single_process(tmp_path, backend, exact, impl):
     out = str(tmp_path / "r0.pt")
     mp.start_processes(_worker, args=(2, str(tmp_path / "store"), backend, exact, out, impl), nprocs=2, join=True,
@@ -325,6 +336,7 @@ def test_fp16_gram_of_a_collapsed_batch_does_not_overflow():
 
 @pytest.mark.parametrize("device,impl", IMPLS)
 @pytest.mark.parametrize("B,D", [(300, 16), (10, 64)])
+@runs_impl
 def test_diagonal_free_loss_of_unnormalized_rows_keeps_its_accuracy(device, impl, B, D):
     # was: ||G||^2 - sum_i |z_i|^4 with one dominant row: 4.6e6 fused vs 1.1e7 reference (and negative
     # values); now the off-diagonal pairs are summed, against the reference in float64
@@ -343,6 +355,7 @@ def test_diagonal_free_loss_of_unnormalized_rows_keeps_its_accuracy(device, impl
 
 
 @pytest.mark.parametrize("device,impl,dtype,variant", grid_params("uniformity_loss"))
+@runs_impl
 def test_uniformity_loss_grid(device, impl, dtype, variant):
     # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
     assert_grid_row("uniformity_loss", device, impl, dtype, variant)
@@ -385,6 +398,7 @@ def test_compiles_fullgraph_under_autocast(B):
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("ac", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [19, 70])  # the similarity and the Gram
+@runs_impl
 def test_under_autocast_is_the_op_on_features_in_the_autocast_dtype(impl, ac, B):
     # the exact semantics (the grid compares with the reference at the autocast dtype's tolerance): the op
     # casts the features as autocast casts a matmul's operands, and nothing else changes; fp64 is not cast
@@ -398,3 +412,66 @@ def test_under_autocast_is_the_op_on_features_in_the_autocast_dtype(impl, ac, B)
     with torch.autocast("cpu", dtype=ac):
         got = umae.uniformity_loss(f64)
     assert got.dtype == torch.float64 and torch.equal(got, umae.uniformity_loss(f64))
+
+
+# ---- edges: second order, argument types, gradient layouts, forward-mode AD ----
+
+@pytest.mark.filterwarnings(CREATE_GRAPH_WARNING)
+@pytest.mark.parametrize("device,impl", IMPLS)
+@runs_impl
+def test_uniformity_double_backward_is_refused(device, impl):
+    # the C++ op's first-order gradient did not require grad: terms built on it were dropped silently
+    f = randn(6, 5, device=device, requires_grad=True)
+    assert_runs("uniformity_loss", impl, f)
+    with umae.use_backend("reference"):
+        (ref,) = torch.autograd.grad(umae.uniformity_loss(f), f)
+    assert_second_order_refused(umae.uniformity_loss, f, ref)
+
+
+@pytest.mark.filterwarnings(CREATE_GRAPH_WARNING)
+@pytest.mark.parametrize("impl", cpu_impls("uniformity_loss"))
+@runs_impl
+def test_uniformity_global_batch_double_backward_is_refused(impl, tmp_path):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        f = randn(6, 5, requires_grad=True)
+        with umae.use_backend("reference"):
+            (ref,) = torch.autograd.grad(umae.uniformity_loss(f), f)
+        assert_second_order_refused(lambda t: umae.uniformity_loss(t, process_group=dist.group.WORLD), f, ref)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("impl", cpu_impls("uniformity_loss"))
+@pytest.mark.parametrize("normalize", [True, False])
+@runs_impl
+def test_uniformity_refuses_zero_features(impl, normalize):
+    # the Triton path raised ZeroDivisionError; every path refuses (a D = 0 row cannot be L2-normalized)
+    f = torch.zeros(4, 0)
+    assert_runs("uniformity_loss", impl, f)
+    for backend in (None, "reference"):
+        with pytest.raises(ValueError, match=r"features must have at least one column \(D >= 1\): a 0-dimensional "
+                           rf"feature has no {'direction to normalize' if normalize else 'similarity'}.*\(4, 0\)"):
+            umae.uniformity_loss(f, normalize, backend=backend)
+
+
+def test_cpp_uniformity_refuses_zero_features():
+    if not _backend.EXT_LOADED:
+        pytest.skip(_backend.EXT_REASON)
+    with pytest.raises(RuntimeError, match=r"features must have at least one column"):
+        torch.ops.umae.uniformity_loss(torch.zeros(4, 0), True, False, 1e-12)
+
+
+@pytest.mark.parametrize("shape", LAYOUT_SHAPES, ids=["tiny", "larger"])
+@pytest.mark.parametrize("layout", ["sum", "strided"])
+def test_backward_reads_any_gradient_layout(shape, layout):
+    assert_backward_reads_any_gradient_layout("uniformity_loss", shape, layout)
+
+
+@pytest.mark.parametrize("api", ["func.jvp", "forward_ad"])
+def test_forward_mode_ad_is_refused_not_zero(api):
+    assert_forward_mode_ad_refused("uniformity_loss", api)

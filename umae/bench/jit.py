@@ -52,7 +52,7 @@ def recording(fns, run: bool = False):
             del fn.run
 
 
-# (L, D) of the masking / restore tests (tests/test_masking.py), as the compile check launches them
+# (L, D) of the masking / restore tests (tests/test_random_masking.py, tests/test_restore_tokens.py), as the compile check launches them
 # (the models' and benchmarks' shapes it takes from their own launches).
 TOKEN_SHAPES = ((49, 64), (196, 768), (197, 384), (256, 192), (1024, 1000), (64, 192), (196, 512), (64, 128),
                 (256, 1024))

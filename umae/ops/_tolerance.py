@@ -1,4 +1,4 @@
-"""The parity tolerances, per dtype, written once: the tests (tests/utils.py) and `umae check` read
+"""The parity tolerances, per dtype, written once: the tests (tests/umae_testing.py) and `umae check` read
 them. Every tolerance is a multiple of the dtype's unit roundoff u (the largest relative error of
 one rounding), set by what the compared paths do differently; none is tuned to one machine.
 """

@@ -2,7 +2,7 @@
 `Op`) by reference: the public function, the reference, the fused function and the custom op it
 calls, the implementations per device with their dtypes, the parity tolerances, and for Triton
 ops the kernel module and the launchers registered at the CUDA key. What the benchmarks and tests do
-with an op is theirs: its case and parity grid in umae/bench/cases.py, its test file in tests/utils.py.
+with an op is theirs: its case and parity grid in umae/bench/cases.py, its test file in tests/umae_testing.py.
 
 `umae.ops` (`choose`, `backend_info`, `use_impl`, the public ops), `umae.__all__`, `umae bench`,
 the compile check and the tests read this list. What adding an op touches: docs/design.md, "How to

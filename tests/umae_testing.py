@@ -1,12 +1,13 @@
-"""Shared test helpers: the op tolerances (the library's, umae/ops/_tolerance.py), the model-level
+"""Shared test helpers (a module of its own name, not a top-level `utils`): the op tolerances (the
+library's, umae/ops/_tolerance.py), the implementations to run and `runs_impl`, the model-level
 gradient bound, the sampled parameter grids of the quick tier."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import umae
 from umae import ops
-
 from umae.ops import _backend, registry
 from umae.ops._backend import triton_interpreted
 # The op tolerances, per dtype, are the library's (umae/ops/_tolerance.py: what each allows and why):
@@ -18,7 +19,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # each op's parity tests
 OP_TESTS = {"patchify": "tests/test_patchify.py", "unpatchify": "tests/test_patchify.py",
             "masked_mse_loss": "tests/test_masked_mse.py", "mae_loss": "tests/test_masked_mse.py",
-            "random_masking": "tests/test_masking.py", "restore_tokens": "tests/test_masking.py",
+            "random_masking": "tests/test_random_masking.py", "restore_tokens": "tests/test_restore_tokens.py",
             "uniformity_loss": "tests/test_uniformity.py"}
 
 # Model-level gradients (a whole backward, fused vs reference) are not compared elementwise at a
@@ -120,8 +121,8 @@ triton_cpu = pytest.mark.skipif(not triton_interpreted(),
 
 def fused_impls(op: str, device: str | None = None):
     """pytest params (device, impl) for every fused implementation of `op` this machine runs (on CPU:
-    the C++ kernel and, under TRITON_INTERPRET=1, the Triton kernel). tests/conftest.py puts the
-    test's `impl` first (`_backend.use_impl`); `assert_runs` checks that it is what runs."""
+    the C++ kernel and, under TRITON_INTERPRET=1, the Triton kernel). A test that takes them says
+    @runs_impl, which puts its `impl` first; `assert_runs` checks that it is what runs."""
     out = []
     spec = registry.get(op)
     for impl in spec.impls:
@@ -129,6 +130,19 @@ def fused_impls(op: str, device: str | None = None):
             continue
         out.append(pytest.param(impl.device, impl.name, id=f"{impl.device}-{impl.name}"))
     return out
+
+
+def runs_impl(test):
+    """A test of implementation `impl` (its parameter, from fused_impls / cpu_impls): it runs with that
+    implementation first where its device has several (`umae.ops.use_impl`: on CPU the C++ kernel or the
+    interpreted Triton kernel); `assert_runs` checks what runs."""
+    import functools
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        with ops.use_impl(kwargs["impl"]):
+            return test(*args, **kwargs)
+    return run
 
 
 def cpu_impls(op: str):
@@ -213,3 +227,117 @@ def assert_grid_row(op: str, device: str, impl: str, dtype, variant):
     fwd, bwd = check.compare(registry.get(op), variant, dtype, device)
     assert fwd <= 1 and bwd <= 1, (f"{op} [{variant.name}] {dtype}: err/tol forward {fwd:.3g}, backward {bwd:.3g} "
                                    "(umae/ops/_tolerance.py; pass at <= 1)")
+
+
+# ---- properties each op's test file checks for its ops: second order, gradient layouts, forward-mode AD ----
+
+DOUBLE_BACKWARD = r"double backward \(a gradient of its gradient.*is not supported by the fused .*use the reference"
+CREATE_GRAPH_WARNING = "ignore:Using backward\\(\\) with create_graph=True:UserWarning"
+
+
+def penalty_grads(fn, inputs):
+    """d/d(inputs) of a gradient penalty |d f/d(inputs)|^2, f = sum(w * fn(*inputs)^2): needs fn's
+    second derivative (its backward differentiated w.r.t. the incoming gradient)."""
+    out = fn(*inputs)
+    w = torch.linspace(-1, 1, out.numel(), device=out.device).view(out.shape)
+    acc = torch.promote_types(out.dtype, torch.float32)
+    f = (w * out.to(acc) ** 2).sum()
+    grads = torch.autograd.grad(f, inputs, create_graph=True)
+    penalty = sum(g.to(acc).pow(2).sum() for g in grads)
+    return torch.autograd.grad(penalty, inputs)
+
+
+def assert_second_order_matches(fn, inputs, tol):
+    got = penalty_grads(fn, inputs)
+    with umae.use_backend("reference"):
+        ref = penalty_grads(fn, inputs)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert b.abs().max() > 0, "a second-order term that is 0 tests nothing"
+        assert_close(a, b, name=f"second-order grad of input {i}", **tol)
+
+
+def assert_second_order_refused(loss_fn, inp, ref_grad):
+    """create_graph=True alone works (the first-order gradient, requiring grad); differentiating that
+    gradient (a penalty, a Hessian-vector product) raises, never 0 or 'not used in the graph'."""
+    loss = loss_fn(inp)
+    (g,) = torch.autograd.grad(loss, inp, create_graph=True)
+    assert g.requires_grad
+    assert_close(g, ref_grad, name="first-order grad under create_graph", **TOL[torch.float32])
+    with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
+        torch.autograd.grad(g.pow(2).sum(), inp)  # a gradient penalty through the op
+    with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
+        torch.autograd.grad(g, inp, torch.ones_like(g))  # a Hessian-vector product
+    loss_fn(inp).backward(create_graph=True)  # and .backward(create_graph=True), the grad only read
+    assert_close(inp.grad, ref_grad, name="grad after backward(create_graph=True)", **TOL[torch.float32])
+    inp.grad = None
+
+
+# every op's case at sizes where the CPU kernels run inline (their grain) and where most split into tasks
+LAYOUT_SHAPES = [dict(N=2, img=16, p=8, C=3, D=16, Dd=16, B=5), dict(N=9, img=48, p=8, C=3, D=200, Dd=136, B=70)]
+
+
+def assert_backward_reads_any_gradient_layout(op, shape, layout):
+    """The backward kernels read the incoming gradient by its strides: a .sum()'s is one value broadcast
+    (every stride 0), a transposed one has no unit stride; both gave copies before, now neither does."""
+    from umae.bench.cases import CASES
+
+    torch.manual_seed(0)
+    case = CASES[op](shape, torch.float32, "cpu")
+    assert ops.implementation(op, *case.grad_inputs) == "cpp-cpu"
+
+    def grads(backend):
+        with umae.use_backend(backend):
+            out = case.forward()
+        out = out[0] if isinstance(out, tuple) else out
+        if layout == "sum":
+            return torch.autograd.grad(out.sum(), case.grad_inputs)
+        g = torch.randn(tuple(reversed(out.shape)), generator=torch.Generator().manual_seed(1))
+        if out.dim():  # out's shape, no unit stride (a loss's gradient is one number)
+            g = g.permute(*reversed(range(out.dim())))
+            assert g.stride(-1) != 1
+        return torch.autograd.grad(out, case.grad_inputs, g)
+
+    for got, ref, x in zip(grads("fused"), grads("reference"), case.grad_inputs):
+        tol = registry.get(op).parity.grad[torch.float32]
+        scale = float(ref.abs().max()) if registry.get(op).parity.grad_scaled else 1.0
+        assert_close(got, ref, name=f"{op} grad of {tuple(x.shape)}", atol=tol["atol"] * max(scale, 1e-30),
+                     rtol=tol["rtol"])
+
+
+FORWARD_AD = r"umae::.*forward-mode AD \(torch.func.jvp, torch.autograd.forward_ad\) is not supported by the fused"
+
+
+def _jvp_cases():
+    """op -> (its input, a function of it through the public op), fp64 (the C++ kernels take it)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    imgs, mask, noise = r(2, 3, 8, 8), (torch.rand(2, 4, generator=g) < 0.5).double(), torch.rand(2, 4, generator=g)
+    target, ids = umae.patchify(imgs, 4, backend="reference"), torch.argsort(torch.rand(2, 4, generator=g), 1)
+    pos, cls, tok, pos2 = r(1, 4, 16), r(1, 1, 16), r(1, 1, 16), r(1, 5, 16)
+    return {"patchify": (imgs, lambda v: umae.patchify(v, 4)),
+            "unpatchify": (r(2, 4, 48), lambda v: umae.unpatchify(v, 4, 8, 3)),
+            "masked_mse_loss": (r(2, 4, 48), lambda v: umae.masked_mse_loss(v, target, mask)),
+            "mae_loss": (r(2, 4, 48), lambda v: umae.mae_loss(v, imgs, mask, 4)),
+            "random_masking": (r(2, 4, 16), lambda v: umae.random_masking(v, 0.5, noise, pos, cls)[0]),
+            "restore_tokens": (r(2, 3, 16), lambda v: umae.restore_tokens(v, ids, tok, pos2)),
+            "uniformity_loss": (r(5, 16), lambda v: umae.uniformity_loss(v))}
+
+
+def assert_forward_mode_ad_refused(op, api):
+    """Was: zero tangents (func.jvp) or none (forward_ad) from every fused op, without a word."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, fn = _jvp_cases()[op]
+    assert ops.implementation(op, x) == "cpp-cpu"
+    tan = torch.randn_like(x)
+
+    def tangent(backend):
+        with umae.use_backend(backend):
+            if api == "func.jvp":
+                return torch.func.jvp(fn, (x,), (tan,))[1]
+            with fwAD.dual_level():
+                return fwAD.unpack_dual(fn(fwAD.make_dual(x, tan))).tangent
+    ref = tangent("reference")
+    assert ref is not None and ref.abs().max() > 0  # the reference's tangent exists
+    with pytest.raises(RuntimeError, match=FORWARD_AD):
+        tangent("fused")

@@ -1,9 +1,13 @@
-"""random_masking and restore_tokens: every fused implementation (the C++ CPU kernels; the Triton
-kernels, interpreted on CPU, native on CUDA) vs the references."""
+"""random_masking: every fused implementation (the C++ CPU kernel; the Triton kernel, interpreted on
+CPU, native on CUDA) vs the reference, its edges (L = 0, ties and NaN noise, double backward, numpy
+scalars), and the pair with restore_tokens as a model calls them (mixed dtypes, compile, CUDA graphs)."""
+import numpy as np
 import pytest
 import torch
-from utils import (DTYPES, TOL, assert_close, assert_grid_row, assert_rounding_matters, assert_runs, cpu_impls, cuda_only,
-                   fused_impls, grid_params, randn, sampled)
+from umae_testing import (DTYPES, LAYOUT_SHAPES, TOL, assert_backward_reads_any_gradient_layout, assert_close,
+                          assert_forward_mode_ad_refused, assert_grid_row, assert_rounding_matters, assert_runs,
+                          assert_second_order_matches, cpu_impls, cuda_only, fused_impls, grid_params, randn, runs_impl,
+                          sampled)
 
 from umae.ops import _backend, registry
 
@@ -15,8 +19,7 @@ from umae.ops.restore_tokens_op import restore_tokens_reference
 # interpreter costs ~1 ms per program).
 SHAPES = [(3, 49, 64), (2, 196, 768), (2, 197, 384), (1, 256, 192), (1, 1024, 1000), (2, 37, 33)]
 RATIOS = [0.0, 0.5, 0.75, 0.9]
-IMPLS = fused_impls("random_masking")  # restore_tokens has the same implementations
-assert [p.values for p in IMPLS] == [p.values for p in fused_impls("restore_tokens")]
+IMPLS = fused_impls("random_masking")
 CPU_IMPLS = cpu_impls("random_masking")
 
 
@@ -38,6 +41,7 @@ def _grads(outs, inputs, g):
 
 
 @sampled(key={"device,impl": IMPLS, "dtype": DTYPES}, crossed={"N,L,D": SHAPES}, paired={"ratio": RATIOS})
+@runs_impl
 def test_random_masking_parity(device, impl, dtype, N, L, D, ratio):
     pos, cls = (L + D) % 2 == 0, ratio != 0.5  # vary the optional inputs across cases
     x, p, c = _params(N, L, D, dtype, device, pos=True, cls=True)
@@ -59,24 +63,8 @@ def test_random_masking_parity(device, impl, dtype, N, L, D, ratio):
         assert_close(a, b, name=f"grad {name}", **TOL[dtype])
 
 
-@sampled(key={"device,impl": IMPLS, "dtype": DTYPES}, crossed={"N,L,D": SHAPES}, paired={"has_cls": [True, False]})
-def test_restore_tokens_parity(device, impl, dtype, N, L, D, has_cls):
-    keep = len_keep_for(L, 0.75)
-    ids = torch.argsort(torch.rand(N, L, device=device), dim=1)
-    x = randn(N, keep + int(has_cls), D, dtype=dtype, device=device, requires_grad=True)
-    tok = randn(1, 1, D, dtype=dtype, device=device, requires_grad=True)
-    pos = randn(1, L + int(has_cls), D, dtype=dtype, device=device, requires_grad=True)
-    assert_runs("restore_tokens", impl, x, tok, pos)
-    out = umae.restore_tokens(x, ids, tok, pos, has_cls)
-    ref = restore_tokens_reference(x, ids, tok, pos, has_cls)
-    assert out.dtype == ref.dtype
-    assert torch.equal(out, ref)  # one fp32 add, one round-to-nearest-even, as in random_masking
-    g = randn(*ref.shape, dtype=dtype, device=device)
-    for a, b, name in zip(_grads(out, (x, tok, pos), g), _grads(ref, (x, tok, pos), g), ("x", "mask_token", "pos")):
-        assert_close(a, b, name=f"grad {name}", **TOL[dtype])
-
-
 @pytest.mark.parametrize("device,impl", IMPLS)
+@runs_impl
 def test_roundtrip_mixed_dtypes_autocast_style(device, impl):
     # bf16 tokens with fp32 parameters: outputs promote to fp32 exactly like the reference.
     N, L, D = 2, 196, 192
@@ -102,6 +90,7 @@ def test_roundtrip_mixed_dtypes_autocast_style(device, impl):
 
 
 @pytest.mark.parametrize("device,impl", IMPLS)
+@runs_impl
 def test_random_masking_without_noise(device, impl):
     N, L, D = 4, 197, 32
     x = randn(N, L, D, device=device)
@@ -119,6 +108,7 @@ def test_random_masking_without_noise(device, impl):
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
+@runs_impl
 def test_edges_len_keep_zero_and_all(impl):
     x = randn(2, 49, 16)
     cls = randn(1, 1, 16)
@@ -130,6 +120,7 @@ def test_edges_len_keep_zero_and_all(impl):
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
+@runs_impl
 def test_ties_and_nan_noise_like_a_stable_sort(impl):
     x = randn(2, 49, 16)
     noise = torch.rand(2, 49)
@@ -142,6 +133,7 @@ def test_ties_and_nan_noise_like_a_stable_sort(impl):
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
+@runs_impl
 def test_nan_after_inf_and_fp64_noise_order_like_the_reference(impl):
     # NaN sorts after +inf (not tied with it); fp64 noise keeps differences fp32 cannot hold
     x = randn(2, 12, 8)
@@ -159,6 +151,7 @@ def test_nan_after_inf_and_fp64_noise_order_like_the_reference(impl):
 
 
 @pytest.mark.parametrize("device,impl", IMPLS)
+@runs_impl
 def test_non_contiguous(device, impl):
     x = randn(3, 64, 2 * 48, device=device)[:, :, ::2]
     pos = randn(1, 48, 64, device=device).transpose(1, 2)
@@ -166,60 +159,31 @@ def test_non_contiguous(device, impl):
     assert not (x.is_contiguous() or pos.is_contiguous())
     for u, v in zip(umae.random_masking(x, 0.75, noise, pos), random_masking_reference(x, 0.75, noise, pos)):
         assert torch.equal(u, v)
-    xm, _, ids = umae.random_masking(x, 0.75, noise)
-    xm_nc = torch.cat([xm, xm], -1)[:, :, ::2]
-    tok = randn(1, 1, 48, device=device)
-    assert torch.equal(umae.restore_tokens(xm_nc, ids, tok, has_cls=False),
-                       restore_tokens_reference(xm_nc, ids, tok, has_cls=False))
 
 
 @pytest.mark.parametrize("device,impl", IMPLS)
+@runs_impl
 def test_opcheck(device, impl):
     x = randn(2, 49, 24, device=device, requires_grad=True)
     pos = randn(1, 49, 24, device=device, requires_grad=True)
     cls = randn(1, 1, 24, device=device, requires_grad=True)
     noise = torch.rand(2, 49, device=device)
     torch.library.opcheck(_custom_op("random_masking"), (x, noise, pos, cls, 12))
-    ids = torch.argsort(torch.rand(2, 49, device=device), 1)
-    xk = randn(2, 13, 24, device=device, requires_grad=True)
-    tok = randn(1, 1, 24, device=device, requires_grad=True)
-    dpos = randn(1, 50, 24, device=device, requires_grad=True)
-    torch.library.opcheck(_custom_op("restore_tokens"), (xk, ids, tok, dpos, True))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-def test_compile_fullgraph(impl):
-    x = randn(2, 49, 32, requires_grad=True)
-    pos, cls, tok = randn(1, 49, 32), randn(1, 1, 32, requires_grad=True), randn(1, 1, 32, requires_grad=True)
-    noise = torch.rand(2, 49)
-
-    def f(x, noise):
-        xm, mask, ids = umae.random_masking(x, 0.75, noise, pos, cls)
-        return umae.restore_tokens(xm, ids, tok).sum() + mask.sum()
-
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    out = compiled(x, noise)
-    assert_close(out, f(x, noise), **TOL[torch.float32])
-    out.backward()
 
 
 @pytest.mark.parametrize("check", [torch.autograd.gradcheck,
                                    pytest.param(torch.autograd.gradgradcheck, marks=pytest.mark.slow)],
                          ids=lambda c: c.__name__)
 @pytest.mark.parametrize("impl", [p for p in CPU_IMPLS if p.values[0] == "cpp-cpu"])
+@runs_impl
 def test_gradcheck_float64_cpp(impl, check):
-    # the C++ kernels take fp64: their backward (and the backward of that: double backward, a
-    # gradient penalty) against finite differences
+    # the C++ kernel takes fp64: its backward (and the backward of that: double backward, a gradient
+    # penalty) against finite differences
     N, L, D = 2, 11, 5
     x, pos, cls = (randn(*s, dtype=torch.float64, requires_grad=True) for s in ((N, L, D), (1, L, D), (1, 1, D)))
     noise = torch.rand(N, L)
     assert_runs("random_masking", impl, x, pos, cls)
     assert check(lambda a, b, c: umae.random_masking(a, 0.6, noise, b, c)[0], (x, pos, cls))
-    ids = torch.argsort(torch.rand(N, L), 1)
-    xk = randn(N, 5, D, dtype=torch.float64, requires_grad=True)
-    tok, dpos = randn(1, 1, D, dtype=torch.float64, requires_grad=True), randn(1, L + 1, D, dtype=torch.float64, requires_grad=True)
-    assert check(lambda a, b, c: umae.restore_tokens(a, ids, b, c), (xk, tok, dpos))
 
 
 @pytest.mark.parametrize("call, match", [
@@ -227,14 +191,9 @@ def test_gradcheck_float64_cpp(impl, check):
     (lambda: torch.ops.umae.random_masking(randn(2, 9, 4), torch.rand(2, 9), randn(1, 9, 5), None, 3), "pos_embed must be"),
     (lambda: torch.ops.umae.random_masking(randn(2, 9, 4), torch.rand(2, 9), None, randn(1, 4), 3), "cls_token must be"),
     (lambda: torch.ops.umae.random_masking(randn(2, 9, 4), torch.rand(2, 9), None, None, 10), "len_keep must be"),
-    (lambda: torch.ops.umae.restore_tokens(randn(2, 4, 4), torch.stack([torch.zeros(9, dtype=torch.int64), torch.arange(9)]),
-                                               randn(1, 1, 4), None, True),
-     r"ids_restore\[0\] must be a permutation"),
-    (lambda: torch.ops.umae.restore_tokens(randn(2, 4, 4), torch.arange(9).expand(2, 9), randn(1, 1, 5), None, True),
-     "mask_token must be"),
 ])
-def test_cpp_kernels_refuse_bad_input(call, match):
-    # the C++ ops are reachable directly (torch.ops.umae.*): they check their arguments themselves
+def test_cpp_kernel_refuses_bad_input(call, match):
+    # the C++ op is reachable directly (torch.ops.umae.*): it checks its arguments itself
     if not _backend.EXT_LOADED:
         pytest.skip(_backend.EXT_REASON)
     with pytest.raises(RuntimeError, match=match):
@@ -253,15 +212,92 @@ P = lambda *s: randn(*s)  # noqa: E731
     (lambda: umae.random_masking(P(2, 49, 8), 0.75, cls_token=P(1, 8)), r"cls_token must have shape \(1, 1, 8\)"),
     (lambda: umae.random_masking(P(2, 49, 8), 0.75, noise=P(2, 49).to("meta")), "noise is on meta"),
     (lambda: umae.random_masking(P(49, 8), 0.75), "x must have 3 dims"),
-    (lambda: umae.restore_tokens(P(2, 13, 8), torch.zeros(2, 49, dtype=torch.int32), P(1, 1, 8)), "ids_restore must be int64"),
-    (lambda: umae.restore_tokens(P(2, 60, 8), torch.zeros(2, 49, dtype=torch.int64), P(1, 1, 8)), "x must have between"),
-    (lambda: umae.restore_tokens(P(2, 13, 8), torch.zeros(2, 49, dtype=torch.int64), P(1, 1, 8), P(1, 49, 8)),
-     r"pos_embed must have shape \(1, 50, 8\)"),
-    (lambda: umae.restore_tokens(P(2, 13, 8), torch.zeros(2, 49, dtype=torch.int64), P(1, 8)), "mask_token must have shape"),
+    (lambda: umae.random_masking(randn(1, 4, 2), True), r"mask_ratio must be .*\), got True"),
+    (lambda: umae.random_masking(randn(1, 4, 2), np.True_), "mask_ratio must be a number"),
+    (lambda: umae.random_masking(randn(1, 4, 2), np.float32(1.0)), "mask_ratio must be a number"),
+    (lambda: umae.random_masking(randn(1, 4, 2), torch.tensor(0.5)), "mask_ratio must be a number"),
 ])
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_numpy_scalars_are_accepted(backend):
+    x, noise = randn(2, 10, 4), torch.rand(2, 10)
+    want = umae.random_masking(x, 0.7, noise, backend=backend)
+    for r in (np.float32(0.7), np.float64(0.7)):
+        got = umae.random_masking(x, r, noise, backend=backend)
+        assert got[0].shape == want[0].shape and all(torch.equal(u, v) for u, v in zip(got, want))
+    assert umae.random_masking(x, np.float32(0.25), noise, backend=backend)[0].shape == (2, 7, 4)  # int(10 * 0.75)
+
+
+@pytest.mark.parametrize("device,impl", IMPLS)
+@pytest.mark.parametrize("x_dtype,cls_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float16)])
+@pytest.mark.parametrize("with_pos", [False, True])
+@runs_impl
+def test_random_masking_no_tokens_keeps_the_cls_token(device, impl, x_dtype, cls_dtype, with_pos):
+    # the C++ kernel returned uninitialized memory in the cls row, the Triton kernel zeros
+    N, D = 3, 20
+    x = randn(N, 0, D, dtype=x_dtype, device=device, requires_grad=True)
+    cls = randn(1, 1, D, dtype=cls_dtype, device=device, requires_grad=True)
+    pos = randn(1, 0, D, dtype=x_dtype, device=device) if with_pos else None
+    assert_runs("random_masking", impl, x, pos, cls)
+    noise = torch.rand(N, 0, device=device)
+    got = umae.random_masking(x, 0.75, noise, pos, cls)
+    ref = random_masking_reference(x, 0.75, noise, pos, cls)
+    assert got[0].shape == (N, 1, D) and got[0].dtype == ref[0].dtype
+    for u, v in zip(got, ref):
+        assert torch.equal(u, v)
+    assert torch.equal(got[0][:, 0], cls[0].expand(N, D).to(got[0].dtype))
+    g = randn(N, 1, D, dtype=got[0].dtype, device=device)
+    gx, gc = torch.autograd.grad(got[0], (x, cls), g)
+    rx, rc = torch.autograd.grad(ref[0], (x, cls), g)
+    assert gx.shape == (N, 0, D) and torch.equal(gc, rc)
+
+
+@pytest.mark.parametrize("device,impl", IMPLS)
+@pytest.mark.parametrize("has_cls", [True, False])
+@runs_impl
+def test_random_masking_double_backward(device, impl, has_cls):
+    x = randn(2, 13, 6, device=device, requires_grad=True)
+    pos = randn(1, 13, 6, device=device, requires_grad=True)
+    cls = randn(1, 1, 6, device=device, requires_grad=True)
+    noise = torch.rand(2, 13, device=device)
+    assert_runs("random_masking", impl, x, pos, cls)
+    inputs = (x, pos, cls) if has_cls else (x, pos)
+    assert_second_order_matches(lambda *t: umae.random_masking(t[0], 0.6, noise, *t[1:])[0], inputs,
+                                      TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape", LAYOUT_SHAPES, ids=["tiny", "larger"])
+@pytest.mark.parametrize("layout", ["sum", "strided"])
+def test_backward_reads_any_gradient_layout(shape, layout):
+    assert_backward_reads_any_gradient_layout("random_masking", shape, layout)
+
+
+@pytest.mark.parametrize("api", ["func.jvp", "forward_ad"])
+def test_forward_mode_ad_is_refused_not_zero(api):
+    assert_forward_mode_ad_refused("random_masking", api)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@runs_impl
+def test_compile_fullgraph(impl):
+    x = randn(2, 49, 32, requires_grad=True)
+    pos, cls, tok = randn(1, 49, 32), randn(1, 1, 32, requires_grad=True), randn(1, 1, 32, requires_grad=True)
+    noise = torch.rand(2, 49)
+
+    def f(x, noise):
+        xm, mask, ids = umae.random_masking(x, 0.75, noise, pos, cls)
+        return umae.restore_tokens(xm, ids, tok).sum() + mask.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, noise)
+    assert_close(out, f(x, noise), **TOL[torch.float32])
+    out.backward()
 
 
 @cuda_only
@@ -283,6 +319,7 @@ HALF_AND_FP32 = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize("device,impl", fused_impls("random_masking"))
+@runs_impl
 def test_random_masking_rounds_kept_rows_as_the_reference_in_every_dtype_mix(device, impl):
     # the reference rounds x + pos to promote(x, pos), then cat with cls widens it (exactly); the Triton
     # kernel stored x + pos unrounded in the wider dtype (4 of 192 mixes, up to 7.8e-3 off)
@@ -300,12 +337,7 @@ def test_random_masking_rounds_kept_rows_as_the_reference_in_every_dtype_mix(dev
 
 
 @pytest.mark.parametrize("device,impl,dtype,variant", grid_params("random_masking"))
+@runs_impl
 def test_random_masking_grid(device, impl, dtype, variant):
     # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
     assert_grid_row("random_masking", device, impl, dtype, variant)
-
-
-@pytest.mark.parametrize("device,impl,dtype,variant", grid_params("restore_tokens"))
-def test_restore_tokens_grid(device, impl, dtype, variant):
-    # shapes, flags, layouts (transposed, strided, expanded) and autocast: umae check's rows
-    assert_grid_row("restore_tokens", device, impl, dtype, variant)

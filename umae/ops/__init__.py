@@ -53,7 +53,7 @@ def use_impl(name: str):
         raise ValueError(f"use_impl takes one of {sorted(names)}, got {name!r}")
     on_cpu = name == "triton-interpreter" and _library.TRITON_USABLE
     kernels = {k: fn for op in registry.OPS.values() if op.triton_kernels for k, fn in op.triton_kernels.items()}
-    with _backend.prefer(name), (_library.use_triton_on_cpu(kernels) if on_cpu else contextlib.nullcontext()):
+    with _backend.prefer(name), (_backend.use_triton_on_cpu(kernels) if on_cpu else contextlib.nullcontext()):
         yield
 
 

@@ -27,24 +27,35 @@ def _check(name: str) -> str:
     return name
 
 
-# A process-wide global (not thread-local): autograd runs backward on its own threads. An invalid
-# UMAE_BACKEND is refused at first use, not at import: `import umae` stays clean, and the CLI can
-# answer it with one line.
-_ENV = os.environ.get("UMAE_BACKEND", "fused").strip().lower() or "fused"
-_backend = _ENV if _ENV in BACKENDS else None
+class _State:
+    """The ops' process-wide state, all of it, in one place (not thread-local: autograd runs backward
+    on its own threads): `backend`, the switch; `preferred`, the implementation `use_impl` puts first
+    where a device has several; `triton_on_cpu`, whether Triton's launchers hold the CPU key (under
+    use_impl("triton-interpreter")); `decided`, the fused-or-reference answer per call key (`fused`)."""
+
+    def __init__(self):
+        # an invalid UMAE_BACKEND is refused at first use, not at import: `import umae` stays clean, and
+        # the CLI can answer it with one line
+        env = os.environ.get("UMAE_BACKEND", "fused").strip().lower() or "fused"
+        self.backend: str | None = env if env in BACKENDS else None
+        self.preferred: str | None = None
+        self.triton_on_cpu = False
+        self.decided: dict = {}
+
+
+STATE = _State()
 
 
 def get_backend() -> str:
-    if _backend is None:
+    if STATE.backend is None:
         raise ValueError(f"UMAE_BACKEND={os.environ.get('UMAE_BACKEND')!r} is not a backend; "
                          f"set it to one of {', '.join(BACKENDS)} or unset it")
-    return _backend
+    return STATE.backend
 
 
 def set_backend(name: str) -> None:
     """Route every umae op to its fused kernel ("fused") or its reference ("reference")."""
-    global _backend
-    _backend = _check(name)
+    STATE.backend = _check(name)
 
 
 @contextlib.contextmanager
@@ -117,18 +128,38 @@ def _runnable(op: Op, impl: Impl) -> tuple[bool, str]:
     return True, "Triton kernel"
 
 
-_preferred: str | None = None  # an implementation name to pick where a device has several
-
-
 @contextlib.contextmanager
 def prefer(name: str):
     """Pick implementation `name` on devices that have it (umae.ops.use_impl, which checks the name)."""
-    global _preferred
-    prev, _preferred = _preferred, name
+    prev, STATE.preferred = STATE.preferred, name
     try:
         yield
     finally:
-        _preferred = prev
+        STATE.preferred = prev
+
+
+def triton_runs_on(device_type: str) -> bool:
+    """Whether umae's token ops run their Triton kernels for tensors of `device_type`."""
+    return _library.TRITON_USABLE and (device_type == "cuda" or (device_type == "cpu" and STATE.triton_on_cpu))
+
+
+@contextlib.contextmanager
+def use_triton_on_cpu(kernels: dict):
+    """Register `kernels` (Triton launchers) at the CPU key over the C++ kernels while this holds, so
+    CPU tensors run them under the interpreter (the parity tests of the Triton kernels on a machine
+    without a GPU); on exit the C++ kernels are back."""
+    import warnings
+
+    prev = STATE.triton_on_cpu
+    with warnings.catch_warnings():  # the override is the point: torch warns about it
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+        lib = _library.register_kernels(kernels, "CPU", for_process=False)
+    STATE.triton_on_cpu = True
+    try:
+        yield
+    finally:
+        lib._destroy()
+        STATE.triton_on_cpu = prev
 
 
 def choose(spec: Op, device_type: str, dtypes=(torch.float32,), backend: str | None = None) -> tuple[str, str]:
@@ -144,8 +175,8 @@ def choose(spec: Op, device_type: str, dtypes=(torch.float32,), backend: str | N
     impls = spec.impls_for(device_type)
     if not impls:
         return "reference", f"no fused kernel for device {device_type!r}"
-    if _preferred is not None and any(i.name == _preferred for i in impls):
-        impls = tuple(i for i in impls if i.name == _preferred)
+    if STATE.preferred is not None and any(i.name == STATE.preferred for i in impls):
+        impls = tuple(i for i in impls if i.name == STATE.preferred)
     refusal = None
     for impl in impls:
         ok, why = _runnable(spec, impl)
@@ -169,10 +200,10 @@ def implementation(spec: Op, *tensors, backend: str | None = None) -> str:
     return choose(spec, first.device.type, dtypes, backend)[0]
 
 
-# (op, backend argument, global backend, preferred implementation, device type, the tensors' dtypes) ->
-# whether the fused function runs: `choose` walks the registry, which costs more than a small op's
-# kernel; the answer changes only with what the key holds (set_backend and prefer change the key).
-_decided: dict = {}
+# STATE.decided: (op, backend argument, global backend, preferred implementation, device type, the
+# tensors' dtypes) -> whether the fused function runs: `choose` walks the registry, which costs more
+# than a small op's kernel; the answer changes only with what the key holds (set_backend and prefer
+# change the key).
 
 
 def fused(spec: Op, tensors: tuple, backend: str | None) -> bool:
@@ -182,8 +213,8 @@ def fused(spec: Op, tensors: tuple, backend: str | None) -> bool:
     dev = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None
     if dev is None or torch.compiler.is_compiling():  # a trace reads the registry itself, not this cache
         return implementation(spec, *tensors, backend=backend) != "reference"
-    key = (spec.name, backend, _backend, _preferred, dev, *[t.dtype if t is not None else None for t in tensors])
-    hit = _decided.get(key)
+    key = (spec.name, backend, STATE.backend, STATE.preferred, dev, *[t.dtype if t is not None else None for t in tensors])
+    hit = STATE.decided.get(key)
     if hit is None:
-        hit = _decided[key] = implementation(spec, *tensors, backend=backend) != "reference"
+        hit = STATE.decided[key] = implementation(spec, *tensors, backend=backend) != "reference"
     return hit

@@ -55,51 +55,6 @@ def acc_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-# ---- double backward ---------------------------------------------------------------------
-
-def double_backward_message(op: str) -> str:
-    return (f"umae::{op}: double backward (a gradient of its gradient, e.g. a gradient penalty through "
-            f"torch.autograd.grad(..., create_graph=True)) is not supported by the fused kernel; use the reference: "
-            f"umae.use_backend(\"reference\"), backend=\"reference\" or UMAE_BACKEND=reference")
-
-
-class _RefuseDoubleBackward(torch.autograd.Function):
-    """Copies of the first n tensors (a kernel's gradients), made functions of the rest (what those
-    gradients depend on: the saved inputs, the incoming gradient), whose backward raises."""
-
-    @staticmethod
-    def forward(ctx, op, n, *tensors):
-        ctx.op = op
-        return tuple(t.clone() for t in tensors[:n])
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(double_backward_message(ctx.op))
-
-
-def first_order_only(op: str, backward, *args):
-    """`backward(*args)`, a fused kernel's gradient (a tensor, or a tuple of tensors or None), for an
-    autograd backward.
-
-    With create_graph=True (grad mode on inside the backward) the kernel's result would be a
-    constant to autograd, and a gradient of it (a gradient penalty) silently 0 or "not used in the
-    graph". Then each gradient comes back as a copy that is a function of the tensor arguments
-    requiring grad (the saved inputs, the incoming gradient), with a backward that raises: the
-    first-order gradient is usable, and the error comes only when a second-order gradient is taken."""
-    if not torch.is_grad_enabled():
-        return backward(*args)
-    with torch.no_grad():
-        out = backward(*args)
-    single = not isinstance(out, tuple)
-    outs = list((out,) if single else out)
-    live = [i for i, g in enumerate(outs) if g is not None]
-    deps = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    wrapped = _RefuseDoubleBackward.apply(op, len(live), *(outs[i] for i in live), *deps)
-    for i, g in zip(live, wrapped):
-        outs[i] = g
-    return outs[0] if single else tuple(outs)
-
-
 # ---- scalars and images (numpy scalars accepted: they are what a config loader gives) ----
 
 def _is_bool(v) -> bool:

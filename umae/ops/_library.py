@@ -5,8 +5,6 @@ modules (umae/ops/<op>_op.py) above both, and the reports of what runs (umae/ops
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
 
 import torch
 
@@ -54,29 +52,3 @@ def register_kernels(kernels: dict, key: str, *, for_process: bool = True) -> to
     if for_process:
         _held.append(lib)
     return lib
-
-
-_triton_on_cpu = False  # while use_triton_on_cpu holds
-
-
-def triton_runs_on(device_type: str) -> bool:
-    """Whether umae's token ops run their Triton kernels for tensors of `device_type`."""
-    return TRITON_USABLE and (device_type == "cuda" or (device_type == "cpu" and _triton_on_cpu))
-
-
-@contextlib.contextmanager
-def use_triton_on_cpu(kernels: dict):
-    """Register `kernels` (Triton launchers) at the CPU key over the C++ kernels while this holds, so
-    CPU tensors run them under the interpreter (the parity tests of the Triton kernels on a machine
-    without a GPU); on exit the C++ kernels are back."""
-    global _triton_on_cpu
-    prev = _triton_on_cpu
-    with warnings.catch_warnings():  # the override is the point: torch warns about it
-        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
-        lib = register_kernels(kernels, "CPU", for_process=False)
-    _triton_on_cpu = True
-    try:
-        yield
-    finally:
-        lib._destroy()
-        _triton_on_cpu = prev

@@ -6,6 +6,7 @@ umae/bench/jit.py, tests/).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from types import ModuleType
 from typing import Callable
 
@@ -42,6 +43,8 @@ CPP_CPU_TRITON_CUDA = (CPP[0], Impl("triton", "cuda", HALF_AND_FP32, "triton"),
                        Impl("triton-interpreter", "cpu", HALF_AND_FP32, "triton"))
 
 
+@torch.compiler.assume_constant_result  # asked while tracing: a constant of the process
+@functools.lru_cache(maxsize=None)  # a dispatcher query, once per (schema, device), at first use: not at import
 def _has_kernel(schema: str, device: str) -> bool:
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(schema, {"cpu": "CPU", "cuda": "CUDA"}[device])
@@ -66,13 +69,12 @@ class Op:
     kernels: ModuleType | None = None
     triton_kernels: dict | None = None
     parity: Parity | None = None
-    # the devices whose C++/CUDA kernel of `schema` the extension registered, read once here (a
-    # dispatcher query cannot be traced by torch.compile; the entry is built after the extension loads)
-    cpp_devices: frozenset = dataclasses.field(init=False, default=frozenset())
 
-    def __post_init__(self):
-        object.__setattr__(self, "cpp_devices", frozenset(
-            i.device for i in self.impls if i.kind == "cpp" and _has_kernel(self.schema, i.device)))
+    @property
+    def cpp_devices(self) -> frozenset:
+        """The devices whose C++/CUDA kernel of `schema` the extension registered (asked of the
+        dispatcher at first use, once: see _has_kernel)."""
+        return frozenset(i.device for i in self.impls if i.kind == "cpp" and _has_kernel(self.schema, i.device))
 
     def impls_for(self, device: str) -> tuple[Impl, ...]:
         """The implementations for `device`, in the order `choose` prefers them."""

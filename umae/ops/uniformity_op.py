@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from . import _backend, _checks, _library
 from ._tolerance import MATMUL_TOL, Parity
 from ._spec import CPP_CPU_TRITON_CUDA, Op
-from ._checks import acc_dtype, first_order_only
+from ._checks import acc_dtype
 
 NORM_EPS = 1e-12  # F.normalize's; the kernels take it as an argument
 
@@ -79,9 +79,10 @@ def _denominator(B: int, exclude_diagonal: bool) -> int:
 
 def uniformity_loss_fused(features, normalize=True, exclude_diagonal=False, process_group=None,
                           exact_ddp_grad=True):
-    """umae::uniformity_loss: the C++ kernel on CPU (csrc/cpu/uniformity.cpp), the Triton kernels on CUDA
-    (kernels/uniformity.py), one autograd in C++. Across ranks: the Gram all-reduce of
-    DistributedFused, its D x D products by the same device's kernels."""
+    """One process: umae::uniformity_loss, the C++ kernel on CPU (csrc/cpu/uniformity.cpp), the Triton
+    kernels on CUDA (kernels/uniformity.py), its autograd in C++. Across ranks: DistributedFused, an
+    autograd.Function in Python (it holds the process group and one all-reduce of the D x D Gram),
+    its products by the same device's kernels (TorchGram on CPU)."""
     if process_group is None:
         return _UNIFORMITY_LOSS(features, normalize, exclude_diagonal, NORM_EPS)
     if exclude_diagonal and not normalize:
@@ -89,7 +90,7 @@ def uniformity_loss_fused(features, normalize=True, exclude_diagonal=False, proc
         # the exact pairs need every rank's rows: the all-gather of the reference
         return uniformity_loss_reference(features, normalize, exclude_diagonal, process_group, exact_ddp_grad)
     device = features.device.type
-    gram_ops = KERNELS if _library.triton_runs_on(device) else TorchGram
+    gram_ops = KERNELS if _backend.triton_runs_on(device) else TorchGram
     if not torch.is_autocast_enabled(device):
         return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
                                       ddp_grad_scale(process_group, exact_ddp_grad), gram_ops)
@@ -170,6 +171,25 @@ def _grad_from_gram(gram_ops, grad, features, norms, rinv, g, denom, *, exclude_
     return rinv[:, None] * (dz - z * radial)
 
 
+def first_order_only(op: str, backward, *args):
+    """`backward(*args)`, a fused kernel's gradient (a tensor, or a tuple of tensors or None), for an
+    autograd backward written in Python. With create_graph=True (grad mode on inside the backward)
+    the kernel's result would be a constant to autograd, and a gradient of it (a gradient penalty)
+    silently 0: it comes back as a function of the tensor arguments requiring grad whose backward
+    raises, as the C++ autograd's do (umae::first_order_only, csrc/autograd.h)."""
+    if not torch.is_grad_enabled():
+        return backward(*args)
+    with torch.no_grad():
+        out = backward(*args)
+    single = not isinstance(out, tuple)
+    outs = list((out,) if single else out)
+    live = [i for i, g in enumerate(outs) if g is not None]
+    deps = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    for i, g in zip(live, torch.ops.umae.first_order_only(op, [outs[i] for i in live], deps)):
+        outs[i] = g
+    return outs[0] if single else tuple(outs)
+
+
 class DistributedFused(torch.autograd.Function):
     """Global-batch loss across ranks: each rank forms its Gram Z_r^T Z_r (D x D), one
     all-reduce sums them (with the diagonal terms and row counts), and the backward needs
@@ -201,7 +221,7 @@ class DistributedFused(torch.autograd.Function):
         features, norms, rinv, g, denom = ctx.saved_tensors
         exclude_diagonal, normalize, grad_scale, gram_ops = ctx.args
         # G, the norms and rinv are constants here: differentiated again, this gradient would miss their
-        # terms, so a second-order gradient raises instead (umae/ops/_checks.py). No autocast inside, as in
+        # terms, so a second-order gradient raises instead (first_order_only). No autocast inside, as in
         # the forward (a backward() called under autocast would re-cast the products)
         with torch.autocast(features.device.type, enabled=False):
             df = first_order_only("uniformity_loss", lambda grad, features: (_grad_from_gram(

@@ -335,3 +335,15 @@ def test_the_cached_decision_follows_the_switch():
                 assert not _backend.fused(spec, (f,), None)  # the Triton kernel takes no fp64
                 assert _backend.fused(spec, (f.float(),), None)
             assert _backend.fused(spec, (f,), None)
+
+
+def test_a_first_call_under_compile_traces_the_decision():
+    # nothing is asked of the dispatcher at import: the first call of a process may come under
+    # torch.compile(fullgraph=True), where the decision's queries must be constants, not graph breaks
+    code = ("import torch, umae\n"
+            "f = torch.compile(lambda x: umae.patchify(x, 4).sum() + umae.uniformity_loss(x.flatten(1)), "
+            "fullgraph=True, backend='eager')\n"
+            "x = torch.randn(2, 3, 8, 8)\n"
+            "print(bool(torch.allclose(f(x), umae.patchify(x, 4).sum() + umae.uniformity_loss(x.flatten(1)))))")
+    r = _run(code)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-3000:]

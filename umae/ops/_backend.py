@@ -9,7 +9,6 @@ implementation and the reason, which `umae.ops.backend_info` reports.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 
@@ -89,11 +88,19 @@ def cuda_arch_ok(capability: tuple[int, int], archs: list[str]) -> bool:
     return False
 
 
-@torch.compiler.assume_constant_result  # asked while tracing: a constant of the process
-@functools.lru_cache(maxsize=None)  # and asked by every CUDA op call: read once
-def _cuda_arch_reason() -> str:
+_ARCH_REASON: list = []
+
+
+@torch.compiler.assume_constant_result  # asked while tracing: a constant of the process (a plain function:
+def _cuda_arch_reason() -> str:  # Dynamo traces into an lru_cache wrapper's body)
     """'' if the extension holds CUDA code for the current GPU, else why not (asked on first CUDA use:
-    reading the capability initializes CUDA, which importing umae must not do)."""
+    reading the capability initializes CUDA, which importing umae must not do; read once)."""
+    if not _ARCH_REASON:
+        _ARCH_REASON.append(_arch_reason())
+    return _ARCH_REASON[0]
+
+
+def _arch_reason() -> str:
     try:
         from ._build import CUDA_ARCHS
     except ImportError:
@@ -103,8 +110,6 @@ def _cuda_arch_reason() -> str:
         return ""
     return (f"umae._C holds CUDA code for {', '.join(CUDA_ARCHS) or 'no arch'}, not this GPU's sm_{cap[0]}{cap[1]}; "
             f"rebuild with TORCH_CUDA_ARCH_LIST={cap[0]}.{cap[1]}")
-
-
 
 
 def _runnable(op: Op, impl: Impl) -> tuple[bool, str]:

@@ -6,7 +6,6 @@ umae/bench/jit.py, tests/).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from types import ModuleType
 from typing import Callable
 
@@ -43,13 +42,20 @@ CPP_CPU_TRITON_CUDA = (CPP[0], Impl("triton", "cuda", HALF_AND_FP32, "triton"),
                        Impl("triton-interpreter", "cpu", HALF_AND_FP32, "triton"))
 
 
-@torch.compiler.assume_constant_result  # asked while tracing: a constant of the process
-@functools.lru_cache(maxsize=None)  # a dispatcher query, once per (schema, device), at first use: not at import
-def _has_kernel(schema: str, device: str) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(schema, {"cpu": "CPU", "cuda": "CUDA"}[device])
-    except RuntimeError:  # no such op: the extension is not loaded
-        return False
+_KERNELS_FOUND: dict = {}
+
+
+@torch.compiler.assume_constant_result  # asked while tracing: a constant of the process (a plain function:
+def _has_kernel(schema: str, device: str) -> bool:  # Dynamo traces into an lru_cache wrapper's query)
+    """A dispatcher query, once per (schema, device), at first use: not at import."""
+    key = (schema, device)
+    if key not in _KERNELS_FOUND:
+        try:
+            _KERNELS_FOUND[key] = torch._C._dispatch_has_kernel_for_dispatch_key(
+                schema, {"cpu": "CPU", "cuda": "CUDA"}[device])
+        except RuntimeError:  # no such op: the extension is not loaded
+            _KERNELS_FOUND[key] = False
+    return _KERNELS_FOUND[key]
 
 
 @dataclasses.dataclass(frozen=True)

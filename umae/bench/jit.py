@@ -214,9 +214,8 @@ def label(src) -> str:
     return f"{'/'.join(ptrs)} {named} ({ones} args == 1)"
 
 
-def compile_all(launches, target=None, shard=(0, 1)):
-    """Compile each distinct JIT specialization once; yields (key, compiled kernel, its ASTSource).
-    shard=(i, n): the i-th of every n specializations only (n processes compile them all)."""
+def compile_all(launches, target=None):
+    """Compile each distinct JIT specialization once; yields (key, compiled kernel, its ASTSource)."""
     target = target or h100()
     seen = set()
     for fn, args, kwargs, _grid in launches:
@@ -224,5 +223,4 @@ def compile_all(launches, target=None, shard=(0, 1)):
         if key in seen:
             continue
         seen.add(key)
-        if (len(seen) - 1) % shard[1] == shard[0]:
-            yield key, triton.compile(src, target=target, options=options.__dict__), src
+        yield key, triton.compile(src, target=target, options=options.__dict__), src

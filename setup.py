@@ -63,7 +63,7 @@ def _extension():
     if with_cuda:
         os.environ["CUDA_HOME"] = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_archs(torch))
-    # what umae.ops._backend reads to pick a CUDA kernel only for a GPU the extension holds code for
+    # what umae.ops._common reads to pick a CUDA kernel only for a GPU the extension holds code for
     with open(os.path.join(HERE, "umae", "ops", "_build.py"), "w") as f:
         f.write('"""Written by setup.py at build time."""\n'
                 f"CUDA_ARCHS = {os.environ['TORCH_CUDA_ARCH_LIST'].replace(';', ' ').split() if with_cuda else []!r}\n")

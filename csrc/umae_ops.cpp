@@ -4,11 +4,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "autograd.h"
+#include "common.h"
 
 TORCH_LIBRARY(umae, m) {
   // `grads` (a backward's results, computed without autograd) as functions of `deps` whose own backward
-  // raises naming `op` (csrc/autograd.h first_order_only): the Python autograd Functions' way to the
+  // raises naming `op` (csrc/common.h first_order_only): the Python autograd Functions' way to the
   // same refusal as the C++ ones' (umae/ops/uniformity_op.py, across ranks). With grad mode off, `grads`.
   m.def("first_order_only(str op, Tensor[] grads, Tensor[] deps) -> Tensor[]");
 }

@@ -1,17 +1,27 @@
-"""Helpers shared by the Triton launchers."""
+"""Helpers shared by the Triton kernels and their launchers.
+
+kernels/ is installed as `umae.kernels` (the link umae/kernels) and is a namespace package (no
+__init__.py): in a process whose sys.path holds the repo root it would also be a top-level
+`kernels`, PyPI's name (transformers imports that package when it is installed), and a regular
+package found anywhere on sys.path wins over a namespace portion, so PyPI's is what `import kernels`
+finds. One op per file; each holds its @triton.jit kernels and their launchers, which write outputs
+their caller allocates (the op module, by the shape rule its fake uses too) and pick block sizes by
+a rule (no autotuning, so the interpreter runs what the GPU would). Nothing here imports umae: the
+kernels are the bottom layer.
+"""
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._env import interpreted, promoted  # noqa: F401  (the launchers' import of it)
-
-# decided at import, so a compile check (run without the interpreter) compiles the GPU branch
-INTERPRETED = tl.constexpr(interpreted())
+# Decided at import, so a compile check (a process without the interpreter) compiles the GPU branch;
+# umae.ops._common.triton_interpreted reads the same variable at each use, to pick the implementation.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 def _interpreter_index_fix():

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import cast_rn, on_device, pow2_clamp, promoted, tile_warps
+from ._util import cast_rn, on_device, pow2_clamp, tile_warps
 
 
 @triton.jit
@@ -94,40 +94,37 @@ def _config(L: int, D: int):
     return dict(BLOCK_I=16, BLOCK_J=pow2_clamp(L, 16, 64), BLOCK_D=block_d), tile_warps(16, block_d)
 
 
-def forward(x, noise, pos_embed, cls_token, len_keep: int):
-    """x (N, L, D) any strides; noise (N, L); pos_embed (1, L, D) or None; cls_token (1, 1, D) or None."""
+def forward(x, noise, pos_embed, cls_token, out, mask, ids_restore):
+    """x (N, L, D) any strides; noise (N, L); pos_embed (1, L, D) or None; cls_token (1, 1, D) or None;
+    writes out (N, [1 +] len_keep, D), mask (N, L) fp32 and ids_restore (N, L) int64, which the caller
+    allocates (umae/ops/random_masking_op.py: one shape rule for them and the fake)."""
     N, L, D = x.shape
-    dtype = promoted(x, pos_embed, cls_token)
     has_cls = cls_token is not None
-    out = torch.empty((N, len_keep + int(has_cls), D), device=x.device, dtype=dtype)
-    mask = torch.empty((N, L), device=x.device, dtype=torch.float32)
-    ids_restore = torch.empty((N, L), device=x.device, dtype=torch.int64)
     if N == 0:
-        return out, mask, ids_restore
+        return
     # fp64 noise stays fp64 (fp32 would create ties the reference does not have); others are exact in fp32
     if noise.dtype not in (torch.float32, torch.float64) or not noise.is_contiguous():
         noise = noise.to(torch.promote_types(noise.dtype, torch.float32)).contiguous()
     pos = pos_embed if pos_embed is not None else x
     cls = cls_token if has_cls else x
+    xp_dtype = torch.promote_types(x.dtype, pos.dtype)  # x + pos rounds to this, as the reference's add
     cfg, warps = _config(L, D)
     # at least one program per sample: program 0 writes the cls row, also when L == 0
     grid = (N, max(1, triton.cdiv(L, cfg["BLOCK_I"])))
     with on_device(x):
-        _rank_gather_kernel[grid](noise, x, pos, cls, out, mask, ids_restore, L, D, len_keep,
+        _rank_gather_kernel[grid](noise, x, pos, cls, out, mask, ids_restore, L, D, out.shape[1] - int(has_cls),
                                   x.stride(0), x.stride(1), x.stride(2), pos.stride(-2), pos.stride(-1),
                                   cls.stride(-1), out.stride(0), out.stride(1),
                                   HAS_POS=pos_embed is not None, HAS_CLS=has_cls,
-                                  XP_DTYPE=_TL[promoted(x, pos_embed)], num_warps=warps, **cfg)
-    return out, mask, ids_restore
+                                  XP_DTYPE=_TL[xp_dtype], num_warps=warps, **cfg)
 
 
-def backward(grad_out, ids_restore, *, has_cls: bool, dtype=None):
-    """Gradient of x + pos (N, L, D), in `dtype` (default grad_out's), from the gradient of x_masked."""
+def backward(grad_out, ids_restore, gx, *, has_cls: bool):
+    """Writes gx (N, L, D), the gradient of x + pos, from grad_out, the gradient of x_masked."""
     N, L = ids_restore.shape
     D = grad_out.shape[2]
-    gx = torch.empty((N, L, D), device=grad_out.device, dtype=dtype or grad_out.dtype)
     if gx.numel() == 0:
-        return gx
+        return
     cfg, warps = _config(L, D)
     cfg.pop("BLOCK_J")
     len_keep = grad_out.shape[1] - int(has_cls)
@@ -135,4 +132,3 @@ def backward(grad_out, ids_restore, *, has_cls: bool, dtype=None):
     with on_device(grad_out):
         _scatter_grad_kernel[grid](grad_out, ids_restore, gx, L, D, len_keep, grad_out.stride(0), grad_out.stride(1),
                                    grad_out.stride(2), HAS_CLS=has_cls, num_warps=warps, **cfg)
-    return gx

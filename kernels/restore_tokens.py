@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import cast_rn, on_device, pow2_clamp, promoted, tile_warps
+from ._util import cast_rn, on_device, pow2_clamp, tile_warps
 
 
 @triton.jit
@@ -111,37 +111,35 @@ def check_ids(ids_restore: torch.Tensor) -> None:
                        f"(as random_masking returns), but has {r} at {l}")
 
 
-def forward(x, ids_restore, mask_token, pos_embed, *, has_cls: bool):
+def forward(x, ids_restore, mask_token, pos_embed, out, *, has_cls: bool):
+    """Writes out (N, [1 +] L, D), which the caller allocates (umae/ops/restore_tokens_op.py: one shape
+    rule for it and the fake)."""
     N, L = ids_restore.shape
     check_ids(ids_restore)
     D = x.shape[2]
-    R = L + int(has_cls)
-    out = torch.empty((N, R, D), device=x.device, dtype=promoted(x, mask_token, pos_embed))
     if out.numel() == 0:
-        return out
+        return
     ids = ids_restore.contiguous()
     pos = pos_embed if pos_embed is not None else x
     cfg, warps = _config(L, D)
-    grid = (N, triton.cdiv(R, cfg["BLOCK_R"]))
+    grid = (N, triton.cdiv(out.shape[1], cfg["BLOCK_R"]))
     with on_device(x):
         _restore_kernel[grid](x, ids, mask_token, pos, out, L, D, x.shape[1] - int(has_cls),
                               x.stride(0), x.stride(1), x.stride(2), mask_token.stride(-1), pos.stride(-2),
                               pos.stride(-1), HAS_POS=pos_embed is not None, HAS_CLS=has_cls, num_warps=warps, **cfg)
-    return out
 
 
-def backward(grad_out, ids_restore, x_shape, x_dtype, *, has_cls: bool):
-    """(grad_x in x's dtype, grad_mask_token as fp32 (D,))."""
+def backward(grad_out, ids_restore, gx, *, has_cls: bool):
+    """Writes gx (x's shape and dtype, allocated by the caller); returns the mask token's gradient, fp32 (D,)."""
     N, L = ids_restore.shape
     D = grad_out.shape[2]
-    gx = torch.empty(x_shape, device=grad_out.device, dtype=x_dtype)
     cfg, warps = _config(L, D)
     part = torch.empty((N, D), device=grad_out.device, dtype=torch.float32)
     if grad_out.numel() == 0:
-        return gx, part.sum(0)
+        return part.sum(0)
     with on_device(grad_out):
         grid = (N, triton.cdiv(D, cfg["BLOCK_D"]))
-        _restore_bwd_kernel[grid](grad_out, ids_restore.contiguous(), gx, part, L, D, x_shape[1] - int(has_cls),
+        _restore_bwd_kernel[grid](grad_out, ids_restore.contiguous(), gx, part, L, D, gx.shape[1] - int(has_cls),
                                   grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
                                   HAS_CLS=has_cls, num_warps=warps, **cfg)
-    return gx, part.sum(0)
+    return part.sum(0)

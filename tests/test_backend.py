@@ -12,8 +12,8 @@ from umae_testing import DEVICES, HANG_GUARD, OP_TESTS, randn
 
 import umae
 from umae import bench, ops
-from umae.ops import _backend, registry
-from umae.ops._backend import triton_interpreted
+from umae.ops import _common, registry
+from umae.ops._common import triton_interpreted
 from umae.bench import cases
 
 
@@ -72,7 +72,7 @@ def test_triton_on_cpu_without_interpreter_falls_back_and_says_so(monkeypatch):
 
 
 def test_cuda_kernels_chosen_only_for_an_arch_the_extension_holds():
-    ok = _backend.cuda_arch_ok
+    ok = _common.cuda_arch_ok
     assert ok((9, 0), ["9.0"]) and not ok((8, 0), ["9.0"]) and not ok((10, 0), ["9.0"]) and not ok((12, 0), ["9.0"])
     assert ok((8, 6), ["8.0"]) and not ok((8, 0), ["8.6"])  # SASS runs on later minors of its major
     assert ok((10, 0), ["9.0+PTX"]) and ok((9, 0), ["8.0", "9.0a"])  # PTX runs on later archs
@@ -82,7 +82,7 @@ def test_cuda_kernels_chosen_only_for_an_arch_the_extension_holds():
 
 
 def test_extension_loaded():
-    assert _backend.EXT_LOADED, _backend.EXT_REASON
+    assert _common.EXT_LOADED, _common.EXT_REASON
 
 
 @pytest.mark.skipif(torch.version.cuda is None, reason="torch built without CUDA: setup.py builds CPU sources only")
@@ -105,7 +105,7 @@ def cuda_extension():
         pytest.skip("torch built without CUDA: setup.py builds CPU sources only")
     if os.environ.get("UMAE_NO_CUDA") == "1":
         pytest.skip("UMAE_NO_CUDA=1 build")
-    from umae.bench import audit
+    from umae.verify import audit
 
     ext = audit.extension()
     assert ext, "no sm_90 extension with its csrc/ beside it"
@@ -113,10 +113,10 @@ def cuda_extension():
 
 
 def test_cuda_kernels_static_audit(cuda_extension):
-    # the extension's sm_90 kernels, read with cuobjdump / nvdisasm (umae.bench.audit.cuda_audit):
+    # the extension's sm_90 kernels, read with cuobjdump / nvdisasm (umae.verify.audit.cuda_audit):
     # no spills, shared memory in bounds, >= 25% H100 occupancy, and every 16-byte access of the
     # vectorized instantiations compiled to one 128-bit LDG / STG
-    from umae.bench import audit
+    from umae.verify import audit
 
     rows = audit.cuda_audit(*cuda_extension)
     problems = [f"{r['name']}: {p}" for r in rows for p in audit.cuda_problems(r)]
@@ -148,7 +148,7 @@ _BAD_PTX = """
 
 
 def test_shared_address_check_flags_a_global_store_to_shared():
-    from umae.bench import audit
+    from umae.verify import audit
 
     assert audit.shared_addresses_used_as_global(_BAD_PTX) == ["k: st.global.v4.b32 [%rd3]"]
     assert audit.shared_addresses_used_as_global(_BAD_PTX.replace("st.global", "st.shared")) == []
@@ -158,7 +158,7 @@ def test_cuda_kernels_never_use_a_shared_address_globally(cuda_extension):
     # The first GPU run (bench/results/h200/2026-11-27-first) faulted at the first patchify launch
     # (cudaErrorInvalidAddressSpace): the strips' shared side went through ld.global.nc / st.global.
     # It compiled and passed every CPU test; the embedded PTX shows it (setup.py builds '+PTX').
-    from umae.bench import audit
+    from umae.verify import audit
 
     ptx = audit.extension_ptx(cuda_extension[0])
     assert ptx.count(".entry") >= 40 and ".shared" in ptx, "the extension embeds no PTX of its kernels"
@@ -194,7 +194,7 @@ def _preferences(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("op", list(registry.OPS))
 def test_backend_info_is_what_runs(op, dtype, device):
-    from umae.bench import jit
+    from umae.verify import jit
 
     spec = registry.get(op)
     triton_fns = [f for o in registry.OPS.values() if o.kernels for f in jit.kernels_of(o.kernels)]
@@ -258,7 +258,7 @@ def test_registry_entries_are_complete():
         assert {i.device for i in op.impls} == {"cpu", "cuda"}, name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.schema, "CPU"), op.schema
         if op.kernels:  # Triton: its launchers are the CUDA kernels of the op (and of its backward)
-            from umae.bench import jit
+            from umae.verify import jit
 
             assert jit.kernels_of(op.kernels), name
             assert op.schema.split("::")[1] in op.triton_kernels, name
@@ -322,19 +322,19 @@ def test_the_cached_decision_follows_the_switch():
     # the fused-or-reference decision is cached per call key: set_backend / use_impl / backend= change it
     x = randn(2, 3, 8, 8)
     with umae.use_backend("fused"):
-        assert _backend.fused(registry.get("patchify"), (x,), None)
+        assert _common.fused(registry.get("patchify"), (x,), None)
         with umae.use_backend("reference"):
-            assert not _backend.fused(registry.get("patchify"), (x,), None)
-            assert _backend.fused(registry.get("patchify"), (x,), "fused")
-        assert not _backend.fused(registry.get("patchify"), (x,), "reference")
-        assert _backend.fused(registry.get("patchify"), (x,), None)
+            assert not _common.fused(registry.get("patchify"), (x,), None)
+            assert _common.fused(registry.get("patchify"), (x,), "fused")
+        assert not _common.fused(registry.get("patchify"), (x,), "reference")
+        assert _common.fused(registry.get("patchify"), (x,), None)
         spec, f = registry.get("uniformity_loss"), randn(5, 4, dtype=torch.float64)
-        assert _backend.fused(spec, (f,), None)
+        assert _common.fused(spec, (f,), None)
         if triton_interpreted():
             with ops.use_impl("triton-interpreter"):
-                assert not _backend.fused(spec, (f,), None)  # the Triton kernel takes no fp64
-                assert _backend.fused(spec, (f.float(),), None)
-            assert _backend.fused(spec, (f,), None)
+                assert not _common.fused(spec, (f,), None)  # the Triton kernel takes no fp64
+                assert _common.fused(spec, (f.float(),), None)
+            assert _common.fused(spec, (f,), None)
 
 
 def test_a_first_call_under_compile_traces_the_decision():

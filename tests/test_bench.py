@@ -9,7 +9,7 @@ from umae_testing import LOSS_TOL
 
 from umae import bench
 
-from umae.ops import _backend
+from umae.ops import _common
 from umae.bench import report
 from umae.bench.timing import MODES, PROVIDERS
 
@@ -159,18 +159,18 @@ def test_every_compiled_case_is_compiled():
     assert all(g >= 1 for g in graphs), graphs
 
 
-# ---- counted memory traffic (umae bench traffic) ---------------------------------------
+# ---- counted memory traffic (umae info --traffic) ----------------------------------------
 
 def test_traffic_counts_bytes():
     # the dispatch count: an add reads two tensors and writes one; a view moves nothing
-    from umae.bench import traffic
+    from umae.verify import traffic
 
     a, b = torch.randn(3, 5), torch.randn(3, 5)
     with traffic._AtenBytes() as m:
         (a + b).view(15)
     assert m.bytes == 3 * 15 * 4
     # the interpreter count: the masking and restore kernels at a small awkward shape
-    if not _backend.triton_interpreted():
+    if not _common.triton_interpreted():
         pytest.skip("the fused count needs the Triton interpreter")
     tiny = dict(N=3, img=20, p=4, C=3, D=40, Dd=24)
     for op in ("random_masking", "restore_tokens"):
@@ -352,3 +352,18 @@ def test_the_measurements_are_subcommands_and_the_old_flags_their_aliases(capsys
     assert calls == ["host", "host", "loader", "loader", "profile", "profile", "tune", "tune"]
     assert main(["bench", "host", "--tune"]) == 2
     assert "one measurement at a time, got host and tune" in capsys.readouterr().err
+
+
+def test_the_counted_traffic_is_umae_info_and_the_old_bench_names_reach_it(capsys, monkeypatch):
+    from umae.cli.main import main
+    from umae.verify import info
+
+    seen = []
+    monkeypatch.setattr(info, "reexec_interpreted", lambda: None)
+    monkeypatch.setattr(info, "traffic", lambda shapes, ops: seen.append((shapes, ops)) or 0)
+    for argv in (["info", "--traffic"], ["bench", "traffic"], ["bench", "--traffic", "--ops", "patchify"],
+                 ["bench", "traffic", "--shapes", "vit_tiny32"]):
+        assert main(argv) == 0, argv
+    assert seen == [(None, None), (None, None), (None, ["patchify"]), (["vit_tiny32"], None)]
+    assert main(["info", "--kernels", "--traffic"]) == 2
+    assert "one at a time" in capsys.readouterr().err

@@ -20,10 +20,11 @@ LAYERS = [
     ("data", ["umae.data"]),  # the input pipeline and the generated data sets
     ("train", ["umae.train"]),
     ("research", ["umae.research"]),  # evaluate, sweep, reproduce: one app calling another
-    ("bench", ["umae.bench"]),
+    ("bench", ["umae.bench"]),  # the benchmark: timed ops and steps, and the other measurements
+    ("verify", ["umae.verify"]),  # umae check, umae info, the sm_90 compile, the static audit, counted traffic
     ("cli", ["umae.cli"]),
 ]
-MAX_FLOORS = 8
+MAX_FLOORS = 9  # declared; the floors the imports make are fewer (test_at_most_six_floors_from_the_imports)
 
 EXTENSIONS = {"umae._C"}  # compiled, no .py file
 
@@ -151,13 +152,13 @@ def test_no_import_circle():
 
 
 def test_the_checker_sees_an_import_back_up(tmp_path):
-    # what kernels/_util.py had: a relative import of umae.ops._backend from a kernel module
+    # what kernels/_util.py had: a relative import of umae.ops._common from a kernel module
     src = tmp_path / "fake.py"
-    src.write_text("from ..ops._backend import triton_interpreted\nfrom . import _util\nimport umae.ops\n")
+    src.write_text("from ..ops._common import triton_interpreted\nfrom . import _util\nimport umae.ops\n")
     known = modules()
     found = imports("umae.kernels.fake", str(src), known)
-    assert found == {"umae.ops._backend", "umae.kernels._util", "umae.ops"}, found
-    assert layer("umae.ops._backend") > layer("umae.kernels.fake") and layer("umae.models") > layer("umae.ops._backend")
+    assert found == {"umae.ops._common", "umae.kernels._util", "umae.ops"}, found
+    assert layer("umae.ops._common") > layer("umae.kernels.fake") and layer("umae.models") > layer("umae.ops._common")
 
 
 def _op_files(op, roots=(ROOT,)) -> set:
@@ -195,6 +196,63 @@ def test_an_op_lives_in_five_files():
         files = _op_files(op)
         assert len(files) <= 5, f"{name} lives in {len(files)} files: {sorted(files)}"
         assert f"umae/ops/{op.public.__module__.split('.')[-1]}.py" in files, name
+
+
+def _reading_path(op, roots=(ROOT,)) -> set:
+    """The files a reader opens following op from `umae.<op>` to its CPU and GPU kernels and its
+    backward: the module of its public function and every module whose names its public and fused
+    functions call; the C++/CUDA files that define its schemas or register kernels for them, with the
+    headers they include; its Triton kernel module with the modules it imports."""
+    import inspect
+    import types
+
+    files = set()
+    for fn in (op.public, op.fused):
+        files.add(inspect.getsourcefile(fn))
+        for name in fn.__code__.co_names:
+            obj = fn.__globals__.get(name)
+            if isinstance(obj, types.ModuleType) and obj.__name__.startswith("umae."):
+                files.add(obj.__file__)
+            elif callable(obj) and getattr(obj, "__module__", "").startswith("umae."):
+                files.add(inspect.getsourcefile(inspect.unwrap(obj)))
+    if op.kernels is not None:
+        files.add(inspect.getsourcefile(op.kernels))
+        tree = ast.parse(open(inspect.getsourcefile(op.kernels)).read())
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.level == 1:
+                files.add(os.path.join(os.path.dirname(op.kernels.__file__), f"{n.module}.py"))
+    names = {op.schema.split("::")[1]} | set(op.triton_kernels or ())
+    schema = re.compile(r'm\.(def|impl)\("(%s)(_backward|_with_grad)?[("]' % "|".join(map(re.escape, names)))
+    todo = [os.path.join(d, f) for r in roots for d, _, fs in os.walk(os.path.join(r, "csrc")) for f in fs
+            if f.endswith((".cpp", ".cu")) and schema.search(open(os.path.join(d, f)).read())]
+    while todo:
+        path = os.path.realpath(todo.pop())
+        if path not in files:
+            files.add(path)
+            todo += [os.path.join(os.path.dirname(path), inc)
+                     for inc in re.findall(r'^#include "([^"]+)"', open(path).read(), re.M)]
+    return {os.path.relpath(os.path.realpath(p), ROOT) for p in files}
+
+
+def test_a_reader_follows_each_op_in_six_files():
+    from umae.ops import registry
+
+    for name, op in registry.OPS.items():
+        files = _reading_path(op)
+        assert len(files) <= 6, f"{name}: {len(files)} files: {sorted(files)}"
+        assert {"umae/ops/_common.py", "csrc/common.h"} <= files, (name, sorted(files))  # the walk sees both sides
+
+
+def test_the_reading_path_follows_a_registration_and_its_includes(tmp_path):
+    # the count itself can fail: a CUDA file registering the op is opened, and so is what it includes
+    from umae.ops import registry
+
+    op = registry.get("random_masking")
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "probe.cu").write_text('#include "probe.cuh"\n  m.impl("random_masking", &k);\n')
+    (tmp_path / "csrc" / "probe.cuh").write_text("// a helper\n")
+    added = _reading_path(op, roots=(ROOT, str(tmp_path))) - _reading_path(op)
+    assert {os.path.basename(p) for p in added} == {"probe.cu", "probe.cuh"}
 
 
 def test_op_files_sees_a_branch_on_the_name_and_a_schema(tmp_path):

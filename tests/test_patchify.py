@@ -8,7 +8,7 @@ from umae_testing import (DEVICES, DTYPES, LAYOUT_SHAPES, TOL, assert_backward_r
 
 import umae
 from umae import ops
-from umae.ops import _backend
+from umae.ops import _common
 from umae.ops.patchify_op import patchify_reference, unpatchify_reference
 
 SHAPES = [  # (N, C, H, W, p): odd batches, C 1 and 3, H != W, L not a power of two
@@ -137,8 +137,8 @@ def test_patchify_unpatchify_double_backward(device):
     # linear: the backward of patchify's backward (unpatchify) is patchify again, through the C++ ops' autograd
     imgs = randn(1, 2, 4, 6, dtype=torch.float64, device=device, requires_grad=True)
     x = randn(1, 6, 8, dtype=torch.float64, device=device, requires_grad=True)
-    if not _backend.EXT_LOADED:
-        pytest.skip(_backend.EXT_REASON)
+    if not _common.EXT_LOADED:
+        pytest.skip(_common.EXT_REASON)
     assert ops.implementation("patchify", imgs) == ops.implementation("unpatchify", x) != "reference"
     assert torch.autograd.gradgradcheck(lambda t: umae.patchify(t, 2) ** 2, (imgs,))
     assert torch.autograd.gradgradcheck(lambda t: umae.unpatchify(t, 2, (4, 6), 2) ** 2, (x,))

@@ -9,7 +9,7 @@ from umae_testing import (DTYPES, LAYOUT_SHAPES, TOL, assert_backward_reads_any_
                           assert_second_order_matches, cpu_impls, cuda_only, fused_impls, grid_params, randn, runs_impl,
                           sampled)
 
-from umae.ops import _backend, registry
+from umae.ops import _common, registry
 
 import umae
 from umae.ops.random_masking_op import len_keep_for, random_masking_reference
@@ -194,8 +194,8 @@ def test_gradcheck_float64_cpp(impl, check):
 ])
 def test_cpp_kernel_refuses_bad_input(call, match):
     # the C++ op is reachable directly (torch.ops.umae.*): it checks its arguments itself
-    if not _backend.EXT_LOADED:
-        pytest.skip(_backend.EXT_REASON)
+    if not _common.EXT_LOADED:
+        pytest.skip(_common.EXT_REASON)
     with pytest.raises(RuntimeError, match=match):
         call()
 

@@ -67,7 +67,7 @@ def _marks(fn: ast.FunctionDef, module_marks: set) -> set:
 def tier_problems(path: str) -> list[str]:
     """Tests of the file at `path` out of their tier, read from the source: a test that calls
     these (itself, or through a helper of its module) spawns processes and must be `dist`; one
-    that compiles the Triton kernels for sm_90 (umae.bench.jit.compile_all, directly or in a script
+    that compiles the Triton kernels for sm_90 (umae.verify.jit.compile_all, directly or in a script
     it runs) or runs scripts/gpu_check.sh must be `gpucheck`."""
     spawn = {"start_processes", "Process", "spawn"}
     tree = ast.parse(open(path).read())

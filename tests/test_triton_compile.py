@@ -1,7 +1,7 @@
 """Every Triton kernel of every registered op compiles for sm_90 (H100), without a GPU, exactly
 as Triton's JIT would compile it for the launches its launchers make at the benchmark shapes, the
 test token shapes (contiguous and strided) and each model's training step: the launches are
-recorded, not run, and specialized by Triton's own binder (umae.bench.jit).
+recorded, not run, and specialized by Triton's own binder (umae.verify.jit).
 
 The interpreter lets through what the compiler would refuse (dot shapes, shared memory,
 unsupported ops), so this runs in a subprocess without TRITON_INTERPRET (the interpreter
@@ -19,7 +19,7 @@ from umae.ops import registry
 SCRIPT = r"""
 import json
 from umae.ops import registry
-from umae.bench import audit, jit
+from umae.verify import audit, jit
 ops = {ops!r}
 owner = {{f: o for o in ops for f in jit.kernels_of(registry.get(o).kernels)}}
 specs, bad, compiled = [], [], dict.fromkeys(ops, 0)
@@ -51,7 +51,7 @@ def test_kernels_compile_for_sm90():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     compiled = json.loads(r.stdout.split("compiled")[1].split("\n")[0])
     assert set(compiled) == set(TRITON_OPS) and all(n > 0 for n in compiled.values()), compiled
-    # the static audit (umae.bench.audit.problems): no spills, shared memory within the H100's
+    # the static audit (umae.verify.audit.problems): no spills, shared memory within the H100's
     # limit, >= 25% occupancy, 128-bit tile accesses in the memory-bound kernels where the
     # specialization allows them (bench/NOTES.md, "Static audit")
     problems = json.loads(r.stdout.split("problems")[1].split("\n")[0])
@@ -59,7 +59,7 @@ def test_kernels_compile_for_sm90():
 
 
 def test_audit_arithmetic():
-    from umae.bench import audit
+    from umae.verify import audit
 
     assert audit.occupancy(regs=32, warps=4, smem=0) == (16, 1.0)  # warp slots bound
     assert audit.occupancy(regs=255, warps=4, smem=0) == (2, 0.125)  # 256 regs/thread: 2 blocks

@@ -14,7 +14,7 @@ from umae_testing import (CREATE_GRAPH_WARNING, DTYPES, LAYOUT_SHAPES, LOSS_TOL,
 
 import umae
 from umae import ops
-from umae.ops import _backend
+from umae.ops import _common
 from umae.ops.uniformity_op import uniformity_loss_reference
 
 BS = [1, 2, 7, 64, 255, 1024]
@@ -460,8 +460,8 @@ def test_uniformity_refuses_zero_features(impl, normalize):
 
 
 def test_cpp_uniformity_refuses_zero_features():
-    if not _backend.EXT_LOADED:
-        pytest.skip(_backend.EXT_REASON)
+    if not _common.EXT_LOADED:
+        pytest.skip(_common.EXT_REASON)
     with pytest.raises(RuntimeError, match=r"features must have at least one column"):
         torch.ops.umae.uniformity_loss(torch.zeros(4, 0), True, False, 1e-12)
 

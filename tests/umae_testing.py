@@ -8,8 +8,8 @@ import torch
 
 import umae
 from umae import ops
-from umae.ops import _backend, registry
-from umae.ops._backend import triton_interpreted
+from umae.ops import _common, registry
+from umae.ops._common import triton_interpreted
 # The op tolerances, per dtype, are the library's (umae/ops/_tolerance.py: what each allows and why):
 # `umae check` and these tests compare at the same ones.
 from umae.ops._tolerance import EXACT, LOSS_TOL, MATMUL_TOL, SUM_TERMS, TOL, U, UNIT_ROUNDOFF  # noqa: F401
@@ -126,7 +126,7 @@ def fused_impls(op: str, device: str | None = None):
     out = []
     spec = registry.get(op)
     for impl in spec.impls:
-        if device not in (None, impl.device) or impl.device not in DEVICES or not _backend._runnable(spec, impl)[0]:
+        if device not in (None, impl.device) or impl.device not in DEVICES or not _common._runnable(spec, impl)[0]:
             continue
         out.append(pytest.param(impl.device, impl.name, id=f"{impl.device}-{impl.name}"))
     return out
@@ -203,13 +203,13 @@ def _id(x) -> str:
 
 
 def grid_params(op: str):
-    """pytest params (device, impl, dtype, variant): every row of `op`'s parity grid (umae/bench/grid.py,
+    """pytest params (device, impl, dtype, variant): every row of `op`'s parity grid (umae/verify/grid.py,
     what `umae check` runs) for each fused implementation here and each dtype it takes. The quick tier
     runs the variants whose index is the (implementation, dtype) pair's modulo the number of pairs:
     each pair a different share, every variant once over the pairs (where its dtype applies); the rest
     are marked slow."""
-    from umae.bench import grid
-    from umae.ops._checks import FLOATS
+    from umae.verify import grid
+    from umae.ops._common import FLOATS
 
     spec = registry.get(op)
     keys = [(p.values[0], p.values[1], dt) for p in fused_impls(op) for dt in FLOATS
@@ -223,7 +223,7 @@ def grid_params(op: str):
 def assert_grid_row(op: str, device: str, impl: str, dtype, variant):
     """The fused call against the reference on one grid row, forward and backward, at the op's tolerances
     (the comparison `umae check` makes)."""
-    from umae.bench import check
+    from umae.verify import check
 
     got = ops.choose(op, device, (dtype,), backend="fused")[0]
     assert got == impl or (impl == "triton" and got == "triton-interpreter"), f"{op}: {got} runs, not {impl}"

@@ -4,7 +4,7 @@ Every op has a fused implementation (C++/CUDA or Triton) and a pure-PyTorch refe
 that defines its semantics; `set_backend` / `use_backend` / UMAE_BACKEND choose. The ops
 are listed once, in umae/ops/registry.py.
 """
-from .ops._backend import get_backend, set_backend, use_backend
+from .ops._common import get_backend, set_backend, use_backend
 from .ops import (backend_info, format_backend_info, mae_loss, masked_mse_loss, patchify, random_masking, restore_tokens, uniformity_loss, unpatchify)
 from . import models  # noqa: F401  (registers umae's models with timm: timm.create_model("umae_vit_..."))
 from .patching import patch, unpatch

@@ -6,9 +6,7 @@
 
 #include <vector>
 
-#include "../autograd.h"
 #include "../common.h"
-#include "patch_strip.h"
 
 namespace umae {
 namespace {

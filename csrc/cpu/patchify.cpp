@@ -1,12 +1,10 @@
 // patchify / unpatchify on CPU: one strip of patches (n, hi) per task, image rows streamed in
-// order and the channel interleave done in registers (csrc/cpu/patch_strip.h). Also the ops'
+// order and the channel interleave done in registers (csrc/common.h). Also the ops'
 // autograd, for every device: each is the other's backward (linear maps, so double backward works).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../autograd.h"
 #include "../common.h"
-#include "patch_strip.h"
 
 namespace umae {
 namespace {

@@ -12,9 +12,7 @@
 #include <utility>
 #include <vector>
 
-#include "../autograd.h"
 #include "../common.h"
-#include "token_rows.h"
 
 namespace umae {
 namespace {

@@ -9,9 +9,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../autograd.h"
 #include "../common.h"
-#include "token_rows.h"
 
 namespace umae {
 namespace {

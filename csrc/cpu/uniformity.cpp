@@ -15,7 +15,6 @@
 #include <cmath>
 #include <vector>
 
-#include "../autograd.h"
 #include "../common.h"
 
 namespace umae {

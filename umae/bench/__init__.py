@@ -5,9 +5,12 @@
 - runner.py: the run over ops x shapes x dtypes x modes x providers, and the training step;
 - report.py: speedups, the table, results files and the generated tables (docs/benchmarks.md, README);
 - plots.py: speedup.png and roofline.png;
-- jit.py / audit.py: the Triton kernels compiled for sm_90 as the JIT would, and their static
-  audit (with the CUDA extension's); traffic.py: counted bytes (umae bench traffic);
-- command.py, info.py, report_command.py: `umae bench`, `umae info`, `umae report`.
+- host.py, loader.py, profile_steps.py, tune.py: the other measurements, `umae bench host | loader |
+  profile | tune`; costs.py: each step's ATen calls and bytes saved for backward;
+- command.py, report_command.py: `umae bench`, `umae report`.
+
+What checks the kernels without timing them (`umae check`, `umae info`, the sm_90 compile, the
+static audit, the counted traffic) is umae/verify/.
 
 CPU figures are not GPU figures. Importing this package changes no global setting: what a
 run needs (no donated buffers, one Inductor compile thread) is set around the run.

@@ -1,6 +1,6 @@
 """Each op's inputs: its benchmark case (the inputs at a named shape set, the call, and the bytes and
 FLOPs it must move and do: `case(op, shape, dtype, device)`) and its parity grid (the shapes, flags
-and memory layouts `umae check` and the tests compare it on: GRIDS, rows made by umae/bench/grid.py).
+and memory layouts `umae check` and the tests compare it on: GRIDS, rows made by umae/verify/grid.py).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..ops import registry
-from ..ops._checks import acc_dtype
+from ..ops._common import acc_dtype
 from ..ops.masked_mse_op import mae_loss, masked_mse_loss
 from ..ops.patchify_op import patchify, patchify_reference, unpatchify
 from ..ops.random_masking_op import len_keep_for, random_masking
@@ -137,7 +137,7 @@ def bench_uniformity_loss(s, dtype, device):
                 flops_fwd=B * D * m, flops_bwd=3 * B * D * m)
 
 
-# ---- each op's parity grid (umae/bench/grid.py makes its rows; umae check and the tests run them) ----
+# ---- each op's parity grid (umae/verify/grid.py makes its rows; umae check and the tests run them) ----
 
 LAYOUTS = ("contiguous", "transposed", "strided", "expanded")
 

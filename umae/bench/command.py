@@ -1,5 +1,5 @@
 """`umae bench`: its flags and the run they ask for: the timed kernels and training steps, or one of
-the other measurements on the same flags, `umae bench host | loader | profile | tune | traffic`
+the other measurements on the same flags, `umae bench host | loader | profile | tune`
 (MEASUREMENTS); prints the tables, writes results.json / .csv and the plots (or host.json, ...)
 with --out."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ HELP = "fused vs eager reference vs torch.compile(reference), per op"
 
 
 # the measurements besides the timed ops: `umae bench <what>` (the old flags --host, --profile-steps,
-# --tune, --traffic and `--ops loader` still name them)
+# --tune and `--ops loader` still name them; `umae bench traffic` is `umae info --traffic`, umae/cli/main.py)
 MEASUREMENTS = {
     "host": "the host time of one call of each op at tiny sizes (Python, checks, dispatch, autograd, launches), "
             "forward and forward + backward, fused vs reference vs one aten op, and a training step of the "
@@ -23,8 +23,6 @@ MEASUREMENTS = {
                "with --out, profile.json",
     "tune": "on a GPU: each candidate tile configuration of the Triton kernels (uniformity_loss at B = 256 and "
             "16,384 x 768, bf16, fwd+bwd, device time) and the winners; with --out, tune.json",
-    "traffic": "the bytes each op moves, counted: fused (kernels counted in the Triton interpreter) vs eager (every "
-               "aten op) vs the minimum, at ViT-B/16 and ViT-Tiny/32",
 }
 
 
@@ -57,8 +55,7 @@ def add_args(b: argparse.ArgumentParser) -> None:
                         "replacing it")
     b.add_argument("--sweep", action="store_true", help="add the batch-size sweep at ViT-B/16 shapes")
     b.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace (NVTX ranges per op)")
-    for flag, what in (("--host", "host"), ("--profile-steps", "profile"), ("--tune", "tune"),
-                       ("--traffic", "traffic")):  # the flags of earlier releases
+    for flag, what in (("--host", "host"), ("--profile-steps", "profile"), ("--tune", "tune")):  # earlier releases' flags
         b.add_argument(flag, action="store_true", help=f"= umae bench {what}")
 
 
@@ -69,8 +66,6 @@ def main(args) -> int:
 
         check_target(args.out, "--out", folder=True, make_parents=True)
     what = measurement(args)
-    if what == "traffic":
-        return traffic(args)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -82,7 +77,7 @@ def main(args) -> int:
 
 def measurement(args) -> str | None:
     """The measurement asked for (`umae bench host`, or its old flag), None for the timed ops."""
-    flags = {"host": args.host, "profile": args.profile_steps, "tune": args.tune, "traffic": args.traffic}
+    flags = {"host": args.host, "profile": args.profile_steps, "tune": args.tune}
     named = [w for w in [args.what, *(w for w, on in flags.items() if on)] if w]
     if args.what is None and args.ops is not None and args.ops == ["loader"]:
         named.append("loader")
@@ -277,21 +272,3 @@ def write_profile(out, kernel_ops, shapes, dtypes, device) -> None:
     path = profile(kernel_ops, (shapes or ["cpu_small"])[:1], dtypes or [torch.float32], device,
                    os.path.join(out, "trace.json"))
     print(f"wrote {path} (open in chrome://tracing or Perfetto)")
-
-
-def traffic(args) -> int:
-    """`umae bench traffic`: the counted bytes table."""
-    from ..ops import _backend
-
-    # the kernels are counted in Triton's interpreter: become a process that has it (exec: no orphan child)
-    if not _backend.triton_interpreted():
-        cmd = [sys.executable, "-c", "import sys; from umae.cli.main import main; sys.exit(main(sys.argv[1:]))",
-               *sys.argv[1:]]
-        os.execve(sys.executable, cmd, dict(os.environ, TRITON_INTERPRET="1"))
-    from . import traffic as T
-
-    shapes = args.shapes or list(T.TRAFFIC_SHAPES)
-    print(f"Counted memory traffic, forward + backward, {str(T.DTYPE).replace('torch.', '')} activations "
-          "(umae/bench/traffic.py). Counted bytes, not measured time.\n")
-    print(T.format_rows(T.rows(shapes, args.ops)))
-    return 0

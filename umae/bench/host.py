@@ -19,7 +19,7 @@ import umae
 
 from .. import ops as umae_ops
 from ..ops import registry
-from ..ops._spec import dtype_name
+from ..ops._common import dtype_name
 from .cases import CASES
 
 # kernel time ~0: four 8x8x3 patches per image, 16-wide tokens, a 4-row uniformity batch

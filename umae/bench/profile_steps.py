@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ..ops._spec import dtype_name
+from ..ops._common import dtype_name
 from .report import write_json
 from .runner import E2E, _umae_model, bench_settings, train_step_fn
 

@@ -12,9 +12,9 @@ import torch
 
 import umae
 
-from ..ops import _backend, registry
+from ..ops import _common, registry
 from .. import ops
-from ..ops._spec import dtype_name
+from ..ops._common import dtype_name
 from . import costs
 from .cases import DEFAULT_DTYPES, DEFAULT_SHAPES, SHAPES, NotApplicable, case
 from .timing import (CG_PROVIDERS, COMPILED_PROVIDERS, FUSED_PROVIDERS, HOST_BOUND, MODES, PROVIDERS, device_ms, mode_fn, outputs, peak_mb, provider_forward, time_ms)
@@ -277,7 +277,7 @@ def environment(device):
         tv = "none"
     return dict(device=device_name(device), device_type=device, torch=torch.__version__, triton=tv,
                 commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                triton_interpret=_backend.triton_interpreted(),
+                triton_interpret=_common.triton_interpreted(),
                 # PyTorch's CPU allocator backs large tensors with huge pages when this is 1: at shapes
                 # beyond the cache, first-touch page faults otherwise bound every op that returns a tensor
                 thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"))

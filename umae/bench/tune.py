@@ -3,7 +3,7 @@
 shapes where it matters, forward + backward, by device time (CUDA-graph replay) and with the host;
 the winner per (shape, product) is reported and written to tune.json. The defaults are not
 changed here: a winner becomes the default in a commit, after the sm_90 audit has passed it (the
-compile check compiles every candidate: umae/bench/jit.py).
+compile check compiles every candidate: umae/verify/jit.py).
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ COMMANDS = {
     "train": "umae.train.main",
     "eval": "umae.research.evaluate",
     "reproduce": "umae.research.reproduce",
-    "info": "umae.bench.info",
-    "check": "umae.bench.check",
+    "info": "umae.verify.info",
+    "check": "umae.verify.check",
     "convert": "umae.convert",
 }
 
@@ -54,8 +54,16 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split("\n"))
 
 
+def _aliased(argv: list[str]) -> list[str]:
+    """`umae bench traffic` and `umae bench --traffic` (earlier releases): the counted bytes are
+    `umae info --traffic` now, with the kernels' other static checks."""
+    if argv[:1] == ["bench"] and (argv[1:2] == ["traffic"] or "--traffic" in argv):
+        return ["info", "--traffic", *[a for i, a in enumerate(argv[1:]) if a != "--traffic" and (i or a != "traffic")]]
+    return argv
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_aliased(list(sys.argv[1:] if argv is None else argv)))
     from umae.train.engine import NonFiniteLoss
 
     try:

@@ -1,7 +1,7 @@
 """The public ops and what runs them.
 
 Each op lives in its module (umae/ops/<op>_op.py): its public function checks the arguments (errors
-name the argument), asks `umae.ops._backend.fused` whether the fused function runs for its inputs'
+name the argument), asks `umae.ops._common.fused` whether the fused function runs for its inputs'
 device and dtypes (the one switch; `backend=` "fused" / "reference" overrides it for one call),
 and calls its fused function (the op's custom op, whose dispatcher picks the device's kernel: C++
 on CPU, CUDA or Triton on GPU) or its reference. This module gives them by name from the registry,
@@ -20,9 +20,8 @@ import contextlib
 
 import torch
 
-from . import _backend, _library, registry
-from ._backend import get_backend
-from ._spec import FLOATS, dtype_name
+from . import _common, registry
+from ._common import FLOATS, dtype_name, get_backend
 # the public ops, each defined in its module (checks, then its fused function or its reference)
 from .masked_mse_op import mae_loss, masked_mse_loss
 from .patchify_op import patchify, unpatchify
@@ -33,13 +32,13 @@ from .uniformity_op import uniformity_loss
 
 def choose(op: str, device_type: str, dtypes=(torch.float32,), backend: str | None = None) -> tuple[str, str]:
     """(implementation, reason) for op `op` on tensors of `device_type` with floating `dtypes`
-    (umae.ops._backend.choose: "cpp-cpu", "cuda", "triton", "triton-interpreter" or "reference")."""
-    return _backend.choose(registry.get(op), device_type, dtypes, backend)
+    (umae.ops._common.choose: "cpp-cpu", "cuda", "triton", "triton-interpreter" or "reference")."""
+    return _common.choose(registry.get(op), device_type, dtypes, backend)
 
 
 def implementation(op: str, *tensors, backend: str | None = None) -> str:
     """The implementation a call of `op` on `tensors` runs."""
-    return _backend.implementation(registry.get(op), *tensors, backend=backend)
+    return _common.implementation(registry.get(op), *tensors, backend=backend)
 
 
 @contextlib.contextmanager
@@ -51,9 +50,9 @@ def use_impl(name: str):
     names = {i.name for op in registry.OPS.values() for i in op.impls}
     if name not in names:
         raise ValueError(f"use_impl takes one of {sorted(names)}, got {name!r}")
-    on_cpu = name == "triton-interpreter" and _library.TRITON_USABLE
+    on_cpu = name == "triton-interpreter" and _common.TRITON_USABLE
     kernels = {k: fn for op in registry.OPS.values() if op.triton_kernels for k, fn in op.triton_kernels.items()}
-    with _backend.prefer(name), (_backend.use_triton_on_cpu(kernels) if on_cpu else contextlib.nullcontext()):
+    with _common.prefer(name), (_common.use_triton_on_cpu(kernels) if on_cpu else contextlib.nullcontext()):
         yield
 
 

@@ -1,37 +1,37 @@
 """MAE's reconstruction loss: the public ops, the references (facebookresearch/mae
-`forward_loss`, math in fp32), the fused functions and the fake tensors of the one custom op
-umae::patch_mse (csrc/cpu/masked_mse.cpp, with its autograd; csrc/cuda/masked_mse.cu), the
-the registry entries (their benchmark cases and
-parity grids: umae/bench/cases.py).
+`forward_loss`, math in fp32), the fused functions, the fakes of the one custom op umae::patch_mse,
+and the registry entries.
 
-The kernels compute the per-patch error (N, L) and its masked mean over the removed patches, with
-the reference's edge cases: a mask with no removed patch gives 0 (and zero gradient), NaN propagates.
+Where it runs: csrc/cpu/masked_mse.cpp holds the schemas, the CPU kernel and the autograd (C++, for
+every device: no Python between the call and the kernel, in the forward or the backward);
+csrc/cuda/masked_mse.cu the CUDA kernel. The kernels compute the per-patch error (N, L) and its
+masked mean over the removed patches, with the reference's edge cases: a mask with no removed patch
+gives 0 (and zero gradient), NaN propagates.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, _library
+from . import _common
 from ._tolerance import LOSS_TOL, TOL, Parity
-from ._spec import CPP_CUDA_NO_FP64, Op
-from ._checks import acc_dtype
+from ._common import CPP_CUDA_NO_FP64, Op, acc_dtype
 from .patchify_op import patchify_reference
 
 NORM_PIX_EPS = 1e-6  # MAE's; the kernels take it as an argument
 
 
 def _check_loss_args(pred, target, mask, target_name: str, expected_target_shape=None):
-    _checks.tensor(pred, "pred", dims=3)
-    _checks.tensor(target, target_name)  # floating: an int, uint8 or complex target has no MSE here
-    _checks.tensor(mask, "mask", dims=2, floating=False)
+    _common.tensor(pred, "pred", dims=3)
+    _common.tensor(target, target_name)  # floating: an int, uint8 or complex target has no MSE here
+    _common.tensor(mask, "mask", dims=2, floating=False)
     if not (mask.dtype.is_floating_point or mask.dtype == torch.bool):
         raise TypeError(f"mask must be a floating or bool tensor (1 = removed), got {mask.dtype}")
-    _checks.same_device(pred, "pred", target, target_name)
-    _checks.same_device(pred, "pred", mask, "mask")
-    _checks.nonempty_batch(pred, "pred")
+    _common.same_device(pred, "pred", target, target_name)
+    _common.same_device(pred, "pred", mask, "mask")
+    _common.nonempty_batch(pred, "pred")
     if expected_target_shape is not None:
-        _checks.shape(target, target_name, expected_target_shape, "(the shape of pred)")
-    _checks.shape(mask, "mask", (pred.size(0), pred.size(1)), "(N, L of pred)")
+        _common.shape(target, target_name, expected_target_shape, "(the shape of pred)")
+    _common.shape(mask, "mask", (pred.size(0), pred.size(1)), "(N, L of pred)")
     if (pred.dtype == torch.float64) != (target.dtype == torch.float64):
         raise TypeError(f"pred ({pred.dtype}) and {target_name} ({target.dtype}): float64 goes with float64 only")
 
@@ -56,7 +56,7 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     """
     _check_loss_args(pred, target, mask, "target", pred.shape)
     _check_norm_pix(norm_pix, pred.size(2))
-    if _backend.fused(MASKED_MSE_LOSS, (pred, target), backend):
+    if _common.fused(MASKED_MSE_LOSS, (pred, target), backend):
         return masked_mse_loss_fused(pred, target, mask, norm_pix)
     return masked_mse_loss_reference(pred, target, mask, norm_pix=norm_pix)
 
@@ -65,14 +65,14 @@ def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_s
              norm_pix: bool = True, *, backend: str | None = None) -> torch.Tensor:
     """`masked_mse_loss(pred, patchify(imgs, patch_size), mask, norm_pix)` with patchify fused in:
     the (normalized) target is never written to memory."""
-    p = _checks.images(imgs, patch_size)
+    p = _common.images(imgs, patch_size)
     N, C, H, W = imgs.shape
     _check_loss_args(pred, imgs, mask, "imgs")
     if pred.shape != (N, (H // p) * (W // p), p * p * C):
         raise ValueError(f"pred must have shape (N, L, p*p*C) = {(N, (H // p) * (W // p), p * p * C)} "
                          f"for imgs {tuple(imgs.shape)} and patch_size {p}, got {tuple(pred.shape)}")
     _check_norm_pix(norm_pix, pred.size(2))
-    if _backend.fused(MAE_LOSS, (pred, imgs), backend):
+    if _common.fused(MAE_LOSS, (pred, imgs), backend):
         return mae_loss_fused(pred, imgs, mask, p, norm_pix)
     return mae_loss_reference(pred, imgs, mask, p, norm_pix=norm_pix)
 
@@ -116,7 +116,7 @@ def mae_loss_fused(pred, imgs, mask, patch_size, norm_pix=True):
 
 
 _PATCH_MSE = None
-if _library.EXT_LOADED:
+if _common.EXT_LOADED:
     _PATCH_MSE = torch.ops.umae.patch_mse.default
 
     @torch.library.register_fake("umae::patch_mse")

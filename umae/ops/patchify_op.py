@@ -1,13 +1,16 @@
 """patchify / unpatchify: the public ops, the references (facebookresearch/mae's, for any C and
-H != W), the fused functions and the fake tensors of the C++/CUDA kernels (csrc/cpu/patchify.cpp, with the
-ops' autograd; csrc/cuda/patchify.cu), the registry entries (their benchmark cases and parity grids: umae/bench/cases.py)."""
+H != W), the fused functions, the fakes and the registry entries.
+
+Where they run: csrc/cpu/patchify.cpp holds the schemas, the CPU kernels and the autograd (C++, for
+every device: each op's backward is the other op's kernel); csrc/cuda/patchify.cu the CUDA kernels.
+"""
 from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, _library
+from . import _common
 from ._tolerance import EXACT, Parity
-from ._spec import CPP, Op
+from ._common import CPP, Op
 
 
 def patchify(imgs: torch.Tensor, patch_size: int, *, backend: str | None = None) -> torch.Tensor:
@@ -16,8 +19,8 @@ def patchify(imgs: torch.Tensor, patch_size: int, *, backend: str | None = None)
     Any C, any H and W divisible by p; any strides are accepted (no copy); the output is
     contiguous. An empty batch gives an empty result.
     """
-    patch_size = _checks.images(imgs, patch_size)
-    if _backend.fused(PATCHIFY, (imgs,), backend):
+    patch_size = _common.images(imgs, patch_size)
+    if _common.fused(PATCHIFY, (imgs,), backend):
         return patchify_fused(imgs, patch_size)
     return patchify_reference(imgs, patch_size)
 
@@ -25,12 +28,12 @@ def patchify(imgs: torch.Tensor, patch_size: int, *, backend: str | None = None)
 def unpatchify(x: torch.Tensor, patch_size: int, image_size, channels: int = 3, *,
                backend: str | None = None) -> torch.Tensor:
     """(N, L, p*p*C) -> (N, C, H, W), the exact inverse of `patchify`; image_size is H or (H, W)."""
-    _checks.tensor(x, "x", dims=3)
-    p = _checks.patch_size_int(patch_size)
-    H, W = _checks.pair(image_size, "image_size")
+    _common.tensor(x, "x", dims=3)
+    p = _common.patch_size_int(patch_size)
+    H, W = _common.pair(image_size, "image_size")
     if H % p or W % p:
         raise ValueError(f"image_size ({H}, {W}) must be divisible by patch_size {p}")
-    c = _checks.as_int(channels)
+    c = _common.as_int(channels)
     if c is None or c <= 0:
         raise ValueError(f"channels must be a positive int, got {channels!r}")
     channels = c
@@ -38,7 +41,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, image_size, channels: int = 3, 
     if x.shape[1] != h * w or x.shape[2] != p * p * channels:
         raise ValueError(f"x must have shape (N, {h * w}, {p * p * channels}) for image_size ({H}, {W}), "
                          f"patch_size {p}, channels {channels}; got {tuple(x.shape)}")
-    if _backend.fused(UNPATCHIFY, (x,), backend):
+    if _common.fused(UNPATCHIFY, (x,), backend):
         return unpatchify_fused(x, p, h, w, channels)
     return unpatchify_reference(x, p, h, w, channels)
 
@@ -69,7 +72,7 @@ def unpatchify_fused(x: torch.Tensor, p: int, h: int, w: int, c: int) -> torch.T
 
 
 _PATCHIFY = _UNPATCHIFY = None
-if _library.EXT_LOADED:  # the autograd is C++ (csrc/cpu/patchify.cpp): each op is the other's backward
+if _common.EXT_LOADED:  # the autograd is C++ (csrc/cpu/patchify.cpp): each op is the other's backward
     _PATCHIFY, _UNPATCHIFY = torch.ops.umae.patchify.default, torch.ops.umae.unpatchify.default
 
     @torch.library.register_fake("umae::patchify")

@@ -1,16 +1,19 @@
 """Random masking: the public op, the reference (facebookresearch/mae `random_masking`, with the
-positional embedding add and cls prepend that surround it in `forward_encoder`), the fused op
-umae::random_masking: its fakes and its Triton kernels (kernels/random_masking.py), registered at
-the CUDA key beside the C++ CPU kernel and the C++ autograd (csrc/cpu/random_masking.cpp), the
-registry entry (its benchmark case and parity grid: umae/bench/cases.py)."""
+positional embedding add and cls prepend that surround it in `forward_encoder`), the fused function,
+the fakes and the outputs' shape rule, the Triton launchers' registration and the registry entry.
+
+Where it runs: csrc/cpu/random_masking.cpp holds the schemas, the CPU kernel and the autograd, in C++
+for every device, Triton's too: a call is one dispatcher entry and the backward runs no Python
+autograd (the host time of a small op on a GPU); kernels/random_masking.py holds the Triton kernels,
+whose launchers register below at the CUDA key and allocate by `_outputs`.
+"""
 from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, _library
+from . import _common
 from ._tolerance import EXACT, TOL, Parity
-from ._spec import CPP_CPU_TRITON_CUDA, Op
-from ._checks import acc_dtype, result_dtype
+from ._common import CPP_CPU_TRITON_CUDA, Op, acc_dtype, result_dtype
 
 
 def len_keep_for(L: int, mask_ratio: float) -> int:
@@ -33,19 +36,19 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     torch.argsort(stable=True)'s: NaN noise after +inf, fp64 noise compared in fp64. mask_ratio
     must be in [0, 1). Given noise, fused and reference agree bitwise.
     """
-    _checks.tensor(x, "x", dims=3)
-    r = _checks.as_float(mask_ratio)
+    _common.tensor(x, "x", dims=3)
+    r = _common.as_float(mask_ratio)
     if r is None or not 0 <= r < 1:
         raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
     mask_ratio = r
     N, L, D = x.shape
     if noise is not None:
-        _checks.tensor(noise, "noise", dims=2)
-        _checks.shape(noise, "noise", (N, L), "(N, L of x)")
-        _checks.same_device(x, "x", noise, "noise")
-    _checks.param(pos_embed, "pos_embed", (1, L, D), x)
-    _checks.param(cls_token, "cls_token", (1, 1, D), x)
-    if _backend.fused(RANDOM_MASKING, (x, pos_embed, cls_token), backend):
+        _common.tensor(noise, "noise", dims=2)
+        _common.shape(noise, "noise", (N, L), "(N, L of x)")
+        _common.same_device(x, "x", noise, "noise")
+    _common.param(pos_embed, "pos_embed", (1, L, D), x)
+    _common.param(cls_token, "cls_token", (1, 1, D), x)
+    if _common.fused(RANDOM_MASKING, (x, pos_embed, cls_token), backend):
         return random_masking_fused(x, mask_ratio, noise, pos_embed, cls_token)
     return random_masking_reference(x, mask_ratio, noise, pos_embed, cls_token)
 
@@ -81,10 +84,16 @@ def random_masking_fused(x, mask_ratio, noise=None, pos_embed=None, cls_token=No
     return _RANDOM_MASKING(x, _noise(x, noise), pos_embed, cls_token, len_keep_for(x.shape[1], mask_ratio))
 
 
-def _masking_fake(x, noise, pos_embed, cls_token, len_keep):
+def _outputs(x, pos_embed, cls_token, len_keep):
+    """(x_masked, mask, ids_restore) allocated: the one shape and dtype rule, for the fake and the
+    Triton launcher (the C++ kernel keeps its own checks)."""
     N, L, D = x.shape
     out = x.new_empty((N, len_keep + int(cls_token is not None), D), dtype=result_dtype(x, pos_embed, cls_token))
     return out, x.new_empty((N, L), dtype=torch.float32), x.new_empty((N, L), dtype=torch.int64)
+
+
+def _masking_fake(x, noise, pos_embed, cls_token, len_keep):
+    return _outputs(x, pos_embed, cls_token, len_keep)
 
 
 def _backward_fake(grad_out, ids_restore, has_cls, need_x, need_pos, need_cls, x_dtype, pos_dtype, cls_dtype):
@@ -96,15 +105,20 @@ def _backward_fake(grad_out, ids_restore, has_cls, need_x, need_pos, need_cls, x
 
 
 _RANDOM_MASKING = None
-if _library.EXT_LOADED:  # the autograd is C++ (csrc/cpu/random_masking.cpp), for every device
+if _common.EXT_LOADED:  # the autograd is C++ (csrc/cpu/random_masking.cpp), for every device
     _RANDOM_MASKING = torch.ops.umae.random_masking.default
     torch.library.register_fake("umae::random_masking")(_masking_fake)
     torch.library.register_fake("umae::random_masking_backward")(_backward_fake)
 
 # the Triton kernel module and its launchers ({op name: launcher}) for the CUDA key; None without Triton
 KERNELS = TRITON_KERNELS = None
-if _library.TRITON_USABLE:
+if _common.TRITON_USABLE:
     from ..kernels import random_masking as KERNELS
+
+    def _triton_forward(x, noise, pos_embed, cls_token, len_keep):
+        outs = _outputs(x, pos_embed, cls_token, len_keep)
+        KERNELS.forward(x, noise, pos_embed, cls_token, *outs)
+        return outs
 
     def _triton_backward(grad_out, ids_restore, has_cls, need_x, need_pos, need_cls, x_dtype, pos_dtype, cls_dtype):
         # pos's gradient sums the unrounded gradient; without it (MAE's fixed pos_embed) the kernel
@@ -113,7 +127,9 @@ if _library.TRITON_USABLE:
         acc, empty = acc_dtype(grad_out.dtype), grad_out.new_empty
         gx, gpos, gcls = empty((0,), dtype=x_dtype), empty((0,), dtype=pos_dtype), empty((0,), dtype=cls_dtype)
         if need_x or need_pos:
-            g = KERNELS.backward(grad_out, ids_restore, has_cls=has_cls, dtype=grad_out.dtype if need_pos else x_dtype)
+            N, L = ids_restore.shape
+            g = empty((N, L, grad_out.shape[2]), dtype=grad_out.dtype if need_pos else x_dtype)
+            KERNELS.backward(grad_out, ids_restore, g, has_cls=has_cls)
             if need_x:
                 gx = g if g.dtype == x_dtype else g.to(x_dtype)
             if need_pos:
@@ -125,8 +141,8 @@ if _library.TRITON_USABLE:
     def _as(t, dtype):
         return t if t.dtype == dtype else t.to(dtype)
 
-    TRITON_KERNELS = {"random_masking": KERNELS.forward, "random_masking_backward": _triton_backward}
-    _library.register_kernels(TRITON_KERNELS, "CUDA")
+    TRITON_KERNELS = {"random_masking": _triton_forward, "random_masking_backward": _triton_backward}
+    _common.register_kernels(TRITON_KERNELS, "CUDA")
 
 
 RANDOM_MASKING = Op("random_masking", "umae::random_masking", random_masking, random_masking_reference,

@@ -1,4 +1,4 @@
-"""The one list of umae's ops. Each op module (umae/ops/<op>_op.py) builds its entry (umae/ops/_spec.py
+"""The one list of umae's ops. Each op module (umae/ops/<op>_op.py) builds its entry (umae/ops/_common.py
 `Op`) by reference: the public function, the reference, the fused function and the custom op it
 calls, the implementations per device with their dtypes, the parity tolerances, and for Triton
 ops the kernel module and the launchers registered at the CUDA key. What the benchmarks and tests do
@@ -11,7 +11,7 @@ add an op" (tests/test_layout.py checks it).
 from __future__ import annotations
 
 from . import masked_mse_op, patchify_op, random_masking_op, restore_tokens_op, uniformity_op
-from ._spec import Op
+from ._common import Op
 
 _ENTRIES = (
     patchify_op.PATCHIFY,

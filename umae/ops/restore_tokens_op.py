@@ -1,17 +1,19 @@
 """The decoder's restore: the public op, the reference (facebookresearch/mae `forward_decoder`,
-from the mask-token cat to the positional embedding add), the fused op umae::restore_tokens: its
-fakes and its Triton kernels (kernels/restore_tokens.py), registered at the CUDA key beside the C++
-CPU kernel and the C++ autograd (csrc/cpu/restore_tokens.cpp), the registry
-entry."""
+from the mask-token cat to the positional embedding add), the fused function, the fakes and the
+output's shape rule, the Triton launchers' registration and the registry entry.
+
+Where it runs: csrc/cpu/restore_tokens.cpp holds the schemas, the CPU kernel and the autograd, in C++
+for every device, Triton's too: a call is one dispatcher entry and the backward runs no Python
+autograd (the host time of a small op on a GPU); kernels/restore_tokens.py holds the Triton kernels,
+whose launchers register below at the CUDA key and write into `_output`'s allocation.
+"""
 from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, _library
+from . import _common
 from ._tolerance import EXACT, TOL, Parity
-from ._spec import CPP_CPU_TRITON_CUDA, Op
-from .random_masking_op import len_keep_for
-from ._checks import acc_dtype, result_dtype
+from ._common import CPP_CPU_TRITON_CUDA, Op, acc_dtype, result_dtype
 
 
 def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
@@ -27,8 +29,8 @@ def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch
     kernel never addresses memory by a bad id, and its launcher checks the ids on the device (on
     CUDA a device-side assert, no host sync: kernels/restore_tokens.py check_ids says why).
     """
-    _checks.tensor(x, "x", dims=3)
-    _checks.tensor(ids_restore, "ids_restore", dims=2, floating=False)
+    _common.tensor(x, "x", dims=3)
+    _common.tensor(ids_restore, "ids_restore", dims=2, floating=False)
     if ids_restore.dtype != torch.int64:
         raise TypeError(f"ids_restore must be int64, got {ids_restore.dtype}")
     N, L = ids_restore.shape
@@ -39,11 +41,11 @@ def restore_tokens(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch
     if not c <= x.shape[1] <= L + c:
         raise ValueError(f"x must have between {c} and {L + c} tokens for ids_restore with L={L}"
                          f"{' and a cls token' if c else ''}, got {x.shape[1]}")
-    _checks.same_device(x, "x", ids_restore, "ids_restore")
-    _checks.param(mask_token, "mask_token", (1, 1, D), x)
-    _checks.param(pos_embed, "pos_embed", (1, L + c, D), x)
+    _common.same_device(x, "x", ids_restore, "ids_restore")
+    _common.param(mask_token, "mask_token", (1, 1, D), x)
+    _common.param(pos_embed, "pos_embed", (1, L + c, D), x)
     has_cls = bool(has_cls)
-    if _backend.fused(RESTORE_TOKENS, (x, mask_token, pos_embed), backend):
+    if _common.fused(RESTORE_TOKENS, (x, mask_token, pos_embed), backend):
         return restore_tokens_fused(x, ids_restore, mask_token, pos_embed, has_cls)
     return restore_tokens_reference(x, ids_restore, mask_token, pos_embed, has_cls)
 
@@ -67,9 +69,14 @@ def restore_tokens_fused(x, ids_restore, mask_token, pos_embed=None, has_cls=Tru
     return _RESTORE_TOKENS(x, ids_restore, mask_token, pos_embed, has_cls)
 
 
-def _restore_fake(x, ids_restore, mask_token, pos_embed, has_cls):
+def _output(x, ids_restore, mask_token, pos_embed, has_cls):
+    """The output allocated: the one shape and dtype rule, for the fake and the Triton launcher (the C++
+    kernel keeps its own checks)."""
     N, L = ids_restore.shape
     return x.new_empty((N, L + int(has_cls), x.shape[2]), dtype=result_dtype(x, mask_token, pos_embed))
+
+
+_restore_fake = _output
 
 
 def _backward_fake(grad_out, ids_restore, len_x, has_cls, need_pos, x_dtype, tok_dtype, pos_dtype):
@@ -80,20 +87,21 @@ def _backward_fake(grad_out, ids_restore, len_x, has_cls, need_pos, x_dtype, tok
 
 
 _RESTORE_TOKENS = None
-if _library.EXT_LOADED:  # the autograd is C++ (csrc/cpu/restore_tokens.cpp), for every device
+if _common.EXT_LOADED:  # the autograd is C++ (csrc/cpu/restore_tokens.cpp), for every device
     _RESTORE_TOKENS = torch.ops.umae.restore_tokens.default
     torch.library.register_fake("umae::restore_tokens")(_restore_fake)
     torch.library.register_fake("umae::restore_tokens_backward")(_backward_fake)
 
 # the Triton kernel module and its launchers ({op name: launcher}) for the CUDA key; None without Triton
 KERNELS = TRITON_KERNELS = None
-if _library.TRITON_USABLE:
+if _common.TRITON_USABLE:
     from ..kernels import restore_tokens as KERNELS
 
     def _triton_backward(grad_out, ids_restore, len_x, has_cls, need_pos, x_dtype, tok_dtype, pos_dtype):
         # x's gradient is stored in x's dtype by the kernel: no fp32 copy to convert under autocast
         N, D = ids_restore.shape[0], grad_out.shape[2]
-        gx, gtok = KERNELS.backward(grad_out, ids_restore, (N, len_x, D), x_dtype, has_cls=has_cls)
+        gx = grad_out.new_empty((N, len_x, D), dtype=x_dtype)
+        gtok = KERNELS.backward(grad_out, ids_restore, gx, has_cls=has_cls)
         gpos = grad_out.new_empty((0,), dtype=pos_dtype)
         if need_pos:  # accumulated in fp32 as it reads (sum's dtype=): no fp32 copy of the gradient
             gpos = grad_out.sum(0, keepdim=True, dtype=acc_dtype(grad_out.dtype))
@@ -101,10 +109,12 @@ if _library.TRITON_USABLE:
         return gx, (gtok if gtok.dtype == tok_dtype else gtok.to(tok_dtype)).view(1, 1, D), gpos
 
     def _triton_forward(x, ids_restore, mask_token, pos_embed, has_cls):
-        return KERNELS.forward(x, ids_restore, mask_token, pos_embed, has_cls=has_cls)
+        out = _output(x, ids_restore, mask_token, pos_embed, has_cls)
+        KERNELS.forward(x, ids_restore, mask_token, pos_embed, out, has_cls=has_cls)
+        return out
 
     TRITON_KERNELS = {"restore_tokens": _triton_forward, "restore_tokens_backward": _triton_backward}
-    _library.register_kernels(TRITON_KERNELS, "CUDA")
+    _common.register_kernels(TRITON_KERNELS, "CUDA")
 
 
 RESTORE_TOKENS = Op("restore_tokens", "umae::restore_tokens", restore_tokens, restore_tokens_reference,

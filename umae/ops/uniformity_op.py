@@ -1,18 +1,21 @@
 """U-MAE's uniformity loss: the public op, the reference (zhangq327/U-MAE `loss_func.py`: L2-normalize the
-rows, sim = F F^T, mean of sim^2, diagonal included; math in fp32), and the fused op
-umae::uniformity_loss: its fakes, its Triton kernels (kernels/uniformity.py) registered at the
-CUDA key beside the C++ CPU kernel (csrc/cpu/uniformity.cpp), and its global-batch version across
-ranks (DistributedFused), the registry entry (its benchmark case and parity grid:
-umae/bench/cases.py)."""
+rows, sim = F F^T, mean of sim^2, diagonal included; math in fp32), the fused function, the fakes, the
+Triton launchers' registration, the global-batch version across ranks and the registry entry.
+
+Where it runs: csrc/cpu/uniformity.cpp holds the schemas, the CPU kernel and the autograd, in C++
+for every device (no Python autograd on the way: the host time of a small op on a GPU);
+kernels/uniformity.py holds the Triton kernels, whose launchers register below at the CUDA key.
+Across ranks the Gram reduction needs collectives between its kernels: that one path
+(`DistributedFused`) is a Python autograd Function.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _checks, _library
+from . import _common
 from ._tolerance import MATMUL_TOL, Parity
-from ._spec import CPP_CPU_TRITON_CUDA, Op
-from ._checks import acc_dtype
+from ._common import CPP_CPU_TRITON_CUDA, Op, acc_dtype
 
 NORM_EPS = 1e-12  # F.normalize's; the kernels take it as an argument
 
@@ -43,8 +46,8 @@ def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diag
     reproduces the official GatherLayer, which returns only the local slice of the gradient
     without an all-reduce, so DDP's averaging scales the uniformity gradient by 1/world_size.
     """
-    _checks.tensor(features, "features", dims=2)
-    _checks.nonempty_batch(features, "features")
+    _common.tensor(features, "features", dims=2)
+    _common.nonempty_batch(features, "features")
     if features.shape[1] == 0:
         raise ValueError(f"features must have at least one column (D >= 1): a 0-dimensional feature has no "
                          f"{'direction to normalize' if normalize else 'similarity'}, got shape {tuple(features.shape)}")
@@ -54,7 +57,7 @@ def uniformity_loss(features: torch.Tensor, normalize: bool = True, exclude_diag
     if process_group is not None:
         check_equal_batches_once(features, process_group)
     args = (features, bool(normalize), bool(exclude_diagonal), process_group, bool(exact_ddp_grad))
-    if _backend.fused(UNIFORMITY_LOSS, (features,), backend):
+    if _common.fused(UNIFORMITY_LOSS, (features,), backend):
         return uniformity_loss_fused(*args)
     return uniformity_loss_reference(*args)
 
@@ -90,7 +93,7 @@ def uniformity_loss_fused(features, normalize=True, exclude_diagonal=False, proc
         # the exact pairs need every rank's rows: the all-gather of the reference
         return uniformity_loss_reference(features, normalize, exclude_diagonal, process_group, exact_ddp_grad)
     device = features.device.type
-    gram_ops = KERNELS if _backend.triton_runs_on(device) else TorchGram
+    gram_ops = KERNELS if _common.triton_runs_on(device) else TorchGram
     if not torch.is_autocast_enabled(device):
         return DistributedFused.apply(features, normalize, exclude_diagonal, process_group,
                                       ddp_grad_scale(process_group, exact_ddp_grad), gram_ops)
@@ -176,7 +179,7 @@ def first_order_only(op: str, backward, *args):
     autograd backward written in Python. With create_graph=True (grad mode on inside the backward)
     the kernel's result would be a constant to autograd, and a gradient of it (a gradient penalty)
     silently 0: it comes back as a function of the tensor arguments requiring grad whose backward
-    raises, as the C++ autograd's do (umae::first_order_only, csrc/autograd.h)."""
+    raises, as the C++ autograd's do (umae::first_order_only, csrc/common.h)."""
     if not torch.is_grad_enabled():
         return backward(*args)
     with torch.no_grad():
@@ -240,7 +243,7 @@ def _with_grad_fake(features, normalize, exclude_diagonal, eps):
 
 
 _UNIFORMITY_LOSS = None
-if _library.EXT_LOADED:
+if _common.EXT_LOADED:
     # the autograd is registered in C++ (csrc/cpu/uniformity.cpp): a Python wrapper would cost as much as the op
     _UNIFORMITY_LOSS = torch.ops.umae.uniformity_loss.default
     torch.library.register_fake("umae::uniformity_loss")(_loss_fake)
@@ -248,7 +251,7 @@ if _library.EXT_LOADED:
 
 # the Triton kernel module and its launchers ({op name: launcher}) for the CUDA key; None without Triton
 KERNELS = TRITON_KERNELS = None
-if _library.TRITON_USABLE:
+if _common.TRITON_USABLE:
     from ..kernels import uniformity as KERNELS
 
     def _triton_loss_and_gram(features, normalize, exclude_diagonal, eps, keep_gram):
@@ -273,7 +276,7 @@ if _library.TRITON_USABLE:
         return loss, df
 
     TRITON_KERNELS = {"uniformity_loss": _triton_loss, "uniformity_loss_with_grad": _triton_with_grad}
-    _library.register_kernels(TRITON_KERNELS, "CUDA")
+    _common.register_kernels(TRITON_KERNELS, "CUDA")
 
 
 class GatherRows(torch.autograd.Function):

@@ -136,7 +136,7 @@ def collect_launches(op_names, shapes=None, models=None):
 
     from .. import models as _registers  # noqa: F401  (registers the models with timm)
     from ..ops import registry
-    from . import cases
+    from ..bench import cases
 
     names = [op_names] if isinstance(op_names, str) else list(op_names)
     chosen = [registry.get(n) for n in names]
@@ -176,7 +176,7 @@ def collect_launches(op_names, shapes=None, models=None):
 
 
 def _candidate_launches(op) -> None:
-    from . import cases, tune
+    from ..bench import cases, tune
 
     for shape, _product, group, i, cfg in tune.runs(op):
         if i == 0:  # the default: launched above

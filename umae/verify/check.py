@@ -4,7 +4,7 @@ tolerances the test suite uses (umae/ops/_tolerance.py, named per op by its regi
 plus torch.library.opcheck of each custom op the fused call reaches. Prints a table, exits 1 on any
 failure; --junit FILE writes the rows as JUnit XML.
 
-The inputs are each op's parity grid (umae/bench/grid.py): several shapes (B below and above D, batches
+The inputs are each op's parity grid (umae/verify/grid.py): several shapes (B below and above D, batches
 past the 3rd sample), every flag combination, row-major, transposed, strided and expanded inputs,
 autocast off, bf16 and fp16: fresh random values, the same for the fused and the reference call. A
 row of the table is the worst over the grid, and names the input that failed.
@@ -41,7 +41,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     import torch
 
-    from ..ops import _backend, registry
+    from ..ops import _common, registry
     from .._table import Col, format_table
 
     if args.junit is not None:
@@ -57,7 +57,7 @@ def main(args) -> int:
             for impl in op.impls_for(device):
                 if args.impls and impl.name not in args.impls:
                     continue
-                ok, why = _backend._runnable(op, impl)
+                ok, why = _common._runnable(op, impl)
                 if not ok:
                     rows.append(dict(op=op.name, device=device, impl=impl.name, dtype="-", check="-", ratio=None,
                                      status="skipped", note=why))
@@ -84,12 +84,11 @@ def main(args) -> int:
 
 def check_impl(op, impl, device, dtypes, seed, opcheck=True) -> list[dict]:
     """The rows of one implementation: per dtype, the worst forward and backward over the op's
-    parity grid (umae/bench/grid.py), then opcheck of the custom ops the first row's call reached."""
+    parity grid (umae/verify/grid.py), then opcheck of the custom ops the first row's call reached."""
     import torch
 
     from .. import ops
-    from ..ops._checks import FLOATS
-    from ..ops._spec import dtype_name
+    from ..ops._common import FLOATS, dtype_name
     from . import grid
 
     rows = []
@@ -155,21 +154,21 @@ def _status(ratio: float) -> str:
 
 
 def compare(op, v, dtype, device, calls: list | None = None):
-    """(forward err/tol, backward err/tol) of one grid row (umae/bench/grid.py `Variant`): the fused
+    """(forward err/tol, backward err/tol) of one grid row (umae/verify/grid.py `Variant`): the fused
     call and the reference on the same inputs, under the row's autocast, and their gradients for the
     same output gradients (the backward outside autocast, as a training step runs it). `calls`: a
     list that receives the custom-op calls the fused forward made (for opcheck)."""
     import torch
 
-    from ..ops import _backend
+    from ..ops import _common
     from ..ops._tolerance import UNIT_ROUNDOFF
     from . import grid
 
     inp = grid.inputs(v, dtype, device)
-    with _backend.use_backend("fused"), grid.autocast(v, device), \
+    with _common.use_backend("fused"), grid.autocast(v, device), \
             (_Recorder(calls) if calls is not None else contextlib.nullcontext()):
         got = _outputs(inp.forward())
-    with _backend.use_backend("reference"), grid.autocast(v, device):
+    with _common.use_backend("reference"), grid.autocast(v, device):
         ref = _outputs(inp.forward())
     # under autocast an op whose reference autocast casts returns its own documented dtype (fp32 for a
     # loss), where the reference's follows the cast

@@ -131,7 +131,7 @@ def format_rows(rows) -> str:
 
 
 def audit_op(op_name: str, **collect) -> list[dict]:
-    """Audit rows of every specialization op `op_name`'s launches compile to (umae.bench.jit)."""
+    """Audit rows of every specialization op `op_name`'s launches compile to (umae.verify.jit)."""
     from . import jit
 
     return [dict(audit(k, src), spec=jit.label(src))

@@ -24,11 +24,11 @@ import torch
 import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..ops import _backend, registry
+from ..ops import _common, registry
 from .. import ops
 from .._table import Col, format_table
 from . import jit
-from . import cases
+from ..bench import cases
 
 TRAFFIC_SHAPES = ("vit_b16", "vit_tiny32")
 DTYPE = torch.bfloat16
@@ -105,7 +105,7 @@ def _fwd_bwd(c, counting):
 def eager_bytes(op: str, shape) -> int:
     c = _case(op, shape, "meta")
     m = _AtenBytes()
-    with _backend.use_backend("reference"):
+    with _common.use_backend("reference"):
         _fwd_bwd(c, lambda: m)
     return m.bytes
 
@@ -121,7 +121,7 @@ def fused_bytes(op: str, shape) -> dict | None:
     c = _case(op, shape, "cpu")
     m = _AtenBytes()
     module = spec.kernels
-    with (_backend.use_backend("fused"), ops.use_impl("triton-interpreter"), counting_interpreter() as k,
+    with (_common.use_backend("fused"), ops.use_impl("triton-interpreter"), counting_interpreter() as k,
           jit.recording(jit.kernels_of(module), run=True) as launches):
         _fwd_bwd(c, lambda: m)
     formula = sum(REQUESTED_BYTES[fn.__name__](dict(zip(fn.arg_names, args), **kwargs), grid)

@@ -17,7 +17,7 @@ import itertools
 
 import torch
 
-from .cases import GRIDS, LAYOUTS, Inputs
+from ..bench.cases import GRIDS, LAYOUTS, Inputs
 
 AUTOCASTS = (None, torch.bfloat16, torch.float16)
 _SHORT = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -29,6 +29,10 @@ export ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2} MKL_ENABLE_INSTRUCTIONS=${
 # shared /tmp/torchinductor_$USER, torch 2.11 loaded a kernel .so built by the main suite's torch
 # and segfaulted. Each stack keeps its own; Triton's too (a fresh clone compiles from scratch).
 export TORCHINDUCTOR_CACHE_DIR=$PWD/.compat/torchinductor TRITON_CACHE_DIR=$PWD/.compat/triton
+# pip installs without byte-compiling (--no-compile: 12k files, most never imported); the processes
+# write the .pyc of what they import, once, into the venv (these machines set PYTHONDONTWRITEBYTECODE,
+# under which every process of the suite compiled torch's modules from source again)
+export PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$V/pycache
 
 if [ $PHASE != tests ]; then
   PY=${PYTHON:-python3.11}

@@ -83,6 +83,15 @@ def test_the_floors_are_folders():
             assert top in ("", "models") or os.path.isfile(os.path.join(ROOT, "umae", top + ".py")), mod
 
 
+def test_setup_installs_every_package():
+    # a package missing from setup.py's list works in the editable install and is absent from a wheel
+    src = open(os.path.join(ROOT, "setup.py")).read()
+    listed = set(re.findall(r'"(umae(?:\.\w+)?)"', src[src.index("packages="):src.index("ext_modules=")]))
+    found = {"umae." + os.path.basename(d) if d != os.path.join(ROOT, "umae") else "umae"
+             for d in glob.glob(os.path.join(ROOT, "umae", "**", "__init__.py"), recursive=True) for d in [os.path.dirname(d)]}
+    assert found | {"umae.kernels"} == listed, (found, listed)
+
+
 def test_imports_run_down_the_layers():
     known = modules()
     up = []

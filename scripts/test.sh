@@ -17,6 +17,9 @@ if [ "${1:-}" = "--quick" ]; then QUICK=1; shift; fi
 COMPAT=1
 if [ $QUICK = 1 ] || [ "${UMAE_SKIP_COMPAT:-0}" = 1 ]; then COMPAT=0; fi
 t0=$SECONDS
+# the suite's processes write the .pyc of what they import, once (these machines set
+# PYTHONDONTWRITEBYTECODE=1; the venvs install without byte-compiling: scripts/setup.sh)
+export PYTHONDONTWRITEBYTECODE=
 if [ $COMPAT = 1 ]; then
   mkdir -p .compat
   # pip's downloads and the second build overlap the main set-up and suite (the suite's Triton

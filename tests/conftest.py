@@ -14,11 +14,18 @@ import torch  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _seed_and_backend():
-    # every test starts from the same seed and umae's default backend; which implementation a test
-    # runs, it says itself (tests/umae_testing.py: @runs_impl)
+    # every test starts from the same seeds (torch's; Python's and numpy's, which timm's augmentations
+    # draw from) and umae's default backend; which implementation a test runs, it says itself
+    # (tests/umae_testing.py: @runs_impl)
+    import random
+
+    import numpy as np
+
     import umae
 
     torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
     prev = umae.get_backend()
     umae.set_backend("fused")
     yield

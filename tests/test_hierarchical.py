@@ -94,7 +94,8 @@ def test_eval_reports_per_level_recovery(tmp_path, capsys):
 def test_ci_sized_sweep(tmp_path, monkeypatch):
     monkeypatch.setitem(sweep.SWEEPS, "default", dict(sweep.SWEEPS["default"], ratios=(0.5, 0.75), patches=(8,),
                                                       steps=2, batch_size=32, builtin_size=128, eval_images=64))
-    assert main(["reproduce", "--preset", "hierarchical", "--seeds", "2", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["reproduce", "--preset", "hierarchical", "--seeds", "2", "--out", str(tmp_path), "--no-progress",
+                 "--num-workers", "0"]) == 0
     data = json.load(open(tmp_path / "sweep.json"))
     assert len(data["rows"]) == 4 * 2 * 2  # (untrained + 2 MAE ratios + U-MAE) x 2 seeds x 2 pools
     assert {(r["ratio"], r["lamb"]) for r in data["summary"]} == {(0.0, -1.0), (0.5, 0.0), (0.75, 0.0), (0.75, 0.1)}

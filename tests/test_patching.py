@@ -496,26 +496,27 @@ def test_unrecognised_model_is_refused_and_untouched():
     assert not umae.patching.is_patched(m) and "forward_encoder" not in m.__dict__
 
 
-def _ddp_worker(rank, world, store, out_path, wrap="ddp"):
+def _ddp_worker(rank, world, store, out_dir):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    model = umae.patch(_hf(*HF_CONFIGS[0]), lamb=0.1)  # patched, then wrapped
-    if wrap == "fsdp":  # FSDP2: each encoder and decoder layer, then the rest
-        from torch.distributed.fsdp import fully_shard
+    for wrap in ("ddp", "fsdp"):  # one spawn for both (a spawn is 2 processes importing torch)
+        model = umae.patch(_hf(*HF_CONFIGS[0]), lamb=0.1)  # patched, then wrapped
+        if wrap == "fsdp":  # FSDP2: each encoder and decoder layer, then the rest
+            from torch.distributed.fsdp import fully_shard
 
-        for layer in [*model.vit.layers, *model.decoder.decoder_layers]:
-            fully_shard(layer)
-        net = fully_shard(model)
-    else:
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    x, noise = _hf_inputs(model, N=2 * 4)
-    out = net(x[rank * 4:(rank + 1) * 4], noise=noise[rank * 4:(rank + 1) * 4])
-    out.loss.backward()
-    grad = model.vit.embeddings.cls_token.grad
-    grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad  # FSDP: gathered from the shards
-    if rank == 0:
-        torch.save(dict(loss_unif=out.loss_unif.detach(), grad=grad), out_path)
+            for layer in [*model.vit.layers, *model.decoder.decoder_layers]:
+                fully_shard(layer)
+            net = fully_shard(model)
+        else:
+            net = torch.nn.parallel.DistributedDataParallel(model)
+        x, noise = _hf_inputs(model, N=2 * 4)
+        out = net(x[rank * 4:(rank + 1) * 4], noise=noise[rank * 4:(rank + 1) * 4])
+        out.loss.backward()
+        grad = model.vit.embeddings.cls_token.grad
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad  # FSDP: gathered from the shards
+        if rank == 0:
+            torch.save(dict(loss_unif=out.loss_unif.detach(), grad=grad), f"{out_dir}/{wrap}.pt")
     dist.barrier()
     dist.destroy_process_group()
     # what the test reads is saved and both ranks are past the barrier: end here. At interpreter
@@ -525,24 +526,23 @@ def _ddp_worker(rank, world, store, out_path, wrap="ddp"):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
-def test_hf_uniformity_over_the_global_batch_under_ddp_and_fsdp(tmp_path, wrap):
+def test_hf_uniformity_over_the_global_batch_under_ddp_and_fsdp(tmp_path):
     # two gloo ranks of 4 images each: the uniformity term is the 8-image batch's on every rank
     import torch.multiprocessing as mp
 
-    out = str(tmp_path / "rank0.pt")
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), out, wrap), nprocs=2, join=True,
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
-    got = torch.load(out)
     model = umae.patch(_hf(*HF_CONFIGS[0]), lamb=0.1)
     x, noise = _hf_inputs(model, N=8)
     out = model(x, noise=noise)
     cls = model.vit.layernorm(model.vit(x, noise=noise).last_hidden_state)[:, 0]
-    assert_close(got["loss_unif"], uniformity_loss_reference(cls), **LOSS_TOL[torch.float32])
-    # after DDP's averaging, the gradient of the single-process loss over all 8 images
+    # after DDP's (FSDP's) averaging, the gradient of the single-process loss over all 8 images
     out.loss.backward()
     truth = umae.patch(_hf(*HF_CONFIGS[0]).double(), lamb=0.1)
     truth(x.double(), noise=noise.double()).loss.backward()
     name = "vit.embeddings.cls_token"
-    assert_grads_close({name: got["grad"]}, {name: model.vit.embeddings.cls_token.grad},
-                       {name: truth.vit.embeddings.cls_token.grad}, torch.float32)
+    for wrap in ("ddp", "fsdp"):
+        got = torch.load(tmp_path / f"{wrap}.pt")
+        assert_close(got["loss_unif"], uniformity_loss_reference(cls), name=f"{wrap} loss_unif", **LOSS_TOL[torch.float32])
+        assert_grads_close({name: got["grad"]}, {name: model.vit.embeddings.cls_token.grad},
+                           {name: truth.vit.embeddings.cls_token.grad}, torch.float32)

@@ -14,7 +14,8 @@ def test_reproduce_writes_the_report(tmp_path):
     p = argparse.ArgumentParser()
     reproduce.add_args(p)
     a = p.parse_args(["--steps", "4", "--model", "umae_vit_micro_patch4_32", "--batch-size", "32",
-                      "--lambdas", "0", "0.1", "--eval-images", "200", "--out", str(tmp_path), "--no-progress"])
+                      "--lambdas", "0", "0.1", "--eval-images", "200", "--out", str(tmp_path), "--no-progress",
+                      "--num-workers", "0"])
     res = reproduce.reproduce(a)
     for f in ("report.md", "spectrum.png", "curves.png", "eval.json", "curves.json"):
         assert os.path.getsize(tmp_path / f) > 200, f
@@ -45,7 +46,8 @@ def test_seeds_report_mean_and_spread(tmp_path):
     p = argparse.ArgumentParser()
     reproduce.add_args(p)
     a = p.parse_args(["--steps", "3", "--model", "umae_vit_micro_patch4_32", "--batch-size", "32", "--lambdas", "0",
-                      "--seeds", "2", "--eval-images", "100", "--out", str(tmp_path), "--no-progress"])
+                      "--seeds", "2", "--eval-images", "100", "--out", str(tmp_path), "--no-progress",
+                      "--num-workers", "0"])
     res = reproduce.reproduce(a)
     assert {r["seed"] for r in res["results"]} == {0, 1}
     assert all((tmp_path / f"lamb_0_seed{s}" / "checkpoint-last.pt").is_file() for s in (0, 1))

@@ -19,9 +19,11 @@ from umae.cli.main import main
 
 
 def _args(out, **kw):
-    """A micro run's config, into `out`; `kw` overrides its settings."""
+    """A micro run's config, into `out`; `kw` overrides its settings. No loader processes (a run's
+    workers cost more than its micro steps here; test_exact_resume keeps them: the path where the
+    sampler's position must survive in the workers)."""
     micro = dict(model="umae_vit_micro_patch4_32", builtin_size=128, batch_size=16, lr=1e-3, log_every=1,
-                 no_progress=True)
+                 no_progress=True, num_workers=0)
     return TrainConfig(out=str(out), **{**micro, **kw})
 
 
@@ -37,9 +39,10 @@ def test_convergence_fused_vs_reference(tmp_path):
 
 
 def test_exact_resume(tmp_path):
-    full = train.train(_args(tmp_path / "a", steps=6, ckpt_every=3))
-    train.train(_args(tmp_path / "b", steps=6, ckpt_every=3))  # writes checkpoint-3 of an identical run
-    resumed = train.train(_args(tmp_path / "c", steps=6, resume=str(tmp_path / "b" / "checkpoint-3.pt")))
+    # with loader processes, as a real run: the sampler's position must reach them
+    full = train.train(_args(tmp_path / "a", steps=6, ckpt_every=3, num_workers=2))
+    train.train(_args(tmp_path / "b", steps=6, ckpt_every=3, num_workers=2))  # checkpoint-3 of an identical run
+    resumed = train.train(_args(tmp_path / "c", steps=6, num_workers=2, resume=str(tmp_path / "b" / "checkpoint-3.pt")))
     assert [r["step"] for r in resumed] == [4, 5, 6]
     for a, b in zip(full[3:], resumed):
         assert a["loss"] == b["loss"], (full, resumed)
@@ -52,11 +55,20 @@ def _free_port():
 
 
 @pytest.mark.dist
-def test_ddp_two_processes_match_single_process(tmp_path):
+def test_ddp_and_fsdp_on_two_processes_match_single_process(tmp_path):
+    # one spawn (2 processes importing torch: most of a run's time here) trains every run in turn
+    ddp, amp, full, resumed = _two_processes(
+        (tmp_path / "ddp", dict(steps=3, batch_size=8)),
+        (tmp_path / "ddp_bf16", dict(steps=2, batch_size=40, amp="bf16")),
+        (tmp_path / "fsdp", dict(fsdp=True, steps=4, batch_size=8, ckpt_every=2)),
+        (tmp_path / "resumed", dict(fsdp=True, steps=4, batch_size=8, resume=str(tmp_path / "fsdp" / "checkpoint-2.pt"))))
+    _check_ddp(tmp_path, ddp, amp)
+    _check_fsdp(tmp_path, full, resumed)
+
+
+def _check_ddp(tmp_path, ddp, amp):
     # and, in the same 2 processes, U-MAE under CPU bf16 autocast (it crashed at any batch): the global
     # batch of 80 > the embedding width 64 (the Gram path), its first step's loss as one process's
-    ddp, amp = _two_processes((tmp_path / "ddp", dict(steps=3, batch_size=8)),
-                              (tmp_path / "ddp_bf16", dict(steps=2, batch_size=40, amp="bf16")))
     single = train.train(_args(tmp_path / "one", steps=3, batch_size=16))
     ck_d = torch.load(tmp_path / "ddp" / "checkpoint-last.pt", weights_only=False)["model"]
     ck_s = torch.load(tmp_path / "one" / "checkpoint-last.pt", weights_only=False)
@@ -98,18 +110,14 @@ def _two_processes(*runs) -> list[list[dict]]:
     return [json.load(open(os.path.join(out, "recs.json"))) for out, _ in runs]
 
 
-@pytest.mark.dist
-def test_fsdp_two_processes_match_single_process_and_resume_exactly(tmp_path):
+def _check_fsdp(tmp_path, full, resumed):
     # FSDP2 (fully_shard per block) on 2 gloo processes: the single process's losses and, after AdamW, its
     # parameters within the rounding bound; a resumed FSDP run continues bit for bit
-    full, resumed = _two_processes(
-        (tmp_path / "fsdp", dict(fsdp=True, steps=4, batch_size=8, ckpt_every=2)),
-        (tmp_path / "resumed", dict(fsdp=True, steps=4, batch_size=8, resume=str(tmp_path / "fsdp" / "checkpoint-2.pt"))))
-    single = train.train(_args(tmp_path / "one", steps=4, batch_size=16))
+    single = train.train(_args(tmp_path / "one_fsdp", steps=4, batch_size=16))
     for a, b in zip(full, single):
         assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["loss_unif"] - b["loss_unif"]) < 1e-5, (full, single)
     ck_f = torch.load(tmp_path / "fsdp" / "checkpoint-last.pt", weights_only=False)
-    ck_s = torch.load(tmp_path / "one" / "checkpoint-last.pt", weights_only=False)
+    ck_s = torch.load(tmp_path / "one_fsdp" / "checkpoint-last.pt", weights_only=False)
     assert ck_f["run"]["fsdp"] and ck_f["model"].keys() == ck_s["model"].keys()  # whole tensors, plain layout
     v = _second_moments(ck_s)
     rms = (sum(t.sum() for t in v.values()) / sum(t.numel() for t in v.values()) / (1 - 0.95 ** 4)).sqrt().item()

@@ -49,6 +49,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-images", type=int, default=2000, help="cap per split for the evaluations")
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--device", default=None)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="loader processes of each run (default: umae train's, the machine's cores)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the runs (log.jsonl, checkpoints) a previous reproduce left in --out's lamb_* "
@@ -63,7 +65,8 @@ def _train_config(a, preset: dict, lamb: float, out: str, ckpt_every: int, steps
                        steps=steps, amp=preset["amp"], device=a.device, lr=preset["lr"],
                        blr=TrainConfig.blr if preset["blr"] is None else preset["blr"], warmup_steps=a.warmup_steps,
                        ckpt_every=ckpt_every, log_every=max(1, min(10, steps // 10)), no_progress=a.no_progress,
-                       progress_desc=desc, overwrite=getattr(a, "overwrite", False))
+                       progress_desc=desc, overwrite=getattr(a, "overwrite", False),
+                       num_workers=getattr(a, "num_workers", None))
 
 
 def _steps_and_warmup(a, preset: dict) -> tuple[int, int | None]:

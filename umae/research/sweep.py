@@ -39,7 +39,7 @@ def _config(a, s: dict, arm: dict, seed: int, out: str, desc: str) -> TrainConfi
                        lamb=arm["lamb"], seed=seed, out=out, steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"],
                        warmup_steps=s["warmup_steps"], builtin_size=s["builtin_size"], amp=s["amp"], device=a.device,
                        log_every=max(1, s["steps"] // 10), no_progress=a.no_progress, progress_desc=desc,
-                       overwrite=a.overwrite)
+                       overwrite=a.overwrite, num_workers=getattr(a, "num_workers", None))
 
 
 def run(a) -> dict:

@@ -4,9 +4,9 @@ kernels/ is installed as `umae.kernels` (the link umae/kernels) and is a namespa
 __init__.py): in a process whose sys.path holds the repo root it would also be a top-level
 `kernels`, PyPI's name (transformers imports that package when it is installed), and a regular
 package found anywhere on sys.path wins over a namespace portion, so PyPI's is what `import kernels`
-finds. One op per file; each holds its @triton.jit kernels and their launchers, which write outputs
-their caller allocates (the op module, by the shape rule its fake uses too) and pick block sizes by
-a rule (no autotuning, so the interpreter runs what the GPU would). Nothing here imports umae: the
+finds. One op per file; each holds its @triton.jit kernels and their launchers, which pick block sizes
+by a rule (no autotuning, so the interpreter runs what the GPU would); the token ops' launchers write
+outputs their op module allocates (by the shape rule its fake uses too). Nothing here imports umae: the
 kernels are the bottom layer.
 """
 from __future__ import annotations

@@ -1,4 +1,11 @@
 import os
+import sys
+
+# The suite's processes (and those it starts) write the .pyc of what they import, once: the venvs
+# install without byte-compiling (scripts/setup.sh), and these machines set PYTHONDONTWRITEBYTECODE=1,
+# under which every process would compile torch's modules from source again.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 # The Triton kernels run under the interpreter on CPU-only machines; this must be set
 # before any @triton.jit module is imported. On a GPU machine they run natively.

@@ -362,8 +362,15 @@ def test_the_counted_traffic_is_umae_info_and_the_old_bench_names_reach_it(capsy
     monkeypatch.setattr(info, "reexec_interpreted", lambda: None)
     monkeypatch.setattr(info, "traffic", lambda shapes, ops: seen.append((shapes, ops)) or 0)
     for argv in (["info", "--traffic"], ["bench", "traffic"], ["bench", "--traffic", "--ops", "patchify"],
-                 ["bench", "traffic", "--shapes", "vit_tiny32"]):
+                 ["bench", "--device", "cpu", "traffic", "--shapes", "vit_tiny32"]):
         assert main(argv) == 0, argv
     assert seen == [(None, None), (None, None), (None, ["patchify"]), (["vit_tiny32"], None)]
+    from umae.cli.main import _aliased, build_parser
+
+    parser = build_parser()
+    timed = parser.parse_args(["bench", "--out", "traffic"])  # a folder named traffic: the timed ops
+    assert _aliased(timed, parser) is timed
     assert main(["info", "--kernels", "--traffic"]) == 2
     assert "one at a time" in capsys.readouterr().err
+    assert main(["bench", "host", "--traffic"]) == 2
+    assert "one measurement at a time, got host and traffic" in capsys.readouterr().err

@@ -161,7 +161,7 @@ def test_no_import_circle():
 
 
 def test_the_checker_sees_an_import_back_up(tmp_path):
-    # what kernels/_util.py had: a relative import of umae.ops._common from a kernel module
+    # what kernels/_util.py once had: a relative import of the ops' helpers (then umae.ops._backend) from a kernel module
     src = tmp_path / "fake.py"
     src.write_text("from ..ops._common import triton_interpreted\nfrom . import _util\nimport umae.ops\n")
     known = modules()

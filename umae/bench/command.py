@@ -32,8 +32,9 @@ def add_args(b: argparse.ArgumentParser) -> None:
     from .runner import E2E_OPS
     from .timing import CG_PROVIDERS, MODES, PROVIDERS
 
-    b.add_argument("what", nargs="?", choices=list(MEASUREMENTS), metavar="MEASUREMENT",
-                   help="instead of timing the ops: " + "; ".join(f"{k}: {v}" for k, v in MEASUREMENTS.items()))
+    b.add_argument("what", nargs="?", choices=[*MEASUREMENTS, "traffic"], metavar="MEASUREMENT",
+                   help="instead of timing the ops: " + "; ".join(f"{k}: {v}" for k, v in MEASUREMENTS.items())
+                        + "; traffic: = umae info --traffic (earlier releases' name)")
 
     b.add_argument("--full", action="store_true",
                    help="the whole set: every op and training step and the input pipeline, at every default shape "
@@ -57,6 +58,7 @@ def add_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--profile", action="store_true", help="write a torch.profiler Chrome trace (NVTX ranges per op)")
     for flag, what in (("--host", "host"), ("--profile-steps", "profile"), ("--tune", "tune")):  # earlier releases' flags
         b.add_argument(flag, action="store_true", help=f"= umae bench {what}")
+    b.add_argument("--traffic", action="store_true", help="= umae info --traffic (umae/cli/main.py passes it on)")
 
 
 def main(args) -> int:
@@ -77,7 +79,7 @@ def main(args) -> int:
 
 def measurement(args) -> str | None:
     """The measurement asked for (`umae bench host`, or its old flag), None for the timed ops."""
-    flags = {"host": args.host, "profile": args.profile_steps, "tune": args.tune}
+    flags = {"host": args.host, "profile": args.profile_steps, "tune": args.tune, "traffic": args.traffic}
     named = [w for w in [args.what, *(w for w, on in flags.items() if on)] if w]
     if args.what is None and args.ops is not None and args.ops == ["loader"]:
         named.append("loader")

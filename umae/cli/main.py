@@ -54,19 +54,26 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split("\n"))
 
 
-def _aliased(argv: list[str]) -> list[str]:
-    """`umae bench traffic` and `umae bench --traffic` (earlier releases): the counted bytes are
-    `umae info --traffic` now, with the kernels' other static checks."""
-    if argv[:1] == ["bench"] and (argv[1:2] == ["traffic"] or "--traffic" in argv):
-        return ["info", "--traffic", *[a for i, a in enumerate(argv[1:]) if a != "--traffic" and (i or a != "traffic")]]
-    return argv
+def _aliased(args, parser):
+    """`umae bench traffic` and `umae bench --traffic` (earlier releases) are `umae info --traffic` now,
+    with the kernels' other static checks; their --shapes and --ops go along, bench's other flags
+    (the device, --out) do not apply to counted bytes."""
+    from umae.bench.command import measurement
+
+    if args.cmd != "bench" or measurement(args) != "traffic":  # (which refuses two measurements at once)
+        return args
+    argv = ["info", "--traffic"] + (["--shapes", *args.shapes] if args.shapes else []) + (
+        ["--ops", *args.ops] if args.ops else [])
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(_aliased(list(sys.argv[1:] if argv is None else argv)))
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from umae.train.engine import NonFiniteLoss
 
     try:
+        args = _aliased(args, parser)
         return args.fn(args)
     except NonFiniteLoss as e:  # the run stopped before saving; the message names the last checkpoint
         if os.environ.get("UMAE_DEBUG") == "1":

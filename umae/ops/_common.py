@@ -180,9 +180,9 @@ TRITON_USABLE = EXT_LOADED and TRITON_OK
 
 
 def triton_interpreted() -> bool:
-    """Whether Triton kernels run under the interpreter: read at each use (a test or `umae bench
-    traffic` switches it on for a while); kernels/_util.py reads the same variable at its import,
-    for the kernels' INTERPRETED branches."""
+    """Whether Triton kernels run under the interpreter: read at each use (a test or the compile
+    check switches it on for a while); kernels/_util.py reads the same variable at its import, for
+    the kernels' INTERPRETED branches."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

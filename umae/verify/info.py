@@ -28,13 +28,11 @@ def main(args) -> int:
     if args.kernels and args.traffic:
         raise ValueError("--kernels compiles the kernels and --traffic interprets them: one at a time")
     check_traffic_args(args)
-    if args.traffic:
-        reexec_interpreted()  # before any output: the process is replaced
+    if args.traffic:  # alone: the process becomes an interpreted one, whose backend table is not this machine's
+        reexec_interpreted()
+        return traffic(args.shapes, args.ops)
     print(format_backend_info())
-    rc = kernel_audit() if args.kernels else 0
-    if args.traffic and rc == 0:
-        rc = traffic(args.shapes, args.ops)
-    return rc
+    return kernel_audit() if args.kernels else 0
 
 
 def check_traffic_args(args) -> None:
@@ -64,7 +62,7 @@ def traffic(shapes, ops) -> int:
     """The counted bytes table."""
     from . import traffic as T
 
-    print(f"\nCounted memory traffic, forward + backward, {str(T.DTYPE).replace('torch.', '')} activations "
+    print(f"Counted memory traffic, forward + backward, {str(T.DTYPE).replace('torch.', '')} activations "
           "(umae/verify/traffic.py). Counted bytes, not measured time.\n")
     print(T.format_rows(T.rows(shapes or list(T.TRAFFIC_SHAPES), ops)))
     return 0

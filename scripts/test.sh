@@ -20,6 +20,9 @@ t0=$SECONDS
 # the suite's processes write the .pyc of what they import, once (these machines set
 # PYTHONDONTWRITEBYTECODE=1; the venvs install without byte-compiling: scripts/setup.sh)
 export PYTHONDONTWRITEBYTECODE=
+# waiting OpenMP threads sleep: 2 pytest workers (and what they start) share 2 cores, and a spinning
+# wait holds a core another process needs (tests/conftest.py says it too)
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 if [ $COMPAT = 1 ]; then
   mkdir -p .compat
   # pip's downloads and the second build overlap the main set-up and suite (the suite's Triton

@@ -1,6 +1,11 @@
 import os
 import sys
 
+# Waiting OpenMP threads sleep instead of spinning: the suite runs 2 workers (and the processes they
+# start) on 2 cores, each with torch's 2 threads, and a spinning wait holds a core another process
+# needs (the quick tier took 137 s spinning, 65 s sleeping). libgomp reads it once, when torch loads:
+# scripts/test.sh exports it for every process; here for a direct pytest run.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The suite's processes (and those it starts) write the .pyc of what they import, once: the venvs
 # install without byte-compiling (scripts/setup.sh), and these machines set PYTHONDONTWRITEBYTECODE=1,
 # under which every process would compile torch's modules from source again.

@@ -5,11 +5,13 @@ that defines its semantics; `set_backend` / `use_backend` / UMAE_BACKEND choose.
 are listed once, in umae/ops/registry.py.
 """
 from .ops._common import get_backend, set_backend, use_backend
-from .ops import (backend_info, format_backend_info, mae_loss, masked_mse_loss, patchify, random_masking, restore_tokens, uniformity_loss, unpatchify)
+from .ops import (backend_info, format_backend_info, mae_loss, masked_mse_loss, patchify, random_masking, restore_tokens,
+                  tube_mask, uniformity_loss, unpatchify)
 from . import models  # noqa: F401  (registers umae's models with timm: timm.create_model("umae_vit_..."))
 from .patching import patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["backend_info", "format_backend_info", "get_backend", "set_backend", "use_backend", "patch", "unpatch"] + [
+__all__ = ["backend_info", "format_backend_info", "get_backend", "set_backend", "use_backend", "patch", "unpatch",
+           "tube_mask"] + [
     f.__name__ for f in (patchify, unpatchify, masked_mse_loss, mae_loss, random_masking, restore_tokens, uniformity_loss)]

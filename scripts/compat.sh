@@ -4,6 +4,7 @@
 # with wheel 0.48.0, pip 24.0, timm 1.0.29, transformers 5.17.0 -- and the tests that depend on the
 # stack run on it: the build (C++ and CUDA sources), the kernels' parity (C++, Triton interpreter),
 # opcheck and compile, umae.patch on transformers and timm models (the quick tier of those files),
+# the video references against the GPU machine's transformers,
 # and the sm_90 compile of the Triton kernels with the GPU machine's triton (run only here when this
 # runs). The tree is copied to .compat/ first (tracked and untracked-not-ignored files), so its
 # build never touches the main checkout's in-place extension, and built the way the GPU machine
@@ -65,4 +66,4 @@ cd "$T"
 exec "$V/bin/python" -m pytest -m "not slow and not dist" -n "${UMAE_TEST_WORKERS:-2}" --dist worksteal \
   tests/test_patchify.py tests/test_masked_mse.py tests/test_random_masking.py tests/test_restore_tokens.py \
   tests/test_uniformity.py tests/test_check.py tests/test_backend.py tests/test_patching.py tests/test_model.py \
-  tests/test_timm_api.py tests/test_finetune.py tests/test_triton_compile.py "$@"
+  tests/test_timm_api.py tests/test_finetune.py tests/test_videomae.py tests/test_triton_compile.py "$@"

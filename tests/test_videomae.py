@@ -4,11 +4,12 @@
 The fused video ops join these tests as they land."""
 import pytest
 import torch
-from umae_testing import LOSS_TOL, assert_close, randn
+from umae_testing import LOSS_TOL, TOL, assert_close, assert_runs, cpu_impls, randn, runs_impl
 
 import umae
 from umae.ops.videomae_loss_op import (tubelet_patchify_reference, tubelet_unpatchify_reference,
                                        videomae_loss_reference)
+from umae.ops.visible_tokens_op import visible_tokens_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,8 +73,37 @@ def test_tube_mask_repeats_one_spatial_draw_per_clip():
     assert not umae.tube_mask(2, 1, 2, 2, 0.0).any()
 
 
+@pytest.mark.parametrize("impl", cpu_impls("random_masking"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@runs_impl
+def test_visible_tokens_are_x_of_not_mask_with_their_gradients(impl, dtype):
+    B, t, h, w, D = 3, 2, 3, 5, 24
+    mask = umae.tube_mask(B, t, h, w, 0.75, generator=torch.Generator().manual_seed(2))
+    x0 = randn(B, t * h * w, 2 * D).to(dtype)[..., ::2]  # read by its strides
+    pos0 = randn(1, t * h * w, D).to(dtype)
+    x, pos = x0.clone().requires_grad_(), pos0.clone().requires_grad_()
+    got = umae.visible_tokens(x, mask, pos, num_masked=t * int(0.75 * h * w))
+    assert_runs("random_masking", impl, x)
+    xr, posr = x0.clone().requires_grad_(), pos0.clone().requires_grad_()
+    ref = visible_tokens_reference(xr, mask, posr)
+    assert got.shape == (B, t * (h * w - int(0.75 * h * w)), D) and torch.equal(got, ref)
+    g = randn(*got.shape).to(dtype)
+    got.backward(g)
+    ref.backward(g)
+    assert torch.equal(x.grad, xr.grad)  # each visible row's gradient, zero elsewhere
+    assert_close(pos.grad, posr.grad, name="pos_embed grad", **TOL[dtype])  # a sum over the batch
+    assert torch.equal(umae.visible_tokens(x0, mask), visible_tokens_reference(x0, mask))  # count read, no pos
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: umae.tube_mask(2, 2, 2, 2, 1.0), "ratio must be"),
+    (lambda: umae.visible_tokens(randn(2, 2, 4), torch.tensor([[True, False], [True, True]])),
+     "num_masked=1 tokens in every row"),
+    (lambda: umae.visible_tokens(randn(1, 2, 4), torch.ones(1, 2)), "mask must be bool"),
+    (lambda: umae.visible_tokens(randn(1, 2, 4), torch.ones(1, 3, dtype=torch.bool)), "mask must have shape"),
+    (lambda: umae.visible_tokens(randn(1, 2, 4), torch.ones(1, 2, dtype=torch.bool), num_masked=3), "num_masked must"),
+    (lambda: umae.visible_tokens(randn(1, 2, 4), torch.ones(1, 2, dtype=torch.bool), randn(1, 3, 4)),
+     "pos_embed must have shape"),
     (lambda: umae.tube_mask(2, 0, 2, 2, 0.5), "tubelets, height and width"),
     (lambda: umae.tube_mask(-1, 1, 2, 2, 0.5), "batch must be"),
     (lambda: tubelet_patchify_reference(randn(1, 3, 5, 8, 8), 4, 2), "frames \\(5\\) must be divisible by tubelet_size"),

@@ -28,6 +28,7 @@ from .patchify_op import patchify, unpatchify
 from .random_masking_op import random_masking
 from .restore_tokens_op import restore_tokens
 from .tube_mask_op import tube_mask
+from .visible_tokens_op import visible_tokens
 from .uniformity_op import uniformity_loss
 
 
@@ -87,5 +88,5 @@ def format_backend_info(devices=None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["choose", "implementation", "use_impl", "backend_info", "format_backend_info", "tube_mask"] + [
+__all__ = ["choose", "implementation", "use_impl", "backend_info", "format_backend_info", "tube_mask", "visible_tokens"] + [
     f.__name__ for f in (patchify, unpatchify, masked_mse_loss, mae_loss, random_masking, restore_tokens, uniformity_loss)]

@@ -147,6 +147,7 @@ def param(t, name: str, expected: tuple, ref: torch.Tensor) -> None:
     shape(t, name, expected)
     same_device(ref, "x", t, name)
 
+
 def result_dtype(*tensors) -> torch.dtype:
     """torch's type promotion over the given tensors (None skipped): the token ops' output dtype, as
     their references' adds and cats give it."""

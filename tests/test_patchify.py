@@ -4,11 +4,10 @@ import pytest
 import torch
 from umae_testing import (DEVICES, DTYPES, LAYOUT_SHAPES, TOL, assert_backward_reads_any_gradient_layout,
                           assert_forward_mode_ad_refused, assert_grid_row, assert_second_order_matches, cuda_only,
-                          grid_params, randn, runs_impl)
+                          grid_params, needs_ext, randn, runs_impl)
 
 import umae
 from umae import ops
-from umae.ops import _common
 from umae.ops.patchify_op import patchify_reference, unpatchify_reference
 
 SHAPES = [  # (N, C, H, W, p): odd batches, C 1 and 3, H != W, L not a power of two
@@ -133,12 +132,11 @@ def test_unpatchify_grid(device, impl, dtype, variant):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
+@needs_ext
 def test_patchify_unpatchify_double_backward(device):
     # linear: the backward of patchify's backward (unpatchify) is patchify again, through the C++ ops' autograd
     imgs = randn(1, 2, 4, 6, dtype=torch.float64, device=device, requires_grad=True)
     x = randn(1, 6, 8, dtype=torch.float64, device=device, requires_grad=True)
-    if not _common.EXT_LOADED:
-        pytest.skip(_common.EXT_REASON)
     assert ops.implementation("patchify", imgs) == ops.implementation("unpatchify", x) != "reference"
     assert torch.autograd.gradgradcheck(lambda t: umae.patchify(t, 2) ** 2, (imgs,))
     assert torch.autograd.gradgradcheck(lambda t: umae.unpatchify(t, 2, (4, 6), 2) ** 2, (x,))

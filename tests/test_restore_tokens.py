@@ -6,10 +6,10 @@ import pytest
 import torch
 from umae_testing import (DTYPES, HANG_GUARD, LAYOUT_SHAPES, TOL, assert_backward_reads_any_gradient_layout,
                           assert_close, assert_forward_mode_ad_refused, assert_grid_row, assert_runs,
-                          assert_second_order_matches, cpu_impls, cuda_only, fused_impls, grid_params, randn, runs_impl,
-                          sampled, triton_cpu)
+                          assert_second_order_matches, cpu_impls, cuda_only, fused_impls, grid_params, needs_ext, randn,
+                          runs_impl, sampled, triton_cpu)
 
-from umae.ops import _common, registry
+from umae.ops import registry
 
 import umae
 from umae.ops.random_masking_op import len_keep_for
@@ -94,10 +94,9 @@ def test_gradcheck_float64_cpp(impl, check):
     (lambda: torch.ops.umae.restore_tokens(randn(2, 4, 4), torch.arange(9).expand(2, 9), randn(1, 1, 5), None, True),
      "mask_token must be"),
 ])
+@needs_ext
 def test_cpp_kernel_refuses_bad_input(call, match):
     # the C++ op is reachable directly (torch.ops.umae.*): it checks its arguments itself
-    if not _common.EXT_LOADED:
-        pytest.skip(_common.EXT_REASON)
     with pytest.raises(RuntimeError, match=match):
         call()
 

@@ -10,11 +10,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from umae_testing import (CREATE_GRAPH_WARNING, DTYPES, LAYOUT_SHAPES, LOSS_TOL, MATMUL_TOL,
                           assert_backward_reads_any_gradient_layout, assert_close, assert_forward_mode_ad_refused,
                           assert_grid_row, assert_runs, assert_second_order_refused, cpu_impls, cuda_only, fused_impls,
-                          grid_params, randn, runs_impl, sampled, triton_cpu)
+                          grid_params, needs_ext, randn, runs_impl, sampled, triton_cpu)
 
 import umae
 from umae import ops
-from umae.ops import _common
 from umae.ops.uniformity_op import uniformity_loss_reference
 
 BS = [1, 2, 7, 64, 255, 1024]
@@ -465,9 +464,8 @@ def test_uniformity_refuses_zero_features(impl, normalize):
             umae.uniformity_loss(f, normalize, backend=backend)
 
 
+@needs_ext
 def test_cpp_uniformity_refuses_zero_features():
-    if not _common.EXT_LOADED:
-        pytest.skip(_common.EXT_REASON)
     with pytest.raises(RuntimeError, match=r"features must have at least one column"):
         torch.ops.umae.uniformity_loss(torch.zeros(4, 0), True, False, 1e-12)
 

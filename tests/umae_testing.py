@@ -117,6 +117,8 @@ def random_mask(N, L, device="cpu", ratio=0.75):
 # CPU tests of Triton kernels: only under the interpreter (on a GPU machine they run on CUDA instead).
 triton_cpu = pytest.mark.skipif(not triton_interpreted(),
                                 reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (the CUDA variants cover it)")
+# tests of the C++ extension's own ops (torch.ops.umae.*): not where it is not built
+needs_ext = pytest.mark.skipif(not _common.EXT_LOADED, reason=_common.EXT_REASON)
 
 
 def fused_impls(op: str, device: str | None = None):

@@ -170,6 +170,13 @@ def test_the_checker_sees_an_import_back_up(tmp_path):
     assert layer("umae.ops._common") > layer("umae.kernels.fake") and layer("umae.models") > layer("umae.ops._common")
 
 
+def _schema_pattern(op):
+    """A C++/CUDA line defining one of op's schemas or registering a kernel for it (its forward, its
+    `_backward` / `_with_grad`, the Triton launchers' names)."""
+    names = {op.schema.split("::")[1]} | set(op.triton_kernels or ())
+    return re.compile(r'm\.(def|impl)\("(%s)(_backward|_with_grad)?[("]' % "|".join(map(re.escape, names)))
+
+
 def _op_files(op, roots=(ROOT,)) -> set:
     """The files holding op's faces, found from its registry entry: its functions' and kernels'
     modules, the C++/CUDA files that define its schemas or register kernels for them, its
@@ -184,8 +191,7 @@ def _op_files(op, roots=(ROOT,)) -> set:
     files.add(os.path.join(ROOT, OP_TESTS[op.name]))
     if op.kernels is not None:
         files.add(inspect.getsourcefile(op.kernels))
-    names = {op.schema.split("::")[1]} | set(op.triton_kernels or ())
-    schema = re.compile(r'm\.(def|impl)\("(%s)(_backward|_with_grad)?[("]' % "|".join(map(re.escape, names)))
+    schema = _schema_pattern(op)
     quoted = re.compile("[\"']%s[\"']" % re.escape(op.name))
     for folder in (os.path.join(r, d) for r in roots for d in ("umae", "kernels", "csrc")):
         for dirpath, _, fs in os.walk(folder):
@@ -230,8 +236,7 @@ def _reading_path(op, roots=(ROOT,)) -> set:
         for n in ast.walk(tree):
             if isinstance(n, ast.ImportFrom) and n.level == 1:
                 files.add(os.path.join(os.path.dirname(op.kernels.__file__), f"{n.module}.py"))
-    names = {op.schema.split("::")[1]} | set(op.triton_kernels or ())
-    schema = re.compile(r'm\.(def|impl)\("(%s)(_backward|_with_grad)?[("]' % "|".join(map(re.escape, names)))
+    schema = _schema_pattern(op)
     todo = [os.path.join(d, f) for r in roots for d, _, fs in os.walk(os.path.join(r, "csrc")) for f in fs
             if f.endswith((".cpp", ".cu")) and schema.search(open(os.path.join(d, f)).read())]
     while todo:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _common
+from .tube_mask_op import check_mask
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -71,19 +72,6 @@ def tubelet_unpatchify_reference(x: torch.Tensor, patch_size: int, tubelet_size:
     return v.reshape(B, C, T, H, W)
 
 
-def _check_mask(mask, pred, B: int, N: int) -> int:
-    """mask (B, N) bool, True = masked, the same count in every row (VideoMAE's tube masking); the count."""
-    _common.tensor(mask, "mask", dims=2, floating=False)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be bool (True = masked), got {mask.dtype}")
-    _common.shape(mask, "mask", (B, N), "(B, N tokens of videos)")
-    _common.same_device(pred, "pred", mask, "mask")
-    counts = mask.sum(1)
-    if B and not bool((counts == counts[0]).all()):  # a host read: the reference's boolean index needs it too
-        raise ValueError(f"mask must mask the same number of tokens in every row, got {counts.tolist()}")
-    return int(counts[0]) if B else 0
-
-
 def videomae_loss_reference(pred: torch.Tensor, videos: torch.Tensor, mask: torch.Tensor, patch_size: int,
                             tubelet_size: int, norm_pix: bool = True, mean=IMAGENET_DEFAULT_MEAN,
                             std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
@@ -101,7 +89,7 @@ def videomae_loss_reference(pred: torch.Tensor, videos: torch.Tensor, mask: torc
         raise ValueError("mean and std go together: both given, or both None")
     B, C, T, H, W = videos.shape
     N, K = (T // ts) * (H // p) * (W // p), ts * p * p * C
-    n_masked = _check_mask(mask, pred, B, N)
+    n_masked = check_mask(mask, (B, N), pred, "pred")
     _common.shape(pred, "pred", (B, n_masked, K), "(B, masked tokens, ts*p*p*C)")
     x = videos.float()
     if mean is not None:

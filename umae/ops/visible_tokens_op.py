@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import _common, random_masking_op
+from .tube_mask_op import check_mask
 
 
 def visible_tokens(x: torch.Tensor, mask: torch.Tensor, pos_embed: torch.Tensor | None = None,
@@ -16,22 +17,12 @@ def visible_tokens(x: torch.Tensor, mask: torch.Tensor, pos_embed: torch.Tensor 
     ascending token order, pos_embed (1, N, D) added (VideoMAE's encoder, transformers'
     `embeddings[~bool_masked_pos]`). mask: bool (B, N), True = masked, the same count in every row
     (tube masking). num_masked: that count; without it, it is read from mask's first row (a host
-    sync, as the boolean index has). A row with another count is refused: on CPU at once, on CUDA
-    by a device-side assert (no host sync)."""
+    sync, as the boolean index has). A row with another count is refused (tube_mask_op.check_mask:
+    given num_masked, on CUDA by a device-side assert, no host sync)."""
     _common.tensor(x, "x", dims=3)
     B, N, D = x.shape
-    _common.tensor(mask, "mask", dims=2, floating=False)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be bool (True = masked), got {mask.dtype}")
-    _common.shape(mask, "mask", (B, N), "(B, N of x)")
-    _common.same_device(x, "x", mask, "mask")
+    n = check_mask(mask, (B, N), x, "x", num_masked)
     _common.param(pos_embed, "pos_embed", (1, N, D), x)
-    if num_masked is None:
-        num_masked = int(mask[:1].sum()) if B else 0
-    n = _common.as_int(num_masked)
-    if n is None or not 0 <= n <= N:
-        raise ValueError(f"num_masked must be an int in [0, {N}], got {num_masked!r}")
-    _check_counts(mask, n)
     if _common.fused(random_masking_op.RANDOM_MASKING, (x, pos_embed, None), backend):
         return random_masking_op._RANDOM_MASKING(x, mask.to(torch.float32), pos_embed, None, N - n)[0]
     return visible_tokens_reference(x, mask, pos_embed)
@@ -42,11 +33,3 @@ def visible_tokens_reference(x, mask, pos_embed=None):
         x = x + pos_embed
     return x[~mask].reshape(x.shape[0], -1, x.shape[2])
 
-
-def _check_counts(mask, n: int) -> None:
-    ok = (mask.sum(1) == n).all()
-    msg = f"mask must mask num_masked={n} tokens in every row"
-    if mask.is_cuda:
-        torch._assert_async(ok, msg)
-    elif not bool(ok):
-        raise ValueError(f"{msg}, got {mask.sum(1).tolist()}")

@@ -185,12 +185,15 @@ def all_ops() -> list[str]:
     return list(registry.OPS) + list(E2E_OPS) + [loader.OP]
 
 
-def unknown_names(ops, shapes) -> str | None:
-    """The message for an op or shape set that does not exist; None when all do."""
+def unknown_names(ops, shapes, known_ops=None, known_shapes=None) -> str | None:
+    """The message for an op or shape set that does not exist; None when all do. Known by default:
+    what `umae bench` measures (its ops, steps and loader; the op and loader shape sets)."""
     from . import loader
     from .cases import SHAPES
 
-    for name, values, known in (("ops", ops, all_ops()), ("shapes", shapes, list(SHAPES) + list(loader.SHAPES))):
+    known_ops = all_ops() if known_ops is None else list(known_ops)
+    known_shapes = list(SHAPES) + list(loader.SHAPES) if known_shapes is None else list(known_shapes)
+    for name, values, known in (("ops", ops, known_ops), ("shapes", shapes, known_shapes)):
         bad = [v for v in values or [] if v not in known]
         if bad:
             return f"unknown {name} {bad}; choose from {sorted(known)}"

@@ -37,14 +37,15 @@ def main(args) -> int:
 
 def check_traffic_args(args) -> None:
     from ..bench.cases import SHAPES
+    from ..bench.command import unknown_names
     from ..ops import registry
 
-    for flag, given, known in (("--shapes", args.shapes, SHAPES), ("--ops", args.ops, registry.OPS)):
+    for flag, given in (("--shapes", args.shapes), ("--ops", args.ops)):
         if given and not args.traffic:
             raise ValueError(f"{flag} goes with --traffic")
-        bad = [v for v in given or () if v not in known]
-        if bad:
-            raise ValueError(f"{flag}: unknown {bad[0]!r}; known: {', '.join(known)}")
+    bad = unknown_names(args.ops, args.shapes, registry.OPS, SHAPES)  # what the traffic counts: the ops' own
+    if bad:
+        raise ValueError(bad)
 
 
 def reexec_interpreted() -> None:

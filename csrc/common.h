@@ -58,6 +58,31 @@ inline void check_patchify_args(const at::Tensor& imgs, int64_t p) {
               imgs.size(2), ", ", imgs.size(3), ") must be divisible by the patch size ", p);
 }
 
+// videos (B, C, T, H, W): T divisible by the tubelet size ts, H and W by the patch size p.
+inline void check_tubelet_patchify_args(const at::Tensor& videos, int64_t p, int64_t ts) {
+  TORCH_CHECK(videos.dim() == 5, "tubelet_patchify: videos must be (B, C, T, H, W), got ", videos.dim(), " dims");
+  TORCH_CHECK(is_float_type(videos.scalar_type()), "tubelet_patchify: videos must be a floating tensor, got ",
+              videos.scalar_type());
+  TORCH_CHECK(p > 0 && ts > 0, "tubelet_patchify: patch size p and tubelet size ts must be positive, got ", p,
+              " and ", ts);
+  TORCH_CHECK(videos.size(2) % ts == 0, "tubelet_patchify: videos frames (", videos.size(2),
+              ") must be divisible by the tubelet size ", ts);
+  TORCH_CHECK(videos.size(3) % p == 0 && videos.size(4) % p == 0, "tubelet_patchify: videos H and W (",
+              videos.size(3), ", ", videos.size(4), ") must be divisible by the patch size ", p);
+}
+
+// x (B, t*h*w, ts*p*p*c) -> videos (B, c, t*ts, h*p, w*p).
+inline void check_tubelet_unpatchify_args(const at::Tensor& x, int64_t p, int64_t ts, int64_t t, int64_t h,
+                                          int64_t w, int64_t c) {
+  TORCH_CHECK(x.dim() == 3, "tubelet_unpatchify: x must be (B, N, ts*p*p*C), got ", x.dim(), " dims");
+  TORCH_CHECK(is_float_type(x.scalar_type()), "tubelet_unpatchify: x must be a floating tensor, got ",
+              x.scalar_type());
+  TORCH_CHECK(p > 0 && ts > 0 && t > 0 && h > 0 && w > 0 && c > 0, "tubelet_unpatchify: p, ts, t, h, w, c must be positive");
+  TORCH_CHECK(x.size(1) == t * h * w, "tubelet_unpatchify: x has N=", x.size(1), " tokens, expected t*h*w=", t * h * w);
+  TORCH_CHECK(x.size(2) == ts * p * p * c, "tubelet_unpatchify: x last dim is ", x.size(2), ", expected ts*p*p*C=",
+              ts * p * p * c);
+}
+
 inline void check_unpatchify_args(const at::Tensor& x, int64_t p, int64_t h, int64_t w, int64_t c) {
   TORCH_CHECK(x.dim() == 3, "unpatchify: x must be (N, L, p*p*C), got ", x.dim(), " dims");
   TORCH_CHECK(is_float_type(x.scalar_type()), "unpatchify: x must be a floating tensor, got ",
@@ -335,10 +360,11 @@ inline void deinterleave_rgb4(const float* in, float* r, float* g, float* b) {
 }
 #endif
 
-// dst[wi * K + (pi * p + pj) * C + c] = image[n, c, hi * p + pi, wi * p + pj], cast to dst_t.
+// dst[wi * K + (pi * p + pj) * C + c] = image[n, c, hi * p + pi, wi * p + pj], cast to dst_t; rows of
+// K = p*p*C values, or `row` apart where given (a frame's part of a tubelet: ts parts per token row).
 template <typename src_t, typename dst_t>
-inline void gather_strip(const src_t* img_n, const ImageIndex& idx, int64_t hi, dst_t* dst) {
-  const int64_t p = idx.p, w = idx.w, C = idx.C, K = p * p * C, pC = p * C, sC = idx.sC, sW = idx.sW;
+inline void gather_strip(const src_t* img_n, const ImageIndex& idx, int64_t hi, dst_t* dst, int64_t row = 0) {
+  const int64_t p = idx.p, w = idx.w, C = idx.C, K = row ? row : p * p * C, pC = p * C, sC = idx.sC, sW = idx.sW;
   for (int64_t pi = 0; pi < p; ++pi) {
     const src_t* row = img_n + (hi * p + pi) * idx.sH;
     dst_t* out = dst + pi * pC;

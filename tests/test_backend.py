@@ -182,7 +182,7 @@ class _UmaeOps(TorchDispatchMode):
 
 
 # every op's benchmark case at a size the interpreter runs in milliseconds
-TINY = dict(N=2, img=8, p=4, C=3, D=24, Dd=16)
+TINY = dict(N=2, img=8, p=4, C=3, D=24, Dd=16, clips=2, frames=4, ts=2, ratio=0.75)
 
 
 def _preferences(device):

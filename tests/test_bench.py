@@ -233,8 +233,8 @@ def test_bench_defaults_quick_and_full():
     from umae.bench import command
     from umae.cli.main import build_parser
 
-    for device, shapes, dtypes, e2e in (("cpu", ["cpu_small"], ["float32"], ["fused", "eager"]),
-                                        ("cuda", ["vit_b16", "unif_b16384"], ["bfloat16"], list(PROVIDERS))):
+    for device, shapes, dtypes, e2e in (("cpu", ["cpu_small", "cpu_video"], ["float32"], ["fused", "eager"]),
+                                        ("cuda", ["vit_b16", "unif_b16384", "videomae_b"], ["bfloat16"], list(PROVIDERS))):
         a = build_parser().parse_args(["bench"])
         command.quick(a, device)
         assert a.ops == list(registry.OPS) + ["train_step"] and a.modes == ["fwd+bwd"]

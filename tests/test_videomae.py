@@ -1,14 +1,16 @@
-"""VideoMAE's glue, the references (umae/ops/videomae_loss_op.py) and the tube-mask generator
-(umae/ops/tube_mask_op.py): against transformers' VideoMAEForPreTraining on the installed version
-(same weights, same mask), both memory layouts, awkward sizes, and the errors that name the argument.
-The fused video ops join these tests as they land."""
+"""VideoMAE's ops: tubelet_patchify / tubelet_unpatchify, videomae_loss, visible_tokens and the
+tube-mask generator. Fused (C++ and interpreted Triton) against the references, and the references
+against transformers' VideoMAEForPreTraining on the installed version (same weights, same mask), both
+memory layouts, awkward sizes, gradcheck, opcheck, compile, and the errors that name the argument."""
 import pytest
 import torch
-from umae_testing import LOSS_TOL, TOL, assert_close, assert_runs, cpu_impls, randn, runs_impl
+from umae_testing import (LAYOUT_SHAPES, LOSS_TOL, TOL, assert_backward_reads_any_gradient_layout, assert_close,
+                          assert_forward_mode_ad_refused, assert_grid_row, assert_runs, cpu_impls, grid_params,
+                          needs_ext, randn, runs_impl)
 
 import umae
-from umae.ops.videomae_loss_op import (tubelet_patchify_reference, tubelet_unpatchify_reference,
-                                       videomae_loss_reference)
+from umae.ops.tubelet_patchify_op import tubelet_patchify_reference
+from umae.ops.videomae_loss_op import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, videomae_loss_reference
 from umae.ops.visible_tokens_op import visible_tokens_reference
 
 transformers = pytest.importorskip("transformers")
@@ -38,6 +40,17 @@ def test_loss_matches_hf_videomae_in_both_layouts(norm_pix, frames, ts):
     again = videomae_loss_reference(out.logits, view.contiguous(), mask, 4, ts, norm_pix=norm_pix)
     assert torch.equal(again, got)  # the same values in the same order: the layout changes nothing
     assert got.dtype == torch.float32 and out.loss > 0
+    if umae.ops._common.EXT_LOADED:  # the public op, fused, in both layouts, and its gradient: HF's own
+        for v in (view, view.contiguous()):
+            fused = umae.videomae_loss(out.logits, v, mask, 4, ts, norm_pix=norm_pix)
+            assert_close(fused, out.loss, name="fused loss", **LOSS_TOL[torch.float32])
+        params = [q for q in model.parameters() if q.requires_grad]
+        want = torch.autograd.grad(out.loss, params, retain_graph=True)
+        fused = umae.videomae_loss(out.logits, view, mask, 4, ts, norm_pix=norm_pix)
+        got_g = torch.autograd.grad(fused, params)
+        for a, b in zip(got_g, want):
+            assert_close(a, b, name="HF weights' gradient through the fused loss", atol=TOL[torch.float32]["atol"] *
+                         float(b.abs().max()) + 1e-12, rtol=TOL[torch.float32]["rtol"])
 
 
 @pytest.mark.parametrize("shape,p,ts", [((2, 3, 6, 12, 8), 4, 3), ((1, 2, 2, 8, 16), 8, 1), ((2, 1, 4, 4, 12), 2, 2)])
@@ -46,19 +59,25 @@ def test_tubelet_patchify_is_exactly_inverted_and_orders_tokens_t_h_w(shape, p, 
     x = tubelet_patchify_reference(v, p, ts)
     B, C, T, H, W = shape
     assert x.shape == (B, (T // ts) * (H // p) * (W // p), ts * p * p * C)
-    assert torch.equal(tubelet_unpatchify_reference(x, p, ts, T, H, W), v)
+    assert torch.equal(umae.tubelet_unpatchify(x, p, ts, T, H, W, backend="reference"), v)
     # token (t, h, w) = (0, 0, 1), value (p0, p1, p2, c) = (ts - 1, 1, 0, C - 1): frame ts - 1, row 1, column p
     k = (((ts - 1) * p + 1) * p + 0) * C + C - 1
     assert x[0, 1, k] == v[0, C - 1, ts - 1, 1, p]
 
 
-def test_a_constant_token_stays_finite_with_norm_pix():
+@pytest.mark.parametrize("impl", [None] + cpu_impls("videomae_loss"))
+@runs_impl
+def test_a_constant_token_stays_finite_with_norm_pix(impl):
     # variance 0: the 1e-6 added to the std keeps it finite (as VideoMAE's), the labels 0
     videos = torch.full((1, 3, 2, 4, 4), 0.3)
     mask = torch.tensor([[True]])
-    pred = randn(1, 1, 2 * 4 * 4 * 3)
-    loss = videomae_loss_reference(pred, videos, mask, 4, 2)
+    pred = randn(1, 1, 2 * 4 * 4 * 3, requires_grad=True)
+    loss = umae.videomae_loss(pred, videos, mask, 4, 2, backend="fused" if impl else "reference")
+    if impl:
+        assert_runs("videomae_loss", impl, pred)
     assert torch.isfinite(loss) and torch.allclose(loss, pred.pow(2).mean())
+    loss.backward()
+    assert torch.allclose(pred.grad, 2 * pred.detach() / pred.numel())
 
 
 def test_tube_mask_repeats_one_spatial_draw_per_clip():
@@ -96,6 +115,44 @@ def test_visible_tokens_are_x_of_not_mask_with_their_gradients(impl, dtype):
 
 
 @pytest.mark.parametrize("call,match", [
+    (lambda b: umae.tubelet_patchify(randn(1, 3, 5, 8, 8), 4, 2, backend=b),
+     "frames \\(5\\) must be divisible by tubelet_size"),
+    (lambda b: umae.tubelet_patchify(randn(1, 3, 4, 8, 6), 4, 2, backend=b), "height and width \\(8, 6\\)"),
+    (lambda b: umae.tubelet_patchify(randn(1, 3, 8, 8), 4, 2, backend=b), "videos must have 5 dims"),
+    (lambda b: umae.tubelet_patchify(randn(1, 3, 4, 8, 8), 4, 0, backend=b), "tubelet_size must be a positive int"),
+    (lambda b: umae.tubelet_patchify(randn(1, 3, 4, 8, 8).long(), 4, 2, backend=b), "videos must be float32"),
+    (lambda b: umae.tubelet_unpatchify(randn(1, 5, 96), 4, 2, 4, 8, 8, backend=b), "x must have shape"),
+    (lambda b: umae.tubelet_unpatchify(randn(1, 4, 96), 4, 2, 5, 8, 8, backend=b), "frames 5 must be divisible"),
+    (lambda b: umae.videomae_loss(randn(2, 1, 96), randn(2, 3, 2, 4, 8), torch.tensor([[True, False], [True, True]]),
+                                  4, 2, backend=b), "row 1 masks 2 tokens|1 tokens in every row"),
+    (lambda b: umae.videomae_loss(randn(1, 1, 96), randn(1, 3, 2, 4, 8), torch.ones(1, 3, dtype=torch.bool), 4, 2,
+                                  backend=b), "mask must have shape"),
+    (lambda b: umae.videomae_loss(randn(1, 1, 96), randn(1, 3, 2, 4, 8), torch.ones(1, 2), 4, 2, backend=b),
+     "mask must be bool"),
+    (lambda b: umae.videomae_loss(randn(1, 1, 95), randn(1, 3, 2, 4, 8), torch.tensor([[True, False]]), 4, 2,
+                                  backend=b), "pred must have shape"),
+    (lambda b: umae.videomae_loss(randn(1, 2, 96), randn(1, 3, 2, 4, 8), torch.tensor([[True, False]]), 4, 2,
+                                  backend=b), "row 0 masks 1 tokens|2 tokens in every row"),
+    (lambda b: umae.videomae_loss(randn(1, 1, 96), randn(1, 3, 2, 4, 8, requires_grad=True),
+                                  torch.tensor([[True, False]]), 4, 2, backend=b), "videos is the target"),
+    (lambda b: umae.videomae_loss(randn(1, 1, 96), randn(1, 3, 3, 4, 8), torch.tensor([[True, False]]), 4, 2,
+                                  backend=b), "frames \\(3\\) must be divisible by tubelet_size 2"),
+    (lambda b: umae.videomae_loss(randn(1, 1, 96), randn(1, 3, 2, 4, 6), torch.tensor([[True, False]]), 4, 2,
+                                  backend=b), "height and width \\(4, 6\\)"),
+    (lambda b: umae.videomae_loss(randn(1, 1, 96), randn(1, 3, 2, 4, 8), torch.tensor([[True, False]]), 4, 2,
+                                  mean=(0.5,), std=(0.2,), backend=b), "one value per channel \\(3\\)"),
+    (lambda b: umae.videomae_loss(randn(1, 1, 96), randn(1, 3, 2, 4, 8), torch.tensor([[True, False]]), 4, 2,
+                                  mean=None, backend=b), "mean and std go together"),
+    (lambda b: umae.videomae_loss(randn(1, 1, 96).double(), randn(1, 3, 2, 4, 8), torch.tensor([[True, False]]), 4,
+                                  2, backend=b), "float64 goes with float64"),
+])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_bad_video_input_is_named(call, match, backend):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(backend)
+
+
+@pytest.mark.parametrize("call,match", [
     (lambda: umae.tube_mask(2, 2, 2, 2, 1.0), "ratio must be"),
     (lambda: umae.visible_tokens(randn(2, 2, 4), torch.tensor([[True, False], [True, True]])),
      "num_masked=1 tokens in every row"),
@@ -106,20 +163,145 @@ def test_visible_tokens_are_x_of_not_mask_with_their_gradients(impl, dtype):
      "pos_embed must have shape"),
     (lambda: umae.tube_mask(2, 0, 2, 2, 0.5), "tubelets, height and width"),
     (lambda: umae.tube_mask(-1, 1, 2, 2, 0.5), "batch must be"),
-    (lambda: tubelet_patchify_reference(randn(1, 3, 5, 8, 8), 4, 2), "frames \\(5\\) must be divisible by tubelet_size"),
-    (lambda: tubelet_patchify_reference(randn(1, 3, 4, 8, 6), 4, 2), "height and width \\(8, 6\\)"),
-    (lambda: tubelet_patchify_reference(randn(1, 3, 8, 8), 4, 2), "videos must have 5 dims"),
-    (lambda: tubelet_unpatchify_reference(randn(1, 5, 96), 4, 2, 4, 8, 8), "x must have shape"),
-    (lambda: videomae_loss_reference(randn(2, 1, 96), randn(2, 3, 2, 4, 8), torch.tensor([[True, False], [True, True]]),
-                                     4, 2), "same number of tokens in every row"),
-    (lambda: videomae_loss_reference(randn(1, 1, 96), randn(1, 3, 2, 4, 8), torch.ones(1, 3, dtype=torch.bool), 4, 2),
-     "mask must have shape"),
-    (lambda: videomae_loss_reference(randn(1, 1, 96), randn(1, 3, 2, 4, 8), torch.ones(1, 2), 4, 2), "mask must be bool"),
-    (lambda: videomae_loss_reference(randn(1, 1, 95), randn(1, 3, 2, 4, 8), torch.tensor([[True, False]]), 4, 2),
-     "pred must have shape"),
-    (lambda: videomae_loss_reference(randn(1, 1, 96), randn(1, 3, 2, 4, 8, requires_grad=True),
-                                     torch.tensor([[True, False]]), 4, 2), "videos is the target"),
 ])
 def test_bad_input_is_named(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+# ---- the fused video ops against their references -------------------------------------------------
+
+@pytest.mark.parametrize("device,impl,dtype,variant", grid_params("tubelet_patchify"))
+@runs_impl
+def test_tubelet_patchify_grid(device, impl, dtype, variant):
+    # shapes (odd T / ts, H != W, ts 1-3, C != 3), layouts (transposed, strided, expanded) and autocast: umae check's rows
+    assert_grid_row("tubelet_patchify", device, impl, dtype, variant)
+
+
+@pytest.mark.parametrize("device,impl,dtype,variant", grid_params("tubelet_unpatchify"))
+@runs_impl
+def test_tubelet_unpatchify_grid(device, impl, dtype, variant):
+    assert_grid_row("tubelet_unpatchify", device, impl, dtype, variant)
+
+
+@pytest.mark.parametrize("device,impl,dtype,variant", grid_params("videomae_loss"))
+@runs_impl
+def test_videomae_loss_grid(device, impl, dtype, variant):
+    # norm_pix and the unnormalize on and off, the layouts, autocast
+    assert_grid_row("videomae_loss", device, impl, dtype, variant)
+
+
+@pytest.mark.parametrize("impl", cpu_impls("tubelet_patchify"))
+@pytest.mark.parametrize("p,ts", [(4, 1), (8, 2), (16, 3)])
+@runs_impl
+def test_tubelet_patchify_takes_hf_layout_as_a_view_bitwise(impl, p, ts):
+    B, T, C, H, W = 2, 2 * ts, 3, 2 * p, 3 * p
+    hf = randn(B, T, C, H, W).to(torch.bfloat16)  # (B, T, C, H, W)
+    v = hf.transpose(1, 2)
+    x = umae.tubelet_patchify(v, p, ts)
+    assert_runs("tubelet_patchify", impl, v)
+    assert torch.equal(x, tubelet_patchify_reference(v, p, ts)) and x.is_contiguous()
+    back = umae.tubelet_unpatchify(x, p, ts, T, H, W)
+    assert torch.equal(back, v) and back.is_contiguous()
+
+
+@pytest.mark.parametrize("impl", cpu_impls("videomae_loss"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p,ts,norm_pix", [(4, 3, True), (8, 1, False), (16, 2, True)])
+@runs_impl
+def test_videomae_loss_matches_the_reference_on_hf_layout(impl, dtype, p, ts, norm_pix):
+    # pred in the model's dtype (autocast), videos fp32 as a view of HF's (B, T, C, H, W); awkward grids
+    B, t, h, w = 3, 3, 2, 3
+    videos = randn(B, t * ts, 3, h * p, w * p).transpose(1, 2)
+    mask = umae.tube_mask(B, t, h, w, 0.6, generator=torch.Generator().manual_seed(5))
+    n = t * int(0.6 * h * w)
+    pred = randn(B, n, ts * p * p * 3).to(dtype).requires_grad_()
+    got = umae.videomae_loss(pred, videos, mask, p, ts, norm_pix)
+    assert_runs("videomae_loss", impl, pred, videos)
+    want = videomae_loss_reference(pred, videos, mask, p, ts, norm_pix)
+    assert got.dtype == torch.float32
+    assert_close(got, want, name="loss", **LOSS_TOL[dtype])
+    g, = torch.autograd.grad(got, pred)
+    gr, = torch.autograd.grad(want, pred)
+    assert g.dtype == dtype and g.shape == pred.shape
+    tol = TOL[dtype]
+    assert_close(g, gr, name="pred grad", atol=tol["atol"] * float(gr.abs().max()), rtol=tol["rtol"])
+
+
+@needs_ext
+def test_videomae_loss_rows_of_another_count_are_refused_by_the_kernel():
+    # the public op leaves the rows to the kernel when fused: the C++ kernel names the row
+    mask = torch.tensor([[True, False, False, True], [True, True, False, False], [True, True, True, False]])
+    with pytest.raises(ValueError, match="mask row 2 masks 3 tokens, but pred has 2 rows"):
+        torch.ops.umae.videomae_loss(randn(3, 2, 96), randn(3, 3, 2, 8, 8), mask, 4, 2, True, None, None, 1e-6)
+
+
+@needs_ext
+def test_gradcheck_float64():
+    v = randn(2, 2, 6, 4, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: umae.tubelet_patchify(t, 2, 3), (v,))
+    x = randn(2, 2 * 2 * 4, 3 * 4 * 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: umae.tubelet_unpatchify(t, 2, 3, 6, 4, 8), (x,))
+    videos = randn(2, 2, 4, 4, 8, dtype=torch.float64)
+    mask = umae.tube_mask(2, 2, 2, 4, 0.5, generator=torch.Generator().manual_seed(0))
+    pred = randn(2, 8, 2 * 4 * 2, dtype=torch.float64, requires_grad=True)
+    for norm_pix in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda t: umae.videomae_loss(t, videos, mask, 2, 2, norm_pix, mean=(0.4, 0.5), std=(0.2, 0.3)), (pred,))
+
+
+@needs_ext
+def test_opcheck():
+    torch.library.opcheck(torch.ops.umae.tubelet_patchify.default, (randn(2, 3, 6, 8, 12, requires_grad=True), 4, 3))
+    torch.library.opcheck(torch.ops.umae.tubelet_unpatchify.default,
+                          (randn(2, 12, 96, requires_grad=True), 4, 2, 2, 2, 3, 3))
+    mask = umae.tube_mask(2, 2, 2, 3, 0.5, generator=torch.Generator().manual_seed(0))
+    for stats in ((list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)), (None, None)):
+        torch.library.opcheck(torch.ops.umae.videomae_loss.default,
+                              (randn(2, 6, 96, requires_grad=True), randn(2, 3, 4, 8, 12), mask, 4, 2, True, *stats,
+                               1e-6))
+
+
+@needs_ext
+def test_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    mask = umae.tube_mask(2, 2, 2, 3, 0.5, generator=torch.Generator().manual_seed(0))
+    videos = randn(2, 4, 3, 8, 12).transpose(1, 2)
+
+    def step(pred, x):
+        tokens = umae.tubelet_patchify(x, 4, 2)
+        return umae.videomae_loss(pred, videos, mask, 4, 2) + tokens.square().mean()
+
+    pred, x = randn(2, 6, 96, requires_grad=True), randn(2, 3, 4, 8, 12, requires_grad=True)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(pred, x)
+    want = step(pred, x)
+    assert_close(got, want, name="compiled loss", **LOSS_TOL[torch.float32])
+    g = torch.autograd.grad(got, (pred, x))
+    gw = torch.autograd.grad(want, (pred, x))
+    for a, b in zip(g, gw):
+        assert torch.equal(a, b)
+
+
+@needs_ext
+def test_double_backward_is_refused():
+    mask = torch.tensor([[True, False]])
+    pred = randn(1, 1, 96, requires_grad=True)
+    g, = torch.autograd.grad(umae.videomae_loss(pred, randn(1, 3, 2, 4, 8), mask, 4, 2), pred, create_graph=True)
+    with pytest.raises(RuntimeError, match="umae::videomae_loss: double backward"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("shape", LAYOUT_SHAPES[:1], ids=["tiny"])
+@pytest.mark.parametrize("op", ["tubelet_patchify", "tubelet_unpatchify", "videomae_loss"])
+@pytest.mark.parametrize("layout", ["sum", "strided"])
+@needs_ext
+def test_backward_reads_any_gradient_layout(op, shape, layout):
+    assert_backward_reads_any_gradient_layout(op, dict(shape, clips=2, frames=4, ts=2, ratio=0.75), layout)
+
+
+@pytest.mark.parametrize("op", ["tubelet_patchify", "tubelet_unpatchify", "videomae_loss"])
+@pytest.mark.parametrize("api", ["func.jvp", "forward_ad"])
+@needs_ext
+def test_forward_mode_ad_is_refused_not_zero(op, api):
+    assert_forward_mode_ad_refused(op, api)

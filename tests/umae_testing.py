@@ -20,7 +20,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OP_TESTS = {"patchify": "tests/test_patchify.py", "unpatchify": "tests/test_patchify.py",
             "masked_mse_loss": "tests/test_masked_mse.py", "mae_loss": "tests/test_masked_mse.py",
             "random_masking": "tests/test_random_masking.py", "restore_tokens": "tests/test_restore_tokens.py",
-            "uniformity_loss": "tests/test_uniformity.py"}
+            "uniformity_loss": "tests/test_uniformity.py", "tubelet_patchify": "tests/test_videomae.py",
+            "tubelet_unpatchify": "tests/test_videomae.py", "videomae_loss": "tests/test_videomae.py"}
 
 # Model-level gradients (a whole backward, fused vs reference) are not compared elementwise at a
 # fixed tolerance: how far two fp32 backwards drift apart depends on the machine's matmul kernels
@@ -319,13 +320,17 @@ def _jvp_cases():
     imgs, mask, noise = r(2, 3, 8, 8), (torch.rand(2, 4, generator=g) < 0.5).double(), torch.rand(2, 4, generator=g)
     target, ids = umae.patchify(imgs, 4, backend="reference"), torch.argsort(torch.rand(2, 4, generator=g), 1)
     pos, cls, tok, pos2 = r(1, 4, 16), r(1, 1, 16), r(1, 1, 16), r(1, 5, 16)
+    vmask = umae.tube_mask(2, 2, 2, 2, 0.5, generator=g)
     return {"patchify": (imgs, lambda v: umae.patchify(v, 4)),
             "unpatchify": (r(2, 4, 48), lambda v: umae.unpatchify(v, 4, 8, 3)),
             "masked_mse_loss": (r(2, 4, 48), lambda v: umae.masked_mse_loss(v, target, mask)),
             "mae_loss": (r(2, 4, 48), lambda v: umae.mae_loss(v, imgs, mask, 4)),
             "random_masking": (r(2, 4, 16), lambda v: umae.random_masking(v, 0.5, noise, pos, cls)[0]),
             "restore_tokens": (r(2, 3, 16), lambda v: umae.restore_tokens(v, ids, tok, pos2)),
-            "uniformity_loss": (r(5, 16), lambda v: umae.uniformity_loss(v))}
+            "uniformity_loss": (r(5, 16), lambda v: umae.uniformity_loss(v)),
+            "tubelet_patchify": (r(2, 3, 4, 8, 8), lambda v: umae.tubelet_patchify(v, 4, 2)),
+            "tubelet_unpatchify": (r(2, 8, 96), lambda v: umae.tubelet_unpatchify(v, 4, 2, 4, 8, 8)),
+            "videomae_loss": (r(2, 4, 96), lambda v: umae.videomae_loss(v, r(2, 3, 4, 8, 8), vmask, 4, 2))}
 
 
 def assert_forward_mode_ad_refused(op, api):

@@ -15,7 +15,10 @@ from ..ops.masked_mse_op import mae_loss, masked_mse_loss
 from ..ops.patchify_op import patchify, patchify_reference, unpatchify
 from ..ops.random_masking_op import len_keep_for, random_masking
 from ..ops.restore_tokens_op import restore_tokens
+from ..ops.tube_mask_op import tube_mask
+from ..ops.tubelet_patchify_op import tubelet_patchify, tubelet_unpatchify
 from ..ops.uniformity_op import uniformity_loss
+from ..ops.videomae_loss_op import videomae_loss
 
 
 @dataclasses.dataclass
@@ -39,7 +42,7 @@ class NotApplicable(Exception):
 
 def vit_shape(s: dict) -> dict:
     """A ViT shape set with its patch count L and patch length K = p*p*C; NotApplicable otherwise."""
-    if "img" not in s:
+    if "img" not in s or "N" not in s:
         raise NotApplicable
     return dict(s, L=(s["img"] // s["p"]) ** 2, K=s["p"] ** 2 * s["C"])
 
@@ -126,6 +129,8 @@ def bench_restore_tokens(s, dtype, device):
 
 
 def bench_uniformity_loss(s, dtype, device):
+    if "D" not in s:
+        raise NotApplicable
     B, D = s.get("B", s.get("N")), s["D"]
     f = rand(B, D, dtype=dtype, device=device, grad=True)
     e = elt(dtype)
@@ -135,6 +140,42 @@ def bench_uniformity_loss(s, dtype, device):
     m = min(B, D) if device == "cpu" else D
     return Case(uniformity_loss.__name__, dtype, lambda: uniformity_loss(f), [f], B * D * e, 2 * B * D * e,
                 flops_fwd=B * D * m, flops_bwd=3 * B * D * m)
+
+
+def video_shape(s: dict) -> dict:
+    """A video shape set (`clips` of `frames` x img x img; a set may describe images too) with its
+    tubelet grid (t, h), its tokens, masked tokens Nm and token length K; NotApplicable otherwise."""
+    if "frames" not in s:
+        raise NotApplicable
+    t, h = s["frames"] // s["ts"], s["img"] // s["p"]
+    return dict(s, t=t, h=h, tokens=t * h * h, Nm=t * int(s["ratio"] * h * h), K=s["ts"] * s["p"] ** 2 * s["C"])
+
+
+def bench_tubelet_patchify(s, dtype, device):
+    s = video_shape(s)
+    v = rand(s["clips"], s["C"], s["frames"], s["img"], s["img"], dtype=dtype, device=device, grad=True)
+    nbytes = 2 * v.numel() * elt(dtype)  # one read, one write
+    return Case(tubelet_patchify.__name__, dtype, lambda: tubelet_patchify(v, s["p"], s["ts"]), [v], nbytes, nbytes)
+
+
+def bench_tubelet_unpatchify(s, dtype, device):
+    s = video_shape(s)
+    x = rand(s["clips"], s["tokens"], s["K"], dtype=dtype, device=device, grad=True)
+    nbytes = 2 * x.numel() * elt(dtype)
+    return Case(tubelet_unpatchify.__name__, dtype,
+                lambda: tubelet_unpatchify(x, s["p"], s["ts"], s["frames"], s["img"], s["img"]), [x], nbytes, nbytes)
+
+
+def bench_videomae_loss(s, dtype, device):
+    s = video_shape(s)
+    B, e = s["clips"], elt(dtype)
+    videos = rand(B, s["C"], s["frames"], s["img"], s["img"], dtype=acc_dtype(dtype), device=device)
+    mask = tube_mask(B, s["t"], s["h"], s["h"], s["ratio"], device=device)
+    pred = rand(B, s["Nm"], s["K"], dtype=dtype, device=device, grad=True)
+    # must move: the masked tokens' pixels (the visible ones are never labels), pred, the mask
+    fwd = B * s["Nm"] * s["K"] * (videos.element_size() + e) + B * s["tokens"]
+    return Case(videomae_loss.__name__, dtype, lambda: videomae_loss(pred, videos, mask, s["p"], s["ts"]), [pred],
+                fwd, fwd + pred.numel() * e)
 
 
 # ---- each op's parity grid (umae/verify/grid.py makes its rows; umae check and the tests run them) ----
@@ -229,6 +270,33 @@ def _restore_tokens(s, f, layout, dtype, device):
                   [t for t in (leaf, tok, pos) if t is not None])
 
 
+def _videos(s, layout, dtype, device, grad=False):
+    return laid_out(_rand(s["B"], s["C"], s["T"], s["H"], s["W"], dtype=dtype, device=device), layout, grad=grad)
+
+
+def _tubelet_patchify(s, f, layout, dtype, device):
+    v, leaf = _videos(s, layout, dtype, device, grad=True)
+    return Inputs(lambda: tubelet_patchify(v, s["p"], s["ts"]), [leaf])
+
+
+def _tubelet_unpatchify(s, f, layout, dtype, device):
+    N = (s["T"] // s["ts"]) * (s["H"] // s["p"]) * (s["W"] // s["p"])
+    x, leaf = laid_out(_rand(s["B"], N, s["ts"] * s["p"] ** 2 * s["C"], dtype=dtype, device=device), layout, grad=True)
+    return Inputs(lambda: tubelet_unpatchify(x, s["p"], s["ts"], s["T"], s["H"], s["W"]), [leaf])
+
+
+def _videomae_loss(s, f, layout, dtype, device):
+    t, h, w = s["T"] // s["ts"], s["H"] // s["p"], s["W"] // s["p"]
+    mask = tube_mask(s["B"], t, h, w, 0.75, device=device)
+    K = s["ts"] * s["p"] ** 2 * s["C"]
+    pred, leaf = laid_out(_rand(s["B"], t * int(0.75 * h * w), K, dtype=dtype, device=device), layout, grad=True)
+    videos, _ = _videos(s, layout, acc_dtype(dtype), device)  # fp64 with fp64 only
+    C = s["C"]  # per-channel constants of any C (ImageNet's are for C = 3)
+    stats = (dict(mean=tuple(0.4 + 0.03 * c for c in range(C)), std=tuple(0.22 + 0.01 * c for c in range(C)))
+             if f["unnormalize"] else dict(mean=None, std=None))
+    return Inputs(lambda: videomae_loss(pred, videos, mask, s["p"], s["ts"], f["norm_pix"], **stats), [leaf])
+
+
 def _uniformity_loss(s, f, layout, dtype, device):
     # a nonzero mean: the rows are correlated, the loss well above its floor of 1/D. Unnormalized rows
     # of norm ~0.3: the reference's sum of B^2 squared similarities stays finite in fp16 under autocast
@@ -246,6 +314,9 @@ def _expanded_rows_are_not_one_direction(f, layout):
 
 _IMG = (dict(N=5, C=3, H=24, W=40, p=8), dict(N=4, C=1, H=12, W=12, p=4))
 _TOK = (dict(N=5, L=25, D=80), dict(N=6, L=15, D=48))
+# odd tubelet counts, H != W, C != 3, ts in {1, 2, 3}
+_VID = (dict(B=2, C=3, T=6, H=12, W=8, p=4, ts=3), dict(B=3, C=2, T=4, H=8, W=16, p=8, ts=2),
+        dict(B=2, C=1, T=3, H=4, W=12, p=2, ts=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +339,10 @@ GRIDS = {f.__name__: g for f, g in (
     # B < D (the similarity S: C++ by direct dots, then by BLAS blocks; Triton's S tiles) and B > D (the Gram)
     (uniformity_loss, Grid(_uniformity_loss, (dict(B=19, D=48), dict(B=80, D=96), dict(B=70, D=16)),
                            dict(normalize=(True, False), exclude_diagonal=(False, True)),
-                           _expanded_rows_are_not_one_direction)))}
+                           _expanded_rows_are_not_one_direction)),
+    (tubelet_patchify, Grid(_tubelet_patchify, _VID)),
+    (tubelet_unpatchify, Grid(_tubelet_unpatchify, _VID)),
+    (videomae_loss, Grid(_videomae_loss, _VID[:2], dict(norm_pix=(True, False), unnormalize=(True, False)))))}
 
 
 # name -> (N, image size, patch, channels, encoder dim, decoder dim); unif_*: B rows of D features
@@ -283,7 +357,12 @@ SHAPES = {
     # eager's B x B fp32 similarity: 17 GB at 65,536 rows, 69 GB at 131,072; the fused Gram is D x D
     "unif_b65536": dict(B=65536, D=768), "unif_b131072": dict(B=131072, D=768),
     # scripts/gpu_check.sh --dry-run: every stage's code at sizes a CPU runs in seconds
-    "tiny": dict(N=3, img=32, p=8, C=3, D=64, Dd=48), "unif_tiny": dict(B=70, D=96),  # D % 16 == 0, as encoder widths are
+    "tiny": dict(N=3, img=32, p=8, C=3, D=64, Dd=48, clips=2, frames=4, ts=2, ratio=0.75),  # D % 16 == 0, as widths are
+    "unif_tiny": dict(B=70, D=96),
+    # VideoMAE-B's clips (16 x 224 x 224, tubelet 2, patch 16: 1,568 tokens, 90% tube masking) and a CPU
+    # size (16 x 112 x 112: 392 tokens)
+    "videomae_b": dict(clips=8, frames=16, img=224, p=16, ts=2, C=3, ratio=0.9),
+    "cpu_video": dict(clips=2, frames=16, img=112, p=16, ts=2, C=3, ratio=0.9),
 }
 # the ViT-B/16 training step at batch 256 (runner.E2E; the ops at this name are vit_b16's)
 SHAPES["vit_b16_b256"] = dict(SHAPES["vit_b16"])
@@ -295,10 +374,11 @@ for _n in (32, 64, 128, 256, 512):
 
 # `umae bench` without --full: each op fwd+bwd at one shape set (the uniformity loss also at a batch
 # where its Gram is the cost), and the U-MAE training step; --full: DEFAULT_SHAPES, every mode
-QUICK_SHAPES = {"cuda": ["vit_b16", "unif_b16384"], "cpu": ["cpu_small"]}
+QUICK_SHAPES = {"cuda": ["vit_b16", "unif_b16384", "videomae_b"], "cpu": ["cpu_small", "cpu_video"]}
 QUICK_DTYPES = {"cuda": [torch.bfloat16], "cpu": [torch.float32]}
-DEFAULT_SHAPES = {"cuda": ["vit_b16", "vit_l16", "vit_tiny32", "unif_b1024", "unif_b4096", "unif_b16384"],
-                  "cpu": ["cpu_small", "cpu_large"]}
+DEFAULT_SHAPES = {"cuda": ["vit_b16", "vit_l16", "vit_tiny32", "unif_b1024", "unif_b4096", "unif_b16384",
+                           "videomae_b"],
+                  "cpu": ["cpu_small", "cpu_large", "cpu_video"]}
 DEFAULT_DTYPES = {"cuda": [torch.bfloat16, torch.float32], "cpu": [torch.float32]}
 
 
@@ -315,6 +395,7 @@ def case(op: str, shape: str | dict, dtype, device) -> Case:
 CASES = {f.__name__: bench for f, bench in (
     (patchify, bench_patchify), (unpatchify, bench_unpatchify), (masked_mse_loss, bench_masked_mse_loss),
     (mae_loss, bench_mae_loss), (random_masking, bench_random_masking), (restore_tokens, bench_restore_tokens),
-    (uniformity_loss, bench_uniformity_loss))}
+    (uniformity_loss, bench_uniformity_loss), (tubelet_patchify, bench_tubelet_patchify),
+    (tubelet_unpatchify, bench_tubelet_unpatchify), (videomae_loss, bench_videomae_loss))}
 assert set(CASES) == set(registry.OPS), "every op has a benchmark case"
 assert set(GRIDS) == set(registry.OPS), "every op has a parity grid"

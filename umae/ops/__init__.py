@@ -28,6 +28,8 @@ from .patchify_op import patchify, unpatchify
 from .random_masking_op import random_masking
 from .restore_tokens_op import restore_tokens
 from .tube_mask_op import tube_mask
+from .tubelet_patchify_op import tubelet_patchify, tubelet_unpatchify
+from .videomae_loss_op import videomae_loss
 from .visible_tokens_op import visible_tokens
 from .uniformity_op import uniformity_loss
 
@@ -89,4 +91,5 @@ def format_backend_info(devices=None) -> str:
 
 
 __all__ = ["choose", "implementation", "use_impl", "backend_info", "format_backend_info", "tube_mask", "visible_tokens"] + [
-    f.__name__ for f in (patchify, unpatchify, masked_mse_loss, mae_loss, random_masking, restore_tokens, uniformity_loss)]
+    f.__name__ for f in (patchify, unpatchify, masked_mse_loss, mae_loss, random_masking, restore_tokens, uniformity_loss,
+                         tubelet_patchify, tubelet_unpatchify, videomae_loss)]

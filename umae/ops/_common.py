@@ -138,6 +138,52 @@ def images(imgs: torch.Tensor, p, name: str = "imgs") -> int:
     return p
 
 
+def videos(videos: torch.Tensor, patch_size, tubelet_size, name: str = "videos") -> tuple[int, int]:
+    """(p, ts) checked against videos (B, C, T, H, W): T divisible by ts, H and W by p."""
+    tensor(videos, name, dims=5)
+    p = patch_size_int(patch_size)
+    ts = as_int(tubelet_size)
+    if ts is None or ts <= 0:
+        raise ValueError(f"tubelet_size must be a positive int, got {tubelet_size!r}")
+    C, T, H, W = videos.shape[1:]
+    if 0 in (C, T, H, W):
+        raise ValueError(f"{name} must have at least one channel, frame, row and column, got shape {tuple(videos.shape)}")
+    if T % ts:
+        raise ValueError(f"{name} frames ({T}) must be divisible by tubelet_size {ts}")
+    if H % p or W % p:
+        raise ValueError(f"{name} height and width ({H}, {W}) must be divisible by patch_size {p}")
+    return p, ts
+
+
+def video_mask(mask, size: tuple, ref: torch.Tensor, ref_name: str, num_masked=None, rows: bool = True) -> int:
+    """mask: bool of `size` (B, N tokens), on ref's device, True = masked, the same count in every row
+    (what the video ops' shapes need); that count. Given num_masked, the rows are checked against it with no
+    host sync on CUDA (a device-side assert); without it, the count is read from the first row and
+    every row checked on the host. rows=False: the rows are left to a kernel that checks them itself."""
+    tensor(mask, "mask", dims=2, floating=False)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool (True = masked), got {mask.dtype}")
+    B, N = size
+    shape(mask, "mask", (B, N), "(batch, tokens)")
+    same_device(ref, ref_name, mask, "mask")
+    if not rows and num_masked is not None:
+        return as_int(num_masked)
+    counts = mask.sum(1)
+    if num_masked is None:
+        n = int(counts[0]) if B else 0
+    else:
+        n = as_int(num_masked)
+        if n is None or not 0 <= n <= N:
+            raise ValueError(f"num_masked must be an int in [0, {N}], got {num_masked!r}")
+    ok = (counts == n).all()
+    msg = f"mask must mask the same number of tokens in every row, num_masked={n} tokens in every row"
+    if mask.is_cuda and num_masked is not None:
+        torch._assert_async(ok, msg)
+    elif not bool(ok):
+        raise ValueError(f"{msg}, got {counts.tolist()}")
+    return n
+
+
 def param(t, name: str, expected: tuple, ref: torch.Tensor) -> None:
     """An optional parameter tensor (pos_embed, cls_token, mask_token): floating, of `expected` shape,
     on ref's device."""

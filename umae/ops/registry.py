@@ -10,7 +10,8 @@ add an op" (tests/test_layout.py checks it).
 """
 from __future__ import annotations
 
-from . import masked_mse_op, patchify_op, random_masking_op, restore_tokens_op, uniformity_op
+from . import (masked_mse_op, patchify_op, random_masking_op, restore_tokens_op, tubelet_patchify_op, uniformity_op,
+               videomae_loss_op)
 from ._common import Op
 
 _ENTRIES = (
@@ -21,6 +22,9 @@ _ENTRIES = (
     random_masking_op.RANDOM_MASKING,
     restore_tokens_op.RESTORE_TOKENS,
     uniformity_op.UNIFORMITY_LOSS,
+    tubelet_patchify_op.TUBELET_PATCHIFY,
+    tubelet_patchify_op.TUBELET_UNPATCHIFY,
+    videomae_loss_op.VIDEOMAE_LOSS,
 )
 
 OPS: dict[str, Op] = {op.name: op for op in _ENTRIES}

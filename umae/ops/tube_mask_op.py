@@ -1,6 +1,6 @@
 """VideoMAE's tube masking (MCG-NJU/VideoMAE `TubeMaskingGenerator`): one spatial mask per clip,
 repeated over its tubelets, drawn on the device without a host sync; the same function on CPU
-serves data loaders. And the check of such a mask where the video ops take one."""
+serves data loaders (the video ops check the masks they take with `_common.video_mask`)."""
 from __future__ import annotations
 
 import torch
@@ -35,30 +35,3 @@ def tube_mask(batch: int, tubelets: int, height: int, width: int, ratio: float,
     rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)
     spatial = rank < n_masked
     return spatial.unsqueeze(1).expand(B, t, hw).reshape(B, t * hw)
-
-
-def check_mask(mask, size: tuple, ref: torch.Tensor, ref_name: str, num_masked=None) -> int:
-    """mask: bool of `size` (B, N tokens), on ref's device, True = masked, the same count in every row
-    (what the video ops' shapes need); that count. Given num_masked, the rows are checked against it with no
-    host sync on CUDA (a device-side assert); without it, the count is read from the first row and
-    every row checked on the host."""
-    _common.tensor(mask, "mask", dims=2, floating=False)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be bool (True = masked), got {mask.dtype}")
-    B, N = size
-    _common.shape(mask, "mask", (B, N), "(batch, tokens)")
-    _common.same_device(ref, ref_name, mask, "mask")
-    counts = mask.sum(1)
-    if num_masked is None:
-        n = int(counts[0]) if B else 0
-    else:
-        n = _common.as_int(num_masked)
-        if n is None or not 0 <= n <= N:
-            raise ValueError(f"num_masked must be an int in [0, {N}], got {num_masked!r}")
-    ok = (counts == n).all()
-    msg = f"mask must mask the same number of tokens in every row, num_masked={n} tokens in every row"
-    if mask.is_cuda and num_masked is not None:
-        torch._assert_async(ok, msg)
-    elif not bool(ok):
-        raise ValueError(f"{msg}, got {counts.tolist()}")
-    return n

@@ -1,107 +1,143 @@
-"""VideoMAE's glue, the references: tubelet patchify and its inverse, and the video reconstruction
-loss (MCG-NJU/VideoMAE `engine_for_pretraining.py`; transformers' `VideoMAEForPreTraining`, which
-computes the same from (B, T, C, H, W): pass it here as the view `pixel_values.transpose(1, 2)`).
+"""VideoMAE's reconstruction loss: the public op, the reference (MCG-NJU/VideoMAE
+`engine_for_pretraining.py`; transformers' `VideoMAEForPreTraining` computes the same from
+(B, T, C, H, W): pass it as the view `pixel_values.transpose(1, 2)`), the fused function, the fakes,
+the Triton launchers' registration and the registry entry.
 
-These define the semantics the fused video ops will be held to; until those land they are not in
-the registry nor in `umae`'s public names.
+Where it runs: csrc/cpu/videomae_loss.cpp holds the schemas, the CPU kernel and the autograd (C++, for
+every device: no Python between the call and the kernel, in the forward or the backward);
+kernels/videomae_loss.py the Triton kernel, whose launchers register below at the CUDA key.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from . import _common
-from .tube_mask_op import check_mask
+from ._tolerance import LOSS_TOL, TOL, Parity
+from ._common import CPP_CPU_TRITON_CUDA, Op, acc_dtype
+from .tubelet_patchify_op import tubelets
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 NORM_EPS = 1e-6  # added to the std, not the variance (VideoMAE's rule; image MAE adds 1e-6 to the variance)
 
 
-def _video_geometry(videos, patch_size, tubelet_size, name: str = "videos") -> tuple[int, int]:
-    """(p, ts) checked against videos (B, C, T, H, W): T divisible by ts, H and W by p."""
-    _common.tensor(videos, name, dims=5)
-    p = _common.patch_size_int(patch_size)
-    ts = _common.as_int(tubelet_size)
-    if ts is None or ts <= 0:
-        raise ValueError(f"tubelet_size must be a positive int, got {tubelet_size!r}")
-    C, T, H, W = videos.shape[1:]
-    if 0 in (C, T, H, W):
-        raise ValueError(f"{name} must have at least one channel, frame, row and column, got shape {tuple(videos.shape)}")
-    if T % ts:
-        raise ValueError(f"{name} frames ({T}) must be divisible by tubelet_size {ts}")
-    if H % p or W % p:
-        raise ValueError(f"{name} height and width ({H}, {W}) must be divisible by patch_size {p}")
-    return p, ts
+def videomae_loss(pred: torch.Tensor, videos: torch.Tensor, mask: torch.Tensor, patch_size: int, tubelet_size: int,
+                  norm_pix: bool = True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, *,
+                  backend: str | None = None) -> torch.Tensor:
+    """VideoMAE's reconstruction loss, an fp32 scalar (fp64 for fp64 pred).
 
-
-def _tubelets(videos, p: int, ts: int) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B, N, ts*p*p, C): tokens ordered (t, h, w), a token's values (p0, p1, p2) by C."""
-    B, C, T, H, W = videos.shape
-    x = videos.reshape(B, C, T // ts, ts, H // p, p, W // p, p)
-    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # B, t, h, w, p0, p1, p2, C
-    return x.reshape(B, (T // ts) * (H // p) * (W // p), ts * p * p, C)
-
-
-def tubelet_patchify_reference(videos: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B, N, ts*p*p*C), N = T/ts * H/p * W/p tokens ordered (t, h, w), a token's
-    values ordered (p0, p1, p2, c), p0 the frame inside the tubelet: VideoMAE's label layout."""
-    p, ts = _video_geometry(videos, patch_size, tubelet_size)
-    x = _tubelets(videos, p, ts)
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-def tubelet_unpatchify_reference(x: torch.Tensor, patch_size: int, tubelet_size: int, frames: int, height: int,
-                                 width: int) -> torch.Tensor:
-    """(B, N, ts*p*p*C) -> (B, C, T, H, W), the exact inverse of `tubelet_patchify_reference`."""
-    _common.tensor(x, "x", dims=3)
-    p, ts = _common.patch_size_int(patch_size), _common.as_int(tubelet_size)
-    dims = [_common.as_int(v) for v in (frames, height, width)]
-    if ts is None or ts <= 0 or any(v is None or v <= 0 for v in dims):
-        raise ValueError(f"tubelet_size, frames, height and width must be positive ints, got "
-                         f"{tubelet_size!r}, {frames!r}, {height!r}, {width!r}")
-    T, H, W = dims
-    if T % ts or H % p or W % p:
-        raise ValueError(f"frames {T} must be divisible by tubelet_size {ts}, height and width ({H}, {W}) by patch_size {p}")
-    t, h, w = T // ts, H // p, W // p
-    B, N, K = x.shape
-    if N != t * h * w or K % (ts * p * p):
-        raise ValueError(f"x must have shape (B, {t * h * w}, ts*p*p*C) for {T} x {H} x {W} at tubelet {ts} and "
-                         f"patch {p}, got {tuple(x.shape)}")
-    C = K // (ts * p * p)
-    v = x.reshape(B, t, h, w, ts, p, p, C).permute(0, 7, 1, 4, 2, 5, 3, 6)  # B, C, t, p0, h, p1, w, p2
-    return v.reshape(B, C, T, H, W)
-
-
-def videomae_loss_reference(pred: torch.Tensor, videos: torch.Tensor, mask: torch.Tensor, patch_size: int,
-                            tubelet_size: int, norm_pix: bool = True, mean=IMAGENET_DEFAULT_MEAN,
-                            std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
-    """VideoMAE's reconstruction loss, an fp32 scalar: the videos (B, C, T, H, W), normalized with
-    `mean` / `std`, unnormalized (x * std + mean in fp32; mean=None, std=None: as given), tubelet
-    patchified; with norm_pix each token normalized per channel over its ts*p*p values, with the
-    unbiased variance, (x - mean) / (sqrt(var) + 1e-6); the labels are the masked tokens in ascending
-    token order; the mean squared error over every label value against pred (B, N_masked, ts*p*p*C)."""
-    p, ts = _video_geometry(videos, patch_size, tubelet_size)
+    videos (B, C, T, H, W), normalized with `mean` / `std`, are unnormalized (x * std + mean in
+    fp32; mean=None, std=None: taken as they are) and tubelet patchified (`tubelet_patchify`); with
+    norm_pix each token is normalized per channel over its ts*p*p values with the unbiased variance,
+    (x - mean) / (sqrt(var) + 1e-6). The labels are the masked tokens (mask: bool (B, N), True =
+    masked, the same count in every row) in ascending token order; the loss is the mean squared
+    error over every label value against pred (B, masked tokens, ts*p*p*C). Any strides for videos
+    (HF's layout as a view); `videos` takes no gradient (detach it). The math runs in fp32 for
+    fp32 / bf16 / fp16 inputs; pred's gradient comes in pred's dtype. The mask's rows are checked on
+    the device on CUDA (no host sync).
+    """
+    p, ts = _common.videos(videos, patch_size, tubelet_size)
     _common.tensor(pred, "pred", dims=3)
     _common.same_device(pred, "pred", videos, "videos")
     if videos.requires_grad:
         raise ValueError("videos is the target and takes no gradient; pass videos.detach()")
-    if (mean is None) != (std is None):
-        raise ValueError("mean and std go together: both given, or both None")
+    if (pred.dtype == torch.float64) != (videos.dtype == torch.float64):
+        raise TypeError(f"pred ({pred.dtype}) and videos ({videos.dtype}): float64 goes with float64 only")
     B, C, T, H, W = videos.shape
     N, K = (T // ts) * (H // p) * (W // p), ts * p * p * C
-    n_masked = check_mask(mask, (B, N), pred, "pred")
-    _common.shape(pred, "pred", (B, n_masked, K), "(B, masked tokens, ts*p*p*C)")
-    x = videos.float()
+    if pred.dim() == 3 and (pred.shape[0] != B or pred.shape[2] != K):
+        raise ValueError(f"pred must have shape (B, masked tokens, ts*p*p*C) = ({B}, *, {K}) for videos "
+                         f"{tuple(videos.shape)}, patch_size {p} and tubelet_size {ts}, got {tuple(pred.shape)}")
+    fused = _common.fused(VIDEOMAE_LOSS, (pred, videos), backend)
+    # fused, the kernels check the rows (C++ as it ranks the tokens; the Triton launcher on the device)
+    _common.video_mask(mask, (B, N), pred, "pred", pred.shape[1], rows=not fused)
+    mean, std = _stats(mean, std, C)
+    if norm_pix and ts * p * p < 2:
+        raise ValueError("norm_pix needs at least 2 values per token and channel (unbiased variance)")
+    if fused:
+        return videomae_loss_fused(pred, videos, mask, p, ts, norm_pix, mean, std)
+    return videomae_loss_reference(pred, videos, mask, p, ts, norm_pix, mean, std)
+
+
+def _stats(mean, std, C: int):
+    """mean and std as tuples of C floats, or both None."""
+    if (mean is None) != (std is None):
+        raise ValueError("mean and std go together: both given, or both None")
+    if mean is None:
+        return None, None
+    try:
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        raise TypeError(f"mean and std must be sequences of numbers, got {mean!r} and {std!r}") from None
+    if len(mean) != C or len(std) != C:
+        raise ValueError(f"mean and std need one value per channel ({C}), got {len(mean)} and {len(std)}")
+    return mean, std
+
+
+def videomae_loss_reference(pred, videos, mask, p, ts, norm_pix=True, mean=IMAGENET_DEFAULT_MEAN,
+                            std=IMAGENET_DEFAULT_STD):
+    B, C = videos.shape[:2]
+    x = videos.to(acc_dtype(videos.dtype))
     if mean is not None:
-        if len(mean) != C or len(std) != C:
-            raise ValueError(f"mean and std need one value per channel ({C}), got {len(mean)} and {len(std)}")
         shape = (1, C, 1, 1, 1)
-        x = x * torch.tensor(std, dtype=torch.float32, device=x.device).view(shape) + torch.tensor(
-            mean, dtype=torch.float32, device=x.device).view(shape)
-    x = _tubelets(x, p, ts)  # B, N, ts*p*p, C
+        x = x * torch.tensor(std, dtype=x.dtype, device=x.device).view(shape) + torch.tensor(
+            mean, dtype=x.dtype, device=x.device).view(shape)
+    x = tubelets(x, p, ts)  # B, N, ts*p*p, C
     if norm_pix:
-        if ts * p * p < 2:
-            raise ValueError("norm_pix needs at least 2 values per token and channel (unbiased variance)")
         x = (x - x.mean(dim=-2, keepdim=True)) / (x.var(dim=-2, unbiased=True, keepdim=True).sqrt() + NORM_EPS)
-    labels = x.reshape(B, N, K)[mask].reshape(B, n_masked, K)
-    return (pred.float() - labels).pow(2).mean()
+    N, K = x.shape[1], x.shape[2] * C
+    labels = x.reshape(B, N, K)[mask].reshape(B, -1, K)
+    return (pred.to(x.dtype) - labels).pow(2).mean()
+
+
+def videomae_loss_fused(pred, videos, mask, p, ts, norm_pix=True, mean=IMAGENET_DEFAULT_MEAN,
+                        std=IMAGENET_DEFAULT_STD):
+    """umae::videomae_loss: the C++ kernel on CPU (csrc/cpu/videomae_loss.cpp, with the autograd), the
+    Triton kernel on CUDA (kernels/videomae_loss.py)."""
+    return _LOSS(pred, videos, mask, p, ts, norm_pix, mean, std, NORM_EPS)
+
+
+_LOSS = None
+if _common.EXT_LOADED:
+    _LOSS = torch.ops.umae.videomae_loss.default
+
+    @torch.library.register_fake("umae::videomae_loss")
+    def _loss_fake(pred, videos, mask, p, ts, norm_pix, mean, std, eps):
+        return pred.new_empty((), dtype=acc_dtype(pred.dtype))
+
+    @torch.library.register_fake("umae::videomae_loss_backward")
+    def _backward_fake(grad, pred, videos, mask, p, ts, norm_pix, mean, std, eps):
+        return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+
+KERNELS = TRITON_KERNELS = None
+if _common.TRITON_USABLE:
+    from ..kernels import videomae_loss as KERNELS
+
+    @functools.lru_cache(maxsize=16)
+    def _device_stats(mean, std, device) -> torch.Tensor:
+        # (2, C) fp32 on the device, made once per (mean, std, device): no copy per call
+        return torch.tensor([mean, std], dtype=torch.float32, device=device)
+
+    def _launch_args(pred, videos, mask, mean, std):
+        stats = None if mean is None else _device_stats(tuple(mean), tuple(std), videos.device)
+        return pred if pred.stride(2) == 1 else pred.contiguous(), videos, mask.contiguous(), stats
+
+    def _triton_loss(pred, videos, mask, p, ts, norm_pix, mean, std, eps):
+        pred, videos, mask, stats = _launch_args(pred, videos, mask, mean, std)
+        return KERNELS.forward(pred, videos, mask, stats, p, ts, norm_pix, eps)
+
+    def _triton_backward(grad, pred, videos, mask, p, ts, norm_pix, mean, std, eps):
+        pred, videos, mask, stats = _launch_args(pred, videos, mask, mean, std)
+        out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+        KERNELS.backward(grad, pred, videos, mask, stats, p, ts, norm_pix, eps, out)
+        return out
+
+    TRITON_KERNELS = {"videomae_loss": _triton_loss, "videomae_loss_backward": _triton_backward}
+    _common.register_kernels(TRITON_KERNELS, "CUDA")
+
+
+VIDEOMAE_LOSS = Op("videomae_loss", "umae::videomae_loss", videomae_loss, videomae_loss_reference,
+                   videomae_loss_fused, CPP_CPU_TRITON_CUDA, kernels=KERNELS, triton_kernels=TRITON_KERNELS,
+                   parity=Parity(LOSS_TOL, TOL, out_scaled=True, grad_scaled=True))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from . import _common, random_masking_op
-from .tube_mask_op import check_mask
 
 
 def visible_tokens(x: torch.Tensor, mask: torch.Tensor, pos_embed: torch.Tensor | None = None,
@@ -17,11 +16,11 @@ def visible_tokens(x: torch.Tensor, mask: torch.Tensor, pos_embed: torch.Tensor 
     ascending token order, pos_embed (1, N, D) added (VideoMAE's encoder, transformers'
     `embeddings[~bool_masked_pos]`). mask: bool (B, N), True = masked, the same count in every row
     (tube masking). num_masked: that count; without it, it is read from mask's first row (a host
-    sync, as the boolean index has). A row with another count is refused (tube_mask_op.check_mask:
+    sync, as the boolean index has). A row with another count is refused (_common.video_mask:
     given num_masked, on CUDA by a device-side assert, no host sync)."""
     _common.tensor(x, "x", dims=3)
     B, N, D = x.shape
-    n = check_mask(mask, (B, N), x, "x", num_masked)
+    n = _common.video_mask(mask, (B, N), x, "x", num_masked)
     _common.param(pos_embed, "pos_embed", (1, N, D), x)
     if _common.fused(random_masking_op.RANDOM_MASKING, (x, pos_embed, None), backend):
         return random_masking_op._RANDOM_MASKING(x, mask.to(torch.float32), pos_embed, None, N - n)[0]

@@ -25,6 +25,7 @@ def recording(fns, run: bool = False):
     """Launches of the kernels `fns` (JITFunctions, or InterpretedFunctions) are recorded as
     (fn, args, kwargs, grid); not run, unless `run`."""
     launches = []
+    fns = list(dict.fromkeys(fns))  # ops sharing a kernel module (an op and its inverse) list its kernels twice
 
     def wrap(fn):
         real = fn.run

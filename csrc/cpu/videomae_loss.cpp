@@ -1,0 +1,266 @@
+// VideoMAE's reconstruction loss on CPU, forward and backward, one pass: each masked token is gathered
+// from the videos once (read by their strides: HF's (B, T, C, H, W) as a view), unnormalized and
+// normalized per channel in a small planar fp32 buffer, and compared with its pred row (its rank among
+// the row's masked tokens). Also the loss's autograd, for every device.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+
+namespace umae {
+namespace {
+
+// The videos' geometry and the pred row of each masked token.
+struct Video {
+  int64_t B, C, ts, p, t, h, w, N, J, K, Nm;
+  int64_t sB, sC, sT, sH, sW;
+  std::vector<int64_t> rank;  // (B, N): the token's row in pred (its order among the masked), or -1
+};
+
+Video video_of(const at::Tensor& pred, const at::Tensor& videos, const at::Tensor& mask, int64_t p, int64_t ts,
+               bool norm_pix, std::optional<at::ArrayRef<double>> mean, std::optional<at::ArrayRef<double>> std) {
+  check_tubelet_patchify_args(videos, p, ts);
+  Video v;
+  v.B = videos.size(0), v.C = videos.size(1), v.ts = ts, v.p = p;
+  v.t = videos.size(2) / ts, v.h = videos.size(3) / p, v.w = videos.size(4) / p;
+  v.N = v.t * v.h * v.w, v.J = ts * p * p, v.K = v.J * v.C;
+  v.sB = videos.stride(0), v.sC = videos.stride(1), v.sT = videos.stride(2), v.sH = videos.stride(3),
+  v.sW = videos.stride(4);
+  TORCH_CHECK(pred.dim() == 3 && pred.size(0) == v.B && pred.size(2) == v.K, "videomae_loss: pred must be (B, ",
+              "masked tokens, ts*p*p*C) = (", v.B, ", *, ", v.K, "), got ", pred.sizes());
+  TORCH_CHECK(is_float_type(pred.scalar_type()), "videomae_loss: pred must be a floating tensor, got ",
+              pred.scalar_type());
+  TORCH_CHECK((pred.scalar_type() == at::kDouble) == (videos.scalar_type() == at::kDouble),
+              "videomae_loss: float64 pred needs float64 videos and vice versa");
+  check_same_device(pred, videos, "videomae_loss", "videos");
+  check_same_device(pred, mask, "videomae_loss", "mask");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == v.B && mask.size(1) == v.N,
+              "videomae_loss: mask must be bool (B, N) = (", v.B, ", ", v.N, "), got ", mask.scalar_type(), " ",
+              mask.sizes());
+  TORCH_CHECK(mean.has_value() == std.has_value(), "videomae_loss: mean and std go together");
+  TORCH_CHECK(!mean.has_value() || (static_cast<int64_t>(mean->size()) == v.C &&
+                                    static_cast<int64_t>(std->size()) == v.C),
+              "videomae_loss: mean and std need one value per channel (", v.C, ")");
+  TORCH_CHECK(!norm_pix || v.J >= 2, "videomae_loss: norm_pix needs at least 2 values per token and channel");
+  v.Nm = pred.size(1);
+  return v;
+}
+
+// Ranks read from a CPU mask (the count of every row checked: pred has one row per masked token).
+void rank_tokens(Video& v, const at::Tensor& mask) {
+  const at::Tensor m = mask.contiguous();
+  const bool* M = m.const_data_ptr<bool>();
+  v.rank.assign(v.B * v.N, -1);
+  for (int64_t b = 0; b < v.B; ++b) {
+    int64_t r = 0;
+    for (int64_t l = 0; l < v.N; ++l)
+      if (M[b * v.N + l]) v.rank[b * v.N + l] = r++;
+    TORCH_CHECK_VALUE(r == v.Nm, "videomae_loss: mask row ", b, " masks ", r, " tokens, but pred has ", v.Nm,
+                " rows per sample: every row must mask the same count");
+  }
+}
+
+// Calls fn(b, r, y) for each masked token: r its pred row, y its label as C planes of J values in acc_t
+// (unnormalized, then normalized per channel: (x - mean) / (sqrt(unbiased var) + eps)).
+template <typename vid_t, typename acc_t, typename Fn>
+void for_each_label(const vid_t* V, const Video& v, bool norm_pix, const std::vector<acc_t>& mean,
+                    const std::vector<acc_t>& std, acc_t eps, const Fn& fn) {
+  const int64_t p = v.p, J = v.J;
+  at::parallel_for(0, v.B * v.t * v.h, grain_for(v.w * v.K), [&](int64_t q0, int64_t q1) {
+    std::vector<acc_t> y(v.C * J);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t b = q / (v.t * v.h), ti = (q / v.h) % v.t, hi = q % v.h;
+      for (int64_t wi = 0; wi < v.w; ++wi) {
+        const int64_t r = v.rank[b * v.N + (ti * v.h + hi) * v.w + wi];
+        if (r < 0) continue;
+        for (int64_t c = 0; c < v.C; ++c) {
+          acc_t* yc = y.data() + c * J;
+          const acc_t s = std.empty() ? acc_t(1) : std[c], m = std.empty() ? acc_t(0) : mean[c];
+          for (int64_t p0 = 0; p0 < v.ts; ++p0)
+            for (int64_t p1 = 0; p1 < p; ++p1) {
+              const vid_t* src = V + b * v.sB + c * v.sC + (ti * v.ts + p0) * v.sT + (hi * p + p1) * v.sH + wi * p * v.sW;
+              acc_t* dst = yc + (p0 * p + p1) * p;
+              if (std.empty()) {
+                for (int64_t p2 = 0; p2 < p; ++p2) dst[p2] = static_cast<acc_t>(src[p2 * v.sW]);
+              } else {
+                for (int64_t p2 = 0; p2 < p; ++p2) dst[p2] = static_cast<acc_t>(src[p2 * v.sW]) * s + m;
+              }
+            }
+          if (!norm_pix) continue;
+          acc_t sum = 0;
+          for (int64_t j = 0; j < J; ++j) sum += yc[j];
+          acc_t mu = sum / J, resid = 0;
+          // one correction of the mean (the sum's rounding): a constant token's mean is then its value,
+          // its labels 0, not rounding noise scaled by 1 / eps (as the reference's pairwise sum gives)
+          for (int64_t j = 0; j < J; ++j) resid += yc[j] - mu;
+          mu += resid / J;
+          acc_t ss = 0;
+          for (int64_t j = 0; j < J; ++j) ss += (yc[j] - mu) * (yc[j] - mu);
+          const acc_t den = std::sqrt(ss / (J - 1)) + eps;  // VideoMAE adds eps to the std
+          for (int64_t j = 0; j < J; ++j) yc[j] = (yc[j] - mu) / den;
+        }
+        fn(b, r, y.data());
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+std::vector<acc_t> values(std::optional<at::ArrayRef<double>> a) {
+  return a.has_value() ? std::vector<acc_t>(a->begin(), a->end()) : std::vector<acc_t>();
+}
+
+at::Tensor videomae_loss_cpu(const at::Tensor& pred_in, const at::Tensor& videos, const at::Tensor& mask, int64_t p,
+                             int64_t ts, bool norm_pix, std::optional<at::ArrayRef<double>> mean,
+                             std::optional<at::ArrayRef<double>> std, double eps) {
+  Video v = video_of(pred_in, videos, mask, p, ts, norm_pix, mean, std);
+  rank_tokens(v, mask);
+  const at::Tensor pred = pred_in.stride(2) == 1 ? pred_in : pred_in.contiguous();
+  const auto acc_opts = pred.options().dtype(at::toOpMathType(pred.scalar_type()));
+  at::Tensor loss = at::empty({}, acc_opts);
+  UMAE_DISPATCH_PRED_TARGET(pred.scalar_type(), videos.scalar_type(), "videomae_loss_cpu", [&] {
+    using acc_t = at::opmath_type<pred_t>;
+    const pred_t* P = pred.const_data_ptr<pred_t>();
+    const int64_t s0 = pred.stride(0), s1 = pred.stride(1), J = v.J, C = v.C;
+    std::vector<acc_t> rows(v.B * v.Nm);  // each token's sum of squares, summed in order below
+    for_each_label<tgt_t, acc_t>(videos.const_data_ptr<tgt_t>(), v, norm_pix, values<acc_t>(mean), values<acc_t>(std),
+                                 static_cast<acc_t>(eps), [&](int64_t b, int64_t r, const acc_t* y) {
+      const pred_t* row = P + b * s0 + r * s1;
+      acc_t s = 0;
+      for (int64_t j = 0; j < J; ++j)
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = static_cast<acc_t>(row[j * C + c]) - y[c * J + j];
+          s += d * d;
+        }
+      rows[b * v.Nm + r] = s;
+    });
+    double total = 0;
+    for (const acc_t s : rows) total += s;
+    // the mean over B * Nm * K values: 0 / 0 (NaN) for no masked token, as the reference's empty mean
+    *loss.mutable_data_ptr<acc_t>() = static_cast<acc_t>(total / static_cast<double>(v.B * v.Nm * v.K));
+  });
+  return loss;
+}
+
+// d(grad * loss) / d(pred), in pred's dtype (contiguous): 2 * grad * (pred - label) / (B * Nm * K).
+at::Tensor videomae_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& pred_in, const at::Tensor& videos,
+                                      const at::Tensor& mask, int64_t p, int64_t ts, bool norm_pix,
+                                      std::optional<at::ArrayRef<double>> mean, std::optional<at::ArrayRef<double>> std,
+                                      double eps) {
+  Video v = video_of(pred_in, videos, mask, p, ts, norm_pix, mean, std);
+  TORCH_CHECK(grad.numel() == 1, "videomae_loss_backward: grad must be a scalar, got ", grad.sizes());
+  rank_tokens(v, mask);
+  const at::Tensor pred = pred_in.stride(2) == 1 ? pred_in : pred_in.contiguous();
+  at::Tensor gpred = at::empty(pred.sizes(), pred.options().memory_format(at::MemoryFormat::Contiguous));
+  if (gpred.numel() == 0) return gpred;
+  const at::ScalarType acc = at::toOpMathType(pred.scalar_type());
+  const at::Tensor g = as_dtype(grad, acc);
+  UMAE_DISPATCH_PRED_TARGET(pred.scalar_type(), videos.scalar_type(), "videomae_loss_backward_cpu", [&] {
+    using acc_t = at::opmath_type<pred_t>;
+    const pred_t* P = pred.const_data_ptr<pred_t>();
+    pred_t* D = gpred.mutable_data_ptr<pred_t>();
+    const int64_t s0 = pred.stride(0), s1 = pred.stride(1), J = v.J, C = v.C, K = v.K;
+    const acc_t coef = *g.const_data_ptr<acc_t>() * acc_t(2) / static_cast<acc_t>(v.B * v.Nm * K);
+    for_each_label<tgt_t, acc_t>(videos.const_data_ptr<tgt_t>(), v, norm_pix, values<acc_t>(mean), values<acc_t>(std),
+                                 static_cast<acc_t>(eps), [&](int64_t b, int64_t r, const acc_t* y) {
+      const pred_t* row = P + b * s0 + r * s1;
+      pred_t* out = D + (b * v.Nm + r) * K;
+      for (int64_t j = 0; j < J; ++j)
+        for (int64_t c = 0; c < C; ++c)
+          out[j * C + c] = static_cast<pred_t>(coef * (static_cast<acc_t>(row[j * C + c]) - y[c * J + j]));
+    });
+  });
+  return gpred;
+}
+
+using VideoLossSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool,
+                                std::optional<at::ArrayRef<double>>, std::optional<at::ArrayRef<double>>, double);
+using VideoLossBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        int64_t, int64_t, bool, std::optional<at::ArrayRef<double>>,
+                                        std::optional<at::ArrayRef<double>>, double);
+
+std::vector<double> as_vector(std::optional<at::ArrayRef<double>> a) {
+  return a.has_value() ? std::vector<double>(a->begin(), a->end()) : std::vector<double>();
+}
+
+std::optional<at::ArrayRef<double>> as_optional(const std::vector<double>& v, bool given) {
+  return given ? std::optional<at::ArrayRef<double>>(v) : std::nullopt;
+}
+
+// pred's gradient by the backward kernel (its own backward refused); the videos are data.
+class VideoMaeLossFunction : public torch::autograd::Function<VideoMaeLossFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& videos,
+                            const at::Tensor& mask, int64_t p, int64_t ts, bool norm_pix,
+                            std::optional<at::ArrayRef<double>> mean, std::optional<at::ArrayRef<double>> std, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = find_op<VideoLossSig>("umae::videomae_loss");
+    at::Tensor loss = op.call(pred, videos, mask, p, ts, norm_pix, mean, std, eps);
+    ctx->save_for_backward({pred, videos, mask});
+    ctx->saved_data["geom"] = std::vector<int64_t>{p, ts, norm_pix, mean.has_value()};
+    ctx->saved_data["mean"] = as_vector(mean);
+    ctx->saved_data["std"] = as_vector(std);
+    ctx->saved_data["eps"] = eps;
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto geom = ctx->saved_data["geom"].toIntVector();
+    const std::vector<double> mean = ctx->saved_data["mean"].toDoubleVector(),
+                              std = ctx->saved_data["std"].toDoubleVector();
+    at::Tensor gpred;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      static const auto op = find_op<VideoLossBackwardSig>("umae::videomae_loss_backward");
+      gpred = op.call(grads[0], s[0], s[1], s[2], geom[0], geom[1], geom[2], as_optional(mean, geom[3]),
+                      as_optional(std, geom[3]), ctx->saved_data["eps"].toDouble());
+    }
+    auto out = first_order_only("videomae_loss", {gpred}, {grads[0], s[0]});
+    return {out[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor videomae_loss_autograd(const at::Tensor& pred, const at::Tensor& videos, const at::Tensor& mask, int64_t p,
+                                  int64_t ts, bool norm_pix, std::optional<at::ArrayRef<double>> mean,
+                                  std::optional<at::ArrayRef<double>> std, double eps) {
+  TORCH_CHECK_VALUE(!records(videos), "videos requires grad, but the fused loss differentiates pred only; detach "
+                    "videos or use umae.use_backend('reference')");
+  refuse_forward_ad("videomae_loss", pred, videos);
+  if (records(pred)) return VideoMaeLossFunction::apply(pred, videos, mask, p, ts, norm_pix, mean, std, eps);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static const auto op = find_op<VideoLossSig>("umae::videomae_loss");
+  return op.call(pred, videos, mask, p, ts, norm_pix, mean, std, eps);
+}
+
+}  // namespace
+
+// The op's schemas (its kernels register below, and at the CUDA key from
+// umae/ops/videomae_loss_op.py: Triton). Semantics: the reference in that module.
+TORCH_LIBRARY_FRAGMENT(umae, m) {
+  // VideoMAE's loss, a 0-dim fp32 tensor (fp64 for fp64 pred): videos (B, C, T, H, W) unnormalized
+  // (x * std + mean, when given), tubelet patchified, normalized per token and channel with norm_pix;
+  // the masked tokens (mask bool (B, N), True = masked, the same count per row) in ascending order
+  // against pred (B, masked, ts*p*p*C); the mean squared error. eps is added to the std.
+  m.def("videomae_loss(Tensor pred, Tensor videos, Tensor mask, int p, int ts, bool norm_pix, float[]? mean, "
+        "float[]? std, float eps) -> Tensor");
+  // d(grad * loss) / d(pred), in pred's dtype; grad 0-dim.
+  m.def("videomae_loss_backward(Tensor grad, Tensor pred, Tensor videos, Tensor mask, int p, int ts, "
+        "bool norm_pix, float[]? mean, float[]? std, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(umae, Autograd, m) { m.impl("videomae_loss", &videomae_loss_autograd); }
+
+UMAE_AUTOCAST_OFF("videomae_loss", "videomae_loss_backward")
+
+TORCH_LIBRARY_IMPL(umae, CPU, m) {
+  m.impl("videomae_loss", &videomae_loss_cpu);
+  m.impl("videomae_loss_backward", &videomae_loss_backward_cpu);
+}
+
+}  // namespace umae

@@ -82,7 +82,7 @@ def _scatter_grad_kernel(grad_ptr, ids_ptr, gx_ptr, L, D, len_keep, stride_grad_
         dm = (d < D)[None, :]
         grad_off = n * stride_grad_n + src[:, None] * stride_grad_l + d[None, :] * stride_grad_d
         g = tl.load(grad_ptr + grad_off, mask=keep[:, None] & dm, other=0.0)
-        tl.store(gx_ptr + (n * L + i[:, None]) * D + d[None, :], g.to(gx_ptr.dtype.element_ty),
+        tl.store(gx_ptr + (n * L + i[:, None]) * D + d[None, :], cast_rn(g.to(tl.float32), gx_ptr.dtype.element_ty),
                  mask=i_ok[:, None] & dm)
 
 

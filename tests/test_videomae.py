@@ -305,3 +305,47 @@ def test_backward_reads_any_gradient_layout(op, shape, layout):
 @needs_ext
 def test_forward_mode_ad_is_refused_not_zero(op, api):
     assert_forward_mode_ad_refused(op, api)
+
+
+@pytest.mark.parametrize("impl", cpu_impls("random_masking"))
+@pytest.mark.parametrize("dtype,tok_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float16)])
+@runs_impl
+def test_decoder_tokens_are_hf_videomae_decoder_input(impl, dtype, tok_dtype):
+    # cat([x_vis + pos[~mask], mask_token + pos[mask]]): bitwise forward (each value one add in the
+    # promoted dtype on both paths), x_vis's gradient bitwise, the summed ones (mask_token, pos) at TOL
+    from umae.ops.decoder_tokens_op import decoder_tokens_reference
+
+    B, t, h, w, D = 3, 3, 2, 5, 40
+    mask = umae.tube_mask(B, t, h, w, 0.7, generator=torch.Generator().manual_seed(4))
+    n_vis = t * (h * w - int(0.7 * h * w))
+    x0 = randn(B, n_vis, 2 * D).to(dtype)[..., ::2]  # strided, as a Linear's output sliced
+    tok0, pos0 = randn(1, 1, D).to(tok_dtype), randn(1, t * h * w, D)
+    leaves = [x0.clone().requires_grad_(), tok0.clone().requires_grad_(), pos0.clone().requires_grad_()]
+    refs = [v.detach().clone().requires_grad_() for v in leaves]
+    got = umae.decoder_tokens(*leaves[:1], mask, *leaves[1:])
+    assert_runs("random_masking", impl, got)
+    want = decoder_tokens_reference(refs[0], mask, *refs[1:])
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    g = randn(*got.shape).to(got.dtype)
+    ga, gb = torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, refs, g)
+    assert torch.equal(ga[0], gb[0])
+    for a, b, name in zip(ga[1:], gb[1:], ("mask_token", "pos_embed")):
+        assert_close(a, b, name=f"{name} grad", atol=TOL[a.dtype]["atol"] * float(b.abs().max()), rtol=TOL[a.dtype]["rtol"])
+
+
+def test_decoder_tokens_match_hf_and_refuse_bad_input():
+    model = _hf(True)
+    B = 2
+    mask = umae.tube_mask(B, 2, 2, 2, 0.5, generator=torch.Generator().manual_seed(0))
+    x_vis = randn(B, 4, 32)
+    pos = model.position_embeddings.to(torch.float32)
+    hf = torch.cat([x_vis + pos.expand(B, -1, -1)[~mask].reshape(B, -1, 32),
+                    model.mask_token + pos.expand(B, -1, -1)[mask].reshape(B, -1, 32)], 1)
+    assert torch.equal(umae.decoder_tokens(x_vis, mask, model.mask_token, pos), hf)
+    with pytest.raises(ValueError, match=r"num_masked=5 tokens in every row, got \[4, 4\]"):
+        umae.decoder_tokens(x_vis[:, :3], mask, model.mask_token, pos)
+    with pytest.raises(ValueError, match="pos_embed must have shape"):
+        umae.decoder_tokens(x_vis, mask, model.mask_token, pos[:, :7])
+    with pytest.raises(TypeError, match="mask_token is required"):
+        umae.decoder_tokens(x_vis, mask, None, pos)

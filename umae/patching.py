@@ -10,6 +10,12 @@ Recognised models:
 - facebookresearch/mae-style models (models_mae.py and its forks, U-MAE's among them), found by
   their attributes and methods: `forward_encoder`, `forward_decoder` and `forward_loss` get the
   same three swaps.
+- transformers' `VideoMAEForPreTraining` (and `VideoMAEModel`, the encoder part): the embeddings'
+  position add + `x[~mask]` become `visible_tokens`; the decoder input (positions gathered by ~mask
+  and mask, the mask token, the cat) becomes `decoder_tokens`; the loss (unnormalize, tubelet
+  patchify, per-channel norm, the masked labels, the MSE) becomes `videomae_loss`. VideoMAE has no
+  cls token: `lamb > 0` puts U-MAE's term on the mean of the encoder's visible tokens (its output,
+  as VideoMAE's classifier pools it).
 
 Patching is per instance: the patched methods are instance attributes bound to the module (the
 class and its other instances are untouched), so `unpatch` deletes them; parameters and
@@ -41,11 +47,15 @@ def _kind(model) -> str:
         return "hf_pretraining"
     if "ViTMAEModel" in names:
         return "hf_model"
+    if "VideoMAEForPreTraining" in names:
+        return "hf_video_pretraining"
+    if "VideoMAEModel" in names:
+        return "hf_video_model"
     missing = [a for a in MAE_STYLE if not hasattr(model, a)]
     if not missing:
         return "mae_style"
     raise TypeError(f"umae.patch does not recognise {type(model).__name__}: not a transformers ViTMAEForPreTraining / "
-                    f"ViTMAEModel, and as a facebookresearch/mae-style model it lacks {', '.join(missing)}")
+                    f"ViTMAEModel / VideoMAEForPreTraining / VideoMAEModel, and as a facebookresearch/mae-style model it lacks {', '.join(missing)}")
 
 
 def _global_group():
@@ -134,6 +144,64 @@ def _hf_pretraining_forward(self, pixel_values=None, noise=None, interpolate_pos
         loss=loss, logits=logits, mask=mask, ids_restore=ids_restore, hidden_states=out.hidden_states,
         attentions=out.attentions)
     # not ModelOutput fields: to_tuple() keeps the model's own layout
+    object.__setattr__(result, "loss_mae", loss_mae)
+    object.__setattr__(result, "loss_unif", loss_unif)
+    if return_dict is False or (return_dict is None and not getattr(cfg, "return_dict", True)):
+        return result.to_tuple()
+    return result
+
+
+# ---- transformers VideoMAE -------------------------------------------------------------
+
+_POS_CACHE = "_umae_pos"
+
+
+def _fixed_table(module, like: torch.Tensor) -> torch.Tensor:
+    """module.position_embeddings (VideoMAE's fixed sin-cos table, a plain CPU tensor) on like's device
+    and dtype, as the model's `.type_as(...).to(device, copy=True)` gives it each call: made once per
+    device and dtype, not copied to the device at every step."""
+    cache = module.__dict__[_POS_CACHE]
+    key = (like.device, like.dtype)
+    pos = cache.get(key)
+    if pos is None:
+        pos = cache[key] = module.position_embeddings.detach().to(device=like.device, dtype=like.dtype, copy=True)
+    return pos
+
+
+def _hf_video_embeddings_forward(self, pixel_values, bool_masked_pos):
+    x = self.patch_embeddings(pixel_values)
+    pos = _fixed_table(self, x)
+    if bool_masked_pos is None:
+        return x + pos
+    # the masked count is read from the mask (one host sync, as the model's boolean index); the decoder
+    # input and the loss take it from the shapes
+    return ops.visible_tokens(x, bool_masked_pos, pos)
+
+
+def _hf_video_pretraining_forward(self, pixel_values, bool_masked_pos=None, **kwargs):
+    state = getattr(self, _STATE)
+    return_dict = kwargs.pop("return_dict", None)
+    if bool_masked_pos is None:
+        raise ValueError("One must provided a boolean mask ")  # the model's own words
+    out = self.videomae(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)
+    latent = out.last_hidden_state
+    x = ops.decoder_tokens(self.encoder_to_decoder(latent), bool_masked_pos, self.mask_token,
+                           _fixed_table(self, pixel_values))
+    logits = self.decoder(x, x.shape[1] - latent.shape[1]).logits
+    cfg = self.config
+    if cfg.num_channels != 3 and not cfg.norm_pix_loss:
+        raise ValueError("Can't unnormalize non-RGB images. Consider setting config.norm_pix_loss to False.")
+    stats = {} if cfg.num_channels == 3 else dict(mean=None, std=None)  # ImageNet's, for RGB only
+    # the frames (B, T, C, H, W) as the view (B, C, T, H, W): read by their strides, no copy
+    loss_mae = ops.videomae_loss(logits, pixel_values.detach().transpose(1, 2), bool_masked_pos, cfg.patch_size,
+                                 cfg.tubelet_size, norm_pix=bool(cfg.norm_pix_loss), **stats)
+    loss, loss_unif = loss_mae, None
+    if state["lamb"] > 0:  # no cls token: the mean of the encoder's visible tokens
+        loss_unif = ops.uniformity_loss(latent.mean(dim=1), exclude_diagonal=state["exclude_diagonal"],
+                                        process_group=_global_group(), exact_ddp_grad=state["exact_ddp_grad"])
+        loss = loss_mae + state["lamb"] * loss_unif
+    result = _hf_module(self).VideoMAEForPreTrainingOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                                           attentions=out.attentions)
     object.__setattr__(result, "loss_mae", loss_mae)
     object.__setattr__(result, "loss_unif", loss_unif)
     if return_dict is False or (return_dict is None and not getattr(cfg, "return_dict", True)):
@@ -230,6 +298,12 @@ def _bind(module, name: str, fn, record: dict) -> None:
     record.setdefault(id(module), (module, []))[1].append(name)
 
 
+def _cache(module, record: dict) -> None:
+    """An empty cache of the fixed position table (_fixed_table), removed by unpatch as the methods are."""
+    module.__dict__[_POS_CACHE] = {}
+    record.setdefault(id(module), (module, []))[1].append(_POS_CACHE)
+
+
 def patch(model: torch.nn.Module, *, lamb: float = 0.0, exclude_diagonal: bool = False,
           cls_double_norm: bool = True, exact_ddp_grad: bool = True) -> torch.nn.Module:
     """Route `model`'s masking, decoder restore and reconstruction loss through umae's ops (in
@@ -239,7 +313,8 @@ def patch(model: torch.nn.Module, *, lamb: float = 0.0, exclude_diagonal: bool =
     (cls_double_norm=True), that norm applied once more; the terms are on the output
     (transformers: `out.loss_mae`, `out.loss_unif`) or in `model.umae_losses` (MAE-style).
     An official U-MAE model built with global_pool=True gets the term on its own pooled feature
-    (fc_norm of the mean patch token), as its forward computes it.
+    (fc_norm of the mean patch token), as its forward computes it; a transformers VideoMAE (no cls
+    token) gets it on the mean of its encoder's visible tokens.
 
     Under DDP the term is over the global batch. exact_ddp_grad=True (default): after DDP averages
     the ranks' gradients, the parameters get exactly the gradient of the global-batch loss.
@@ -256,8 +331,9 @@ def patch(model: torch.nn.Module, *, lamb: float = 0.0, exclude_diagonal: bool =
     lamb = float(lamb)
     if lamb < 0:
         raise ValueError(f"lamb must be >= 0, got {lamb}")
-    if lamb > 0 and kind == "hf_model":
-        raise ValueError("lamb > 0 needs a model that returns a loss: patch the ViTMAEForPreTraining")
+    if lamb > 0 and kind in ("hf_model", "hf_video_model"):
+        raise ValueError("lamb > 0 needs a model that returns a loss: patch the ViTMAEForPreTraining or "
+                         "VideoMAEForPreTraining")
     if kind == "mae_style" and lamb > 0 and type(model).__name__ == "MaskedAutoencoderViT" and \
             type(model).__module__.startswith("umae."):
         raise ValueError("umae's own models have the uniformity term built in: set their `lamb` instead")
@@ -269,6 +345,13 @@ def patch(model: torch.nn.Module, *, lamb: float = 0.0, exclude_diagonal: bool =
         if kind == "hf_pretraining":
             _bind(model.decoder, "forward", _hf_decoder_forward, record)
             _bind(model, "forward", _hf_pretraining_forward, record)
+    elif kind in ("hf_video_pretraining", "hf_video_model"):
+        videomae = model.videomae if kind == "hf_video_pretraining" else model
+        _bind(videomae.embeddings, "forward", _hf_video_embeddings_forward, record)
+        _cache(videomae.embeddings, record)
+        if kind == "hf_video_pretraining":
+            _bind(model, "forward", _hf_video_pretraining_forward, record)
+            _cache(model, record)
     else:
         _bind(model, "forward_encoder", _mae_forward_encoder, record)
         _bind(model, "forward_decoder", _mae_forward_decoder, record)

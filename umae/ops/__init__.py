@@ -31,6 +31,7 @@ from .tube_mask_op import tube_mask
 from .tubelet_patchify_op import tubelet_patchify, tubelet_unpatchify
 from .videomae_loss_op import videomae_loss
 from .visible_tokens_op import visible_tokens
+from .decoder_tokens_op import decoder_tokens
 from .uniformity_op import uniformity_loss
 
 
@@ -90,6 +91,7 @@ def format_backend_info(devices=None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["choose", "implementation", "use_impl", "backend_info", "format_backend_info", "tube_mask", "visible_tokens"] + [
+__all__ = ["choose", "implementation", "use_impl", "backend_info", "format_backend_info", "tube_mask", "visible_tokens",
+           "decoder_tokens"] + [
     f.__name__ for f in (patchify, unpatchify, masked_mse_loss, mae_loss, random_masking, restore_tokens, uniformity_loss,
                          tubelet_patchify, tubelet_unpatchify, videomae_loss)]

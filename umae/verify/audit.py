@@ -102,6 +102,8 @@ def vector_eligible(src) -> bool:
     specialization: `D` divisible by 16 and every feature-dimension stride (`stride_*_d`) the
     constant 1 (a strided or unaligned input is served by scalar accesses, correctly)."""
     names = src.fn.arg_names
+    if "D" not in names:  # no feature rows (the video kernels gather a token's pixels by their strides)
+        return False
     d = names.index("D")
     strides = [i for i, n in enumerate(names) if re.fullmatch(r"stride_\w+_d", n)]
     return ["tt.divisibility", 16] in src.attrs.get((d,), []) and all(src.constants.get((i,)) == 1 for i in strides)

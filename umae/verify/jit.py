@@ -17,7 +17,7 @@ import sys
 import torch
 import triton
 
-from ..ops import random_masking_op, restore_tokens_op, uniformity_op
+from ..ops import random_masking_op, restore_tokens_op, uniformity_op, videomae_loss_op
 
 
 @contextlib.contextmanager
@@ -72,8 +72,22 @@ def _uniformity_variants() -> None:
                     uniformity_op.uniformity_loss(f, normalize=normalize, exclude_diagonal=exclude).backward()
 
 
+def _videomae_loss_variants() -> None:
+    """norm_pix and the unnormalize on and off (constexprs the cases leave on), each pred dtype."""
+    from ..ops.tube_mask_op import tube_mask
+
+    mask = tube_mask(2, 2, 2, 3, 0.5)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for norm_pix in (True, False):
+            for stats in ({}, dict(mean=None, std=None)):
+                pred = torch.randn(2, 6, 2 * 8 * 8 * 3).to(dt).requires_grad_()
+                videomae_loss_op.videomae_loss(pred, torch.randn(2, 3, 4, 16, 24), mask, 8, 2, norm_pix,
+                                               **stats).backward()
+
+
 # launches beyond an op's benchmark cases that the compile check must see (flags the cases do not set)
-LAUNCH_VARIANTS = {uniformity_op.UNIFORMITY_LOSS.name: _uniformity_variants}
+LAUNCH_VARIANTS = {uniformity_op.UNIFORMITY_LOSS.name: _uniformity_variants,
+                   videomae_loss_op.VIDEOMAE_LOSS.name: _videomae_loss_variants}
 
 
 def h100():

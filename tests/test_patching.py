@@ -8,7 +8,7 @@ import pickle
 import pytest
 import timm
 import torch
-from umae_testing import LOSS_TOL, TOL, assert_close, assert_grads_close
+from umae_testing import LOSS_TOL, TOL, assert_close, assert_grads_close, videomae, videomae_inputs
 
 import umae
 import umae.models  # noqa: F401  (registers with timm)
@@ -496,6 +496,9 @@ def test_unrecognised_model_is_refused_and_untouched():
     assert not umae.patching.is_patched(m) and "forward_encoder" not in m.__dict__
 
 
+VIDEO_PARAM = "videomae.embeddings.patch_embeddings.projection.weight"
+
+
 def _ddp_worker(rank, world, store, out_dir):
     import torch.distributed as dist
 
@@ -517,6 +520,17 @@ def _ddp_worker(rank, world, store, out_dir):
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad  # FSDP: gathered from the shards
         if rank == 0:
             torch.save(dict(loss_unif=out.loss_unif.detach(), grad=grad), f"{out_dir}/{wrap}.pt")
+    # VideoMAE under DDP, unpatched, patched, and patched with the term on the mean visible token
+    for name, lamb in (("video_own", None), ("video", 0.0), ("video_unif", 0.1)):
+        video = videomae() if lamb is None else umae.patch(videomae(), lamb=lamb)
+        x, mask = videomae_inputs(video, B=2 * 4)
+        out = torch.nn.parallel.DistributedDataParallel(video)(x[rank * 4:(rank + 1) * 4],
+                                                               bool_masked_pos=mask[rank * 4:(rank + 1) * 4])
+        out.loss.backward()
+        if rank == 0:
+            unif = getattr(out, "loss_unif", None)
+            torch.save(dict(loss_unif=None if unif is None else unif.detach(),
+                            grad=video.get_parameter(VIDEO_PARAM).grad), f"{out_dir}/{name}.pt")
     dist.barrier()
     dist.destroy_process_group()
     # what the test reads is saved and both ranks are past the barrier: end here. At interpreter
@@ -546,3 +560,12 @@ def test_hf_uniformity_over_the_global_batch_under_ddp_and_fsdp(tmp_path):
         assert_close(got["loss_unif"], uniformity_loss_reference(cls), name=f"{wrap} loss_unif", **LOSS_TOL[torch.float32])
         assert_grads_close({name: got["grad"]}, {name: model.vit.embeddings.cls_token.grad},
                            {name: truth.vit.embeddings.cls_token.grad}, torch.float32)
+    # VideoMAE: patched, DDP's gradient is the model's own under DDP; the term is the 8 clips'
+    own, got = torch.load(tmp_path / "video_own.pt")["grad"], torch.load(tmp_path / "video.pt")["grad"]
+    assert_close(got, own, name="VideoMAE grad under DDP", atol=TOL[torch.float32]["atol"] * float(own.abs().max()),
+                 rtol=TOL[torch.float32]["rtol"])
+    video = umae.patch(videomae(), lamb=0.1)
+    x, mask = videomae_inputs(video, B=8)
+    latent = video.videomae(x, bool_masked_pos=mask).last_hidden_state
+    assert_close(torch.load(tmp_path / "video_unif.pt")["loss_unif"], uniformity_loss_reference(latent.mean(1)),
+                 name="VideoMAE loss_unif", **LOSS_TOL[torch.float32])

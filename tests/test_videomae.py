@@ -2,11 +2,13 @@
 tube-mask generator. Fused (C++ and interpreted Triton) against the references, and the references
 against transformers' VideoMAEForPreTraining on the installed version (same weights, same mask), both
 memory layouts, awkward sizes, gradcheck, opcheck, compile, and the errors that name the argument."""
+import io
+
 import pytest
 import torch
 from umae_testing import (LAYOUT_SHAPES, LOSS_TOL, TOL, assert_backward_reads_any_gradient_layout, assert_close,
                           assert_forward_mode_ad_refused, assert_grid_row, assert_runs, cpu_impls, grid_params,
-                          needs_ext, randn, runs_impl)
+                          needs_ext, randn, runs_impl, videomae, videomae_inputs)
 
 import umae
 from umae.ops.tubelet_patchify_op import tubelet_patchify_reference
@@ -17,13 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _hf(norm_pix: bool, image=8, frames=4, p=4, ts=2):
-    torch.manual_seed(0)
-    cfg = transformers.VideoMAEConfig(image_size=image, patch_size=p, num_frames=frames, tubelet_size=ts,
-                                      hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                      decoder_hidden_size=32, decoder_num_hidden_layers=1,
-                                      decoder_num_attention_heads=2, decoder_intermediate_size=64,
-                                      norm_pix_loss=norm_pix)
-    return transformers.VideoMAEForPreTraining(cfg).eval()
+    return videomae(norm_pix, image=image, frames=frames, p=p, ts=ts)
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
@@ -349,3 +345,60 @@ def test_decoder_tokens_match_hf_and_refuse_bad_input():
         umae.decoder_tokens(x_vis, mask, model.mask_token, pos[:, :7])
     with pytest.raises(TypeError, match="mask_token is required"):
         umae.decoder_tokens(x_vis, mask, None, pos)
+
+
+
+# ---- umae.patch on transformers' VideoMAEForPreTraining ---------------------------------------------
+
+def _grads(model, loss):
+    return {n: g for (n, q), g in zip(model.named_parameters(), torch.autograd.grad(loss, list(model.parameters()),
+                                                                                     allow_unused=True))
+            if g is not None}
+
+
+@needs_ext
+@pytest.mark.parametrize("cfg", [dict(norm_pix=True, frames=4, ts=2, image=8, p=4),
+                                 dict(norm_pix=False, frames=6, ts=3, image=12, p=4),
+                                 dict(norm_pix=True, frames=2, ts=1, image=16, p=8, channels=2)], ids=str)
+def test_hf_videomae_patched_matches_unpatched(cfg):
+    model = videomae(**cfg)
+    x, mask = videomae_inputs(model, B=3)
+    want = model(x, bool_masked_pos=mask)
+    want_g = _grads(model, want.loss)
+    umae.patch(model)
+    got = model(x, bool_masked_pos=mask)
+    assert torch.equal(got.logits, want.logits)  # the encoder's and decoder's inputs are bitwise HF's
+    assert_close(got.loss, want.loss, name="loss", **LOSS_TOL[torch.float32])
+    got_g = _grads(model, got.loss)
+    assert got_g.keys() == want_g.keys()
+    for n, g in want_g.items():
+        assert_close(got_g[n], g, name=n, atol=TOL[torch.float32]["atol"] * float(g.abs().max()) + 1e-30,
+                     rtol=TOL[torch.float32]["rtol"])
+    assert got.loss_unif is None and torch.equal(got.loss_mae, got.loss)
+    umae.unpatch(model)  # the model's own code back, bitwise
+    again = model(x, bool_masked_pos=mask)
+    assert torch.equal(again.loss, want.loss) and "forward" not in model.__dict__
+    assert "_umae_pos" not in model.videomae.embeddings.__dict__
+
+
+@needs_ext
+def test_hf_videomae_uniformity_term_pickle_and_compile():
+    from umae.ops.uniformity_op import uniformity_loss_reference
+
+    model = umae.patch(videomae(), lamb=0.1)
+    x, mask = videomae_inputs(model, B=4)
+    out = model(x, bool_masked_pos=mask)
+    latent = model.videomae(x, bool_masked_pos=mask).last_hidden_state
+    assert_close(out.loss_unif, uniformity_loss_reference(latent.mean(1)), name="loss_unif", **LOSS_TOL[torch.float32])
+    assert_close(out.loss, out.loss_mae + 0.1 * out.loss_unif, name="loss", **LOSS_TOL[torch.float32])
+    assert isinstance(model(x, bool_masked_pos=mask, return_dict=False), tuple)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert umae.patching.is_patched(loaded) and torch.equal(loaded(x, bool_masked_pos=mask).loss, out.loss)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    assert_close(compiled(x, bool_masked_pos=mask).loss, out.loss, name="compiled loss", **LOSS_TOL[torch.float32])
+    with pytest.raises(ValueError, match="lamb > 0 needs a model that returns a loss"):
+        umae.patch(model.videomae, lamb=0.1)

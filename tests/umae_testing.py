@@ -351,3 +351,25 @@ def assert_forward_mode_ad_refused(op, api):
     assert ref is not None and ref.abs().max() > 0  # the reference's tangent exists
     with pytest.raises(RuntimeError, match=FORWARD_AD):
         tangent("fused")
+
+
+def videomae(norm_pix: bool = True, image=8, frames=4, p=4, ts=2, channels=3, seed=0):
+    """A small transformers VideoMAEForPreTraining (one encoder and one decoder layer), eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.VideoMAEConfig(image_size=image, patch_size=p, num_frames=frames, tubelet_size=ts,
+                                      num_channels=channels, hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64, decoder_hidden_size=32,
+                                      decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                                      decoder_intermediate_size=64, norm_pix_loss=norm_pix)
+    return transformers.VideoMAEForPreTraining(cfg).eval()
+
+
+def videomae_inputs(model, B: int, ratio=0.75, seed=1):
+    """(pixel_values (B, T, C, H, W), a tube mask) for `model`, from a seeded generator."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.num_frames, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g)
+    h = cfg.image_size // cfg.patch_size
+    return x, umae.tube_mask(B, cfg.num_frames // cfg.tubelet_size, h, h, ratio, generator=g)

@@ -64,46 +64,58 @@ void rank_tokens(Video& v, const at::Tensor& mask) {
   }
 }
 
-// Calls fn(b, r, y) for each masked token: r its pred row, y its label as C planes of J values in acc_t
-// (unnormalized, then normalized per channel: (x - mean) / (sqrt(unbiased var) + eps)).
+// Calls fn(b, r, z) for each masked token: r its pred row, z its label (K values in pred's order
+// (p0, p1, p2, c), acc_t): the pixels unnormalized, then normalized per channel, (x - mean) / (sqrt(unbiased
+// var) + eps). The channels are gathered as planes (contiguous image rows, vectorized), their statistics
+// taken there, and the normalized values interleaved into z, so that the comparison with the pred row
+// runs contiguous.
 template <typename vid_t, typename acc_t, typename Fn>
 void for_each_label(const vid_t* V, const Video& v, bool norm_pix, const std::vector<acc_t>& mean,
                     const std::vector<acc_t>& std, acc_t eps, const Fn& fn) {
-  const int64_t p = v.p, J = v.J;
+  const int64_t p = v.p, J = v.J, C = v.C;
   at::parallel_for(0, v.B * v.t * v.h, grain_for(v.w * v.K), [&](int64_t q0, int64_t q1) {
-    std::vector<acc_t> y(v.C * J);
+    std::vector<acc_t> y(C * J), z(C * J);
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t b = q / (v.t * v.h), ti = (q / v.h) % v.t, hi = q % v.h;
       for (int64_t wi = 0; wi < v.w; ++wi) {
         const int64_t r = v.rank[b * v.N + (ti * v.h + hi) * v.w + wi];
         if (r < 0) continue;
-        for (int64_t c = 0; c < v.C; ++c) {
+        for (int64_t c = 0; c < C; ++c) {
           acc_t* yc = y.data() + c * J;
           const acc_t s = std.empty() ? acc_t(1) : std[c], m = std.empty() ? acc_t(0) : mean[c];
           for (int64_t p0 = 0; p0 < v.ts; ++p0)
             for (int64_t p1 = 0; p1 < p; ++p1) {
               const vid_t* src = V + b * v.sB + c * v.sC + (ti * v.ts + p0) * v.sT + (hi * p + p1) * v.sH + wi * p * v.sW;
               acc_t* dst = yc + (p0 * p + p1) * p;
-              if (std.empty()) {
-                for (int64_t p2 = 0; p2 < p; ++p2) dst[p2] = static_cast<acc_t>(src[p2 * v.sW]);
+              if (v.sW == 1) {
+#pragma omp simd
+                for (int64_t p2 = 0; p2 < p; ++p2) dst[p2] = static_cast<acc_t>(src[p2]) * s + m;
               } else {
                 for (int64_t p2 = 0; p2 < p; ++p2) dst[p2] = static_cast<acc_t>(src[p2 * v.sW]) * s + m;
               }
             }
-          if (!norm_pix) continue;
-          acc_t sum = 0;
-          for (int64_t j = 0; j < J; ++j) sum += yc[j];
-          acc_t mu = sum / J, resid = 0;
-          // one correction of the mean (the sum's rounding): a constant token's mean is then its value,
-          // its labels 0, not rounding noise scaled by 1 / eps (as the reference's pairwise sum gives)
-          for (int64_t j = 0; j < J; ++j) resid += yc[j] - mu;
-          mu += resid / J;
-          acc_t ss = 0;
-          for (int64_t j = 0; j < J; ++j) ss += (yc[j] - mu) * (yc[j] - mu);
-          const acc_t den = std::sqrt(ss / (J - 1)) + eps;  // VideoMAE adds eps to the std
-          for (int64_t j = 0; j < J; ++j) yc[j] = (yc[j] - mu) / den;
+          acc_t mu = 0, rden = 1;
+          if (norm_pix) {
+            acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < J; ++j) sum += yc[j];
+            mu = sum / J;
+            // the sum's rounding corrected once (so a constant token's mean is its value and its labels 0,
+            // not rounding noise scaled by 1 / eps), with the squares about the first mean
+            acc_t resid = 0, ss = 0;
+#pragma omp simd reduction(+ : resid, ss)
+            for (int64_t j = 0; j < J; ++j) {
+              const acc_t d = yc[j] - mu;
+              resid += d;
+              ss += d * d;
+            }
+            mu += resid / J;
+            ss = std::max(ss - resid * resid / J, acc_t(0));
+            rden = acc_t(1) / (std::sqrt(ss / (J - 1)) + eps);  // VideoMAE adds eps to the std
+          }
+          for (int64_t j = 0; j < J; ++j) z[j * C + c] = (yc[j] - mu) * rden;
         }
-        fn(b, r, y.data());
+        fn(b, r, z.data());
       }
     }
   });
@@ -125,17 +137,17 @@ at::Tensor videomae_loss_cpu(const at::Tensor& pred_in, const at::Tensor& videos
   UMAE_DISPATCH_PRED_TARGET(pred.scalar_type(), videos.scalar_type(), "videomae_loss_cpu", [&] {
     using acc_t = at::opmath_type<pred_t>;
     const pred_t* P = pred.const_data_ptr<pred_t>();
-    const int64_t s0 = pred.stride(0), s1 = pred.stride(1), J = v.J, C = v.C;
+    const int64_t s0 = pred.stride(0), s1 = pred.stride(1), K = v.K;
     std::vector<acc_t> rows(v.B * v.Nm);  // each token's sum of squares, summed in order below
     for_each_label<tgt_t, acc_t>(videos.const_data_ptr<tgt_t>(), v, norm_pix, values<acc_t>(mean), values<acc_t>(std),
-                                 static_cast<acc_t>(eps), [&](int64_t b, int64_t r, const acc_t* y) {
+                                 static_cast<acc_t>(eps), [&](int64_t b, int64_t r, const acc_t* z) {
       const pred_t* row = P + b * s0 + r * s1;
       acc_t s = 0;
-      for (int64_t j = 0; j < J; ++j)
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = static_cast<acc_t>(row[j * C + c]) - y[c * J + j];
-          s += d * d;
-        }
+      _Pragma("omp simd reduction(+ : s)")  // inside a dispatch macro: no #pragma
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t d = static_cast<acc_t>(row[k]) - z[k];
+        s += d * d;
+      }
       rows[b * v.Nm + r] = s;
     });
     double total = 0;
@@ -163,15 +175,14 @@ at::Tensor videomae_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& 
     using acc_t = at::opmath_type<pred_t>;
     const pred_t* P = pred.const_data_ptr<pred_t>();
     pred_t* D = gpred.mutable_data_ptr<pred_t>();
-    const int64_t s0 = pred.stride(0), s1 = pred.stride(1), J = v.J, C = v.C, K = v.K;
+    const int64_t s0 = pred.stride(0), s1 = pred.stride(1), K = v.K;
     const acc_t coef = *g.const_data_ptr<acc_t>() * acc_t(2) / static_cast<acc_t>(v.B * v.Nm * K);
     for_each_label<tgt_t, acc_t>(videos.const_data_ptr<tgt_t>(), v, norm_pix, values<acc_t>(mean), values<acc_t>(std),
-                                 static_cast<acc_t>(eps), [&](int64_t b, int64_t r, const acc_t* y) {
+                                 static_cast<acc_t>(eps), [&](int64_t b, int64_t r, const acc_t* z) {
       const pred_t* row = P + b * s0 + r * s1;
       pred_t* out = D + (b * v.Nm + r) * K;
-      for (int64_t j = 0; j < J; ++j)
-        for (int64_t c = 0; c < C; ++c)
-          out[j * C + c] = static_cast<pred_t>(coef * (static_cast<acc_t>(row[j * C + c]) - y[c * J + j]));
+      _Pragma("omp simd")
+      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<pred_t>(coef * (static_cast<acc_t>(row[k]) - z[k]));
     });
   });
   return gpred;

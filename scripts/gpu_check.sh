@@ -16,7 +16,7 @@
 #   profile    35 s  U-MAE ViT-B/16 training steps, batch 64 and 256, fused and       profile.json (+ bench.log)
 #                    reference model, under torch.profiler: host and wall ms per step, device-busy
 #                    fraction, kernel launches, top kernels (umae bench profile)
-#   ops        75 s  every op, bf16, ViT-B/16 N=256, fwd+bwd,                     bench.log, results.json
+#   ops        75 s  every image op, bf16, ViT-B/16 N=256, fwd+bwd,               bench.log, results.json
 #                    fused vs eager vs compile vs fused+compile, device time (CUDA graph replay),
 #                    host- or device-bound, GB/s, % of copy BW, peak MB
 #   unif       25 s  uniformity fwd+bwd, B = 16,384 / 65,536 / 131,072 x 768,     (appended)
@@ -30,6 +30,12 @@
 #                    the smallest model (umae bench host)
 #   tune       30 s  the uniformity kernels' candidate tile configurations, B = 256 and        tune.json (+ bench.log)
 #                    16,384 x 768 bf16, fwd+bwd device time, the winners (umae bench tune)
+#   video      30 s  the video ops at VideoMAE-B's shapes (8 clips, 16 x 224 x 224, tubelet 2, (appended)
+#                    patch 16, 90% tube masks), bf16, fwd+bwd, fused vs eager vs compile
+#   video_step 30 s  transformers' VideoMAEForPreTraining (VideoMAE-B, batch 8), patched vs   (appended)
+#                    not, bf16 autocast: clips/s, MFU, peak MB
+# The video stages come last, past the 535 s of the others: where the stages before them fill their
+# boxes, the call's limit cuts them, and only their rows are lost.
 #
 # STAGES="tests unif" (say) runs only those stages, TEST_ARGS="tests/test_random_masking.py -k cuda" other tests.
 # Without a GPU (or with --dry-run) the same stages run at tiny sizes on CPU, about a minute on 2
@@ -55,21 +61,21 @@ DRY=0
 $PY -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || DRY=1
 if [ $DRY = 1 ]; then
   # tiny sizes; the CUDA build is left to setup.py's default (a CPU machine still compiles it)
-  OPS_SHAPES="tiny"; UNIF_SHAPES="unif_tiny"; E2E_SHAPES="tiny"; MODE="dry run (CPU, tiny sizes)"
+  OPS_SHAPES="tiny"; VIDEO_SHAPES="tiny"; VIDEO_PROVIDERS="fused eager"; UNIF_SHAPES="unif_tiny"; E2E_SHAPES="tiny"; MODE="dry run (CPU, tiny sizes)"
   # one mode, and the compiled providers in the compile stage for one op: Inductor's CPU compiles
   # are the slow part here (a model's takes minutes on 2 cores)
   OPS_MODES="fwd+bwd"; OPS_PROVIDERS="fused eager"
   COMPILE_ARGS=(--ops uniformity_loss --shapes unif_tiny --providers compile fused+compile)
   TEST_SEL=(tests/test_patchify.py tests/test_masked_mse.py -k cpu)
 else
-  OPS_SHAPES="vit_b16"; UNIF_SHAPES="unif_b16384 unif_b65536 unif_b131072"; E2E_SHAPES="vit_b16"; MODE="GPU"
+  OPS_SHAPES="vit_b16"; VIDEO_SHAPES="videomae_b"; VIDEO_PROVIDERS="fused eager compile"; UNIF_SHAPES="unif_b16384 unif_b65536 unif_b131072"; E2E_SHAPES="vit_b16"; MODE="GPU"
   # fwd+bwd only: each row now also replays from a CUDA graph for its device time (fwd / bwd: --modes)
   OPS_MODES="fwd+bwd"; OPS_PROVIDERS="fused eager compile fused+compile"
   COMPILE_ARGS=(--ops train_step --shapes vit_b16_b256 --providers compile-cg fused+compile-cg)
   TEST_SEL=(tests -k cuda)
 fi
 # STAGES="build tests ..." runs those alone (env always runs): a second call within a lease
-STAGES=${STAGES:-build tests sanitize profile ops unif train compile host tune}
+STAGES=${STAGES:-build tests sanitize profile ops unif train compile host tune video video_step}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 [ -n "${TEST_ARGS:-}" ] && read -r -a TEST_SEL <<< "$TEST_ARGS"
 status=0
@@ -178,5 +184,8 @@ echo "=== tune: umae bench tune" >> "$OUT/bench.log"
 box 30 $PY -m umae.cli.main bench tune --out "$OUT" > /tmp/umae_tune.log 2>&1 || fail "tune (rc $?)"
 grep -v "^wrote " /tmp/umae_tune.log | tee -a "$OUT/bench.log" | tail -14
 fi
+bench video 30 --ops tubelet_patchify tubelet_unpatchify videomae_loss --shapes $VIDEO_SHAPES --dtypes bfloat16 \
+  --modes $OPS_MODES --providers $VIDEO_PROVIDERS
+bench video_step 30 --ops hf_video_train_step --shapes $VIDEO_SHAPES --providers fused eager
 stage "done (status $status)"
 exit $status

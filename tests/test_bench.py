@@ -181,10 +181,17 @@ def test_traffic_counts_bytes():
         assert eager > 2 * fused["unique"], (op, eager, fused)
     # the kernels' bytes derived from their grids and block shapes equal the interpreter's count,
     # at awkward sizes (partial tiles, several Gram tiles, a batch split), forward and backward
+    clip = dict(clips=2, frames=6, img=20, p=4, ts=3, C=3, ratio=0.75)  # odd tubelets, a partial tile
     for op, shape in [("random_masking", tiny), ("restore_tokens", tiny), ("uniformity_loss", dict(N=70, D=130)),
-                      ("uniformity_loss", dict(N=1100, D=72))]:
+                      ("uniformity_loss", dict(N=1100, D=72)), ("tubelet_patchify", clip),
+                      ("tubelet_unpatchify", clip), ("videomae_loss", clip)]:
         f = traffic.fused_bytes(op, shape)
         assert f["formula"] == f["kernels"] > 0, (op, shape, f)
+    # the video loss reads the masked tokens' pixels and pred once each way, and the mask: its minimum,
+    # within the rank counts' mask bytes; its reference (on CPU: a boolean index) moves several times more
+    low, eager, fused = (traffic.minimum_bytes("videomae_loss", clip), traffic.eager_bytes("videomae_loss", clip),
+                         traffic.fused_bytes("videomae_loss", clip))
+    assert low <= fused["requested"] <= 1.1 * low and eager > 3 * fused["requested"], (low, eager, fused)
 
 
 def test_hf_train_step_bench_rows():

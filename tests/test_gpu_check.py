@@ -39,13 +39,13 @@ def test_gpu_check_dry_run(tmp_path):
     rows = json.load(open(tmp_path / "results.json"))["rows"]
     timed = {(r["op"], r["shape"], r["provider"]) for r in rows if "ms" in r}
     for op in ("patchify", "unpatchify", "masked_mse_loss", "mae_loss", "random_masking", "restore_tokens",
-               "uniformity_loss"):
+               "uniformity_loss", "tubelet_patchify", "tubelet_unpatchify", "videomae_loss"):
         for provider in ("fused", "eager"):
             assert (op, "tiny", provider) in timed, (op, provider)
     # the compiled providers: one op (the dry run's compile stage)
     for provider in ("compile", "fused+compile"):
         assert ("uniformity_loss", "unif_tiny", provider) in timed, provider
-    for op in ("train_step", "mae_train_step", "hf_train_step"):
+    for op in ("train_step", "mae_train_step", "hf_train_step", "hf_video_train_step"):
         for provider in ("fused", "eager"):
             assert (op, "tiny", provider) in timed, (op, provider)
     assert ("uniformity_loss", "unif_tiny", "eager") in timed

@@ -22,7 +22,7 @@ struct Video {
 };
 
 Video video_of(const at::Tensor& pred, const at::Tensor& videos, const at::Tensor& mask, int64_t p, int64_t ts,
-               bool norm_pix, std::optional<at::ArrayRef<double>> mean, std::optional<at::ArrayRef<double>> std) {
+               bool norm_pix, const std::optional<at::Tensor>& stats) {
   check_tubelet_patchify_args(videos, p, ts);
   Video v;
   v.B = videos.size(0), v.C = videos.size(1), v.ts = ts, v.p = p;
@@ -41,10 +41,11 @@ Video video_of(const at::Tensor& pred, const at::Tensor& videos, const at::Tenso
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == v.B && mask.size(1) == v.N,
               "videomae_loss: mask must be bool (B, N) = (", v.B, ", ", v.N, "), got ", mask.scalar_type(), " ",
               mask.sizes());
-  TORCH_CHECK(mean.has_value() == std.has_value(), "videomae_loss: mean and std go together");
-  TORCH_CHECK(!mean.has_value() || (static_cast<int64_t>(mean->size()) == v.C &&
-                                    static_cast<int64_t>(std->size()) == v.C),
-              "videomae_loss: mean and std need one value per channel (", v.C, ")");
+  TORCH_CHECK(!stats.has_value() || (stats->dim() == 2 && stats->size(0) == 2 && stats->size(1) == v.C &&
+                                     (stats->scalar_type() == at::kFloat || stats->scalar_type() == at::kDouble) &&
+                                     stats->device() == videos.device()),
+              "videomae_loss: stats must be float32 or float64 (2, C) = (2, ", v.C,
+              ") (mean; std) on the videos' device");
   TORCH_CHECK(!norm_pix || v.J >= 2, "videomae_loss: norm_pix needs at least 2 values per token and channel");
   v.Nm = pred.size(1);
   return v;
@@ -121,15 +122,23 @@ void for_each_label(const vid_t* V, const Video& v, bool norm_pix, const std::ve
   });
 }
 
+// Row `row` of stats (0: mean, 1: std) as acc_t values; none without stats.
 template <typename acc_t>
-std::vector<acc_t> values(std::optional<at::ArrayRef<double>> a) {
-  return a.has_value() ? std::vector<acc_t>(a->begin(), a->end()) : std::vector<acc_t>();
+std::vector<acc_t> values(const std::optional<at::Tensor>& stats, int64_t row) {
+  if (!stats.has_value()) return {};
+  const at::Tensor s = stats->contiguous();
+  const int64_t C = s.size(1);
+  if (s.scalar_type() == at::kDouble) {
+    const double* d = s.const_data_ptr<double>() + row * C;
+    return std::vector<acc_t>(d, d + C);
+  }
+  const float* f = s.const_data_ptr<float>() + row * C;
+  return std::vector<acc_t>(f, f + C);
 }
 
-at::Tensor videomae_loss_cpu(const at::Tensor& pred_in, const at::Tensor& videos, const at::Tensor& mask, int64_t p,
-                             int64_t ts, bool norm_pix, std::optional<at::ArrayRef<double>> mean,
-                             std::optional<at::ArrayRef<double>> std, double eps) {
-  Video v = video_of(pred_in, videos, mask, p, ts, norm_pix, mean, std);
+at::Tensor videomae_loss_cpu(const at::Tensor& pred_in, const at::Tensor& videos, const at::Tensor& mask,
+                             const std::optional<at::Tensor>& stats, int64_t p, int64_t ts, bool norm_pix, double eps) {
+  Video v = video_of(pred_in, videos, mask, p, ts, norm_pix, stats);
   rank_tokens(v, mask);
   const at::Tensor pred = pred_in.stride(2) == 1 ? pred_in : pred_in.contiguous();
   const auto acc_opts = pred.options().dtype(at::toOpMathType(pred.scalar_type()));
@@ -139,7 +148,7 @@ at::Tensor videomae_loss_cpu(const at::Tensor& pred_in, const at::Tensor& videos
     const pred_t* P = pred.const_data_ptr<pred_t>();
     const int64_t s0 = pred.stride(0), s1 = pred.stride(1), K = v.K;
     std::vector<acc_t> rows(v.B * v.Nm);  // each token's sum of squares, summed in order below
-    for_each_label<tgt_t, acc_t>(videos.const_data_ptr<tgt_t>(), v, norm_pix, values<acc_t>(mean), values<acc_t>(std),
+    for_each_label<tgt_t, acc_t>(videos.const_data_ptr<tgt_t>(), v, norm_pix, values<acc_t>(stats, 0), values<acc_t>(stats, 1),
                                  static_cast<acc_t>(eps), [&](int64_t b, int64_t r, const acc_t* z) {
       const pred_t* row = P + b * s0 + r * s1;
       acc_t s = 0;
@@ -160,10 +169,9 @@ at::Tensor videomae_loss_cpu(const at::Tensor& pred_in, const at::Tensor& videos
 
 // d(grad * loss) / d(pred), in pred's dtype (contiguous): 2 * grad * (pred - label) / (B * Nm * K).
 at::Tensor videomae_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& pred_in, const at::Tensor& videos,
-                                      const at::Tensor& mask, int64_t p, int64_t ts, bool norm_pix,
-                                      std::optional<at::ArrayRef<double>> mean, std::optional<at::ArrayRef<double>> std,
-                                      double eps) {
-  Video v = video_of(pred_in, videos, mask, p, ts, norm_pix, mean, std);
+                                      const at::Tensor& mask, const std::optional<at::Tensor>& stats, int64_t p,
+                                      int64_t ts, bool norm_pix, double eps) {
+  Video v = video_of(pred_in, videos, mask, p, ts, norm_pix, stats);
   TORCH_CHECK(grad.numel() == 1, "videomae_loss_backward: grad must be a scalar, got ", grad.sizes());
   rank_tokens(v, mask);
   const at::Tensor pred = pred_in.stride(2) == 1 ? pred_in : pred_in.contiguous();
@@ -177,7 +185,7 @@ at::Tensor videomae_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& 
     pred_t* D = gpred.mutable_data_ptr<pred_t>();
     const int64_t s0 = pred.stride(0), s1 = pred.stride(1), K = v.K;
     const acc_t coef = *g.const_data_ptr<acc_t>() * acc_t(2) / static_cast<acc_t>(v.B * v.Nm * K);
-    for_each_label<tgt_t, acc_t>(videos.const_data_ptr<tgt_t>(), v, norm_pix, values<acc_t>(mean), values<acc_t>(std),
+    for_each_label<tgt_t, acc_t>(videos.const_data_ptr<tgt_t>(), v, norm_pix, values<acc_t>(stats, 0), values<acc_t>(stats, 1),
                                  static_cast<acc_t>(eps), [&](int64_t b, int64_t r, const acc_t* z) {
       const pred_t* row = P + b * s0 + r * s1;
       pred_t* out = D + (b * v.Nm + r) * K;
@@ -188,65 +196,50 @@ at::Tensor videomae_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   return gpred;
 }
 
-using VideoLossSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool,
-                                std::optional<at::ArrayRef<double>>, std::optional<at::ArrayRef<double>>, double);
+using VideoLossSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&, int64_t, int64_t, bool, double);
 using VideoLossBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        int64_t, int64_t, bool, std::optional<at::ArrayRef<double>>,
-                                        std::optional<at::ArrayRef<double>>, double);
-
-std::vector<double> as_vector(std::optional<at::ArrayRef<double>> a) {
-  return a.has_value() ? std::vector<double>(a->begin(), a->end()) : std::vector<double>();
-}
-
-std::optional<at::ArrayRef<double>> as_optional(const std::vector<double>& v, bool given) {
-  return given ? std::optional<at::ArrayRef<double>>(v) : std::nullopt;
-}
+                                        const std::optional<at::Tensor>&, int64_t, int64_t, bool, double);
 
 // pred's gradient by the backward kernel (its own backward refused); the videos are data.
 class VideoMaeLossFunction : public torch::autograd::Function<VideoMaeLossFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& videos,
-                            const at::Tensor& mask, int64_t p, int64_t ts, bool norm_pix,
-                            std::optional<at::ArrayRef<double>> mean, std::optional<at::ArrayRef<double>> std, double eps) {
+                            const at::Tensor& mask, const std::optional<at::Tensor>& stats, int64_t p, int64_t ts,
+                            bool norm_pix, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = find_op<VideoLossSig>("umae::videomae_loss");
-    at::Tensor loss = op.call(pred, videos, mask, p, ts, norm_pix, mean, std, eps);
-    ctx->save_for_backward({pred, videos, mask});
-    ctx->saved_data["geom"] = std::vector<int64_t>{p, ts, norm_pix, mean.has_value()};
-    ctx->saved_data["mean"] = as_vector(mean);
-    ctx->saved_data["std"] = as_vector(std);
-    ctx->saved_data["eps"] = eps;
+    at::Tensor loss = op.call(pred, videos, mask, stats, p, ts, norm_pix, eps);
+    ctx->save_for_backward({pred, videos, mask, stats.value_or(at::Tensor())});
+    ctx->saved_data["args"] = std::vector<double>{double(p), double(ts), double(norm_pix), eps};  // one entry
     return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    const auto geom = ctx->saved_data["geom"].toIntVector();
-    const std::vector<double> mean = ctx->saved_data["mean"].toDoubleVector(),
-                              std = ctx->saved_data["std"].toDoubleVector();
+    const std::vector<double> a = ctx->saved_data["args"].toDoubleVector();
     at::Tensor gpred;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       static const auto op = find_op<VideoLossBackwardSig>("umae::videomae_loss_backward");
-      gpred = op.call(grads[0], s[0], s[1], s[2], geom[0], geom[1], geom[2], as_optional(mean, geom[3]),
-                      as_optional(std, geom[3]), ctx->saved_data["eps"].toDouble());
+      gpred = op.call(grads[0], s[0], s[1], s[2], s[3].defined() ? std::optional<at::Tensor>(s[3]) : std::nullopt,
+                      int64_t(a[0]), int64_t(a[1]), a[2] != 0, a[3]);
     }
     auto out = first_order_only("videomae_loss", {gpred}, {grads[0], s[0]});
-    return {out[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    return {out[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor videomae_loss_autograd(const at::Tensor& pred, const at::Tensor& videos, const at::Tensor& mask, int64_t p,
-                                  int64_t ts, bool norm_pix, std::optional<at::ArrayRef<double>> mean,
-                                  std::optional<at::ArrayRef<double>> std, double eps) {
+at::Tensor videomae_loss_autograd(const at::Tensor& pred, const at::Tensor& videos, const at::Tensor& mask,
+                                  const std::optional<at::Tensor>& stats, int64_t p, int64_t ts, bool norm_pix,
+                                  double eps) {
   TORCH_CHECK_VALUE(!records(videos), "videos requires grad, but the fused loss differentiates pred only; detach "
                     "videos or use umae.use_backend('reference')");
   refuse_forward_ad("videomae_loss", pred, videos);
-  if (records(pred)) return VideoMaeLossFunction::apply(pred, videos, mask, p, ts, norm_pix, mean, std, eps);
+  if (records(pred)) return VideoMaeLossFunction::apply(pred, videos, mask, stats, p, ts, norm_pix, eps);
   at::AutoDispatchBelowADInplaceOrView guard;
   static const auto op = find_op<VideoLossSig>("umae::videomae_loss");
-  return op.call(pred, videos, mask, p, ts, norm_pix, mean, std, eps);
+  return op.call(pred, videos, mask, stats, p, ts, norm_pix, eps);
 }
 
 }  // namespace
@@ -255,14 +248,15 @@ at::Tensor videomae_loss_autograd(const at::Tensor& pred, const at::Tensor& vide
 // umae/ops/videomae_loss_op.py: Triton). Semantics: the reference in that module.
 TORCH_LIBRARY_FRAGMENT(umae, m) {
   // VideoMAE's loss, a 0-dim fp32 tensor (fp64 for fp64 pred): videos (B, C, T, H, W) unnormalized
-  // (x * std + mean, when given), tubelet patchified, normalized per token and channel with norm_pix;
+  // (x * std + mean, when stats are given), tubelet patchified, normalized per token and channel with norm_pix;
   // the masked tokens (mask bool (B, N), True = masked, the same count per row) in ascending order
   // against pred (B, masked, ts*p*p*C); the mean squared error. eps is added to the std.
-  m.def("videomae_loss(Tensor pred, Tensor videos, Tensor mask, int p, int ts, bool norm_pix, float[]? mean, "
-        "float[]? std, float eps) -> Tensor");
+  // stats: (2, C) float32 (mean; std) of the unnormalize, on the videos' device, or None (as given).
+  m.def("videomae_loss(Tensor pred, Tensor videos, Tensor mask, Tensor? stats, int p, int ts, bool norm_pix, "
+        "float eps) -> Tensor");
   // d(grad * loss) / d(pred), in pred's dtype; grad 0-dim.
-  m.def("videomae_loss_backward(Tensor grad, Tensor pred, Tensor videos, Tensor mask, int p, int ts, "
-        "bool norm_pix, float[]? mean, float[]? std, float eps) -> Tensor");
+  m.def("videomae_loss_backward(Tensor grad, Tensor pred, Tensor videos, Tensor mask, Tensor? stats, int p, "
+        "int ts, bool norm_pix, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(umae, Autograd, m) { m.impl("videomae_loss", &videomae_loss_autograd); }

@@ -122,7 +122,7 @@ E2E = {  # shape set -> (model, batch)
     "cpu_tiny32": ("umae_vit_tiny_patch4_32", 64),
     "tiny": ("umae_vit_micro_patch4_32", 4),
 }
-E2E_DEFAULT = {"cuda": ["vit_tiny32", "vit_b16"], "cpu": ["cpu_small", "cpu_tiny32"]}
+E2E_DEFAULT = {"cuda": ["vit_tiny32", "vit_b16", "videomae_b"], "cpu": ["cpu_small", "cpu_tiny32", "cpu_video"]}
 # transformers' ViTMAEForPreTraining, unpatched vs umae.patch: shape set -> (ViTMAEConfig kwargs, batch)
 HF_E2E = {
     "vit_b16": ({}, 64),  # ViTMAEConfig's defaults: ViT-B/16 at 224, the 512-d 8-block decoder
@@ -131,8 +131,15 @@ HF_E2E = {
                        decoder_intermediate_size=512, image_size=32, patch_size=4, norm_pix_loss=True), 64),
 }
 HF_E2E["tiny"] = (HF_E2E["cpu_small"][0], 4)
+# transformers' VideoMAEForPreTraining, unpatched vs umae.patch, 90% tube masks: shape set -> (VideoMAEConfig
+# kwargs, batch). VideoMAE-B: the config's defaults (16 x 224 x 224, tubelet 2, the 384-d 4-block decoder)
+_VIDEO_MICRO = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768,
+                    decoder_hidden_size=128, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
+                    decoder_intermediate_size=512, image_size=32, patch_size=4, num_frames=8, tubelet_size=2)
+HF_VIDEO_E2E = {"videomae_b": ({}, 8), "cpu_video": (_VIDEO_MICRO, 16), "tiny": (_VIDEO_MICRO, 2)}
+VIDEO_MASK_RATIO = 0.9
 # train_step: umae's U-MAE (lamb 0.01); mae_train_step: the same model as plain MAE (lamb 0)
-E2E_OPS = ("train_step", "mae_train_step", "hf_train_step")
+E2E_OPS = ("train_step", "mae_train_step", "hf_train_step", "hf_video_train_step")
 
 
 def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16, ops=("train_step",)):
@@ -145,7 +152,7 @@ def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16, ops=("train
     not, and compiled)."""
     with bench_settings():
         for op in ops:
-            table = HF_E2E if op == "hf_train_step" else E2E
+            table = {"hf_train_step": HF_E2E, "hf_video_train_step": HF_VIDEO_E2E}.get(op, E2E)
             for shape in shapes:
                 if shape not in table:
                     continue
@@ -154,6 +161,9 @@ def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16, ops=("train
                     torch.manual_seed(0)
                     if op == "hf_train_step":
                         model, impl, batch = _hf_model(shape, provider), "ViTMAEForPreTraining", HF_E2E[shape][1]
+                    elif op == "hf_video_train_step":
+                        model, impl = _hf_video_model(shape, provider), "VideoMAEForPreTraining"
+                        batch = HF_VIDEO_E2E[shape][1]
                     else:
                         lamb = 0.01 if op == "train_step" else 0.0
                         model, impl, batch = _umae_model(shape, provider, lamb), f"{E2E[shape][0]} lamb={lamb}", E2E[shape][1]
@@ -175,6 +185,15 @@ def _hf_model(shape, provider):
     from .. import patch
 
     model = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**HF_E2E[shape][0]))
+    return patch(model) if provider in FUSED_PROVIDERS else model
+
+
+def _hf_video_model(shape, provider):
+    import transformers
+
+    from .. import patch
+
+    model = transformers.VideoMAEForPreTraining(transformers.VideoMAEConfig(**HF_VIDEO_E2E[shape][0]))
     return patch(model) if provider in FUSED_PROVIDERS else model
 
 
@@ -214,17 +233,27 @@ def train_step_fn(model, batch: int, device: str, provider: str, amp):
         net = torch.compile(model, mode="reduce-overhead" if cg else "default")
     size = model.img_size if hasattr(model, "img_size") else model.config.image_size  # umae's, or transformers'
     chans = model.in_chans if hasattr(model, "in_chans") else model.config.num_channels
-    imgs = torch.randn(batch, chans, size, size, device=device)
+    kwargs = {}
+    if getattr(getattr(model, "config", None), "model_type", "") == "videomae":  # clips and VideoMAE's tube masks
+        cfg = model.config
+        imgs = torch.randn(batch, cfg.num_frames, chans, size, size, device=device)
+        from ..ops.tube_mask_op import tube_mask
+
+        h = size // cfg.patch_size
+        kwargs["bool_masked_pos"] = tube_mask(batch, cfg.num_frames // cfg.tubelet_size, h, h, VIDEO_MASK_RATIO,
+                                              device=device)
+    else:
+        imgs = torch.randn(batch, chans, size, size, device=device)
 
     def step():
         if cg:  # a new step: the previous replay's outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device, dtype=amp, enabled=amp is not None):
-            loss = net(imgs).loss
+            loss = net(imgs, **kwargs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    step.held = [imgs, *model.parameters(), *model.buffers()]  # what the step holds before its forward
+    step.held = [imgs, *kwargs.values(), *model.parameters(), *model.buffers()]  # what the step holds before its forward
     return step
 
 

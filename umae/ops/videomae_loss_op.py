@@ -20,6 +20,7 @@ from .tubelet_patchify_op import tubelets
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+_DEFAULT_STATS: dict = {}  # (device, videos dtype) -> stats_tensor of ImageNet's constants
 NORM_EPS = 1e-6  # added to the std, not the variance (VideoMAE's rule; image MAE adds 1e-6 to the variance)
 
 
@@ -98,7 +99,24 @@ def videomae_loss_fused(pred, videos, mask, p, ts, norm_pix=True, mean=IMAGENET_
                         std=IMAGENET_DEFAULT_STD):
     """umae::videomae_loss: the C++ kernel on CPU (csrc/cpu/videomae_loss.cpp, with the autograd), the
     Triton kernel on CUDA (kernels/videomae_loss.py)."""
-    return _LOSS(pred, videos, mask, p, ts, norm_pix, mean, std, NORM_EPS)
+    if mean is None:
+        stats = None
+    elif mean is IMAGENET_DEFAULT_MEAN and std is IMAGENET_DEFAULT_STD:  # the default: no tuples to hash
+        stats = _DEFAULT_STATS.get((videos.device, videos.dtype))
+        if stats is None:
+            stats = _DEFAULT_STATS[videos.device, videos.dtype] = stats_tensor(mean, std, videos.device,
+                                                                               acc_dtype(videos.dtype))
+    else:
+        stats = stats_tensor(tuple(mean), tuple(std), videos.device, acc_dtype(videos.dtype))
+    return _LOSS(pred, videos, mask, stats, p, ts, norm_pix, NORM_EPS)
+
+
+@functools.lru_cache(maxsize=16)
+def stats_tensor(mean: tuple, std: tuple, device, dtype=torch.float32) -> torch.Tensor:
+    """(2, C) (mean; std) on `device`, fp32 (fp64 for fp64 videos, as the reference's constants), made once
+    per (mean, std, device, dtype): no copy to the device and no list for the dispatcher to convert at
+    each call."""
+    return torch.tensor([mean, std], dtype=dtype, device=device)
 
 
 _LOSS = None
@@ -106,34 +124,27 @@ if _common.EXT_LOADED:
     _LOSS = torch.ops.umae.videomae_loss.default
 
     @torch.library.register_fake("umae::videomae_loss")
-    def _loss_fake(pred, videos, mask, p, ts, norm_pix, mean, std, eps):
+    def _loss_fake(pred, videos, mask, stats, p, ts, norm_pix, eps):
         return pred.new_empty((), dtype=acc_dtype(pred.dtype))
 
     @torch.library.register_fake("umae::videomae_loss_backward")
-    def _backward_fake(grad, pred, videos, mask, p, ts, norm_pix, mean, std, eps):
+    def _backward_fake(grad, pred, videos, mask, stats, p, ts, norm_pix, eps):
         return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
 
 KERNELS = TRITON_KERNELS = None
 if _common.TRITON_USABLE:
     from ..kernels import videomae_loss as KERNELS
 
-    @functools.lru_cache(maxsize=16)
-    def _device_stats(mean, std, device) -> torch.Tensor:
-        # (2, C) fp32 on the device, made once per (mean, std, device): no copy per call
-        return torch.tensor([mean, std], dtype=torch.float32, device=device)
+    def _rows(pred):
+        return pred if pred.stride(2) == 1 else pred.contiguous()
 
-    def _launch_args(pred, videos, mask, mean, std):
-        stats = None if mean is None else _device_stats(tuple(mean), tuple(std), videos.device)
-        return pred if pred.stride(2) == 1 else pred.contiguous(), videos, mask.contiguous(), stats
+    def _triton_loss(pred, videos, mask, stats, p, ts, norm_pix, eps):
+        return KERNELS.forward(_rows(pred), videos, mask.contiguous(), stats, p, ts, norm_pix, eps)
 
-    def _triton_loss(pred, videos, mask, p, ts, norm_pix, mean, std, eps):
-        pred, videos, mask, stats = _launch_args(pred, videos, mask, mean, std)
-        return KERNELS.forward(pred, videos, mask, stats, p, ts, norm_pix, eps)
-
-    def _triton_backward(grad, pred, videos, mask, p, ts, norm_pix, mean, std, eps):
-        pred, videos, mask, stats = _launch_args(pred, videos, mask, mean, std)
+    def _triton_backward(grad, pred, videos, mask, stats, p, ts, norm_pix, eps):
+        pred = _rows(pred)
         out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
-        KERNELS.backward(grad, pred, videos, mask, stats, p, ts, norm_pix, eps, out)
+        KERNELS.backward(grad, pred, videos, mask.contiguous(), stats, p, ts, norm_pix, eps, out)
         return out
 
     TRITON_KERNELS = {"videomae_loss": _triton_loss, "videomae_loss_backward": _triton_backward}

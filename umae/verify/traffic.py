@@ -30,7 +30,7 @@ from .._table import Col, format_table
 from . import jit
 from ..bench import cases
 
-TRAFFIC_SHAPES = ("vit_b16", "vit_tiny32")
+TRAFFIC_SHAPES = ("vit_b16", "vit_tiny32", "cpu_video")
 DTYPE = torch.bfloat16
 
 
@@ -103,7 +103,14 @@ def _fwd_bwd(c, counting):
 
 
 def eager_bytes(op: str, shape) -> int:
-    c = _case(op, shape, "meta")
+    try:
+        return _eager_bytes(op, shape, "meta")
+    except (RuntimeError, NotImplementedError):  # a reference that reads its data (a boolean index): on CPU
+        return _eager_bytes(op, shape, "cpu")
+
+
+def _eager_bytes(op: str, shape, device) -> int:
+    c = _case(op, shape, device)
     m = _AtenBytes()
     with _common.use_backend("reference"):
         _fwd_bwd(c, lambda: m)
@@ -255,8 +262,25 @@ def _z_times_gram(a, grid) -> int:
     return n_n * B * (D * _e(a, "f_ptr") + n_k * _e(a, "rinv_ptr")) + n_m * D * D * _e(a, "g_ptr") + B * D * _e(a, "out_ptr")
 
 
+def _tubelets(a, grid, src: str) -> int:  # kernels/tubelet_patchify.py: each program one token, read and written
+    return grid[0] * a["TS"] * a["P"] ** 2 * a["C"] * (_e(a, src) + _e(a, "out_ptr"))
+
+
+def _video_loss(a, grid) -> int:  # kernels/videomae_loss.py: one program per token
+    mask = a["mask_ptr"].bool()
+    n_tok, masked = grid[0], int(mask.sum())
+    before = int((mask * torch.arange(mask.shape[1], device=mask.device)).sum())  # the rank counts' mask bytes
+    K = a["TS"] * a["P"] ** 2 * a["C"]
+    per_masked = K * (_e(a, "v_ptr") + _e(a, "pred_ptr")) + (2 * a["C"] * _e(a, "stats_ptr") if a["UNNORM"] else 0)
+    if a["BACKWARD"]:
+        per_masked += _e(a, "grad_ptr") + K * _e(a, "out_ptr")
+    return n_tok * _e(a, "mask_ptr") + before + masked * per_masked + (0 if a["BACKWARD"] else n_tok * _e(a, "out_ptr"))
+
+
 # kernel name -> bytes its masked loads and stores request, from its launch's grid and arguments (by name)
 REQUESTED_BYTES = {"_rank_gather_kernel": _rank_gather, "_scatter_grad_kernel": _scatter_grad,
                    "_restore_kernel": _restore, "_restore_bwd_kernel": _restore_bwd, "_gram_kernel": _gram,
                    "_sim_kernel": _sim, "_sim_times_z_kernel": _sim_times_z, "_grad_rows_kernel": _grad_rows,
-                   "_z_times_gram_kernel": _z_times_gram}
+                   "_z_times_gram_kernel": _z_times_gram,
+                   "_patchify_kernel": lambda a, g: _tubelets(a, g, "v_ptr"),
+                   "_unpatchify_kernel": lambda a, g: _tubelets(a, g, "x_ptr"), "_loss_kernel": _video_loss}

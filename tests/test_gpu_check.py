@@ -14,7 +14,7 @@ from umae_testing import HANG_GUARD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["env", "build", "tests", "sanitize", "profile", "ops", "unif", "train", "compile", "host", "tune",
-          "done (status 0)"]
+          "video", "video_step", "done (status 0)"]
 
 
 @pytest.mark.gpucheck

@@ -136,7 +136,10 @@ HF_E2E["tiny"] = (HF_E2E["cpu_small"][0], 4)
 _VIDEO_MICRO = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768,
                     decoder_hidden_size=128, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
                     decoder_intermediate_size=512, image_size=32, patch_size=4, num_frames=8, tubelet_size=2)
-HF_VIDEO_E2E = {"videomae_b": ({}, 8), "cpu_video": (_VIDEO_MICRO, 16), "tiny": (_VIDEO_MICRO, 2)}
+_VIDEO_TINY = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                   decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                   decoder_intermediate_size=64, image_size=16, patch_size=4, num_frames=4, tubelet_size=2)
+HF_VIDEO_E2E = {"videomae_b": ({}, 8), "cpu_video": (_VIDEO_MICRO, 16), "tiny": (_VIDEO_TINY, 2)}
 VIDEO_MASK_RATIO = 0.9
 # train_step: umae's U-MAE (lamb 0.01); mae_train_step: the same model as plain MAE (lamb 0)
 E2E_OPS = ("train_step", "mae_train_step", "hf_train_step", "hf_video_train_step")

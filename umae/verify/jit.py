@@ -73,16 +73,13 @@ def _uniformity_variants() -> None:
 
 
 def _videomae_loss_variants() -> None:
-    """norm_pix and the unnormalize on and off (constexprs the cases leave on), each pred dtype."""
+    """norm_pix and the unnormalize off (constexprs the cases leave on; the dtypes the cases compile)."""
     from ..ops.tube_mask_op import tube_mask
 
     mask = tube_mask(2, 2, 2, 3, 0.5)
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
-        for norm_pix in (True, False):
-            for stats in ({}, dict(mean=None, std=None)):
-                pred = torch.randn(2, 6, 2 * 8 * 8 * 3).to(dt).requires_grad_()
-                videomae_loss_op.videomae_loss(pred, torch.randn(2, 3, 4, 16, 24), mask, 8, 2, norm_pix,
-                                               **stats).backward()
+    for norm_pix, stats in ((False, {}), (True, dict(mean=None, std=None)), (False, dict(mean=None, std=None))):
+        pred = torch.randn(2, 6, 2 * 8 * 8 * 3).requires_grad_()
+        videomae_loss_op.videomae_loss(pred, torch.randn(2, 3, 4, 16, 24), mask, 8, 2, norm_pix, **stats).backward()
 
 
 # launches beyond an op's benchmark cases that the compile check must see (flags the cases do not set)

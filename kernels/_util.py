@@ -106,3 +106,17 @@ def cast_rn(v, dtype: tl.constexpr):
         return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return v.to(dtype)
+
+
+@triton.jit
+def tubelet_offsets(b, l, j, s_b, s_t, s_h, s_w, h, w, P: tl.constexpr, TS: tl.constexpr):
+    """The video offsets (channel 0) of values j = (p0*P + p1)*P + p2 of tubelet token l (ordered (t, h, w)
+    over an h x w patch grid) of sample b, for videos (B, C, T, H, W) of strides s_b, s_t, s_h, s_w."""
+    ti = l // (h * w)
+    hw = l - ti * h * w
+    hi = hw // w
+    wi = hw - hi * w
+    p0 = j // (P * P)
+    p1 = (j // P) % P
+    p2 = j % P
+    return b * s_b + (ti * TS + p0) * s_t + (hi * P + p1) * s_h + (wi * P + p2) * s_w

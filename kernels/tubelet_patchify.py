@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import on_device, tile_warps
+from ._util import on_device, tile_warps, tubelet_offsets
 
 
 @triton.jit
@@ -19,18 +19,8 @@ def _video_offsets(b, l, s_b, s_c, s_t, s_h, s_w, h, w, P: tl.constexpr, TS: tl.
                    BLOCK_K: tl.constexpr):
     """(k, valid, the video offset of value k = ((p0*P + p1)*P + p2)*C + c of token l of sample b)."""
     k = tl.arange(0, BLOCK_K)
-    ok = k < TS * P * P * C
     j = k // C
-    c = k - j * C
-    p0 = j // (P * P)
-    p1 = (j // P) % P
-    p2 = j % P
-    ti = l // (h * w)
-    hw = l - ti * h * w
-    hi = hw // w
-    wi = hw - hi * w
-    base = b * s_b + (ti * TS) * s_t + (hi * P) * s_h + (wi * P) * s_w
-    return k, ok, base + c * s_c + p0 * s_t + p1 * s_h + p2 * s_w
+    return k, k < TS * P * P * C, tubelet_offsets(b, l, j, s_b, s_t, s_h, s_w, h, w, P, TS) + (k - j * C) * s_c
 
 
 @triton.jit

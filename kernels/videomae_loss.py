@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import cast_rn, on_device, tile_warps
+from ._util import cast_rn, on_device, tile_warps, tubelet_offsets
 
 BLOCK_N = 1024  # mask bytes per step of the rank count
 
@@ -23,16 +23,8 @@ def _label(v_ptr, stats_ptr, b, l, s_b, s_c, s_t, s_h, s_w, h, w, eps, P: tl.con
     J: tl.constexpr = TS * P * P
     j = tl.arange(0, BLOCK_J)
     c = tl.arange(0, BLOCK_C)
-    p0 = j // (P * P)
-    p1 = (j // P) % P
-    p2 = j % P
-    ti = l // (h * w)
-    hw = l - ti * h * w
-    hi = hw // w
-    wi = hw - hi * w
-    base = b * s_b + (ti * TS) * s_t + (hi * P) * s_h + (wi * P) * s_w
     ok = (j < J)[:, None] & (c < C)[None, :]
-    off = base + c[None, :] * s_c + (p0 * s_t + p1 * s_h + p2 * s_w)[:, None]
+    off = tubelet_offsets(b, l, j, s_b, s_t, s_h, s_w, h, w, P, TS)[:, None] + c[None, :] * s_c
     x = tl.load(v_ptr + off, mask=ok, other=0.0).to(tl.float32)
     if UNNORM:  # x * std + mean, as the reference (two roundings)
         std = tl.load(stats_ptr + C + c, mask=c < C, other=1.0)

@@ -143,6 +143,11 @@ def _hf_pretraining_forward(self, pixel_values=None, noise=None, interpolate_pos
     result = _hf_module(self).ViTMAEForPreTrainingOutput(
         loss=loss, logits=logits, mask=mask, ids_restore=ids_restore, hidden_states=out.hidden_states,
         attentions=out.attentions)
+    return _hf_output(result, loss_mae, loss_unif, cfg, return_dict)
+
+
+def _hf_output(result, loss_mae, loss_unif, cfg, return_dict):
+    """The model's output with the two terms; a tuple where the model's own forward returns one."""
     # not ModelOutput fields: to_tuple() keeps the model's own layout
     object.__setattr__(result, "loss_mae", loss_mae)
     object.__setattr__(result, "loss_unif", loss_unif)
@@ -202,11 +207,7 @@ def _hf_video_pretraining_forward(self, pixel_values, bool_masked_pos=None, **kw
         loss = loss_mae + state["lamb"] * loss_unif
     result = _hf_module(self).VideoMAEForPreTrainingOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                                            attentions=out.attentions)
-    object.__setattr__(result, "loss_mae", loss_mae)
-    object.__setattr__(result, "loss_unif", loss_unif)
-    if return_dict is False or (return_dict is None and not getattr(cfg, "return_dict", True)):
-        return result.to_tuple()
-    return result
+    return _hf_output(result, loss_mae, loss_unif, cfg, return_dict)
 
 
 # ---- facebookresearch/mae-style --------------------------------------------------------

@@ -22,9 +22,11 @@ HOST_SIDE = {
     ("kernels/restore_tokens.py", "check_ids"),  # its CPU branch (the interpreter); CUDA returns before it
     ("umae/ops/uniformity_op.py", "check_equal_batches_once"),  # once per process group, before training
     ("umae/ops/_common.py", "video_mask"),  # the count read where not given; given, CUDA asserts on the device
+    ("umae/ops/_common.py", "device_constant"),  # the values of a CPU tensor of host data, filled in under capture
 }
 # what an op's forward and backward run, besides its kernels
-OP_PATH = ["umae/ops/_common.py", "umae/ops/tube_mask_op.py", "umae/ops/visible_tokens_op.py", "umae/_mae.py",
+OP_PATH = ["umae/ops/_common.py", "umae/ops/tube_mask_op.py", "umae/ops/visible_tokens_op.py",
+           "umae/ops/decoder_tokens_op.py", "umae/patching.py", "umae/_mae.py",
            "umae/models/mae.py"] + sorted(
     {f"umae/ops/{op.public.__module__.split('.')[-1]}.py" for op in registry.OPS.values()}) + sorted(
     f"kernels/{f}" for f in os.listdir(os.path.join(ROOT, "kernels")) if f.endswith(".py"))

@@ -152,7 +152,7 @@ def test_bad_video_input_is_named(call, match, backend):
 @pytest.mark.parametrize("call,match", [
     (lambda: umae.tube_mask(2, 2, 2, 2, 1.0), "ratio must be"),
     (lambda: umae.visible_tokens(randn(2, 2, 4), torch.tensor([[True, False], [True, True]])),
-     "num_masked=1 tokens in every row"),
+     "same number of tokens in every row, got \\[1, 2\\]"),
     (lambda: umae.visible_tokens(randn(1, 2, 4), torch.ones(1, 2)), "mask must be bool"),
     (lambda: umae.visible_tokens(randn(1, 2, 4), torch.ones(1, 3, dtype=torch.bool)), "mask must have shape"),
     (lambda: umae.visible_tokens(randn(1, 2, 4), torch.ones(1, 2, dtype=torch.bool), num_masked=3), "num_masked must"),
@@ -380,7 +380,7 @@ def test_hf_videomae_patched_matches_unpatched(cfg):
     umae.unpatch(model)  # the model's own code back, bitwise
     again = model(x, bool_masked_pos=mask)
     assert torch.equal(again.loss, want.loss) and "forward" not in model.__dict__
-    assert "_umae_pos" not in model.videomae.embeddings.__dict__
+    assert "_umae_pos" not in model.videomae.embeddings.__dict__ and "_umae_pos" not in model.__dict__
 
 
 @needs_ext
@@ -404,3 +404,32 @@ def test_hf_videomae_uniformity_term_pickle_and_compile():
     assert_close(compiled(x, bool_masked_pos=mask).loss, out.loss, name="compiled loss", **LOSS_TOL[torch.float32])
     with pytest.raises(ValueError, match="lamb > 0 needs a model that returns a loss"):
         umae.patch(model.videomae, lamb=0.1)
+
+
+@needs_ext
+def test_cached_constants_survive_inference_mode_and_tracing():
+    # the unnormalize constants and the patched model's position tables are made once per device; a
+    # first call under inference mode, or one traced on fake tensors, must not leave what later training
+    # calls cannot use
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from umae.ops import videomae_loss_op
+
+    videomae_loss_op._STATS.clear()
+    videos, mask = randn(2, 3, 2, 8, 8), umae.tube_mask(2, 1, 2, 2, 0.5, generator=torch.Generator().manual_seed(0))
+    pred = randn(2, 2, 96, requires_grad=True)
+    with FakeTensorMode() as mode:
+        fake = umae.videomae_loss(mode.from_tensor(pred), mode.from_tensor(videos), mode.from_tensor(mask), 4, 2)
+        assert fake.shape == ()
+    with torch.inference_mode():
+        umae.videomae_loss(pred.detach(), videos, mask, 4, 2)
+    loss = umae.videomae_loss(pred, videos, mask, 4, 2)
+    assert type(loss) is torch.Tensor
+    loss.backward()  # the constants it saved are not inference tensors
+    assert_close(loss, videomae_loss_reference(pred, videos, mask, 4, 2), name="loss", **LOSS_TOL[torch.float32])
+    model = umae.patch(videomae())
+    x, m = videomae_inputs(model, B=2)
+    with torch.inference_mode():
+        model(x, bool_masked_pos=m)
+    model(x, bool_masked_pos=m).loss.backward()
+    assert model.videomae.embeddings.patch_embeddings.projection.weight.grad is not None

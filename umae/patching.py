@@ -165,12 +165,11 @@ def _fixed_table(module, like: torch.Tensor) -> torch.Tensor:
     """module.position_embeddings (VideoMAE's fixed sin-cos table, a plain CPU tensor) on like's device
     and dtype, as the model's `.type_as(...).to(device, copy=True)` gives it each call: made once per
     device and dtype, not copied to the device at every step."""
-    cache = module.__dict__[_POS_CACHE]
-    key = (like.device, like.dtype)
-    pos = cache.get(key)
-    if pos is None:
-        pos = cache[key] = module.position_embeddings.detach().to(device=like.device, dtype=like.dtype, copy=True)
-    return pos
+    table = module.position_embeddings
+    # keyed by the table too: a model given another table gets it
+    return ops._common.device_constant(module.__dict__[_POS_CACHE], (id(table), like.device, like.dtype), like,
+                                       lambda device=like.device: table.detach().to(device=device, dtype=like.dtype,
+                                                                                    copy=True))
 
 
 def _hf_video_embeddings_forward(self, pixel_values, bool_masked_pos):

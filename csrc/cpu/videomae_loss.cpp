@@ -236,6 +236,8 @@ at::Tensor videomae_loss_autograd(const at::Tensor& pred, const at::Tensor& vide
   TORCH_CHECK_VALUE(!records(videos), "videos requires grad, but the fused loss differentiates pred only; detach "
                     "videos or use umae.use_backend('reference')");
   refuse_forward_ad("videomae_loss", pred, videos);
+  // the CPU kernel checks its arguments; the GPU's Triton launcher does not (its host time): here, for it
+  if (!pred.is_cpu()) (void)video_of(pred, videos, mask, p, ts, norm_pix, stats);
   if (records(pred)) return VideoMaeLossFunction::apply(pred, videos, mask, stats, p, ts, norm_pix, eps);
   at::AutoDispatchBelowADInplaceOrView guard;
   static const auto op = find_op<VideoLossSig>("umae::videomae_loss");

@@ -169,19 +169,46 @@ def video_mask(mask, size: tuple, ref: torch.Tensor, ref_name: str, num_masked=N
     if not rows and num_masked is not None:
         return as_int(num_masked)
     counts = mask.sum(1)
-    if num_masked is None:
-        n = int(counts[0]) if B else 0
-    else:
-        n = as_int(num_masked)
-        if n is None or not 0 <= n <= N:
-            raise ValueError(f"num_masked must be an int in [0, {N}], got {num_masked!r}")
+    if num_masked is None:  # one host read: the counts
+        got = counts.tolist()
+        n = got[0] if B else 0
+        if any(c != n for c in got):
+            raise ValueError(f"mask must mask the same number of tokens in every row, got {got}")
+        return n
+    n = as_int(num_masked)
+    if n is None or not 0 <= n <= N:
+        raise ValueError(f"num_masked must be an int in [0, {N}], got {num_masked!r}")
     ok = (counts == n).all()
     msg = f"mask must mask the same number of tokens in every row, num_masked={n} tokens in every row"
-    if mask.is_cuda and num_masked is not None:
+    if mask.is_cuda:
         torch._assert_async(ok, msg)
     elif not bool(ok):
         raise ValueError(f"{msg}, got {counts.tolist()}")
     return n
+
+
+def device_constant(cache: dict, key, like: torch.Tensor, make):
+    """`make()` (a tensor built from host data for calls like `like`'s), kept in `cache` under `key` for
+    later calls: the copy to the device and its build, once. Not kept where it would not be a plain
+    tensor later calls can use: while tracing (fake tensors: torch.compile, torch.export), while a CUDA
+    graph is being captured (made by fills then: a host-to-device copy is not allowed there), and
+    built outside inference mode (an inference tensor cannot be saved for a later backward)."""
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or is_fake(like):
+        return make()
+    if like.is_cuda and torch.cuda.is_current_stream_capturing():
+        host = make(torch.device("cpu"))
+        out = torch.empty(host.shape, dtype=host.dtype, device=like.device)
+        for i, v in enumerate(host.flatten().tolist()):
+            out.view(-1)[i].fill_(v)
+        return out
+    with torch.inference_mode(False):
+        out = cache[key] = make()
+    return out
 
 
 def param(t, name: str, expected: tuple, ref: torch.Tensor) -> None:

@@ -9,8 +9,6 @@ kernels/videomae_loss.py the Triton kernel, whose launchers register below at th
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import _common
@@ -20,7 +18,9 @@ from .tubelet_patchify_op import tubelets
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-_DEFAULT_STATS: dict = {}  # (device, videos dtype) -> stats_tensor of ImageNet's constants
+# the unnormalize constants as the op takes them, (2, C) (mean; std) on the device, made once per device and
+# dtype (ImageNet's: keyed without the values); a list argument cost the dispatcher 1.4 us a call
+_STATS: dict = {}
 NORM_EPS = 1e-6  # added to the std, not the variance (VideoMAE's rule; image MAE adds 1e-6 to the variance)
 
 
@@ -99,24 +99,17 @@ def videomae_loss_fused(pred, videos, mask, p, ts, norm_pix=True, mean=IMAGENET_
                         std=IMAGENET_DEFAULT_STD):
     """umae::videomae_loss: the C++ kernel on CPU (csrc/cpu/videomae_loss.cpp, with the autograd), the
     Triton kernel on CUDA (kernels/videomae_loss.py)."""
-    if mean is None:
-        stats = None
-    elif mean is IMAGENET_DEFAULT_MEAN and std is IMAGENET_DEFAULT_STD:  # the default: no tuples to hash
-        stats = _DEFAULT_STATS.get((videos.device, videos.dtype))
-        if stats is None:
-            stats = _DEFAULT_STATS[videos.device, videos.dtype] = stats_tensor(mean, std, videos.device,
-                                                                               acc_dtype(videos.dtype))
-    else:
-        stats = stats_tensor(tuple(mean), tuple(std), videos.device, acc_dtype(videos.dtype))
+    stats = None
+    if mean is not None:
+        dtype = acc_dtype(videos.dtype)  # fp64 constants for fp64 videos, as the reference's
+        if mean is IMAGENET_DEFAULT_MEAN and std is IMAGENET_DEFAULT_STD:  # the default: no tuples to hash
+            key = (videos.device, dtype)
+        else:
+            mean, std = tuple(mean), tuple(std)
+            key = (mean, std, videos.device, dtype)
+        stats = _common.device_constant(_STATS, key, videos, lambda device=videos.device: torch.tensor(
+            [mean, std], dtype=dtype, device=device))
     return _LOSS(pred, videos, mask, stats, p, ts, norm_pix, NORM_EPS)
-
-
-@functools.lru_cache(maxsize=16)
-def stats_tensor(mean: tuple, std: tuple, device, dtype=torch.float32) -> torch.Tensor:
-    """(2, C) (mean; std) on `device`, fp32 (fp64 for fp64 videos, as the reference's constants), made once
-    per (mean, std, device, dtype): no copy to the device and no list for the dispatcher to convert at
-    each call."""
-    return torch.tensor([mean, std], dtype=dtype, device=device)
 
 
 _LOSS = None
@@ -136,6 +129,9 @@ if _common.TRITON_USABLE:
     from ..kernels import videomae_loss as KERNELS
 
     def _rows(pred):
+        if pred.dtype == torch.float64:  # the public op runs the reference for it
+            raise TypeError("umae::videomae_loss: the Triton kernel takes float32, bfloat16 or float16 pred, not "
+                            "float64; use the reference")
         return pred if pred.stride(2) == 1 else pred.contiguous()
 
     def _triton_loss(pred, videos, mask, stats, p, ts, norm_pix, eps):

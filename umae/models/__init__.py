@@ -5,6 +5,7 @@ from functools import partial
 from timm.models import register_model
 
 from .mae import MAEOutput, MaskedAutoencoderViT, get_2d_sincos_pos_embed
+from .videomae import VIDEO_CONFIGS, VideoMAEOutput, VideoMaskedAutoencoderViT, build_video
 
 # name -> (img, patch, dim, depth, heads, decoder dim, decoder depth, decoder heads)
 CONFIGS = {
@@ -33,6 +34,9 @@ _TIMM_KWARGS = ("cache_dir", "pretrained_model_args")  # create_model's, for its
 
 def check_name(name, flag: str = "--model") -> None:
     """A ValueError naming `flag` unless `name` is one of umae's models."""
+    if name in VIDEO_CONFIGS:
+        raise ValueError(f"{flag} {name!r} is one of umae's video models (timm.create_model builds it), which this "
+                         f"command does not train yet; umae models: {', '.join(CONFIGS)}")
     if name not in CONFIGS:  # timm knows other models (resnet18): not MAE models
         import timm
 
@@ -91,4 +95,13 @@ for _name in CONFIGS:
     _fn.__doc__ = f"{_name}: {CONFIGS[_name]} (img, patch, dim, depth, heads, dec dim, dec depth, dec heads)"
     globals()[_name] = register_model(_fn)
 
-__all__ = ["MAEOutput", "MaskedAutoencoderViT", "get_2d_sincos_pos_embed", "CONFIGS", "build", "check_name", *CONFIGS]
+for _name in VIDEO_CONFIGS:
+    _fn = partial(build_video, _name)
+    _fn.__name__ = _name
+    _fn.__module__ = __name__
+    _fn.__doc__ = (f"{_name}: {VIDEO_CONFIGS[_name]} (img, patch, frames, tubelet, dim, depth, heads, dec dim, "
+                   "dec depth, dec heads)")
+    globals()[_name] = register_model(_fn)
+
+__all__ = ["MAEOutput", "MaskedAutoencoderViT", "get_2d_sincos_pos_embed", "CONFIGS", "build", "check_name", *CONFIGS,
+           "VideoMAEOutput", "VideoMaskedAutoencoderViT", "VIDEO_CONFIGS", "build_video", *VIDEO_CONFIGS]

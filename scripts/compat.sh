@@ -66,4 +66,5 @@ cd "$T"
 exec "$V/bin/python" -m pytest -m "not slow and not dist" -n "${UMAE_TEST_WORKERS:-2}" --dist worksteal \
   tests/test_patchify.py tests/test_masked_mse.py tests/test_random_masking.py tests/test_restore_tokens.py \
   tests/test_uniformity.py tests/test_check.py tests/test_backend.py tests/test_patching.py tests/test_model.py \
-  tests/test_timm_api.py tests/test_finetune.py tests/test_videomae.py tests/test_triton_compile.py "$@"
+  tests/test_timm_api.py tests/test_finetune.py tests/test_videomae.py tests/test_video_models.py \
+  tests/test_triton_compile.py "$@"

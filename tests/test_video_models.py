@@ -83,3 +83,28 @@ def test_the_image_commands_name_a_video_model_as_one():
 
     with pytest.raises(ValueError, match="one of umae's video models"):
         check_name(MICRO)
+
+
+def test_video_models_convert_to_and_from_transformers():
+    # weights bitwise both ways; the same clips and mask give HF's loss (float64: the order of the
+    # q / k / v products apart, the same arithmetic)
+    pytest.importorskip("transformers")
+    from umae.convert import video_from_hf, video_to_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model(MICRO, fused=False)
+    with torch.no_grad():
+        for blk in [*model.blocks, *model.decoder_blocks]:
+            blk.attn.qkv.bias.normal_()
+            blk.attn.qkv.bias[blk.attn.qkv.bias.shape[0] // 3:2 * blk.attn.qkv.bias.shape[0] // 3] = 0  # HF may lack it
+    hf = video_to_hf(model)
+    back = video_from_hf(hf, fused=False)
+    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    g = torch.Generator().manual_seed(2)
+    videos = torch.randn(2, 3, 4, 32, 32, generator=g, dtype=torch.float64)
+    mask = umae.tube_mask(2, 2, 8, 8, 0.9, generator=g)
+    ours = model.double()(videos, mask)
+    theirs = hf.double()(videos.transpose(1, 2), bool_masked_pos=mask)
+    assert_close(theirs.logits, ours.pred, name="logits", atol=1e-10, rtol=1e-10)
+    assert_close(theirs.loss, ours.loss_mae, name="loss", atol=1e-12, rtol=1e-10)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ._files import (check_finite_weights, check_recorded_config, check_target, load_weights, read_checkpoint, read_json,
                      reason, recover, write_whole)
-from .models import CONFIGS, MaskedAutoencoderViT, build, check_name
+from .models import CONFIGS, MaskedAutoencoderViT, VideoMaskedAutoencoderViT, build, check_name
 
 # (umae key suffix, transformers key suffix) of one transformer block
 _BLOCK = (("norm1", "layernorm_before"), ("attn.proj", "attention.o_proj"), ("norm2", "layernorm_after"),
@@ -239,3 +239,94 @@ def main(args) -> int:
         write_whole(args.out, lambda tmp: save_mae(model, tmp))
     print(f"wrote {args.out} ({'transformers folder' if args.to == 'hf' else 'facebookresearch/mae .pth'})")
     return 0
+
+
+# ---- video: umae's VideoMAE models <-> transformers' VideoMAEForPreTraining --------------------------
+
+# (umae key suffix, transformers key suffix) of one block: timm's Block, transformers' VideoMAELayer
+_VIDEO_BLOCK = (("norm1", "layernorm_before"), ("attn.proj", "attention.output.dense"), ("norm2", "layernorm_after"),
+                ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"))
+_VIDEO_TOP = (("patch_embed", "videomae.embeddings.patch_embeddings.projection"), ("norm", "videomae.layernorm"),
+              ("encoder_to_decoder", "encoder_to_decoder"), ("decoder_norm", "decoder.norm"), ("head", "decoder.head"))
+
+
+def video_hf_config(model: VideoMaskedAutoencoderViT):
+    """The VideoMAEConfig of an umae video model: MCG-NJU's structure (the encoder's final norm, so
+    use_mean_pooling=False; q and v biases; exact GELU; one LayerNorm eps)."""
+    from transformers import VideoMAEConfig
+
+    blk, dblk = model.blocks[0], model.decoder_blocks[0]
+    return VideoMAEConfig(
+        image_size=model.img_size, patch_size=model.patch_size, num_channels=model.in_chans,
+        num_frames=model.num_frames, tubelet_size=model.tubelet_size, hidden_size=model.embed_dim,
+        num_hidden_layers=len(model.blocks), num_attention_heads=blk.attn.num_heads,
+        intermediate_size=blk.mlp.fc1.out_features, hidden_act="gelu", layer_norm_eps=model.norm.eps, qkv_bias=True,
+        use_mean_pooling=False, decoder_hidden_size=model.mask_token.shape[-1],
+        decoder_num_hidden_layers=len(model.decoder_blocks), decoder_num_attention_heads=dblk.attn.num_heads,
+        decoder_intermediate_size=dblk.mlp.fc1.out_features, norm_pix_loss=bool(model.norm_pix_loss))
+
+
+def _video_pairs(depth: int, decoder_depth: int) -> list[tuple[str, str]]:
+    pairs = [(f"{u}.{w}", f"{h}.{w}") for u, h in _VIDEO_TOP for w in ("weight", "bias")
+             if (u, w) != ("encoder_to_decoder", "bias")] + [("mask_token", "mask_token")]
+    for prefix, hf, n in (("blocks", "videomae.encoder.layer", depth), ("decoder_blocks", "decoder.decoder_layers",
+                                                                         decoder_depth)):
+        pairs += [(f"{prefix}.{i}.{u}.{w}", f"{hf}.{i}.{h}.{w}") for i in range(n) for u, h in _VIDEO_BLOCK
+                  for w in ("weight", "bias")]
+    return pairs
+
+
+def video_to_hf(model: VideoMaskedAutoencoderViT):
+    """A transformers VideoMAEForPreTraining with `model`'s weights (bitwise) and structure. timm's qkv
+    is split into query, key and value; where the installed transformers' VideoMAE has no key bias (as
+    MCG-NJU's), it is dropped: it adds the same number to every score of a query, which the softmax
+    cancels. transformers builds
+    its decoder norm with eps 1e-5 whatever the config says: the returned model gets umae's (MCG-NJU's
+    1e-6), which a `save_pretrained` folder does not record."""
+    from transformers import VideoMAEForPreTraining
+
+    hf = VideoMAEForPreTraining(video_hf_config(model))
+    own, sd = hf.state_dict(), model.state_dict()
+    out = {h: sd[u] for u, h in _video_pairs(len(model.blocks), len(model.decoder_blocks))}
+    for prefix, hfp, n in (("blocks", "videomae.encoder.layer", len(model.blocks)),
+                           ("decoder_blocks", "decoder.decoder_layers", len(model.decoder_blocks))):
+        for i in range(n):
+            w, b = sd[f"{prefix}.{i}.attn.qkv.weight"].chunk(3), sd[f"{prefix}.{i}.attn.qkv.bias"].chunk(3)
+            for name, wi in zip(("query", "key", "value"), w):
+                out[f"{hfp}.{i}.attention.attention.{name}.weight"] = wi.clone()
+            for name, bi in zip(("query", "key", "value"), b):
+                if f"{hfp}.{i}.attention.attention.{name}.bias" in own:
+                    out[f"{hfp}.{i}.attention.attention.{name}.bias"] = bi.clone()
+    hf.load_state_dict(out, strict=True)
+    hf.decoder.norm.eps = model.decoder_norm.eps
+    return hf.eval() if not model.training else hf
+
+
+def video_from_hf(hf_model, **model_kwargs) -> VideoMaskedAutoencoderViT:
+    """An umae video model from a VideoMAEForPreTraining (the key's bias 0 where it has none); `model_kwargs` (fused, lamb,
+    mask_ratio, ...) go to the model. Refuses what umae's structure cannot hold."""
+    cfg = hf_model.config
+    if cfg.use_mean_pooling or cfg.hidden_act != "gelu":
+        raise ValueError(f"umae's video models have the encoder's final norm and exact GELU (MCG-NJU's); the config "
+                         f"has use_mean_pooling={cfg.use_mean_pooling}, hidden_act={cfg.hidden_act!r}")
+    if cfg.decoder_intermediate_size * cfg.hidden_size != cfg.intermediate_size * cfg.decoder_hidden_size:
+        raise ValueError("the encoder's and the decoder's MLP widths differ in ratio; umae's models share one")
+    model = VideoMaskedAutoencoderViT(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, num_frames=cfg.num_frames, tubelet_size=cfg.tubelet_size,
+        in_chans=cfg.num_channels, embed_dim=cfg.hidden_size, depth=cfg.num_hidden_layers,
+        num_heads=cfg.num_attention_heads, decoder_embed_dim=cfg.decoder_hidden_size,
+        decoder_depth=cfg.decoder_num_hidden_layers, decoder_num_heads=cfg.decoder_num_attention_heads,
+        mlp_ratio=cfg.intermediate_size / cfg.hidden_size, norm_pix_loss=bool(cfg.norm_pix_loss),
+        norm_layer=functools.partial(nn.LayerNorm, eps=cfg.layer_norm_eps), **model_kwargs)
+    sd = hf_model.state_dict()
+    out = {u: sd[h] for u, h in _video_pairs(len(model.blocks), len(model.decoder_blocks))}
+    for prefix, hfp, n in (("blocks", "videomae.encoder.layer", len(model.blocks)),
+                           ("decoder_blocks", "decoder.decoder_layers", len(model.decoder_blocks))):
+        for i in range(n):
+            a = f"{hfp}.{i}.attention.attention"
+            out[f"{prefix}.{i}.attn.qkv.weight"] = torch.cat([sd[f"{a}.{x}.weight"] for x in ("query", "key", "value")])
+            q = sd[f"{a}.query.bias"]
+            out[f"{prefix}.{i}.attn.qkv.bias"] = torch.cat([q, sd.get(f"{a}.key.bias", torch.zeros_like(q)),
+                                                            sd[f"{a}.value.bias"]])
+    model.load_state_dict(out, strict=True)
+    return model

@@ -157,7 +157,9 @@ def collect_launches(op_names, shapes=None, models=None):
     fns = [f for o in registry.OPS.values() if o.kernels for f in kernels_of(o.kernels)]
     shapes = cases.SHAPES if shapes is None else shapes
     # every model but large and huge (their widths are the vit_l16 bench shapes'; CPU time)
-    models = [m for m in timm.list_models("umae_*") if "large" not in m and "huge" not in m] if models is None else models
+    if models is None:  # the video models' glue at VideoMAE-B's shapes is the video cases' (videomae_b): the micro one
+        models = [m for m in timm.list_models("umae_vit_*") if "large" not in m and "huge" not in m]
+        models += [m for m in timm.list_models("umae_videomae_*") if "micro" in m]
     with recording(fns) as launches, triton_on_cpu():
         for op in chosen:
             for name, s in shapes.items():
@@ -180,7 +182,8 @@ def collect_launches(op_names, shapes=None, models=None):
             # one encoder and one decoder block: the glue ops' launches depend on the widths, the
             # token counts and the strides, not on the depth (a ViT-B step on CPU takes seconds)
             model = timm.create_model(m, fused=True, depth=1, decoder_depth=1)
-            x = torch.randn(2, 3, model.img_size, model.img_size)
+            frames = (getattr(model, "num_frames", None),)  # a video model takes clips (B, C, T, H, W)
+            x = torch.randn(2, 3, *[f for f in frames if f], model.img_size, model.img_size)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(x).loss
             loss.backward()

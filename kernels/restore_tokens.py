@@ -65,7 +65,8 @@ def _restore_bwd_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, L, D, len_keep,
         o, o_ok, to_x, dst, is_tok = _rows(ids_ptr, n, rb, L, len_keep, HAS_CLS, BLOCK_R)
         grad_off = n * stride_grad_n + o[:, None] * stride_grad_l + d[None, :] * stride_grad_d
         g = tl.load(g_ptr + grad_off, mask=o_ok[:, None] & dm, other=0.0)
-        tl.store(gx_ptr + (n * Kx + dst[:, None]) * D + d[None, :], cast_rn(g.to(tl.float32), gx_ptr.dtype.element_ty), mask=to_x[:, None] & dm)
+        tl.store(gx_ptr + (n * Kx + dst[:, None]) * D + d[None, :], cast_rn(g.to(tl.float32), gx_ptr.dtype.element_ty),
+                 mask=to_x[:, None] & dm)
         acc += tl.where(is_tok[:, None], g.to(tl.float32), 0.0)
     tl.store(part_ptr + n * D + d, tl.sum(acc, axis=0), mask=d < D)
 

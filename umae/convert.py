@@ -266,45 +266,46 @@ def video_hf_config(model: VideoMaskedAutoencoderViT):
         decoder_intermediate_size=dblk.mlp.fc1.out_features, norm_pix_loss=bool(model.norm_pix_loss))
 
 
-def _video_pairs(depth: int, decoder_depth: int) -> list[tuple[str, str]]:
+def _video_blocks(model: VideoMaskedAutoencoderViT):
+    """(umae prefix, transformers prefix) of each block, the encoder's then the decoder's."""
+    return ([(f"blocks.{i}", f"videomae.encoder.layer.{i}") for i in range(len(model.blocks))]
+            + [(f"decoder_blocks.{i}", f"decoder.decoder_layers.{i}") for i in range(len(model.decoder_blocks))])
+
+
+def _video_pairs(model: VideoMaskedAutoencoderViT) -> list[tuple[str, str]]:
+    """(umae key, transformers key) of every tensor copied as it is (all but the attention's q, k, v)."""
     pairs = [(f"{u}.{w}", f"{h}.{w}") for u, h in _VIDEO_TOP for w in ("weight", "bias")
              if (u, w) != ("encoder_to_decoder", "bias")] + [("mask_token", "mask_token")]
-    for prefix, hf, n in (("blocks", "videomae.encoder.layer", depth), ("decoder_blocks", "decoder.decoder_layers",
-                                                                         decoder_depth)):
-        pairs += [(f"{prefix}.{i}.{u}.{w}", f"{hf}.{i}.{h}.{w}") for i in range(n) for u, h in _VIDEO_BLOCK
-                  for w in ("weight", "bias")]
-    return pairs
+    return pairs + [(f"{u}.{a}.{w}", f"{h}.{b}.{w}") for u, h in _video_blocks(model) for a, b in _VIDEO_BLOCK
+                    for w in ("weight", "bias")]
 
 
 def video_to_hf(model: VideoMaskedAutoencoderViT):
     """A transformers VideoMAEForPreTraining with `model`'s weights (bitwise) and structure. timm's qkv
     is split into query, key and value; where the installed transformers' VideoMAE has no key bias (as
     MCG-NJU's), it is dropped: it adds the same number to every score of a query, which the softmax
-    cancels. transformers builds
-    its decoder norm with eps 1e-5 whatever the config says: the returned model gets umae's (MCG-NJU's
-    1e-6), which a `save_pretrained` folder does not record."""
+    cancels. transformers builds its decoder norm with eps 1e-5 whatever the config says: the returned
+    model gets umae's (MCG-NJU's 1e-6), which a `save_pretrained` folder does not record."""
     from transformers import VideoMAEForPreTraining
 
     hf = VideoMAEForPreTraining(video_hf_config(model))
     own, sd = hf.state_dict(), model.state_dict()
-    out = {h: sd[u] for u, h in _video_pairs(len(model.blocks), len(model.decoder_blocks))}
-    for prefix, hfp, n in (("blocks", "videomae.encoder.layer", len(model.blocks)),
-                           ("decoder_blocks", "decoder.decoder_layers", len(model.decoder_blocks))):
-        for i in range(n):
-            w, b = sd[f"{prefix}.{i}.attn.qkv.weight"].chunk(3), sd[f"{prefix}.{i}.attn.qkv.bias"].chunk(3)
-            for name, wi in zip(("query", "key", "value"), w):
-                out[f"{hfp}.{i}.attention.attention.{name}.weight"] = wi.clone()
-            for name, bi in zip(("query", "key", "value"), b):
-                if f"{hfp}.{i}.attention.attention.{name}.bias" in own:
-                    out[f"{hfp}.{i}.attention.attention.{name}.bias"] = bi.clone()
+    out = {h: sd[u] for u, h in _video_pairs(model)}
+    for u, h in _video_blocks(model):
+        w, b = sd[f"{u}.attn.qkv.weight"].chunk(3), sd[f"{u}.attn.qkv.bias"].chunk(3)
+        for name, wi, bi in zip(("query", "key", "value"), w, b):
+            out[f"{h}.attention.attention.{name}.weight"] = wi.clone()
+            if f"{h}.attention.attention.{name}.bias" in own:
+                out[f"{h}.attention.attention.{name}.bias"] = bi.clone()
     hf.load_state_dict(out, strict=True)
     hf.decoder.norm.eps = model.decoder_norm.eps
     return hf.eval() if not model.training else hf
 
 
 def video_from_hf(hf_model, **model_kwargs) -> VideoMaskedAutoencoderViT:
-    """An umae video model from a VideoMAEForPreTraining (the key's bias 0 where it has none); `model_kwargs` (fused, lamb,
-    mask_ratio, ...) go to the model. Refuses what umae's structure cannot hold."""
+    """An umae video model from a VideoMAEForPreTraining (the key's bias 0 where it has none);
+    `model_kwargs` (fused, lamb, mask_ratio, ...) go to the model. Refuses what umae's structure cannot
+    hold."""
     cfg = hf_model.config
     if cfg.use_mean_pooling or cfg.hidden_act != "gelu":
         raise ValueError(f"umae's video models have the encoder's final norm and exact GELU (MCG-NJU's); the config "
@@ -319,14 +320,11 @@ def video_from_hf(hf_model, **model_kwargs) -> VideoMaskedAutoencoderViT:
         mlp_ratio=cfg.intermediate_size / cfg.hidden_size, norm_pix_loss=bool(cfg.norm_pix_loss),
         norm_layer=functools.partial(nn.LayerNorm, eps=cfg.layer_norm_eps), **model_kwargs)
     sd = hf_model.state_dict()
-    out = {u: sd[h] for u, h in _video_pairs(len(model.blocks), len(model.decoder_blocks))}
-    for prefix, hfp, n in (("blocks", "videomae.encoder.layer", len(model.blocks)),
-                           ("decoder_blocks", "decoder.decoder_layers", len(model.decoder_blocks))):
-        for i in range(n):
-            a = f"{hfp}.{i}.attention.attention"
-            out[f"{prefix}.{i}.attn.qkv.weight"] = torch.cat([sd[f"{a}.{x}.weight"] for x in ("query", "key", "value")])
-            q = sd[f"{a}.query.bias"]
-            out[f"{prefix}.{i}.attn.qkv.bias"] = torch.cat([q, sd.get(f"{a}.key.bias", torch.zeros_like(q)),
-                                                            sd[f"{a}.value.bias"]])
+    out = {u: sd[h] for u, h in _video_pairs(model)}
+    for u, h in _video_blocks(model):
+        a = f"{h}.attention.attention"
+        out[f"{u}.attn.qkv.weight"] = torch.cat([sd[f"{a}.{x}.weight"] for x in ("query", "key", "value")])
+        q = sd[f"{a}.query.bias"]
+        out[f"{u}.attn.qkv.bias"] = torch.cat([q, sd.get(f"{a}.key.bias", torch.zeros_like(q)), sd[f"{a}.value.bias"]])
     model.load_state_dict(out, strict=True)
     return model

@@ -55,7 +55,8 @@ def _kind(model) -> str:
     if not missing:
         return "mae_style"
     raise TypeError(f"umae.patch does not recognise {type(model).__name__}: not a transformers ViTMAEForPreTraining / "
-                    f"ViTMAEModel / VideoMAEForPreTraining / VideoMAEModel, and as a facebookresearch/mae-style model it lacks {', '.join(missing)}")
+                    f"ViTMAEModel / VideoMAEForPreTraining / VideoMAEModel, and as a facebookresearch/mae-style "
+                    f"model it lacks {', '.join(missing)}")
 
 
 def _global_group():

@@ -31,4 +31,3 @@ def visible_tokens_reference(x, mask, pos_embed=None):
     if pos_embed is not None:
         x = x + pos_embed
     return x[~mask].reshape(x.shape[0], -1, x.shape[2])
-

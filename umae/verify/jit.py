@@ -182,8 +182,8 @@ def collect_launches(op_names, shapes=None, models=None):
             # one encoder and one decoder block: the glue ops' launches depend on the widths, the
             # token counts and the strides, not on the depth (a ViT-B step on CPU takes seconds)
             model = timm.create_model(m, fused=True, depth=1, decoder_depth=1)
-            frames = (getattr(model, "num_frames", None),)  # a video model takes clips (B, C, T, H, W)
-            x = torch.randn(2, 3, *[f for f in frames if f], model.img_size, model.img_size)
+            clip = (model.num_frames,) if hasattr(model, "num_frames") else ()  # a video model takes (B, C, T, H, W)
+            x = torch.randn(2, 3, *clip, model.img_size, model.img_size)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(x).loss
             loss.backward()

@@ -78,11 +78,13 @@ def test_the_model_draws_its_tube_mask_on_the_device():
         timm.create_model(MICRO, num_frames=5)
 
 
-def test_the_image_commands_name_a_video_model_as_one():
-    from umae.models import check_name
+def test_the_commands_take_video_models_by_name():
+    from umae.models import check_name, is_video
 
-    with pytest.raises(ValueError, match="one of umae's video models"):
-        check_name(MICRO)
+    check_name(MICRO)
+    assert is_video(MICRO) and not is_video("umae_vit_micro_patch4_32")
+    with pytest.raises(ValueError, match="umae_videomae_micro_patch4_32"):  # the list names the video models
+        check_name("umae_videomae_nano")
 
 
 def test_video_models_convert_to_and_from_transformers():

@@ -16,7 +16,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Sampler
 
 BUILTIN_SIZE = 4096  # images in the builtin training set (its test set: a quarter as many)
-NAMED_SETS = ("builtin", "digits", "hierarchical")  # the data sets that ship offline, by name
+NAMED_SETS = ("builtin", "digits", "hierarchical", "video-builtin")  # the data sets that ship offline, by name
 # MAE normalizes with ImageNet's statistics; the models' pretrained_cfg says the same (timm's constants)
 MEAN, STD = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
 
@@ -242,9 +242,15 @@ def split(ds, holdout: float, seed: int = 0):
     return torch.utils.data.Subset(ds, perm[k:]), torch.utils.data.Subset(ds, perm[:k])
 
 
+def _base(ds, i):
+    """(the data set under any Subsets, the index in it)."""
+    while isinstance(ds, torch.utils.data.Subset):
+        ds, i = ds.dataset, ds.indices[i]
+    return ds, i
+
+
 def _load(ds, i):
-    if isinstance(ds, torch.utils.data.Subset):
-        return _load(ds.dataset, ds.indices[i])
+    ds, i = _base(ds, i)
     return ds.load(i)
 
 

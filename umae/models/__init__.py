@@ -33,16 +33,18 @@ _TIMM_KWARGS = ("cache_dir", "pretrained_model_args")  # create_model's, for its
 
 
 def check_name(name, flag: str = "--model") -> None:
-    """A ValueError naming `flag` unless `name` is one of umae's models."""
-    if name in VIDEO_CONFIGS:
-        raise ValueError(f"{flag} {name!r} is one of umae's video models (timm.create_model builds it), which this "
-                         f"command does not train yet; umae models: {', '.join(CONFIGS)}")
-    if name not in CONFIGS:  # timm knows other models (resnet18): not MAE models
+    """A ValueError naming `flag` unless `name` is one of umae's models (image or video)."""
+    if name not in CONFIGS and name not in VIDEO_CONFIGS:  # timm knows other models (resnet18): not MAE models
         import timm
 
         known = ("is a timm model, not a umae MAE model" if isinstance(name, str) and timm.is_model(name)
                  else "is not registered")
-        raise ValueError(f"{flag} {name!r} {known}; umae models: {', '.join(CONFIGS)}")
+        raise ValueError(f"{flag} {name!r} {known}; umae models: {', '.join([*CONFIGS, *VIDEO_CONFIGS])}")
+
+
+def is_video(name) -> bool:
+    """Whether `name` is one of umae's video (VideoMAE) models."""
+    return name in VIDEO_CONFIGS
 
 
 def build(name: str, pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,
@@ -103,5 +105,5 @@ for _name in VIDEO_CONFIGS:
                    "dec depth, dec heads)")
     globals()[_name] = register_model(_fn)
 
-__all__ = ["MAEOutput", "MaskedAutoencoderViT", "get_2d_sincos_pos_embed", "CONFIGS", "build", "check_name", *CONFIGS,
+__all__ = ["MAEOutput", "MaskedAutoencoderViT", "get_2d_sincos_pos_embed", "CONFIGS", "build", "check_name", "is_video", *CONFIGS,
            "VideoMAEOutput", "VideoMaskedAutoencoderViT", "VIDEO_CONFIGS", "build_video", *VIDEO_CONFIGS]

@@ -90,6 +90,15 @@ class VideoMaskedAutoencoderViT(nn.Module):
         self.head = nn.Linear(decoder_embed_dim, tubelet_size * patch_size ** 2 * in_chans)
         self.initialize_weights()
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, plus a checkpoint file's `{"model": state_dict}` (umae's and MCG-NJU's) unwrapped,
+        and MCG-NJU/VideoMAE's parameter names (`encoder.blocks.0.attn.q_bias`, ...) read as umae's."""
+        if "model" in state_dict and isinstance(state_dict["model"], dict):
+            state_dict = state_dict["model"]
+        if "encoder.patch_embed.proj.weight" in state_dict:
+            state_dict = from_videomae_state_dict(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     @property
     def backend(self) -> str | None:
         """The per-call backend of this model's ops: None follows umae's global switch."""
@@ -98,6 +107,24 @@ class VideoMaskedAutoencoderViT(nn.Module):
     @property
     def num_tokens(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def arch_config(self) -> dict:
+        """The architecture as plain values (recorded in every checkpoint umae writes): `from_config`
+        rebuilds it."""
+        blk, dblk = self.blocks[0], self.decoder_blocks[0]
+        return dict(img_size=self.img_size, patch_size=self.patch_size, num_frames=self.num_frames,
+                    tubelet_size=self.tubelet_size, in_chans=self.in_chans, embed_dim=self.embed_dim,
+                    depth=len(self.blocks), num_heads=blk.attn.num_heads,
+                    decoder_embed_dim=self.mask_token.shape[-1], decoder_depth=len(self.decoder_blocks),
+                    decoder_num_heads=dblk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / self.embed_dim,
+                    norm_eps=self.norm.eps, norm_pix_loss=self.norm_pix_loss)
+
+    @classmethod
+    def from_config(cls, config: dict, **kwargs) -> "VideoMaskedAutoencoderViT":
+        """A model of `config`'s architecture (`arch_config()`'s dict); kwargs: fused, lamb, ..."""
+        config = dict(config)
+        eps = config.pop("norm_eps", 1e-6)
+        return cls(**config, norm_layer=partial(nn.LayerNorm, eps=eps), **kwargs)
 
     def initialize_weights(self):
         # MCG-NJU's: xavier-uniform Linear weights, zero biases, unit LayerNorms; the mask token trunc-normal
@@ -111,10 +138,15 @@ class VideoMaskedAutoencoderViT(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
+    @property
+    def num_masked(self) -> int:
+        """The tokens a tube mask of mask_ratio masks per clip (umae.tube_mask's count)."""
+        t, h, w = self.grid
+        return t * int(self.mask_ratio * h * w)
+
     def tube_mask(self, batch: int, device) -> tuple[torch.Tensor, int]:
         """(a tube mask of mask_ratio drawn on `device`, its masked count per row)."""
-        t, h, w = self.grid
-        return ops.tube_mask(batch, t, h, w, self.mask_ratio, device=device), t * int(self.mask_ratio * h * w)
+        return ops.tube_mask(batch, *self.grid, self.mask_ratio, device=device), self.num_masked
 
     def forward_encoder(self, videos, mask, num_masked=None):
         """The visible tokens (B, N_vis, D) after the blocks and the norm."""
@@ -128,6 +160,15 @@ class VideoMaskedAutoencoderViT(nn.Module):
                                self.decoder_pos_embed.to(latent.dtype), backend=self.backend)
         x = run_blocks(self, self.decoder_blocks, x)
         return self.head(self.decoder_norm(x[:, latent.shape[1]:]))
+
+    @torch.no_grad()
+    def features(self, videos, pool: str = "mean") -> torch.Tensor:
+        """The encoder's features of whole clips (no token masked), mean-pooled over the tokens: the
+        feature VideoMAE's classifier pools (and U-MAE's term here takes over the visible ones)."""
+        if pool != "mean":
+            raise ValueError(f"pool {pool!r}: a video model has no cls token; its feature is the mean token ('mean')")
+        x = self.patch_embed(videos).flatten(2).transpose(1, 2) + self.pos_embed.to(videos.dtype)
+        return self.norm(run_blocks(self, self.blocks, x)).mean(dim=1)
 
     def forward(self, videos, mask=None, num_masked=None) -> VideoMAEOutput:
         if mask is None:
@@ -145,6 +186,61 @@ class VideoMaskedAutoencoderViT(nn.Module):
             loss_unif = torch.zeros((), device=loss_mae.device)
             loss = loss_mae
         return VideoMAEOutput(loss, loss_mae, loss_unif, pred, mask, latent)
+
+
+# (umae prefix, MCG-NJU prefix) of the tensors whose names differ only there
+_MCG = (("patch_embed.", "encoder.patch_embed.proj."), ("blocks.", "encoder.blocks."), ("norm.", "encoder.norm."),
+        ("decoder_blocks.", "decoder.blocks."), ("decoder_norm.", "decoder.norm."), ("head.", "decoder.head."))
+
+
+def from_videomae_state_dict(state: dict) -> dict:
+    """MCG-NJU/VideoMAE's pretraining state dict (PretrainVisionTransformer) in umae's names: its q_bias
+    and v_bias become qkv.bias with a zero key bias (its attention's own); its sin-cos tables are not in it."""
+    out = {}
+    for k, v in state.items():
+        for ours, theirs in _MCG:
+            if k.startswith(theirs):
+                k = ours + k[len(theirs):]
+                break
+        if k.endswith(".attn.q_bias"):
+            pre = k[:-len("q_bias")]
+            v = torch.cat([v, torch.zeros_like(v), state_key(state, pre, "v_bias")])
+            k = pre + "qkv.bias"
+        elif k.endswith(".attn.v_bias"):
+            continue
+        out[k] = v
+    return out
+
+
+def state_key(state: dict, umae_prefix: str, name: str):
+    """The MCG-NJU tensor of umae's `umae_prefix` (a block's 'blocks.3.attn.') and `name`."""
+    for ours, theirs in _MCG:
+        if umae_prefix.startswith(ours):
+            return state[theirs + umae_prefix[len(ours):] + name]
+    return state[umae_prefix + name]
+
+
+def to_videomae_state_dict(state: dict) -> dict:
+    """umae's video state dict in MCG-NJU's names (PretrainVisionTransformer's `model` entry). qkv.bias
+    becomes q_bias and v_bias: MCG-NJU's attention has no key bias, and dropping it changes no output (it
+    adds one number to every score of a query, which the softmax cancels)."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(".attn.qkv.bias"):
+            q, _, val = v.chunk(3)
+            pre = k[:-len("qkv.bias")]
+            for name, t in (("q_bias", q), ("v_bias", val)):
+                out[_mcg_name(pre + name)] = t.clone()
+            continue
+        out[_mcg_name(k)] = v
+    return out
+
+
+def _mcg_name(k: str) -> str:
+    for ours, theirs in _MCG:
+        if k.startswith(ours):
+            return theirs + k[len(ours):]
+    return k
 
 
 # name -> (img, patch, frames, tubelet, dim, depth, heads, decoder dim, decoder depth, decoder heads)

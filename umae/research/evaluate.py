@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import data as D
+from ..data import video as V
 from .._files import check_finite_weights, check_recorded_config, load_weights, read_checkpoint, write_json
 
 HELP = "linear probe, kNN and the feature spectrum of checkpoints"
@@ -31,11 +32,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 @torch.no_grad()
-def extract(model, ds, pool, batch_size, device, max_images):
+def extract(model, ds, pool, batch_size, device, max_images, sampling_rate: int = 4):
+    """(features, labels) of the first max_images samples, without augmentation; a video model's clips
+    are the middle window of its frames at `sampling_rate`."""
     n = min(len(ds), max_images)
-    aug = D.Augmented(torch.utils.data.Subset(ds, list(range(n))), model.img_size, seed=0, train=False)
+    sub = torch.utils.data.Subset(ds, list(range(n)))
+    if hasattr(model, "num_frames"):
+        aug = V.VideoAugmented(sub, model.img_size, model.num_frames, sampling_rate, seed=0, train=False)
+    else:
+        aug = D.Augmented(sub, model.img_size, seed=0, train=False)
     feats, labels = [], []
-    for x, y in torch.utils.data.DataLoader(aug, batch_size=batch_size):
+    for x, *_, y in torch.utils.data.DataLoader(aug, batch_size=batch_size):
         feats.append(model.features(x.to(device), pool).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -96,8 +103,8 @@ def spectrum(x):
 
 # a run record's entries eval reads, with their types, and the defaults of those it may lack
 _RUN = dict(model=str, lamb=(int, float), fused=bool, data=(str, type(None)), seed=int, builtin_size=int,
-            probe_classes=int, cls_double_norm=bool)
-_RUN_DEFAULTS = dict(lamb=0.0, fused=False, data=None, seed=0, probe_classes=0, cls_double_norm=True)
+            probe_classes=int, cls_double_norm=bool, sampling_rate=int)
+_RUN_DEFAULTS = dict(lamb=0.0, fused=False, data=None, seed=0, probe_classes=0, cls_double_norm=True, sampling_rate=4)
 
 
 def _run_record(ck: dict, path: str, model_name) -> dict:
@@ -130,18 +137,20 @@ def load_model(path, device, model_name=None):
     ({"model": state_dict}, no run record: `model_name` says which umae model it fits)."""
     import timm
 
-    from ..models import MaskedAutoencoderViT, check_name
+    from ..models import MaskedAutoencoderViT, VideoMaskedAutoencoderViT, check_name, is_video
 
     ck = read_checkpoint(path, "--ckpt")
     run = _run_record(ck, path, model_name)
-    kw = dict(fused=False, lamb=run["lamb"], probe_classes=run.get("probe_classes", 0),
-              cls_double_norm=run.get("cls_double_norm", True))
     config = ck.get("config")
+    video = is_video(run["model"]) or (isinstance(config, dict) and "num_frames" in config)
+    kw = dict(fused=False, lamb=run["lamb"]) if video else dict(
+        fused=False, lamb=run["lamb"], probe_classes=run.get("probe_classes", 0),
+        cls_double_norm=run.get("cls_double_norm", True))
     if model_name is None and isinstance(config, dict):  # the architecture as recorded (a converted model's eps)
         if ck.get("run") is not None:  # a run record names its model: a name umae knows, or a damaged record
             check_name(run["model"], f"--ckpt {path!r}'s recorded model")
         try:
-            model = MaskedAutoencoderViT.from_config(config, **kw)
+            model = (VideoMaskedAutoencoderViT if video else MaskedAutoencoderViT).from_config(config, **kw)
         except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"--ckpt {path!r}: its recorded config does not make a model: {e}") from None
     else:
@@ -175,12 +184,25 @@ def validate(args) -> None:
 def evaluate(args) -> dict:
     validate(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pools = ["cls", "mean"] if args.pool == "both" else [args.pool]
     results, spectra = [], {}
     for path in args.ckpt:
         model, run, step = load_model(path, device, args.model)
+        video = hasattr(model, "num_frames")
+        if video and args.pool == "cls":
+            raise ValueError(f"--pool cls: --ckpt {path!r} is a video model, which has no cls token; its feature is "
+                             "the mean token (--pool mean)")
+        pools = ["mean"] if video else ["cls", "mean"] if args.pool == "both" else [args.pool]
         data = args.data or run["data"]
-        if data in (None, "builtin", "hierarchical"):
+        if video:
+            data = data or V.VIDEO_BUILTIN
+            if data != V.VIDEO_BUILTIN and not os.path.isfile(data):
+                raise ValueError(f"--data {data!r}: --ckpt {path!r} is a video model; its data is {V.VIDEO_BUILTIN!r} "
+                                 "or a list of video files ('path label' per line)")
+            size = run.get("builtin_size", D.BUILTIN_SIZE)
+            tr = V.open_video(data, True, run["seed"], model.img_size, size)
+            tr, te = (tr, V.open_video(data, False, run["seed"], model.img_size, size)) if data == V.VIDEO_BUILTIN \
+                else D.split(tr, args.holdout)
+        elif data in (None, "builtin", "hierarchical"):
             tr = D.open_dataset(data or "builtin", True, run["seed"], run.get("builtin_size", D.BUILTIN_SIZE))
             te = D.open_dataset(data or "builtin", False, run["seed"], run.get("builtin_size", D.BUILTIN_SIZE))
         elif data == "digits":  # its own fixed test split
@@ -193,8 +215,8 @@ def evaluate(args) -> dict:
                 te = D.open_dataset(data, False)
         run_name = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)}"
         for pool in pools:
-            xtr, ytr = extract(model, tr, pool, args.batch_size, device, args.max_images)
-            xte, yte = extract(model, te, pool, args.batch_size, device, args.max_images)
+            xtr, ytr = extract(model, tr, pool, args.batch_size, device, args.max_images, run["sampling_rate"])
+            xte, yte = extract(model, te, pool, args.batch_size, device, args.max_images, run["sampling_rate"])
             s, erank, erank_cov = spectrum(xtr)
             name = f"{run_name} ({pool})"
             spectra[name] = s

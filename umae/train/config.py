@@ -22,7 +22,7 @@ RESUME_KEYS = ("model", "probe_classes", "decay_tokens")
 # (batch_size x processes) and accum_iter changes none of that: it needs no override, with
 # exact_ddp_grad (without it U-MAE's official gradient scales with 1 / processes: a change).
 CHANGEABLE = ("lamb", "mask_ratio", "seed", "data", "builtin_size", "norm_pix_loss", "cls_double_norm", "batch_size",
-              "accum_iter", "world_size", "exact_ddp_grad")
+              "accum_iter", "world_size", "exact_ddp_grad", "sampling_rate")
 
 
 def _opt(default, help=None, **argparse_kw):
@@ -34,11 +34,13 @@ def _opt(default, help=None, **argparse_kw):
 
 @dataclass
 class TrainConfig:
-    data: str = _opt("builtin", "'builtin' (procedurally generated shapes10, no download), 'digits' (scikit-learn's "
-                     "real handwritten digits, no download), 'hierarchical' (generated images with known latents at "
-                     "three levels, umae.data.hierarchical), a CIFAR-10/100 folder in torchvision's format, or an "
-                     "ImageFolder directory")
-    builtin_size: int = _opt(BUILTIN_SIZE, "images in the builtin (or hierarchical) training set")
+    data: str | None = _opt(None, "image models: 'builtin' (procedurally generated shapes10, no download; the "
+                            "default), 'digits' (scikit-learn's real handwritten digits, no download), 'hierarchical' "
+                            "(generated images with known latents at three levels, umae.data.hierarchical), a "
+                            "CIFAR-10/100 folder in torchvision's format, or an ImageFolder directory. Video models: "
+                            "'video-builtin' (generated motion clips, no download; the default) or a list of video "
+                            "files, one 'path label' per line (MCG-NJU/VideoMAE's format; decoded with PyAV)")
+    builtin_size: int = _opt(BUILTIN_SIZE, "images (clips) in the builtin, hierarchical or video-builtin training set")
     model: str = _opt("umae_vit_tiny_patch4_32")
     fused: bool = _opt(True, "fused kernels (default) or the pure-PyTorch references")
     lamb: float = _opt(0.01, "uniformity weight (0 = plain MAE)")
@@ -48,7 +50,9 @@ class TrainConfig:
                                 "scales by 1 / world size (the paper's runs)")
     online_probe: bool = _opt(False, "train U-MAE's online linear classifier on the detached cls feature; log its "
                               "accuracy")
-    mask_ratio: float = _opt(0.75)
+    mask_ratio: float | None = _opt(None, "default: 0.75 (MAE) for image models, 0.9 (VideoMAE's tube masking) for "
+                                    "video models")
+    sampling_rate: int = _opt(4, "video models: the frame step of the sampled frames (VideoMAE's --sampling_rate)")
     norm_pix_loss: bool = _opt(True)
     batch_size: int = _opt(64, "per process")
     accum_iter: int = _opt(1)
@@ -96,6 +100,15 @@ class TrainConfig:
     no_progress: bool = _opt(False)
     # not a flag: the progress bar's label (umae reproduce names each of its runs)
     progress_desc: str = field(default="umae train", metadata=dict(cli=False))
+
+    def __post_init__(self):  # the defaults that depend on the model's kind
+        from ..models import is_video
+
+        video = is_video(self.model)
+        if self.data is None:
+            self.data = "video-builtin" if video else "builtin"
+        if self.mask_ratio is None:
+            self.mask_ratio = 0.9 if video else 0.75
 
     @classmethod
     def from_args(cls, args) -> TrainConfig:
@@ -203,14 +216,32 @@ def check_seed(seed: int) -> None:
         raise ValueError(f"--seed must be in [0, 2**63), got {seed}")
 
 
+def check_data_kind(data: str, model: str, flag: str = "--data") -> None:
+    """A ValueError naming `flag` where `data` is of the other kind than `model` (clips for an image
+    model, images for a video one), or, for a video model, neither the builtin clips nor a list file."""
+    from ..data.video import VIDEO_BUILTIN
+    from ..models import is_video
+
+    if is_video(model) and data != VIDEO_BUILTIN and not os.path.isfile(data):
+        raise ValueError(f"{flag} {data!r}: {model} is a video model; its data is {VIDEO_BUILTIN!r} or a list of video "
+                         "files ('path label' per line)")
+    if not is_video(model) and (data == VIDEO_BUILTIN or os.path.isfile(data)):
+        raise ValueError(f"{flag} {data!r} is video data; {model} is an image model (video models: "
+                         "umae_videomae_*)")
+
+
 def validate(cfg: TrainConfig) -> None:
     """ValueError (FileNotFoundError for --resume) naming the flag of the first bad setting."""
-    from ..models import check_name
+    from ..models import check_name, is_video
 
     check_name(cfg.model)
+    check_data_kind(cfg.data, cfg.model)
+    if cfg.online_probe and is_video(cfg.model):
+        raise ValueError(f"--online-probe: {cfg.model} is a video model; its probe is `umae eval` (the online probe "
+                         "is U-MAE's, on the image models' cls feature)")
     if not 0 <= cfg.mask_ratio < 1:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
-    check_range(cfg, ("batch_size", "accum_iter", "epochs", "log_every", "builtin_size"), 1)
+    check_range(cfg, ("batch_size", "accum_iter", "epochs", "log_every", "builtin_size", "sampling_rate"), 1)
     check_range(cfg, ("steps", "ckpt_every", "lamb", "weight_decay", "min_lr"), 0)  # --steps 0: use --epochs
     check_range(cfg, ("warmup_steps", "num_workers"), 0, optional=True)
     check_range(cfg, ("blr",), 0, strict=True)

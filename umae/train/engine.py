@@ -43,6 +43,7 @@ class Loop:
     logger: Logger
     stats: DeviceStats
     run_info: dict
+    num_masked: int | None = None  # video models: the tube mask's count per clip (the loader draws the masks)
     last_ckpt: tuple | None = None  # (path, step) of the last checkpoint saved or resumed from
     last_read: int = 0  # the step of the last statistics read
 
@@ -114,16 +115,19 @@ def train_steps(loop: Loop, loader, step: int, micro: int) -> tuple[int, int]:
     """Runs the loader's batches up to the last step; returns (step, micro step)."""
     a = loop.cfg
     probe = "probe_acc" in loop.stats.fields
-    for imgs, labels in loader:
+    for imgs, *masks, labels in loader:
         epoch = micro // loop.batches_per_epoch
-        noise = masking_noise(loop, micro)
-        imgs, noise = imgs.to(loop.device, non_blocking=True), noise.to(loop.device, non_blocking=True)
-        extra = (labels.to(loop.device, non_blocking=True),) if probe else ()
+        imgs = imgs.to(loop.device, non_blocking=True)
+        if masks:  # a video model's clips and their tube masks, drawn in the loader; the count known
+            args = (masks[0].to(loop.device, non_blocking=True), loop.num_masked)
+        else:
+            noise = masking_noise(loop, micro).to(loop.device, non_blocking=True)
+            args = (a.mask_ratio, noise, *((labels.to(loop.device, non_blocking=True),) if probe else ()))
         last = (micro + 1) % a.accum_iter == 0
         sync = contextlib.nullcontext() if (last or loop.world == 1) else _no_sync(loop.net)
         with sync:
             with torch.autocast(loop.device.type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
-                out = loop.fwd(imgs, a.mask_ratio, noise, *extra)
+                out = loop.fwd(imgs, *args)
             loop.scaler.scale(out.loss / a.accum_iter).backward()
         # every micro-batch's losses reach the statistics: a NaN in any of them (not only the
         # last) stops the run at the next read, before a checkpoint of its NaN parameters

@@ -16,6 +16,8 @@ import sys
 import torch
 
 from .. import data as D
+from ..data import video as V
+from ..models import is_video
 from .._files import check_recorded_config, load_weights, read_checkpoint
 from ..runtime import adamw_impl, default_workers
 from . import checkpoint
@@ -311,7 +313,8 @@ def _run_info(cfg: TrainConfig, probe_classes: int, world: int, lr: float) -> di
                 cls_double_norm=cfg.cls_double_norm, probe_classes=probe_classes,
                 decay_tokens=cfg.decay_tokens, amp=cfg.amp, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
                 world_size=world, global_batch=cfg.batch_size * world * cfg.accum_iter, lr=lr,
-                exact_ddp_grad=cfg.exact_ddp_grad, fsdp=cfg.fsdp)
+                exact_ddp_grad=cfg.exact_ddp_grad, fsdp=cfg.fsdp,
+                **(dict(sampling_rate=cfg.sampling_rate) if is_video(cfg.model) else {}))
 
 
 def _make_loader(cfg: TrainConfig, aug, sampler, step: int, total: int, device) -> tuple:
@@ -382,11 +385,17 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
         torch.backends.cudnn.allow_tf32 = True
     ck, prev, cfg = _read_resume(cfg, device)
     later = later_checkpoints(cfg, ck["step"]) if ck else []
-    ds = D.open_dataset(cfg.data, train=True, seed=cfg.seed, builtin_size=cfg.builtin_size)
-    probe_classes = D.num_classes(ds) if cfg.online_probe else 0
-    model = timm.create_model(cfg.model, fused=cfg.fused, lamb=cfg.lamb, norm_pix_loss=cfg.norm_pix_loss,
-                              cls_double_norm=cfg.cls_double_norm, exact_ddp_grad=cfg.exact_ddp_grad,
-                              probe_classes=probe_classes).to(device)
+    video = is_video(cfg.model)
+    if video:
+        model = timm.create_model(cfg.model, fused=cfg.fused, lamb=cfg.lamb, norm_pix_loss=cfg.norm_pix_loss,
+                                  mask_ratio=cfg.mask_ratio, exact_ddp_grad=cfg.exact_ddp_grad).to(device)
+        ds, probe_classes = V.open_video(cfg.data, True, cfg.seed, model.img_size, cfg.builtin_size), 0
+    else:
+        ds = D.open_dataset(cfg.data, train=True, seed=cfg.seed, builtin_size=cfg.builtin_size)
+        probe_classes = D.num_classes(ds) if cfg.online_probe else 0
+        model = timm.create_model(cfg.model, fused=cfg.fused, lamb=cfg.lamb, norm_pix_loss=cfg.norm_pix_loss,
+                                  cls_double_norm=cfg.cls_double_norm, exact_ddp_grad=cfg.exact_ddp_grad,
+                                  probe_classes=probe_classes).to(device)
     gb, batches_per_epoch, total, lr = _schedule(cfg, len(ds), world)
     run_info = _run_info(cfg, probe_classes, world, lr)
     if ck:
@@ -402,7 +411,9 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
         for group in opt.param_groups:  # the saved groups carry the saving machine's choice
             group.update(adamw_impl(device))
     loop = Loop(cfg=cfg, model=model, fwd=torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net, net=net, opt=opt,
-                scaler=scaler, device=device, rank=rank, world=world, num_patches=model.patch_embed.num_patches,
+                scaler=scaler, device=device, rank=rank, world=world,
+                num_patches=model.num_tokens if video else model.patch_embed.num_patches,
+                num_masked=model.num_masked if video else None,
                 total=total, warmup=cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20),
                 lr=lr, batches_per_epoch=batches_per_epoch,
                 amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp),
@@ -412,7 +423,9 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
     if rank == 0:  # every check has passed (the log's too, read by the Logger): what --overwrite replaces goes now
         drop_later(cfg, later)
     sampler = D.ResumableSampler(len(ds), gb, cfg.seed, rank, world)
-    loader, micro = _make_loader(cfg, D.Augmented(ds, model.img_size, cfg.seed), sampler, step, total, device)
+    aug = (V.VideoAugmented(ds, model.img_size, model.num_frames, cfg.sampling_rate, cfg.seed, model.grid, cfg.mask_ratio)
+           if video else D.Augmented(ds, model.img_size, cfg.seed))
+    loader, micro = _make_loader(cfg, aug, sampler, step, total, device)
     try:
         train_steps(loop, loader, step, micro)
     finally:

@@ -186,6 +186,6 @@ grep -v "^wrote " /tmp/umae_tune.log | tee -a "$OUT/bench.log" | tail -14
 fi
 bench video 30 --ops tubelet_patchify tubelet_unpatchify videomae_loss --shapes $VIDEO_SHAPES --dtypes bfloat16 \
   --modes $OPS_MODES --providers $VIDEO_PROVIDERS
-bench video_step 30 --ops hf_video_train_step --shapes $VIDEO_SHAPES --providers fused eager
+bench video_step 30 --ops hf_video_train_step video_train_step --shapes $VIDEO_SHAPES --providers fused eager
 stage "done (status $status)"
 exit $status

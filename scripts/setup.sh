@@ -8,7 +8,7 @@ command -v "$PY" >/dev/null || PY=python3
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, torchvision, timm, transformers, sklearn, pytest, pytest_benchmark, pytest_timeout, xdist, matplotlib, tqdm" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, torchvision, timm, transformers, sklearn, av, pytest, pytest_benchmark, pytest_timeout, xdist, matplotlib, tqdm" 2>/dev/null; then
   # torch 2.14.1 is the newest these machines allow, and timm needs a torchvision that imports beside it.
   # --no-compile: pip would byte-compile all 14k files (30 s of the set-up), most of them never
   # imported; what umae imports is compiled once below, what the tests import as they import it
@@ -16,7 +16,8 @@ if ! .venv/bin/python -c "import torch, torchvision, timm, transformers, sklearn
   .venv/bin/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
   # transformers: umae.patch's ViTMAE support and its tests (CPU import; no weights are downloaded)
   # scikit-learn: its bundled handwritten digits (--data digits, offline)
-  .venv/bin/pip install -q --no-compile timm transformers scikit-learn numpy ninja pytest pytest-benchmark pytest-timeout \
+  # av (PyAV): video files (a list of videos as --data); its wheel holds FFmpeg, and it writes the tests' clips
+  .venv/bin/pip install -q --no-compile timm transformers scikit-learn av numpy ninja pytest pytest-benchmark pytest-timeout \
     pytest-xdist matplotlib tqdm
 fi
 # nvcc on the PATH may be a wrapper script; setup.py resolves the real toolkit for CUDA_HOME.

@@ -45,7 +45,7 @@ def test_gpu_check_dry_run(tmp_path):
     # the compiled providers: one op (the dry run's compile stage)
     for provider in ("compile", "fused+compile"):
         assert ("uniformity_loss", "unif_tiny", provider) in timed, provider
-    for op in ("train_step", "mae_train_step", "hf_train_step", "hf_video_train_step"):
+    for op in ("train_step", "mae_train_step", "hf_train_step", "hf_video_train_step", "video_train_step"):
         for provider in ("fused", "eager"):
             assert (op, "tiny", provider) in timed, (op, provider)
     assert ("uniformity_loss", "unif_tiny", "eager") in timed

@@ -57,13 +57,21 @@ def _free_port():
 @pytest.mark.dist
 def test_ddp_and_fsdp_on_two_processes_match_single_process(tmp_path):
     # one spawn (2 processes importing torch: most of a run's time here) trains every run in turn
-    ddp, amp, full, resumed = _two_processes(
+    video = dict(model="umae_videomae_micro_patch4_32", steps=2, batch_size=8)
+    ddp, amp, full, resumed, video_ddp, video_fsdp = _two_processes(
         (tmp_path / "ddp", dict(steps=3, batch_size=8)),
         (tmp_path / "ddp_bf16", dict(steps=2, batch_size=40, amp="bf16")),
         (tmp_path / "fsdp", dict(fsdp=True, steps=4, batch_size=8, ckpt_every=2)),
-        (tmp_path / "resumed", dict(fsdp=True, steps=4, batch_size=8, resume=str(tmp_path / "fsdp" / "checkpoint-2.pt"))))
+        (tmp_path / "resumed", dict(fsdp=True, steps=4, batch_size=8, resume=str(tmp_path / "fsdp" / "checkpoint-2.pt"))),
+        (tmp_path / "video_ddp", video), (tmp_path / "video_fsdp", dict(video, fsdp=True)))
     _check_ddp(tmp_path, ddp, amp)
     _check_fsdp(tmp_path, full, resumed)
+    # a video model: each rank its half of the global batch's clips and tube masks (drawn per clip in the
+    # loader), the uniformity term over the global batch: one process's losses
+    single = train.train(_args(tmp_path / "video_one", **dict(video, batch_size=16)))
+    for runs in (video_ddp, video_fsdp):
+        for a, b in zip(runs, single):
+            assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["loss_unif"] - b["loss_unif"]) < 1e-5, (runs, single)
 
 
 def _check_ddp(tmp_path, ddp, amp):

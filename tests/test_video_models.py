@@ -110,3 +110,21 @@ def test_video_models_convert_to_and_from_transformers():
     theirs = hf.double()(videos.transpose(1, 2), bool_masked_pos=mask)
     assert_close(theirs.logits, ours.pred, name="logits", atol=1e-10, rtol=1e-10)
     assert_close(theirs.loss, ours.loss_mae, name="loss", atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_the_video_model_compiles_whole_with_the_loaders_mask():
+    # umae train's call (the loader's tube mask and its known count): one graph, the mask's rows
+    # checked inside it (on the CPU too), and a mask of another count still refused
+    torch._dynamo.reset()
+    model = timm.create_model(MICRO, lamb=0.01)
+    x = torch.randn(3, 3, 4, 32, 32)
+    mask, n = model.tube_mask(3, "cpu")
+    ref = model(x, mask, n)
+    out = torch.compile(model, fullgraph=True)(x, mask, n)
+    assert abs(float(out.loss) - float(ref.loss)) <= 1e-5 * float(ref.loss)
+    out.loss.backward()
+    bad = mask.clone()
+    bad[0, :5] = ~bad[0, :5]
+    with pytest.raises(RuntimeError, match="same number of tokens"):
+        torch.compile(model, fullgraph=True)(x, bad, n)

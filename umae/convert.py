@@ -8,6 +8,8 @@ losslessly (the tensors are copied bit for bit; q, k and v are split from / join
   own names and the older layout of the Hub's `facebook/vit-mae-*` checkpoints
   (`encoder.layer.N.attention.attention.query`, ...) are both read.
 - `umae convert SRC OUT --to hf|mae`: the same from the command line.
+- Video: `video_to_hf` / `video_from_hf` for transformers' VideoMAEForPreTraining, `load_video` /
+  `save_videomae` for MCG-NJU/VideoMAE's `.pth`; `umae convert SRC OUT --to hf|videomae`.
 
 Same weights, same noise: same mask, same loss (HF and MAE order patches and draw the mask from
 the noise alike; tests/test_convert.py checks it in float64).
@@ -23,7 +25,9 @@ from torch import nn
 
 from ._files import (check_finite_weights, check_recorded_config, check_target, load_weights, read_checkpoint, read_json,
                      reason, recover, write_whole)
-from .models import CONFIGS, MaskedAutoencoderViT, VideoMaskedAutoencoderViT, build, check_name
+from .models import (CONFIGS, VIDEO_CONFIGS, MaskedAutoencoderViT, VideoMaskedAutoencoderViT, build, build_video,
+                     check_name, is_video)
+from .models.videomae import to_videomae_state_dict
 
 # (umae key suffix, transformers key suffix) of one transformer block
 _BLOCK = (("norm1", "layernorm_before"), ("attn.proj", "attention.o_proj"), ("norm2", "layernorm_after"),
@@ -143,13 +147,14 @@ def from_hf(source, **model_kwargs) -> MaskedAutoencoderViT:
     return model
 
 
-def load_mae(path, model: str | None = None, what: str = "src", **model_kwargs) -> MaskedAutoencoderViT:
+def load_mae(path, model: str | None = None, what: str = "src", *, ck: dict | None = None,
+             **model_kwargs) -> MaskedAutoencoderViT:
     """An umae model from a facebookresearch/mae `.pth` (`{"model": state_dict}`) or an umae checkpoint;
     `model` names umae's config; without it the file's recorded architecture ("config": umae writes
     it in every checkpoint) or its run's model (MAE's own files record neither: its number of heads
-    is not in the weights)."""
+    is not in the weights). `ck`: the file, already read."""
     path = os.fspath(path)
-    ck = read_checkpoint(path, what)
+    ck = read_checkpoint(path, what) if ck is None else ck
     run, config = ck.get("run"), ck.get("config")
     name = model or (run.get("model") if isinstance(run, dict) else None)
     if model is None and isinstance(config, dict):  # the architecture as written: any shape, its norm eps
@@ -182,27 +187,40 @@ def save_mae(model: MaskedAutoencoderViT, path) -> None:
         torch.save({"model": model.state_dict(), "config": model.arch_config()}, f)
 
 
-def _read_hf(folder: str) -> MaskedAutoencoderViT:
-    """from_hf of a save_pretrained folder, or a ValueError naming it."""
+def _read_hf(folder: str):
+    """from_hf (ViTMAE) or video_from_hf (VideoMAE) of a save_pretrained folder, or a ValueError naming it."""
     config = read_json(os.path.join(folder, "config.json"), "src")
-    if config.get("model_type") != "vit_mae":
-        raise ValueError(f"src {folder!r} holds a transformers {config.get('model_type')!r} model, not a ViTMAE")
+    kind = config.get("model_type")
+    if kind not in ("vit_mae", "videomae"):
+        raise ValueError(f"src {folder!r} holds a transformers {kind!r} model, not a ViTMAE or VideoMAE")
     try:
+        if kind == "videomae":
+            from transformers import VideoMAEForPreTraining
+
+            return video_from_hf(VideoMAEForPreTraining.from_pretrained(folder))
         return from_hf(folder)
+    except ValueError:
+        raise
     except Exception as e:  # OSError, load errors, safetensors' SafetensorError for a truncated file, ...
-        raise ValueError(f"src {folder!r} is not a readable ViTMAE folder: {type(e).__name__}: {reason(e)}") from None
+        name = "VideoMAE" if kind == "videomae" else "ViTMAE"
+        raise ValueError(f"src {folder!r} is not a readable {name} folder: {type(e).__name__}: {reason(e)}") from None
 
 
 # ---- umae convert -----------------------------------------------------------------------
 
-HELP = "convert MAE checkpoints between umae / facebookresearch/mae (.pth) and transformers' ViTMAE (folder)"
+HELP = ("convert MAE / VideoMAE checkpoints between umae, facebookresearch/mae or MCG-NJU/VideoMAE (.pth) and "
+        "transformers' ViTMAE / VideoMAE (folder)")
 
 
 def add_args(p) -> None:
-    p.add_argument("src", help="a transformers save_pretrained folder, or a .pth (facebookresearch/mae or umae)")
-    p.add_argument("out", help="--to hf: a folder (save_pretrained); --to mae: a .pth file")
-    p.add_argument("--to", required=True, choices=["hf", "mae"])
-    p.add_argument("--model", default=None, help=f"umae's config of a facebookresearch/mae .pth ({', '.join(CONFIGS)})")
+    p.add_argument("src", help="a transformers save_pretrained folder (ViTMAE or VideoMAE), or a .pth (umae, "
+                   "facebookresearch/mae or MCG-NJU/VideoMAE)")
+    p.add_argument("out", help="--to hf: a folder (save_pretrained); --to mae / videomae: a .pth file")
+    p.add_argument("--to", required=True, choices=["hf", "mae", "videomae"],
+                   help="hf: transformers' ViTMAEForPreTraining or VideoMAEForPreTraining; mae: facebookresearch/mae's "
+                   ".pth (image models); videomae: MCG-NJU/VideoMAE's .pth (video models)")
+    p.add_argument("--model", default=None, help="umae's config of a .pth that records none (facebookresearch/mae's; "
+                   f"MCG-NJU's name theirs): {', '.join([*CONFIGS, *VIDEO_CONFIGS])}")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="the transformers config's mask_ratio")
 
 
@@ -227,18 +245,34 @@ def main(args) -> int:
     is_hf = os.path.isdir(args.src)
     if not is_hf and not os.path.isfile(args.src):
         raise ValueError(f"src {args.src!r}: no such file or folder")
-    model = _read_hf(args.src) if is_hf else load_mae(args.src, args.model)
+    model = _read_hf(args.src) if is_hf else load_model_file(args.src, args.model)
     check_finite_weights(model, args.src, "src")  # as eval refuses them: a diverged run's weights
+    video = isinstance(model, VideoMaskedAutoencoderViT)
+    if args.to == ("mae" if video else "videomae"):
+        raise ValueError(f"--to {args.to}: src {args.src!r} holds {'a video' if video else 'an image'} model; "
+                         f"its .pth is --to {'videomae' if video else 'mae'}")
     if args.to == "hf":
         from transformers.utils import logging as hf_logging
 
-        hf = to_hf(model, args.mask_ratio)
+        hf = video_to_hf(model) if video else to_hf(model, args.mask_ratio)
         hf_logging.disable_progress_bar()  # one line of output, as every umae command
         write_whole(args.out, hf.save_pretrained)
     else:
-        write_whole(args.out, lambda tmp: save_mae(model, tmp))
-    print(f"wrote {args.out} ({'transformers folder' if args.to == 'hf' else 'facebookresearch/mae .pth'})")
+        write_whole(args.out, lambda tmp: (save_videomae if video else save_mae)(model, tmp))
+    kind = {"hf": "transformers folder", "mae": "facebookresearch/mae .pth", "videomae": "MCG-NJU/VideoMAE .pth"}
+    print(f"wrote {args.out} ({kind[args.to]})")
     return 0
+
+
+def load_model_file(path, model: str | None = None, what: str = "src"):
+    """load_video for a video checkpoint (its recorded config or run, a video --model, MCG-NJU's keys),
+    load_mae otherwise."""
+    ck = read_checkpoint(path, what)
+    run, config, state = ck.get("run"), ck.get("config"), ck.get("model")
+    video = (is_video(model) or (model is None and isinstance(config, dict) and "num_frames" in config)
+             or (model is None and isinstance(run, dict) and is_video(run.get("model")))
+             or (isinstance(state, dict) and "encoder.patch_embed.proj.weight" in state))
+    return (load_video if video else load_mae)(path, model, what, ck=ck)
 
 
 # ---- video: umae's VideoMAE models <-> transformers' VideoMAEForPreTraining --------------------------
@@ -328,3 +362,54 @@ def video_from_hf(hf_model, **model_kwargs) -> VideoMaskedAutoencoderViT:
         out[f"{u}.attn.qkv.bias"] = torch.cat([q, sd.get(f"{a}.key.bias", torch.zeros_like(q)), sd[f"{a}.value.bias"]])
     model.load_state_dict(out, strict=True)
     return model
+
+
+def _mcg_model(ck: dict) -> tuple[str | None, dict]:
+    """(umae's config name, its overrides) of an MCG-NJU checkpoint, from the run arguments it pickles
+    (`args.model` pretrain_videomae_<size>_patch16_224, --decoder_depth, --num_frames, --input_size)."""
+    args = ck.get("args")
+    name = getattr(args, "model", None)
+    if not isinstance(name, str) or not name.startswith("pretrain_videomae_"):
+        return None, {}
+    kw = {k: getattr(args, a) for k, a in (("decoder_depth", "decoder_depth"), ("num_frames", "num_frames"),
+                                          ("img_size", "input_size")) if isinstance(getattr(args, a, None), int)}
+    return "umae_videomae_" + name[len("pretrain_videomae_"):], kw
+
+
+def load_video(path, model: str | None = None, what: str = "src", *, ck: dict | None = None,
+               **model_kwargs) -> VideoMaskedAutoencoderViT:
+    """An umae video model from an umae checkpoint or MCG-NJU/VideoMAE's `.pth` (`{"model": state_dict,
+    "args": ...}`: its run arguments name the model); `model` names umae's config where the file records
+    none. `ck`: the file, already read."""
+    path = os.fspath(path)
+    ck = read_checkpoint(path, what) if ck is None else ck
+    run, config = ck.get("run"), ck.get("config")
+    name = model or (run.get("model") if isinstance(run, dict) else None)
+    extra = {}
+    if model is None and isinstance(config, dict):
+        try:
+            m = VideoMaskedAutoencoderViT.from_config(config, **model_kwargs)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{what} {path!r}: its recorded config does not make a model: {e}") from None
+        name = "its recorded config"
+    else:
+        if name is None:
+            name, extra = _mcg_model(ck)
+        if name is None:
+            raise ValueError(f"{what} {path!r}: name the model's config (--model, one of {', '.join(VIDEO_CONFIGS)}): "
+                             "the file records none")
+        check_name(name, "--model" if model else f"{what} {path!r}'s recorded model")
+        if not is_video(name):
+            raise ValueError(f"--model {name}: {what} {path!r} holds a video model; video models: "
+                             f"{', '.join(VIDEO_CONFIGS)}")
+        m = build_video(name, **{**extra, **model_kwargs})
+        check_recorded_config(m, ck, path, what, name)
+    load_weights(m, ck, path, what, name)  # unwraps {"model": ...}, reads MCG-NJU's names
+    return m
+
+
+def save_videomae(model: VideoMaskedAutoencoderViT, path) -> None:
+    """MCG-NJU/VideoMAE's checkpoint layout, {"model": state_dict in its names} (its loaders read
+    "model"), with umae's architecture beside it ("config"), so the file loads back without --model."""
+    with open(path, "wb") as f:
+        torch.save({"model": to_videomae_state_dict(model.state_dict()), "config": model.arch_config()}, f)

@@ -18,9 +18,9 @@ run needs (no donated buffers, one Inductor compile thread) is set around the ru
 from .cases import SHAPES, SWEEP, Case, NotApplicable, case
 from .plots import plot
 from .report import add_fractions, format_table, speedups, write
-from .runner import E2E, E2E_DEFAULT, E2E_OPS, HF_E2E, HF_VIDEO_E2E, environment, parity_error, profile, run, run_e2e
+from .runner import E2E, E2E_DEFAULT, E2E_OPS, HF_E2E, HF_VIDEO_E2E, VIDEO_E2E, environment, parity_error, profile, run, run_e2e
 from .timing import MODES, PROVIDERS, ceilings, mode_fn, provider_forward, time_ms
 
 __all__ = ["SHAPES", "SWEEP", "Case", "NotApplicable", "case", "plot", "add_fractions", "format_table", "speedups",
-           "write", "E2E", "E2E_DEFAULT", "E2E_OPS", "HF_E2E", "HF_VIDEO_E2E", "environment", "parity_error", "profile", "run", "run_e2e", "MODES",
+           "write", "E2E", "E2E_DEFAULT", "E2E_OPS", "HF_E2E", "HF_VIDEO_E2E", "VIDEO_E2E", "environment", "parity_error", "profile", "run", "run_e2e", "MODES",
            "PROVIDERS", "ceilings", "mode_fn", "provider_forward", "time_ms"]

@@ -141,8 +141,11 @@ _VIDEO_TINY = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, i
                    decoder_intermediate_size=64, image_size=16, patch_size=4, num_frames=4, tubelet_size=2)
 HF_VIDEO_E2E = {"videomae_b": ({}, 8), "cpu_video": (_VIDEO_MICRO, 16), "tiny": (_VIDEO_TINY, 2)}
 VIDEO_MASK_RATIO = 0.9
+# umae's own video models, U-MAE (lamb 0.01), 90% tube masks: shape set -> (model, batch)
+VIDEO_E2E = {"videomae_b": ("umae_videomae_base_patch16_224", 8), "cpu_video": ("umae_videomae_micro_patch4_32", 64),
+             "tiny": ("umae_videomae_micro_patch4_32", 2)}
 # train_step: umae's U-MAE (lamb 0.01); mae_train_step: the same model as plain MAE (lamb 0)
-E2E_OPS = ("train_step", "mae_train_step", "hf_train_step", "hf_video_train_step")
+E2E_OPS = ("train_step", "mae_train_step", "hf_train_step", "hf_video_train_step", "video_train_step")
 
 
 def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16, ops=("train_step",)):
@@ -151,11 +154,13 @@ def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16, ops=("train
     model on its first uncompiled provider; umae's glue ops count none) as TFLOP/s, which
     add_fractions turns into MFU (of the matmul peak measured in the same run).
     train_step / mae_train_step: umae's model with lamb 0.01 / 0 (fused or reference model, and
-    torch.compile of either); hf_train_step: transformers' ViTMAEForPreTraining (umae.patch'ed or
-    not, and compiled)."""
+    torch.compile of either); hf_train_step / hf_video_train_step: transformers' ViTMAEForPreTraining /
+    VideoMAEForPreTraining (umae.patch'ed or not, and compiled); video_train_step: umae's video model
+    (U-MAE, lamb 0.01) on 90% tube masks."""
     with bench_settings():
         for op in ops:
-            table = {"hf_train_step": HF_E2E, "hf_video_train_step": HF_VIDEO_E2E}.get(op, E2E)
+            table = {"hf_train_step": HF_E2E, "hf_video_train_step": HF_VIDEO_E2E,
+                     "video_train_step": VIDEO_E2E}.get(op, E2E)
             for shape in shapes:
                 if shape not in table:
                     continue
@@ -167,6 +172,9 @@ def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16, ops=("train
                     elif op == "hf_video_train_step":
                         model, impl = _hf_video_model(shape, provider), "VideoMAEForPreTraining"
                         batch = HF_VIDEO_E2E[shape][1]
+                    elif op == "video_train_step":
+                        name, batch = VIDEO_E2E[shape]
+                        model, impl = _umae_model(shape, provider, 0.01, name), f"{name} lamb=0.01"
                     else:
                         lamb = 0.01 if op == "train_step" else 0.0
                         model, impl, batch = _umae_model(shape, provider, lamb), f"{E2E[shape][0]} lamb={lamb}", E2E[shape][1]
@@ -174,12 +182,12 @@ def run_e2e(shapes, device, providers=PROVIDERS, amp=torch.bfloat16, ops=("train
                     yield row
 
 
-def _umae_model(shape, provider, lamb):
+def _umae_model(shape, provider, lamb, name=None):
     import timm
 
     from .. import models  # noqa: F401
 
-    return timm.create_model(E2E[shape][0], fused=provider in FUSED_PROVIDERS, lamb=lamb)
+    return timm.create_model(name or E2E[shape][0], fused=provider in FUSED_PROVIDERS, lamb=lamb)
 
 
 def _hf_model(shape, provider):
@@ -245,6 +253,9 @@ def train_step_fn(model, batch: int, device: str, provider: str, amp):
         h = size // cfg.patch_size
         kwargs["bool_masked_pos"] = tube_mask(batch, cfg.num_frames // cfg.tubelet_size, h, h, VIDEO_MASK_RATIO,
                                               device=device)
+    elif hasattr(model, "num_frames"):  # umae's video model: clips (B, C, T, H, W), a tube mask and its count
+        imgs = torch.randn(batch, chans, model.num_frames, size, size, device=device)
+        kwargs["mask"], kwargs["num_masked"] = model.tube_mask(batch, device)
     else:
         imgs = torch.randn(batch, chans, size, size, device=device)
 
@@ -256,7 +267,7 @@ def train_step_fn(model, batch: int, device: str, provider: str, amp):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    step.held = [imgs, *kwargs.values(), *model.parameters(), *model.buffers()]  # what the step holds before its forward
+    step.held = [imgs, *(v for v in kwargs.values() if torch.is_tensor(v)), *model.parameters(), *model.buffers()]  # what the step holds before its forward
     return step
 
 

@@ -42,7 +42,7 @@ def _draw(labels: torch.Tensor, size: int, frames: int, g: torch.Generator) -> t
     u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     t = torch.arange(frames, dtype=torch.float32)[None, :]  # (1, T)
     c = labels[:, None]
-    speed = 0.02 + 0.02 * u(n, 1)  # of the [-1, 1] frame per frame
+    speed = 0.04 + 0.03 * u(n, 1)  # of the [-1, 1] frame per frame
     dx = torch.where(c == 0, speed, torch.where(c == 1, -speed, torch.zeros(())))
     dy = torch.where(c == 2, speed, torch.where(c == 3, -speed, torch.zeros(())))
     # start so that the path is centred on a random point near the middle
@@ -65,7 +65,7 @@ def _draw(labels: torch.Tensor, size: int, frames: int, g: torch.Generator) -> t
     blink = (c == 8) & ((t.long() // 4) % 2 == 1)  # (n, T)
     colour = torch.where(blink[..., None, None, None], fg2, fg)  # (n, T, 3, 1, 1)
     bg = (u(n, 1, 3, 1, 1) * 0.6 + 0.2 * (xx + 1)[None, None, None] * u(n, 1, 1, 1, 1))
-    clip = torch.where(inside[:, :, None], colour, bg) + 0.04 * torch.randn(n, frames, 3, size, size, generator=g)
+    clip = torch.where(inside[:, :, None], colour, bg) + 0.02 * torch.randn(n, frames, 3, size, size, generator=g)
     return (clip.clamp(0, 1) * 255).round().to(torch.uint8)
 
 

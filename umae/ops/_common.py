@@ -180,7 +180,7 @@ def video_mask(mask, size: tuple, ref: torch.Tensor, ref_name: str, num_masked=N
         raise ValueError(f"num_masked must be an int in [0, {N}], got {num_masked!r}")
     ok = (counts == n).all()
     msg = f"mask must mask the same number of tokens in every row, num_masked={n} tokens in every row"
-    if mask.is_cuda:
+    if mask.is_cuda or torch.compiler.is_compiling():  # traced: checked in the graph, no break
         torch._assert_async(ok, msg)
     elif not bool(ok):
         raise ValueError(f"{msg}, got {counts.tolist()}")

@@ -13,6 +13,8 @@ import time
 import torch
 
 from .. import data as D
+from ..data import video as V
+from ..models import VIDEO_CONFIGS, is_video
 from . import evaluate, sweep
 from ..train import TrainConfig, train
 
@@ -29,6 +31,11 @@ PRESETS = {
     # it to CIFAR-10 ViT-Tiny at 32x32 with patch 4 and the paper's longer CIFAR schedule
     "cifar10-vit-tiny": dict(data=None, model="umae_vit_tiny_patch4_32", steps=None, epochs=2000, batch_size=512,
                              lr=None, blr=1.5e-4, warmup_steps=None, warmup_epochs=200, amp="bf16", curve_points=20),
+    # VideoMAE's tube masking (0.9) on the generated motion clips, the micro video model: about 10
+    # minutes on the 2-core CPU for the three default lambdas (docs/training.md, "Video")
+    "video": dict(data="video-builtin", model="umae_videomae_micro_patch4_32", steps=1500, epochs=None, batch_size=64,
+                  lr=1e-3, blr=None, warmup_steps=75, warmup_epochs=None, amp="none", curve_points=5,
+                  builtin_size=2048),
 }
 
 
@@ -62,6 +69,7 @@ def _train_config(a, preset: dict, lamb: float, out: str, ckpt_every: int, steps
     """One run's training settings: the preset's, these flags', and umae train's defaults for the rest."""
     seed = a.seed if seed is None else seed
     return TrainConfig(data=a.data, model=a.model, lamb=lamb, seed=seed, out=out, batch_size=a.batch_size,
+                       builtin_size=preset.get("builtin_size", D.BUILTIN_SIZE),
                        steps=steps, amp=preset["amp"], device=a.device, lr=preset["lr"],
                        blr=TrainConfig.blr if preset["blr"] is None else preset["blr"], warmup_steps=a.warmup_steps,
                        ckpt_every=ckpt_every, log_every=max(1, min(10, steps // 10)), no_progress=a.no_progress,
@@ -80,14 +88,14 @@ def _steps_and_warmup(a, preset: dict) -> tuple[int, int | None]:
 
 
 def _rank_curve(run_dir: str, ds, a, known: dict) -> list[tuple[int, float]]:
-    """(step, effective rank of the cls features of `ds`) at each saved checkpoint; `known`:
-    {step: rank} already measured (the last checkpoint, by the evaluation)."""
+    """(step, effective rank of the features of `ds`: cls, a video model's mean) at each saved
+    checkpoint; `known`: {step: rank} already measured (the last checkpoint, by the evaluation)."""
     points = list(known.items())
     for f in os.listdir(run_dir):
         n = f[len("checkpoint-"):-len(".pt")]
         if f.startswith("checkpoint-") and n.isdigit() and int(n) not in known:
-            model, _, step = evaluate.load_model(os.path.join(run_dir, f), a.device_obj)
-            x, _ = evaluate.extract(model, ds, "cls", 256, a.device_obj, a.eval_images)
+            model, run, step = evaluate.load_model(os.path.join(run_dir, f), a.device_obj)
+            x, _ = evaluate.extract(model, ds, a.pool, 256, a.device_obj, a.eval_images, run["sampling_rate"])
             points.append((step, evaluate.spectrum(x)[1]))
     return sorted(points)
 
@@ -104,7 +112,12 @@ def validate(a) -> None:
 
         check_name(a.model)
     if a.data is not None:
-        D.check_folder(a.data)
+        if a.preset == "video":
+            from ..train.config import check_data_kind
+
+            check_data_kind(a.data, a.model or PRESETS["video"]["model"])
+        else:
+            D.check_folder(a.data)
     bad = [v for v in a.lambdas if not 0 <= v < float("inf")]
     if bad:
         raise ValueError(f"--lambdas must be finite and >= 0, got {bad[0]}")
@@ -172,17 +185,25 @@ def reproduce(a) -> dict:
                             out=a.out, device=str(a.device_obj))
     print(f"umae reproduce: evaluating {len(runs)} runs, then the effective rank at each checkpoint", flush=True)
     results = evaluate.evaluate(ev)["results"]
-    for r, name in zip(results, [n for n in runs for _ in range(2)]):
-        r["run"], r["seed"] = name, seeds[name]
-    eval_ds = D.open_dataset(a.data, True)  # the training images, as eval's spectrum
-    last = {r["run"]: {r["step"]: r["effective_rank"]} for r in results if r["pool"] == "cls"}
+    by_ckpt = {os.path.join(d, "checkpoint-last.pt"): name for name, d in runs.items()}
+    for r in results:
+        r["run"] = by_ckpt[r["ckpt"]]
+        r["seed"] = seeds[r["run"]]
+    video = is_video(a.model)
+    a.pool = "mean" if video else "cls"
+    # the training images (clips), as eval's spectrum
+    if video:
+        eval_ds = V.open_video(a.data, True, a.seed, VIDEO_CONFIGS[a.model][0], preset.get("builtin_size", 0))
+    else:
+        eval_ds = D.open_dataset(a.data, True)
+    last = {r["run"]: {r["step"]: r["effective_rank"]} for r in results if r["pool"] == a.pool}
     curves = {name: dict(log=logs[name], rank=_rank_curve(d, eval_ds, a, last[name])) for name, d in runs.items()}
     minutes = (time.perf_counter() - t0) / 60
     settings = dict(preset=a.preset, data=a.data, model=a.model, steps=steps, batch_size=a.batch_size,
                     lr=preset["lr"], blr=preset["blr"], warmup_steps=a.warmup_steps, seed=a.seed, seeds=a.seeds,
                     lambdas=a.lambdas,
                     device=str(a.device_obj), minutes=round(minutes, 1))
-    plot_curves(curves, os.path.join(a.out, "curves.png"))
+    plot_curves(curves, os.path.join(a.out, "curves.png"), a.pool)
     with open(os.path.join(a.out, "report.md"), "w") as f:
         f.write(report_md(results, settings))
     with open(os.path.join(a.out, "curves.json"), "w") as f:
@@ -211,7 +232,7 @@ def report_md(results, settings) -> str:
     lines += _over_seeds(results)
     lines += ["", "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()), "",
               "Files: spectrum.png (singular value spectra of the features), curves.png (loss_mae, loss_unif, effective "
-              "rank of the cls features over training), eval.json, curves.json, lamb_*/ (checkpoints, log.jsonl).", ""]
+              "rank of the cls features, a video model's mean feature, over training), eval.json, curves.json, lamb_*/ (checkpoints, log.jsonl).", ""]
     return "\n".join(lines)
 
 
@@ -235,7 +256,7 @@ def _over_seeds(results) -> list[str]:
     return lines
 
 
-def plot_curves(curves, path) -> None:
+def plot_curves(curves, path, pool: str = "cls") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,7 +268,7 @@ def plot_curves(curves, path) -> None:
         axes[0].plot(steps, [r["loss_mae"] for r in c["log"]], label=name)
         axes[1].plot(steps, [r["loss_unif"] for r in c["log"]], label=name)
         axes[2].plot(*zip(*c["rank"]), marker="o", label=name) if c["rank"] else None
-    for ax, title in zip(axes, ("loss_mae", "loss_unif", "effective rank (cls)")):
+    for ax, title in zip(axes, ("loss_mae", "loss_unif", f"effective rank ({pool})")):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from umae.research import evaluate, reproduce
 
@@ -41,6 +42,22 @@ def test_reproduce_writes_the_report(tmp_path):
     assert curves["U-MAE (lambda 0.1)"]["rank"][-1] == [4, mine["effective_rank"]]  # the curve ends at eval's point
     assert evaluate.SPECTRUM in json.loads((tmp_path / "eval.json").read_text())["effective_rank"]
 
+
+def test_video_preset_reports_the_mean_feature(tmp_path):
+    p = argparse.ArgumentParser()
+    reproduce.add_args(p)
+    a = p.parse_args(["--preset", "video", "--steps", "10", "--batch-size", "16", "--lambdas", "0", "0.1",
+                      "--eval-images", "120", "--out", str(tmp_path), "--no-progress", "--num-workers", "0"])
+    res = reproduce.reproduce(a)
+    report = (tmp_path / "report.md").read_text()
+    rows = [r for r in report.splitlines() if r.startswith("| MAE") or r.startswith("| U-MAE")]
+    assert len(rows) == 2 and all("| mean |" in r for r in rows), rows  # no cls token: its mean feature
+    assert "preset video" in report and "data video-builtin" in report
+    assert {r["run"] for r in res["results"]} == {"MAE", "U-MAE (lambda 0.1)"}
+    ck = torch.load(tmp_path / "lamb_0.1" / "checkpoint-last.pt", weights_only=False)
+    assert ck["run"]["mask_ratio"] == 0.9 and ck["run"]["builtin_size"] == 2048
+    for c in json.loads((tmp_path / "curves.json").read_text()).values():
+        assert c["log"][-1]["step"] == 10 and len(c["rank"]) >= 2 and all(r > 1 for _, r in c["rank"])
 
 def test_seeds_report_mean_and_spread(tmp_path):
     p = argparse.ArgumentParser()

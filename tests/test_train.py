@@ -70,6 +70,7 @@ def test_ddp_and_fsdp_on_two_processes_match_single_process(tmp_path):
     # loader), the uniformity term over the global batch: one process's losses
     single = train.train(_args(tmp_path / "video_one", **dict(video, batch_size=16)))
     for runs in (video_ddp, video_fsdp):
+        assert [r["step"] for r in runs] == [1, 2] and runs[0]["loss_unif"] > 0, runs
         for a, b in zip(runs, single):
             assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["loss_unif"] - b["loss_unif"]) < 1e-5, (runs, single)
 

@@ -288,6 +288,8 @@ def test_no_host_sync_between_log_steps(tmp_path, monkeypatch, model):
     cpu_mask_checks = ("__bool__", os.path.join("ops", "_common.py"))
     reads = [c for c in calls if c != cpu_mask_checks or "video" not in model]
     assert reads == [("tolist", os.path.join("train", "log.py"))] * 2, calls
+    if "video" in model:  # one flag per step of visible_tokens and decoder_tokens (the fused loss's kernel checks)
+        assert calls.count(cpu_mask_checks) == 6 * 2, calls
 
 
 def test_weight_decay_follows_mae_rule():

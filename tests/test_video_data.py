@@ -68,14 +68,18 @@ def test_motion_clips_are_seeded_balanced_and_differ_by_motion():
 # ---- MCG-NJU's sampling, crop and tube mask -------------------------------------------------------
 
 def _mcg_frame_ids(duration, new_length, new_step, start):
-    """MCG-NJU's _sample_train_indices (one segment, no jitter; `start` its random draw) and
+    """MCG-NJU's _sample_train_indices (one segment, no temporal jitter; `start` its random draw) and
     _video_TSN_decord_batch_loader, transcribed."""
     skip_length = new_length * new_step
     average_duration = duration - skip_length + 1
     offset = (start if average_duration > 0 else 0) + 1
+    skip_offsets = [0] * (skip_length // new_step)
     ids = []
-    for _ in range(0, skip_length, new_step):
-        ids.append(offset - 1 if offset <= duration else offset - 1)
+    for i, _ in enumerate(range(0, skip_length, new_step)):
+        if offset + skip_offsets[i] <= duration:
+            ids.append(offset + skip_offsets[i] - 1)
+        else:
+            ids.append(offset - 1)
         if offset + new_step < duration:
             offset += new_step
     return ids
@@ -95,15 +99,25 @@ def test_frame_sampling_is_mcg_njus(duration, frames, rate):
     assert V.sample_indices(duration, frames, rate, None) == _mcg_frame_ids(duration, frames, rate, max(avg, 0) // 2)
 
 
-def test_multi_scale_crop_takes_mcg_njus_sizes_and_places():
-    h, w, size = 120, 160, 112
-    sides = [size if abs(int(120 * s) - size) < 3 else int(120 * s) for s in V.SCALES]
+def _mcg_places(w, h, cw, ch):
+    """MCG-NJU's fill_fix_offset(more_fix_crop=True): the 13 (left, top) places."""
+    ws, hs = (w - cw) // 4, (h - ch) // 4
+    return {(0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs), (0, 2 * hs), (4 * ws, 2 * hs),
+            (2 * ws, 4 * hs), (2 * ws, 0), (ws, hs), (3 * ws, hs), (ws, 3 * hs), (3 * ws, 3 * hs)}
+
+
+@pytest.mark.parametrize("h,w,size", [(120, 160, 112), (114, 150, 112), (222, 296, 224)])
+def test_multi_scale_crop_takes_mcg_njus_sizes_and_places(h, w, size):
+    # sides: the short side's scales, snapped to `size` within 3 pixels (114 -> 112), never past the
+    # frame (a height of 222 stays 222: MCG-NJU's PIL crop would pad it with black)
+    snap = [size if abs(int(min(h, w) * s) - size) < 3 else int(min(h, w) * s) for s in V.SCALES]
+    hs, ws = [min(x, h) for x in snap], [min(x, w) for x in snap]
     g, seen = torch.Generator().manual_seed(0), set()
-    for _ in range(400):
+    for _ in range(600):
         t, l, ch, cw = V.multi_scale_crop_params(h, w, size, g)
-        i, j = sides.index(ch), sides.index(cw)
-        assert abs(i - j) <= 1 and t + ch <= h and l + cw <= w
-        assert l % ((w - cw) // 4 or 1) == 0 and t % ((h - ch) // 4 or 1) == 0  # one of the fixed places
+        assert t >= 0 and l >= 0 and t + ch <= h and l + cw <= w
+        assert any(abs(i - j) <= 1 for i, a in enumerate(hs) for j, b in enumerate(ws) if (a, b) == (ch, cw))
+        assert (l, t) in _mcg_places(w, h, cw, ch)
         seen.add((ch, cw))
     assert len(seen) == 10  # every (height, width) pair at most one scale apart
 
@@ -181,6 +195,7 @@ def test_video_training_resumes_bitwise_and_converts(tmp_path, capsys):
     assert full[0]["loss_unif"] > 0
     ck = torch.load(tmp_path / "a" / "checkpoint-2.pt", weights_only=False)
     assert ck["run"]["mask_ratio"] == 0.9 and ck["run"]["data"] == "video-builtin" and ck["config"]["num_frames"] == 4
+    assert ck["run"]["decay_tokens"] is False  # MCG-NJU's rule: the mask token is not decayed
     resumed = train.train(_args(tmp_path / "b", steps=4, lamb=0.01, resume=str(tmp_path / "a" / "checkpoint-2.pt")))
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(full[2:], resumed):
@@ -213,4 +228,6 @@ def test_video_settings_are_checked_by_name(tmp_path):
         train.validate(_args(tmp_path, online_probe=True))
     with pytest.raises(ValueError, match="--sampling-rate"):
         train.validate(_args(tmp_path, sampling_rate=0))
+    with pytest.raises(ValueError, match="--builtin-size"):
+        train.validate(_args(tmp_path, model="umae_videomae_base_patch16_224", builtin_size=400_000))
     assert _args(tmp_path).mask_ratio == 0.9 and _args(tmp_path, model="umae_vit_micro_patch4_32").mask_ratio == 0.75

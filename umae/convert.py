@@ -167,7 +167,10 @@ def load_mae(path, model: str | None = None, what: str = "src", *, ck: dict | No
         raise ValueError(f"{what} {path!r}: name the model's config (--model, one of "
                          f"{', '.join(CONFIGS)}): a facebookresearch/mae checkpoint does not record its number of heads")
     else:
-        check_name(name, "--model" if model else f"{what} {path!r}'s recorded model")
+        label = "--model" if model else f"{what} {path!r}'s recorded model"
+        check_name(name, label)
+        if is_video(name):
+            raise ValueError(f"{label} {name} is a video model; {what} {path!r} holds an image model's weights")
         m = build(name, **model_kwargs)
         # --model never replaces a recorded architecture (a LayerNorm eps of 1e-12 would become 1e-6)
         try:
@@ -199,8 +202,6 @@ def _read_hf(folder: str):
 
             return video_from_hf(VideoMAEForPreTraining.from_pretrained(folder))
         return from_hf(folder)
-    except ValueError:
-        raise
     except Exception as e:  # OSError, load errors, safetensors' SafetensorError for a truncated file, ...
         name = "VideoMAE" if kind == "videomae" else "ViTMAE"
         raise ValueError(f"src {folder!r} is not a readable {name} folder: {type(e).__name__}: {reason(e)}") from None
@@ -398,10 +399,11 @@ def load_video(path, model: str | None = None, what: str = "src", *, ck: dict | 
         if name is None:
             raise ValueError(f"{what} {path!r}: name the model's config (--model, one of {', '.join(VIDEO_CONFIGS)}): "
                              "the file records none")
-        check_name(name, "--model" if model else f"{what} {path!r}'s recorded model")
+        label = "--model" if model else f"{what} {path!r}'s recorded model"
+        check_name(name, label)
         if not is_video(name):
-            raise ValueError(f"--model {name}: {what} {path!r} holds a video model; video models: "
-                             f"{', '.join(VIDEO_CONFIGS)}")
+            raise ValueError(f"{label} {name} is an image model; {what} {path!r} holds a video model's weights "
+                             f"(video models: {', '.join(VIDEO_CONFIGS)})")
         m = build_video(name, **{**extra, **model_kwargs})
         check_recorded_config(m, ck, path, what, name)
     load_weights(m, ck, path, what, name)  # unwraps {"model": ...}, reads MCG-NJU's names

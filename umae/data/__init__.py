@@ -184,7 +184,9 @@ class FolderImages(Dataset):
 
 
 def check_folder(path: str) -> None:
-    """--data names one of NAMED_SETS or a folder; FileNotFoundError naming --data otherwise."""
+    """--data names one of the image sets of NAMED_SETS or a folder; an error naming --data otherwise."""
+    if path == "video-builtin":
+        raise ValueError("--data 'video-builtin' is video data, for the video models (umae_videomae_*)")
     if path not in NAMED_SETS and not os.path.isdir(path):
         raise FileNotFoundError(f"--data {path!r} is not a directory (use 'builtin' or 'digits' for the data sets "
                                 "that ship offline)")

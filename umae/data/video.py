@@ -186,12 +186,23 @@ def _reason(e: BaseException) -> str:
     return why
 
 
-def open_video(path: str | None, train: bool = True, seed: int = 0, size: int = 32, builtin_size: int = 1024):
-    """'video-builtin': motion10 clips of `size` pixels (train: builtin_size clips, test: a quarter as many,
-    another seed). A file: MCG-NJU's list of videos (`train` is ignored: split it with data.split)."""
+BUILTIN_SIZE = 32  # motion10's pixels: larger models' loaders resize the crops up, as for the image builtin
+
+
+def builtin_frames(num_frames: int, rate: int) -> int:
+    """motion10's clip length for a model of num_frames sampled every `rate`: its whole window (at
+    least BUILTIN_FRAMES), so no sampled frame repeats."""
+    return max(BUILTIN_FRAMES, num_frames * rate)
+
+
+def open_video(path: str | None, train: bool = True, seed: int = 0, builtin_size: int = 1024,
+               frames: int = BUILTIN_FRAMES):
+    """'video-builtin': motion10 clips of `frames` frames at 32 x 32 (train: builtin_size clips, test: a
+    quarter as many, another seed). A file: MCG-NJU's list of videos (`train` is ignored: split it with
+    data.split)."""
     if path in (None, VIDEO_BUILTIN):
         n = builtin_size if train else max(1, builtin_size // 4)
-        return TensorClips(*make_motion_clips(n, size=size, seed=seed if train else seed + 10_000))
+        return TensorClips(*make_motion_clips(n, BUILTIN_SIZE, frames, seed if train else seed + 10_000))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--data {path!r} is not a list of videos ('path label' per line) nor "
                                 f"{VIDEO_BUILTIN!r}")
@@ -221,11 +232,13 @@ SCALES = (1, 0.875, 0.75, 0.66)
 def multi_scale_crop_params(h: int, w: int, size: int, g: torch.Generator) -> tuple[int, int, int, int]:
     """GroupMultiScaleCrop(size, [1, .875, .75, .66]) of MCG-NJU: (top, left, height, width). Crop sides
     are the scales of the short side (within 3 pixels of `size`: `size`), a height and a width at most
-    one scale apart, placed at one of 13 fixed positions."""
+    one scale apart, placed at one of 13 fixed positions. A side is never longer than the frame's."""
     base = min(h, w)
     sides = [int(base * s) for s in SCALES]
-    hs = [size if abs(x - size) < 3 else x for x in sides]
-    ws = [size if abs(x - size) < 3 else x for x in sides]
+    # within 3 pixels of `size`: `size`, as MCG-NJU's; but never past the frame, where PIL's crop
+    # would pad with black (a short side 1-2 pixels under `size`)
+    hs = [min(size if abs(x - size) < 3 else x, h) for x in sides]
+    ws = [min(size if abs(x - size) < 3 else x, w) for x in sides]
     pairs = [(cw, ch) for i, ch in enumerate(hs) for j, cw in enumerate(ws) if abs(i - j) <= 1]
     cw, ch = pairs[int(torch.randint(len(pairs), (1,), generator=g))]
     ws_, hs_ = (w - cw) // 4, (h - ch) // 4

@@ -196,11 +196,13 @@ def evaluate(args) -> dict:
         if video:
             data = data or V.VIDEO_BUILTIN
             if data != V.VIDEO_BUILTIN and not os.path.isfile(data):
-                raise ValueError(f"--data {data!r}: --ckpt {path!r} is a video model; its data is {V.VIDEO_BUILTIN!r} "
+                said = "--data" if args.data else f"the data its run recorded,"
+                raise ValueError(f"{said} {data!r}: --ckpt {path!r} is a video model; its data is {V.VIDEO_BUILTIN!r} "
                                  "or a list of video files ('path label' per line)")
             size = run.get("builtin_size", D.BUILTIN_SIZE)
-            tr = V.open_video(data, True, run["seed"], model.img_size, size)
-            tr, te = (tr, V.open_video(data, False, run["seed"], model.img_size, size)) if data == V.VIDEO_BUILTIN \
+            frames = V.builtin_frames(model.num_frames, run["sampling_rate"])
+            tr = V.open_video(data, True, run["seed"], size, frames)
+            tr, te = (tr, V.open_video(data, False, run["seed"], size, frames)) if data == V.VIDEO_BUILTIN \
                 else D.split(tr, args.holdout)
         elif data in (None, "builtin", "hierarchical"):
             tr = D.open_dataset(data or "builtin", True, run["seed"], run.get("builtin_size", D.BUILTIN_SIZE))

@@ -31,7 +31,7 @@ PRESETS = {
     # it to CIFAR-10 ViT-Tiny at 32x32 with patch 4 and the paper's longer CIFAR schedule
     "cifar10-vit-tiny": dict(data=None, model="umae_vit_tiny_patch4_32", steps=None, epochs=2000, batch_size=512,
                              lr=None, blr=1.5e-4, warmup_steps=None, warmup_epochs=200, amp="bf16", curve_points=20),
-    # VideoMAE's tube masking (0.9) on the generated motion clips, the micro video model: about 10
+    # VideoMAE's tube masking (0.9) on the generated motion clips, the micro video model: about 5
     # minutes on the 2-core CPU for the three default lambdas (docs/training.md, "Video")
     "video": dict(data="video-builtin", model="umae_videomae_micro_patch4_32", steps=1500, epochs=None, batch_size=64,
                   lr=1e-3, blr=None, warmup_steps=75, warmup_epochs=None, amp="none", curve_points=5,
@@ -100,6 +100,17 @@ def _rank_curve(run_dir: str, ds, a, known: dict) -> list[tuple[int, float]]:
     return sorted(points)
 
 
+def _train_set(a, preset: dict, seed: int, cache: dict):
+    """The data a run of `seed` trained on (a video model's generated clips depend on it), made once."""
+    if seed not in cache:
+        if is_video(a.model):
+            frames = V.builtin_frames(VIDEO_CONFIGS[a.model][2], TrainConfig.sampling_rate)
+            cache[seed] = V.open_video(a.data, True, seed, preset.get("builtin_size", D.BUILTIN_SIZE), frames)
+        else:
+            cache[seed] = D.open_dataset(a.data, True)
+    return cache[seed]
+
+
 def validate(a) -> None:
     from ..train.config import check_at_most, check_out, check_range, check_seed, parse_device
 
@@ -111,6 +122,9 @@ def validate(a) -> None:
         from ..models import check_name
 
         check_name(a.model)
+        if a.preset != "hierarchical" and is_video(a.model) != (a.preset == "video"):
+            raise ValueError(f"--model {a.model} is {'a video' if is_video(a.model) else 'an image'} model; --preset "
+                             f"{a.preset} trains {'video' if a.preset == 'video' else 'image'} models")
     if a.data is not None:
         if a.preset == "video":
             from ..train.config import check_data_kind
@@ -189,15 +203,11 @@ def reproduce(a) -> dict:
     for r in results:
         r["run"] = by_ckpt[r["ckpt"]]
         r["seed"] = seeds[r["run"]]
-    video = is_video(a.model)
-    a.pool = "mean" if video else "cls"
-    # the training images (clips), as eval's spectrum
-    if video:
-        eval_ds = V.open_video(a.data, True, a.seed, VIDEO_CONFIGS[a.model][0], preset.get("builtin_size", 0))
-    else:
-        eval_ds = D.open_dataset(a.data, True)
+    a.pool = "mean" if is_video(a.model) else "cls"
     last = {r["run"]: {r["step"]: r["effective_rank"]} for r in results if r["pool"] == a.pool}
-    curves = {name: dict(log=logs[name], rank=_rank_curve(d, eval_ds, a, last[name])) for name, d in runs.items()}
+    sets: dict = {}  # the training images (clips) of each seed, as eval's spectrum
+    curves = {name: dict(log=logs[name], rank=_rank_curve(d, _train_set(a, preset, seeds[name], sets), a, last[name]))
+              for name, d in runs.items()}
     minutes = (time.perf_counter() - t0) / 60
     settings = dict(preset=a.preset, data=a.data, model=a.model, steps=steps, batch_size=a.batch_size,
                     lr=preset["lr"], blr=preset["blr"], warmup_steps=a.warmup_steps, seed=a.seed, seeds=a.seeds,

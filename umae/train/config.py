@@ -64,8 +64,9 @@ class TrainConfig:
     warmup_steps: int | None = _opt(None, "default: 5% of the steps")
     weight_decay: float = _opt(0.05)
     decay_tokens: bool | None = _opt(None, "weight-decay cls_token and mask_token, as MAE's rule (only "
-                                               "1-d parameters and biases are exempt); default: on, or the resumed "
-                                               "checkpoint's choice")
+                                               "1-d parameters and biases are exempt); default: on for image models, "
+                                               "off for video models (MCG-NJU's rule), or the resumed checkpoint's "
+                                               "choice")
     clip_grad: float | None = _opt(None, "clip the gradient norm (default: off, as MAE)")
     amp: str = _opt("auto", "auto: bf16 on a GPU that supports it, none (fp32) otherwise",
                     choices=["auto", "none", "bf16", "fp16"])
@@ -198,6 +199,7 @@ def parse_device(name: str | None, flag: str = "--device"):
 
 
 MAX_BUILTIN = 1_000_000  # images of the generated sets (3 GB of uint8 32 x 32 RGB)
+MAX_VIDEO_BUILTIN_BYTES = 4 << 30  # the generated clips, held in memory by every process
 
 
 MAX_SCALE = 1e30  # past fp32's range an lr, a weight decay or a loss weight overflows the update or the loss
@@ -225,9 +227,12 @@ def check_data_kind(data: str, model: str, flag: str = "--data") -> None:
     if is_video(model) and data != VIDEO_BUILTIN and not os.path.isfile(data):
         raise ValueError(f"{flag} {data!r}: {model} is a video model; its data is {VIDEO_BUILTIN!r} or a list of video "
                          "files ('path label' per line)")
-    if not is_video(model) and (data == VIDEO_BUILTIN or os.path.isfile(data)):
+    if not is_video(model) and data == VIDEO_BUILTIN:
         raise ValueError(f"{flag} {data!r} is video data; {model} is an image model (video models: "
                          "umae_videomae_*)")
+    if not is_video(model) and os.path.isfile(data):
+        raise ValueError(f"{flag} {data!r} is a file; {model} is an image model, whose data is a named set or a "
+                         "folder (a list of video files is data for the video models, umae_videomae_*)")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -250,6 +255,16 @@ def validate(cfg: TrainConfig) -> None:
         check_at_most(f"--{k.replace('_', '-')}", [getattr(cfg, k)])
     if cfg.builtin_size > MAX_BUILTIN:  # the generated set is held in memory, 3 KB per image
         raise ValueError(f"--builtin-size must be at most {MAX_BUILTIN:,}, got {cfg.builtin_size:,}")
+    if is_video(cfg.model) and cfg.data == "video-builtin":
+        from ..data.video import BUILTIN_SIZE as PIXELS, builtin_frames
+        from ..models import VIDEO_CONFIGS
+
+        frames = builtin_frames(VIDEO_CONFIGS[cfg.model][2], cfg.sampling_rate)
+        nbytes = cfg.builtin_size * frames * 3 * PIXELS * PIXELS
+        if nbytes > MAX_VIDEO_BUILTIN_BYTES:
+            raise ValueError(f"--builtin-size {cfg.builtin_size:,} clips of {frames} frames would hold "
+                             f"{nbytes / 2**30:.1f} GiB in memory; at most {MAX_VIDEO_BUILTIN_BYTES // 2**30} GiB "
+                             f"(--builtin-size {MAX_VIDEO_BUILTIN_BYTES // (frames * 3 * PIXELS * PIXELS):,})")
     parse_device(cfg.device)
     check_seed(cfg.seed)
     if cfg.overrides() and not cfg.resume:

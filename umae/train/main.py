@@ -300,7 +300,8 @@ def _read_resume(cfg: TrainConfig, device: torch.device):
     prev = (ck.get("run") or {}) if ck else {}
     decay_tokens = cfg.decay_tokens
     if decay_tokens is None:  # a checkpoint from before the rule recorded it had tokens exempt
-        decay_tokens = prev.get("decay_tokens", False) if ck else True
+        # MCG-NJU's optimizer exempts the mask token (its no_weight_decay); MAE's decays it
+        decay_tokens = prev.get("decay_tokens", False) if ck else not is_video(cfg.model)
     return ck, prev, dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, device), decay_tokens=decay_tokens)
 
 
@@ -389,7 +390,8 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
     if video:
         model = timm.create_model(cfg.model, fused=cfg.fused, lamb=cfg.lamb, norm_pix_loss=cfg.norm_pix_loss,
                                   mask_ratio=cfg.mask_ratio, exact_ddp_grad=cfg.exact_ddp_grad).to(device)
-        ds, probe_classes = V.open_video(cfg.data, True, cfg.seed, model.img_size, cfg.builtin_size), 0
+        ds = V.open_video(cfg.data, True, cfg.seed, cfg.builtin_size, V.builtin_frames(model.num_frames, cfg.sampling_rate))
+        probe_classes = 0
     else:
         ds = D.open_dataset(cfg.data, train=True, seed=cfg.seed, builtin_size=cfg.builtin_size)
         probe_classes = D.num_classes(ds) if cfg.online_probe else 0

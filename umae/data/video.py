@@ -126,11 +126,14 @@ def read_list(path: str) -> list[tuple[str, int]]:
 
 class VideoList(Dataset):
     """Video files of an MCG-NJU list, decoded by PyAV (FFmpeg inside its wheel: no system library and
-    no torch-version pin, and it writes the tests' files too). Only the sampled frames are converted;
-    a frame count the container does not record is counted from its packets once and kept."""
+    no torch-version pin, and it writes the tests' files too). A video's frames are indexed once by its
+    packets' timestamps (no decoding, as decord indexes them); a clip then seeks to the key frame before
+    its first frame and decodes from there, and only the sampled frames are converted."""
 
     def __init__(self, path: str):
         self.items = read_list(path)
+        self._pts: dict[int, list | None] = {}  # per video: its frames' sorted timestamps (None: not stamped)
+        self._keys: dict[int, list] = {}  # per video: its key frames' (pts, dts), in order
         self._durations: dict[int, int] = {}
         _av()
 
@@ -144,41 +147,74 @@ class VideoList(Dataset):
         return BadVideo(f"cannot read the video {self.items[i][0]!r} in --data: {why}")
 
     def duration(self, i) -> int:
+        """The video's frames: its packets, checked against the count its container records (fewer is a
+        truncated file)."""
         if i not in self._durations:
-            path = self.items[i][0]
             try:
-                with _av().open(path) as box:
+                with _av().open(self.items[i][0]) as box:
                     stream = box.streams.video[0]
-                    n = stream.frames or sum(1 for p in box.demux(stream) if p.size)
+                    packets = [(p.pts, p.dts, p.is_keyframe) for p in box.demux(stream) if p.size]
+                    recorded = stream.frames
             except IndexError:
                 raise self._fail(i, "it holds no video stream") from None
             except Exception as e:  # FFmpeg's errors: InvalidDataError, EOF, FileNotFoundError, ...
                 raise self._fail(i, _reason(e)) from None
-            if n <= 0:
+            stamps = [p[0] for p in packets]
+            if not stamps:
                 raise self._fail(i, "it holds no frames")
-            self._durations[i] = n
+            if recorded and len(stamps) < recorded:
+                raise self._fail(i, f"truncated: {len(stamps)} of the {recorded} frames its container records")
+            self._pts[i] = None if None in stamps else sorted(stamps)
+            self._keys[i] = sorted((pts, dts) for pts, dts, key in packets if key and pts is not None)
+            self._durations[i] = len(stamps)
         return self._durations[i]
 
     def frames(self, i, ids: list[int]):
-        """uint8 (len(ids), 3, H, W) of frames `ids` (repeats allowed), decoded in order up to the last."""
+        """uint8 (len(ids), 3, H, W) of frames `ids` (repeats allowed)."""
         import numpy as np
 
-        want, got = set(ids), {}
+        self.duration(i)
+        pts, want = self._pts[i], set(ids)
         path, label = self.items[i]
         try:
-            with _av().open(path) as box:
-                for k, frame in enumerate(box.decode(video=0)):
-                    if k in want:
-                        got[k] = frame.to_ndarray(format="rgb24")
-                        if len(got) == len(want):
-                            break
+            got = self._decode(path, pts, want, self._seek_to(i, pts[min(want)]) if pts else None)
+            if len(got) < len(want) and pts:  # a seek that landed past a wanted frame: from the start
+                got = self._decode(path, pts, want, None)
         except Exception as e:
             raise self._fail(i, _reason(e)) from None
         if len(got) < len(want):
-            raise self._fail(i, f"truncated: frame {max(want - set(got))} of the {self.duration(i)} its container "
-                                f"records could not be decoded")
+            raise self._fail(i, f"truncated: frame {max(want - set(got))} of its {self.duration(i)} could not be "
+                                "decoded")
         arr = np.stack([got[k] for k in ids])
         return torch.from_numpy(arr).permute(0, 3, 1, 2), label
+
+    def _seek_to(self, i, first):
+        """The decode timestamp of the last key frame at or before the frame stamped `first` (None: the
+        video's first), where decoding starts for it: the demuxer seeks by decode order, and a frame
+        between that key frame and `first` refers to nothing before it."""
+        before = [k for k in self._keys[i] if k[0] <= first]
+        if not before or before[-1][0] == self._pts[i][0]:
+            return None
+        pts, dts = before[-1]
+        return pts if dts is None else dts
+
+    @staticmethod
+    def _decode(path, pts, want, seek):
+        """{index: rgb24 frame} of the frames `want`, by timestamp (`pts`: the sorted table) from the key
+        frame at decode timestamp `seek` (None: the start), or counted from the start without a table."""
+        got = {}
+        with _av().open(path) as box:
+            stream = box.streams.video[0]
+            if seek is not None:
+                box.seek(seek, stream=stream, backward=True, any_frame=False)
+            at = {pts[k]: k for k in want} if pts else None
+            for n, frame in enumerate(box.decode(stream)):
+                k = at.get(frame.pts) if at is not None else (n if n in want else None)
+                if k is not None:
+                    got[k] = frame.to_ndarray(format="rgb24")
+                    if len(got) == len(want):
+                        break
+        return got
 
 
 def _reason(e: BaseException) -> str:

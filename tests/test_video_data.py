@@ -24,11 +24,12 @@ def _args(out, **kw):
     return TrainConfig(out=str(out), **{**micro, **kw})
 
 
-def _write_video(path, frames: np.ndarray, fps: int = 25, codec: str = "mpeg4", gop: int = 12, b_frames: int = 0):
+def _write_video(path, frames: np.ndarray, fps: int = 25, codec: str = "mpeg4", gop: int = 12, b_frames: int = 0,
+                 options=None):
     """frames uint8 (T, H, W, 3) into a video file (PyAV's bundled FFmpeg): a key frame every `gop`
-    frames, up to `b_frames` B-frames between references."""
+    frames, up to `b_frames` B-frames between references; `options`: the muxer's."""
     av = pytest.importorskip("av")
-    with av.open(str(path), "w") as box:
+    with av.open(str(path), "w", options=options or {}) as box:
         s = box.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         s.codec_context.gop_size, s.codec_context.max_b_frames = gop, b_frames
@@ -194,11 +195,15 @@ def test_a_clip_seeks_to_its_key_frame_and_decodes_what_a_full_decode_does(tmp_p
 def test_bad_video_files_and_lists_are_named(video_list, tmp_path):
     (tmp_path / "junk.mp4").write_bytes(os.urandom(3000))
     whole = (tmp_path / "v0.mp4").read_bytes()
-    (tmp_path / "cut.mp4").write_bytes(whole[:len(whole) // 3])
-    for name in ("junk.mp4", "cut.mp4", "missing.mp4"):
+    (tmp_path / "cut.mp4").write_bytes(whole[:len(whole) // 3])  # its index (at the end) gone
+    _write_video(tmp_path / "front.mp4", _smooth_frames(20, 40, 48, 0), options={"movflags": "faststart"})
+    front = (tmp_path / "front.mp4").read_bytes()
+    (tmp_path / "front_cut.mp4").write_bytes(front[:len(front) * 2 // 3])  # its index says 20 frames
+    for name in ("junk.mp4", "cut.mp4", "front_cut.mp4", "missing.mp4"):
         (tmp_path / "l.txt").write_text(f"{name} 0\nv1.mp4 1\n")
         ds = V.open_video(str(tmp_path / "l.txt"))
-        with pytest.raises(V.BadVideo, match=name):
+        why = r".*truncated: \d+ of the 20 frames" if "front" in name else ""
+        with pytest.raises(V.BadVideo, match=name + why):
             ds.frames(0, V.sample_indices(ds.duration(0), 16, 1, None))
     (tmp_path / "l.txt").write_text("v0.mp4 0\nv1.mp4\n")
     with pytest.raises(ValueError, match="line 2"):

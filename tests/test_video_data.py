@@ -28,7 +28,7 @@ def _write_video(path, frames: np.ndarray, fps: int = 25, codec: str = "mpeg4", 
                  options=None):
     """frames uint8 (T, H, W, 3) into a video file (PyAV's bundled FFmpeg): a key frame every `gop`
     frames, up to `b_frames` B-frames between references; `options`: the muxer's."""
-    av = pytest.importorskip("av")
+    import av  # a dependency (scripts/setup.sh): never skipped
     with av.open(str(path), "w", options=options or {}) as box:
         s = box.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
@@ -175,7 +175,7 @@ def test_video_files_decode_to_the_frames_written(video_list, tmp_path):
 def test_a_clip_seeks_to_its_key_frame_and_decodes_what_a_full_decode_does(tmp_path, codec, ext, b_frames):
     # B-frames: the key frame after a wanted frame in display order comes before it in decode order,
     # where a seek by decode time would land past it; the clip's frames are a whole decode's, bitwise
-    av = pytest.importorskip("av")
+    import av  # a dependency (scripts/setup.sh): never skipped
     path = tmp_path / f"long.{ext}"
     _write_video(path, _smooth_frames(60, 40, 48, 0), codec=codec, gop=12, b_frames=b_frames)
     (tmp_path / "l.txt").write_text(f"long.{ext} 3\n")

@@ -131,6 +131,7 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "triton>=3.6", "timm>=1.0", "numpy"],
-    extras_require={"hf": ["transformers"]},  # umae.patch on transformers ViTMAE
+    # hf: umae.patch on transformers' ViTMAE / VideoMAE; video: video files as training data (PyAV)
+    extras_require={"hf": ["transformers"], "video": ["av"]},
     entry_points={"console_scripts": ["umae=umae.cli.main:main"]},
 )

@@ -230,7 +230,8 @@ def main(args) -> int:
     cfg = TrainConfig.from_args(args)
     recs = train(cfg)
     if recs:
-        print(f"done: {recs[-1]['step']} steps, loss {recs[-1]['loss']:.4f}, {recs[-1]['img_per_s']:.0f} img/s; "
+        unit = "clips/s" if is_video(cfg.model) else "img/s"  # the log's img_per_s counts samples
+        print(f"done: {recs[-1]['step']} steps, loss {recs[-1]['loss']:.4f}, {recs[-1]['img_per_s']:.0f} {unit}; "
               f"checkpoints and log.jsonl in {cfg.out}")
     return 0
 

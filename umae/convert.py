@@ -222,8 +222,8 @@ def add_args(p) -> None:
                    ".pth (image models); videomae: MCG-NJU/VideoMAE's .pth (video models)")
     p.add_argument("--model", default=None, help="umae's config of a .pth that records none (facebookresearch/mae's; "
                    f"MCG-NJU's name theirs): {', '.join([*CONFIGS, *VIDEO_CONFIGS])}")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="the transformers ViTMAE config's mask_ratio (VideoMAE's config has none: its "
-                   "masks are given)")
+    p.add_argument("--mask-ratio", type=float, default=0.75,
+                   help="the transformers ViTMAE config's mask_ratio (VideoMAE's config has none: its masks are given)")
 
 
 def _check_out(out: str, to: str) -> None:

@@ -98,7 +98,8 @@ def _av():
     try:
         import av
     except ImportError:
-        raise ImportError("reading video files needs PyAV (pip install av); --data video-builtin needs nothing") from None
+        raise ImportError("reading video files needs PyAV (pip install av); --data video-builtin needs "
+                          "nothing") from None
     return av
 
 

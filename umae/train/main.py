@@ -391,7 +391,8 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
     if video:
         model = timm.create_model(cfg.model, fused=cfg.fused, lamb=cfg.lamb, norm_pix_loss=cfg.norm_pix_loss,
                                   mask_ratio=cfg.mask_ratio, exact_ddp_grad=cfg.exact_ddp_grad).to(device)
-        ds = V.open_video(cfg.data, True, cfg.seed, cfg.builtin_size, V.builtin_frames(model.num_frames, cfg.sampling_rate))
+        frames = V.builtin_frames(model.num_frames, cfg.sampling_rate)
+        ds = V.open_video(cfg.data, True, cfg.seed, cfg.builtin_size, frames)
         probe_classes = 0
     else:
         ds = D.open_dataset(cfg.data, train=True, seed=cfg.seed, builtin_size=cfg.builtin_size)
@@ -426,8 +427,8 @@ def _train(cfg: TrainConfig, rank, world, device) -> list[dict]:
     if rank == 0:  # every check has passed (the log's too, read by the Logger): what --overwrite replaces goes now
         drop_later(cfg, later)
     sampler = D.ResumableSampler(len(ds), gb, cfg.seed, rank, world)
-    aug = (V.VideoAugmented(ds, model.img_size, model.num_frames, cfg.sampling_rate, cfg.seed, model.grid, cfg.mask_ratio)
-           if video else D.Augmented(ds, model.img_size, cfg.seed))
+    aug = (V.VideoAugmented(ds, model.img_size, model.num_frames, cfg.sampling_rate, cfg.seed, model.grid,
+                            cfg.mask_ratio) if video else D.Augmented(ds, model.img_size, cfg.seed))
     loader, micro = _make_loader(cfg, aug, sampler, step, total, device)
     try:
         train_steps(loop, loader, step, micro)

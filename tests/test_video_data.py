@@ -243,7 +243,13 @@ def test_video_training_resumes_bitwise_and_converts(tmp_path, capsys):
     assert torch.equal(mcg["encoder.blocks.1.attn.qkv.weight"], last_a["blocks.1.attn.qkv.weight"])
     assert torch.equal(mcg["decoder.blocks.0.attn.v_bias"], last_a["decoder_blocks.0.attn.qkv.bias"].chunk(3)[2])
     assert main(["convert", str(tmp_path / "mcg.pth"), str(tmp_path / "hf"), "--to", "hf", "--model", MICRO]) == 0
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as a new process has it (the --to hf above turned it off)
+    capsys.readouterr()
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back.pth"), "--to", "videomae"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and "Loading" not in err, (out, err)  # one line, no progress bar
     back = torch.load(tmp_path / "back.pth", weights_only=False)["model"]
     assert mcg.keys() == back.keys() and all(torch.equal(mcg[k], back[k]) for k in mcg)
     assert main(["eval", "--ckpt", ckpt, "--out", str(tmp_path / "ev")]) == 0

@@ -196,6 +196,9 @@ def _read_hf(folder: str):
     kind = config.get("model_type")
     if kind not in ("vit_mae", "videomae"):
         raise ValueError(f"src {folder!r} holds a transformers {kind!r} model, not a ViTMAE or VideoMAE")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line of output, as every umae command
     try:
         if kind == "videomae":
             from transformers import VideoMAEForPreTraining

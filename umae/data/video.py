@@ -178,9 +178,10 @@ class VideoList(Dataset):
         pts, want = self._pts[i], set(ids)
         path, label = self.items[i]
         try:
-            got = self._decode(path, pts, want, self._seek_to(i, pts[min(want)]) if pts else None)
-            if len(got) < len(want) and pts:  # a seek that landed past a wanted frame: from the start
-                got = self._decode(path, pts, want, None)
+            seek = self._seek_to(i, pts[min(want)]) if pts else None
+            got = self._decode(path, want, pts, seek) if seek is not None else {}
+            if len(got) < len(want):  # from the start (or a seek that landed past a wanted frame)
+                got = self._decode(path, want)
         except Exception as e:
             raise self._fail(i, _reason(e)) from None
         if len(got) < len(want):
@@ -200,15 +201,17 @@ class VideoList(Dataset):
         return pts if dts is None else dts
 
     @staticmethod
-    def _decode(path, pts, want, seek):
-        """{index: rgb24 frame} of the frames `want`, by timestamp (`pts`: the sorted table) from the key
-        frame at decode timestamp `seek` (None: the start), or counted from the start without a table."""
+    def _decode(path, want, pts=None, seek=None):
+        """{index: rgb24 frame} of the frames `want`: from the start, counted in the order the decoder
+        gives them (presentation order); or from the key frame at decode timestamp `seek`, found by
+        their timestamps (`pts`: the video's sorted table)."""
         got = {}
         with _av().open(path) as box:
             stream = box.streams.video[0]
+            at = None
             if seek is not None:
                 box.seek(seek, stream=stream, backward=True, any_frame=False)
-            at = {pts[k]: k for k in want} if pts else None
+                at = {pts[k]: k for k in want}
             for n, frame in enumerate(box.decode(stream)):
                 k = at.get(frame.pts) if at is not None else (n if n in want else None)
                 if k is not None:

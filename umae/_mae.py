@@ -11,6 +11,16 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 
 
+def from_arch_config(cls, config: dict, **kwargs):
+    """cls (umae's image or video model) of an `arch_config()` dict: its LayerNorm eps (`norm_eps`,
+    1e-6 where a checkpoint predates it) as the norm layer; kwargs: fused, lamb, ..."""
+    from functools import partial
+
+    config = dict(config)
+    eps = config.pop("norm_eps", 1e-6)
+    return cls(**config, norm_layer=partial(nn.LayerNorm, eps=eps), **kwargs)
+
+
 def conv_tokens(proj: nn.Conv2d, imgs: torch.Tensor) -> torch.Tensor:
     """A patch-embedding conv's tokens (N, L, D), contiguous: the conv runs with its weight viewed
     channels_last, so it writes NHWC and flatten + transpose is a view (NCHW gives strides

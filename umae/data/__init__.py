@@ -277,6 +277,13 @@ def random_resized_crop_params(h, w, g, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
     return (h - s) // 2, (w - s) // 2, s, s
 
 
+def sample_generator(seed: int, epoch: int, i: int) -> torch.Generator:
+    """The generator of sample i's augmentation (and a clip's tube mask) in `epoch`: a function of
+    (seed, epoch, index) alone, so any worker, resumed or not, draws the same."""
+    # folded into the generator's 64 bits (a large --seed overflowed); unchanged below 2^63
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 10_000_019 + i) % (1 << 63))
+
+
 class Augmented(Dataset):
     """MAE's pretraining augmentation (random resized crop 0.2-1 and bicubic resize, as its PIL
     transform: antialiased, rounded to uint8; horizontal flip; normalize), seeded per (seed,
@@ -298,8 +305,7 @@ class Augmented(Dataset):
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         img, label = _load(self.ds, i)
         if self.train:
-            # folded into the generator's 64 bits (a large --seed overflowed); unchanged below 2^63
-            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % (1 << 63))
+            g = sample_generator(self.seed, epoch, i)
             t, l, h, w = random_resized_crop_params(img.shape[1], img.shape[2], g)
             img = img[:, t:t + h, l:l + w]
             if bool(torch.rand((), generator=g) < 0.5):

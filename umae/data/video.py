@@ -133,9 +133,9 @@ class VideoList(Dataset):
 
     def __init__(self, path: str):
         self.items = read_list(path)
-        self._pts: dict[int, list | None] = {}  # per video: its frames' sorted timestamps (None: not stamped)
-        self._keys: dict[int, list] = {}  # per video: its key frames' (pts, dts), in order
-        self._durations: dict[int, int] = {}
+        # per video: (its frame count, its frames' sorted timestamps or None where they carry none,
+        # its key frames' (pts, dts) in order)
+        self._index: dict[int, tuple] = {}
         _av()
 
     def __len__(self):
@@ -150,7 +150,7 @@ class VideoList(Dataset):
     def duration(self, i) -> int:
         """The video's frames: its packets, checked against the count its container records (fewer is a
         truncated file)."""
-        if i not in self._durations:
+        if i not in self._index:
             try:
                 with _av().open(self.items[i][0]) as box:
                     stream = box.streams.video[0]
@@ -165,20 +165,20 @@ class VideoList(Dataset):
                 raise self._fail(i, "it holds no frames")
             if recorded and len(stamps) < recorded:
                 raise self._fail(i, f"truncated: {len(stamps)} of the {recorded} frames its container records")
-            self._pts[i] = None if None in stamps else sorted(stamps)
-            self._keys[i] = sorted((pts, dts) for pts, dts, key in packets if key and pts is not None)
-            self._durations[i] = len(stamps)
-        return self._durations[i]
+            keys = sorted((pts, dts) for pts, dts, key in packets if key and pts is not None)
+            self._index[i] = (len(stamps), None if None in stamps else sorted(stamps), keys)
+        return self._index[i][0]
 
     def frames(self, i, ids: list[int]):
         """uint8 (len(ids), 3, H, W) of frames `ids` (repeats allowed)."""
         import numpy as np
 
         self.duration(i)
-        pts, want = self._pts[i], set(ids)
+        _, pts, keys = self._index[i]
+        want = set(ids)
         path, label = self.items[i]
         try:
-            seek = self._seek_to(i, pts[min(want)]) if pts else None
+            seek = _seek_to(keys, pts, pts[min(want)]) if pts else None
             got = self._decode(path, want, pts, seek) if seek is not None else {}
             if len(got) < len(want):  # from the start (or a seek that landed past a wanted frame)
                 got = self._decode(path, want)
@@ -189,16 +189,6 @@ class VideoList(Dataset):
                                 "decoded")
         arr = np.stack([got[k] for k in ids])
         return torch.from_numpy(arr).permute(0, 3, 1, 2), label
-
-    def _seek_to(self, i, first):
-        """The decode timestamp of the last key frame at or before the frame stamped `first` (None: the
-        video's first), where decoding starts for it: the demuxer seeks by decode order, and a frame
-        between that key frame and `first` refers to nothing before it."""
-        before = [k for k in self._keys[i] if k[0] <= first]
-        if not before or before[-1][0] == self._pts[i][0]:
-            return None
-        pts, dts = before[-1]
-        return pts if dts is None else dts
 
     @staticmethod
     def _decode(path, want, pts=None, seek=None):
@@ -219,6 +209,18 @@ class VideoList(Dataset):
                     if len(got) == len(want):
                         break
         return got
+
+
+def _seek_to(keys: list, pts: list, first):
+    """The decode timestamp of the last key frame (of `keys`, (pts, dts) in order) at or before the
+    frame stamped `first` (None: the video's first frame, of the sorted `pts`), where decoding starts
+    for it: the demuxer seeks by decode order, and a frame between that key frame and `first`
+    refers to nothing before it."""
+    before = [k for k in keys if k[0] <= first]
+    if not before or before[-1][0] == pts[0]:
+        return None
+    key_pts, key_dts = before[-1]
+    return key_pts if key_dts is None else key_dts
 
 
 def _reason(e: BaseException) -> str:
@@ -291,17 +293,16 @@ def multi_scale_crop_params(h: int, w: int, size: int, g: torch.Generator) -> tu
 
 class VideoAugmented(Dataset):
     """MCG-NJU's pretraining sample: `frames` frames at `rate` (sample_indices), one multi-scale crop
-    for all of them resized bilinearly to size x size (uint8, antialiased as PIL's), an optional
-    horizontal flip, ImageNet's normalization, as (3, frames, size, size) float; and its tube mask
-    (umae.tube_mask of `grid` (t, h, w) at `ratio`, drawn by the sample's generator). MCG-NJU's
-    pretraining has no flip (flip=False). Indexed by `i`
-    or `(epoch, i)` as data.Augmented; train=False: the middle window, the centred square resized,
-    no mask (a (0,) placeholder)."""
+    for all of them resized bilinearly to size x size (uint8, antialiased as PIL's), ImageNet's
+    normalization, as (3, frames, size, size) float; and its tube mask (umae.tube_mask of `grid`
+    (t, h, w) at `ratio`, drawn by the sample's generator). No flip: MCG-NJU's pretraining has none.
+    Indexed by `i` or `(epoch, i)` as data.Augmented; train=False: the middle window, the centred
+    square resized, no mask (a (0,) placeholder)."""
 
     def __init__(self, ds, size: int, frames: int, rate: int, seed: int, grid=None, ratio: float = 0.9,
-                 train: bool = True, flip: bool = False):
+                 train: bool = True):
         self.ds, self.size, self.n_frames, self.rate, self.seed = ds, size, frames, rate, seed
-        self.grid, self.ratio, self.train, self.flip, self.epoch = grid, ratio, train, flip, 0
+        self.grid, self.ratio, self.train, self.epoch = grid, ratio, train, 0
 
     def __len__(self):
         return len(self.ds)
@@ -311,19 +312,15 @@ class VideoAugmented(Dataset):
         from torchvision.transforms.v2 import functional as VF
 
         from ..ops import tube_mask
-        from . import _base
+        from . import _base, sample_generator
 
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         ds, j = _base(self.ds, i)
-        g = None
-        if self.train:
-            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % (1 << 63))
+        g = sample_generator(self.seed, epoch, i) if self.train else None
         clip, label = ds.frames(j, sample_indices(ds.duration(j), self.n_frames, self.rate, g))
         if self.train:
             t, l, h, w = multi_scale_crop_params(clip.shape[-2], clip.shape[-1], self.size, g)
             clip = clip[..., t:t + h, l:l + w]
-            if self.flip and bool(torch.rand((), generator=g) < 0.5):
-                clip = clip.flip(-1)
         else:  # the centred square
             h, w = clip.shape[-2:]
             s = min(h, w)

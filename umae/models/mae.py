@@ -165,9 +165,7 @@ class MaskedAutoencoderViT(TimmEncoderAPI, nn.Module):
     @classmethod
     def from_config(cls, config: dict, **kwargs) -> "MaskedAutoencoderViT":
         """A model of `config`'s architecture (`arch_config()`'s dict); kwargs: fused, lamb, ..."""
-        config = dict(config)
-        eps = config.pop("norm_eps", 1e-6)
-        return cls(**config, norm_layer=partial(nn.LayerNorm, eps=eps), **kwargs)
+        return _mae.from_arch_config(cls, config, **kwargs)
 
     def fill_pos_embeds(self):
         """MAE's fixed sin-cos position embeddings for the current grid, encoder's and decoder's."""

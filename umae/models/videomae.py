@@ -19,7 +19,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block
 
 from .. import ops
-from .._mae import run_blocks
+from .._mae import from_arch_config, run_blocks
 
 
 class VideoMAEOutput(NamedTuple):
@@ -122,9 +122,7 @@ class VideoMaskedAutoencoderViT(nn.Module):
     @classmethod
     def from_config(cls, config: dict, **kwargs) -> "VideoMaskedAutoencoderViT":
         """A model of `config`'s architecture (`arch_config()`'s dict); kwargs: fused, lamb, ..."""
-        config = dict(config)
-        eps = config.pop("norm_eps", 1e-6)
-        return cls(**config, norm_layer=partial(nn.LayerNorm, eps=eps), **kwargs)
+        return from_arch_config(cls, config, **kwargs)
 
     def initialize_weights(self):
         # MCG-NJU's: xavier-uniform Linear weights, zero biases, unit LayerNorms; the mask token trunc-normal
@@ -204,20 +202,12 @@ def from_videomae_state_dict(state: dict) -> dict:
                 break
         if k.endswith(".attn.q_bias"):
             pre = k[:-len("q_bias")]
-            v = torch.cat([v, torch.zeros_like(v), state_key(state, pre, "v_bias")])
+            v = torch.cat([v, torch.zeros_like(v), state[_mcg_name(pre + "v_bias")]])
             k = pre + "qkv.bias"
         elif k.endswith(".attn.v_bias"):
             continue
         out[k] = v
     return out
-
-
-def state_key(state: dict, umae_prefix: str, name: str):
-    """The MCG-NJU tensor of umae's `umae_prefix` (a block's 'blocks.3.attn.') and `name`."""
-    for ours, theirs in _MCG:
-        if umae_prefix.startswith(ours):
-            return state[theirs + umae_prefix[len(ours):] + name]
-    return state[umae_prefix + name]
 
 
 def to_videomae_state_dict(state: dict) -> dict:

@@ -101,14 +101,17 @@ def _rank_curve(run_dir: str, ds, a, known: dict) -> list[tuple[int, float]]:
 
 
 def _train_set(a, preset: dict, seed: int, cache: dict):
-    """The data a run of `seed` trained on (a video model's generated clips depend on it), made once."""
-    if seed not in cache:
-        if is_video(a.model):
+    """The data a run of `seed` trained on, made once: a video model's generated clips depend on the seed,
+    the image presets' data sets do not."""
+    video = is_video(a.model)
+    key = seed if video else None
+    if key not in cache:
+        if video:
             frames = V.builtin_frames(VIDEO_CONFIGS[a.model][2], TrainConfig.sampling_rate)
-            cache[seed] = V.open_video(a.data, True, seed, preset.get("builtin_size", D.BUILTIN_SIZE), frames)
+            cache[key] = V.open_video(a.data, True, seed, preset.get("builtin_size", D.BUILTIN_SIZE), frames)
         else:
-            cache[seed] = D.open_dataset(a.data, True)
-    return cache[seed]
+            cache[key] = D.open_dataset(a.data, True)
+    return cache[key]
 
 
 def validate(a) -> None:
